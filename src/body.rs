@@ -1,0 +1,103 @@
+//! The response body: holds the reservation until the last byte has gone.
+
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use crate::handle::Guard;
+
+pin_project! {
+    /// The body of a response from [`TenantTokenService`](crate::TenantTokenService).
+    ///
+    /// For an admitted request it wraps the inner body and owns the reservation, which it
+    /// releases at the end of the stream, on a body error, or when dropped (a client that
+    /// disconnects mid-stream), whichever comes first. For a refused request it carries the
+    /// JSON error, so the inner body type needs no `Default`.
+    pub struct ResponseBody<B> {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B> {
+        Inner { #[pin] body: B, guard: Option<Guard> },
+        Rejected { data: Option<Bytes> },
+    }
+}
+
+impl<B> ResponseBody<B> {
+    pub(crate) fn inner(body: B, guard: Option<Guard>) -> Self {
+        Self {
+            kind: Kind::Inner { body, guard },
+        }
+    }
+
+    pub(crate) fn rejected(data: Bytes) -> Self {
+        let data = (!data.is_empty()).then_some(data);
+        Self {
+            kind: Kind::Rejected { data },
+        }
+    }
+}
+
+impl<B> Body for ResponseBody<B>
+where
+    B: Body,
+    B::Data: From<Bytes>,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        match self.project().kind.project() {
+            KindProj::Inner { mut body, guard } => {
+                let frame = ready!(body.as_mut().poll_frame(cx));
+                // A consumer that knows the length (Content-Length) stops polling after the
+                // last frame, so "end of stream" is checked after each frame too.
+                if !matches!(frame, Some(Ok(_))) || body.is_end_stream() {
+                    guard.take();
+                }
+                Poll::Ready(frame)
+            }
+            KindProj::Rejected { data } => {
+                Poll::Ready(data.take().map(|d| Ok(Frame::data(d.into()))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Inner { body, .. } => body.is_end_stream(),
+            Kind::Rejected { data } => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Inner { body, .. } => body.size_hint(),
+            Kind::Rejected { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}
+
+impl<B> std::fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kind {
+            Kind::Inner { guard, .. } => f
+                .debug_struct("ResponseBody::Inner")
+                .field("holds_reservation", &guard.is_some())
+                .finish(),
+            Kind::Rejected { .. } => f.write_str("ResponseBody::Rejected"),
+        }
+    }
+}

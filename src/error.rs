@@ -1,0 +1,145 @@
+//! Why a request was not admitted.
+
+use std::fmt;
+
+use http::StatusCode;
+
+/// Why a request was refused, by the tracker or by the layer in front of it.
+///
+/// Each variant maps to one HTTP status ([`status`](Self::status)) and one stable,
+/// machine-readable code ([`code`](Self::code)) used in the JSON error body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Error {
+    /// The request fits the tenant's cap, but not next to what is in flight now. Retry
+    /// later. HTTP 429.
+    TenantOverloaded {
+        /// The tenant.
+        tenant_id: String,
+        /// Tokens the request asked for.
+        requested: u64,
+        /// Tokens the tenant had in flight when it was refused.
+        in_flight: u64,
+        /// The tenant's cap.
+        cap: u64,
+    },
+    /// The request alone is larger than the tenant's cap: retrying cannot help. HTTP 413.
+    RequestTooLarge {
+        /// The tenant.
+        tenant_id: String,
+        /// Tokens the request asked for.
+        tokens: u64,
+        /// The tenant's cap.
+        cap: u64,
+    },
+    /// No tenant could be found on the request. HTTP 400, or 401 if so configured.
+    MissingTenant,
+    /// A tenant id was present but unusable. HTTP 400.
+    InvalidTenant {
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// No token estimate could be found on the request. HTTP 400.
+    MissingEstimate,
+    /// A token estimate was present but unusable (not a number, negative, too large for
+    /// 64 bits, a malformed `max_tokens`, …). HTTP 400.
+    InvalidEstimate {
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The request body is longer than the estimator reads. HTTP 413.
+    BodyTooLarge {
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// The request body is not the JSON the estimator expects. HTTP 400.
+    MalformedBody {
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The request body could not be read (the client aborted or sent broken framing).
+    /// HTTP 400.
+    BodyRead {
+        /// The error the body returned.
+        reason: String,
+    },
+}
+
+impl Error {
+    /// The HTTP status this error answers with by default.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::TenantOverloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Error::RequestTooLarge { .. } | Error::BodyTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            Error::MissingTenant
+            | Error::InvalidTenant { .. }
+            | Error::MissingEstimate
+            | Error::InvalidEstimate { .. }
+            | Error::MalformedBody { .. }
+            | Error::BodyRead { .. } => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// A stable, machine-readable code for this error (the `code` of the JSON body).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::TenantOverloaded { .. } => "rate_limit_exceeded",
+            Error::RequestTooLarge { .. } => "request_too_large",
+            Error::MissingTenant => "missing_tenant",
+            Error::InvalidTenant { .. } => "invalid_tenant",
+            Error::MissingEstimate => "missing_token_estimate",
+            Error::InvalidEstimate { .. } => "invalid_token_estimate",
+            Error::BodyTooLarge { .. } => "body_too_large",
+            Error::MalformedBody { .. } => "invalid_json",
+            Error::BodyRead { .. } => "body_read_error",
+        }
+    }
+
+    /// The tenant the error concerns, where one is known.
+    pub fn tenant_id(&self) -> Option<&str> {
+        match self {
+            Error::TenantOverloaded { tenant_id, .. }
+            | Error::RequestTooLarge { tenant_id, .. } => Some(tenant_id),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::TenantOverloaded {
+                tenant_id,
+                requested,
+                in_flight,
+                cap,
+            } => write!(
+                f,
+                "tenant `{tenant_id}` is over its in-flight token cap: {requested} tokens \
+                 requested, {in_flight} of {cap} already in flight"
+            ),
+            Error::RequestTooLarge {
+                tenant_id,
+                tokens,
+                cap,
+            } => write!(
+                f,
+                "request of {tokens} tokens can never fit tenant `{tenant_id}`'s cap of {cap} \
+                 tokens in flight"
+            ),
+            Error::MissingTenant => f.write_str("no tenant identified on the request"),
+            Error::InvalidTenant { reason } => write!(f, "invalid tenant id: {reason}"),
+            Error::MissingEstimate => f.write_str("no token estimate on the request"),
+            Error::InvalidEstimate { reason } => write!(f, "invalid token estimate: {reason}"),
+            Error::BodyTooLarge { limit } => {
+                write!(f, "request body is larger than the {limit} bytes allowed")
+            }
+            Error::MalformedBody { reason } => write!(f, "malformed JSON body: {reason}"),
+            Error::BodyRead { reason } => write!(f, "could not read the request body: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}

@@ -1,0 +1,253 @@
+//! Estimating what a request may cost, in tokens.
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{HeaderName, CONTENT_LENGTH};
+use http::request::Parts;
+
+use crate::Error;
+
+type EstimateFn = dyn Fn(&Parts) -> Result<Option<u64>, EstimateError> + Send + Sync;
+type BodyFn = dyn Fn(&Parts, &Bytes) -> Result<u64, EstimateError> + Send + Sync;
+
+/// How the layer estimates the tokens a request will use, before it runs.
+///
+/// The estimate is what gets reserved. Handlers that learn the real usage can reconcile it
+/// through the [`ReservationHandle`](crate::ReservationHandle) in the request extensions.
+#[derive(Clone)]
+pub struct Estimator {
+    kind: Kind,
+}
+
+#[derive(Clone)]
+enum Kind {
+    Header(HeaderName),
+    ContentLength { bytes_per_token: u64 },
+    Fixed(u64),
+    Fn(Arc<EstimateFn>),
+    Body(BodyEstimate),
+}
+
+impl Estimator {
+    /// The value of header `name`: decimal digits only, fitting in 64 bits. Anything else
+    /// (`abc`, `-1`, `1e9`, `18446744073709551616`) is refused with 400.
+    pub fn header(name: HeaderName) -> Self {
+        Self {
+            kind: Kind::Header(name),
+        }
+    }
+
+    /// The request's `Content-Length` divided by `bytes_per_token`, rounded up (4 bytes a
+    /// token is the usual rule of thumb for English text). A request without a
+    /// `Content-Length` (a chunked upload) has no estimate.
+    pub fn content_length(bytes_per_token: u64) -> Self {
+        Self {
+            kind: Kind::ContentLength {
+                bytes_per_token: bytes_per_token.max(1),
+            },
+        }
+    }
+
+    /// The same estimate for every request.
+    pub fn fixed(tokens: u64) -> Self {
+        Self {
+            kind: Kind::Fixed(tokens),
+        }
+    }
+
+    /// The estimate your function computes from the request head; `Ok(None)` counts as
+    /// missing, `Err` refuses the request with 400.
+    pub fn from_fn<F>(f: F) -> Self
+    where
+        F: Fn(&Parts) -> Result<Option<u64>, EstimateError> + Send + Sync + 'static,
+    {
+        Self {
+            kind: Kind::Fn(Arc::new(f)),
+        }
+    }
+
+    /// The estimate your function computes from the request head and its whole body.
+    ///
+    /// The layer reads the body first, up to `limit` bytes (413 beyond, without reading
+    /// further when `Content-Length` already says so), then hands the inner service the
+    /// same bytes. Request trailers are not passed on.
+    pub fn from_body_fn<F>(limit: usize, f: F) -> Self
+    where
+        F: Fn(&Parts, &Bytes) -> Result<u64, EstimateError> + Send + Sync + 'static,
+    {
+        Self {
+            kind: Kind::Body(BodyEstimate {
+                limit,
+                f: Arc::new(f),
+            }),
+        }
+    }
+
+    /// Decides how to estimate this request: now from its head, or after reading its body.
+    pub(crate) fn plan(&self, parts: &Parts) -> Plan {
+        let estimate = match &self.kind {
+            Kind::Header(name) => header_estimate(parts, name),
+            Kind::ContentLength { bytes_per_token } => {
+                content_length(parts).map(|len| len.map(|len| len.div_ceil(*bytes_per_token)))
+            }
+            Kind::Fixed(tokens) => Ok(Some(*tokens)),
+            Kind::Fn(f) => f(parts).map_err(Error::from),
+            Kind::Body(body) => {
+                return match content_length(parts) {
+                    Ok(Some(len)) if len > body.limit as u64 => {
+                        Plan::Ready(Err(Error::BodyTooLarge {
+                            limit: body.limit as u64,
+                        }))
+                    }
+                    _ => Plan::Body(body.clone()),
+                }
+            }
+        };
+        Plan::Ready(estimate)
+    }
+}
+
+impl fmt::Debug for Estimator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            Kind::Header(name) => f.debug_tuple("Header").field(name).finish(),
+            Kind::ContentLength { bytes_per_token } => f
+                .debug_struct("ContentLength")
+                .field("bytes_per_token", bytes_per_token)
+                .finish(),
+            Kind::Fixed(tokens) => f.debug_tuple("Fixed").field(tokens).finish(),
+            Kind::Fn(_) => f.write_str("Fn"),
+            Kind::Body(body) => f.debug_struct("Body").field("limit", &body.limit).finish(),
+        }
+    }
+}
+
+/// How a request is to be estimated.
+pub(crate) enum Plan {
+    /// Known from the head: the estimate, `None` when missing, or why it is unusable.
+    Ready(Result<Option<u64>, Error>),
+    /// Needs the body, read up to a limit.
+    Body(BodyEstimate),
+}
+
+/// An estimate computed from the whole request body.
+#[derive(Clone)]
+pub(crate) struct BodyEstimate {
+    pub(crate) limit: usize,
+    f: Arc<BodyFn>,
+}
+
+impl BodyEstimate {
+    pub(crate) fn estimate(&self, parts: &Parts, body: &Bytes) -> Result<u64, Error> {
+        (self.f)(parts, body).map_err(Error::from)
+    }
+}
+
+/// A token count parsed strictly: ASCII digits only (no sign, no exponent, no spaces),
+/// fitting in a `u64`.
+pub(crate) fn parse_tokens(text: &[u8]) -> Result<u64, String> {
+    if text.is_empty() || !text.iter().all(u8::is_ascii_digit) {
+        return Err(format!(
+            "`{}` is not a whole number of tokens",
+            String::from_utf8_lossy(text)
+        ));
+    }
+    std::str::from_utf8(text)
+        .ok()
+        .and_then(|digits| digits.parse().ok())
+        .ok_or_else(|| {
+            format!(
+                "`{}` does not fit in 64 bits",
+                String::from_utf8_lossy(text)
+            )
+        })
+}
+
+fn header_estimate(parts: &Parts, name: &HeaderName) -> Result<Option<u64>, Error> {
+    let Some(value) = parts.headers.get(name) else {
+        return Ok(None);
+    };
+    parse_tokens(value.as_bytes())
+        .map(Some)
+        .map_err(|reason| Error::InvalidEstimate {
+            reason: format!("header `{name}`: {reason}"),
+        })
+}
+
+fn content_length(parts: &Parts) -> Result<Option<u64>, Error> {
+    match parts.headers.get(CONTENT_LENGTH) {
+        None => Ok(None),
+        Some(value) => {
+            parse_tokens(value.as_bytes())
+                .map(Some)
+                .map_err(|reason| Error::InvalidEstimate {
+                    reason: format!("`content-length`: {reason}"),
+                })
+        }
+    }
+}
+
+/// Why an estimate could not be made; the request is refused with 400.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EstimateError {
+    malformed: bool,
+    message: String,
+}
+
+impl EstimateError {
+    /// The request carries an estimate, or what an estimate is computed from, that makes
+    /// no sense (`invalid_token_estimate`).
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self {
+            malformed: false,
+            message: message.into(),
+        }
+    }
+
+    /// The body cannot be parsed at all (`invalid_json`).
+    pub fn malformed(message: impl Into<String>) -> Self {
+        Self {
+            malformed: true,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for EstimateError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for EstimateError {}
+
+impl From<EstimateError> for Error {
+    fn from(error: EstimateError) -> Self {
+        if error.malformed {
+            Error::MalformedBody {
+                reason: error.message,
+            }
+        } else {
+            Error::InvalidEstimate {
+                reason: error.message,
+            }
+        }
+    }
+}
+
+/// What to do with a request that carries no token estimate.
+///
+/// An estimate that is present but unusable is always refused with 400.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MissingEstimate {
+    /// Refuse with 400 Bad Request (the default).
+    #[default]
+    Reject,
+    /// Reserve this many tokens instead.
+    Default(u64),
+    /// Let the request through without reserving anything.
+    Unmetered,
+}

@@ -1,0 +1,13 @@
+//! Where a request's tenant and token estimate come from.
+
+mod estimate;
+#[cfg(feature = "openai")]
+mod openai;
+mod tenant;
+
+pub use self::estimate::{EstimateError, Estimator, MissingEstimate};
+#[cfg(feature = "openai")]
+pub use self::openai::OpenAiEstimator;
+pub use self::tenant::{MissingTenant, TenantSource, DEFAULT_MAX_TENANT_LEN};
+
+pub(crate) use self::estimate::{BodyEstimate, Plan};

@@ -1,0 +1,142 @@
+//! Finding the tenant of a request.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+
+use http::header::HeaderName;
+use http::request::Parts;
+
+use crate::{Error, TenantScope};
+
+/// The default limit on a tenant id's length, in bytes.
+pub const DEFAULT_MAX_TENANT_LEN: usize = 256;
+
+type TenantFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
+
+/// Where the layer finds the tenant of a request.
+///
+/// Headers are easy to try but anyone can set them: in production take the tenant from
+/// what your authentication established, with [`extension`](Self::extension) (an auth layer
+/// inserts a [`TenantScope`]) or [`from_fn`](Self::from_fn).
+#[derive(Clone)]
+pub struct TenantSource {
+    kind: Kind,
+}
+
+#[derive(Clone)]
+enum Kind {
+    Header(HeaderName),
+    Extension,
+    Fn(Arc<TenantFn>),
+}
+
+impl TenantSource {
+    /// The value of header `name`.
+    ///
+    /// The value must be one header, non-empty, at most the layer's
+    /// [`max_tenant_len`](crate::TenantTokenLayer::max_tenant_len) bytes, and visible ASCII
+    /// (`!` to `~`, no spaces or control bytes); anything else is refused as an invalid
+    /// tenant (400) rather than counted under a surprising id.
+    pub fn header(name: HeaderName) -> Self {
+        Self {
+            kind: Kind::Header(name),
+        }
+    }
+
+    /// The [`TenantScope`] an earlier layer (your authentication) inserted into the request
+    /// extensions. Trusted as it is, except that an empty id counts as missing.
+    pub fn extension() -> Self {
+        Self {
+            kind: Kind::Extension,
+        }
+    }
+
+    /// The tenant your function returns; `None` (or an empty id) counts as missing.
+    pub fn from_fn<F>(f: F) -> Self
+    where
+        F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
+    {
+        Self {
+            kind: Kind::Fn(Arc::new(f)),
+        }
+    }
+
+    /// The tenant of a request: `Ok(None)` when it has none.
+    pub(crate) fn extract<'a>(
+        &self,
+        parts: &'a Parts,
+        max_len: usize,
+    ) -> Result<Option<Cow<'a, str>>, Error> {
+        let id = match &self.kind {
+            Kind::Header(name) => return header_tenant(parts, name, max_len),
+            Kind::Extension => parts
+                .extensions
+                .get::<TenantScope>()
+                .map(|scope| Cow::Borrowed(scope.tenant_id.as_str())),
+            Kind::Fn(f) => f(parts).map(Cow::Owned),
+        };
+        Ok(id.filter(|id| !id.is_empty()))
+    }
+}
+
+fn header_tenant<'a>(
+    parts: &'a Parts,
+    name: &HeaderName,
+    max_len: usize,
+) -> Result<Option<Cow<'a, str>>, Error> {
+    let mut values = parts.headers.get_all(name).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    let invalid = |reason: String| Err(Error::InvalidTenant { reason });
+    if values.next().is_some() {
+        return invalid(format!("more than one `{name}` header"));
+    }
+    let bytes = value.as_bytes();
+    if bytes.is_empty() {
+        return invalid(format!("`{name}` is empty"));
+    }
+    if bytes.len() > max_len {
+        return invalid(format!("`{name}` is longer than {max_len} bytes"));
+    }
+    if !bytes.iter().all(|b| b.is_ascii_graphic()) {
+        return invalid(format!(
+            "`{name}` may hold only visible ASCII characters (no spaces or control bytes)"
+        ));
+    }
+    // Visible ASCII is valid UTF-8, so this cannot fail; stay total all the same.
+    match std::str::from_utf8(bytes) {
+        Ok(id) => Ok(Some(Cow::Borrowed(id))),
+        Err(_) => invalid(format!("`{name}` is not valid UTF-8")),
+    }
+}
+
+impl fmt::Debug for TenantSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            Kind::Header(name) => f.debug_tuple("Header").field(name).finish(),
+            Kind::Extension => f.write_str("Extension"),
+            Kind::Fn(_) => f.write_str("Fn"),
+        }
+    }
+}
+
+/// What to do with a request whose tenant cannot be found.
+///
+/// A tenant id that is present but invalid is always refused with 400: it is a client bug,
+/// and counting it under some other id would hide it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MissingTenant {
+    /// Refuse with 400 Bad Request (the default).
+    #[default]
+    Reject,
+    /// Refuse with 401 Unauthorized: for tenants that come from authentication, where a
+    /// missing tenant means an unauthenticated caller.
+    Unauthorized,
+    /// Count the request under this shared tenant id.
+    DefaultTenant(String),
+    /// Let the request through without reserving anything.
+    Unmetered,
+}

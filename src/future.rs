@@ -1,0 +1,196 @@
+//! The response future: the inner call, or a refusal, or reading the body first.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::request::Parts;
+use http::{Request, Response};
+use http_body::Body;
+use pin_project_lite::pin_project;
+use tower_service::Service;
+
+use crate::config::Config;
+use crate::extract::BodyEstimate;
+use crate::handle::Guard;
+use crate::{BoxError, Error, RequestBody, ResponseBody};
+
+pin_project! {
+    /// The future of [`TenantTokenService`](crate::TenantTokenService)'s response.
+    ///
+    /// Dropping it (the request was cancelled) releases the reservation.
+    pub struct ResponseFuture<S, B>
+    where
+        S: Service<Request<RequestBody<B>>>,
+    {
+        #[pin]
+        state: State<S::Future, S, B>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, S, B> {
+        /// Admitted (or unmetered): the inner call, holding the reservation until the
+        /// response, which takes it over.
+        Inner { #[pin] future: F, guard: Option<Guard> },
+        /// Refused before reaching the inner service.
+        Rejected { response: Option<Response<Bytes>> },
+        /// The estimate needs the body: read it, then decide.
+        Reading { #[pin] body: B, pending: Option<Pending<S>> },
+    }
+}
+
+/// What a request waiting for its body still needs to be decided and called.
+pub(crate) struct Pending<S> {
+    pub(crate) parts: Parts,
+    pub(crate) tenant: String,
+    pub(crate) estimate: BodyEstimate,
+    pub(crate) service: S,
+    pub(crate) config: Arc<Config>,
+    buffer: BytesMut,
+}
+
+impl<S> Pending<S> {
+    pub(crate) fn new(
+        parts: Parts,
+        tenant: String,
+        estimate: BodyEstimate,
+        service: S,
+        config: Arc<Config>,
+    ) -> Self {
+        Self {
+            parts,
+            tenant,
+            estimate,
+            service,
+            config,
+            buffer: BytesMut::new(),
+        }
+    }
+}
+
+impl<S, B> ResponseFuture<S, B>
+where
+    S: Service<Request<RequestBody<B>>>,
+{
+    pub(crate) fn inner(future: S::Future, guard: Option<Guard>) -> Self {
+        Self {
+            state: State::Inner { future, guard },
+        }
+    }
+
+    pub(crate) fn rejected(response: Response<Bytes>) -> Self {
+        Self {
+            state: State::Rejected {
+                response: Some(response),
+            },
+        }
+    }
+
+    pub(crate) fn reading(body: B, pending: Pending<S>) -> Self {
+        Self {
+            state: State::Reading {
+                body,
+                pending: Some(pending),
+            },
+        }
+    }
+}
+
+impl<S, B, ResBody> Future for ResponseFuture<S, B>
+where
+    S: Service<Request<RequestBody<B>>, Response = Response<ResBody>>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+    ResBody: Body,
+{
+    type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.project().state;
+        loop {
+            let next = match state.as_mut().project() {
+                StateProj::Inner { future, guard } => {
+                    let response = ready!(future.poll(cx))?;
+                    let mut guard = guard.take();
+                    if response.body().is_end_stream() {
+                        guard = None; // no body to wait for (HEAD, 204, empty)
+                    }
+                    return Poll::Ready(Ok(response.map(|body| ResponseBody::inner(body, guard))));
+                }
+                StateProj::Rejected { response } => {
+                    let response = response.take().expect("polled after completion");
+                    return Poll::Ready(Ok(response.map(ResponseBody::rejected)));
+                }
+                StateProj::Reading { mut body, pending } => {
+                    let read = pending.as_mut().expect("polled after completion");
+                    let limit = read.estimate.limit;
+                    let outcome = loop {
+                        match ready!(body.as_mut().poll_frame(cx)) {
+                            Some(Ok(frame)) => {
+                                let Ok(data) = frame.into_data() else {
+                                    continue; // trailers are not passed on
+                                };
+                                if read.buffer.len().saturating_add(data.len()) > limit {
+                                    let limit = limit as u64;
+                                    break Err(Error::BodyTooLarge { limit });
+                                }
+                                read.buffer.extend_from_slice(&data);
+                            }
+                            Some(Err(error)) => {
+                                let reason = error.into().to_string();
+                                break Err(Error::BodyRead { reason });
+                            }
+                            None => break Ok(()),
+                        }
+                    };
+                    let Pending {
+                        mut parts,
+                        tenant,
+                        estimate,
+                        mut service,
+                        config,
+                        buffer,
+                    } = pending.take().expect("checked above");
+                    let bytes = buffer.freeze();
+                    let admitted = outcome
+                        .and_then(|()| estimate.estimate(&parts, &bytes))
+                        .and_then(|tokens| config.admit(&tenant, tokens));
+                    match admitted {
+                        Ok(guard) => {
+                            parts.extensions.insert(guard.handle());
+                            let request = Request::from_parts(parts, RequestBody::buffered(bytes));
+                            State::Inner {
+                                future: service.call(request),
+                                guard: Some(guard),
+                            }
+                        }
+                        Err(error) => State::Rejected {
+                            response: Some(config.reject(error)),
+                        },
+                    }
+                }
+            };
+            state.set(next);
+        }
+    }
+}
+
+impl<S, B> std::fmt::Debug for ResponseFuture<S, B>
+where
+    S: Service<Request<RequestBody<B>>>,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.state {
+            State::Inner { .. } => "Inner",
+            State::Rejected { .. } => "Rejected",
+            State::Reading { .. } => "Reading",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
+    }
+}

@@ -1,0 +1,117 @@
+//! The handler's view of its request's reservation.
+
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use crate::{Error, TokenReservation};
+
+type Slot = Mutex<Option<TokenReservation>>;
+
+/// A handle to the reservation of the request being served, found in its extensions.
+///
+/// The layer inserts one into every request it admits, so a handler can reconcile the
+/// estimate with what the upstream really used, as often as it learns more (an agent
+/// endpoint making several upstream calls, a stream reporting usage at its end). The
+/// reservation itself stays with the response: it is released when the response body ends
+/// or is dropped, whoever still holds a handle. After that, the handle's methods do nothing.
+///
+/// ```
+/// use axum::{Extension, Json};
+/// use tower_tenant_tokens::ReservationHandle;
+///
+/// async fn chat(Extension(reservation): Extension<ReservationHandle>) -> Json<u64> {
+///     let used = 420; // what the upstream reported
+///     reservation.resize(used);
+///     Json(reservation.tokens())
+/// }
+/// ```
+#[derive(Clone)]
+pub struct ReservationHandle {
+    slot: Arc<Slot>,
+    tenant_id: Arc<str>,
+}
+
+impl ReservationHandle {
+    /// The tenant the reservation is charged to.
+    pub fn tenant_id(&self) -> &str {
+        &self.tenant_id
+    }
+
+    /// Tokens held now; 0 once released.
+    pub fn tokens(&self) -> u64 {
+        self.lock().as_ref().map_or(0, TokenReservation::tokens)
+    }
+
+    /// Whether the reservation has been released (its response ended).
+    pub fn is_released(&self) -> bool {
+        self.lock().is_none()
+    }
+
+    /// Sets the tokens held, up or down, as [`TokenReservation::resize`] does (growth past
+    /// the cap is allowed and counted). Returns what is held now; 0 once released.
+    pub fn resize(&self, tokens: u64) -> u64 {
+        self.lock().as_mut().map_or(0, |r| r.resize(tokens))
+    }
+
+    /// Sets the tokens held, growing only within the cap, as
+    /// [`TokenReservation::try_resize`] does. Does nothing once released.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::TenantOverloaded`] when the growth does not fit under the cap now.
+    pub fn try_resize(&self, tokens: u64) -> Result<(), Error> {
+        match self.lock().as_mut() {
+            Some(reservation) => reservation.try_resize(tokens),
+            None => Ok(()),
+        }
+    }
+
+    /// No code holding this lock can leave the reservation half-changed, so poisoning is
+    /// ignored rather than allowed to leak tokens.
+    fn lock(&self) -> MutexGuard<'_, Option<TokenReservation>> {
+        self.slot.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl fmt::Debug for ReservationHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReservationHandle")
+            .field("tenant_id", &self.tenant_id)
+            .field("tokens", &self.tokens())
+            .finish()
+    }
+}
+
+/// Owns a request's reservation on the layer's side and releases it when dropped.
+pub(crate) struct Guard {
+    handle: ReservationHandle,
+}
+
+impl Guard {
+    pub(crate) fn new(reservation: TokenReservation) -> Self {
+        let tenant_id = reservation.shared_tenant_id();
+        Self {
+            handle: ReservationHandle {
+                slot: Arc::new(Mutex::new(Some(reservation))),
+                tenant_id,
+            },
+        }
+    }
+
+    pub(crate) fn handle(&self) -> ReservationHandle {
+        self.handle.clone()
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(reservation) = self.handle.lock().take() {
+            tracing::debug!(
+                tenant = reservation.tenant_id(),
+                tokens = reservation.tokens(),
+                "released token reservation"
+            );
+            drop(reservation);
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! The layer: configuration, shared by every service it wraps.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::HeaderName;
+use http::Response;
+use tower_layer::Layer;
+
+use crate::config::Config;
+use crate::extract::{Estimator, MissingEstimate, MissingTenant, TenantSource};
+use crate::{Rejection, TenantTokenService, TenantTokenTracker, DEFAULT_MAX_TENANT_LEN};
+
+/// Caps the tokens each tenant has in flight, in front of any HTTP service.
+///
+/// For each request the layer finds the tenant ([`TenantSource`]) and a token estimate
+/// ([`Estimator`]), reserves the estimate against the tenant's cap in the
+/// [`TenantTokenTracker`], and holds the reservation until the response body has been
+/// sent in full or dropped. A tenant over its cap gets 429 with `Retry-After`; see
+/// [`Error`](crate::Error) for every refusal and its status.
+///
+/// Defaults: tenant from the `x-tenant-id` header, estimate from the `x-token-estimate`
+/// header, 400 when either is missing, `Retry-After: 1`.
+///
+/// The layer is cheap to clone: every clone, and every service it makes, shares one
+/// configuration and the one tracker, so one ledger counts every request. Give routes
+/// different layers (other estimators, other trackers) for per-route settings.
+///
+/// ```
+/// use std::sync::Arc;
+/// use tower_tenant_tokens::{Estimator, OpenAiEstimator, TenantTokenLayer, TenantTokenTracker};
+///
+/// let tracker = Arc::new(TenantTokenTracker::new(50_000));
+/// let layer = TenantTokenLayer::new(tracker)
+///     .tenant_header(http::HeaderName::from_static("x-tenant-id"))
+///     .estimator(OpenAiEstimator::new());
+/// let app = axum::Router::new()
+///     .route("/v1/chat/completions", axum::routing::post(|| async { "hi" }))
+///     .layer(layer);
+/// # let _: axum::Router = app;
+/// ```
+#[derive(Clone)]
+pub struct TenantTokenLayer {
+    config: Arc<Config>,
+}
+
+impl TenantTokenLayer {
+    /// A layer counting against `tracker`, with the defaults above.
+    pub fn new(tracker: Arc<TenantTokenTracker>) -> Self {
+        Self {
+            config: Arc::new(Config {
+                tracker,
+                tenant: TenantSource::header(HeaderName::from_static("x-tenant-id")),
+                estimator: Estimator::header(HeaderName::from_static("x-token-estimate")),
+                missing_tenant: MissingTenant::default(),
+                missing_estimate: MissingEstimate::default(),
+                max_tenant_len: DEFAULT_MAX_TENANT_LEN,
+                retry_after: Duration::from_secs(1),
+                on_rejection: None,
+            }),
+        }
+    }
+
+    /// The tracker this layer counts against.
+    pub fn tracker(&self) -> &Arc<TenantTokenTracker> {
+        &self.config.tracker
+    }
+
+    /// Takes the tenant from header `name` (see [`TenantSource::header`]).
+    pub fn tenant_header(self, name: HeaderName) -> Self {
+        self.tenant_source(TenantSource::header(name))
+    }
+
+    /// Takes the tenant from the [`TenantScope`](crate::TenantScope) your authentication
+    /// inserted into the request extensions (see [`TenantSource::extension`]).
+    pub fn tenant_from_extension(self) -> Self {
+        self.tenant_source(TenantSource::extension())
+    }
+
+    /// Takes the tenant from `source`.
+    pub fn tenant_source(self, source: TenantSource) -> Self {
+        self.with(|config| config.tenant = source)
+    }
+
+    /// Takes the estimate from header `name` (see [`Estimator::header`]).
+    pub fn estimate_header(self, name: HeaderName) -> Self {
+        self.estimator(Estimator::header(name))
+    }
+
+    /// Estimates with `estimator`: an [`Estimator`], or anything that converts into one
+    /// such as [`OpenAiEstimator`](crate::OpenAiEstimator).
+    pub fn estimator(self, estimator: impl Into<Estimator>) -> Self {
+        let estimator = estimator.into();
+        self.with(|config| config.estimator = estimator)
+    }
+
+    /// What to do when a request has no tenant (default: refuse with 400).
+    pub fn on_missing_tenant(self, policy: MissingTenant) -> Self {
+        self.with(|config| config.missing_tenant = policy)
+    }
+
+    /// What to do when a request has no estimate (default: refuse with 400).
+    pub fn on_missing_estimate(self, policy: MissingEstimate) -> Self {
+        self.with(|config| config.missing_estimate = policy)
+    }
+
+    /// The longest tenant id taken from a header, in bytes (default
+    /// [`DEFAULT_MAX_TENANT_LEN`]); longer ids are refused with 400.
+    pub fn max_tenant_len(self, bytes: usize) -> Self {
+        self.with(|config| config.max_tenant_len = bytes)
+    }
+
+    /// The `Retry-After` sent with 429, rounded up to whole seconds, at least 1 (default
+    /// 1 s).
+    pub fn retry_after(self, retry_after: Duration) -> Self {
+        self.with(|config| config.retry_after = retry_after)
+    }
+
+    /// Builds refusal responses with `f` instead of the default OpenAI-shaped JSON
+    /// ([`Rejection::to_response`], which `f` may call and then adjust).
+    pub fn on_rejection<F>(self, f: F) -> Self
+    where
+        F: Fn(&Rejection) -> Response<Bytes> + Send + Sync + 'static,
+    {
+        let f = Arc::new(f);
+        self.with(|config| config.on_rejection = Some(f))
+    }
+
+    fn with(mut self, change: impl FnOnce(&mut Config)) -> Self {
+        change(Arc::make_mut(&mut self.config));
+        self
+    }
+}
+
+impl<S> Layer<S> for TenantTokenLayer {
+    type Service = TenantTokenService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        TenantTokenService::new(inner, Arc::clone(&self.config))
+    }
+}
+
+impl fmt::Debug for TenantTokenLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TenantTokenLayer")
+            .field("tenant", &self.config.tenant)
+            .field("estimator", &self.config.estimator)
+            .field("missing_tenant", &self.config.missing_tenant)
+            .field("missing_estimate", &self.config.missing_estimate)
+            .field("max_tenant_len", &self.config.max_tenant_len)
+            .field("retry_after", &self.config.retry_after)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,103 @@
+//! Cap the tokens each tenant has **in flight** in an LLM gateway.
+//!
+//! [`TenantTokenLayer`] is a tower layer for axum or hyper services. For each request it
+//! finds the tenant (who pays) and a token estimate (what the upstream call may cost),
+//! reserves the estimate against the tenant's cap in a [`TenantTokenTracker`], and holds
+//! the reservation until the response body has finished streaming or is dropped. A tenant
+//! over its cap gets `429 Too Many Requests` with `Retry-After`; a request that could never
+//! fit gets `413`.
+//!
+//! In-flight is not per-minute: a rate limiter counts requests that *started* in a window,
+//! while an LLM call may stream for a minute and cost a hundred times another. Capping what
+//! is reserved *right now* bounds each tenant's share of the upstream's capacity, however
+//! long its calls run. Stack a rate limiter beside it if you want both.
+//!
+//! # Quick start
+//!
+//! ```
+//! use std::sync::Arc;
+//! use axum::{routing::post, Router};
+//! use http::{Request, StatusCode};
+//! use http_body_util::BodyExt;
+//! use tower::ServiceExt;
+//! use tower_tenant_tokens::{TenantTokenLayer, TenantTokenTracker};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! // Every tenant may have 1,000 tokens in flight.
+//! let tracker = Arc::new(TenantTokenTracker::new(1_000));
+//! let app = Router::new()
+//!     .route("/v1/chat/completions", post(|| async { "streamed answer" }))
+//!     .layer(TenantTokenLayer::new(tracker.clone())); // x-tenant-id, x-token-estimate
+//!
+//! let request = |tokens: u64| {
+//!     Request::post("/v1/chat/completions")
+//!         .header("x-tenant-id", "acme")
+//!         .header("x-token-estimate", tokens)
+//!         .body(axum::body::Body::empty())
+//!         .unwrap()
+//! };
+//!
+//! let response = app.clone().oneshot(request(800)).await.unwrap();
+//! assert_eq!(response.status(), StatusCode::OK);
+//! // The reservation is held until the body has been sent...
+//! assert_eq!(tracker.in_flight("acme"), 800);
+//! // ...so a second large request must wait.
+//! let refused = app.clone().oneshot(request(800)).await.unwrap();
+//! assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+//!
+//! response.into_body().collect().await.unwrap();
+//! assert_eq!(tracker.in_flight("acme"), 0);
+//! # }
+//! ```
+//!
+//! # Pieces
+//!
+//! - [`TenantTokenTracker`]: the ledger, usable on its own ([`TokenReservation`] is its
+//!   RAII guard).
+//! - [`TenantSource`] and [`Estimator`] (with [`OpenAiEstimator`] for OpenAI-style JSON
+//!   bodies): where the tenant and the estimate come from.
+//! - [`ReservationHandle`]: in the request extensions, for handlers that reconcile the
+//!   estimate with real usage.
+//! - [`Error`] and [`Rejection`]: why a request was refused and the response it gets.
+//!
+//! # Feature flags
+//!
+//! - `openai` (default): [`OpenAiEstimator`], which adds `serde` and `serde_json`.
+
+#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
+#![deny(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+mod body;
+mod config;
+mod error;
+mod extract;
+mod future;
+mod handle;
+mod layer;
+mod reject;
+mod request_body;
+mod service;
+mod tracker;
+
+pub use self::body::ResponseBody;
+pub use self::error::Error;
+#[cfg(feature = "openai")]
+pub use self::extract::OpenAiEstimator;
+pub use self::extract::{
+    EstimateError, Estimator, MissingEstimate, MissingTenant, TenantSource, DEFAULT_MAX_TENANT_LEN,
+};
+pub use self::future::ResponseFuture;
+pub use self::handle::ReservationHandle;
+pub use self::layer::TenantTokenLayer;
+pub use self::reject::{Rejection, X_RATELIMIT_LIMIT_TOKENS, X_RATELIMIT_REMAINING_TOKENS};
+pub use self::request_body::RequestBody;
+pub use self::service::TenantTokenService;
+pub use self::tracker::{
+    TenantScope, TenantTokenState, TenantTokenTracker, TenantTokenTrackerBuilder, TokenReservation,
+    DEFAULT_MAX_IDLE_TENANTS,
+};
+
+/// The error type bodies are converted into, as across tower and hyper.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

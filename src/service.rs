@@ -1,0 +1,128 @@
+//! The service: decides each request in `call`.
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use tower_service::Service;
+
+use crate::config::{Charge, Config, Estimate};
+use crate::future::{Pending, ResponseFuture};
+use crate::{BoxError, RequestBody, ResponseBody};
+
+/// Caps the tokens each tenant has in flight in front of `S`; made by
+/// [`TenantTokenLayer`](crate::TenantTokenLayer).
+///
+/// `poll_ready` only asks the inner service: the tenant is known only once a request
+/// arrives, so every decision is made in `call`. Refusals are ordinary responses
+/// (`Ok(Response)`), so the inner error type passes through unchanged and axum needs no
+/// `HandleErrorLayer`.
+///
+/// The inner service must be `Clone` because an estimator that reads the body calls a
+/// ready clone of it once the body has arrived, as tower's buffering services do.
+pub struct TenantTokenService<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl<S> TenantTokenService<S> {
+    pub(crate) fn new(inner: S, config: Arc<Config>) -> Self {
+        Self { inner, config }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The wrapped service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for TenantTokenService<S>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Clone,
+    ReqBody: Body<Data = Bytes>,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, ReqBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let config = &self.config;
+        let (mut parts, body) = request.into_parts();
+        let tenant = match config.charge(&parts) {
+            Ok(Charge::Tenant(tenant)) => tenant,
+            Ok(Charge::Unmetered) => return self.forward(parts, body, None),
+            Err(error) => return ResponseFuture::rejected(config.reject(error)),
+        };
+        let tokens = match config.estimate(&parts) {
+            Ok(Estimate::Tokens(tokens)) => tokens,
+            Ok(Estimate::Unmetered) => return self.forward(parts, body, None),
+            Ok(Estimate::Body(estimate)) => {
+                let tenant = tenant.into_owned();
+                // The clone waits; the service that was polled ready makes the call.
+                let clone = self.inner.clone();
+                let service = std::mem::replace(&mut self.inner, clone);
+                let pending = Pending::new(parts, tenant, estimate, service, config.clone());
+                return ResponseFuture::reading(body, pending);
+            }
+            Err(error) => return ResponseFuture::rejected(config.reject(error)),
+        };
+        match config.admit(&tenant, tokens) {
+            Ok(guard) => {
+                parts.extensions.insert(guard.handle());
+                self.forward(parts, body, Some(guard))
+            }
+            Err(error) => ResponseFuture::rejected(config.reject(error)),
+        }
+    }
+}
+
+impl<S> TenantTokenService<S> {
+    fn forward<ReqBody>(
+        &mut self,
+        parts: http::request::Parts,
+        body: ReqBody,
+        guard: Option<crate::handle::Guard>,
+    ) -> ResponseFuture<S, ReqBody>
+    where
+        S: Service<Request<RequestBody<ReqBody>>>,
+    {
+        let request = Request::from_parts(parts, RequestBody::streaming(body));
+        ResponseFuture::inner(self.inner.call(request), guard)
+    }
+}
+
+impl<S: Clone> Clone for TenantTokenService<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            config: Arc::clone(&self.config),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for TenantTokenService<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TenantTokenService")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,181 @@
+//! One tenant's counters, updated without locks.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use super::shard::Shard;
+use super::state::TenantTokenState;
+
+/// Why an entry refused a reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The request alone is larger than the cap.
+    TooLarge { cap: u64 },
+    /// It would fit an idle tenant, but not next to what is in flight now.
+    Overloaded { in_flight: u64, cap: u64 },
+}
+
+/// The ledger entry of one tenant.
+///
+/// Every counter is its own atomic, so admission and release never take a lock. The map that
+/// finds an entry holds one `Arc` to it and each live reservation holds another; `live`
+/// counts the reservations so that the shard can tell an idle entry (safe to evict) from one
+/// that work still points at.
+pub(crate) struct Entry {
+    pub(crate) id: Arc<str>,
+    in_flight: AtomicU64,
+    high_water: AtomicU64,
+    cap: AtomicU64,
+    live: AtomicU64,
+    overcommits: AtomicU64,
+    /// Set by `set_cap`: configuration, not cache, so never evicted.
+    pinned: AtomicBool,
+    /// Set on each admission, cleared by each sweep: a second chance for busy tenants.
+    touched: AtomicBool,
+    pub(crate) shard: Arc<Shard>,
+}
+
+impl Entry {
+    pub(crate) fn new(id: Arc<str>, cap: u64, pinned: bool, shard: Arc<Shard>) -> Self {
+        Self {
+            id,
+            in_flight: AtomicU64::new(0),
+            high_water: AtomicU64::new(0),
+            cap: AtomicU64::new(cap),
+            live: AtomicU64::new(0),
+            overcommits: AtomicU64::new(0),
+            pinned: AtomicBool::new(pinned),
+            touched: AtomicBool::new(true),
+            shard,
+        }
+    }
+
+    /// Adds `tokens` to `in_flight` if the total stays within the cap, and counts one more
+    /// live reservation. The caller holds the shard's read lock, so no sweep can evict the
+    /// entry between the lookup and the `live` increment.
+    pub(crate) fn admit(&self, tokens: u64) -> Result<(), Refusal> {
+        let cap = self.cap.load(Relaxed);
+        if tokens > cap {
+            return Err(Refusal::TooLarge { cap });
+        }
+        let mut current = self.in_flight.load(Relaxed);
+        let next = loop {
+            // `current` can exceed `cap` after an overcommitting resize, so the sum is
+            // checked rather than assumed to fit.
+            let next = match current.checked_add(tokens) {
+                Some(next) if next <= cap => next,
+                _ => {
+                    return Err(Refusal::Overloaded {
+                        in_flight: current,
+                        cap,
+                    })
+                }
+            };
+            match self
+                .in_flight
+                .compare_exchange_weak(current, next, Relaxed, Relaxed)
+            {
+                Ok(_) => break next,
+                Err(actual) => current = actual,
+            }
+        };
+        self.live.fetch_add(1, Relaxed);
+        self.raise_high_water(next);
+        if !self.touched.load(Relaxed) {
+            self.touched.store(true, Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Grows `in_flight` by up to `delta` without a cap check and returns how much it grew:
+    /// less than `delta` only when the counter would pass `u64::MAX`.
+    pub(crate) fn grow(&self, delta: u64) -> u64 {
+        let previous = self
+            .in_flight
+            .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_add(delta)))
+            .unwrap_or_else(|n| n);
+        let added = delta.min(u64::MAX - previous);
+        let now = previous + added;
+        self.raise_high_water(now);
+        if now > self.cap.load(Relaxed) {
+            self.overcommits.fetch_add(1, Relaxed);
+        }
+        added
+    }
+
+    /// Grows `in_flight` by `delta` only if the total stays within the cap.
+    pub(crate) fn try_grow(&self, delta: u64) -> Result<(), Refusal> {
+        let cap = self.cap.load(Relaxed);
+        let result = self.in_flight.fetch_update(Relaxed, Relaxed, |n| {
+            n.checked_add(delta).filter(|&next| next <= cap)
+        });
+        match result {
+            Ok(previous) => {
+                self.raise_high_water(previous + delta);
+                Ok(())
+            }
+            Err(in_flight) => Err(Refusal::Overloaded { in_flight, cap }),
+        }
+    }
+
+    /// Returns `tokens` that a reservation held. Never more than was added for it, so the
+    /// subtraction cannot wrap.
+    pub(crate) fn shrink(&self, tokens: u64) {
+        self.in_flight.fetch_sub(tokens, Relaxed);
+    }
+
+    /// Counts one reservation gone; tells the shard when the entry may have become idle.
+    /// (A pinned entry is told too: over-counting only brings a sweep forward.)
+    pub(crate) fn end_reservation(&self) {
+        if self.live.fetch_sub(1, Relaxed) == 1 {
+            self.shard.note_idle();
+        }
+    }
+
+    fn raise_high_water(&self, value: u64) {
+        if value > self.high_water.load(Relaxed) {
+            self.high_water.fetch_max(value, Relaxed);
+        }
+    }
+
+    pub(crate) fn in_flight(&self) -> u64 {
+        self.in_flight.load(Relaxed)
+    }
+
+    pub(crate) fn cap(&self) -> u64 {
+        self.cap.load(Relaxed)
+    }
+
+    pub(crate) fn set_cap(&self, cap: u64) {
+        self.cap.store(cap, Relaxed);
+    }
+
+    pub(crate) fn is_pinned(&self) -> bool {
+        self.pinned.load(Relaxed)
+    }
+
+    pub(crate) fn set_pinned(&self, pinned: bool) {
+        self.pinned.store(pinned, Relaxed);
+    }
+
+    /// Idle: nothing points at it but the map, and it is not pinned configuration.
+    /// Only meaningful under the shard's write lock.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.live.load(Relaxed) == 0 && !self.is_pinned()
+    }
+
+    /// Reads and clears the second-chance bit.
+    pub(crate) fn take_touched(&self) -> bool {
+        self.touched.swap(false, Relaxed)
+    }
+
+    pub(crate) fn state(&self) -> TenantTokenState {
+        TenantTokenState {
+            in_flight: self.in_flight.load(Relaxed),
+            high_water: self.high_water.load(Relaxed),
+            cap: self.cap.load(Relaxed),
+            reservations: self.live.load(Relaxed),
+            overcommits: self.overcommits.load(Relaxed),
+        }
+    }
+}

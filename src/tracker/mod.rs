@@ -1,0 +1,366 @@
+//! The in-process ledger: who holds how many tokens right now.
+
+mod entry;
+mod reservation;
+mod scope;
+mod shard;
+mod state;
+
+use std::collections::hash_map::RandomState;
+use std::fmt;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+
+use self::entry::Entry;
+use self::shard::Shard;
+use crate::Error;
+
+pub use self::reservation::TokenReservation;
+pub use self::scope::TenantScope;
+pub use self::state::TenantTokenState;
+
+/// How many idle tenants a tracker keeps by default.
+pub const DEFAULT_MAX_IDLE_TENANTS: usize = 10_000;
+
+const MAX_SHARDS: usize = 64;
+
+type CapFn = dyn Fn(&str) -> Option<u64> + Send + Sync;
+
+/// Enforces a per-tenant cap on tokens in flight.
+///
+/// [`reserve`](Self::reserve) admits a request's tokens if they fit under the tenant's cap
+/// next to everything that tenant already has in flight, and returns a
+/// [`TokenReservation`] that gives them back when dropped. It never blocks and never waits:
+/// a request that does not fit gets [`Error::TenantOverloaded`] (try again later) or, when
+/// it is larger than the cap itself, [`Error::RequestTooLarge`] (it never will fit).
+///
+/// # Caps
+///
+/// Each tenant's cap is, in order: one set with [`set_cap`](Self::set_cap); else the answer
+/// of the cap function given to [`TenantTokenTrackerBuilder::cap_fn`] (plans and tiers looked
+/// up elsewhere); else the default cap. Any `u64` is a valid cap, `u64::MAX` included. A
+/// cap lowered while work is in flight revokes nothing: it gates new reservations only.
+///
+/// # Memory
+///
+/// A tenant with work in flight is always tracked. Once idle, it stays cached so the next
+/// request finds it without allocating, but only up to
+/// [`max_idle_tenants`](TenantTokenTrackerBuilder::max_idle_tenants) idle tenants (default
+/// [`DEFAULT_MAX_IDLE_TENANTS`]); beyond that the least recently used idle ones are
+/// forgotten. A caller spraying random tenant ids therefore cannot grow the tracker without
+/// bound. Tenants with a cap from `set_cap` are configuration and are kept until
+/// [`remove_cap`](Self::remove_cap).
+///
+/// # Example
+///
+/// ```
+/// use std::sync::Arc;
+/// use tower_tenant_tokens::{Error, TenantScope, TenantTokenTracker};
+///
+/// let tracker = Arc::new(TenantTokenTracker::new(1_000));
+/// let acme = TenantScope::new("acme");
+///
+/// let first = tracker.reserve(&acme, 800)?;
+/// assert!(matches!(
+///     tracker.reserve(&acme, 300),
+///     Err(Error::TenantOverloaded { .. })
+/// ));
+/// drop(first);
+/// let _second = tracker.reserve(&acme, 300)?;
+/// # Ok::<(), Error>(())
+/// ```
+pub struct TenantTokenTracker {
+    shards: Box<[Arc<Shard>]>,
+    hasher: RandomState,
+    default_cap: u64,
+    cap_fn: Option<Arc<CapFn>>,
+    max_idle: usize,
+}
+
+impl TenantTokenTracker {
+    /// A tracker where every tenant's cap is `default_cap`, keeping up to
+    /// [`DEFAULT_MAX_IDLE_TENANTS`] idle tenants.
+    pub fn new(default_cap: u64) -> Self {
+        Self::builder(default_cap).build()
+    }
+
+    /// Starts a tracker with more settings than [`new`](Self::new).
+    pub fn builder(default_cap: u64) -> TenantTokenTrackerBuilder {
+        TenantTokenTrackerBuilder {
+            default_cap,
+            cap_fn: None,
+            max_idle: DEFAULT_MAX_IDLE_TENANTS,
+        }
+    }
+
+    /// Reserves `tokens` for the scope's tenant, if they fit under its cap now.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::RequestTooLarge`] when `tokens` exceeds the cap itself, and
+    /// [`Error::TenantOverloaded`] when it only exceeds what is left of it now.
+    pub fn reserve(
+        self: &Arc<Self>,
+        scope: &TenantScope,
+        tokens: u64,
+    ) -> Result<TokenReservation, Error> {
+        self.reserve_id(&scope.tenant_id, tokens)
+    }
+
+    /// [`reserve`](Self::reserve) by tenant id, without building a [`TenantScope`].
+    ///
+    /// # Errors
+    ///
+    /// As for [`reserve`](Self::reserve).
+    pub fn reserve_id(&self, tenant_id: &str, tokens: u64) -> Result<TokenReservation, Error> {
+        let shard = self.shard(tenant_id);
+        {
+            let map = shard.read();
+            if let Some(entry) = map.get(tenant_id) {
+                return match entry.admit(tokens) {
+                    Ok(()) => Ok(TokenReservation::new(Arc::clone(entry), tokens)),
+                    Err(refusal) => Err(Error::from_refusal(tenant_id, tokens, refusal)),
+                };
+            }
+        }
+        // A tenant seen for the first time (or evicted while idle). The cap is resolved
+        // before taking the write lock so a slow cap function does not stall the shard.
+        let cap = self.resolved_cap(tenant_id);
+        if tokens > cap {
+            // Not inserted: an entry that would hold nothing only costs memory.
+            return Err(Error::RequestTooLarge {
+                tenant_id: tenant_id.to_owned(),
+                tokens,
+                cap,
+            });
+        }
+        let mut map = shard.write();
+        let entry = match map.get(tenant_id) {
+            Some(entry) => entry, // inserted by a racing request meanwhile
+            None => {
+                let id: Arc<str> = Arc::from(tenant_id);
+                let entry = Entry::new(Arc::clone(&id), cap, false, Arc::clone(shard));
+                map.entry(id).or_insert(Arc::new(entry))
+            }
+        };
+        match entry.admit(tokens) {
+            Ok(()) => Ok(TokenReservation::new(Arc::clone(entry), tokens)),
+            Err(refusal) => Err(Error::from_refusal(tenant_id, tokens, refusal)),
+        }
+    }
+
+    /// Sets `tenant_id`'s cap, overriding the cap function and the default, until
+    /// [`remove_cap`](Self::remove_cap). Reservations already admitted are kept even when
+    /// the new cap is lower; new ones are checked against it.
+    pub fn set_cap(&self, tenant_id: &str, cap: u64) {
+        let shard = self.shard(tenant_id);
+        let mut map = shard.write();
+        match map.get(tenant_id) {
+            Some(entry) => {
+                entry.set_cap(cap);
+                entry.set_pinned(true);
+            }
+            None => {
+                let id: Arc<str> = Arc::from(tenant_id);
+                let entry = Entry::new(Arc::clone(&id), cap, true, Arc::clone(shard));
+                map.insert(id, Arc::new(entry));
+            }
+        }
+    }
+
+    /// Removes a cap set with [`set_cap`](Self::set_cap): the tenant goes back to the cap
+    /// function or the default cap, and to the idle cache. Returns whether a cap was set.
+    pub fn remove_cap(&self, tenant_id: &str) -> bool {
+        let cap = self.resolved_cap(tenant_id);
+        let shard = self.shard(tenant_id);
+        let was_pinned = {
+            let map = shard.read();
+            match map.get(tenant_id) {
+                Some(entry) if entry.is_pinned() => {
+                    entry.set_cap(cap);
+                    entry.set_pinned(false);
+                    true
+                }
+                _ => false,
+            }
+        };
+        if was_pinned {
+            shard.note_idle(); // it may be idle now; an overcount only brings a sweep forward
+        }
+        was_pinned
+    }
+
+    /// Asks the cap function again for every tracked tenant without a cap from
+    /// [`set_cap`](Self::set_cap). The function's answer is otherwise kept while the tenant
+    /// is tracked; call this after the plans it reads from change.
+    pub fn refresh_caps(&self) {
+        for shard in self.shards.iter() {
+            let entries: Vec<Arc<Entry>> = shard.read().values().cloned().collect();
+            for entry in entries.iter().filter(|entry| !entry.is_pinned()) {
+                entry.set_cap(self.resolved_cap(&entry.id));
+            }
+        }
+    }
+
+    /// The cap that applies to `tenant_id` now.
+    pub fn cap(&self, tenant_id: &str) -> u64 {
+        match self.shard(tenant_id).read().get(tenant_id) {
+            Some(entry) => entry.cap(),
+            None => self.resolved_cap(tenant_id),
+        }
+    }
+
+    /// Tokens `tenant_id` has in flight now (0 for a tenant not tracked).
+    pub fn in_flight(&self, tenant_id: &str) -> u64 {
+        self.shard(tenant_id)
+            .read()
+            .get(tenant_id)
+            .map_or(0, |entry| entry.in_flight())
+    }
+
+    /// The state of one tenant, if it is tracked.
+    pub fn tenant_state(&self, tenant_id: &str) -> Option<TenantTokenState> {
+        self.shard(tenant_id)
+            .read()
+            .get(tenant_id)
+            .map(|entry| entry.state())
+    }
+
+    /// Every tracked tenant (with work in flight, idle but cached, or with a set cap) and its
+    /// state, in no particular order.
+    pub fn snapshot(&self) -> Vec<(String, TenantTokenState)> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let map = shard.read();
+            out.extend(map.values().map(|e| (e.id.to_string(), e.state())));
+        }
+        out
+    }
+
+    /// How many tenants the tracker holds now (in flight, idle, or with a set cap).
+    pub fn tracked_tenants(&self) -> usize {
+        self.shards.iter().map(|shard| shard.read().len()).sum()
+    }
+
+    /// The most idle tenants the tracker keeps.
+    ///
+    /// The bound is split evenly across the tracker's internal shards, so the number kept
+    /// can be a little lower than the value configured, never higher.
+    pub fn max_idle_tenants(&self) -> usize {
+        self.max_idle
+    }
+
+    /// The cap for tenants without a set cap or an answer from the cap function.
+    pub fn default_cap(&self) -> u64 {
+        self.default_cap
+    }
+
+    fn shard(&self, tenant_id: &str) -> &Arc<Shard> {
+        // The map inside a shard uses a hash's low bits for buckets and its top bits for
+        // tags; the middle bits pick the shard so neither is skewed within one.
+        let index = (self.hasher.hash_one(tenant_id) >> 32) as usize & (self.shards.len() - 1);
+        &self.shards[index]
+    }
+
+    fn resolved_cap(&self, tenant_id: &str) -> u64 {
+        self.cap_fn
+            .as_ref()
+            .and_then(|cap_fn| cap_fn(tenant_id))
+            .unwrap_or(self.default_cap)
+    }
+}
+
+impl Drop for TenantTokenTracker {
+    fn drop(&mut self) {
+        // Entries point at their shard, and shards own their entries: break the cycle.
+        // Reservations still alive keep their entry (and its shard) until they end.
+        for shard in self.shards.iter() {
+            shard.clear();
+        }
+    }
+}
+
+impl fmt::Debug for TenantTokenTracker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TenantTokenTracker")
+            .field("default_cap", &self.default_cap)
+            .field("cap_fn", &self.cap_fn.is_some())
+            .field("max_idle_tenants", &self.max_idle)
+            .field("tracked_tenants", &self.tracked_tenants())
+            .finish()
+    }
+}
+
+/// Settings for a [`TenantTokenTracker`]; start one with [`TenantTokenTracker::builder`].
+///
+/// ```
+/// use tower_tenant_tokens::TenantTokenTracker;
+///
+/// let tracker = TenantTokenTracker::builder(10_000)
+///     .cap_fn(|tenant| tenant.starts_with("enterprise-").then_some(100_000))
+///     .max_idle_tenants(50_000)
+///     .build();
+/// assert_eq!(tracker.cap("enterprise-acme"), 100_000);
+/// assert_eq!(tracker.cap("hobbyist"), 10_000);
+/// ```
+#[must_use]
+pub struct TenantTokenTrackerBuilder {
+    default_cap: u64,
+    cap_fn: Option<Arc<CapFn>>,
+    max_idle: usize,
+}
+
+impl TenantTokenTrackerBuilder {
+    /// Looks up a tenant's cap when the tenant is first tracked; `None` means the default
+    /// cap. The answer is kept while the tenant stays tracked (see
+    /// [`TenantTokenTracker::refresh_caps`]). Keep it fast: it runs on the request path of a
+    /// tenant's first request.
+    pub fn cap_fn<F>(mut self, cap_fn: F) -> Self
+    where
+        F: Fn(&str) -> Option<u64> + Send + Sync + 'static,
+    {
+        self.cap_fn = Some(Arc::new(cap_fn));
+        self
+    }
+
+    /// How many idle tenants to keep for reuse (default [`DEFAULT_MAX_IDLE_TENANTS`]).
+    /// `0` forgets a tenant as soon as its last reservation ends.
+    pub fn max_idle_tenants(mut self, max_idle: usize) -> Self {
+        self.max_idle = max_idle;
+        self
+    }
+
+    /// Builds the tracker.
+    pub fn build(self) -> TenantTokenTracker {
+        // Enough shards that two cores rarely meet on one lock, few enough that each keeps
+        // a useful share of the idle bound.
+        let wanted = (self.max_idle / 16).clamp(1, MAX_SHARDS);
+        let shard_count = if wanted.is_power_of_two() {
+            wanted
+        } else {
+            wanted.next_power_of_two() / 2
+        };
+        let per_shard = self.max_idle / shard_count;
+        let hasher = RandomState::new();
+        let shards = (0..shard_count)
+            .map(|_| Arc::new(Shard::new(per_shard, hasher.clone())))
+            .collect();
+        TenantTokenTracker {
+            shards,
+            hasher,
+            default_cap: self.default_cap,
+            cap_fn: self.cap_fn,
+            max_idle: self.max_idle,
+        }
+    }
+}
+
+impl fmt::Debug for TenantTokenTrackerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TenantTokenTrackerBuilder")
+            .field("default_cap", &self.default_cap)
+            .field("cap_fn", &self.cap_fn.is_some())
+            .field("max_idle_tenants", &self.max_idle)
+            .finish()
+    }
+}

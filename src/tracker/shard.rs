@@ -1,0 +1,100 @@
+//! One slice of the tenant map, and the bounded cache of its idle tenants.
+
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use super::entry::Entry;
+
+pub(crate) type Map = HashMap<Arc<str>, Arc<Entry>, RandomState>;
+
+/// A slice of the tenant map with its own lock.
+///
+/// Idle entries (no live reservation) stay in the map so that a steady tenant does not pay
+/// an allocation per request, but at most `idle_limit` of them. Counting idle entries
+/// exactly would put a shared counter on every request; instead `idle_hint` counts the
+/// times an entry *became* idle since the last sweep. It never undercounts (reuse of an
+/// idle entry does not decrement it), so once it passes the limit a sweep under the write
+/// lock counts for real and evicts the excess.
+pub(crate) struct Shard {
+    map: RwLock<Map>,
+    idle_hint: AtomicUsize,
+    idle_limit: usize,
+}
+
+impl Shard {
+    pub(crate) fn new(idle_limit: usize, hasher: RandomState) -> Self {
+        Self {
+            map: RwLock::new(HashMap::with_hasher(hasher)),
+            idle_hint: AtomicUsize::new(0),
+            idle_limit,
+        }
+    }
+
+    /// The map for lookups. No code holding this lock can panic in a way that leaves the
+    /// map inconsistent (the critical sections only read and bump atomics), so a poisoned
+    /// lock is taken as it is rather than turned into an error or a leak.
+    pub(crate) fn read(&self) -> RwLockReadGuard<'_, Map> {
+        self.map.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The map for inserts and evictions; see [`read`](Self::read) on poisoning.
+    pub(crate) fn write(&self) -> RwLockWriteGuard<'_, Map> {
+        self.map.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Called when an entry's last reservation ends.
+    pub(crate) fn note_idle(&self) {
+        if self.idle_hint.fetch_add(1, Relaxed) >= self.idle_limit {
+            self.sweep();
+        }
+    }
+
+    /// Evicts idle entries beyond the limit, tenants not admitted since the last sweep
+    /// first.
+    ///
+    /// Runs under the write lock: no reservation can be admitted meanwhile (admission holds
+    /// the read lock from lookup to `live` increment), so an entry seen idle here has no
+    /// reservation pointing at it, and removing it can never leave two live entries for one
+    /// tenant.
+    fn sweep(&self) {
+        let mut map = self.write();
+        let seen = self.idle_hint.load(Relaxed);
+        if seen <= self.idle_limit {
+            return; // another release swept while this one waited for the lock
+        }
+        let idle = map.values().filter(|entry| entry.is_idle()).count();
+        let mut excess = idle.saturating_sub(self.idle_limit);
+        if excess > 0 {
+            // First pass: the idle tenants nobody used since the last sweep.
+            map.retain(|_, entry| {
+                let evict = excess > 0 && entry.is_idle() && !entry.take_touched();
+                excess -= usize::from(evict);
+                !evict
+            });
+        }
+        if excess > 0 {
+            map.retain(|_, entry| {
+                let evict = excess > 0 && entry.is_idle();
+                excess -= usize::from(evict);
+                !evict
+            });
+        }
+        for entry in map.values() {
+            entry.take_touched();
+        }
+        let kept = idle.min(self.idle_limit);
+        // Releases that ran during the sweep added to the hint after `seen` was read; keep
+        // their counts, replace the rest by what is really idle now.
+        let _ = self
+            .idle_hint
+            .fetch_update(Relaxed, Relaxed, |now| Some(now - seen + kept));
+    }
+
+    /// Drops every entry. The tracker calls this when it is dropped, since entries point
+    /// back at their shard.
+    pub(crate) fn clear(&self) {
+        self.write().clear();
+    }
+}

@@ -1,0 +1,23 @@
+//! A point-in-time view of one tenant's ledger entry.
+
+/// What the tracker knows about one tenant at the moment of a
+/// [`snapshot`](crate::TenantTokenTracker::snapshot).
+///
+/// The fields are read one by one without a lock, so under concurrent traffic they may come
+/// from slightly different instants; each is exact on its own.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TenantTokenState {
+    /// Tokens reserved by requests being served right now.
+    pub in_flight: u64,
+    /// The highest `in_flight` seen since the tenant was first tracked (or last evicted).
+    pub high_water: u64,
+    /// The cap new reservations are checked against.
+    pub cap: u64,
+    /// How many reservations are alive.
+    pub reservations: u64,
+    /// How many times a [`resize`](crate::TokenReservation::resize) of admitted work pushed
+    /// `in_flight` above `cap`. Such growth is allowed (the work is already running) and
+    /// counted here so that it is never invisible.
+    pub overcommits: u64,
+}
