@@ -30,7 +30,9 @@ pub(crate) struct Entry {
     overcommits: AtomicU64,
     /// Set by `set_cap`: configuration, not cache, so never evicted.
     pinned: AtomicBool,
-    /// Set on each admission, cleared by each sweep: a second chance for busy tenants.
+    /// Set when a request finds the entry already there, cleared by each sweep: tenants
+    /// seen again since the last sweep are evicted last, so a spray of one-off ids
+    /// evicts itself rather than the steady tenants.
     touched: AtomicBool,
     pub(crate) shard: Arc<Shard>,
 }
@@ -45,7 +47,7 @@ impl Entry {
             live: AtomicU64::new(0),
             overcommits: AtomicU64::new(0),
             pinned: AtomicBool::new(pinned),
-            touched: AtomicBool::new(true),
+            touched: AtomicBool::new(false),
             shard,
         }
     }
@@ -81,10 +83,14 @@ impl Entry {
         };
         self.live.fetch_add(1, Relaxed);
         self.raise_high_water(next);
+        Ok(())
+    }
+
+    /// Marks the entry as reused: it survives the next sweep's first pass.
+    pub(crate) fn touch(&self) {
         if !self.touched.load(Relaxed) {
             self.touched.store(true, Relaxed);
         }
-        Ok(())
     }
 
     /// Grows `in_flight` by up to `delta` without a cap check and returns how much it grew:
