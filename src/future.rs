@@ -114,8 +114,9 @@ where
         loop {
             let next = match state.as_mut().project() {
                 StateProj::Inner { future, guard } => {
-                    let response = ready!(future.poll(cx))?;
+                    let result = ready!(future.poll(cx));
                     let mut guard = guard.take();
+                    let response = result?; // an inner error releases here
                     if response.body().is_end_stream() {
                         guard = None; // no body to wait for (HEAD, 204, empty)
                     }
