@@ -83,11 +83,11 @@ mod tracker;
 
 pub use self::body::ResponseBody;
 pub use self::error::Error;
-#[cfg(feature = "openai")]
-pub use self::extract::OpenAiEstimator;
 pub use self::extract::{
     EstimateError, Estimator, MissingEstimate, MissingTenant, TenantSource, DEFAULT_MAX_TENANT_LEN,
 };
+#[cfg(feature = "openai")]
+pub use self::extract::{OpenAiEstimate, OpenAiEstimator};
 pub use self::future::ResponseFuture;
 pub use self::handle::ReservationHandle;
 pub use self::layer::TenantTokenLayer;

@@ -7,7 +7,7 @@ mod tenant;
 
 pub use self::estimate::{EstimateError, Estimator, MissingEstimate};
 #[cfg(feature = "openai")]
-pub use self::openai::OpenAiEstimator;
+pub use self::openai::{OpenAiEstimate, OpenAiEstimator};
 pub use self::tenant::{MissingTenant, TenantSource, DEFAULT_MAX_TENANT_LEN};
 
 pub(crate) use self::estimate::{BodyEstimate, Plan};

@@ -26,7 +26,9 @@ use super::estimate::{EstimateError, Estimator};
 /// A body that is not a JSON object is refused as malformed (400 `invalid_json`); a
 /// `max_tokens`-like field or `n` that is not a whole, non-negative number fitting 64
 /// bits is refused as an invalid estimate (400). Bodies over
-/// [`body_limit`](Self::body_limit) (default 4 MiB) get 413 before the estimate is tried.
+/// [`body_limit`](Self::body_limit) (default 2 MiB, axum's own default body limit, so that
+/// whatever the estimator accepts the handler's extractors accept too) get 413 before the
+/// estimate is tried.
 ///
 /// ```
 /// use tower_tenant_tokens::OpenAiEstimator;
@@ -52,17 +54,18 @@ impl Default for OpenAiEstimator {
 }
 
 impl OpenAiEstimator {
-    /// The estimator with its defaults: 4 MiB body limit, 1,024 output tokens when the
+    /// The estimator with its defaults: 2 MiB body limit, 1,024 output tokens when the
     /// request names none, 4 bytes a token.
     pub fn new() -> Self {
         Self {
-            body_limit: 4 * 1024 * 1024,
+            body_limit: 2 * 1024 * 1024,
             default_output_tokens: 1024,
             bytes_per_token: 4,
         }
     }
 
-    /// The largest body read, in bytes; longer bodies are refused with 413.
+    /// The largest body read, in bytes; longer bodies are refused with 413. Behind axum,
+    /// raise axum's `DefaultBodyLimit` to match if you raise this above 2 MiB.
     pub fn body_limit(mut self, bytes: usize) -> Self {
         self.body_limit = bytes;
         self
@@ -80,13 +83,23 @@ impl OpenAiEstimator {
         self
     }
 
-    /// Estimates one request body.
+    /// Estimates one request body: prompt plus output allowance.
     ///
     /// # Errors
     ///
     /// [`EstimateError`] when the body is not a JSON object, or when a field the estimate
     /// uses holds something other than a whole, non-negative number.
     pub fn estimate(&self, body: &[u8]) -> Result<u64, EstimateError> {
+        self.estimate_parts(body).map(|parts| parts.total())
+    }
+
+    /// Estimates one request body, keeping the prompt and the output allowance apart (a
+    /// handler reconciling with reported usage wants the prompt part).
+    ///
+    /// # Errors
+    ///
+    /// As for [`estimate`](Self::estimate).
+    pub fn estimate_parts(&self, body: &[u8]) -> Result<OpenAiEstimate, EstimateError> {
         let mut tally = Tally::default();
         let mut de = serde_json::Deserializer::from_slice(body);
         let parsed = de
@@ -98,15 +111,33 @@ impl OpenAiEstimator {
                 None => EstimateError::malformed(error.to_string()),
             });
         }
-        let prompt = tally
-            .text_bytes
-            .div_ceil(self.bytes_per_token)
-            .saturating_add(tally.token_ids);
-        let output = tally
-            .output
-            .unwrap_or(self.default_output_tokens)
-            .saturating_mul(tally.choices.unwrap_or(1).max(1));
-        Ok(prompt.saturating_add(output))
+        Ok(OpenAiEstimate {
+            prompt_tokens: tally
+                .text_bytes
+                .div_ceil(self.bytes_per_token)
+                .saturating_add(tally.token_ids),
+            output_tokens: tally
+                .output
+                .unwrap_or(self.default_output_tokens)
+                .saturating_mul(tally.choices.unwrap_or(1).max(1)),
+        })
+    }
+}
+
+/// An [`OpenAiEstimator`] estimate, in its two parts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenAiEstimate {
+    /// Tokens the prompt is estimated to take.
+    pub prompt_tokens: u64,
+    /// The output allowance: the request's `max_tokens`-like limit (or the default), times
+    /// `n`.
+    pub output_tokens: u64,
+}
+
+impl OpenAiEstimate {
+    /// Prompt plus output, saturating at `u64::MAX`.
+    pub fn total(&self) -> u64 {
+        self.prompt_tokens.saturating_add(self.output_tokens)
     }
 }
 

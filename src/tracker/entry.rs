@@ -30,10 +30,9 @@ pub(crate) struct Entry {
     overcommits: AtomicU64,
     /// Set by `set_cap`: configuration, not cache, so never evicted.
     pinned: AtomicBool,
-    /// Set when a request finds the entry already there, cleared by each sweep: tenants
-    /// seen again since the last sweep are evicted last, so a spray of one-off ids
-    /// evicts itself rather than the steady tenants.
-    touched: AtomicBool,
+    /// Set when a request finds the entry already there: tenants seen more than once are
+    /// evicted last, so a spray of one-off ids evicts itself rather than steady tenants.
+    reused: AtomicBool,
     pub(crate) shard: Arc<Shard>,
 }
 
@@ -47,7 +46,7 @@ impl Entry {
             live: AtomicU64::new(0),
             overcommits: AtomicU64::new(0),
             pinned: AtomicBool::new(pinned),
-            touched: AtomicBool::new(false),
+            reused: AtomicBool::new(false),
             shard,
         }
     }
@@ -86,10 +85,10 @@ impl Entry {
         Ok(())
     }
 
-    /// Marks the entry as reused: it survives the next sweep's first pass.
-    pub(crate) fn touch(&self) {
-        if !self.touched.load(Relaxed) {
-            self.touched.store(true, Relaxed);
+    /// Marks the entry as seen again after its first request.
+    pub(crate) fn mark_reused(&self) {
+        if !self.reused.load(Relaxed) {
+            self.reused.store(true, Relaxed);
         }
     }
 
@@ -170,9 +169,8 @@ impl Entry {
         self.live.load(Relaxed) == 0 && !self.is_pinned()
     }
 
-    /// Reads and clears the second-chance bit.
-    pub(crate) fn take_touched(&self) -> bool {
-        self.touched.swap(false, Relaxed)
+    pub(crate) fn was_reused(&self) -> bool {
+        self.reused.load(Relaxed)
     }
 
     pub(crate) fn state(&self) -> TenantTokenState {

@@ -46,10 +46,10 @@ type CapFn = dyn Fn(&str) -> Option<u64> + Send + Sync;
 /// A tenant with work in flight is always tracked. Once idle, it stays cached so the next
 /// request finds it without allocating, but only up to
 /// [`max_idle_tenants`](TenantTokenTrackerBuilder::max_idle_tenants) idle tenants (default
-/// [`DEFAULT_MAX_IDLE_TENANTS`]). Beyond that, idle tenants are forgotten, those not seen
-/// again since they were first tracked going first, so a caller spraying random tenant ids
-/// cannot grow the tracker without bound and evicts its own one-off ids before the steady
-/// tenants. Tenants with a cap from `set_cap` are configuration and are kept until
+/// [`DEFAULT_MAX_IDLE_TENANTS`]). Beyond that, idle tenants are forgotten (down to three
+/// quarters of the bound, so clean-ups are rare), those seen only once going first: a
+/// caller spraying random tenant ids cannot grow the tracker without bound, and evicts its
+/// own one-off ids before the steady tenants. Tenants with a cap from `set_cap` are configuration and are kept until
 /// [`remove_cap`](Self::remove_cap).
 ///
 /// # Example
@@ -118,7 +118,7 @@ impl TenantTokenTracker {
         {
             let map = shard.read();
             if let Some(entry) = map.get(tenant_id) {
-                entry.touch();
+                entry.mark_reused();
                 return match entry.admit(tokens) {
                     Ok(()) => Ok(TokenReservation::new(Arc::clone(entry), tokens)),
                     Err(refusal) => Err(Error::from_refusal(tenant_id, tokens, refusal)),

@@ -51,8 +51,12 @@ impl Shard {
         }
     }
 
-    /// Evicts idle entries beyond the limit, tenants not admitted since the last sweep
+    /// Evicts idle entries down to three quarters of the limit, tenants seen only once
     /// first.
+    ///
+    /// Evicting below the limit, not just to it, spaces sweeps out: the next one comes
+    /// after at least a quarter of the limit more idle transitions, so a full cache costs a
+    /// sweep per `limit / 4` releases, not one per release.
     ///
     /// Runs under the write lock: no reservation can be admitted meanwhile (admission holds
     /// the read lock from lookup to `live` increment), so an entry seen idle here has no
@@ -64,27 +68,22 @@ impl Shard {
         if seen <= self.idle_limit {
             return; // another release swept while this one waited for the lock
         }
+        let target = self.idle_limit - self.idle_limit / 4;
         let idle = map.values().filter(|entry| entry.is_idle()).count();
-        let mut excess = idle.saturating_sub(self.idle_limit);
-        if excess > 0 {
-            // First pass: the idle tenants nobody used since the last sweep.
+        let mut excess = idle.saturating_sub(target);
+        // First the tenants never seen again after their first request (a spray of
+        // one-off ids), then, if that is not enough, any idle ones.
+        for spare_reused in [true, false] {
+            if excess == 0 {
+                break;
+            }
             map.retain(|_, entry| {
-                let evict = excess > 0 && entry.is_idle() && !entry.take_touched();
+                let evict = excess > 0 && entry.is_idle() && !(spare_reused && entry.was_reused());
                 excess -= usize::from(evict);
                 !evict
             });
         }
-        if excess > 0 {
-            map.retain(|_, entry| {
-                let evict = excess > 0 && entry.is_idle();
-                excess -= usize::from(evict);
-                !evict
-            });
-        }
-        for entry in map.values() {
-            entry.take_touched();
-        }
-        let kept = idle.min(self.idle_limit);
+        let kept = idle.min(target);
         // Releases that ran during the sweep added to the hint after `seen` was read; keep
         // their counts, replace the rest by what is really idle now.
         let _ = self
