@@ -1,0 +1,370 @@
+//! An OpenAI-compatible LLM gateway that caps the tokens each tenant has in flight.
+//!
+//! Everything runs in this one process: an in-memory [`TenantTokenTracker`], the
+//! [`TenantTokenLayer`] in front of `/v1`, and a mock upstream model that answers with
+//! `--chunks` tokens, one every `--token-delay-ms` (streamed as server-sent events when the
+//! request says `"stream": true`). Each request reserves its estimate, the prompt plus its
+//! `max_tokens` (1,024 when unset), until its response has been sent; each tenant may have
+//! `--cap` tokens (default 4,096) reserved at once. The handler then reconciles the
+//! reservation with the usage the upstream reports.
+//!
+//! ```text
+//! cargo run --example gateway                 # listens on 127.0.0.1:3000
+//! cargo run --example gateway -- --help
+//!
+//! # 200: an answer (add "stream":true for server-sent events; curl -N shows them arrive)
+//! curl -s 127.0.0.1:3000/v1/chat/completions -H 'x-tenant-id: acme' \
+//!   -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hi!"}]}'
+//!
+//! # 429 with Retry-After and x-ratelimit-*: a long stream holds 3,500 of acme's 4,096 tokens
+//! # while a second request asks for about 1,030
+//! curl -sN 127.0.0.1:3000/v1/chat/completions -H 'x-tenant-id: acme' -o /dev/null \
+//!   -d '{"model":"m","max_tokens":3500,"stream":true,"messages":[]}' & sleep 0.1
+//! curl -si 127.0.0.1:3000/v1/chat/completions -H 'x-tenant-id: acme' \
+//!   -d '{"model":"m","messages":[{"role":"user","content":"Hi!"}]}'
+//!
+//! # 413: a request that could never fit the cap
+//! curl -si 127.0.0.1:3000/v1/chat/completions -H 'x-tenant-id: acme' \
+//!   -d '{"model":"m","max_tokens":5000,"messages":[]}'
+//!
+//! # 400: malformed JSON, or no tenant
+//! curl -si 127.0.0.1:3000/v1/chat/completions -H 'x-tenant-id: acme' -d '{"model":'
+//! curl -si 127.0.0.1:3000/v1/chat/completions -d '{"model":"m","messages":[]}'
+//!
+//! # What every tenant holds now, its cap and its peak
+//! curl -s 127.0.0.1:3000/admin/tenants
+//! ```
+//!
+//! OpenAI's client SDKs work unchanged: base URL `http://127.0.0.1:3000/v1`, any API key,
+//! and the `x-tenant-id` header as a default header. A 429 from the layer is their
+//! rate-limit error, retried after `Retry-After`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use axum::http::{HeaderName, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use futures_util::{stream, StreamExt};
+use serde_json::{json, Value};
+use tower_tenant_tokens::{
+    OpenAiEstimator, ReservationHandle, TenantTokenLayer, TenantTokenTracker,
+};
+
+const USAGE: &str = "\
+An OpenAI-compatible gateway with a mock upstream, capping each tenant's tokens in flight.
+
+usage: cargo run --example gateway -- [OPTIONS]
+
+  --addr ADDR           address to listen on (default 127.0.0.1:3000)
+  --cap TOKENS          tokens each tenant may have in flight (default 4096)
+  --chunks N            tokens in each mock answer, one chunk each when streamed (default 16)
+  --token-delay-ms MS   time the mock upstream takes per token (default 25)
+  -h, --help            print this help
+
+Log levels come from RUST_LOG (default info).";
+
+#[derive(Clone)]
+struct AppState {
+    tracker: Arc<TenantTokenTracker>,
+    chunks: u32,
+    token_delay: Duration,
+}
+
+#[tokio::main]
+async fn main() {
+    let options = match Options::parse(std::env::args().skip(1)) {
+        Ok(Some(options)) => options,
+        Ok(None) => return println!("{USAGE}"),
+        Err(error) => {
+            eprintln!("error: {error}\n\n{USAGE}");
+            std::process::exit(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+
+    let addr = options.addr;
+    let tracker = Arc::new(TenantTokenTracker::new(options.cap));
+    // The tenant comes from a header so the demo is easy to drive with curl. Anyone can set
+    // a header: in production authenticate first, insert a `TenantScope` into the request
+    // extensions, and use `.tenant_from_extension()` instead.
+    let limits = TenantTokenLayer::new(tracker.clone())
+        .tenant_header(HeaderName::from_static("x-tenant-id"))
+        .estimator(OpenAiEstimator::new());
+    let state = AppState {
+        tracker,
+        chunks: options.chunks,
+        token_delay: options.token_delay,
+    };
+    let app = Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route_layer(limits) // only the routes above: /admin needs no tenant
+        .route("/admin/tenants", get(tenants))
+        .with_state(state);
+
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .unwrap_or_else(|error| {
+            eprintln!("error: cannot listen on {addr}: {error}");
+            std::process::exit(1)
+        });
+    tracing::info!(
+        "listening, cap {} tokens, OpenAI base URL http://{addr}/v1",
+        options.cap
+    );
+    println!(
+        "try: curl -s {addr}/v1/chat/completions -H 'x-tenant-id: acme' \
+         -d '{{\"model\":\"m\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hi!\"}}]}}'"
+    );
+    if let Err(error) = axum::serve(listener, app).await {
+        eprintln!("error: {error}");
+        std::process::exit(1);
+    }
+}
+
+/// `POST /v1/chat/completions`. The layer has already admitted the request: its tenant was
+/// under the cap, and the reservation is in the extensions.
+async fn chat_completions(
+    State(state): State<AppState>,
+    Extension(reservation): Extension<ReservationHandle>,
+    body: Bytes,
+) -> Response {
+    // The layer refuses bodies that are not JSON objects (400) before they get here; the
+    // handler checks all the same rather than trust it.
+    let request: Value = match serde_json::from_slice(&body) {
+        Ok(request @ Value::Object(_)) => request,
+        _ => return (StatusCode::BAD_REQUEST, "expected a JSON object").into_response(),
+    };
+    let answer = Completion::generate(&request, state.chunks);
+    tracing::info!(
+        tenant = reservation.tenant_id(),
+        reserved = reservation.tokens(),
+        model = %answer.model,
+        stream = request["stream"] == true,
+        "chat completion"
+    );
+    let delay = state.token_delay;
+
+    if request["stream"] != true {
+        tokio::time::sleep(delay.saturating_mul(answer.tokens)).await; // the upstream works
+        reconcile(&reservation, answer.total_tokens());
+        return Json(answer.full_response()).into_response();
+    }
+
+    // One chunk per token; the reservation is held until the last one is sent, or until the
+    // client disconnects and the body is dropped.
+    let include_usage = request["stream_options"]["include_usage"] == true;
+    let deltas = stream::iter(0..answer.tokens).then({
+        let answer = answer.clone();
+        move |i| {
+            let event = sse(&answer.chunk(i));
+            async move {
+                tokio::time::sleep(delay).await;
+                event
+            }
+        }
+    });
+    let end = stream::once(async move {
+        // A real upstream reports usage at the end of its stream: reconcile then.
+        reconcile(&reservation, answer.total_tokens());
+        let mut tail = sse(&answer.finish_chunk());
+        if include_usage {
+            tail += &sse(&answer.usage_chunk());
+        }
+        tail + "data: [DONE]\n\n"
+    });
+    let body = Body::from_stream(deltas.chain(end).map(Ok::<_, Infallible>));
+    let headers = [
+        (CONTENT_TYPE, "text/event-stream"),
+        (CACHE_CONTROL, "no-cache"),
+    ];
+    (headers, body).into_response()
+}
+
+/// The reconciliation: the layer reserved an estimate (prompt plus the whole output
+/// allowance); now that the upstream has said what it used, hold exactly that. Here the
+/// response ends right after; it pays off in handlers that keep working once usage is known
+/// (several upstream calls, tool loops). Growth past the estimate is allowed and counted
+/// (`overcommits` in the snapshot), so an underestimate never goes unnoticed.
+fn reconcile(reservation: &ReservationHandle, used: u64) {
+    let (tenant, estimate) = (reservation.tenant_id(), reservation.tokens());
+    reservation.resize(used);
+    tracing::info!(tenant, estimate, used, "reconciled reservation");
+}
+
+/// `GET /admin/tenants`: every tenant the tracker knows, sorted by id.
+async fn tenants(State(state): State<AppState>) -> Json<Value> {
+    let mut snapshot = state.tracker.snapshot();
+    snapshot.sort_by(|a, b| a.0.cmp(&b.0));
+    let tenants: Vec<Value> = snapshot
+        .into_iter()
+        .map(|(tenant, state)| {
+            json!({
+                "tenant": tenant, "in_flight": state.in_flight,
+                "cap": state.cap, "high_water": state.high_water,
+            })
+        })
+        .collect();
+    Json(json!({ "tenants": tenants }))
+}
+
+/// The mock upstream's answer to one chat request.
+#[derive(Clone)]
+struct Completion {
+    id: String,
+    created: u64,
+    model: String,
+    tokens: u32,
+    finish_reason: &'static str,
+    prompt_tokens: u64,
+}
+
+const WORDS: [&str; 8] = [
+    "This", "is", "a", "mock", "answer", "from", "the", "gateway.",
+];
+
+impl Completion {
+    fn generate(request: &Value, chunks: u32) -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let limit = ["max_completion_tokens", "max_tokens"]
+            .iter()
+            .find_map(|key| request[key].as_u64())
+            .unwrap_or(u64::MAX);
+        let tokens = u32::try_from(limit).unwrap_or(u32::MAX).min(chunks);
+        Self {
+            id: format!("chatcmpl-mock{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
+            created: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            model: request["model"].as_str().unwrap_or("mock").to_owned(),
+            tokens,
+            finish_reason: if tokens < chunks { "length" } else { "stop" },
+            prompt_tokens: prompt_tokens(request),
+        }
+    }
+
+    fn total_tokens(&self) -> u64 {
+        self.prompt_tokens.saturating_add(self.tokens.into())
+    }
+
+    fn usage(&self) -> Value {
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.tokens,
+            "total_tokens": self.total_tokens(),
+        })
+    }
+
+    /// Token `i` of the answer.
+    fn word(i: u32) -> String {
+        let space = if i == 0 { "" } else { " " };
+        format!("{space}{}", WORDS[i as usize % WORDS.len()])
+    }
+
+    fn full_response(&self) -> Value {
+        let content: String = (0..self.tokens).map(Self::word).collect();
+        let message = json!({"role": "assistant", "content": content});
+        json!({
+            "id": self.id, "object": "chat.completion", "created": self.created,
+            "model": self.model, "usage": self.usage(),
+            "choices": [{"index": 0, "message": message, "finish_reason": self.finish_reason}],
+        })
+    }
+
+    fn chunk_with(&self, choices: Value) -> Value {
+        json!({
+            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+            "model": self.model, "choices": choices,
+        })
+    }
+
+    /// Token `i` of the stream; the first also carries the role.
+    fn chunk(&self, i: u32) -> Value {
+        let delta = match i {
+            0 => json!({"role": "assistant", "content": Self::word(i)}),
+            _ => json!({"content": Self::word(i)}),
+        };
+        self.chunk_with(json!([{"index": 0, "delta": delta, "finish_reason": null}]))
+    }
+
+    fn finish_chunk(&self) -> Value {
+        let choice = json!({"index": 0, "delta": {}, "finish_reason": self.finish_reason});
+        self.chunk_with(json!([choice]))
+    }
+
+    /// The last chunk when the request asks for `stream_options.include_usage`.
+    fn usage_chunk(&self) -> Value {
+        let mut chunk = self.chunk_with(json!([]));
+        chunk["usage"] = self.usage();
+        chunk
+    }
+}
+
+/// The prompt's tokens as the layer's estimator counts them. (A real upstream reports its
+/// own tokenizer's count.)
+fn prompt_tokens(request: &Value) -> u64 {
+    let bytes = serde_json::to_vec(request).unwrap_or_default();
+    OpenAiEstimator::new()
+        .estimate_parts(&bytes)
+        .map_or(0, |estimate| estimate.prompt_tokens)
+}
+
+fn sse(data: &Value) -> String {
+    format!("data: {data}\n\n")
+}
+
+struct Options {
+    addr: SocketAddr,
+    cap: u64,
+    chunks: u32,
+    token_delay: Duration,
+}
+
+impl Options {
+    /// `Ok(None)` for `--help`.
+    fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Self>, String> {
+        let mut options = Options {
+            addr: SocketAddr::from(([127, 0, 0, 1], 3000)),
+            cap: 4096,
+            chunks: 16,
+            token_delay: Duration::from_millis(25),
+        };
+        while let Some(flag) = args.next() {
+            match flag.as_str() {
+                "-h" | "--help" => return Ok(None),
+                "--addr" => options.addr = value(&flag, &mut args)?,
+                "--cap" => options.cap = value(&flag, &mut args)?,
+                "--chunks" => options.chunks = value(&flag, &mut args)?,
+                "--token-delay-ms" => {
+                    options.token_delay = Duration::from_millis(value(&flag, &mut args)?);
+                }
+                _ => return Err(format!("unknown argument `{flag}`")),
+            }
+        }
+        Ok(Some(options))
+    }
+}
+
+/// The value after `flag`, parsed.
+fn value<T>(flag: &str, args: &mut impl Iterator<Item = String>) -> Result<T, String>
+where
+    T: FromStr,
+    T::Err: std::fmt::Display,
+{
+    let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
+    value
+        .parse()
+        .map_err(|error| format!("invalid value `{value}` for {flag}: {error}"))
+}
