@@ -1,0 +1,525 @@
+//! Refused requests over HTTP: what they answer, that they reserve nothing and never reach
+//! the inner service, and that the server keeps serving. Also the missing-tenant and
+//! missing-estimate policies, the rejection hook and `Retry-After`.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::post;
+use axum::{Extension, Router};
+use bytes::Bytes;
+use common::*;
+use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::{Request, Response, StatusCode};
+use tower_tenant_tokens::{
+    Error, MissingEstimate, MissingTenant, Rejection, ReservationHandle, TenantTokenLayer,
+    TenantTokenTracker,
+};
+
+/// A server whose `/v1/chat` answers `ok` (or `unmetered` when no reservation came with
+/// the request) and whose `/hold` streams a body the test drives; every call that reaches
+/// a handler is counted.
+struct App {
+    server: TestServer,
+    tracker: Arc<TenantTokenTracker>,
+    calls: Calls,
+    streams: Streams,
+}
+
+async fn app(cap: u64, configure: impl FnOnce(TenantTokenLayer) -> TenantTokenLayer) -> App {
+    let tracker = Arc::new(TenantTokenTracker::new(cap));
+    let calls = Calls::default();
+    let (source, streams) = streams();
+    let chat = {
+        let calls = calls.clone();
+        move |handle: Option<Extension<ReservationHandle>>| {
+            calls.hit();
+            async move {
+                match handle {
+                    Some(Extension(handle)) => {
+                        format!("ok {} {}", handle.tenant_id(), handle.tokens())
+                    }
+                    None => "unmetered".to_owned(),
+                }
+            }
+        }
+    };
+    let hold = {
+        let calls = calls.clone();
+        move || {
+            calls.hit();
+            let body = source.body();
+            async move { body }
+        }
+    };
+    let router = Router::new()
+        .route("/v1/chat", post(chat))
+        .route("/hold", post(hold))
+        .layer(configure(TenantTokenLayer::new(tracker.clone())));
+    App {
+        server: serve(router).await,
+        tracker,
+        calls,
+        streams,
+    }
+}
+
+/// A header name and its raw value.
+type Header<'a> = (&'a str, &'a [u8]);
+
+impl App {
+    fn request(&self, headers: &[Header<'_>]) -> Request<ReqBody> {
+        let mut request = Request::post(self.server.url("/v1/chat"))
+            .body(empty())
+            .unwrap();
+        for (name, value) in headers {
+            request.headers_mut().append(
+                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_bytes(value).unwrap(),
+            );
+        }
+        request
+    }
+
+    /// The request is answered `ok` and reserved nothing once answered.
+    async fn assert_still_serving(&self, tenant: &str, tokens: u64) {
+        let calls = self.calls.get();
+        let reply = call(&client(), metered(&self.server, "/v1/chat", tenant, tokens)).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert_eq!(reply.text(), format!("ok {tenant} {tokens}"));
+        assert_eq!(self.calls.get(), calls + 1);
+        assert_eq!(self.tracker.in_flight(tenant), 0);
+    }
+}
+
+#[tokio::test]
+async fn missing_tenant_is_400_json_and_never_reaches_the_handler() {
+    let app = app(1_000, |layer| layer).await;
+    let reply = call(&client(), app.request(&[("x-token-estimate", b"10")])).await;
+    let code = assert_openai_error(&reply, StatusCode::BAD_REQUEST);
+    assert_eq!(code, "missing_tenant");
+    assert_eq!(reply.json()["error"]["type"], "invalid_request_error");
+    assert!(reply.json()["error"]["param"].is_null());
+    assert_eq!(reply.header("retry-after"), None);
+    assert_eq!(app.calls.get(), 0);
+    assert_eq!(app.tracker.tracked_tenants(), 0);
+    app.assert_still_serving("acme", 10).await;
+}
+
+#[tokio::test]
+async fn invalid_tenant_ids_are_400_and_reserve_nothing() {
+    let app = app(1_000, |layer| layer).await;
+    let too_long = vec![b'a'; 257];
+    let cases: Vec<(&str, Vec<Header<'_>>)> = vec![
+        ("empty", vec![("x-tenant-id", b"")]),
+        ("257 bytes", vec![("x-tenant-id", &too_long)]),
+        (
+            "a tab (control character)",
+            vec![("x-tenant-id", b"ac\tme")],
+        ),
+        ("non-ASCII bytes", vec![("x-tenant-id", "acmé".as_bytes())]),
+        ("a raw 0xff byte", vec![("x-tenant-id", b"acme\xff")]),
+        ("a space", vec![("x-tenant-id", b"ac me")]),
+        (
+            "a duplicated header",
+            vec![("x-tenant-id", b"acme"), ("x-tenant-id", b"acme")],
+        ),
+    ];
+    for (what, headers) in cases {
+        let mut headers = headers;
+        headers.push(("x-token-estimate", b"10"));
+        let reply = call(&client(), app.request(&headers)).await;
+        let code = assert_openai_error(&reply, StatusCode::BAD_REQUEST);
+        assert_eq!(code, "invalid_tenant", "{what}: {}", reply.text());
+    }
+    assert_eq!(app.calls.get(), 0);
+    assert_eq!(app.tracker.tracked_tenants(), 0, "no tenant was charged");
+
+    // 256 bytes is the longest id accepted.
+    let longest = "b".repeat(256);
+    app.assert_still_serving(&longest, 10).await;
+}
+
+#[tokio::test]
+async fn a_raw_control_byte_in_the_tenant_header_never_reaches_the_handler() {
+    let app = app(1_000, |layer| layer).await;
+    let (status, _) = raw_exchange(
+        app.server.addr,
+        b"POST /v1/chat HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\
+          x-tenant-id: ac\x01me\r\nx-token-estimate: 10\r\ncontent-length: 0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(app.calls.get(), 0);
+    assert_eq!(app.tracker.tracked_tenants(), 0);
+    app.assert_still_serving("acme", 10).await;
+}
+
+#[tokio::test]
+async fn missing_and_malformed_estimates_are_400_and_reserve_nothing() {
+    let app = app(1_000, |layer| layer).await;
+    let reply = call(&client(), app.request(&[("x-tenant-id", b"acme")])).await;
+    assert_eq!(
+        assert_openai_error(&reply, StatusCode::BAD_REQUEST),
+        "missing_token_estimate"
+    );
+    for estimate in [
+        "abc",
+        "-1",
+        "1e9",
+        "18446744073709551616",
+        "+5",
+        "1.5",
+        "0x10",
+        "5 5",
+        "",
+    ] {
+        let headers = [
+            ("x-tenant-id", &b"acme"[..]),
+            ("x-token-estimate", estimate.as_bytes()),
+        ];
+        let reply = call(&client(), app.request(&headers)).await;
+        let code = assert_openai_error(&reply, StatusCode::BAD_REQUEST);
+        assert_eq!(code, "invalid_token_estimate", "estimate {estimate:?}");
+    }
+    assert_eq!(app.calls.get(), 0);
+    assert_eq!(app.tracker.in_flight("acme"), 0);
+    assert!(app.tracker.tenant_state("acme").is_none(), "never charged");
+
+    // The largest number that fits is an estimate (refused only because it is over the cap).
+    let headers = [
+        ("x-tenant-id", &b"acme"[..]),
+        ("x-token-estimate", b"18446744073709551615"),
+    ];
+    let reply = call(&client(), app.request(&headers)).await;
+    assert_eq!(
+        assert_openai_error(&reply, StatusCode::PAYLOAD_TOO_LARGE),
+        "request_too_large"
+    );
+    app.assert_still_serving("acme", 1_000).await;
+}
+
+#[tokio::test]
+async fn over_the_cap_now_is_429_with_retry_after_and_rate_limit_headers() {
+    let mut app = app(1_000, |layer| layer).await;
+    let client = client();
+    let holding = send(&client, metered(&app.server, "/hold", "acme", 700)).await;
+    let chunks = app.streams.next().await;
+    assert_eq!(app.tracker.in_flight("acme"), 700);
+    assert_eq!(app.calls.get(), 1);
+
+    let reply = call(&client, metered(&app.server, "/v1/chat", "acme", 400)).await;
+    let code = assert_openai_error(&reply, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(code, "rate_limit_exceeded");
+    assert_eq!(reply.json()["error"]["type"], "tokens");
+    let message = reply.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(message.contains("acme"), "{message}");
+    let retry_after: u64 = reply.header("retry-after").unwrap().parse().unwrap();
+    assert!(retry_after >= 1);
+    assert_eq!(reply.header("x-ratelimit-limit-tokens"), Some("1000"));
+    assert_eq!(reply.header("x-ratelimit-remaining-tokens"), Some("300"));
+    assert_eq!(
+        app.calls.get(),
+        1,
+        "the refused request never reached a handler"
+    );
+    assert_eq!(app.tracker.in_flight("acme"), 700, "and reserved nothing");
+
+    // What is left still fits.
+    let reply = call(&client, metered(&app.server, "/v1/chat", "acme", 300)).await;
+    assert_eq!(reply.text(), "ok acme 300");
+
+    drop(chunks);
+    assert_eq!(read(holding).await.status, StatusCode::OK);
+    assert_eq!(app.tracker.in_flight("acme"), 0);
+    app.assert_still_serving("acme", 400).await;
+}
+
+#[tokio::test]
+async fn request_larger_than_the_cap_is_413_without_retry_after() {
+    let app = app(1_000, |layer| layer).await;
+    let reply = call(&client(), metered(&app.server, "/v1/chat", "acme", 1_001)).await;
+    let code = assert_openai_error(&reply, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(code, "request_too_large");
+    assert_eq!(reply.header("retry-after"), None, "retrying cannot help");
+    assert_eq!(reply.header("x-ratelimit-limit-tokens"), Some("1000"));
+    assert_eq!(app.calls.get(), 0);
+    assert_eq!(app.tracker.tracked_tenants(), 0);
+    app.assert_still_serving("acme", 1_000).await;
+}
+
+#[tokio::test]
+async fn unauthorized_policy_answers_401_for_a_missing_tenant_only() {
+    let app = app(1_000, |layer| {
+        layer.on_missing_tenant(MissingTenant::Unauthorized)
+    })
+    .await;
+    let reply = call(&client(), app.request(&[("x-token-estimate", b"10")])).await;
+    let code = assert_openai_error(&reply, StatusCode::UNAUTHORIZED);
+    assert_eq!(code, "missing_tenant");
+    assert_eq!(reply.json()["error"]["type"], "authentication_error");
+
+    // A tenant that is present but invalid is still a client error.
+    let headers = [("x-tenant-id", &b"a b"[..]), ("x-token-estimate", b"10")];
+    let reply = call(&client(), app.request(&headers)).await;
+    assert_eq!(
+        assert_openai_error(&reply, StatusCode::BAD_REQUEST),
+        "invalid_tenant"
+    );
+    assert_eq!(app.calls.get(), 0);
+    app.assert_still_serving("acme", 10).await;
+}
+
+#[tokio::test]
+async fn default_tenant_policy_charges_the_shared_tenant() {
+    let mut app = app(1_000, |layer| {
+        layer.on_missing_tenant(MissingTenant::DefaultTenant("shared".into()))
+    })
+    .await;
+    let client = client();
+
+    let mut request = metered(&app.server, "/hold", "unused", 600);
+    request.headers_mut().remove("x-tenant-id");
+    let holding = send(&client, request).await;
+    let chunks = app.streams.next().await;
+    assert_eq!(app.tracker.in_flight("shared"), 600);
+
+    // Every request without a tenant shares that one cap...
+    let reply = call(&client, app.request(&[("x-token-estimate", b"500")])).await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
+    let reply = call(&client, app.request(&[("x-token-estimate", b"400")])).await;
+    assert_eq!(reply.text(), "ok shared 400");
+    // ...while a request naming its tenant is charged to it.
+    let reply = call(&client, metered(&app.server, "/v1/chat", "acme", 900)).await;
+    assert_eq!(reply.text(), "ok acme 900");
+
+    drop(chunks);
+    read(holding).await;
+    assert_eq!(app.tracker.in_flight("shared"), 0);
+    assert_eq!(app.tracker.in_flight("acme"), 0);
+}
+
+#[tokio::test]
+async fn unmetered_missing_tenant_passes_through_without_reserving() {
+    let app = app(1_000, |layer| {
+        layer.on_missing_tenant(MissingTenant::Unmetered)
+    })
+    .await;
+    // Even an estimate far over the cap, or none at all, passes without a tenant.
+    for headers in [&[("x-token-estimate", &b"5000"[..])][..], &[]] {
+        let reply = call(&client(), app.request(headers)).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.text(), "unmetered");
+    }
+    assert_eq!(app.calls.get(), 2);
+    assert_eq!(app.tracker.tracked_tenants(), 0, "nothing was reserved");
+
+    // A request naming a tenant is still metered and checked.
+    let reply = call(&client(), metered(&app.server, "/v1/chat", "acme", 5_000)).await;
+    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+    app.assert_still_serving("acme", 10).await;
+}
+
+#[tokio::test]
+async fn unmetered_missing_estimate_passes_through_without_reserving() {
+    let app = app(1_000, |layer| {
+        layer.on_missing_estimate(MissingEstimate::Unmetered)
+    })
+    .await;
+    let reply = call(&client(), app.request(&[("x-tenant-id", b"acme")])).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.text(), "unmetered");
+    assert_eq!(app.tracker.tracked_tenants(), 0);
+
+    // An estimate that is present but unusable is still refused.
+    let headers = [("x-tenant-id", &b"acme"[..]), ("x-token-estimate", b"lots")];
+    let reply = call(&client(), app.request(&headers)).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert_eq!(app.calls.get(), 1);
+    app.assert_still_serving("acme", 10).await;
+}
+
+#[tokio::test]
+async fn default_estimate_policy_reserves_the_default() {
+    let mut app = app(1_000, |layer| {
+        layer.on_missing_estimate(MissingEstimate::Default(250))
+    })
+    .await;
+    let reply = call(&client(), app.request(&[("x-tenant-id", b"acme")])).await;
+    assert_eq!(reply.text(), "ok acme 250");
+
+    let mut request = metered(&app.server, "/hold", "acme", 0);
+    request.headers_mut().remove("x-token-estimate");
+    let holding = send(&client(), request).await;
+    let chunks = app.streams.next().await;
+    assert_eq!(app.tracker.in_flight("acme"), 250);
+    let reply = call(&client(), metered(&app.server, "/v1/chat", "acme", 751)).await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(reply.header("x-ratelimit-remaining-tokens"), Some("750"));
+
+    drop(chunks);
+    read(holding).await;
+    assert_eq!(app.tracker.in_flight("acme"), 0);
+}
+
+#[tokio::test]
+async fn on_rejection_hook_replaces_the_response() {
+    let mut app = app(1_000, |layer| {
+        layer.on_rejection(|rejection: &Rejection| match rejection.error() {
+            Error::TenantOverloaded { tenant_id, .. } => {
+                let mut response = Response::new(Bytes::from(format!("{tenant_id} is busy")));
+                *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                let seconds = rejection.retry_after().unwrap().as_secs();
+                response
+                    .headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from(seconds));
+                response
+                    .headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+                response
+            }
+            _ => {
+                let mut response = rejection.to_response();
+                response
+                    .headers_mut()
+                    .insert("x-gateway", HeaderValue::from_static("tenant-tokens"));
+                response
+            }
+        })
+    })
+    .await;
+    let client = client();
+    let holding = send(&client, metered(&app.server, "/hold", "acme", 900)).await;
+    let chunks = app.streams.next().await;
+
+    let reply = call(&client, metered(&app.server, "/v1/chat", "acme", 200)).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.text(), "acme is busy");
+    assert_eq!(reply.header("content-type"), Some("text/plain"));
+    assert_eq!(reply.header("retry-after"), Some("1"));
+    assert_eq!(reply.header("x-ratelimit-limit-tokens"), None);
+
+    // The hook may keep the default response and add to it.
+    let reply = call(&client, app.request(&[("x-token-estimate", b"1")])).await;
+    assert_eq!(
+        assert_openai_error(&reply, StatusCode::BAD_REQUEST),
+        "missing_tenant"
+    );
+    assert_eq!(reply.header("x-gateway"), Some("tenant-tokens"));
+    assert_eq!(
+        app.calls.get(),
+        1,
+        "only the held request reached a handler"
+    );
+    assert_eq!(app.tracker.in_flight("acme"), 900);
+
+    drop(chunks);
+    read(holding).await;
+    app.assert_still_serving("acme", 200).await;
+}
+
+#[tokio::test]
+async fn retry_after_is_rounded_up_to_whole_seconds_and_never_zero() {
+    for (configured, expected) in [
+        (Duration::from_millis(1500), "2"),
+        (Duration::from_secs(3), "3"),
+        (Duration::ZERO, "1"),
+        (Duration::from_millis(1), "1"),
+    ] {
+        let mut app = app(100, |layer| layer.retry_after(configured)).await;
+        let holding = send(&client(), metered(&app.server, "/hold", "acme", 100)).await;
+        let chunks = app.streams.next().await;
+        let reply = call(&client(), metered(&app.server, "/v1/chat", "acme", 1)).await;
+        assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            reply.header("retry-after"),
+            Some(expected),
+            "retry_after({configured:?})"
+        );
+        drop(chunks);
+        read(holding).await;
+    }
+}
+
+#[tokio::test]
+async fn custom_header_names_and_tenant_length_limit_are_honoured() {
+    let app = app(1_000, |layer| {
+        layer
+            .tenant_header(http::HeaderName::from_static("x-org"))
+            .estimate_header(http::HeaderName::from_static("x-cost"))
+            .max_tenant_len(8)
+    })
+    .await;
+    let reply = call(
+        &client(),
+        app.request(&[("x-org", b"acme"), ("x-cost", b"42")]),
+    )
+    .await;
+    assert_eq!(reply.text(), "ok acme 42");
+
+    // The default headers mean nothing now.
+    let reply = call(&client(), metered(&app.server, "/v1/chat", "acme", 42)).await;
+    assert_eq!(
+        assert_openai_error(&reply, StatusCode::BAD_REQUEST),
+        "missing_tenant"
+    );
+    let headers = [("x-org", &b"acme"[..]), ("x-token-estimate", b"42")];
+    let reply = call(&client(), app.request(&headers)).await;
+    assert_eq!(
+        assert_openai_error(&reply, StatusCode::BAD_REQUEST),
+        "missing_token_estimate"
+    );
+
+    // Eight bytes fit, nine do not.
+    let headers = [("x-org", &b"12345678"[..]), ("x-cost", b"1")];
+    assert_eq!(
+        call(&client(), app.request(&headers)).await.status,
+        StatusCode::OK
+    );
+    let headers = [("x-org", &b"123456789"[..]), ("x-cost", b"1")];
+    let reply = call(&client(), app.request(&headers)).await;
+    assert_eq!(
+        assert_openai_error(&reply, StatusCode::BAD_REQUEST),
+        "invalid_tenant"
+    );
+    assert_eq!(app.calls.get(), 2);
+    assert!(app.tracker.tenant_state("123456789").is_none());
+}
+
+#[tokio::test]
+async fn tenant_source_from_fn_charges_what_the_function_returns() {
+    let app = app(1_000, |layer| {
+        layer.tenant_source(tower_tenant_tokens::TenantSource::from_fn(|parts| {
+            // e.g. a tenant encoded in the host name: acme.gateway.test
+            let host = parts.headers.get("x-forwarded-host")?.to_str().ok()?;
+            host.strip_suffix(".gateway.test").map(str::to_owned)
+        }))
+    })
+    .await;
+    let with_host = |host: &str| {
+        app.request(&[
+            ("x-forwarded-host", host.as_bytes()),
+            ("x-token-estimate", b"25"),
+        ])
+    };
+    let reply = call(&client(), with_host("acme.gateway.test")).await;
+    assert_eq!(reply.text(), "ok acme 25");
+    assert_eq!(app.tracker.tenant_state("acme").unwrap().high_water, 25);
+
+    // None, or an empty id, counts as missing.
+    for host in ["elsewhere.test", ".gateway.test"] {
+        let reply = call(&client(), with_host(host)).await;
+        assert_eq!(
+            assert_openai_error(&reply, StatusCode::BAD_REQUEST),
+            "missing_tenant",
+            "host {host}"
+        );
+    }
+    assert_eq!(app.calls.get(), 1);
+    assert_eq!(app.tracker.tracked_tenants(), 1);
+}
