@@ -26,6 +26,7 @@ pub(crate) struct Config {
     pub(crate) max_tenant_len: usize,
     pub(crate) retry_after: Duration,
     pub(crate) on_rejection: Option<Arc<RejectFn>>,
+    pub(crate) reservation_handle: bool,
 }
 
 /// Who a request is charged to.
@@ -74,12 +75,13 @@ impl Config {
         }
     }
 
-    /// Reserves `tokens` for `tenant`. The caller hands the request the guard's handle.
+    /// Reserves `tokens` for `tenant`. The caller hands the request the guard's handle, if
+    /// it has one.
     pub(crate) fn admit(&self, tenant: &str, tokens: u64) -> Result<Guard, Error> {
         match self.tracker.reserve_id(tenant, tokens) {
             Ok(reservation) => {
                 tracing::debug!(tenant, tokens, "admitted token reservation");
-                Ok(Guard::new(reservation))
+                Ok(Guard::new(reservation, self.reservation_handle))
             }
             Err(error) => Err(error),
         }

@@ -36,10 +36,11 @@ pin_project! {
         /// Admitted (or unmetered): the inner call, holding the reservation until the
         /// response, which takes it over.
         Inner { #[pin] future: F, guard: Option<Guard> },
-        /// Refused before reaching the inner service.
-        Rejected { response: Option<Response<Bytes>> },
+        /// Refused before reaching the inner service. (Boxed, like `Pending`, to keep the
+        /// future small: it is moved on every admitted request.)
+        Rejected { response: Option<Box<Response<Bytes>>> },
         /// The estimate needs the body: read it, then decide.
-        Reading { #[pin] body: B, pending: Option<Pending<S>> },
+        Reading { #[pin] body: B, pending: Option<Box<Pending<S>>> },
     }
 }
 
@@ -85,7 +86,7 @@ where
     pub(crate) fn rejected(response: Response<Bytes>) -> Self {
         Self {
             state: State::Rejected {
-                response: Some(response),
+                response: Some(Box::new(response)),
             },
         }
     }
@@ -94,7 +95,7 @@ where
         Self {
             state: State::Reading {
                 body,
-                pending: Some(pending),
+                pending: Some(Box::new(pending)),
             },
         }
     }
@@ -124,7 +125,7 @@ where
                 }
                 StateProj::Rejected { response } => {
                     let response = response.take().expect("polled after completion");
-                    return Poll::Ready(Ok(response.map(ResponseBody::rejected)));
+                    return Poll::Ready(Ok((*response).map(ResponseBody::rejected)));
                 }
                 StateProj::Reading { mut body, pending } => {
                     let read = pending.as_mut().expect("polled after completion");
@@ -155,14 +156,16 @@ where
                         mut service,
                         config,
                         buffer,
-                    } = pending.take().expect("checked above");
+                    } = *pending.take().expect("checked above");
                     let bytes = buffer.freeze();
                     let admitted = outcome
                         .and_then(|()| estimate.estimate(&parts, &bytes))
                         .and_then(|tokens| config.admit(&tenant, tokens));
                     match admitted {
                         Ok(guard) => {
-                            parts.extensions.insert(guard.handle());
+                            if let Some(handle) = guard.handle() {
+                                parts.extensions.insert(handle);
+                            }
                             let request = Request::from_parts(parts, RequestBody::buffered(bytes));
                             State::Inner {
                                 future: service.call(request),
@@ -170,7 +173,7 @@ where
                             }
                         }
                         Err(error) => State::Rejected {
-                            response: Some(config.reject(error)),
+                            response: Some(Box::new(config.reject(error))),
                         },
                     }
                 }

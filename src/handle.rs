@@ -83,35 +83,54 @@ impl fmt::Debug for ReservationHandle {
 }
 
 /// Owns a request's reservation on the layer's side and releases it when dropped.
-pub(crate) struct Guard {
-    handle: ReservationHandle,
+///
+/// Shared with a [`ReservationHandle`] when the layer hands one to the request (one small
+/// allocation), owned outright when it does not.
+pub(crate) enum Guard {
+    Owned(TokenReservation),
+    Shared(ReservationHandle),
 }
 
 impl Guard {
-    pub(crate) fn new(reservation: TokenReservation) -> Self {
-        let tenant_id = reservation.shared_tenant_id();
-        Self {
-            handle: ReservationHandle {
-                slot: Arc::new(Mutex::new(Some(reservation))),
-                tenant_id,
-            },
+    pub(crate) fn new(reservation: TokenReservation, with_handle: bool) -> Self {
+        if !with_handle {
+            return Guard::Owned(reservation);
         }
+        let tenant_id = reservation.shared_tenant_id();
+        Guard::Shared(ReservationHandle {
+            slot: Arc::new(Mutex::new(Some(reservation))),
+            tenant_id,
+        })
     }
 
-    pub(crate) fn handle(&self) -> ReservationHandle {
-        self.handle.clone()
+    /// The handle for the request's extensions, if the reservation is shared.
+    pub(crate) fn handle(&self) -> Option<ReservationHandle> {
+        match self {
+            Guard::Owned(_) => None,
+            Guard::Shared(handle) => Some(handle.clone()),
+        }
     }
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        if let Some(reservation) = self.handle.lock().take() {
-            tracing::debug!(
-                tenant = reservation.tenant_id(),
-                tokens = reservation.tokens(),
-                "released token reservation"
-            );
-            drop(reservation);
+        match self {
+            // Released right after this, when the field is dropped.
+            Guard::Owned(reservation) => log_release(reservation),
+            // Released here, while the handle may live on in a handler's hands.
+            Guard::Shared(handle) => {
+                if let Some(reservation) = handle.lock().take() {
+                    log_release(&reservation);
+                }
+            }
         }
     }
+}
+
+fn log_release(reservation: &TokenReservation) {
+    tracing::debug!(
+        tenant = reservation.tenant_id(),
+        tokens = reservation.tokens(),
+        "released token reservation"
+    );
 }

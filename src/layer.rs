@@ -59,6 +59,7 @@ impl TenantTokenLayer {
                 max_tenant_len: DEFAULT_MAX_TENANT_LEN,
                 retry_after: Duration::from_secs(1),
                 on_rejection: None,
+                reservation_handle: true,
             }),
         }
     }
@@ -128,6 +129,17 @@ impl TenantTokenLayer {
         self.with(|config| config.on_rejection = Some(f))
     }
 
+    /// Whether admitted requests carry a [`ReservationHandle`](crate::ReservationHandle) in
+    /// their extensions (default: yes).
+    ///
+    /// The handle lets a handler reconcile the estimate with real usage. It costs a few
+    /// small allocations per request (the shared handle, and the extensions map when the
+    /// request had none), so a service that never reconciles can turn it off; admission,
+    /// release and every guarantee stay the same.
+    pub fn reservation_handle(self, enabled: bool) -> Self {
+        self.with(|config| config.reservation_handle = enabled)
+    }
+
     fn with(mut self, change: impl FnOnce(&mut Config)) -> Self {
         change(Arc::make_mut(&mut self.config));
         self
@@ -151,6 +163,7 @@ impl fmt::Debug for TenantTokenLayer {
             .field("missing_estimate", &self.config.missing_estimate)
             .field("max_tenant_len", &self.config.max_tenant_len)
             .field("retry_after", &self.config.retry_after)
+            .field("reservation_handle", &self.config.reservation_handle)
             .finish_non_exhaustive()
     }
 }

@@ -87,7 +87,9 @@ where
         };
         match config.admit(&tenant, tokens) {
             Ok(guard) => {
-                parts.extensions.insert(guard.handle());
+                if let Some(handle) = guard.handle() {
+                    parts.extensions.insert(handle);
+                }
                 self.forward(parts, body, Some(guard))
             }
             Err(error) => ResponseFuture::rejected(config.reject(error)),

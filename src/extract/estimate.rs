@@ -148,21 +148,21 @@ impl BodyEstimate {
 /// A token count parsed strictly: ASCII digits only (no sign, no exponent, no spaces),
 /// fitting in a `u64`.
 pub(crate) fn parse_tokens(text: &[u8]) -> Result<u64, String> {
-    if text.is_empty() || !text.iter().all(u8::is_ascii_digit) {
-        return Err(format!(
-            "`{}` is not a whole number of tokens",
-            String::from_utf8_lossy(text)
-        ));
+    let show = || String::from_utf8_lossy(text).into_owned();
+    if text.is_empty() {
+        return Err("an empty value is not a number of tokens".to_owned());
     }
-    std::str::from_utf8(text)
-        .ok()
-        .and_then(|digits| digits.parse().ok())
-        .ok_or_else(|| {
-            format!(
-                "`{}` does not fit in 64 bits",
-                String::from_utf8_lossy(text)
-            )
-        })
+    let mut tokens: u64 = 0;
+    for &byte in text {
+        if !byte.is_ascii_digit() {
+            return Err(format!("`{}` is not a whole number of tokens", show()));
+        }
+        tokens = tokens
+            .checked_mul(10)
+            .and_then(|t| t.checked_add(u64::from(byte - b'0')))
+            .ok_or_else(|| format!("`{}` does not fit in 64 bits", show()))?;
+    }
+    Ok(tokens)
 }
 
 fn header_estimate(parts: &Parts, name: &HeaderName) -> Result<Option<u64>, Error> {

@@ -5,6 +5,7 @@ mod reservation;
 mod scope;
 mod shard;
 mod state;
+mod table;
 
 use std::collections::hash_map::RandomState;
 use std::fmt;
@@ -114,10 +115,10 @@ impl TenantTokenTracker {
     ///
     /// As for [`reserve`](Self::reserve).
     pub fn reserve_id(&self, tenant_id: &str, tokens: u64) -> Result<TokenReservation, Error> {
-        let shard = self.shard(tenant_id);
+        let (hash, shard) = self.locate(tenant_id);
         {
             let map = shard.read();
-            if let Some(entry) = map.get(tenant_id) {
+            if let Some(entry) = map.get(hash, tenant_id) {
                 entry.mark_reused();
                 return match entry.admit(tokens) {
                     Ok(()) => Ok(TokenReservation::new(Arc::clone(entry), tokens)),
@@ -137,12 +138,11 @@ impl TenantTokenTracker {
             });
         }
         let mut map = shard.write();
-        let entry = match map.get(tenant_id) {
+        let entry = match map.get(hash, tenant_id) {
             Some(entry) => entry, // inserted by a racing request meanwhile
             None => {
-                let id: Arc<str> = Arc::from(tenant_id);
-                let entry = Entry::new(Arc::clone(&id), cap, false, Arc::clone(shard));
-                map.entry(id).or_insert(Arc::new(entry))
+                let entry = Entry::new(Arc::from(tenant_id), cap, false, Arc::clone(shard));
+                map.insert(hash, Arc::new(entry))
             }
         };
         match entry.admit(tokens) {
@@ -155,17 +155,16 @@ impl TenantTokenTracker {
     /// [`remove_cap`](Self::remove_cap). Reservations already admitted are kept even when
     /// the new cap is lower; new ones are checked against it.
     pub fn set_cap(&self, tenant_id: &str, cap: u64) {
-        let shard = self.shard(tenant_id);
+        let (hash, shard) = self.locate(tenant_id);
         let mut map = shard.write();
-        match map.get(tenant_id) {
+        match map.get(hash, tenant_id) {
             Some(entry) => {
                 entry.set_cap(cap);
                 entry.set_pinned(true);
             }
             None => {
-                let id: Arc<str> = Arc::from(tenant_id);
-                let entry = Entry::new(Arc::clone(&id), cap, true, Arc::clone(shard));
-                map.insert(id, Arc::new(entry));
+                let entry = Entry::new(Arc::from(tenant_id), cap, true, Arc::clone(shard));
+                map.insert(hash, Arc::new(entry));
             }
         }
     }
@@ -174,10 +173,10 @@ impl TenantTokenTracker {
     /// function or the default cap, and to the idle cache. Returns whether a cap was set.
     pub fn remove_cap(&self, tenant_id: &str) -> bool {
         let cap = self.resolved_cap(tenant_id);
-        let shard = self.shard(tenant_id);
+        let (hash, shard) = self.locate(tenant_id);
         let was_pinned = {
             let map = shard.read();
-            match map.get(tenant_id) {
+            match map.get(hash, tenant_id) {
                 Some(entry) if entry.is_pinned() => {
                     entry.set_cap(cap);
                     entry.set_pinned(false);
@@ -197,7 +196,7 @@ impl TenantTokenTracker {
     /// is tracked; call this after the plans it reads from change.
     pub fn refresh_caps(&self) {
         for shard in self.shards.iter() {
-            let entries: Vec<Arc<Entry>> = shard.read().values().cloned().collect();
+            let entries: Vec<Arc<Entry>> = shard.read().entries().cloned().collect();
             for entry in entries.iter().filter(|entry| !entry.is_pinned()) {
                 entry.set_cap(self.resolved_cap(&entry.id));
             }
@@ -206,7 +205,8 @@ impl TenantTokenTracker {
 
     /// The cap that applies to `tenant_id` now.
     pub fn cap(&self, tenant_id: &str) -> u64 {
-        match self.shard(tenant_id).read().get(tenant_id) {
+        let (hash, shard) = self.locate(tenant_id);
+        match shard.read().get(hash, tenant_id) {
             Some(entry) => entry.cap(),
             None => self.resolved_cap(tenant_id),
         }
@@ -214,18 +214,17 @@ impl TenantTokenTracker {
 
     /// Tokens `tenant_id` has in flight now (0 for a tenant not tracked).
     pub fn in_flight(&self, tenant_id: &str) -> u64 {
-        self.shard(tenant_id)
+        let (hash, shard) = self.locate(tenant_id);
+        shard
             .read()
-            .get(tenant_id)
-            .map_or(0, |entry| entry.in_flight())
+            .get(hash, tenant_id)
+            .map_or(0, |e| e.in_flight())
     }
 
     /// The state of one tenant, if it is tracked.
     pub fn tenant_state(&self, tenant_id: &str) -> Option<TenantTokenState> {
-        self.shard(tenant_id)
-            .read()
-            .get(tenant_id)
-            .map(|entry| entry.state())
+        let (hash, shard) = self.locate(tenant_id);
+        shard.read().get(hash, tenant_id).map(|e| e.state())
     }
 
     /// Every tracked tenant (with work in flight, idle but cached, or with a set cap) and its
@@ -234,7 +233,7 @@ impl TenantTokenTracker {
         let mut out = Vec::new();
         for shard in self.shards.iter() {
             let map = shard.read();
-            out.extend(map.values().map(|e| (e.id.to_string(), e.state())));
+            out.extend(map.entries().map(|e| (e.id.to_string(), e.state())));
         }
         out
     }
@@ -257,11 +256,13 @@ impl TenantTokenTracker {
         self.default_cap
     }
 
-    fn shard(&self, tenant_id: &str) -> &Arc<Shard> {
-        // The map inside a shard uses a hash's low bits for buckets and its top bits for
+    /// The tenant id's hash (computed once per request) and the shard it lives in.
+    fn locate(&self, tenant_id: &str) -> (u64, &Arc<Shard>) {
+        let hash = self.hasher.hash_one(tenant_id);
+        // The table inside a shard uses a hash's low bits for buckets and its top bits for
         // tags; the middle bits pick the shard so neither is skewed within one.
-        let index = (self.hasher.hash_one(tenant_id) >> 32) as usize & (self.shards.len() - 1);
-        &self.shards[index]
+        let index = (hash >> 32) as usize & (self.shards.len() - 1);
+        (hash, &self.shards[index])
     }
 
     fn resolved_cap(&self, tenant_id: &str) -> u64 {
@@ -343,13 +344,12 @@ impl TenantTokenTrackerBuilder {
             wanted.next_power_of_two() / 2
         };
         let per_shard = self.max_idle / shard_count;
-        let hasher = RandomState::new();
         let shards = (0..shard_count)
-            .map(|_| Arc::new(Shard::new(per_shard, hasher.clone())))
+            .map(|_| Arc::new(Shard::new(per_shard)))
             .collect();
         TenantTokenTracker {
             shards,
-            hasher,
+            hasher: RandomState::new(),
             default_cap: self.default_cap,
             cap_fn: self.cap_fn,
             max_idle: self.max_idle,

@@ -1,13 +1,9 @@
 //! One slice of the tenant map, and the bounded cache of its idle tenants.
 
-use std::collections::hash_map::RandomState;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use super::entry::Entry;
-
-pub(crate) type Map = HashMap<Arc<str>, Arc<Entry>, RandomState>;
+use super::table::Table;
 
 /// A slice of the tenant map with its own lock.
 ///
@@ -18,15 +14,15 @@ pub(crate) type Map = HashMap<Arc<str>, Arc<Entry>, RandomState>;
 /// idle entry does not decrement it), so once it passes the limit a sweep under the write
 /// lock counts for real and evicts the excess.
 pub(crate) struct Shard {
-    map: RwLock<Map>,
+    map: RwLock<Table>,
     idle_hint: AtomicUsize,
     idle_limit: usize,
 }
 
 impl Shard {
-    pub(crate) fn new(idle_limit: usize, hasher: RandomState) -> Self {
+    pub(crate) fn new(idle_limit: usize) -> Self {
         Self {
-            map: RwLock::new(HashMap::with_hasher(hasher)),
+            map: RwLock::new(Table::default()),
             idle_hint: AtomicUsize::new(0),
             idle_limit,
         }
@@ -35,12 +31,12 @@ impl Shard {
     /// The map for lookups. No code holding this lock can panic in a way that leaves the
     /// map inconsistent (the critical sections only read and bump atomics), so a poisoned
     /// lock is taken as it is rather than turned into an error or a leak.
-    pub(crate) fn read(&self) -> RwLockReadGuard<'_, Map> {
+    pub(crate) fn read(&self) -> RwLockReadGuard<'_, Table> {
         self.map.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The map for inserts and evictions; see [`read`](Self::read) on poisoning.
-    pub(crate) fn write(&self) -> RwLockWriteGuard<'_, Map> {
+    pub(crate) fn write(&self) -> RwLockWriteGuard<'_, Table> {
         self.map.write().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -69,7 +65,7 @@ impl Shard {
             return; // another release swept while this one waited for the lock
         }
         let target = self.idle_limit - self.idle_limit / 4;
-        let idle = map.values().filter(|entry| entry.is_idle()).count();
+        let idle = map.entries().filter(|entry| entry.is_idle()).count();
         let mut excess = idle.saturating_sub(target);
         // First the tenants never seen again after their first request (a spray of
         // one-off ids), then, if that is not enough, any idle ones.
@@ -77,7 +73,7 @@ impl Shard {
             if excess == 0 {
                 break;
             }
-            map.retain(|_, entry| {
+            map.retain(|entry| {
                 let evict = excess > 0 && entry.is_idle() && !(spare_reused && entry.was_reused());
                 excess -= usize::from(evict);
                 !evict
