@@ -3,6 +3,7 @@
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use crate::tracker::entry::Entry;
 use crate::{Error, TokenReservation};
 
 type Slot = Mutex<Option<TokenReservation>>;
@@ -28,13 +29,14 @@ type Slot = Mutex<Option<TokenReservation>>;
 #[derive(Clone)]
 pub struct ReservationHandle {
     slot: Arc<Slot>,
-    tenant_id: Arc<str>,
+    /// Names the tenant even after the release; holds no tokens.
+    entry: Arc<Entry>,
 }
 
 impl ReservationHandle {
     /// The tenant the reservation is charged to.
     pub fn tenant_id(&self) -> &str {
-        &self.tenant_id
+        &self.entry.id
     }
 
     /// Tokens held now; 0 once released.
@@ -76,7 +78,7 @@ impl ReservationHandle {
 impl fmt::Debug for ReservationHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ReservationHandle")
-            .field("tenant_id", &self.tenant_id)
+            .field("tenant_id", &self.tenant_id())
             .field("tokens", &self.tokens())
             .finish()
     }
@@ -96,10 +98,10 @@ impl Guard {
         if !with_handle {
             return Guard::Owned(reservation);
         }
-        let tenant_id = reservation.shared_tenant_id();
+        let entry = reservation.entry();
         Guard::Shared(ReservationHandle {
             slot: Arc::new(Mutex::new(Some(reservation))),
-            tenant_id,
+            entry,
         })
     }
 

@@ -1,6 +1,6 @@
 //! One tenant's counters, updated without locks.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use super::shard::Shard;
@@ -21,13 +21,18 @@ pub(crate) enum Refusal {
 /// finds an entry holds one `Arc` to it and each live reservation holds another; `live`
 /// counts the reservations so that the shard can tell an idle entry (safe to evict) from one
 /// that work still points at.
+///
+/// Kept small (80 bytes with its `Arc` counts, plus the id) since a tracker may hold
+/// hundreds of thousands.
 pub(crate) struct Entry {
-    pub(crate) id: Arc<str>,
+    pub(crate) id: Box<str>,
     in_flight: AtomicU64,
     high_water: AtomicU64,
     cap: AtomicU64,
-    live: AtomicU64,
     overcommits: AtomicU64,
+    /// Live reservations. 32 bits: four billion reservations of one tenant alive at once
+    /// would need far more memory than any machine has.
+    live: AtomicU32,
     /// Set by `set_cap`: configuration, not cache, so never evicted.
     pinned: AtomicBool,
     /// Set when a request finds the entry already there: tenants seen more than once are
@@ -37,13 +42,13 @@ pub(crate) struct Entry {
 }
 
 impl Entry {
-    pub(crate) fn new(id: Arc<str>, cap: u64, pinned: bool, shard: Arc<Shard>) -> Self {
+    pub(crate) fn new(id: Box<str>, cap: u64, pinned: bool, shard: Arc<Shard>) -> Self {
         Self {
             id,
             in_flight: AtomicU64::new(0),
             high_water: AtomicU64::new(0),
             cap: AtomicU64::new(cap),
-            live: AtomicU64::new(0),
+            live: AtomicU32::new(0),
             overcommits: AtomicU64::new(0),
             pinned: AtomicBool::new(pinned),
             reused: AtomicBool::new(false),
@@ -178,7 +183,7 @@ impl Entry {
             in_flight: self.in_flight.load(Relaxed),
             high_water: self.high_water.load(Relaxed),
             cap: self.cap.load(Relaxed),
-            reservations: self.live.load(Relaxed),
+            reservations: u64::from(self.live.load(Relaxed)),
             overcommits: self.overcommits.load(Relaxed),
         }
     }

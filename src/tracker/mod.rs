@@ -1,6 +1,6 @@
 //! The in-process ledger: who holds how many tokens right now.
 
-mod entry;
+pub(crate) mod entry;
 mod reservation;
 mod scope;
 mod shard;
@@ -141,7 +141,7 @@ impl TenantTokenTracker {
         let entry = match map.get(hash, tenant_id) {
             Some(entry) => entry, // inserted by a racing request meanwhile
             None => {
-                let entry = Entry::new(Arc::from(tenant_id), cap, false, Arc::clone(shard));
+                let entry = Entry::new(Box::from(tenant_id), cap, false, Arc::clone(shard));
                 map.insert(hash, Arc::new(entry))
             }
         };
@@ -163,7 +163,7 @@ impl TenantTokenTracker {
                 entry.set_pinned(true);
             }
             None => {
-                let entry = Entry::new(Arc::from(tenant_id), cap, true, Arc::clone(shard));
+                let entry = Entry::new(Box::from(tenant_id), cap, true, Arc::clone(shard));
                 map.insert(hash, Arc::new(entry));
             }
         }

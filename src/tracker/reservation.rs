@@ -40,9 +40,9 @@ impl TokenReservation {
         &self.entry.id
     }
 
-    /// The tenant id, shared with the ledger entry (no copy).
-    pub(crate) fn shared_tenant_id(&self) -> Arc<str> {
-        Arc::clone(&self.entry.id)
+    /// The ledger entry, for a handle that must name the tenant after the release.
+    pub(crate) fn entry(&self) -> Arc<Entry> {
+        Arc::clone(&self.entry)
     }
 
     /// The tokens this reservation holds now.

@@ -16,9 +16,12 @@ pub(crate) struct Table {
     len: usize,
 }
 
+/// 16 bytes: the rare collision list is boxed so the common case stays small (a bare `Vec`
+/// would make every slot 24 bytes).
+#[allow(clippy::box_collection)]
 enum Slot {
     One(Arc<Entry>),
-    Many(Vec<Arc<Entry>>),
+    Many(Box<Vec<Arc<Entry>>>),
 }
 
 impl Table {
@@ -41,7 +44,7 @@ impl Table {
             MapEntry::Occupied(occupied) => {
                 let slot = occupied.into_mut();
                 if let Slot::One(first) = slot {
-                    *slot = Slot::Many(vec![Arc::clone(first)]);
+                    *slot = Slot::Many(Box::new(vec![Arc::clone(first)]));
                 }
                 match slot {
                     Slot::Many(entries) => {
@@ -71,6 +74,11 @@ impl Table {
             }
         });
         self.len -= removed;
+        if removed > 0 {
+            // Give back room the sweep freed, and with it the tombstones that would
+            // otherwise make the next inserts grow the table instead of reusing it.
+            self.slots.shrink_to_fit();
+        }
     }
 
     pub(crate) fn entries(&self) -> impl Iterator<Item = &Arc<Entry>> {
