@@ -104,8 +104,13 @@ fn table() {
     let same = pairs(&trackers, vec![one("acme"), one("acme")]);
 
     // 100k tenants with a reservation each, held throughout; pairs on random ones of them.
-    let ids: Vec<String> = (0..LIVE_TENANTS).map(|i| format!("tenant-{i:06}")).collect();
-    let _held_ours: Vec<_> = ids.iter().map(|id| trackers.ours.reserve_id(id, 1)).collect();
+    let ids: Vec<String> = (0..LIVE_TENANTS)
+        .map(|i| format!("tenant-{i:06}"))
+        .collect();
+    let _held_ours: Vec<_> = ids
+        .iter()
+        .map(|id| trackers.ours.reserve_id(id, 1))
+        .collect();
     let _held_naive: Vec<_> = ids.iter().map(|id| trackers.naive.reserve(id, 1)).collect();
     let mut shuffled = ids.clone();
     let mut state = 0x9e37_79b9_7f4a_7c15_u64;
@@ -123,7 +128,10 @@ fn table() {
         "{:<24} {:>9} {:>17} {:>14} {:>18}",
         "variant", "1 thread", "2 thr. distinct", "2 thr. same", "100k live tenants"
     );
-    for (i, name) in ["tower-tenant-tokens", "naive RwLock<HashMap>"].iter().enumerate() {
+    for (i, name) in ["tower-tenant-tokens", "naive RwLock<HashMap>"]
+        .iter()
+        .enumerate()
+    {
         let i = i + 1;
         println!(
             "{:<24} {:>9.1} {:>17.1} {:>14.1} {:>18.1}",
@@ -169,7 +177,9 @@ fn criterion_benches(c: &mut Criterion) {
     group.bench_function("1 thread/tower-tenant-tokens", |b| {
         b.iter(|| drop(ours.reserve_id("acme", 1)))
     });
-    group.bench_function("1 thread/naive", |b| b.iter(|| drop(naive.reserve("acme", 1))));
+    group.bench_function("1 thread/naive", |b| {
+        b.iter(|| drop(naive.reserve("acme", 1)))
+    });
     let tenants = ["acme", "globex"];
     for (label, distinct) in [("distinct", true), ("same", false)] {
         let tenant = move |thread: usize| tenants[if distinct { thread } else { 0 }];

@@ -15,6 +15,11 @@ pub(crate) enum Refusal {
     Overloaded { in_flight: u64, cap: u64 },
 }
 
+/// In `live`: the entry has been counted in its shard's idle hint since the last sweep.
+/// A tenant that goes idle again and again is counted once, so steady traffic leaves the
+/// shard's counter (and its cache line) alone.
+const COUNTED: u32 = 1 << 31;
+
 /// The ledger entry of one tenant.
 ///
 /// Every counter is its own atomic, so admission and release never take a lock. The map that
@@ -30,8 +35,8 @@ pub(crate) struct Entry {
     high_water: AtomicU64,
     cap: AtomicU64,
     overcommits: AtomicU64,
-    /// Live reservations. 32 bits: four billion reservations of one tenant alive at once
-    /// would need far more memory than any machine has.
+    /// Live reservations (low 31 bits: two billion reservations of one tenant alive at
+    /// once would need far more memory than any machine has), and [`COUNTED`].
     live: AtomicU32,
     /// Set by `set_cap`: configuration, not cache, so never evicted.
     pinned: AtomicBool,
@@ -134,12 +139,33 @@ impl Entry {
         self.in_flight.fetch_sub(tokens, Relaxed);
     }
 
-    /// Counts one reservation gone; tells the shard when the entry may have become idle.
-    /// (A pinned entry is told too: over-counting only brings a sweep forward.)
+    /// Counts one reservation gone; when that leaves the entry idle and it is not counted
+    /// yet, counts it in the shard's idle hint. (A pinned entry is counted too, and an entry
+    /// admitted again meanwhile may be: over-counting only brings a sweep forward.)
     pub(crate) fn end_reservation(&self) {
-        if self.live.fetch_sub(1, Relaxed) == 1 {
+        let before = self.live.fetch_sub(1, Relaxed);
+        if before & !COUNTED == 1
+            && before & COUNTED == 0
+            && self.live.fetch_or(COUNTED, Relaxed) & COUNTED == 0
+        {
             self.shard.note_idle();
         }
+    }
+
+    /// After a sweep (under the write lock, so nothing is admitted meanwhile): marks an
+    /// idle entry as counted and a busy one as not, and tells whether the new hint must
+    /// count it. A busy entry whose last reservation ends while this runs is caught by
+    /// the value `fetch_and` returns.
+    pub(crate) fn settle_idle_count(&self) -> bool {
+        if self.is_pinned() {
+            return false;
+        }
+        let before = self.live.fetch_and(!COUNTED, Relaxed);
+        if before & !COUNTED == 0 {
+            self.live.fetch_or(COUNTED, Relaxed);
+            return true;
+        }
+        false
     }
 
     fn raise_high_water(&self, value: u64) {
@@ -171,7 +197,7 @@ impl Entry {
     /// Idle: nothing points at it but the map, and it is not pinned configuration.
     /// Only meaningful under the shard's write lock.
     pub(crate) fn is_idle(&self) -> bool {
-        self.live.load(Relaxed) == 0 && !self.is_pinned()
+        self.live.load(Relaxed) & !COUNTED == 0 && !self.is_pinned()
     }
 
     pub(crate) fn was_reused(&self) -> bool {
@@ -183,7 +209,7 @@ impl Entry {
             in_flight: self.in_flight.load(Relaxed),
             high_water: self.high_water.load(Relaxed),
             cap: self.cap.load(Relaxed),
-            reservations: u64::from(self.live.load(Relaxed)),
+            reservations: u64::from(self.live.load(Relaxed) & !COUNTED),
             overcommits: self.overcommits.load(Relaxed),
         }
     }

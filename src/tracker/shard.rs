@@ -10,9 +10,10 @@ use super::table::Table;
 /// Idle entries (no live reservation) stay in the map so that a steady tenant does not pay
 /// an allocation per request, but at most `idle_limit` of them. Counting idle entries
 /// exactly would put a shared counter on every request; instead `idle_hint` counts the
-/// times an entry *became* idle since the last sweep. It never undercounts (reuse of an
-/// idle entry does not decrement it), so once it passes the limit a sweep under the write
-/// lock counts for real and evicts the excess.
+/// entries that became idle since the last sweep, each once (an entry keeps a mark until
+/// the next sweep). It never undercounts (reuse of an idle entry does not decrement it), so
+/// once it passes the limit a sweep under the write lock counts for real and evicts the
+/// excess.
 pub(crate) struct Shard {
     map: RwLock<Table>,
     idle_hint: AtomicUsize,
@@ -79,7 +80,10 @@ impl Shard {
                 !evict
             });
         }
-        let kept = idle.min(target);
+        let mut kept = 0;
+        for entry in map.entries() {
+            kept += usize::from(entry.settle_idle_count());
+        }
         // Releases that ran during the sweep added to the hint after `seen` was read; keep
         // their counts, replace the rest by what is really idle now.
         let _ = self
