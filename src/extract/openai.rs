@@ -21,7 +21,10 @@ use super::estimate::{EstimateError, Estimator};
 ///   skipped without being parsed into values.
 /// - **output**: the largest of `max_tokens`, `max_completion_tokens` and
 ///   `max_output_tokens`, or [`default_output_tokens`](Self::default_output_tokens)
-///   (default 1,024) when none is given, times `n` (the number of choices) when present.
+///   (default 1,024) when none is given, times `n` (the number of choices, at least 1)
+///   when present. A key given more than once counts at its largest, and a `null` limit
+///   counts as the default, so a body a server may read differently never reserves less
+///   than that server may produce.
 ///
 /// A body that is not a JSON object is refused as malformed (400 `invalid_json`); a
 /// `max_tokens`-like field or `n` that is not a whole, non-negative number fitting 64
@@ -116,10 +119,12 @@ impl OpenAiEstimator {
                 .text_bytes
                 .div_ceil(self.bytes_per_token)
                 .saturating_add(tally.token_ids),
-            output_tokens: tally
-                .output
-                .unwrap_or(self.default_output_tokens)
-                .saturating_mul(tally.choices.unwrap_or(1).max(1)),
+            output_tokens: match tally.output {
+                Some(tokens) if tally.output_null => tokens.max(self.default_output_tokens),
+                Some(tokens) => tokens,
+                None => self.default_output_tokens,
+            }
+            .saturating_mul(tally.choices.unwrap_or(1).max(1)),
         })
     }
 }
@@ -154,6 +159,8 @@ struct Tally {
     text_bytes: u64,
     token_ids: u64,
     output: Option<u64>,
+    /// Some `max_tokens`-like field was `null`: the default allowance applies too.
+    output_null: bool,
     choices: Option<u64>,
     /// Set when a counted field is unusable, to tell that apart from malformed JSON.
     invalid_field: Option<String>,
@@ -211,11 +218,13 @@ impl<'de> Visitor<'de> for RequestVisitor<'_> {
         while let Some(field) = map.next_key::<Field>()? {
             match field {
                 Field::Text => map.next_value_seed(Text(tally))?,
-                Field::Output(name) => {
-                    if let Some(tokens) = map.next_value_seed(Count { name, tally })? {
+                Field::Output(name) => match map.next_value_seed(Count { name, tally })? {
+                    Some(tokens) => {
                         tally.output = Some(tally.output.map_or(tokens, |t| t.max(tokens)));
                     }
-                }
+                    // An explicit null means "no limit" to a server that keeps this key.
+                    None => tally.output_null = true,
+                },
                 Field::Choices => {
                     let name = "n";
                     tally.choices = map.next_value_seed(Count { name, tally })?;
