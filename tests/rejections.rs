@@ -184,6 +184,15 @@ async fn missing_and_malformed_estimates_are_400_and_reserve_nothing() {
         let code = assert_openai_error(&reply, StatusCode::BAD_REQUEST);
         assert_eq!(code, "invalid_token_estimate", "estimate {estimate:?}");
     }
+    // Two estimates: which one would count is ambiguous, so neither does.
+    let headers = [
+        ("x-tenant-id", &b"acme"[..]),
+        ("x-token-estimate", b"1"),
+        ("x-token-estimate", b"900"),
+    ];
+    let reply = call(&client(), app.request(&headers)).await;
+    let code = assert_openai_error(&reply, StatusCode::BAD_REQUEST);
+    assert_eq!(code, "invalid_token_estimate", "a repeated estimate header");
     assert_eq!(app.calls.get(), 0);
     assert_eq!(app.tracker.in_flight("acme"), 0);
     assert!(app.tracker.tenant_state("acme").is_none(), "never charged");

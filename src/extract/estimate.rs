@@ -31,8 +31,9 @@ enum Kind {
 }
 
 impl Estimator {
-    /// The value of header `name`: decimal digits only, fitting in 64 bits. Anything else
-    /// (`abc`, `-1`, `1e9`, `18446744073709551616`) is refused with 400.
+    /// The value of header `name`: one header, decimal digits only, fitting in 64 bits.
+    /// Anything else (`abc`, `-1`, `1e9`, `18446744073709551616`, the header twice) is
+    /// refused with 400.
     pub fn header(name: HeaderName) -> Self {
         Self {
             kind: Kind::Header(name),
@@ -166,9 +167,16 @@ pub(crate) fn parse_tokens(text: &[u8]) -> Result<u64, String> {
 }
 
 fn header_estimate(parts: &Parts, name: &HeaderName) -> Result<Option<u64>, Error> {
-    let Some(value) = parts.headers.get(name) else {
+    let mut values = parts.headers.get_all(name).iter();
+    let Some(value) = values.next() else {
         return Ok(None);
     };
+    if values.next().is_some() {
+        // Which one would count is anyone's guess; refuse rather than pick the smaller.
+        return Err(Error::InvalidEstimate {
+            reason: format!("more than one `{name}` header"),
+        });
+    }
     parse_tokens(value.as_bytes())
         .map(Some)
         .map_err(|reason| Error::InvalidEstimate {

@@ -226,8 +226,10 @@ impl<'de> Visitor<'de> for RequestVisitor<'_> {
                     None => tally.output_null = true,
                 },
                 Field::Choices => {
+                    // Like the limits: a repeated `n` counts at its largest (null is 1).
                     let name = "n";
-                    tally.choices = map.next_value_seed(Count { name, tally })?;
+                    let choices = map.next_value_seed(Count { name, tally })?.unwrap_or(1);
+                    tally.choices = Some(tally.choices.map_or(choices, |n| n.max(choices)));
                 }
                 Field::Other => {
                     map.next_value::<IgnoredAny>()?;

@@ -62,9 +62,9 @@ impl TokenReservation {
     /// The tenant's total saturates at `u64::MAX`; the return value tells what is held when
     /// that bound cut the growth short.
     pub fn resize(&mut self, tokens: u64) -> u64 {
-        if tokens >= self.tokens {
+        if tokens > self.tokens {
             self.tokens += self.entry.grow(tokens - self.tokens);
-        } else {
+        } else if tokens < self.tokens {
             self.entry.shrink(self.tokens - tokens);
             self.tokens = tokens;
         }
