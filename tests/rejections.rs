@@ -112,9 +112,11 @@ async fn missing_tenant_is_400_json_and_never_reaches_the_handler() {
 async fn invalid_tenant_ids_are_400_and_reserve_nothing() {
     let app = app(1_000, |layer| layer).await;
     let too_long = vec![b'a'; 257];
+    let ten_kib = vec![b'a'; 10 * 1024];
     let cases: Vec<(&str, Vec<Header<'_>>)> = vec![
         ("empty", vec![("x-tenant-id", b"")]),
         ("257 bytes", vec![("x-tenant-id", &too_long)]),
+        ("10 KiB", vec![("x-tenant-id", &ten_kib)]),
         (
             "a tab (control character)",
             vec![("x-tenant-id", b"ac\tme")],
