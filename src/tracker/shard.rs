@@ -1,7 +1,9 @@
 //! One slice of the tenant map, and the bounded cache of its idle tenants.
 
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::PoisonError;
+
+use crate::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use crate::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::table::Table;
 
@@ -61,34 +63,43 @@ impl Shard {
     /// tenant.
     fn sweep(&self) {
         let mut map = self.write();
-        let seen = self.idle_hint.load(Relaxed);
-        if seen <= self.idle_limit {
+        if self.idle_hint.load(Relaxed) <= self.idle_limit {
             return; // another release swept while this one waited for the lock
         }
         let target = self.idle_limit - self.idle_limit / 4;
-        let idle = map.entries().filter(|entry| entry.is_idle()).count();
-        let mut excess = idle.saturating_sub(target);
-        // First the tenants never seen again after their first request (a spray of
-        // one-off ids), then, if that is not enough, any idle ones.
-        for spare_reused in [true, false] {
-            if excess == 0 {
+        // Reservations can end while this runs (releases take no lock), so the count it
+        // leaves may again be over the limit; then it goes round once more.
+        loop {
+            let seen = self.idle_hint.load(Relaxed);
+            let idle = map.entries().filter(|entry| entry.is_idle()).count();
+            let mut excess = idle.saturating_sub(target);
+            // First the tenants never seen again after their first request (a spray of
+            // one-off ids), then, if that is not enough, any idle ones.
+            for spare_reused in [true, false] {
+                if excess == 0 {
+                    break;
+                }
+                map.retain(|entry| {
+                    let spared = spare_reused && entry.was_reused();
+                    let evict = excess > 0 && entry.is_idle() && !spared;
+                    excess -= usize::from(evict);
+                    !evict
+                });
+            }
+            let mut kept = 0;
+            for entry in map.entries() {
+                kept += usize::from(entry.settle_idle_count());
+            }
+            // Releases that ran meanwhile added to the hint after `seen` was read; keep
+            // their counts, replace the rest by what is really idle now.
+            let now = self
+                .idle_hint
+                .fetch_update(Relaxed, Relaxed, |now| Some(now - seen + kept))
+                .map_or(0, |now| now - seen + kept);
+            if now <= self.idle_limit {
                 break;
             }
-            map.retain(|entry| {
-                let evict = excess > 0 && entry.is_idle() && !(spare_reused && entry.was_reused());
-                excess -= usize::from(evict);
-                !evict
-            });
         }
-        let mut kept = 0;
-        for entry in map.entries() {
-            kept += usize::from(entry.settle_idle_count());
-        }
-        // Releases that ran during the sweep added to the hint after `seen` was read; keep
-        // their counts, replace the rest by what is really idle now.
-        let _ = self
-            .idle_hint
-            .fetch_update(Relaxed, Relaxed, |now| Some(now - seen + kept));
     }
 
     /// Drops every entry. The tracker calls this when it is dropped, since entries point
