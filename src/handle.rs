@@ -30,7 +30,7 @@ type Slot = Mutex<Option<TokenReservation>>;
 pub struct ReservationHandle {
     slot: Arc<Slot>,
     /// Names the tenant even after the release; holds no tokens.
-    entry: Arc<Entry>,
+    entry: crate::sync::Arc<Entry>,
 }
 
 impl ReservationHandle {

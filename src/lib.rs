@@ -79,6 +79,7 @@ mod layer;
 mod reject;
 mod request_body;
 mod service;
+mod sync;
 mod tracker;
 
 pub use self::body::ResponseBody;

@@ -1,7 +1,7 @@
 //! One tenant's counters, updated without locks.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use crate::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use crate::sync::Arc;
 
 use super::shard::Shard;
 use super::state::TenantTokenState;

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use self::entry::Entry;
 use self::shard::Shard;
-use crate::Error;
+use crate::{sync, Error};
 
 pub use self::reservation::TokenReservation;
 pub use self::scope::TenantScope;
@@ -72,7 +72,7 @@ type CapFn = dyn Fn(&str) -> Option<u64> + Send + Sync;
 /// # Ok::<(), Error>(())
 /// ```
 pub struct TenantTokenTracker {
-    shards: Box<[Arc<Shard>]>,
+    shards: Box<[sync::Arc<Shard>]>,
     hasher: RandomState,
     default_cap: u64,
     cap_fn: Option<Arc<CapFn>>,
@@ -121,7 +121,7 @@ impl TenantTokenTracker {
             if let Some(entry) = map.get(hash, tenant_id) {
                 entry.mark_reused();
                 return match entry.admit(tokens) {
-                    Ok(()) => Ok(TokenReservation::new(Arc::clone(entry), tokens)),
+                    Ok(()) => Ok(TokenReservation::new(sync::Arc::clone(entry), tokens)),
                     Err(refusal) => Err(Error::from_refusal(tenant_id, tokens, refusal)),
                 };
             }
@@ -141,12 +141,12 @@ impl TenantTokenTracker {
         let entry = match map.get(hash, tenant_id) {
             Some(entry) => entry, // inserted by a racing request meanwhile
             None => {
-                let entry = Entry::new(Box::from(tenant_id), cap, false, Arc::clone(shard));
-                map.insert(hash, Arc::new(entry))
+                let entry = Entry::new(Box::from(tenant_id), cap, false, sync::Arc::clone(shard));
+                map.insert(hash, sync::Arc::new(entry))
             }
         };
         match entry.admit(tokens) {
-            Ok(()) => Ok(TokenReservation::new(Arc::clone(entry), tokens)),
+            Ok(()) => Ok(TokenReservation::new(sync::Arc::clone(entry), tokens)),
             Err(refusal) => Err(Error::from_refusal(tenant_id, tokens, refusal)),
         }
     }
@@ -163,8 +163,8 @@ impl TenantTokenTracker {
                 entry.set_pinned(true);
             }
             None => {
-                let entry = Entry::new(Box::from(tenant_id), cap, true, Arc::clone(shard));
-                map.insert(hash, Arc::new(entry));
+                let entry = Entry::new(Box::from(tenant_id), cap, true, sync::Arc::clone(shard));
+                map.insert(hash, sync::Arc::new(entry));
             }
         }
     }
@@ -196,7 +196,7 @@ impl TenantTokenTracker {
     /// is tracked; call this after the plans it reads from change.
     pub fn refresh_caps(&self) {
         for shard in self.shards.iter() {
-            let entries: Vec<Arc<Entry>> = shard.read().entries().cloned().collect();
+            let entries: Vec<sync::Arc<Entry>> = shard.read().entries().cloned().collect();
             for entry in entries.iter().filter(|entry| !entry.is_pinned()) {
                 entry.set_cap(self.resolved_cap(&entry.id));
             }
@@ -257,7 +257,7 @@ impl TenantTokenTracker {
     }
 
     /// The tenant id's hash (computed once per request) and the shard it lives in.
-    fn locate(&self, tenant_id: &str) -> (u64, &Arc<Shard>) {
+    fn locate(&self, tenant_id: &str) -> (u64, &sync::Arc<Shard>) {
         let hash = self.hasher.hash_one(tenant_id);
         // The table inside a shard uses a hash's low bits for buckets and its top bits for
         // tags; the middle bits pick the shard so neither is skewed within one.
@@ -345,7 +345,7 @@ impl TenantTokenTrackerBuilder {
         };
         let per_shard = self.max_idle / shard_count;
         let shards = (0..shard_count)
-            .map(|_| Arc::new(Shard::new(per_shard)))
+            .map(|_| sync::Arc::new(Shard::new(per_shard)))
             .collect();
         TenantTokenTracker {
             shards,

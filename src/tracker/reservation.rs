@@ -1,7 +1,8 @@
 //! The RAII guard for tokens reserved against a tenant's cap.
 
 use std::fmt;
-use std::sync::Arc;
+
+use crate::sync::Arc;
 
 use super::entry::{Entry, Refusal};
 use crate::Error;

@@ -2,7 +2,8 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::Arc;
+
+use crate::sync::Arc;
 
 use super::entry::Entry;
 
