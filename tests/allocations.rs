@@ -761,3 +761,52 @@ fn dropping_the_tracker_frees_everything_it_allocated() {
     assert_eq!(stats.net_bytes, 0, "{stats:?}");
     assert_eq!(stats.allocations, stats.deallocations, "{stats:?}");
 }
+
+/// A million requests through the layer, each with a random tenant id (a spray such as a
+/// caller forging `x-tenant-id` would send): the memory this thread holds afterwards is
+/// the tracker's bounded idle cache and nothing more. The requests are built and dropped
+/// inside the measured loop; what they allocate is freed with them, so it nets to zero.
+#[test]
+fn a_spray_of_a_million_random_tenant_ids_through_the_layer_leaves_memory_bounded() {
+    const REQUESTS: u64 = 1_000_000;
+    let tracker = Arc::new(TenantTokenTracker::new(1_000));
+    let mut service = TenantTokenLayer::new(Arc::clone(&tracker)).layer(service_fn(answer));
+    let mut id = String::with_capacity(32);
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let started = std::time::Instant::now();
+    let ((), stats) = measure(|| {
+        for _ in 0..REQUESTS {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            id.clear();
+            write!(id, "spray-{state:016x}").unwrap();
+            let request = Request::post("/v1/chat/completions")
+                .header("x-tenant-id", id.as_str())
+                .header("x-token-estimate", "100")
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            let response = call_now(&mut service, request);
+            assert_eq!(response.status(), http::StatusCode::OK);
+        }
+    });
+    let kept = tracker.tracked_tenants();
+    eprintln!(
+        "{REQUESTS} requests with random tenant ids in {:?}: the thread holds {} bytes more \
+         ({:.3} MiB) and the tracker {kept} idle tenants",
+        started.elapsed(),
+        stats.net_bytes,
+        stats.net_bytes as f64 / MIB as f64
+    );
+    assert!(kept <= tracker.max_idle_tenants());
+    assert!(tracker
+        .snapshot()
+        .iter()
+        .all(|(_, state)| state.in_flight == 0));
+    let allowed = kept as i64 * (128 + "spray-0000000000000000".len() as i64);
+    assert!(
+        stats.net_bytes <= allowed,
+        "{} bytes held after the spray, over {allowed} for {kept} idle tenants",
+        stats.net_bytes
+    );
+}
