@@ -163,8 +163,5 @@ fn criterion_benches(c: &mut Criterion) {
 }
 
 fn main() {
-    table();
-    let mut criterion = Criterion::default().configure_from_args();
-    criterion_benches(&mut criterion);
-    criterion.final_summary();
+    interleave::table_then_criterion(table, criterion_benches);
 }

@@ -11,6 +11,8 @@
 //! them all. Failures are not persisted to files: the panic message carries the minimal
 //! input. Each property prints how many cases it ran.
 
+mod common;
+
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -19,11 +21,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use common::runner;
 use http::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::TestCaseError;
 use tokio::runtime::Runtime;
 use tower::{Layer, Service, ServiceExt};
 use tower_tenant_tokens::{RequestBody, ResponseBody, TenantTokenLayer, TenantTokenTracker};
@@ -153,19 +156,6 @@ fn assert_nothing_reserved(tracker: &TenantTokenTracker) -> Result<(), TestCaseE
         prop_assert_eq!(state.reservations, 0, "{:?} still has reservations", id);
     }
     Ok(())
-}
-
-/// A runner with `cases` cases (or `PROPTEST_CASES`), no failure files.
-fn runner(cases: u32) -> TestRunner {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(cases);
-    TestRunner::new(Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    })
 }
 
 fn current_thread() -> Runtime {

@@ -11,12 +11,15 @@
 //! Case counts are bounded so the file runs in seconds in debug; `PROPTEST_CASES` raises
 //! them. Failures are not persisted to files: the panic message carries the minimal input.
 
+mod common;
+
 use std::cell::Cell;
 use std::sync::Arc;
 
+use common::runner;
 use proptest::prelude::*;
 use proptest::sample::Index;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::TestCaseError;
 use tower_tenant_tokens::{Error, TenantScope, TenantTokenTracker, TokenReservation};
 
 /// Tenants the sequences draw from: few enough that they collide, more than the small idle
@@ -573,19 +576,6 @@ fn run_scenario(scenario: &Scenario, stats: &Cell<Stats>) -> Result<(), TestCase
     total.add(harness.stats);
     stats.set(total);
     Ok(())
-}
-
-/// A runner with `cases` cases (or `PROPTEST_CASES`), no failure files.
-fn runner(cases: u32) -> TestRunner {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(cases);
-    TestRunner::new(Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    })
 }
 
 fn run_property(name: &str, cases: u32, strategy: impl Strategy<Value = Scenario>) {

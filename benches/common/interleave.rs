@@ -82,3 +82,12 @@ pub fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }
+
+/// A bench target's `main`: the interleaved table first, then the criterion benchmarks
+/// (which take criterion's usual command-line arguments).
+pub fn table_then_criterion(table: fn(), benches: fn(&mut criterion::Criterion)) {
+    table();
+    let mut criterion = criterion::Criterion::default().configure_from_args();
+    benches(&mut criterion);
+    criterion.final_summary();
+}

@@ -394,3 +394,17 @@ pub async fn wait_for_in_flight(tracker: &TenantTokenTracker, tenant: &str, expe
         tokio::time::sleep(POLL).await;
     }
 }
+
+/// A proptest runner with `cases` cases (or `PROPTEST_CASES`), writing no failure files
+/// (the panic message shows the smallest failing input).
+pub fn runner(cases: u32) -> proptest::test_runner::TestRunner {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(cases);
+    proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
+        cases,
+        failure_persistence: None,
+        ..proptest::test_runner::Config::default()
+    })
+}
