@@ -27,6 +27,7 @@ pub(crate) struct Config {
     pub(crate) retry_after: Duration,
     pub(crate) on_rejection: Option<Arc<RejectFn>>,
     pub(crate) reservation_handle: bool,
+    pub(crate) rate_limit_headers: bool,
 }
 
 /// Who a request is charged to.

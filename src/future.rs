@@ -15,7 +15,10 @@ use tower_service::Service;
 use crate::config::Config;
 use crate::extract::BodyEstimate;
 use crate::handle::Guard;
-use crate::{BoxError, Error, RequestBody, ResponseBody};
+use crate::{
+    BoxError, Error, RequestBody, ResponseBody, X_RATELIMIT_LIMIT_TOKENS,
+    X_RATELIMIT_REMAINING_TOKENS,
+};
 
 pin_project! {
     /// The future of [`TenantTokenService`](crate::TenantTokenService)'s response.
@@ -35,7 +38,7 @@ pin_project! {
     enum State<F, S, B> {
         /// Admitted (or unmetered): the inner call, holding the reservation until the
         /// response, which takes it over.
-        Inner { #[pin] future: F, guard: Option<Guard> },
+        Inner { #[pin] future: F, guard: Option<Guard>, headers: bool },
         /// Refused before reaching the inner service. (Boxed, like `Pending`, to keep the
         /// future small: it is moved on every admitted request.)
         Rejected { response: Option<Box<Response<Bytes>>> },
@@ -77,9 +80,13 @@ impl<S, B> ResponseFuture<S, B>
 where
     S: Service<Request<RequestBody<B>>>,
 {
-    pub(crate) fn inner(future: S::Future, guard: Option<Guard>) -> Self {
+    pub(crate) fn inner(future: S::Future, guard: Option<Guard>, headers: bool) -> Self {
         Self {
-            state: State::Inner { future, guard },
+            state: State::Inner {
+                future,
+                guard,
+                headers,
+            },
         }
     }
 
@@ -114,10 +121,22 @@ where
         let mut state = self.project().state;
         loop {
             let next = match state.as_mut().project() {
-                StateProj::Inner { future, guard } => {
+                StateProj::Inner {
+                    future,
+                    guard,
+                    headers,
+                } => {
                     let result = ready!(future.poll(cx));
                     let mut guard = guard.take();
-                    let response = result?; // an inner error releases here
+                    let mut response = result?; // an inner error releases here
+                    if *headers {
+                        if let Some((cap, remaining)) = guard.as_ref().and_then(Guard::limits) {
+                            let map = response.headers_mut();
+                            map.entry(X_RATELIMIT_LIMIT_TOKENS).or_insert(cap.into());
+                            map.entry(X_RATELIMIT_REMAINING_TOKENS)
+                                .or_insert(remaining.into());
+                        }
+                    }
                     if response.body().is_end_stream() {
                         guard = None; // no body to wait for (HEAD, 204, empty)
                     }
@@ -170,6 +189,7 @@ where
                             State::Inner {
                                 future: service.call(request),
                                 guard: Some(guard),
+                                headers: config.rate_limit_headers,
                             }
                         }
                         Err(error) => State::Rejected {

@@ -105,6 +105,14 @@ impl Guard {
         })
     }
 
+    /// The tenant's cap and what is left of it now; `None` once released.
+    pub(crate) fn limits(&self) -> Option<(u64, u64)> {
+        match self {
+            Guard::Owned(reservation) => Some(reservation.limits()),
+            Guard::Shared(handle) => handle.lock().as_ref().map(TokenReservation::limits),
+        }
+    }
+
     /// The handle for the request's extensions, if the reservation is shared.
     pub(crate) fn handle(&self) -> Option<ReservationHandle> {
         match self {

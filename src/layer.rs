@@ -60,6 +60,7 @@ impl TenantTokenLayer {
                 retry_after: Duration::from_secs(1),
                 on_rejection: None,
                 reservation_handle: true,
+                rate_limit_headers: false,
             }),
         }
     }
@@ -140,6 +141,14 @@ impl TenantTokenLayer {
         self.with(|config| config.reservation_handle = enabled)
     }
 
+    /// Whether admitted responses carry `x-ratelimit-limit-tokens` (the tenant's cap) and
+    /// `x-ratelimit-remaining-tokens` (what is left of it as the response starts, this
+    /// request's reservation included), as OpenAI's API sends them (default: no). Headers
+    /// the inner service set itself are left alone.
+    pub fn rate_limit_headers(self, enabled: bool) -> Self {
+        self.with(|config| config.rate_limit_headers = enabled)
+    }
+
     fn with(mut self, change: impl FnOnce(&mut Config)) -> Self {
         change(Arc::make_mut(&mut self.config));
         self
@@ -164,6 +173,7 @@ impl fmt::Debug for TenantTokenLayer {
             .field("max_tenant_len", &self.config.max_tenant_len)
             .field("retry_after", &self.config.retry_after)
             .field("reservation_handle", &self.config.reservation_handle)
+            .field("rate_limit_headers", &self.config.rate_limit_headers)
             .finish_non_exhaustive()
     }
 }

@@ -108,7 +108,8 @@ impl<S> TenantTokenService<S> {
         S: Service<Request<RequestBody<ReqBody>>>,
     {
         let request = Request::from_parts(parts, RequestBody::streaming(body));
-        ResponseFuture::inner(self.inner.call(request), guard)
+        let headers = guard.is_some() && self.config.rate_limit_headers;
+        ResponseFuture::inner(self.inner.call(request), guard, headers)
     }
 }
 

@@ -89,6 +89,12 @@ impl TokenReservation {
         }
     }
 
+    /// The tenant's cap and what is left of it now, this reservation included.
+    pub(crate) fn limits(&self) -> (u64, u64) {
+        let cap = self.entry.cap();
+        (cap, cap.saturating_sub(self.entry.in_flight()))
+    }
+
     /// Releases the tokens now. The same as dropping the reservation.
     pub fn release(self) {}
 }
