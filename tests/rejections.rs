@@ -541,7 +541,11 @@ async fn admitted_responses_carry_the_rate_limit_headers_only_when_asked() {
     let plain = app(1_000, |layer| layer).await;
     let reply = call(&client(), plain.request(&headers)).await;
     assert_eq!(reply.status, StatusCode::OK);
-    assert_eq!(reply.header("x-ratelimit-limit-tokens"), None, "off by default");
+    assert_eq!(
+        reply.header("x-ratelimit-limit-tokens"),
+        None,
+        "off by default"
+    );
 
     let app = app(1_000, |layer| layer.rate_limit_headers(true)).await;
     let reply = call(&client(), app.request(&headers)).await;
@@ -549,5 +553,9 @@ async fn admitted_responses_carry_the_rate_limit_headers_only_when_asked() {
     assert_eq!(reply.header("x-ratelimit-limit-tokens"), Some("1000"));
     // What is left as the response starts: this request's 300 are still held.
     assert_eq!(reply.header("x-ratelimit-remaining-tokens"), Some("700"));
-    assert_eq!(app.tracker.in_flight("acme"), 0, "released once the body was read");
+    assert_eq!(
+        app.tracker.in_flight("acme"),
+        0,
+        "released once the body was read"
+    );
 }
