@@ -30,7 +30,8 @@
 //!   -H 'x-token-estimate: 600'
 //! ```
 
-use std::net::SocketAddr;
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,12 +60,7 @@ const API_KEYS: [(&str, &str, &str); 3] = [
 
 #[tokio::main]
 async fn main() {
-    let addr = parse_addr();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    let addr = common::start(3003, USAGE);
 
     let tracker = Arc::new(TenantTokenTracker::new(1_000));
     let tokens = TenantTokenLayer::new(tracker)
@@ -82,17 +78,7 @@ async fn main() {
         .route("/v1/chat/completions", post(chat_completions))
         .route_layer(layers);
 
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .unwrap_or_else(|error| {
-            eprintln!("error: cannot listen on {addr}: {error}");
-            std::process::exit(1);
-        });
-    println!("listening on http://{addr}");
-    if let Err(error) = axum::serve(listener, app).await {
-        eprintln!("error: {error}");
-        std::process::exit(1);
-    }
+    common::serve(addr, app).await;
 }
 
 /// Checks the bearer key; on success the request carries its [`TenantScope`].
@@ -127,23 +113,4 @@ async fn chat_completions(
         "tenant": reservation.tenant_id(), "user": scope.user_id,
         "reserved_tokens": reservation.tokens(), "ignored_x_tenant_id": claimed,
     }))
-}
-
-fn parse_addr() -> SocketAddr {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let addr = match args.as_slice() {
-        [] => Ok(SocketAddr::from(([127, 0, 0, 1], 3003))),
-        [flag] if flag == "-h" || flag == "--help" => {
-            println!("{USAGE}");
-            std::process::exit(0);
-        }
-        [flag, addr] if flag == "--addr" => addr
-            .parse::<SocketAddr>()
-            .map_err(|error| format!("invalid --addr `{addr}`: {error}")),
-        _ => Err(format!("unexpected arguments {args:?}")),
-    };
-    addr.unwrap_or_else(|error| {
-        eprintln!("error: {error}\n{USAGE}");
-        std::process::exit(2);
-    })
 }

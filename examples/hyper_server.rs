@@ -17,8 +17,9 @@
 //! curl -i 127.0.0.1:3001 -H 'x-token-estimate: 10'
 //! ```
 
+mod common;
+
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,37 +58,14 @@ const USAGE: &str =
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let addr = match args.as_slice() {
-        [] => Ok(SocketAddr::from(([127, 0, 0, 1], 3001))),
-        [flag] if flag == "-h" || flag == "--help" => return println!("{USAGE}"),
-        [flag, addr] if flag == "--addr" => addr
-            .parse::<SocketAddr>()
-            .map_err(|error| format!("invalid --addr `{addr}`: {error}")),
-        _ => Err(format!("unexpected arguments {args:?}")),
-    };
-    let addr = addr.unwrap_or_else(|error| {
-        eprintln!("error: {error}\n{USAGE}");
-        std::process::exit(2);
-    });
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    let addr = common::start(3001, USAGE);
 
     let tracker = Arc::new(TenantTokenTracker::new(1_000));
     let service = ServiceBuilder::new()
         .layer(TenantTokenLayer::new(tracker)) // x-tenant-id, x-token-estimate
         .service_fn(handle);
 
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .unwrap_or_else(|error| {
-            eprintln!("error: cannot listen on {addr}: {error}");
-            std::process::exit(1);
-        });
-    println!("listening on http://{addr}");
+    let listener = common::bind(addr).await;
     println!("try: curl -N {addr} -H 'x-tenant-id: acme' -H 'x-token-estimate: 600'");
     loop {
         let stream = match listener.accept().await {

@@ -25,7 +25,8 @@
 //! curl -s 127.0.0.1:3002/admin/tenants
 //! ```
 
-use std::net::SocketAddr;
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,12 +51,7 @@ struct Trackers {
 
 #[tokio::main]
 async fn main() {
-    let addr = parse_addr();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    let addr = common::start(3002, USAGE);
 
     let trackers = Trackers {
         shared: Arc::new(TenantTokenTracker::new(4_096)),
@@ -86,17 +82,7 @@ async fn main() {
         .route("/admin/tenants", get(tenants)) // no layer: needs no tenant
         .with_state(trackers);
 
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .unwrap_or_else(|error| {
-            eprintln!("error: cannot listen on {addr}: {error}");
-            std::process::exit(1);
-        });
-    println!("listening on http://{addr}");
-    if let Err(error) = axum::serve(listener, app).await {
-        eprintln!("error: {error}");
-        std::process::exit(1);
-    }
+    common::serve(addr, app).await;
 }
 
 /// The mock upstream of every route: wait, then say what was reserved, for whom.
@@ -120,23 +106,4 @@ async fn tenants(State(trackers): State<Trackers>) -> Json<Value> {
         tenants.collect::<Vec<_>>()
     };
     Json(json!({"shared": list(&trackers.shared), "batch": list(&trackers.batch)}))
-}
-
-fn parse_addr() -> SocketAddr {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let addr = match args.as_slice() {
-        [] => Ok(SocketAddr::from(([127, 0, 0, 1], 3002))),
-        [flag] if flag == "-h" || flag == "--help" => {
-            println!("{USAGE}");
-            std::process::exit(0);
-        }
-        [flag, addr] if flag == "--addr" => addr
-            .parse::<SocketAddr>()
-            .map_err(|error| format!("invalid --addr `{addr}`: {error}")),
-        _ => Err(format!("unexpected arguments {args:?}")),
-    };
-    addr.unwrap_or_else(|error| {
-        eprintln!("error: {error}\n{USAGE}");
-        std::process::exit(2);
-    })
 }

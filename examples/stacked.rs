@@ -28,8 +28,9 @@
 //!   -H 'x-token-estimate: 50' -o /dev/null -w '%{http_code} ' & done; wait
 //! ```
 
+mod common;
+
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -87,12 +88,7 @@ fn rate_limit() -> GovernorLayer<TenantKey, NoOpMiddleware, Body> {
 
 #[tokio::main]
 async fn main() {
-    let addr = parse_addr();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    let addr = common::start(3004, USAGE);
 
     // x-tenant-id and x-token-estimate are the layer's defaults; each group its own tracker.
     let tokens = || TenantTokenLayer::new(Arc::new(TenantTokenTracker::new(1_000)));
@@ -110,17 +106,7 @@ async fn main() {
         .route_layer(tokens()); // first: reserves even if the rate then refuses, briefly
     let app = governor_first.merge(tokens_first);
 
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .unwrap_or_else(|error| {
-            eprintln!("error: cannot listen on {addr}: {error}");
-            std::process::exit(1);
-        });
-    println!("listening on http://{addr}");
-    if let Err(error) = axum::serve(listener, app).await {
-        eprintln!("error: {error}");
-        std::process::exit(1);
-    }
+    common::serve(addr, app).await;
 }
 
 /// The mock upstream: 5 chunks, one every 500 ms; the reservation ends with the last one.
@@ -134,23 +120,4 @@ async fn stream_answer(Extension(reservation): Extension<ReservationHandle>) -> 
         }
     });
     Body::from_stream(chunks)
-}
-
-fn parse_addr() -> SocketAddr {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let addr = match args.as_slice() {
-        [] => Ok(SocketAddr::from(([127, 0, 0, 1], 3004))),
-        [flag] if flag == "-h" || flag == "--help" => {
-            println!("{USAGE}");
-            std::process::exit(0);
-        }
-        [flag, addr] if flag == "--addr" => addr
-            .parse::<SocketAddr>()
-            .map_err(|error| format!("invalid --addr `{addr}`: {error}")),
-        _ => Err(format!("unexpected arguments {args:?}")),
-    };
-    addr.unwrap_or_else(|error| {
-        eprintln!("error: {error}\n{USAGE}");
-        std::process::exit(2);
-    })
 }
