@@ -1,6 +1,8 @@
 //! The layer's settings, and the decisions they make about one request.
 
 use std::borrow::Cow;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +11,7 @@ use http::request::Parts;
 use http::{Response, StatusCode};
 
 use crate::extract::{Estimator, MissingEstimate, MissingTenant, Plan, TenantSource};
-use crate::handle::Guard;
+use crate::handle::{Guard, Held};
 use crate::reject::Rejection;
 use crate::{Error, TenantTokenTracker};
 
@@ -18,7 +20,7 @@ pub(crate) type RejectFn = dyn Fn(&Rejection) -> Response<Bytes> + Send + Sync;
 /// Everything a layer was configured with; shared by every service it makes.
 #[derive(Clone)]
 pub(crate) struct Config {
-    pub(crate) tracker: Arc<TenantTokenTracker>,
+    pub(crate) ledger: Ledger,
     pub(crate) tenant: TenantSource,
     pub(crate) estimator: Estimator,
     pub(crate) missing_tenant: MissingTenant,
@@ -28,6 +30,26 @@ pub(crate) struct Config {
     pub(crate) on_rejection: Option<Arc<RejectFn>>,
     pub(crate) reservation_handle: bool,
     pub(crate) rate_limit_headers: bool,
+}
+
+/// Where reservations are counted.
+#[derive(Clone)]
+pub(crate) enum Ledger {
+    /// In this process: decided at once.
+    Local(Arc<TenantTokenTracker>),
+    /// In Redis, shared by every replica: one round trip.
+    #[cfg(feature = "redis")]
+    Redis(crate::RedisTokenTracker),
+}
+
+/// A reservation being decided elsewhere (in Redis).
+pub(crate) type Reserving = Pin<Box<dyn Future<Output = Result<Guard, Error>> + Send>>;
+
+/// The outcome of asking the ledger for a reservation.
+pub(crate) enum Admission {
+    Now(Result<Guard, Error>),
+    #[cfg(feature = "redis")]
+    Later(Reserving),
 }
 
 /// Who a request is charged to.
@@ -76,15 +98,31 @@ impl Config {
         }
     }
 
-    /// Reserves `tokens` for `tenant`. The caller hands the request the guard's handle, if
-    /// it has one.
-    pub(crate) fn admit(&self, tenant: &str, tokens: u64) -> Result<Guard, Error> {
-        match self.tracker.reserve_id(tenant, tokens) {
-            Ok(reservation) => {
-                tracing::debug!(tenant, tokens, "admitted token reservation");
-                Ok(Guard::new(reservation, self.reservation_handle))
+    /// Reserves `tokens` for `tenant`, at once in memory, or in a future for Redis. The
+    /// caller hands the request the guard's handle, if it has one.
+    pub(crate) fn admit(&self, tenant: &str, tokens: u64) -> Admission {
+        let with_handle = self.reservation_handle;
+        match &self.ledger {
+            Ledger::Local(tracker) => {
+                Admission::Now(tracker.reserve_id(tenant, tokens).map(|reservation| {
+                    tracing::debug!(tenant, tokens, "admitted token reservation");
+                    Guard::new(Held::Local(reservation), with_handle)
+                }))
             }
-            Err(error) => Err(error),
+            #[cfg(feature = "redis")]
+            Ledger::Redis(tracker) => {
+                let (tracker, tenant) = (tracker.clone(), tenant.to_owned());
+                Admission::Later(Box::pin(async move {
+                    let reservation = tracker.reserve(&tenant, tokens).await?;
+                    tracing::debug!(
+                        tenant,
+                        tokens,
+                        shared = reservation.is_shared(),
+                        "admitted token reservation"
+                    );
+                    Ok(Guard::new(Held::Redis(reservation), with_handle))
+                }))
+            }
         }
     }
 
@@ -116,6 +154,12 @@ impl Config {
                 tokens,
                 cap,
                 "refused: request larger than the tenant's cap"
+            ),
+            Error::BackendUnavailable { reason } => tracing::info!(
+                code = error.code(),
+                %status,
+                reason,
+                "refused: the shared token ledger is unavailable"
             ),
             other => tracing::info!(code = other.code(), %status, "refused: {other}"),
         }

@@ -63,6 +63,12 @@ pub enum Error {
         /// The error the body returned.
         reason: String,
     },
+    /// The shared ledger (Redis) could not be asked and the failure policy refuses rather
+    /// than admit blind. Retry later. HTTP 503.
+    BackendUnavailable {
+        /// What went wrong; logged, left out of the message sent to the client.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -79,6 +85,7 @@ impl Error {
             | Error::InvalidEstimate { .. }
             | Error::MalformedBody { .. }
             | Error::BodyRead { .. } => StatusCode::BAD_REQUEST,
+            Error::BackendUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -94,6 +101,7 @@ impl Error {
             Error::BodyTooLarge { .. } => "body_too_large",
             Error::MalformedBody { .. } => "invalid_json",
             Error::BodyRead { .. } => "body_read_error",
+            Error::BackendUnavailable { .. } => "backend_unavailable",
         }
     }
 
@@ -138,6 +146,11 @@ impl fmt::Display for Error {
             }
             Error::MalformedBody { reason } => write!(f, "malformed JSON body: {reason}"),
             Error::BodyRead { reason } => write!(f, "could not read the request body: {reason}"),
+            // The reason (a Redis error) is for logs, not for the client the message is
+            // sent to.
+            Error::BackendUnavailable { .. } => {
+                f.write_str("token accounting is unavailable; retry later")
+            }
         }
     }
 }

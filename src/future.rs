@@ -12,7 +12,7 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use crate::config::Config;
+use crate::config::{Admission, Config, Reserving};
 use crate::extract::BodyEstimate;
 use crate::handle::Guard;
 use crate::{
@@ -44,6 +44,54 @@ pin_project! {
         Rejected { response: Option<Box<Response<Bytes>>> },
         /// The estimate needs the body: read it, then decide.
         Reading { #[pin] body: B, pending: Option<Box<Pending<S>>> },
+        /// Waiting for the ledger (Redis) to decide.
+        Reserving { reserving: Reserving, call: Option<Box<Call<S, B>>> },
+    }
+}
+
+/// A request ready to be called once its reservation is decided.
+pub(crate) struct Call<S, B> {
+    pub(crate) parts: Parts,
+    pub(crate) body: RequestBody<B>,
+    pub(crate) service: S,
+    pub(crate) config: Arc<Config>,
+}
+
+impl<S, B> Call<S, B>
+where
+    S: Service<Request<RequestBody<B>>>,
+{
+    /// What to do next with the ledger's answer.
+    fn decide(self, admission: Admission) -> State<S::Future, S, B> {
+        match admission {
+            Admission::Now(Ok(guard)) => self.start(guard),
+            Admission::Now(Err(error)) => State::Rejected {
+                response: Some(Box::new(self.config.reject(error))),
+            },
+            #[cfg(feature = "redis")]
+            Admission::Later(reserving) => State::Reserving {
+                reserving,
+                call: Some(Box::new(self)),
+            },
+        }
+    }
+
+    /// Calls the inner service, holding `guard` until the response takes it over.
+    fn start(self, guard: Guard) -> State<S::Future, S, B> {
+        let Call {
+            mut parts,
+            body,
+            mut service,
+            config,
+        } = self;
+        if let Some(handle) = guard.handle() {
+            parts.extensions.insert(handle);
+        }
+        State::Inner {
+            future: service.call(Request::from_parts(parts, body)),
+            guard: Some(guard),
+            headers: config.rate_limit_headers,
+        }
     }
 }
 
@@ -94,6 +142,17 @@ where
         Self {
             state: State::Rejected {
                 response: Some(Box::new(response)),
+            },
+        }
+    }
+
+    /// A request whose reservation the ledger decides later.
+    #[cfg(feature = "redis")]
+    pub(crate) fn reserving(reserving: Reserving, call: Call<S, B>) -> Self {
+        Self {
+            state: State::Reserving {
+                reserving,
+                call: Some(Box::new(call)),
             },
         }
     }
@@ -169,33 +228,30 @@ where
                         }
                     };
                     let Pending {
-                        mut parts,
+                        parts,
                         tenant,
                         estimate,
-                        mut service,
+                        service,
                         config,
                         buffer,
                     } = *pending.take().expect("checked above");
                     let bytes = buffer.freeze();
-                    let admitted = outcome
-                        .and_then(|()| estimate.estimate(&parts, &bytes))
-                        .and_then(|tokens| config.admit(&tenant, tokens));
-                    match admitted {
-                        Ok(guard) => {
-                            if let Some(handle) = guard.handle() {
-                                parts.extensions.insert(handle);
-                            }
-                            let request = Request::from_parts(parts, RequestBody::buffered(bytes));
-                            State::Inner {
-                                future: service.call(request),
-                                guard: Some(guard),
-                                headers: config.rate_limit_headers,
-                            }
-                        }
-                        Err(error) => State::Rejected {
-                            response: Some(Box::new(config.reject(error))),
-                        },
-                    }
+                    let admission = match outcome.and_then(|()| estimate.estimate(&parts, &bytes)) {
+                        Ok(tokens) => config.admit(&tenant, tokens),
+                        Err(error) => Admission::Now(Err(error)),
+                    };
+                    let call = Call {
+                        parts,
+                        body: RequestBody::buffered(bytes),
+                        service,
+                        config,
+                    };
+                    call.decide(admission)
+                }
+                StateProj::Reserving { reserving, call } => {
+                    let decided = ready!(reserving.as_mut().poll(cx));
+                    let call = *call.take().expect("polled after completion");
+                    call.decide(Admission::Now(decided))
                 }
             };
             state.set(next);
@@ -212,6 +268,7 @@ where
             State::Inner { .. } => "Inner",
             State::Rejected { .. } => "Rejected",
             State::Reading { .. } => "Reading",
+            State::Reserving { .. } => "Reserving",
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use crate::tracker::entry::Entry;
 use crate::{Error, TokenReservation};
 
-type Slot = Mutex<Option<TokenReservation>>;
+type Slot = Mutex<Option<Held>>;
 
 /// A handle to the reservation of the request being served, found in its extensions.
 ///
@@ -30,18 +30,36 @@ type Slot = Mutex<Option<TokenReservation>>;
 pub struct ReservationHandle {
     slot: Arc<Slot>,
     /// Names the tenant even after the release; holds no tokens.
-    entry: crate::sync::Arc<Entry>,
+    tenant: Tenant,
+}
+
+/// What a handle's slot holds until the response ends.
+pub(crate) enum Held {
+    Local(TokenReservation),
+    #[cfg(feature = "redis")]
+    Redis(crate::RedisReservation),
+}
+
+#[derive(Clone)]
+enum Tenant {
+    Entry(crate::sync::Arc<Entry>),
+    #[cfg(feature = "redis")]
+    Name(Arc<str>),
 }
 
 impl ReservationHandle {
     /// The tenant the reservation is charged to.
     pub fn tenant_id(&self) -> &str {
-        &self.entry.id
+        match &self.tenant {
+            Tenant::Entry(entry) => &entry.id,
+            #[cfg(feature = "redis")]
+            Tenant::Name(name) => name,
+        }
     }
 
     /// Tokens held now; 0 once released.
     pub fn tokens(&self) -> u64 {
-        self.lock().as_ref().map_or(0, TokenReservation::tokens)
+        self.lock().as_ref().map_or(0, Held::tokens)
     }
 
     /// Whether the reservation has been released (its response ended).
@@ -51,8 +69,12 @@ impl ReservationHandle {
 
     /// Sets the tokens held, up or down, as [`TokenReservation::resize`] does (growth past
     /// the cap is allowed and counted). Returns what is held now; 0 once released.
+    ///
+    /// With a [`RedisTokenTracker`](crate::RedisTokenTracker) the new amount counts here
+    /// at once and reaches Redis in the background (see
+    /// [`RedisReservation::resize`](crate::RedisReservation::resize)).
     pub fn resize(&self, tokens: u64) -> u64 {
-        self.lock().as_mut().map_or(0, |r| r.resize(tokens))
+        self.lock().as_mut().map_or(0, |held| held.resize(tokens))
     }
 
     /// Sets the tokens held, growing only within the cap, as
@@ -60,18 +82,113 @@ impl ReservationHandle {
     ///
     /// # Errors
     ///
-    /// [`Error::TenantOverloaded`] when the growth does not fit under the cap now.
+    /// [`Error::TenantOverloaded`] when the growth does not fit under the cap now. A lease
+    /// in Redis cannot be grown here without waiting for Redis: growing one returns
+    /// [`Error::BackendUnavailable`]; use [`try_resize_async`](Self::try_resize_async).
     pub fn try_resize(&self, tokens: u64) -> Result<(), Error> {
         match self.lock().as_mut() {
-            Some(reservation) => reservation.try_resize(tokens),
+            Some(held) => held.try_resize_now(tokens).unwrap_or_else(|| {
+                Err(Error::BackendUnavailable {
+                    reason: "growing a redis lease within its cap needs \
+                             ReservationHandle::try_resize_async"
+                        .to_owned(),
+                })
+            }),
             None => Ok(()),
         }
     }
 
+    /// [`try_resize`](Self::try_resize) for every tracker: with a
+    /// [`RedisTokenTracker`](crate::RedisTokenTracker), growth is checked atomically in
+    /// Redis against what every replica has in flight.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::TenantOverloaded`] when the growth does not fit under the cap now, and
+    /// [`Error::BackendUnavailable`] when Redis could not be asked.
+    pub async fn try_resize_async(&self, tokens: u64) -> Result<(), Error> {
+        #[cfg(feature = "redis")]
+        {
+            // The lock is not held across the wait: the lease orders its own writes.
+            let lease = match self.lock().as_mut() {
+                Some(held) => match held.try_resize_now(tokens) {
+                    Some(done) => return done,
+                    None => held.lease_parts(),
+                },
+                None => return Ok(()),
+            };
+            if let Some((lease, shared)) = lease {
+                return shared.try_resize(&lease, tokens).await;
+            }
+            Ok(())
+        }
+        #[cfg(not(feature = "redis"))]
+        self.try_resize(tokens)
+    }
+
     /// No code holding this lock can leave the reservation half-changed, so poisoning is
     /// ignored rather than allowed to leak tokens.
-    fn lock(&self) -> MutexGuard<'_, Option<TokenReservation>> {
+    fn lock(&self) -> MutexGuard<'_, Option<Held>> {
         self.slot.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Held {
+    fn tokens(&self) -> u64 {
+        match self {
+            Held::Local(reservation) => reservation.tokens(),
+            #[cfg(feature = "redis")]
+            Held::Redis(reservation) => reservation.tokens(),
+        }
+    }
+
+    fn resize(&mut self, tokens: u64) -> u64 {
+        match self {
+            Held::Local(reservation) => reservation.resize(tokens),
+            #[cfg(feature = "redis")]
+            Held::Redis(reservation) => reservation.resize(tokens),
+        }
+    }
+
+    /// The growth check, if it can be made without waiting.
+    fn try_resize_now(&mut self, tokens: u64) -> Option<Result<(), Error>> {
+        match self {
+            Held::Local(reservation) => Some(reservation.try_resize(tokens)),
+            #[cfg(feature = "redis")]
+            Held::Redis(reservation) => reservation.try_resize_now(tokens),
+        }
+    }
+
+    #[cfg(feature = "redis")]
+    fn lease_parts(&self) -> Option<(Arc<crate::redis::lease::Lease>, Arc<crate::redis::Shared>)> {
+        match self {
+            Held::Local(_) => None,
+            Held::Redis(reservation) => reservation.lease_parts(),
+        }
+    }
+
+    fn limits(&self) -> Option<(u64, u64)> {
+        match self {
+            Held::Local(reservation) => Some(reservation.limits()),
+            #[cfg(feature = "redis")]
+            Held::Redis(reservation) => reservation.limits(),
+        }
+    }
+
+    fn log_release(&self) {
+        tracing::debug!(
+            tenant = self.tenant_id(),
+            tokens = self.tokens(),
+            "released token reservation"
+        );
+    }
+
+    fn tenant_id(&self) -> &str {
+        match self {
+            Held::Local(reservation) => reservation.tenant_id(),
+            #[cfg(feature = "redis")]
+            Held::Redis(reservation) => reservation.tenant_id(),
+        }
     }
 }
 
@@ -89,27 +206,31 @@ impl fmt::Debug for ReservationHandle {
 /// Shared with a [`ReservationHandle`] when the layer hands one to the request (one small
 /// allocation), owned outright when it does not.
 pub(crate) enum Guard {
-    Owned(TokenReservation),
+    Owned(Held),
     Shared(ReservationHandle),
 }
 
 impl Guard {
-    pub(crate) fn new(reservation: TokenReservation, with_handle: bool) -> Self {
+    pub(crate) fn new(held: Held, with_handle: bool) -> Self {
         if !with_handle {
-            return Guard::Owned(reservation);
+            return Guard::Owned(held);
         }
-        let entry = reservation.entry();
+        let tenant = match &held {
+            Held::Local(reservation) => Tenant::Entry(reservation.entry()),
+            #[cfg(feature = "redis")]
+            Held::Redis(reservation) => Tenant::Name(reservation.tenant()),
+        };
         Guard::Shared(ReservationHandle {
-            slot: Arc::new(Mutex::new(Some(reservation))),
-            entry,
+            slot: Arc::new(Mutex::new(Some(held))),
+            tenant,
         })
     }
 
-    /// The tenant's cap and what is left of it now; `None` once released.
+    /// The tenant's cap and what is left of it now; `None` once released or unknown.
     pub(crate) fn limits(&self) -> Option<(u64, u64)> {
         match self {
-            Guard::Owned(reservation) => Some(reservation.limits()),
-            Guard::Shared(handle) => handle.lock().as_ref().map(TokenReservation::limits),
+            Guard::Owned(held) => held.limits(),
+            Guard::Shared(handle) => handle.lock().as_ref().and_then(Held::limits),
         }
     }
 
@@ -126,21 +247,13 @@ impl Drop for Guard {
     fn drop(&mut self) {
         match self {
             // Released right after this, when the field is dropped.
-            Guard::Owned(reservation) => log_release(reservation),
+            Guard::Owned(held) => held.log_release(),
             // Released here, while the handle may live on in a handler's hands.
             Guard::Shared(handle) => {
-                if let Some(reservation) = handle.lock().take() {
-                    log_release(&reservation);
+                if let Some(held) = handle.lock().take() {
+                    held.log_release();
                 }
             }
         }
     }
-}
-
-fn log_release(reservation: &TokenReservation) {
-    tracing::debug!(
-        tenant = reservation.tenant_id(),
-        tokens = reservation.tokens(),
-        "released token reservation"
-    );
 }

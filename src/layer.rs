@@ -9,7 +9,7 @@ use http::header::HeaderName;
 use http::Response;
 use tower_layer::Layer;
 
-use crate::config::Config;
+use crate::config::{Config, Ledger};
 use crate::extract::{Estimator, MissingEstimate, MissingTenant, TenantSource};
 use crate::{Rejection, TenantTokenService, TenantTokenTracker, DEFAULT_MAX_TENANT_LEN};
 
@@ -49,9 +49,25 @@ pub struct TenantTokenLayer {
 impl TenantTokenLayer {
     /// A layer counting against `tracker`, with the defaults above.
     pub fn new(tracker: Arc<TenantTokenTracker>) -> Self {
+        Self::with_ledger(Ledger::Local(tracker))
+    }
+
+    /// A layer counting against `tracker`, in Redis, shared with every replica; with the
+    /// same defaults and settings as [`new`](Self::new).
+    ///
+    /// Each metered request waits for one round trip to Redis before the inner service is
+    /// called. Refusals are the same as in memory, plus `503` with `Retry-After` when Redis
+    /// cannot be asked and the tracker's [`FailurePolicy`](crate::FailurePolicy) is to fail
+    /// closed.
+    #[cfg(feature = "redis")]
+    pub fn redis(tracker: crate::RedisTokenTracker) -> Self {
+        Self::with_ledger(Ledger::Redis(tracker))
+    }
+
+    fn with_ledger(ledger: Ledger) -> Self {
         Self {
             config: Arc::new(Config {
-                tracker,
+                ledger,
                 tenant: TenantSource::header(HeaderName::from_static("x-tenant-id")),
                 estimator: Estimator::header(HeaderName::from_static("x-token-estimate")),
                 missing_tenant: MissingTenant::default(),
@@ -65,9 +81,23 @@ impl TenantTokenLayer {
         }
     }
 
-    /// The tracker this layer counts against.
-    pub fn tracker(&self) -> &Arc<TenantTokenTracker> {
-        &self.config.tracker
+    /// The in-memory tracker this layer counts against; `None` for a layer counting in
+    /// Redis.
+    pub fn tracker(&self) -> Option<&Arc<TenantTokenTracker>> {
+        match &self.config.ledger {
+            Ledger::Local(tracker) => Some(tracker),
+            #[cfg(feature = "redis")]
+            Ledger::Redis(_) => None,
+        }
+    }
+
+    /// The Redis tracker this layer counts against; `None` for a layer counting in memory.
+    #[cfg(feature = "redis")]
+    pub fn redis_tracker(&self) -> Option<&crate::RedisTokenTracker> {
+        match &self.config.ledger {
+            Ledger::Local(_) => None,
+            Ledger::Redis(tracker) => Some(tracker),
+        }
     }
 
     /// Takes the tenant from header `name` (see [`TenantSource::header`]).

@@ -64,6 +64,8 @@
 //! # Feature flags
 //!
 //! - `openai` (default): [`OpenAiEstimator`], which adds `serde` and `serde_json`.
+//! - `redis`: `RedisTokenTracker`, one cap shared by every replica through Redis with
+//!   expiring leases ([`TenantTokenLayer::redis`]); adds `redis` and `tokio`.
 
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 #![deny(unsafe_code)]
@@ -76,6 +78,8 @@ mod extract;
 mod future;
 mod handle;
 mod layer;
+#[cfg(feature = "redis")]
+mod redis;
 mod reject;
 mod request_body;
 mod service;
@@ -92,6 +96,12 @@ pub use self::extract::{OpenAiEstimate, OpenAiEstimator};
 pub use self::future::ResponseFuture;
 pub use self::handle::ReservationHandle;
 pub use self::layer::TenantTokenLayer;
+#[cfg(feature = "redis")]
+pub use self::redis::{
+    FailurePolicy, RedisReservation, RedisTokenTracker, RedisTokenTrackerBuilder,
+    RedisTrackerStats, DEFAULT_CALL_TIMEOUT, DEFAULT_LEASE_TTL, DEFAULT_RENEW_EVERY,
+    MAX_REDIS_TOKENS,
+};
 pub use self::reject::{Rejection, X_RATELIMIT_LIMIT_TOKENS, X_RATELIMIT_REMAINING_TOKENS};
 pub use self::request_body::RequestBody;
 pub use self::service::TenantTokenService;

@@ -53,7 +53,9 @@ impl Rejection {
     /// a tight retry loop.
     pub fn retry_after(&self) -> Option<Duration> {
         match self.error {
-            Error::TenantOverloaded { .. } => Some(self.retry_after.max(Duration::from_secs(1))),
+            Error::TenantOverloaded { .. } | Error::BackendUnavailable { .. } => {
+                Some(self.retry_after.max(Duration::from_secs(1)))
+            }
             _ => None,
         }
     }
@@ -66,6 +68,7 @@ impl Rejection {
         let error_type = match (self.status, &self.error) {
             (_, Error::TenantOverloaded { .. }) => "tokens",
             (StatusCode::UNAUTHORIZED, _) => "authentication_error",
+            (_, Error::BackendUnavailable { .. }) => "server_error",
             _ => "invalid_request_error",
         };
         let mut body = String::with_capacity(160);

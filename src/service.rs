@@ -9,7 +9,7 @@ use http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
-use crate::config::{Charge, Config, Estimate};
+use crate::config::{Admission, Charge, Config, Estimate};
 use crate::future::{Pending, ResponseFuture};
 use crate::{BoxError, RequestBody, ResponseBody};
 
@@ -76,28 +76,47 @@ where
             Ok(Estimate::Tokens(tokens)) => tokens,
             Ok(Estimate::Unmetered) => return self.forward(parts, body, None),
             Ok(Estimate::Body(estimate)) => {
-                let tenant = tenant.into_owned();
-                // The clone waits; the service that was polled ready makes the call.
-                let clone = self.inner.clone();
-                let service = std::mem::replace(&mut self.inner, clone);
-                let pending = Pending::new(parts, tenant, estimate, service, config.clone());
+                let (tenant, config) = (tenant.into_owned(), Arc::clone(config));
+                let service = self.take_ready();
+                let pending = Pending::new(parts, tenant, estimate, service, config);
                 return ResponseFuture::reading(body, pending);
             }
             Err(error) => return ResponseFuture::rejected(config.reject(error)),
         };
         match config.admit(&tenant, tokens) {
-            Ok(guard) => {
+            Admission::Now(Ok(guard)) => {
                 if let Some(handle) = guard.handle() {
                     parts.extensions.insert(handle);
                 }
                 self.forward(parts, body, Some(guard))
             }
-            Err(error) => ResponseFuture::rejected(config.reject(error)),
+            Admission::Now(Err(error)) => ResponseFuture::rejected(config.reject(error)),
+            #[cfg(feature = "redis")]
+            Admission::Later(reserving) => {
+                let config = Arc::clone(config);
+                let call = crate::future::Call {
+                    parts,
+                    body: RequestBody::streaming(body),
+                    service: self.take_ready(),
+                    config,
+                };
+                ResponseFuture::reserving(reserving, call)
+            }
         }
     }
 }
 
 impl<S> TenantTokenService<S> {
+    /// The service that was polled ready, for a call made later; a clone waits in its
+    /// place for the next `poll_ready`, as tower's buffering services do.
+    fn take_ready(&mut self) -> S
+    where
+        S: Clone,
+    {
+        let clone = self.inner.clone();
+        std::mem::replace(&mut self.inner, clone)
+    }
+
     fn forward<ReqBody>(
         &mut self,
         parts: http::request::Parts,

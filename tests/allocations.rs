@@ -402,7 +402,7 @@ struct LayerRun {
 
 impl LayerRun {
     fn new(layer: TenantTokenLayer, n: u64) -> Self {
-        let tracker = layer.tracker().clone();
+        let tracker = layer.tracker().expect("in memory").clone();
         let mut bare = service_fn(answer::<Empty<Bytes>>);
         let mut layered = layer.layer(service_fn(answer::<RequestBody<Empty<Bytes>>>));
 

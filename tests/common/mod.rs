@@ -30,6 +30,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tower_tenant_tokens::{BoxError, TenantTokenTracker};
 
+pub mod redis_server;
+
 /// The longest any single step of a test may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(5);
 /// How often bounded waits look again.

@@ -1,0 +1,599 @@
+//! The Redis ledger against a real `redis-server` on a free loopback port (no mocks):
+//! replicas sharing one cap, a replica killed while holding leases, Redis killed and
+//! restarted under each failure policy, `SCRIPT FLUSH` mid-run, streams outliving several
+//! lease TTLs, and what a timed-out reservation leaves behind.
+//!
+//! Each test starts its own server. Without `redis-server` installed, each says loudly
+//! that it was skipped, and fails instead when `CI=true`.
+#![cfg(feature = "redis")]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::routing::post;
+use axum::{Extension, Router};
+use common::redis_server::RedisServer;
+use common::*;
+use http::StatusCode;
+use tower_tenant_tokens::{
+    Error, FailurePolicy, RedisTokenTracker, RedisTokenTrackerBuilder, ReservationHandle,
+    TenantTokenLayer,
+};
+
+/// Starts this test's server, or returns from the test where none is installed.
+macro_rules! redis_or_skip {
+    ($test:literal) => {
+        match RedisServer::start($test) {
+            Some(server) => server,
+            None => return,
+        }
+    };
+}
+
+/// Test-sized leases: short enough that expiry is quick to watch.
+fn builder(cap: u64) -> RedisTokenTrackerBuilder {
+    RedisTokenTracker::builder(cap)
+        .lease_ttl(Duration::from_millis(1_000))
+        .renew_every(Duration::from_millis(250))
+        .call_timeout(Duration::from_millis(250))
+        .circuit_breaker(2, Duration::from_millis(200))
+}
+
+fn connect(builder: RedisTokenTrackerBuilder, redis: &RedisServer) -> RedisTokenTracker {
+    builder.connect(redis.url()).expect("a valid redis url")
+}
+
+async fn in_flight(tracker: &RedisTokenTracker, tenant: &str) -> u64 {
+    tracker.in_flight(tenant).await.expect("redis answers")
+}
+
+/// Polls the shared count until it equals `expected`, within `limit`.
+async fn wait_for_shared(
+    tracker: &RedisTokenTracker,
+    tenant: &str,
+    expected: u64,
+    limit: Duration,
+) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let now = tracker.in_flight(tenant).await.ok();
+        if now == Some(expected) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "in_flight({tenant:?}) is {now:?}, expected {expected} within {limit:?}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_never_exceed_the_shared_cap() {
+    let redis = redis_or_skip!("two_replicas_never_exceed_the_shared_cap");
+    const CAP: u64 = 1_000;
+    let replicas = [connect(builder(CAP), &redis), connect(builder(CAP), &redis)];
+    // What the workers hold, counted after admission and before release: never more than
+    // Redis counts, so it must never pass the cap either.
+    let held = Arc::new(AtomicU64::new(0));
+    let peak = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for worker in 0..64u64 {
+        let tracker = replicas[worker as usize % 2].clone();
+        let (held, peak, refused) = (held.clone(), peak.clone(), refused.clone());
+        workers.push(tokio::spawn(async move {
+            for round in 0..40u64 {
+                let tokens = 50 + (worker * 37 + round * 91) % 350;
+                match tracker.reserve("acme", tokens).await {
+                    Ok(reservation) => {
+                        assert!(reservation.is_shared());
+                        let now = held.fetch_add(tokens, SeqCst) + tokens;
+                        peak.fetch_max(now, SeqCst);
+                        tokio::time::sleep(Duration::from_micros(200 * (round % 5))).await;
+                        held.fetch_sub(tokens, SeqCst);
+                        if round % 2 == 0 {
+                            reservation.release().await;
+                        } // else dropped: released by a spawned task
+                    }
+                    Err(Error::TenantOverloaded { in_flight, cap, .. }) => {
+                        assert_eq!(cap, CAP);
+                        assert!(in_flight + tokens > CAP, "refused though it fit");
+                        refused.fetch_add(1, SeqCst);
+                    }
+                    Err(other) => panic!("unexpected refusal: {other}"),
+                }
+            }
+        }));
+    }
+    // Redis's own count, sampled while they run.
+    let sampler = {
+        let tracker = replicas[0].clone();
+        tokio::spawn(async move {
+            let mut max = 0;
+            for _ in 0..200 {
+                let now = tracker.in_flight("acme").await.expect("redis answers");
+                assert!(
+                    now <= CAP,
+                    "redis counts {now} in flight over the cap {CAP}"
+                );
+                max = max.max(now);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            max
+        })
+    };
+    for worker in workers {
+        worker.await.expect("worker");
+    }
+    let sampled = sampler.await.expect("sampler");
+    let peak = peak.load(SeqCst);
+    assert!(
+        peak <= CAP,
+        "workers held {peak} at once over the cap {CAP}"
+    );
+    assert!(peak > CAP / 2, "the cap was never approached (peak {peak})");
+    assert!(
+        refused.load(SeqCst) > 0,
+        "nothing was refused: not a test of the cap"
+    );
+    assert!(sampled > 0);
+    wait_for_shared(&replicas[1], "acme", 0, WAIT).await;
+    let stats = replicas[0].stats();
+    assert_eq!(
+        (stats.unavailable, stats.failed_releases, stats.lost_leases),
+        (0, 0, 0)
+    );
+    wait_until("no live leases", || {
+        replicas.iter().all(|replica| replica.live_leases() == 0)
+    })
+    .await;
+    // Nothing left behind: both keys go with the last lease.
+    assert_eq!(redis.command("DBSIZE"), ":0");
+}
+
+/// An app on `tracker` whose `/stream` handler streams a body the test drives, and whose
+/// `/usage` handler reconciles the reservation to the `x-used` header.
+async fn replica_server(tracker: &RedisTokenTracker) -> (TestServer, Streams) {
+    let (source, streams) = streams();
+    let app = Router::new()
+        .route(
+            "/stream",
+            post(move || {
+                let source = source.clone();
+                async move { source.body() }
+            }),
+        )
+        .route(
+            "/usage",
+            post(
+                |Extension(handle): Extension<ReservationHandle>, headers: http::HeaderMap| async move {
+                    let used: u64 = headers["x-used"].to_str().unwrap().parse().unwrap();
+                    let grown = handle.try_resize_async(used).await;
+                    grown.map_or_else(|e| e.code().to_owned(), |()| "ok".to_owned())
+                },
+            ),
+        )
+        .layer(TenantTokenLayer::redis(tracker.clone()).rate_limit_headers(true));
+    (serve(app).await, streams)
+}
+
+#[tokio::test]
+async fn replicas_behind_the_layer_share_one_cap_over_http() {
+    let redis = redis_or_skip!("replicas_behind_the_layer_share_one_cap_over_http");
+    let (first, second) = (
+        connect(builder(1_000), &redis),
+        connect(builder(1_000), &redis),
+    );
+    let (one, mut one_streams) = replica_server(&first).await;
+    let (two, _two_streams) = replica_server(&second).await;
+    let client = client();
+
+    let streaming = send(&client, metered(&one, "/stream", "acme", 600)).await;
+    assert_eq!(streaming.status(), StatusCode::OK);
+    assert_eq!(streaming.headers()["x-ratelimit-remaining-tokens"], "400");
+    assert_eq!(
+        in_flight(&second, "acme").await,
+        600,
+        "the other replica sees it"
+    );
+
+    let refused = call(&client, metered(&two, "/stream", "acme", 600)).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.error_code(), "rate_limit_exceeded");
+    assert_eq!(refused.header("x-ratelimit-remaining-tokens"), Some("400"));
+    let too_large = call(&client, metered(&two, "/stream", "acme", 1_001)).await;
+    assert_eq!(too_large.status, StatusCode::PAYLOAD_TOO_LARGE);
+
+    // A handler growing its reservation is checked against both replicas' leases.
+    let mut grow = metered(&two, "/usage", "acme", 100);
+    grow.headers_mut().insert("x-used", "500".parse().unwrap());
+    assert_eq!(call(&client, grow).await.text(), "rate_limit_exceeded");
+    let mut grow = metered(&two, "/usage", "acme", 100);
+    grow.headers_mut().insert("x-used", "400".parse().unwrap());
+    assert_eq!(call(&client, grow).await.text(), "ok");
+
+    // The stream ends: its lease goes, and the other replica admits the big request.
+    let chunks = one_streams.next().await;
+    let mut body = streaming.into_body();
+    chunks.send("data: hi\n\n".into()).unwrap();
+    assert!(next_data(&mut body).await.is_some());
+    drop(chunks);
+    assert!(next_data(&mut body).await.is_none());
+    wait_for_shared(&first, "acme", 0, WAIT).await;
+    let mut admitted = metered(&two, "/usage", "acme", 600);
+    admitted
+        .headers_mut()
+        .insert("x-used", "600".parse().unwrap());
+    assert_eq!(call(&client, admitted).await.text(), "ok");
+    wait_for_shared(&first, "acme", 0, WAIT).await;
+}
+
+/// Run by `a_killed_replica_gives_its_capacity_back_within_one_ttl` in a child process:
+/// reserves, says so, and holds the lease (renewing it) until killed.
+#[tokio::test]
+#[ignore = "run as a child process by a_killed_replica_gives_its_capacity_back_within_one_ttl"]
+async fn child_replica_holds_a_lease_until_killed() {
+    let Ok(url) = std::env::var("TTT_CHILD_REDIS_URL") else {
+        return;
+    };
+    let tracker = builder(1_000).connect(url).expect("url");
+    let reservation = tracker.reserve("acme", 800).await.expect("admitted");
+    println!("HELD {}", reservation.lease_id().unwrap());
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    drop(reservation);
+}
+
+#[tokio::test]
+async fn a_killed_replica_gives_its_capacity_back_within_one_ttl() {
+    let redis = redis_or_skip!("a_killed_replica_gives_its_capacity_back_within_one_ttl");
+    let survivor = connect(builder(1_000), &redis);
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "child_replica_holds_a_lease_until_killed",
+            "--exact",
+            "--ignored",
+        ])
+        .args(["--nocapture", "--test-threads", "1"])
+        .env("TTT_CHILD_REDIS_URL", redis.url())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the child replica");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let held = loop {
+        let line = lines.next().expect("child output").expect("read");
+        // libtest prints the test's name on the same line first.
+        if let Some((_, lease)) = line.split_once("HELD ") {
+            break lease.to_owned();
+        }
+    };
+    assert!(!held.is_empty());
+    assert_eq!(in_flight(&survivor, "acme").await, 800);
+
+    // Alive, it renews: after three TTLs the lease still counts.
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    assert_eq!(
+        in_flight(&survivor, "acme").await,
+        800,
+        "a live lease expired"
+    );
+    assert!(matches!(
+        survivor.reserve("acme", 300).await,
+        Err(Error::TenantOverloaded { in_flight: 800, .. })
+    ));
+
+    // Killed without releasing: back within one TTL (plus a renewal period of slack).
+    child.kill().expect("kill the child replica");
+    child.wait().expect("reap");
+    let killed = Instant::now();
+    wait_for_shared(&survivor, "acme", 0, Duration::from_millis(1_500)).await;
+    let back_after = killed.elapsed();
+    assert!(back_after <= Duration::from_millis(1_500));
+    let reservation = survivor
+        .reserve("acme", 1_000)
+        .await
+        .expect("whole cap back");
+    reservation.release().await;
+}
+
+#[tokio::test]
+async fn renewal_never_brings_back_an_expired_lease() {
+    let redis = redis_or_skip!("renewal_never_brings_back_an_expired_lease");
+    // Renewed less often than it expires: the lease is gone before the first renewal.
+    let tracker = connect(
+        builder(1_000)
+            .lease_ttl(Duration::from_millis(200))
+            .renew_every(Duration::from_millis(600)),
+        &redis,
+    );
+    let lease = tracker.reserve("acme", 700).await.expect("admitted");
+    assert_eq!(in_flight(&tracker, "acme").await, 700);
+    wait_for_shared(&tracker, "acme", 0, Duration::from_millis(500)).await;
+    let steady = connect(builder(1_000), &redis);
+    let other = steady
+        .reserve("acme", 1_000)
+        .await
+        .expect("the expired lease is free");
+
+    wait_until("the renewal to find the lease lost", || lease.is_lost()).await;
+    assert_eq!(
+        in_flight(&tracker, "acme").await,
+        1_000,
+        "renewal recreated the lease"
+    );
+    assert_eq!(tracker.stats().lost_leases, 1);
+    drop(other);
+    drop(lease); // releasing a lost lease is harmless
+    wait_for_shared(&tracker, "acme", 0, WAIT).await;
+}
+
+#[tokio::test]
+async fn a_stream_outliving_several_ttls_stays_counted() {
+    let redis = redis_or_skip!("a_stream_outliving_several_ttls_stays_counted");
+    let (tracker, observer) = (
+        connect(builder(1_000), &redis),
+        connect(builder(1_000), &redis),
+    );
+    let (server, mut streams) = replica_server(&tracker).await;
+    let client = client();
+    let response = send(&client, metered(&server, "/stream", "acme", 900)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let chunks = streams.next().await;
+    let mut body = response.into_body();
+    // Four TTLs of streaming, a chunk every 200 ms; the lease counts throughout.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(4_000) {
+        chunks.send("data: token\n\n".into()).unwrap();
+        assert!(next_data(&mut body).await.is_some());
+        assert_eq!(
+            in_flight(&observer, "acme").await,
+            900,
+            "the stream's lease lapsed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(matches!(
+        observer.reserve("acme", 200).await,
+        Err(Error::TenantOverloaded { .. })
+    ));
+    drop(chunks);
+    assert!(next_data(&mut body).await.is_none());
+    wait_for_shared(&observer, "acme", 0, WAIT).await;
+    assert_eq!(tracker.stats().lost_leases, 0);
+}
+
+#[tokio::test]
+async fn fail_closed_answers_503_while_redis_is_down_and_recovers_after_restart() {
+    let mut redis =
+        redis_or_skip!("fail_closed_answers_503_while_redis_is_down_and_recovers_after_restart");
+    let tracker = connect(builder(1_000), &redis);
+    let (server, _streams) = replica_server(&tracker).await;
+    let client = client();
+    let usage = |tokens: u64| {
+        let mut request = metered(&server, "/usage", "acme", tokens);
+        request
+            .headers_mut()
+            .insert("x-used", tokens.to_string().parse().unwrap());
+        request
+    };
+    assert_eq!(call(&client, usage(100)).await.text(), "ok");
+
+    redis.kill();
+    for _ in 0..3 {
+        let refused = call(&client, usage(100)).await;
+        let message = assert_openai_error(&refused, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(refused.error_code(), "backend_unavailable");
+        assert_eq!(refused.header("retry-after"), Some("1"));
+        assert!(
+            !message.contains("redis"),
+            "internal detail sent to the client: {message}"
+        );
+    }
+    assert!(
+        tracker.is_circuit_open(),
+        "the breaker should skip a dead redis"
+    );
+    assert!(tracker.stats().unavailable >= 3);
+
+    redis.restart();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let reply = call(&client, usage(100)).await;
+        if reply.status == StatusCode::OK {
+            break;
+        }
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            Instant::now() < deadline,
+            "no recovery after redis restarted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!tracker.is_circuit_open());
+    wait_for_shared(&tracker, "acme", 0, WAIT).await;
+}
+
+#[tokio::test]
+async fn fail_open_admits_uncounted_while_redis_is_down() {
+    let mut redis = redis_or_skip!("fail_open_admits_uncounted_while_redis_is_down");
+    let tracker = connect(
+        builder(1_000).on_unavailable(FailurePolicy::FailOpen),
+        &redis,
+    );
+    let counted = tracker.reserve("acme", 900).await.expect("admitted");
+    assert!(counted.is_shared());
+
+    redis.kill();
+    for _ in 0..4 {
+        // Over the cap next to `counted`, and admitted anyway: the caps are off.
+        let blind = tracker
+            .reserve("acme", 900)
+            .await
+            .expect("fail open admits");
+        assert!(!blind.is_shared());
+        assert_eq!(blind.tokens(), 900);
+    }
+    assert_eq!(tracker.stats().unavailable, 4);
+    assert!(matches!(
+        tracker.reserve("acme", 1_001).await,
+        Err(Error::RequestTooLarge { .. })
+    ));
+
+    redis.restart(); // empty: `counted` is gone with the old server's data
+    let deadline = Instant::now() + WAIT;
+    let shared = loop {
+        let reservation = tracker.reserve("acme", 1_000).await.expect("admitted");
+        if reservation.is_shared() {
+            break reservation;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no recovery after redis restarted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(in_flight(&tracker, "acme").await, 1_000);
+    wait_until("renewal to notice the lost lease", || counted.is_lost()).await;
+    assert_eq!(
+        in_flight(&tracker, "acme").await,
+        1_000,
+        "a lost lease came back"
+    );
+    shared.release().await;
+    drop(counted);
+    wait_for_shared(&tracker, "acme", 0, WAIT).await;
+}
+
+#[tokio::test]
+async fn local_share_counts_a_replicas_share_of_the_cap_while_redis_is_down() {
+    let mut redis =
+        redis_or_skip!("local_share_counts_a_replicas_share_of_the_cap_while_redis_is_down");
+    let tracker = connect(
+        builder(1_000).on_unavailable(FailurePolicy::LocalShare { replicas: 4 }),
+        &redis,
+    );
+    redis.kill();
+    let first = tracker
+        .reserve("acme", 200)
+        .await
+        .expect("within the share");
+    assert!(!first.is_shared());
+    match tracker.reserve("acme", 100).await {
+        Err(Error::TenantOverloaded { in_flight, cap, .. }) => {
+            assert_eq!((in_flight, cap), (200, 250))
+        }
+        other => panic!("expected the local share to refuse, got {other:?}"),
+    }
+    // More than the share but within the cap: 429 (it fits again later), not 413.
+    assert!(matches!(
+        tracker.reserve("acme", 900).await,
+        Err(Error::TenantOverloaded { cap: 250, .. })
+    ));
+    let local = tracker.local_share().expect("a local share");
+    assert_eq!(local.in_flight("acme"), 200);
+    drop(first);
+    assert_eq!(local.in_flight("acme"), 0);
+
+    redis.restart();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        // Until the breaker lets a call through, the share refuses the whole cap.
+        match tracker.reserve("acme", 1_000).await {
+            Ok(reservation) if reservation.is_shared() => {
+                reservation.release().await;
+                break;
+            }
+            Ok(local) => panic!("the share admitted more than its 250: {local:?}"),
+            Err(Error::TenantOverloaded { cap: 250, .. }) => {}
+            Err(other) => panic!("unexpected refusal: {other}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no recovery after redis restarted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn script_flush_mid_run_reloads_every_script() {
+    let redis = redis_or_skip!("script_flush_mid_run_reloads_every_script");
+    let tracker = connect(builder(1_000), &redis);
+    let mut held = tracker.reserve("acme", 300).await.expect("admitted");
+    assert_eq!(redis.command("SCRIPT FLUSH"), "+OK");
+    // Renewal (a pipeline of EVALSHA) reloads its script: the lease outlives two TTLs.
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    assert_eq!(in_flight(&tracker, "acme").await, 300);
+    assert!(!held.is_lost());
+
+    assert_eq!(redis.command("SCRIPT FLUSH"), "+OK");
+    held.try_resize(600).await.expect("resize after a flush");
+    assert_eq!(redis.command("SCRIPT FLUSH"), "+OK");
+    let other = tracker
+        .reserve("acme", 400)
+        .await
+        .expect("reserve after a flush");
+    assert_eq!(in_flight(&tracker, "acme").await, 1_000);
+    assert_eq!(redis.command("SCRIPT FLUSH"), "+OK");
+    other.release().await;
+    held.release().await;
+    assert_eq!(in_flight(&tracker, "acme").await, 0);
+    assert_eq!(tracker.stats().unavailable, 0);
+}
+
+#[tokio::test]
+async fn a_reservation_that_timed_out_leaves_nothing_behind() {
+    let redis = redis_or_skip!("a_reservation_that_timed_out_leaves_nothing_behind");
+    let tracker = connect(
+        builder(1_000)
+            .lease_ttl(Duration::from_secs(60)) // expiry cannot be what cleans up
+            .call_timeout(Duration::from_millis(50))
+            .on_unavailable(FailurePolicy::FailOpen),
+        &redis,
+    );
+    let observer = connect(builder(1_000), &redis);
+    // Both connected before the stall.
+    assert_eq!(in_flight(&tracker, "acme").await, 0);
+    assert_eq!(in_flight(&observer, "acme").await, 0);
+    // Redis stalls for 400 ms; the reservation is queued behind it and times out, but
+    // Redis applies it afterwards.
+    let stalled = Arc::new(AtomicBool::new(false));
+    let stall = {
+        let (stalled, port) = (stalled.clone(), redis.port);
+        std::thread::spawn(move || {
+            let redis = RedisServer::command_on(port, "DEBUG SLEEP 0.4");
+            stalled.store(true, SeqCst);
+            redis
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let blind = tracker.reserve("acme", 800).await.expect("fail open");
+    assert!(!blind.is_shared(), "should have timed out");
+    assert_eq!(stall.join().expect("stall"), "+OK");
+    assert!(stalled.load(SeqCst));
+    // The late reservation was applied, then taken back by lease id.
+    wait_for_shared(&observer, "acme", 0, WAIT).await;
+    assert_eq!(redis.command("DBSIZE"), ":0");
+}
+
+#[tokio::test]
+async fn connect_refuses_a_url_that_is_not_redis() {
+    assert!(RedisTokenTracker::builder(1)
+        .connect("http://example.com")
+        .is_err());
+    let outside_runtime = std::thread::spawn(|| {
+        RedisTokenTracker::builder(1)
+            .connect("redis://127.0.0.1:1")
+            .map(drop)
+            .map_err(|e| e.to_string())
+    })
+    .join()
+    .unwrap();
+    assert!(outside_runtime.unwrap_err().contains("tokio runtime"));
+}
