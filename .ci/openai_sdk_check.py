@@ -5,10 +5,12 @@ Start the gateway (any --cap of 100 or more; --chunks and --token-delay-ms such 
 answer takes 0.2 s or more, as the defaults' 0.4 s do), then run:
 
     pip install openai
-    python3 .ci/openai_sdk_check.py [BASE_URL]
+    python3 .ci/openai_sdk_check.py [BASE_URL [OTHER_REPLICA_URL]]
 
-BASE_URL defaults to $GATEWAY_BASE_URL, else http://127.0.0.1:3000/v1. The script prints
-each check and exits non-zero on the first failure. It checks:
+BASE_URL defaults to $GATEWAY_BASE_URL, else http://127.0.0.1:3000/v1. OTHER_REPLICA_URL is
+a second gateway sharing the caps through Redis: the requests over the cap in 4 and 5 go
+there, so the refusal must come from the cap the two share. The script prints each check
+and exits non-zero on the first failure. It checks:
 
 1. a non-streaming chat completion (content, model echo, usage);
 2. a streaming one with stream_options.include_usage (chunks, finish_reason, usage chunk);
@@ -16,7 +18,7 @@ each check and exits non-zero on the first failure. It checks:
 4. a request while a stream holds the whole cap: the SDK raises openai.RateLimitError
    (status 429, Retry-After, code rate_limit_exceeded) with max_retries=0;
 5. with retries on, the SDK waits Retry-After and gets through once that stream is closed;
-6. /admin/tenants reports nothing in flight for the tenants used.
+6. /admin/tenants/{tenant} reports nothing in flight for the tenants used.
 """
 
 import json
@@ -31,6 +33,7 @@ import openai
 BASE_URL = (sys.argv[1] if len(sys.argv) > 1 else None) or os.environ.get(
     "GATEWAY_BASE_URL", "http://127.0.0.1:3000/v1"
 )
+OTHER_URL = sys.argv[2] if len(sys.argv) > 2 else BASE_URL
 MODEL = "gpt-4o-mini"
 HELLO = [{"role": "user", "content": "Say hello."}]
 ANSWER = 64  # max_tokens for ordinary calls: their estimate is about 67, under any sane cap
@@ -43,9 +46,9 @@ def check(condition, what):
     print(f"ok: {what}")
 
 
-def client(tenant, max_retries=0, http_client=None):
+def client(tenant, max_retries=0, http_client=None, base_url=BASE_URL):
     return openai.OpenAI(
-        base_url=BASE_URL,
+        base_url=base_url,
         api_key="unused",  # the gateway does not authenticate; a real one would
         default_headers={"x-tenant-id": tenant},
         max_retries=max_retries,
@@ -55,7 +58,7 @@ def client(tenant, max_retries=0, http_client=None):
 
 
 def main():
-    print(f"openai {openai.__version__} against {BASE_URL}")
+    print(f"openai {openai.__version__} against {BASE_URL} (over-cap requests: {OTHER_URL})")
     run = os.getpid()
     acme = client("acme")
 
@@ -111,7 +114,7 @@ def main():
     first = next(iter(holder))  # admitted and streaming: the cap is held until it ends
     check(first.object == "chat.completion.chunk", "holding stream admitted")
     try:
-        limited.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=ANSWER)
+        client(tenant, base_url=OTHER_URL).chat.completions.create(model=MODEL, messages=HELLO, max_tokens=ANSWER)
         check(False, "a request over the cap raises openai.RateLimitError")
     except openai.RateLimitError as error:
         headers = error.response.headers
@@ -134,7 +137,7 @@ def main():
     recorder = openai.DefaultHttpxClient(
         event_hooks={"response": [lambda response: statuses.append(response.status_code)]}
     )
-    retrying = client(tenant, max_retries=3, http_client=recorder)
+    retrying = client(tenant, max_retries=3, http_client=recorder, base_url=OTHER_URL)
     result = {}
 
     def call():
@@ -155,16 +158,17 @@ def main():
     check(statuses[-1] == 200 and elapsed >= 1, "it waited for Retry-After before retrying")
 
     # 6. Nothing left in flight.
-    admin = BASE_URL.rstrip("/").removesuffix("/v1") + "/admin/tenants"
+    admin = BASE_URL.rstrip("/").removesuffix("/v1") + "/admin/tenants/"
     deadline = time.monotonic() + 5
     while True:
-        with urllib.request.urlopen(admin, timeout=10) as response:
-            tenants = {t["tenant"]: t for t in json.load(response)["tenants"]}
-        in_flight = {name: tenants.get(name, {}).get("in_flight", 0) for name in ("acme", tenant)}
+        in_flight = {}
+        for name in ("acme", tenant):
+            with urllib.request.urlopen(admin + name, timeout=10) as response:
+                in_flight[name] = json.load(response)["in_flight"]
         if all(v == 0 for v in in_flight.values()) or time.monotonic() > deadline:
             break
         time.sleep(0.1)
-    check(all(v == 0 for v in in_flight.values()), f"/admin/tenants in_flight is 0: {in_flight}")
+    check(all(v == 0 for v in in_flight.values()), f"/admin/tenants/... in_flight is 0: {in_flight}")
     print("all OpenAI SDK checks passed")
 
 

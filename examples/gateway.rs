@@ -35,6 +35,17 @@
 //! curl -s 127.0.0.1:3000/admin/tenants
 //! ```
 //!
+//! With `--redis URL` (build with `--features redis`) the cap is kept in Redis and shared by
+//! every gateway started with the same URL: run two on different `--addr`s and a tenant's
+//! cap holds across both. `--redis-down closed|open|share:N` picks what happens while Redis
+//! is unreachable (503, admit uncounted, or a 1/N share of the cap in memory).
+//!
+//! ```text
+//! cargo run --example gateway --features redis -- --redis redis://127.0.0.1:6379
+//! cargo run --example gateway --features redis -- --redis redis://127.0.0.1:6379 --addr 127.0.0.1:3001
+//! curl -s 127.0.0.1:3001/admin/tenants/acme
+//! ```
+//!
 //! OpenAI's client SDKs work unchanged: base URL `http://127.0.0.1:3000/v1`, any API key,
 //! and the `x-tenant-id` header as a default header. A 429 from the layer is their
 //! rate-limit error, retried after `Retry-After`.
@@ -47,7 +58,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use axum::http::{HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -68,15 +79,27 @@ usage: cargo run --example gateway -- [OPTIONS]
   --cap TOKENS          tokens each tenant may have in flight (default 4096)
   --chunks N            tokens in each mock answer, one chunk each when streamed (default 16)
   --token-delay-ms MS   time the mock upstream takes per token (default 25)
+  --redis URL           share the caps with every gateway on this Redis, e.g.
+                        redis://127.0.0.1:6379 (needs --features redis)
+  --redis-down POLICY   while Redis is unreachable: closed (503, default), open (admit
+                        uncounted) or share:N (a 1/N share of each cap, in memory)
   -h, --help            print this help
 
 Log levels come from RUST_LOG (default info).";
 
 #[derive(Clone)]
 struct AppState {
-    tracker: Arc<TenantTokenTracker>,
+    ledger: Ledger,
     chunks: u32,
     token_delay: Duration,
+}
+
+/// Where the caps are counted.
+#[derive(Clone)]
+enum Ledger {
+    Memory(Arc<TenantTokenTracker>),
+    #[cfg(feature = "redis")]
+    Redis(tower_tenant_tokens::RedisTokenTracker),
 }
 
 #[tokio::main]
@@ -96,15 +119,26 @@ async fn main() {
         .init();
 
     let addr = options.addr;
-    let tracker = Arc::new(TenantTokenTracker::new(options.cap));
+    let ledger = match ledger(&options) {
+        Ok(ledger) => ledger,
+        Err(error) => {
+            eprintln!("error: {error}");
+            std::process::exit(2);
+        }
+    };
+    let layer = match &ledger {
+        Ledger::Memory(tracker) => TenantTokenLayer::new(tracker.clone()),
+        #[cfg(feature = "redis")]
+        Ledger::Redis(tracker) => TenantTokenLayer::redis(tracker.clone()),
+    };
     // The tenant comes from a header so the demo is easy to drive with curl. Anyone can set
     // a header: in production authenticate first, insert a `TenantScope` into the request
     // extensions, and use `.tenant_from_extension()` instead.
-    let limits = TenantTokenLayer::new(tracker.clone())
+    let limits = layer
         .tenant_header(HeaderName::from_static("x-tenant-id"))
         .estimator(OpenAiEstimator::new());
     let state = AppState {
-        tracker,
+        ledger,
         chunks: options.chunks,
         token_delay: options.token_delay,
     };
@@ -112,6 +146,7 @@ async fn main() {
         .route("/v1/chat/completions", post(chat_completions))
         .route_layer(limits) // only the routes above: /admin needs no tenant
         .route("/admin/tenants", get(tenants))
+        .route("/admin/tenants/{tenant}", get(tenant))
         .with_state(state);
 
     let listener = tokio::net::TcpListener::bind(addr)
@@ -121,8 +156,9 @@ async fn main() {
             std::process::exit(1)
         });
     tracing::info!(
-        "listening, cap {} tokens, OpenAI base URL http://{addr}/v1",
-        options.cap
+        "listening, cap {} tokens ({}), OpenAI base URL http://{addr}/v1",
+        options.cap,
+        options.redis.as_deref().unwrap_or("in memory"),
     );
     println!(
         "try: curl -s {addr}/v1/chat/completions -H 'x-tenant-id: acme' \
@@ -204,9 +240,74 @@ fn reconcile(reservation: &ReservationHandle, used: u64) {
     tracing::info!(tenant, estimate, used, "reconciled reservation");
 }
 
-/// `GET /admin/tenants`: every tenant the tracker knows, sorted by id.
+/// The ledger `options` ask for.
+fn ledger(options: &Options) -> Result<Ledger, String> {
+    let Some(url) = &options.redis else {
+        return Ok(Ledger::Memory(Arc::new(TenantTokenTracker::new(
+            options.cap,
+        ))));
+    };
+    #[cfg(feature = "redis")]
+    {
+        use tower_tenant_tokens::{FailurePolicy, RedisTokenTracker};
+        let policy = match options.redis_down.as_str() {
+            "closed" => FailurePolicy::FailClosed,
+            "open" => FailurePolicy::FailOpen,
+            share => match share.strip_prefix("share:").map(str::parse) {
+                Some(Ok(replicas)) if replicas > 0 => FailurePolicy::LocalShare { replicas },
+                _ => return Err(format!("--redis-down: unknown policy `{share}`")),
+            },
+        };
+        RedisTokenTracker::builder(options.cap)
+            .on_unavailable(policy)
+            .connect(url.as_str())
+            .map(Ledger::Redis)
+            .map_err(|error| format!("--redis {url}: {error}"))
+    }
+    #[cfg(not(feature = "redis"))]
+    Err(format!(
+        "--redis {url}: this build has no Redis support; run with \
+         `cargo run --example gateway --features redis -- --redis {url}`"
+    ))
+}
+
+/// `GET /admin/tenants/{tenant}`: what one tenant has in flight (across every replica, with
+/// Redis) and its cap.
+async fn tenant(State(state): State<AppState>, Path(tenant): Path<String>) -> Response {
+    let (in_flight, cap) = match &state.ledger {
+        Ledger::Memory(tracker) => (tracker.in_flight(&tenant), tracker.cap(&tenant)),
+        #[cfg(feature = "redis")]
+        Ledger::Redis(tracker) => match tracker.in_flight(&tenant).await {
+            Ok(in_flight) => (in_flight, tracker.cap(&tenant)),
+            Err(error) => {
+                return (StatusCode::SERVICE_UNAVAILABLE, error.to_string()).into_response()
+            }
+        },
+    };
+    Json(json!({ "tenant": tenant, "in_flight": in_flight, "cap": cap })).into_response()
+}
+
+/// `GET /admin/tenants`: every tenant the tracker knows, sorted by id (in memory), or this
+/// replica's counts of what Redis decided (with Redis).
 async fn tenants(State(state): State<AppState>) -> Json<Value> {
-    let mut snapshot = state.tracker.snapshot();
+    let tracker = match &state.ledger {
+        Ledger::Memory(tracker) => tracker,
+        #[cfg(feature = "redis")]
+        Ledger::Redis(tracker) => {
+            let stats = tracker.stats();
+            return Json(json!({
+                "redis": {
+                    "admitted": stats.admitted, "refused": stats.refused,
+                    "unavailable": stats.unavailable, "lost_leases": stats.lost_leases,
+                    "failed_releases": stats.failed_releases,
+                    "live_leases": tracker.live_leases(),
+                    "circuit_open": tracker.is_circuit_open(),
+                },
+                "hint": "one tenant across every replica: GET /admin/tenants/{tenant}",
+            }));
+        }
+    };
+    let mut snapshot = tracker.snapshot();
     snapshot.sort_by(|a, b| a.0.cmp(&b.0));
     let tenants: Vec<Value> = snapshot
         .into_iter()
@@ -330,6 +431,8 @@ struct Options {
     cap: u64,
     chunks: u32,
     token_delay: Duration,
+    redis: Option<String>,
+    redis_down: String,
 }
 
 impl Options {
@@ -340,6 +443,8 @@ impl Options {
             cap: 4096,
             chunks: 16,
             token_delay: Duration::from_millis(25),
+            redis: None,
+            redis_down: "closed".to_owned(),
         };
         while let Some(flag) = args.next() {
             match flag.as_str() {
@@ -350,6 +455,8 @@ impl Options {
                 "--token-delay-ms" => {
                     options.token_delay = Duration::from_millis(value(&flag, &mut args)?);
                 }
+                "--redis" => options.redis = Some(value(&flag, &mut args)?),
+                "--redis-down" => options.redis_down = value(&flag, &mut args)?,
                 _ => return Err(format!("unknown argument `{flag}`")),
             }
         }

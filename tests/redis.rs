@@ -157,17 +157,24 @@ async fn two_replicas_never_exceed_the_shared_cap() {
     assert_eq!(redis.command("DBSIZE"), ":0");
 }
 
-/// An app on `tracker` whose `/stream` handler streams a body the test drives, and whose
-/// `/usage` handler reconciles the reservation to the `x-used` header.
+/// An app on `tracker` whose `/stream` handler streams a body the test drives (after
+/// resizing its reservation to `x-used`, if sent), and whose `/usage` handler grows or
+/// shrinks its reservation to `x-used` within the cap.
 async fn replica_server(tracker: &RedisTokenTracker) -> (TestServer, Streams) {
     let (source, streams) = streams();
     let app = Router::new()
         .route(
             "/stream",
-            post(move || {
-                let source = source.clone();
-                async move { source.body() }
-            }),
+            post(
+                move |Extension(handle): Extension<ReservationHandle>, headers: http::HeaderMap| {
+                    // Reconciled before streaming when the test says what was "used".
+                    if let Some(used) = headers.get("x-used") {
+                        handle.resize(used.to_str().unwrap().parse().unwrap());
+                    }
+                    let source = source.clone();
+                    async move { source.body() }
+                },
+            ),
         )
         .route(
             "/usage",
@@ -232,6 +239,33 @@ async fn replicas_behind_the_layer_share_one_cap_over_http() {
         .insert("x-used", "600".parse().unwrap());
     assert_eq!(call(&client, admitted).await.text(), "ok");
     wait_for_shared(&first, "acme", 0, WAIT).await;
+
+    // A resize reaches Redis in the background, while the stream is still going.
+    let mut reconciled = metered(&one, "/stream", "acme", 900);
+    reconciled
+        .headers_mut()
+        .insert("x-used", "250".parse().unwrap());
+    let streaming = send(&client, reconciled).await;
+    assert_eq!(streaming.status(), StatusCode::OK);
+    wait_for_shared(&second, "acme", 250, WAIT).await;
+    let mut fits = metered(&two, "/usage", "acme", 750);
+    fits.headers_mut().insert("x-used", "750".parse().unwrap());
+    assert_eq!(
+        call(&client, fits).await.text(),
+        "ok",
+        "the shrink freed room"
+    );
+    drop(one_streams.next().await);
+    drop(streaming);
+    wait_for_shared(&second, "acme", 0, WAIT).await;
+    for replica in [&first, &second] {
+        let stats = replica.stats();
+        assert_eq!(
+            (stats.lost_leases, stats.failed_releases),
+            (0, 0),
+            "{stats:?}"
+        );
+    }
 }
 
 /// Run by `a_killed_replica_gives_its_capacity_back_within_one_ttl` in a child process:

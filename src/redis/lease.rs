@@ -24,6 +24,8 @@ pub(crate) struct Lease {
     pub(crate) in_flight: AtomicU64,
     /// Redis no longer holds the lease (it expired unrenewed, or the server lost it).
     pub(crate) lost: AtomicBool,
+    /// Its owner let it go: a background write still queued must not call it lost.
+    pub(crate) released: AtomicBool,
     /// Orders this lease's background writes: each writes the value current when it runs.
     pub(crate) write: tokio::sync::Mutex<()>,
 }

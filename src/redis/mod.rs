@@ -298,6 +298,7 @@ impl Shared {
             tokens: AtomicU64::new(tokens),
             in_flight: AtomicU64::new(0),
             lost: Default::default(),
+            released: Default::default(),
             write: tokio::sync::Mutex::new(()),
         };
         let mut attempt = 0;
@@ -419,9 +420,13 @@ impl Shared {
         let (this, lease) = (Arc::clone(self), Arc::clone(lease));
         self.runtime.spawn(async move {
             let _order = lease.write.lock().await;
+            if lease.released.load(Relaxed) {
+                return; // the release is on its way, or done
+            }
             let tokens = lease.tokens.load(Relaxed);
             match this.resize_call(&lease, tokens, None).await {
                 Ok((1, in_flight)) => lease.in_flight.store(in_flight, Relaxed),
+                Ok(_) if lease.released.load(Relaxed) => {}
                 Ok(_) => this.lost(&lease),
                 Err(failure) => tracing::warn!(
                     tenant = &*lease.tenant,
@@ -453,6 +458,7 @@ impl Shared {
 
     /// Stops renewing a lease that is being released.
     pub(crate) fn forget(&self, lease: &Lease) {
+        lease.released.store(true, Relaxed);
         self.lock_leases().remove(&lease.seq);
     }
 

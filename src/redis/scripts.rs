@@ -45,18 +45,20 @@ sweep(now)
 /// held: a retry of the same lease id admits once), 0 over the cap, -1 larger than the cap.
 const RESERVE: &str = r"
 local lease, tokens, cap, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-if redis.call('HEXISTS', KEYS[2], lease) == 1 then
+local found = redis.call('HMGET', KEYS[2], '=sum', lease)
+local held = tonumber(found[1]) or 0
+if found[2] then
   redis.call('ZADD', KEYS[1], 'XX', now + ttl, lease)
   tidy(ttl)
-  return {1, sum()}
+  return {1, held}
 end
-local held = sum()
 if tokens > cap then tidy(nil) return {-1, held} end
 if held + tokens > cap then tidy(nil) return {0, held} end
 redis.call('HSET', KEYS[2], lease, ARGV[2])
 held = redis.call('HINCRBY', KEYS[2], '=sum', ARGV[2])
 redis.call('ZADD', KEYS[1], now + ttl, lease)
-tidy(ttl)
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('PEXPIRE', KEYS[2], ttl)
 return {1, held}
 ";
 

@@ -1,0 +1,350 @@
+//! Two replicas sharing one Redis: admitted requests per second and the latency the layer
+//! adds, next to peers measured in the same run on the same server.
+//!
+//! `cargo bench --features redis --bench redis` starts its own `redis-server` on a free
+//! loopback port (install it first: `apt-get install -y redis-server`) and runs bounded
+//! load rounds of `REDIS_BENCH_SECS` seconds (default 5) each:
+//!
+//! - `layer`: requests through two `TenantTokenLayer::redis` services (one per replica,
+//!   each its own connection) in front of an instant `service_fn`; a request's time runs
+//!   from `call` to the end of its response body, so it is the latency the layer adds.
+//!   Releases are the layer's own (a spawned task when the body ends).
+//! - `tracker`: `RedisTokenTracker::reserve` then `release().await`, timed per reserve.
+//! - `naive INCRBY/DECRBY`: the counter design this crate replaces (increment, check,
+//!   decrement on refusal or release; no leases, so a crash leaks): two round trips.
+//! - `PING`: one round trip, the floor of anything that asks Redis.
+//!
+//! Every variant runs `WORKERS` concurrent requests per replica over 64 tenants with caps
+//! no request reaches, so every request is admitted; the tokio runtime has two workers.
+//! These closed-loop rounds give the most requests per second the pair sustains; at that
+//! rate requests mostly wait in queues, so their latency is Little's law, not the layer.
+//! A last round sends the `layer` requests open-loop at a fixed `REDIS_BENCH_RATE` per
+//! second for the pair (default 20,000), each timed from when it was due, which gives the
+//! latency the layer adds at that load.
+
+#[path = "../tests/common/redis_server.rs"]
+#[allow(dead_code)] // the tests' helper; the bench needs only part of it
+mod redis_server;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty};
+use redis::aio::ConnectionManager;
+use redis_server::RedisServer;
+use tower::{Layer, Service, ServiceExt};
+use tower_tenant_tokens::{RedisTokenTracker, RequestBody, TenantTokenLayer};
+
+const WORKERS: usize = 32;
+const TENANTS: usize = 64;
+const CAP: u64 = 1 << 40;
+
+struct Round {
+    name: &'static str,
+    requests: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Round {
+    fn per_second(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile(&mut self, p: f64) -> Duration {
+        self.latencies.sort_unstable();
+        let index = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
+        self.latencies[index]
+    }
+}
+
+/// Runs `WORKERS` loops per replica of `request(replica, worker, i)` for `secs`, each
+/// request timed.
+async fn round<F, Fut>(name: &'static str, secs: u64, request: F) -> Round
+where
+    F: Fn(usize, usize, usize) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for replica in 0..2 {
+        for worker in 0..WORKERS {
+            let request = request.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(1 << 16);
+                let mut i = 0;
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    request(replica, worker, i).await;
+                    latencies.push(t.elapsed());
+                    i += 1;
+                }
+                latencies
+            }));
+        }
+    }
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await.expect("worker"));
+    }
+    Round {
+        name,
+        requests: latencies.len(),
+        elapsed: started.elapsed(),
+        latencies,
+    }
+}
+
+/// The layer's requests sent at `rate` per second for the pair, half to each replica, each
+/// started when due by a pacing thread (sleeping between sends, so it takes no core).
+/// Timed from when each was sent (the layer's latency) and from when it was due (adding
+/// the pacing thread's own lateness on a busy machine); the rate achieved is printed.
+async fn paced<S>(services: &Arc<Vec<S>>, rate: u64, secs: u64) -> [Round; 2]
+where
+    S: Service<
+            Request<Empty<Bytes>>,
+            Response = Response<tower_tenant_tokens::ResponseBody<Empty<Bytes>>>,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send,
+    S::Error: std::fmt::Debug,
+{
+    let (services, runtime) = (services.clone(), tokio::runtime::Handle::current());
+    let sender = std::thread::spawn(move || {
+        let period = Duration::from_secs(1) / rate.max(1) as u32;
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for i in 0.. {
+            let due = started + period * i as u32;
+            if due - started >= Duration::from_secs(secs) {
+                break;
+            }
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let service = services[i % 2].clone();
+            let tenant = tenant(i, i / 2);
+            let sent = Instant::now();
+            tasks.push(runtime.spawn(async move {
+                let request = Request::post("/v1/chat/completions")
+                    .header("x-tenant-id", tenant)
+                    .header("x-token-estimate", "100")
+                    .body(Empty::<Bytes>::new())
+                    .expect("request");
+                let response = service.oneshot(request).await.expect("infallible");
+                assert!(response.status().is_success(), "{}", response.status());
+                response.into_body().collect().await.expect("body");
+                (sent.elapsed(), due.elapsed())
+            }));
+        }
+        (tasks, started.elapsed())
+    });
+    let (tasks, sent) = tokio::task::spawn_blocking(move || sender.join().expect("sender"))
+        .await
+        .expect("join");
+    let (mut from_sent, mut from_due) = (Vec::new(), Vec::new());
+    for task in tasks {
+        let (sent, due) = task.await.expect("request");
+        from_sent.push(sent);
+        from_due.push(due);
+    }
+    let requests = from_sent.len();
+    [
+        Round {
+            name: "layer, open loop, timed from send",
+            requests,
+            elapsed: sent,
+            latencies: from_sent,
+        },
+        Round {
+            name: "layer, open loop, timed from due",
+            requests,
+            elapsed: sent,
+            latencies: from_due,
+        },
+    ]
+}
+
+fn tenant(worker: usize, i: usize) -> String {
+    format!("tenant-{}", (worker * 7 + i) % TENANTS)
+}
+
+async fn answer(
+    _: Request<RequestBody<Empty<Bytes>>>,
+) -> Result<Response<Empty<Bytes>>, Infallible> {
+    Ok(Response::new(Empty::new()))
+}
+
+fn main() {
+    let secs: u64 = std::env::var("REDIS_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let Some(redis) = RedisServer::start("benches/redis.rs") else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(run(&redis, secs));
+}
+
+async fn run(redis: &RedisServer, secs: u64) {
+    let trackers: Arc<[RedisTokenTracker; 2]> = Arc::new([0, 1].map(|_| {
+        RedisTokenTracker::builder(CAP)
+            .connect(redis.url())
+            .expect("url")
+    }));
+    let services: Arc<Vec<_>> = Arc::new(
+        trackers
+            .iter()
+            .map(|tracker| {
+                TenantTokenLayer::redis(tracker.clone())
+                    .reservation_handle(false)
+                    .layer(tower::service_fn(answer))
+            })
+            .collect(),
+    );
+    let conns: Arc<Vec<ConnectionManager>> =
+        Arc::new(vec![connection(redis).await, connection(redis).await]);
+
+    let mut rounds = Vec::new();
+    // Interleaved twice, so a slow spell of the machine does not land on one variant only.
+    for _ in 0..2 {
+        let s = services.clone();
+        rounds.push(
+            round(
+                "layer (reserve, call, release)",
+                secs,
+                move |replica, worker, i| {
+                    let service = s[replica].clone();
+                    async move {
+                        let request = Request::post("/v1/chat/completions")
+                            .header("x-tenant-id", tenant(worker, i))
+                            .header("x-token-estimate", "100")
+                            .body(Empty::<Bytes>::new())
+                            .expect("request");
+                        let response = service.oneshot(request).await.expect("infallible");
+                        assert!(response.status().is_success(), "{}", response.status());
+                        response.into_body().collect().await.expect("body");
+                    }
+                },
+            )
+            .await,
+        );
+        let t = trackers.clone();
+        rounds.push(
+            round(
+                "tracker (reserve; release awaited)",
+                secs,
+                move |replica, worker, i| {
+                    let tracker = t[replica].clone();
+                    async move {
+                        let reservation = tracker
+                            .reserve(&tenant(worker, i), 100)
+                            .await
+                            .expect("admitted");
+                        assert!(reservation.is_shared());
+                        reservation.release().await;
+                    }
+                },
+            )
+            .await,
+        );
+        let c = conns.clone();
+        rounds.push(
+            round("naive INCRBY/DECRBY", secs, move |replica, worker, i| {
+                let mut conn = c[replica].clone();
+                async move {
+                    let key = format!("naive:{}", tenant(worker, i));
+                    let held: u64 = redis::cmd("INCRBY")
+                        .arg(&key)
+                        .arg(100)
+                        .query_async(&mut conn)
+                        .await
+                        .expect("incrby");
+                    assert!(held <= CAP);
+                    let _: i64 = redis::cmd("DECRBY")
+                        .arg(&key)
+                        .arg(100)
+                        .query_async(&mut conn)
+                        .await
+                        .expect("decrby");
+                }
+            })
+            .await,
+        );
+        let c = conns.clone();
+        rounds.push(
+            round("PING", secs, move |replica, _, _| {
+                let mut conn = c[replica].clone();
+                async move {
+                    let _: String = redis::cmd("PING")
+                        .query_async(&mut conn)
+                        .await
+                        .expect("ping");
+                }
+            })
+            .await,
+        );
+    }
+    let rate: u64 = std::env::var("REDIS_BENCH_RATE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20_000);
+    rounds.extend(paced(&services, rate, secs).await);
+    for tracker in trackers.iter() {
+        for t in 0..TENANTS {
+            let tenant = format!("tenant-{t}");
+            wait_for_zero(tracker, &tenant).await;
+        }
+    }
+
+    println!(
+        "\ntwo replicas, {WORKERS} concurrent requests each (closed loop), {secs} s per round, \
+         2 rounds each; then the layer open-loop at {rate} requests/s"
+    );
+    println!(
+        "{:<36} {:>12} {:>10} {:>10} {:>10}",
+        "variant", "requests/s", "p50 µs", "p99 µs", "p99.9 µs"
+    );
+    for mut r in rounds {
+        let (p50, p99, p999) = (r.percentile(0.5), r.percentile(0.99), r.percentile(0.999));
+        println!(
+            "{:<36} {:>12.0} {:>10} {:>10} {:>10}",
+            r.name,
+            r.per_second(),
+            p50.as_micros(),
+            p99.as_micros(),
+            p999.as_micros()
+        );
+    }
+    let stats = trackers[0].stats();
+    println!(
+        "\nreplica 0: admitted {}, refused {}, unavailable {}, failed releases {}",
+        stats.admitted, stats.refused, stats.unavailable, stats.failed_releases
+    );
+}
+
+async fn connection(redis: &RedisServer) -> ConnectionManager {
+    let client = redis::Client::open(redis.url()).expect("url");
+    ConnectionManager::new(client).await.expect("connect")
+}
+
+/// Every release (spawned when a body ends) has landed: nothing leaked.
+async fn wait_for_zero(tracker: &RedisTokenTracker, tenant: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tracker.in_flight(tenant).await.expect("redis") != 0 {
+        assert!(Instant::now() < deadline, "{tenant} still holds tokens");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
