@@ -133,14 +133,7 @@ where
             let tenant = tenant(i, i / 2);
             let sent = Instant::now();
             tasks.push(runtime.spawn(async move {
-                let request = Request::post("/v1/chat/completions")
-                    .header("x-tenant-id", tenant)
-                    .header("x-token-estimate", "100")
-                    .body(Empty::<Bytes>::new())
-                    .expect("request");
-                let response = service.oneshot(request).await.expect("infallible");
-                assert!(response.status().is_success(), "{}", response.status());
-                response.into_body().collect().await.expect("body");
+                through_layer(service, tenant).await;
                 (sent.elapsed(), due.elapsed())
             }));
         }
@@ -170,6 +163,26 @@ where
             latencies: from_due,
         },
     ]
+}
+
+/// One request through a layered service, its response body read to the end (where the
+/// layer releases the reservation).
+async fn through_layer<S>(service: S, tenant: String)
+where
+    S: Service<
+        Request<Empty<Bytes>>,
+        Response = Response<tower_tenant_tokens::ResponseBody<Empty<Bytes>>>,
+    >,
+    S::Error: std::fmt::Debug,
+{
+    let request = Request::post("/v1/chat/completions")
+        .header("x-tenant-id", tenant)
+        .header("x-token-estimate", "100")
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let response = service.oneshot(request).await.expect("infallible");
+    assert!(response.status().is_success(), "{}", response.status());
+    response.into_body().collect().await.expect("body");
 }
 
 fn tenant(worker: usize, i: usize) -> String {
@@ -225,19 +238,7 @@ async fn run(redis: &RedisServer, secs: u64) {
             round(
                 "layer (reserve, call, release)",
                 secs,
-                move |replica, worker, i| {
-                    let service = s[replica].clone();
-                    async move {
-                        let request = Request::post("/v1/chat/completions")
-                            .header("x-tenant-id", tenant(worker, i))
-                            .header("x-token-estimate", "100")
-                            .body(Empty::<Bytes>::new())
-                            .expect("request");
-                        let response = service.oneshot(request).await.expect("infallible");
-                        assert!(response.status().is_success(), "{}", response.status());
-                        response.into_body().collect().await.expect("body");
-                    }
-                },
+                move |replica, worker, i| through_layer(s[replica].clone(), tenant(worker, i)),
             )
             .await,
         );

@@ -551,12 +551,11 @@ impl Shared {
         }
         match answer {
             Ok(lost) => {
-                for id in lost.iter().flatten() {
-                    if let Some(lease) = batches
-                        .iter()
-                        .flat_map(|(_, leases)| leases)
-                        .find(|lease| &lease.id == id)
-                    {
+                let lost: std::collections::HashSet<&String> = lost.iter().flatten().collect();
+                let leases = batches.iter().flat_map(|(_, leases)| leases);
+                // A lease released while the renewal was on its way is gone, not lost.
+                for lease in leases.filter(|lease| lost.contains(&lease.id)) {
+                    if !lease.released.load(Relaxed) {
                         self.lost(lease);
                     }
                 }
