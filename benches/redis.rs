@@ -15,12 +15,15 @@
 //! - `PING`: one round trip, the floor of anything that asks Redis.
 //!
 //! Every variant runs `WORKERS` concurrent requests per replica over 64 tenants with caps
-//! no request reaches, so every request is admitted; the tokio runtime has two workers.
+//! no request reaches, so every request is admitted.
 //! These closed-loop rounds give the most requests per second the pair sustains; at that
 //! rate requests mostly wait in queues, so their latency is Little's law, not the layer.
-//! A last round sends the `layer` requests open-loop at a fixed `REDIS_BENCH_RATE` per
-//! second for the pair (default 20,000), each timed from when it was due, which gives the
-//! latency the layer adds at that load.
+//! Last, the `layer` requests and then `PING`s are sent open-loop at a fixed
+//! `REDIS_BENCH_RATE` per second for the pair (default 20,000), which gives the latency the
+//! layer adds at that load next to the bare round trip's at the same load (the machine's
+//! own tail). `REDIS_BENCH_WORKERS` sets the runtime's worker threads (default 1, leaving
+//! the other core to Redis, as a gateway and its Redis would not share cores in
+//! production; 2 shows the cost of oversubscribing).
 
 #[path = "../tests/common/redis_server.rs"]
 #[allow(dead_code)] // the tests' helper; the bench needs only part of it
@@ -44,7 +47,7 @@ const TENANTS: usize = 64;
 const CAP: u64 = 1 << 40;
 
 struct Round {
-    name: &'static str,
+    name: String,
     requests: usize,
     elapsed: Duration,
     latencies: Vec<Duration>,
@@ -64,7 +67,7 @@ impl Round {
 
 /// Runs `WORKERS` loops per replica of `request(replica, worker, i)` for `secs`, each
 /// request timed.
-async fn round<F, Fut>(name: &'static str, secs: u64, request: F) -> Round
+async fn round<F, Fut>(name: &str, secs: u64, request: F) -> Round
 where
     F: Fn(usize, usize, usize) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send,
@@ -93,30 +96,23 @@ where
         latencies.extend(task.await.expect("worker"));
     }
     Round {
-        name,
+        name: name.to_owned(),
         requests: latencies.len(),
         elapsed: started.elapsed(),
         latencies,
     }
 }
 
-/// The layer's requests sent at `rate` per second for the pair, half to each replica, each
-/// started when due by a pacing thread (sleeping between sends, so it takes no core).
-/// Timed from when each was sent (the layer's latency) and from when it was due (adding
-/// the pacing thread's own lateness on a busy machine); the rate achieved is printed.
-async fn paced<S>(services: &Arc<Vec<S>>, rate: u64, secs: u64) -> [Round; 2]
+/// `request(i)` sent at `rate` per second, each started when due by a pacing thread
+/// (sleeping between sends, so it takes no core). Timed from when each was sent, and from
+/// when it was due (adding the pacing thread's own lateness on a busy machine); the rate
+/// achieved is printed.
+async fn paced<F, Fut>(name: &str, rate: u64, secs: u64, request: F) -> [Round; 2]
 where
-    S: Service<
-            Request<Empty<Bytes>>,
-            Response = Response<tower_tenant_tokens::ResponseBody<Empty<Bytes>>>,
-        > + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send,
-    S::Error: std::fmt::Debug,
+    F: Fn(usize) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
 {
-    let (services, runtime) = (services.clone(), tokio::runtime::Handle::current());
+    let runtime = tokio::runtime::Handle::current();
     let sender = std::thread::spawn(move || {
         let period = Duration::from_secs(1) / rate.max(1) as u32;
         let started = Instant::now();
@@ -129,17 +125,15 @@ where
             if let Some(wait) = due.checked_duration_since(Instant::now()) {
                 std::thread::sleep(wait);
             }
-            let service = services[i % 2].clone();
-            let tenant = tenant(i, i / 2);
-            let sent = Instant::now();
+            let (work, sent) = (request(i), Instant::now());
             tasks.push(runtime.spawn(async move {
-                through_layer(service, tenant).await;
+                work.await;
                 (sent.elapsed(), due.elapsed())
             }));
         }
         (tasks, started.elapsed())
     });
-    let (tasks, sent) = tokio::task::spawn_blocking(move || sender.join().expect("sender"))
+    let (tasks, elapsed) = tokio::task::spawn_blocking(move || sender.join().expect("sender"))
         .await
         .expect("join");
     let (mut from_sent, mut from_due) = (Vec::new(), Vec::new());
@@ -151,15 +145,15 @@ where
     let requests = from_sent.len();
     [
         Round {
-            name: "layer, open loop, timed from send",
+            name: format!("{name}, open loop, from send"),
             requests,
-            elapsed: sent,
+            elapsed,
             latencies: from_sent,
         },
         Round {
-            name: "layer, open loop, timed from due",
+            name: format!("{name}, open loop, from due"),
             requests,
-            elapsed: sent,
+            elapsed,
             latencies: from_due,
         },
     ]
@@ -204,7 +198,12 @@ fn main() {
         return;
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(
+            std::env::var("REDIS_BENCH_WORKERS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(1),
+        )
         .enable_all()
         .build()
         .expect("runtime");
@@ -302,26 +301,42 @@ async fn run(redis: &RedisServer, secs: u64) {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(20_000);
-    rounds.extend(paced(&services, rate, secs).await);
-    for tracker in trackers.iter() {
-        for t in 0..TENANTS {
-            let tenant = format!("tenant-{t}");
-            wait_for_zero(tracker, &tenant).await;
-        }
-    }
+    settle(&trackers).await;
+    let s = services.clone();
+    rounds.extend(
+        paced("layer", rate, secs, move |i| {
+            through_layer(s[i % 2].clone(), tenant(i, i / 2))
+        })
+        .await,
+    );
+    settle(&trackers).await;
+    let c = conns.clone();
+    rounds.extend(
+        paced("PING", rate, secs, move |i| {
+            let mut conn = c[i % 2].clone();
+            async move {
+                let _: String = redis::cmd("PING")
+                    .query_async(&mut conn)
+                    .await
+                    .expect("ping");
+            }
+        })
+        .await,
+    );
 
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
     println!(
         "\ntwo replicas, {WORKERS} concurrent requests each (closed loop), {secs} s per round, \
-         2 rounds each; then the layer open-loop at {rate} requests/s"
+         2 rounds each; then open loop at {rate} requests/s; {workers} runtime worker(s)"
     );
     println!(
-        "{:<36} {:>12} {:>10} {:>10} {:>10}",
+        "{:<40} {:>12} {:>10} {:>10} {:>10}",
         "variant", "requests/s", "p50 µs", "p99 µs", "p99.9 µs"
     );
     for mut r in rounds {
         let (p50, p99, p999) = (r.percentile(0.5), r.percentile(0.99), r.percentile(0.999));
         println!(
-            "{:<36} {:>12.0} {:>10} {:>10} {:>10}",
+            "{:<40} {:>12.0} {:>10} {:>10} {:>10}",
             r.name,
             r.per_second(),
             p50.as_micros(),
@@ -341,7 +356,17 @@ async fn connection(redis: &RedisServer) -> ConnectionManager {
     ConnectionManager::new(client).await.expect("connect")
 }
 
-/// Every release (spawned when a body ends) has landed: nothing leaked.
+/// Every release (spawned when a body ends) has landed: nothing leaked, and no backlog
+/// left for the next round.
+async fn settle(trackers: &[RedisTokenTracker; 2]) {
+    for tracker in trackers {
+        for t in 0..TENANTS {
+            wait_for_zero(tracker, &format!("tenant-{t}")).await;
+        }
+    }
+}
+
+/// `tenant` holds nothing, within ten seconds.
 async fn wait_for_zero(tracker: &RedisTokenTracker, tenant: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while tracker.in_flight(tenant).await.expect("redis") != 0 {
