@@ -20,9 +20,10 @@ use axum::{Extension, Router};
 use common::redis_server::RedisServer;
 use common::*;
 use http::StatusCode;
+use tower::{Layer, ServiceExt};
 use tower_tenant_tokens::{
-    Error, FailurePolicy, RedisTokenTracker, RedisTokenTrackerBuilder, ReservationHandle,
-    TenantTokenLayer,
+    Error, FailurePolicy, OpenAiEstimator, RedisTokenTracker, RedisTokenTrackerBuilder,
+    RequestBody, ReservationHandle, TenantTokenLayer,
 };
 
 /// Starts this test's server, or returns from the test where none is installed.
@@ -592,8 +593,14 @@ async fn a_reservation_that_timed_out_leaves_nothing_behind() {
         &redis,
     );
     let observer = connect(builder(1_000), &redis);
-    // Both connected before the stall.
-    assert_eq!(in_flight(&tracker, "acme").await, 0);
+    // Both connected before the stall, and the reserve script loaded (a NOSCRIPT answer
+    // would land nothing).
+    tracker
+        .reserve("acme", 1)
+        .await
+        .expect("admitted")
+        .release()
+        .await;
     assert_eq!(in_flight(&observer, "acme").await, 0);
     // Redis stalls for 400 ms; the reservation is queued behind it and times out, but
     // Redis applies it afterwards.
@@ -630,4 +637,85 @@ async fn connect_refuses_a_url_that_is_not_redis() {
     .join()
     .unwrap();
     assert!(outside_runtime.unwrap_err().contains("tokio runtime"));
+}
+
+#[tokio::test]
+async fn a_request_cancelled_while_redis_decides_leaves_nothing_behind() {
+    let redis = redis_or_skip!("a_request_cancelled_while_redis_decides_leaves_nothing_behind");
+    let tracker = connect(
+        builder(1_000)
+            .lease_ttl(Duration::from_secs(60)) // expiry cannot be what cleans up
+            .call_timeout(Duration::from_secs(2)),
+        &redis,
+    );
+    let observer = connect(builder(1_000), &redis);
+    // Connected, and the reserve script loaded (a NOSCRIPT answer would land nothing).
+    tracker
+        .reserve("acme", 1)
+        .await
+        .expect("admitted")
+        .release()
+        .await;
+    assert_eq!(in_flight(&observer, "acme").await, 0);
+    let service = TenantTokenLayer::redis(tracker.clone()).layer(tower::service_fn(
+        |_: http::Request<RequestBody<String>>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(String::from("served")))
+        },
+    ));
+    let port = redis.port;
+    let stall = std::thread::spawn(move || RedisServer::command_on(port, "DEBUG SLEEP 0.4"));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let request = http::Request::post("/v1/chat/completions")
+        .header("x-tenant-id", "acme")
+        .header("x-token-estimate", "800")
+        .body(String::new())
+        .unwrap();
+    // The client gives up while the reservation waits behind the stall.
+    let cancelled = tokio::time::timeout(Duration::from_millis(100), service.oneshot(request));
+    assert!(
+        cancelled.await.is_err(),
+        "should still have been waiting for redis"
+    );
+    assert_eq!(stall.join().expect("stall"), "+OK");
+    // Redis applied the reservation after the stall; its release by id follows it.
+    wait_for_shared(&observer, "acme", 0, WAIT).await;
+    assert_eq!(redis.command("DBSIZE"), ":0");
+    assert_eq!(tracker.live_leases(), 0);
+}
+
+#[tokio::test]
+async fn the_body_estimator_reserves_in_redis_once_the_body_is_read() {
+    let redis = redis_or_skip!("the_body_estimator_reserves_in_redis_once_the_body_is_read");
+    let tracker = connect(builder(10_000), &redis);
+    let app = Router::new()
+        .route(
+            "/v1/chat/completions",
+            post(
+                |Extension(handle): Extension<ReservationHandle>, body: String| async move {
+                    format!("{} {}", handle.tokens(), body.len())
+                },
+            ),
+        )
+        .layer(TenantTokenLayer::redis(tracker.clone()).estimator(OpenAiEstimator::new()));
+    let server = serve(app).await;
+    let body =
+        r#"{"model":"m","max_tokens":100,"messages":[{"role":"user","content":"12345678"}]}"#;
+    let request = http::Request::post(server.url("/v1/chat/completions"))
+        .header("x-tenant-id", "acme")
+        .body(full(body))
+        .unwrap();
+    let reply = call(&client(), request).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    // 12 bytes of text under `messages` (role and content) / 4 + max_tokens; the handler
+    // got the whole body.
+    assert_eq!(reply.text(), format!("103 {}", body.len()));
+    wait_for_shared(&tracker, "acme", 0, WAIT).await;
+    let too_large = http::Request::post(server.url("/v1/chat/completions"))
+        .header("x-tenant-id", "acme")
+        .body(full(r#"{"model":"m","max_tokens":20000,"messages":[]}"#))
+        .unwrap();
+    assert_eq!(
+        call(&client(), too_large).await.status,
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
 }

@@ -301,6 +301,11 @@ impl Shared {
             released: Default::default(),
             write: tokio::sync::Mutex::new(()),
         };
+        let pending = Unanswered {
+            shared: this,
+            lease: Some(Arc::new(lease)),
+        };
+        let lease = pending.lease.as_deref().expect("just set");
         let mut attempt = 0;
         let answer = loop {
             let mut invocation = this.scripts.reserve.key(&lease.keys[0]);
@@ -326,17 +331,16 @@ impl Shared {
             Err(failure) => {
                 let reason = failure.to_string();
                 this.breaker.failure(&reason);
-                // It may have been applied before the answer was lost: take it back.
-                this.release_later(Arc::new(lease));
+                drop(pending); // it may have landed after all: released by id
                 return this.unavailable(tenant_id, tokens, &reason);
             }
         };
         this.breaker.success();
+        let lease = pending.answered();
         match status {
             1 => {
                 this.counters.admitted.fetch_add(1, Relaxed);
                 lease.in_flight.store(in_flight, Relaxed);
-                let lease = Arc::new(lease);
                 this.lock_leases().insert(seq, Arc::clone(&lease));
                 Ok(RedisReservation::lease(lease, Arc::clone(this)))
             }
@@ -598,6 +602,29 @@ impl Shared {
 
     fn lock_leases(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Lease>>> {
         self.leases.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A reservation sent to Redis and not answered yet. Dropped unanswered (the call failed or
+/// timed out, or the request waiting for it was cancelled), it is released by id in the
+/// background, in case Redis applied it: a cancelled request leaves nothing behind for the
+/// TTL to clean up.
+struct Unanswered<'a> {
+    shared: &'a Arc<Shared>,
+    lease: Option<Arc<Lease>>,
+}
+
+impl Unanswered<'_> {
+    fn answered(mut self) -> Arc<Lease> {
+        self.lease.take().expect("answered once")
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            self.shared.release_later(lease);
+        }
     }
 }
 
