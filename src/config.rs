@@ -29,7 +29,22 @@ pub(crate) struct Config {
     pub(crate) retry_after: Duration,
     pub(crate) on_rejection: Option<Arc<RejectFn>>,
     pub(crate) reservation_handle: bool,
-    pub(crate) rate_limit_headers: bool,
+    pub(crate) limit_headers: LimitHeaders,
+}
+
+/// Which headers about the cap admitted responses carry.
+#[derive(Clone, Copy, Default, Debug)]
+pub(crate) struct LimitHeaders {
+    /// OpenAI's `x-ratelimit-limit-tokens` / `x-ratelimit-remaining-tokens`.
+    pub(crate) openai: bool,
+    /// The IETF draft's `RateLimit-Policy` / `RateLimit`.
+    pub(crate) ietf: bool,
+}
+
+impl LimitHeaders {
+    pub(crate) fn any(self) -> bool {
+        self.openai || self.ietf
+    }
 }
 
 /// Where reservations are counted.
@@ -163,7 +178,8 @@ impl Config {
             ),
             other => tracing::info!(code = other.code(), %status, "refused: {other}"),
         }
-        let rejection = Rejection::new(error, status, self.retry_after);
+        let ietf = self.limit_headers.ietf;
+        let rejection = Rejection::new(error, status, self.retry_after, ietf);
         match &self.on_rejection {
             Some(on_rejection) => on_rejection(&rejection),
             None => rejection.to_response(),

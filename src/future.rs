@@ -12,12 +12,13 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use crate::config::{Admission, Config, Reserving};
+use crate::config::{Admission, Config, LimitHeaders, Reserving};
 use crate::extract::BodyEstimate;
 use crate::handle::Guard;
+use crate::reject::{limit_field, policy_field};
 use crate::{
-    BoxError, Error, RequestBody, ResponseBody, X_RATELIMIT_LIMIT_TOKENS,
-    X_RATELIMIT_REMAINING_TOKENS,
+    BoxError, Error, RequestBody, ResponseBody, RATELIMIT, RATELIMIT_POLICY,
+    X_RATELIMIT_LIMIT_TOKENS, X_RATELIMIT_REMAINING_TOKENS,
 };
 
 pin_project! {
@@ -38,7 +39,7 @@ pin_project! {
     enum State<F, S, B> {
         /// Admitted (or unmetered): the inner call, holding the reservation until the
         /// response, which takes it over.
-        Inner { #[pin] future: F, guard: Option<Guard>, headers: bool },
+        Inner { #[pin] future: F, guard: Option<Guard>, headers: LimitHeaders },
         /// Refused before reaching the inner service. (Boxed, like `Pending`, to keep the
         /// future small: it is moved on every admitted request.)
         Rejected { response: Option<Box<Response<Bytes>>> },
@@ -90,7 +91,7 @@ where
         State::Inner {
             future: service.call(Request::from_parts(parts, body)),
             guard: Some(guard),
-            headers: config.rate_limit_headers,
+            headers: config.limit_headers,
         }
     }
 }
@@ -128,7 +129,7 @@ impl<S, B> ResponseFuture<S, B>
 where
     S: Service<Request<RequestBody<B>>>,
 {
-    pub(crate) fn inner(future: S::Future, guard: Option<Guard>, headers: bool) -> Self {
+    pub(crate) fn inner(future: S::Future, guard: Option<Guard>, headers: LimitHeaders) -> Self {
         Self {
             state: State::Inner {
                 future,
@@ -188,12 +189,9 @@ where
                     let result = ready!(future.poll(cx));
                     let mut guard = guard.take();
                     let mut response = result?; // an inner error releases here
-                    if *headers {
-                        if let Some((cap, remaining)) = guard.as_ref().and_then(Guard::limits) {
-                            let map = response.headers_mut();
-                            map.entry(X_RATELIMIT_LIMIT_TOKENS).or_insert(cap.into());
-                            map.entry(X_RATELIMIT_REMAINING_TOKENS)
-                                .or_insert(remaining.into());
+                    if headers.any() {
+                        if let Some(limits) = guard.as_ref().and_then(Guard::limits) {
+                            add_limit_headers(response.headers_mut(), *headers, limits);
                         }
                     }
                     if response.body().is_end_stream() {
@@ -256,6 +254,22 @@ where
             };
             state.set(next);
         }
+    }
+}
+
+/// The cap and what is left of it, on an admitted response, where the inner service has
+/// not set them itself.
+fn add_limit_headers(map: &mut http::HeaderMap, headers: LimitHeaders, (cap, left): (u64, u64)) {
+    if headers.openai {
+        map.entry(X_RATELIMIT_LIMIT_TOKENS).or_insert(cap.into());
+        map.entry(X_RATELIMIT_REMAINING_TOKENS)
+            .or_insert(left.into());
+    }
+    if headers.ietf {
+        map.entry(RATELIMIT_POLICY)
+            .or_insert_with(|| policy_field(cap));
+        map.entry(RATELIMIT)
+            .or_insert_with(|| limit_field(left, None));
     }
 }
 

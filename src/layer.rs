@@ -9,7 +9,7 @@ use http::header::HeaderName;
 use http::Response;
 use tower_layer::Layer;
 
-use crate::config::{Config, Ledger};
+use crate::config::{Config, Ledger, LimitHeaders};
 use crate::extract::{Estimator, MissingEstimate, MissingTenant, TenantSource};
 use crate::{Rejection, TenantTokenService, TenantTokenTracker, DEFAULT_MAX_TENANT_LEN};
 
@@ -76,7 +76,7 @@ impl TenantTokenLayer {
                 retry_after: Duration::from_secs(1),
                 on_rejection: None,
                 reservation_handle: true,
-                rate_limit_headers: false,
+                limit_headers: LimitHeaders::default(),
             }),
         }
     }
@@ -176,7 +176,25 @@ impl TenantTokenLayer {
     /// request's reservation included), as OpenAI's API sends them (default: no). Headers
     /// the inner service set itself are left alone.
     pub fn rate_limit_headers(self, enabled: bool) -> Self {
-        self.with(|config| config.rate_limit_headers = enabled)
+        self.with(|config| config.limit_headers.openai = enabled)
+    }
+
+    /// Whether responses carry the IETF draft's `RateLimit-Policy` and `RateLimit` fields
+    /// (draft-ietf-httpapi-ratelimit-headers; default: no). Headers the inner service set
+    /// itself are left alone.
+    ///
+    /// The policy is named `in-flight`, its quota `q` is the tenant's cap in units
+    /// (`qu`) of `"tokens"`, with no window (`w`): what may be in flight at once. Admitted
+    /// responses say what is left as they start (`r`, this request included); a 429 says
+    /// what is left and when to retry (`t`, as `Retry-After`); a 413 carries the policy
+    /// only.
+    ///
+    /// ```text
+    /// RateLimit-Policy: "in-flight";q=4096;qu="tokens"
+    /// RateLimit: "in-flight";r=1200
+    /// ```
+    pub fn ratelimit_fields(self, enabled: bool) -> Self {
+        self.with(|config| config.limit_headers.ietf = enabled)
     }
 
     fn with(mut self, change: impl FnOnce(&mut Config)) -> Self {
@@ -203,7 +221,7 @@ impl fmt::Debug for TenantTokenLayer {
             .field("max_tenant_len", &self.config.max_tenant_len)
             .field("retry_after", &self.config.retry_after)
             .field("reservation_handle", &self.config.reservation_handle)
-            .field("rate_limit_headers", &self.config.rate_limit_headers)
+            .field("limit_headers", &self.config.limit_headers)
             .finish_non_exhaustive()
     }
 }

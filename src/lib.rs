@@ -102,7 +102,9 @@ pub use self::redis::{
     RedisTrackerStats, DEFAULT_CALL_TIMEOUT, DEFAULT_LEASE_TTL, DEFAULT_RENEW_EVERY,
     MAX_REDIS_TOKENS,
 };
-pub use self::reject::{Rejection, X_RATELIMIT_LIMIT_TOKENS, X_RATELIMIT_REMAINING_TOKENS};
+pub use self::reject::{
+    Rejection, RATELIMIT, RATELIMIT_POLICY, X_RATELIMIT_LIMIT_TOKENS, X_RATELIMIT_REMAINING_TOKENS,
+};
 pub use self::request_body::RequestBody;
 pub use self::service::TenantTokenService;
 pub use self::tracker::{

@@ -16,6 +16,34 @@ pub const X_RATELIMIT_LIMIT_TOKENS: HeaderName =
 pub const X_RATELIMIT_REMAINING_TOKENS: HeaderName =
     HeaderName::from_static("x-ratelimit-remaining-tokens");
 
+/// `RateLimit-Policy`: the IETF draft's field naming a quota policy (here, the tenant's
+/// in-flight token cap), sent when [`TenantTokenLayer::ratelimit_fields`] is on.
+///
+/// [`TenantTokenLayer::ratelimit_fields`]: crate::TenantTokenLayer::ratelimit_fields
+pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+/// `RateLimit`: the IETF draft's field saying what is left of the quota now.
+pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// The name of the one policy the layer reports in the IETF fields.
+const POLICY: &str = "in-flight";
+
+/// The `RateLimit-Policy` value for a tenant's cap: the quota `q` in units `qu` of
+/// tokens, with no window (`w`): the quota is what may be in flight at once.
+pub(crate) fn policy_field(cap: u64) -> HeaderValue {
+    let value = format!("\"{POLICY}\";q={cap};qu=\"tokens\"");
+    HeaderValue::try_from(value).expect("digits and ASCII")
+}
+
+/// The `RateLimit` value: `r` tokens remaining, and `t` seconds until it is worth trying
+/// again, when known.
+pub(crate) fn limit_field(remaining: u64, reset: Option<u64>) -> HeaderValue {
+    let value = match reset {
+        Some(seconds) => format!("\"{POLICY}\";r={remaining};t={seconds}"),
+        None => format!("\"{POLICY}\";r={remaining}"),
+    };
+    HeaderValue::try_from(value).expect("digits and ASCII")
+}
+
 /// A request the layer refused, on its way to becoming a response.
 ///
 /// The default response ([`to_response`](Self::to_response)) is OpenAI-shaped JSON, so
@@ -27,14 +55,21 @@ pub struct Rejection {
     error: Error,
     status: StatusCode,
     retry_after: Duration,
+    ratelimit_fields: bool,
 }
 
 impl Rejection {
-    pub(crate) fn new(error: Error, status: StatusCode, retry_after: Duration) -> Self {
+    pub(crate) fn new(
+        error: Error,
+        status: StatusCode,
+        retry_after: Duration,
+        ratelimit_fields: bool,
+    ) -> Self {
         Self {
             error,
             status,
             retry_after,
+            ratelimit_fields,
         }
     }
 
@@ -63,7 +98,8 @@ impl Rejection {
     /// The default response: the status, `content-type: application/json`, a body
     /// `{"error":{"message","type","param","code"}}`, and for cap refusals
     /// `x-ratelimit-limit-tokens`, `x-ratelimit-remaining-tokens` and (429 only)
-    /// `Retry-After` in whole seconds.
+    /// `Retry-After` in whole seconds; with the IETF fields on, `RateLimit-Policy` and
+    /// (429 only) `RateLimit` too.
     pub fn to_response(&self) -> Response<Bytes> {
         let error_type = match (self.status, &self.error) {
             (_, Error::TenantOverloaded { .. }) => "tokens",
@@ -84,21 +120,28 @@ impl Rejection {
         *response.status_mut() = self.status;
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let retry_after = self
+            .retry_after()
+            .map(|after| after.as_secs() + u64::from(after.subsec_nanos() > 0));
         match self.error {
             Error::TenantOverloaded { in_flight, cap, .. } => {
+                let remaining = cap.saturating_sub(in_flight);
                 headers.insert(X_RATELIMIT_LIMIT_TOKENS, cap.into());
-                headers.insert(
-                    X_RATELIMIT_REMAINING_TOKENS,
-                    cap.saturating_sub(in_flight).into(),
-                );
+                headers.insert(X_RATELIMIT_REMAINING_TOKENS, remaining.into());
+                if self.ratelimit_fields {
+                    headers.insert(RATELIMIT_POLICY, policy_field(cap));
+                    headers.insert(RATELIMIT, limit_field(remaining, retry_after));
+                }
             }
             Error::RequestTooLarge { cap, .. } => {
                 headers.insert(X_RATELIMIT_LIMIT_TOKENS, cap.into());
+                if self.ratelimit_fields {
+                    headers.insert(RATELIMIT_POLICY, policy_field(cap));
+                }
             }
             _ => {}
         }
-        if let Some(retry_after) = self.retry_after() {
-            let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+        if let Some(seconds) = retry_after {
             headers.insert(RETRY_AFTER, seconds.into());
         }
         response

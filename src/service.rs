@@ -9,7 +9,7 @@ use http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
-use crate::config::{Admission, Charge, Config, Estimate};
+use crate::config::{Admission, Charge, Config, Estimate, LimitHeaders};
 use crate::future::{Pending, ResponseFuture};
 use crate::{BoxError, RequestBody, ResponseBody};
 
@@ -127,7 +127,10 @@ impl<S> TenantTokenService<S> {
         S: Service<Request<RequestBody<ReqBody>>>,
     {
         let request = Request::from_parts(parts, RequestBody::streaming(body));
-        let headers = guard.is_some() && self.config.rate_limit_headers;
+        let headers = match guard {
+            Some(_) => self.config.limit_headers,
+            None => LimitHeaders::default(),
+        };
         ResponseFuture::inner(self.inner.call(request), guard, headers)
     }
 }

@@ -559,3 +559,48 @@ async fn admitted_responses_carry_the_rate_limit_headers_only_when_asked() {
         "released once the body was read"
     );
 }
+
+#[tokio::test]
+async fn ietf_ratelimit_fields_are_sent_only_when_asked() {
+    let headers = [("x-tenant-id", &b"acme"[..]), ("x-token-estimate", b"300")];
+    let plain = app(1_000, |layer| layer.rate_limit_headers(true)).await;
+    let reply = call(&client(), plain.request(&headers)).await;
+    assert_eq!(reply.header("ratelimit-policy"), None, "off by default");
+    assert_eq!(reply.header("ratelimit"), None);
+
+    let mut app = app(1_000, |layer| layer.ratelimit_fields(true)).await;
+    let client = client();
+    let policy = Some(r#""in-flight";q=1000;qu="tokens""#);
+    let reply = call(&client, app.request(&headers)).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.header("ratelimit-policy"), policy);
+    // What is left as the response starts: this request's 300 are still held.
+    assert_eq!(reply.header("ratelimit"), Some(r#""in-flight";r=700"#));
+    assert_eq!(
+        reply.header("x-ratelimit-limit-tokens"),
+        None,
+        "each kind on its own"
+    );
+
+    // Over the cap now: what is left, and when to retry (as Retry-After).
+    let holding = send(&client, metered(&app.server, "/hold", "acme", 700)).await;
+    let chunks = app.streams.next().await;
+    let refused = call(&client, metered(&app.server, "/v1/chat", "acme", 400)).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.header("ratelimit-policy"), policy);
+    assert_eq!(
+        refused.header("ratelimit"),
+        Some(r#""in-flight";r=300;t=1"#)
+    );
+    assert_eq!(refused.header("retry-after"), Some("1"));
+
+    // Never fits: the policy says why; nothing to wait for.
+    let too_large = call(&client, metered(&app.server, "/v1/chat", "acme", 1_001)).await;
+    assert_eq!(too_large.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(too_large.header("ratelimit-policy"), policy);
+    assert_eq!(too_large.header("ratelimit"), None);
+
+    drop(chunks);
+    assert_eq!(read(holding).await.status, StatusCode::OK);
+    assert_eq!(app.tracker.in_flight("acme"), 0);
+}
