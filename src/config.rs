@@ -3,6 +3,7 @@
 use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use http::{Response, StatusCode};
 use crate::extract::{Estimator, MissingEstimate, MissingTenant, Plan, TenantSource};
 use crate::handle::{Guard, Held};
 use crate::reject::Rejection;
-use crate::{Error, TenantTokenTracker};
+use crate::{Error, ShadowMode, TenantTokenTracker};
 
 pub(crate) type RejectFn = dyn Fn(&Rejection) -> Response<Bytes> + Send + Sync;
 
@@ -30,6 +31,9 @@ pub(crate) struct Config {
     pub(crate) on_rejection: Option<Arc<RejectFn>>,
     pub(crate) reservation_handle: bool,
     pub(crate) limit_headers: LimitHeaders,
+    pub(crate) shadow: ShadowMode,
+    /// Requests admitted in shadow mode that would have been refused.
+    pub(crate) shadowed: Arc<AtomicU64>,
 }
 
 /// Which headers about the cap admitted responses carry.
@@ -119,7 +123,15 @@ impl Config {
         let with_handle = self.reservation_handle;
         match &self.ledger {
             Ledger::Local(tracker) => {
-                Admission::Now(tracker.reserve_id(tenant, tokens).map(|reservation| {
+                let held = match tracker.reserve_id(tenant, tokens) {
+                    Ok(reservation) => Ok(reservation),
+                    Err(error) if self.shadow.covers(tenant, &error) => {
+                        self.shadowed(&error);
+                        Ok(tracker.reserve_unchecked(tenant, tokens))
+                    }
+                    Err(error) => Err(error),
+                };
+                Admission::Now(held.map(|reservation| {
                     tracing::debug!(tenant, tokens, "admitted token reservation");
                     Guard::new(Held::Local(reservation), with_handle)
                 }))
@@ -127,8 +139,16 @@ impl Config {
             #[cfg(feature = "redis")]
             Ledger::Redis(tracker) => {
                 let (tracker, tenant) = (tracker.clone(), tenant.to_owned());
+                let (shadow, shadowed) = (self.shadow.clone(), Arc::clone(&self.shadowed));
                 Admission::Later(Box::pin(async move {
-                    let reservation = tracker.reserve(&tenant, tokens).await?;
+                    let reservation = match tracker.reserve(&tenant, tokens).await {
+                        Ok(reservation) => reservation,
+                        Err(error) if shadow.covers(&tenant, &error) => {
+                            log_shadowed(&shadowed, &error);
+                            tracker.reserve_unchecked(&tenant, tokens).await?
+                        }
+                        Err(error) => return Err(error),
+                    };
                     tracing::debug!(
                         tenant,
                         tokens,
@@ -139,6 +159,10 @@ impl Config {
                 }))
             }
         }
+    }
+
+    fn shadowed(&self, error: &Error) {
+        log_shadowed(&self.shadowed, error);
     }
 
     /// The response for a refused request.
@@ -185,4 +209,15 @@ impl Config {
             None => rejection.to_response(),
         }
     }
+}
+
+/// Counts and logs a refusal that shadow mode turned into an admission.
+fn log_shadowed(count: &AtomicU64, error: &Error) {
+    count.fetch_add(1, Relaxed);
+    tracing::info!(
+        tenant = error.tenant_id(),
+        code = error.code(),
+        shadow = true,
+        "shadow: would refuse ({error}); admitted"
+    );
 }

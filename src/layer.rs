@@ -11,7 +11,9 @@ use tower_layer::Layer;
 
 use crate::config::{Config, Ledger, LimitHeaders};
 use crate::extract::{Estimator, MissingEstimate, MissingTenant, TenantSource};
-use crate::{Rejection, TenantTokenService, TenantTokenTracker, DEFAULT_MAX_TENANT_LEN};
+use crate::{
+    Rejection, ShadowMode, TenantTokenService, TenantTokenTracker, DEFAULT_MAX_TENANT_LEN,
+};
 
 /// Caps the tokens each tenant has in flight, in front of any HTTP service.
 ///
@@ -77,6 +79,8 @@ impl TenantTokenLayer {
                 on_rejection: None,
                 reservation_handle: true,
                 limit_headers: LimitHeaders::default(),
+                shadow: ShadowMode::Off,
+                shadowed: Arc::default(),
             }),
         }
     }
@@ -197,6 +201,21 @@ impl TenantTokenLayer {
         self.with(|config| config.limit_headers.ietf = enabled)
     }
 
+    /// Trials the caps without enforcing them, for every tenant or some (see
+    /// [`ShadowMode`]; default [`ShadowMode::Off`]): a request the cap would refuse is
+    /// counted, logged and admitted.
+    pub fn shadow(self, mode: ShadowMode) -> Self {
+        self.with(|config| config.shadow = mode)
+    }
+
+    /// How many requests shadow mode has admitted that the cap would have refused, across
+    /// every service this layer (and its clones) made.
+    pub fn shadow_refusals(&self) -> u64 {
+        self.config
+            .shadowed
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn with(mut self, change: impl FnOnce(&mut Config)) -> Self {
         change(Arc::make_mut(&mut self.config));
         self
@@ -222,6 +241,7 @@ impl fmt::Debug for TenantTokenLayer {
             .field("retry_after", &self.config.retry_after)
             .field("reservation_handle", &self.config.reservation_handle)
             .field("limit_headers", &self.config.limit_headers)
+            .field("shadow", &self.config.shadow)
             .finish_non_exhaustive()
     }
 }

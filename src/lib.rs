@@ -83,6 +83,7 @@ mod redis;
 mod reject;
 mod request_body;
 mod service;
+mod shadow;
 mod sync;
 mod tracker;
 
@@ -107,6 +108,7 @@ pub use self::reject::{
 };
 pub use self::request_body::RequestBody;
 pub use self::service::TenantTokenService;
+pub use self::shadow::ShadowMode;
 pub use self::tracker::{
     TenantScope, TenantTokenState, TenantTokenTracker, TenantTokenTrackerBuilder, TokenReservation,
     DEFAULT_MAX_IDLE_TENANTS,

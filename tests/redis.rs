@@ -23,7 +23,7 @@ use http::StatusCode;
 use tower::{Layer, ServiceExt};
 use tower_tenant_tokens::{
     Error, FailurePolicy, OpenAiEstimator, RedisTokenTracker, RedisTokenTrackerBuilder,
-    RequestBody, ReservationHandle, TenantTokenLayer,
+    RequestBody, ReservationHandle, ShadowMode, TenantTokenLayer,
 };
 
 /// Starts this test's server, or returns from the test where none is installed.
@@ -718,4 +718,37 @@ async fn the_body_estimator_reserves_in_redis_once_the_body_is_read() {
         call(&client(), too_large).await.status,
         StatusCode::PAYLOAD_TOO_LARGE
     );
+}
+
+#[tokio::test]
+async fn shadow_mode_admits_over_the_shared_cap_and_counts_it() {
+    let redis = redis_or_skip!("shadow_mode_admits_over_the_shared_cap_and_counts_it");
+    let tracker = connect(builder(1_000), &redis);
+    let held = tracker.reserve("acme", 800).await.expect("admitted");
+    let layer = TenantTokenLayer::redis(tracker.clone()).shadow(ShadowMode::All);
+    let service = layer.clone().layer(tower::service_fn(
+        |_: http::Request<RequestBody<String>>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(String::from("served")))
+        },
+    ));
+    let request = http::Request::post("/v1/chat/completions")
+        .header("x-tenant-id", "acme")
+        .header("x-token-estimate", "500")
+        .body(String::new())
+        .unwrap();
+    let response = service.oneshot(request).await.unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "would be 429; shadow admits"
+    );
+    assert_eq!(layer.shadow_refusals(), 1);
+    assert_eq!(
+        in_flight(&tracker, "acme").await,
+        1_300,
+        "and Redis counts it"
+    );
+    drop(response);
+    held.release().await;
+    wait_for_shared(&tracker, "acme", 0, WAIT).await;
 }

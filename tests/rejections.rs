@@ -14,8 +14,8 @@ use common::*;
 use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{Request, Response, StatusCode};
 use tower_tenant_tokens::{
-    Error, MissingEstimate, MissingTenant, Rejection, ReservationHandle, TenantTokenLayer,
-    TenantTokenTracker,
+    Error, MissingEstimate, MissingTenant, Rejection, ReservationHandle, ShadowMode,
+    TenantTokenLayer, TenantTokenTracker,
 };
 
 /// A server whose `/v1/chat` answers `ok` (or `unmetered` when no reservation came with
@@ -23,6 +23,7 @@ use tower_tenant_tokens::{
 /// a handler is counted.
 struct App {
     server: TestServer,
+    layer: TenantTokenLayer,
     tracker: Arc<TenantTokenTracker>,
     calls: Calls,
     streams: Streams,
@@ -54,12 +55,14 @@ async fn app(cap: u64, configure: impl FnOnce(TenantTokenLayer) -> TenantTokenLa
             async move { body }
         }
     };
+    let layer = configure(TenantTokenLayer::new(tracker.clone()));
     let router = Router::new()
         .route("/v1/chat", post(chat))
         .route("/hold", post(hold))
-        .layer(configure(TenantTokenLayer::new(tracker.clone())));
+        .layer(layer.clone());
     App {
         server: serve(router).await,
+        layer,
         tracker,
         calls,
         streams,
@@ -603,4 +606,67 @@ async fn ietf_ratelimit_fields_are_sent_only_when_asked() {
     drop(chunks);
     assert_eq!(read(holding).await.status, StatusCode::OK);
     assert_eq!(app.tracker.in_flight("acme"), 0);
+}
+
+#[tokio::test]
+async fn shadow_mode_counts_and_admits_what_the_cap_would_refuse() {
+    let mut app = app(1_000, |layer| layer.shadow(ShadowMode::All)).await;
+    let client = client();
+    let holding = send(&client, metered(&app.server, "/hold", "acme", 700)).await;
+    let chunks = app.streams.next().await;
+
+    // Would be a 429, then a 413: both admitted, counted in flight and as shadowed.
+    let over = call(&client, metered(&app.server, "/v1/chat", "acme", 400)).await;
+    assert_eq!(over.status, StatusCode::OK);
+    assert_eq!(over.text(), "ok acme 400");
+    let huge = call(&client, metered(&app.server, "/v1/chat", "acme", 5_000)).await;
+    assert_eq!(huge.text(), "ok acme 5000");
+    assert_eq!(app.layer.shadow_refusals(), 2);
+    let state = app.tracker.tenant_state("acme").expect("tracked");
+    assert!(
+        state.high_water >= 5_700,
+        "shadowed work was counted: {state:?}"
+    );
+    assert!(
+        state.overcommits >= 2,
+        "and shows as overcommits: {state:?}"
+    );
+    // Under the cap: an ordinary admission, not counted as shadowed.
+    let fits = call(&client, metered(&app.server, "/v1/chat", "acme", 300)).await;
+    assert_eq!(fits.text(), "ok acme 300");
+    assert_eq!(app.layer.shadow_refusals(), 2);
+    // Bad input is still refused: shadow trials the cap, not the request format.
+    let headers = [("x-tenant-id", &b"acme"[..]), ("x-token-estimate", b"lots")];
+    assert_eq!(
+        call(&client, app.request(&headers)).await.status,
+        StatusCode::BAD_REQUEST
+    );
+
+    drop(chunks);
+    assert_eq!(read(holding).await.status, StatusCode::OK);
+    assert_eq!(app.tracker.in_flight("acme"), 0, "all released");
+}
+
+#[tokio::test]
+async fn shadow_mode_for_some_tenants_enforces_the_others() {
+    let mut app = app(1_000, |layer| {
+        layer.shadow(ShadowMode::tenants(|tenant| tenant.starts_with("trial-")))
+    })
+    .await;
+    let client = client();
+    let enforced = call(&client, metered(&app.server, "/v1/chat", "acme", 1_001)).await;
+    assert_eq!(enforced.status, StatusCode::PAYLOAD_TOO_LARGE);
+    let trial = call(&client, metered(&app.server, "/v1/chat", "trial-1", 1_001)).await;
+    assert_eq!(trial.text(), "ok trial-1 1001");
+    assert_eq!(app.layer.shadow_refusals(), 1);
+
+    let holding = send(&client, metered(&app.server, "/hold", "acme", 900)).await;
+    let chunks = app.streams.next().await;
+    let refused = call(&client, metered(&app.server, "/v1/chat", "acme", 200)).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(app.layer.shadow_refusals(), 1);
+    drop(chunks);
+    assert_eq!(read(holding).await.status, StatusCode::OK);
+    assert_eq!(app.tracker.in_flight("acme"), 0);
+    assert_eq!(app.tracker.in_flight("trial-1"), 0);
 }

@@ -441,3 +441,32 @@ async fn reservation_moves_into_other_tasks() {
         .unwrap();
     assert_eq!(tracker.in_flight("a"), 0);
 }
+
+#[test]
+fn an_unchecked_reservation_is_counted_whatever_the_cap() {
+    let tracker = Arc::new(TenantTokenTracker::new(1_000));
+    let first = tracker.reserve_id("acme", 900).unwrap();
+    // Over the cap next to `first`, and alone larger than the cap: both admitted, counted.
+    let over = tracker.reserve_unchecked("acme", 400);
+    let huge = tracker.reserve_unchecked("newcomer", 5_000);
+    assert_eq!((over.tokens(), huge.tokens()), (400, 5_000));
+    assert_eq!(tracker.in_flight("acme"), 1_300);
+    assert_eq!(tracker.in_flight("newcomer"), 5_000);
+    let state = tracker.tenant_state("acme").unwrap();
+    assert_eq!((state.high_water, state.overcommits), (1_300, 1));
+    // The ordinary path sees them: nothing fits until they end.
+    assert!(matches!(
+        tracker.reserve_id("acme", 1),
+        Err(Error::TenantOverloaded {
+            in_flight: 1_300,
+            ..
+        })
+    ));
+    drop((first, over, huge));
+    assert_eq!(tracker.in_flight("acme"), 0);
+    assert_eq!(tracker.in_flight("newcomer"), 0);
+    assert_eq!(
+        tracker.reserve_unchecked("acme", u64::MAX).tokens(),
+        u64::MAX
+    );
+}

@@ -216,7 +216,25 @@ impl RedisTokenTracker {
     /// [`TenantTokenTracker::reserve`]; [`Error::BackendUnavailable`] when Redis could not
     /// be asked and the policy is [`FailurePolicy::FailClosed`].
     pub async fn reserve(&self, tenant_id: &str, tokens: u64) -> Result<RedisReservation, Error> {
-        Shared::reserve(&self.shared, tenant_id, tokens).await
+        Shared::reserve(&self.shared, tenant_id, tokens, true).await
+    }
+
+    /// Reserves `tokens` for `tenant_id` in Redis whatever its cap, as
+    /// [`TenantTokenTracker::reserve_unchecked`] does in memory: counted like any other
+    /// lease, for work that runs regardless (shadow mode). Amounts above
+    /// [`MAX_REDIS_TOKENS`] count as that.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BackendUnavailable`] when Redis could not be asked and the policy is
+    /// [`FailurePolicy::FailClosed`]; the other policies answer as for
+    /// [`reserve`](Self::reserve).
+    pub async fn reserve_unchecked(
+        &self,
+        tenant_id: &str,
+        tokens: u64,
+    ) -> Result<RedisReservation, Error> {
+        Shared::reserve(&self.shared, tenant_id, tokens, false).await
     }
 
     /// Tokens `tenant_id` has in flight across every replica now, as Redis counts them.
@@ -276,9 +294,14 @@ impl Shared {
         this: &Arc<Self>,
         tenant_id: &str,
         tokens: u64,
+        checked: bool,
     ) -> Result<RedisReservation, Error> {
         let cap = this.cap(tenant_id);
-        if tokens > cap {
+        let tokens = if checked { tokens } else { clamp(tokens) };
+        // Unchecked, the script is given the largest cap there is; the lease keeps the
+        // tenant's own for the headers.
+        let limit = if checked { cap } else { MAX_REDIS_TOKENS };
+        if tokens > limit {
             return Err(Error::RequestTooLarge {
                 tenant_id: tenant_id.to_owned(),
                 tokens,
@@ -286,7 +309,7 @@ impl Shared {
             });
         }
         if !this.breaker.allow() {
-            return this.unavailable(tenant_id, tokens, "circuit open");
+            return this.unavailable(tenant_id, tokens, checked, "circuit open");
         }
         let seq = this.next_lease.fetch_add(1, Relaxed);
         let lease = Lease {
@@ -313,7 +336,7 @@ impl Shared {
                 .key(&lease.keys[1])
                 .arg(&lease.id)
                 .arg(tokens)
-                .arg(cap)
+                .arg(limit)
                 .arg(this.ttl_ms());
             let mut conn = this.conn.clone();
             match this.timed(invocation.invoke_async(&mut conn)).await {
@@ -332,7 +355,7 @@ impl Shared {
                 let reason = failure.to_string();
                 this.breaker.failure(&reason);
                 drop(pending); // it may have landed after all: released by id
-                return this.unavailable(tenant_id, tokens, &reason);
+                return this.unavailable(tenant_id, tokens, checked, &reason);
             }
         };
         this.breaker.success();
@@ -366,6 +389,7 @@ impl Shared {
         &self,
         tenant_id: &str,
         tokens: u64,
+        checked: bool,
         reason: &str,
     ) -> Result<RedisReservation, Error> {
         self.counters.unavailable.fetch_add(1, Relaxed);
@@ -373,6 +397,9 @@ impl Shared {
             "redis unavailable: the failure policy answers");
         match (self.policy, &self.local) {
             (FailurePolicy::FailOpen, _) => Ok(RedisReservation::uncounted(tenant_id, tokens)),
+            (FailurePolicy::LocalShare { .. }, Some(local)) if !checked => Ok(
+                RedisReservation::local(local.reserve_unchecked(tenant_id, tokens)),
+            ),
             (FailurePolicy::LocalShare { .. }, Some(local)) => {
                 match local.reserve_id(tenant_id, tokens) {
                     Ok(reservation) => Ok(RedisReservation::local(reservation)),

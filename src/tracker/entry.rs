@@ -95,6 +95,14 @@ impl Entry {
         Ok(())
     }
 
+    /// Adds `tokens` to `in_flight` whatever the cap, and counts one more live reservation
+    /// (under the shard's read lock, as [`admit`](Self::admit)). Returns the tokens added:
+    /// fewer only where the counter would pass `u64::MAX`.
+    pub(crate) fn admit_unchecked(&self, tokens: u64) -> u64 {
+        self.live.fetch_add(1, Relaxed);
+        self.grow(tokens)
+    }
+
     /// Marks the entry as seen again after its first request.
     pub(crate) fn mark_reused(&self) {
         if !self.reused.load(Relaxed) {

@@ -115,21 +115,51 @@ impl TenantTokenTracker {
     ///
     /// As for [`reserve`](Self::reserve).
     pub fn reserve_id(&self, tenant_id: &str, tokens: u64) -> Result<TokenReservation, Error> {
+        self.reserve_in(tenant_id, tokens, true)
+    }
+
+    /// Reserves `tokens` for `tenant_id` whatever its cap: for work that runs regardless,
+    /// such as a request admitted in shadow mode
+    /// ([`TenantTokenLayer::shadow`](crate::TenantTokenLayer::shadow)). The tokens count
+    /// like any others (new reservations see them), and an overshoot of the cap shows in
+    /// [`TenantTokenState::overcommits`].
+    pub fn reserve_unchecked(&self, tenant_id: &str, tokens: u64) -> TokenReservation {
+        match self.reserve_in(tenant_id, tokens, false) {
+            Ok(reservation) => reservation,
+            Err(_) => unreachable!("an unchecked reservation is never refused"),
+        }
+    }
+
+    #[inline]
+    fn reserve_in(
+        &self,
+        tenant_id: &str,
+        tokens: u64,
+        checked: bool,
+    ) -> Result<TokenReservation, Error> {
+        let admit = |entry: &sync::Arc<Entry>| {
+            let held = if checked {
+                entry
+                    .admit(tokens)
+                    .map_err(|refusal| Error::from_refusal(tenant_id, tokens, refusal))?;
+                tokens
+            } else {
+                entry.admit_unchecked(tokens)
+            };
+            Ok(TokenReservation::new(sync::Arc::clone(entry), held))
+        };
         let (hash, shard) = self.locate(tenant_id);
         {
             let map = shard.read();
             if let Some(entry) = map.get(hash, tenant_id) {
                 entry.mark_reused();
-                return match entry.admit(tokens) {
-                    Ok(()) => Ok(TokenReservation::new(sync::Arc::clone(entry), tokens)),
-                    Err(refusal) => Err(Error::from_refusal(tenant_id, tokens, refusal)),
-                };
+                return admit(entry);
             }
         }
         // A tenant seen for the first time (or evicted while idle). The cap is resolved
         // before taking the write lock so a slow cap function does not stall the shard.
         let cap = self.resolved_cap(tenant_id);
-        if tokens > cap {
+        if checked && tokens > cap {
             // Not inserted: an entry that would hold nothing only costs memory.
             return Err(Error::RequestTooLarge {
                 tenant_id: tenant_id.to_owned(),
@@ -145,10 +175,7 @@ impl TenantTokenTracker {
                 map.insert(hash, sync::Arc::new(entry))
             }
         };
-        match entry.admit(tokens) {
-            Ok(()) => Ok(TokenReservation::new(sync::Arc::clone(entry), tokens)),
-            Err(refusal) => Err(Error::from_refusal(tenant_id, tokens, refusal)),
-        }
+        admit(entry)
     }
 
     /// Sets `tenant_id`'s cap, overriding the cap function and the default, until
