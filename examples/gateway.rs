@@ -46,6 +46,10 @@
 //! curl -s 127.0.0.1:3001/admin/tenants/acme
 //! ```
 //!
+//! With `--features metrics`, `GET /metrics` serves the layer's metrics in Prometheus text
+//! (requests by outcome and reason, tokens in flight, reserved and reconciled), labelled by
+//! tenant for the first 100 tenants.
+//!
 //! OpenAI's client SDKs work unchanged: base URL `http://127.0.0.1:3000/v1`, any API key,
 //! and the `x-tenant-id` header as a default header. A 429 from the layer is their
 //! rate-limit error, retried after `Retry-After`.
@@ -137,6 +141,11 @@ async fn main() {
     let limits = layer
         .tenant_header(HeaderName::from_static("x-tenant-id"))
         .estimator(OpenAiEstimator::new());
+    // Tenant labels on the metrics, for the first 100 tenants: ids here come from a header
+    // anyone can set, so the series must be bounded.
+    #[cfg(feature = "metrics")]
+    let limits =
+        limits.metrics_tenant_labels(tower_tenant_tokens::metrics::TenantLabels::Bounded(100));
     let state = AppState {
         ledger,
         chunks: options.chunks,
@@ -148,6 +157,13 @@ async fn main() {
         .route("/admin/tenants", get(tenants))
         .route("/admin/tenants/{tenant}", get(tenant))
         .with_state(state);
+    #[cfg(feature = "metrics")]
+    let app = {
+        let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .expect("the only metrics recorder");
+        app.route("/metrics", get(move || async move { prometheus.render() }))
+    };
 
     let listener = tokio::net::TcpListener::bind(addr)
         .await

@@ -12,7 +12,7 @@ use http::request::Parts;
 use http::{Response, StatusCode};
 
 use crate::extract::{Estimator, MissingEstimate, MissingTenant, Plan, TenantSource};
-use crate::handle::{Guard, Held};
+use crate::handle::{Guard, Held, Ledgered};
 use crate::reject::Rejection;
 use crate::{Error, ShadowMode, TenantTokenTracker};
 
@@ -34,6 +34,8 @@ pub(crate) struct Config {
     pub(crate) shadow: ShadowMode,
     /// Requests admitted in shadow mode that would have been refused.
     pub(crate) shadowed: Arc<AtomicU64>,
+    #[cfg(feature = "metrics")]
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Which headers about the cap admitted responses carry.
@@ -119,50 +121,66 @@ impl Config {
 
     /// Reserves `tokens` for `tenant`, at once in memory, or in a future for Redis. The
     /// caller hands the request the guard's handle, if it has one.
-    pub(crate) fn admit(&self, tenant: &str, tokens: u64) -> Admission {
+    pub(crate) fn admit(self: &Arc<Self>, tenant: &str, tokens: u64) -> Admission {
         let with_handle = self.reservation_handle;
         match &self.ledger {
             Ledger::Local(tracker) => {
                 let held = match tracker.reserve_id(tenant, tokens) {
-                    Ok(reservation) => Ok(reservation),
+                    Ok(reservation) => Ok(self.held(Ledgered::Local(reservation), None)),
                     Err(error) if self.shadow.covers(tenant, &error) => {
-                        self.shadowed(&error);
-                        Ok(tracker.reserve_unchecked(tenant, tokens))
+                        let reservation = tracker.reserve_unchecked(tenant, tokens);
+                        Ok(self.held(Ledgered::Local(reservation), Some(&error)))
                     }
                     Err(error) => Err(error),
                 };
-                Admission::Now(held.map(|reservation| {
+                Admission::Now(held.map(|held| {
                     tracing::debug!(tenant, tokens, "admitted token reservation");
-                    Guard::new(Held::Local(reservation), with_handle)
+                    Guard::new(held, with_handle)
                 }))
             }
             #[cfg(feature = "redis")]
             Ledger::Redis(tracker) => {
-                let (tracker, tenant) = (tracker.clone(), tenant.to_owned());
-                let (shadow, shadowed) = (self.shadow.clone(), Arc::clone(&self.shadowed));
+                let (tracker, tenant, config) =
+                    (tracker.clone(), tenant.to_owned(), Arc::clone(self));
                 Admission::Later(Box::pin(async move {
-                    let reservation = match tracker.reserve(&tenant, tokens).await {
-                        Ok(reservation) => reservation,
-                        Err(error) if shadow.covers(&tenant, &error) => {
-                            log_shadowed(&shadowed, &error);
-                            tracker.reserve_unchecked(&tenant, tokens).await?
+                    let held = match tracker.reserve(&tenant, tokens).await {
+                        Ok(reservation) => config.held(Ledgered::Redis(reservation), None),
+                        Err(error) if config.shadow.covers(&tenant, &error) => {
+                            let reservation = tracker.reserve_unchecked(&tenant, tokens).await?;
+                            config.held(Ledgered::Redis(reservation), Some(&error))
                         }
                         Err(error) => return Err(error),
                     };
-                    tracing::debug!(
-                        tenant,
-                        tokens,
-                        shared = reservation.is_shared(),
-                        "admitted token reservation"
-                    );
-                    Ok(Guard::new(Held::Redis(reservation), with_handle))
+                    tracing::debug!(tenant, tokens, "admitted token reservation");
+                    Ok(Guard::new(held, with_handle))
                 }))
             }
         }
     }
 
-    fn shadowed(&self, error: &Error) {
-        log_shadowed(&self.shadowed, error);
+    /// An admitted reservation, counted and logged; `shadowed` is the refusal shadow mode
+    /// overrode, if it did.
+    fn held(&self, reservation: Ledgered, shadowed: Option<&Error>) -> Held {
+        let held = Held::new(reservation);
+        if let Some(error) = shadowed {
+            self.shadowed.fetch_add(1, Relaxed);
+            tracing::info!(
+                tenant = error.tenant_id(),
+                code = error.code(),
+                shadow = true,
+                "shadow: would refuse ({error}); admitted"
+            );
+        }
+        #[cfg(feature = "metrics")]
+        let held = {
+            let (tenant, tokens) = (held.tenant_id(), held.tokens());
+            let tag = match shadowed {
+                Some(error) => self.metrics.shadowed(tenant, tokens, error.code()),
+                None => self.metrics.admitted(tenant, tokens),
+            };
+            held.tagged(tag)
+        };
+        held
     }
 
     /// The response for a refused request.
@@ -202,6 +220,8 @@ impl Config {
             ),
             other => tracing::info!(code = other.code(), %status, "refused: {other}"),
         }
+        #[cfg(feature = "metrics")]
+        self.metrics.refused(error.tenant_id(), error.code());
         let ietf = self.limit_headers.ietf;
         let rejection = Rejection::new(error, status, self.retry_after, ietf);
         match &self.on_rejection {
@@ -209,15 +229,4 @@ impl Config {
             None => rejection.to_response(),
         }
     }
-}
-
-/// Counts and logs a refusal that shadow mode turned into an admission.
-fn log_shadowed(count: &AtomicU64, error: &Error) {
-    count.fetch_add(1, Relaxed);
-    tracing::info!(
-        tenant = error.tenant_id(),
-        code = error.code(),
-        shadow = true,
-        "shadow: would refuse ({error}); admitted"
-    );
 }

@@ -33,8 +33,16 @@ pub struct ReservationHandle {
     tenant: Tenant,
 }
 
-/// What a handle's slot holds until the response ends.
-pub(crate) enum Held {
+/// What a handle's slot holds until the response ends: the reservation, and what the
+/// metrics recorder was told of it.
+pub(crate) struct Held {
+    reservation: Ledgered,
+    #[cfg(feature = "metrics")]
+    tag: Option<crate::metrics::Tag>,
+}
+
+/// A reservation in the ledger it came from.
+pub(crate) enum Ledgered {
     Local(TokenReservation),
     #[cfg(feature = "redis")]
     Redis(crate::RedisReservation),
@@ -110,15 +118,19 @@ impl ReservationHandle {
         #[cfg(feature = "redis")]
         {
             // The lock is not held across the wait: the lease orders its own writes.
-            let lease = match self.lock().as_mut() {
+            let (lease, before) = match self.lock().as_mut() {
                 Some(held) => match held.try_resize_now(tokens) {
                     Some(done) => return done,
-                    None => held.lease_parts(),
+                    None => (held.lease_parts(), held.tokens()),
                 },
                 None => return Ok(()),
             };
-            if let Some((lease, shared)) = lease {
-                return shared.try_resize(&lease, tokens).await;
+            let Some((lease, shared)) = lease else {
+                return Ok(());
+            };
+            shared.try_resize(&lease, tokens).await?;
+            if let Some(held) = self.lock().as_mut() {
+                held.resized(before);
             }
             Ok(())
         }
@@ -134,44 +146,80 @@ impl ReservationHandle {
 }
 
 impl Held {
-    fn tokens(&self) -> u64 {
-        match self {
-            Held::Local(reservation) => reservation.tokens(),
+    pub(crate) fn new(reservation: Ledgered) -> Self {
+        Self {
+            reservation,
+            #[cfg(feature = "metrics")]
+            tag: None,
+        }
+    }
+
+    /// Reports the reservation's changes and end to the metrics recorder.
+    #[cfg(feature = "metrics")]
+    pub(crate) fn tagged(mut self, tag: crate::metrics::Tag) -> Self {
+        self.tag = Some(tag);
+        self
+    }
+
+    pub(crate) fn tokens(&self) -> u64 {
+        match &self.reservation {
+            Ledgered::Local(reservation) => reservation.tokens(),
             #[cfg(feature = "redis")]
-            Held::Redis(reservation) => reservation.tokens(),
+            Ledgered::Redis(reservation) => reservation.tokens(),
         }
     }
 
     fn resize(&mut self, tokens: u64) -> u64 {
-        match self {
-            Held::Local(reservation) => reservation.resize(tokens),
+        let before = self.tokens();
+        let now = match &mut self.reservation {
+            Ledgered::Local(reservation) => reservation.resize(tokens),
             #[cfg(feature = "redis")]
-            Held::Redis(reservation) => reservation.resize(tokens),
-        }
+            Ledgered::Redis(reservation) => reservation.resize(tokens),
+        };
+        self.resized(before);
+        now
     }
 
     /// The growth check, if it can be made without waiting.
     fn try_resize_now(&mut self, tokens: u64) -> Option<Result<(), Error>> {
-        match self {
-            Held::Local(reservation) => Some(reservation.try_resize(tokens)),
+        let before = self.tokens();
+        let done = match &mut self.reservation {
+            Ledgered::Local(reservation) => Some(reservation.try_resize(tokens)),
             #[cfg(feature = "redis")]
-            Held::Redis(reservation) => reservation.try_resize_now(tokens),
+            Ledgered::Redis(reservation) => reservation.try_resize_now(tokens),
+        };
+        if let Some(Ok(())) = done {
+            self.resized(before);
         }
+        done
+    }
+
+    /// Tells the recorder the reservation changed from `before` to what it holds now.
+    fn resized(&mut self, before: u64) {
+        #[cfg(feature = "metrics")]
+        {
+            let now = self.tokens();
+            if let Some(tag) = &mut self.tag {
+                tag.resized(before, now);
+            }
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = before;
     }
 
     #[cfg(feature = "redis")]
     fn lease_parts(&self) -> Option<(Arc<crate::redis::lease::Lease>, Arc<crate::redis::Shared>)> {
-        match self {
-            Held::Local(_) => None,
-            Held::Redis(reservation) => reservation.lease_parts(),
+        match &self.reservation {
+            Ledgered::Local(_) => None,
+            Ledgered::Redis(reservation) => reservation.lease_parts(),
         }
     }
 
     fn limits(&self) -> Option<(u64, u64)> {
-        match self {
-            Held::Local(reservation) => Some(reservation.limits()),
+        match &self.reservation {
+            Ledgered::Local(reservation) => Some(reservation.limits()),
             #[cfg(feature = "redis")]
-            Held::Redis(reservation) => reservation.limits(),
+            Ledgered::Redis(reservation) => reservation.limits(),
         }
     }
 
@@ -183,11 +231,20 @@ impl Held {
         );
     }
 
-    fn tenant_id(&self) -> &str {
-        match self {
-            Held::Local(reservation) => reservation.tenant_id(),
+    pub(crate) fn tenant_id(&self) -> &str {
+        match &self.reservation {
+            Ledgered::Local(reservation) => reservation.tenant_id(),
             #[cfg(feature = "redis")]
-            Held::Redis(reservation) => reservation.tenant_id(),
+            Ledgered::Redis(reservation) => reservation.tenant_id(),
+        }
+    }
+}
+
+#[cfg(feature = "metrics")]
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(tag) = &self.tag {
+            tag.released(self.tokens());
         }
     }
 }
@@ -215,10 +272,10 @@ impl Guard {
         if !with_handle {
             return Guard::Owned(held);
         }
-        let tenant = match &held {
-            Held::Local(reservation) => Tenant::Entry(reservation.entry()),
+        let tenant = match &held.reservation {
+            Ledgered::Local(reservation) => Tenant::Entry(reservation.entry()),
             #[cfg(feature = "redis")]
-            Held::Redis(reservation) => Tenant::Name(reservation.tenant()),
+            Ledgered::Redis(reservation) => Tenant::Name(reservation.tenant()),
         };
         Guard::Shared(ReservationHandle {
             slot: Arc::new(Mutex::new(Some(held))),

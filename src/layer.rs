@@ -81,6 +81,8 @@ impl TenantTokenLayer {
                 limit_headers: LimitHeaders::default(),
                 shadow: ShadowMode::Off,
                 shadowed: Arc::default(),
+                #[cfg(feature = "metrics")]
+                metrics: Arc::default(),
             }),
         }
     }
@@ -214,6 +216,15 @@ impl TenantTokenLayer {
         self.config
             .shadowed
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the layer's metrics carry a `tenant` label, and for how many tenants
+    /// (default [`TenantLabels::Off`](crate::metrics::TenantLabels::Off); see the
+    /// [`metrics`](crate::metrics) module for what is recorded).
+    #[cfg(feature = "metrics")]
+    pub fn metrics_tenant_labels(self, labels: crate::metrics::TenantLabels) -> Self {
+        let metrics = Arc::new(crate::metrics::Metrics::new(labels));
+        self.with(|config| config.metrics = metrics)
     }
 
     fn with(mut self, change: impl FnOnce(&mut Config)) -> Self {

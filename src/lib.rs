@@ -64,6 +64,8 @@
 //! # Feature flags
 //!
 //! - `openai` (default): [`OpenAiEstimator`], which adds `serde` and `serde_json`.
+//! - `metrics`: the layer records counters, a gauge and histograms through the `metrics`
+//!   facade (see the `metrics` module); adds `metrics`.
 //! - `redis`: `RedisTokenTracker`, one cap shared by every replica through Redis with
 //!   expiring leases ([`TenantTokenLayer::redis`]); adds `redis` and `tokio`.
 
@@ -78,6 +80,8 @@ mod extract;
 mod future;
 mod handle;
 mod layer;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 #[cfg(feature = "redis")]
 mod redis;
 mod reject;

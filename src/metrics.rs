@@ -1,0 +1,157 @@
+//! Metrics through the [`metrics`](https://docs.rs/metrics) facade (feature `metrics`).
+//!
+//! The layer records, into whatever recorder the application installed (Prometheus,
+//! StatsD, OpenTelemetry, …; nothing is recorded without one):
+//!
+//! | name | kind | labels | what |
+//! |---|---|---|---|
+//! | `tenant_tokens_requests_total` | counter | `outcome` (`admitted`, `refused`, `shadowed`), `reason` (the refusal's [`Error::code`](crate::Error::code), for `refused` and `shadowed`) | every metered request's fate |
+//! | `tenant_tokens_in_flight` | gauge | — | tokens this process holds for requests in flight |
+//! | `tenant_tokens_reserved` | histogram | — | tokens reserved per admitted request (the estimate) |
+//! | `tenant_tokens_usage_ratio` | histogram | — | on release, tokens held at the end ÷ the estimate, for requests whose handler reconciled |
+//!
+//! With [`TenantLabels`] other than `Off`, each also carries a `tenant` label (refusals
+//! that name no tenant, such as a missing one, carry none). A label per tenant is a time
+//! series per tenant in the monitoring system: with many tenants, or tenant ids chosen
+//! by clients, bound them with [`TenantLabels::Bounded`].
+
+use std::collections::HashSet;
+use std::sync::{Mutex, PoisonError};
+
+use metrics::{counter, gauge, histogram, Gauge, Label};
+
+/// The counter of requests by outcome.
+pub const REQUESTS_TOTAL: &str = "tenant_tokens_requests_total";
+/// The gauge of tokens in flight.
+pub const IN_FLIGHT: &str = "tenant_tokens_in_flight";
+/// The histogram of tokens reserved per request.
+pub const RESERVED: &str = "tenant_tokens_reserved";
+/// The histogram of actual ÷ estimated tokens, for reconciled requests.
+pub const USAGE_RATIO: &str = "tenant_tokens_usage_ratio";
+
+/// The label given to tenants beyond the bound of [`TenantLabels::Bounded`].
+pub const OTHER_TENANTS: &str = "other";
+
+/// Whether the layer's metrics carry a `tenant` label
+/// ([`TenantTokenLayer::metrics_tenant_labels`](crate::TenantTokenLayer::metrics_tenant_labels)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TenantLabels {
+    /// No tenant label: a handful of series in all (the default).
+    #[default]
+    Off,
+    /// Every tenant its own label. Only where the tenants are few and known (ids from
+    /// your own authentication, not from a client-set header).
+    All,
+    /// The first `n` tenants seen get their own label, every later one
+    /// [`OTHER_TENANTS`]: at most `n + 1` series per metric, whatever clients send.
+    Bounded(usize),
+}
+
+/// The layer's metrics settings and the tenants labelled so far.
+#[derive(Debug, Default)]
+pub(crate) struct Metrics {
+    labels: TenantLabels,
+    labelled: Mutex<HashSet<Box<str>>>,
+}
+
+impl Metrics {
+    pub(crate) fn new(labels: TenantLabels) -> Self {
+        Self {
+            labels,
+            labelled: Mutex::default(),
+        }
+    }
+
+    /// The `tenant` label for `tenant`, if tenants are labelled.
+    fn tenant(&self, tenant: &str) -> Option<Label> {
+        let value = match self.labels {
+            TenantLabels::Off => return None,
+            TenantLabels::All => tenant.to_owned(),
+            TenantLabels::Bounded(bound) => {
+                let mut labelled = self.labelled.lock().unwrap_or_else(PoisonError::into_inner);
+                if labelled.contains(tenant)
+                    || labelled.len() < bound && labelled.insert(tenant.into())
+                {
+                    tenant.to_owned()
+                } else {
+                    OTHER_TENANTS.to_owned()
+                }
+            }
+        };
+        Some(Label::new("tenant", value))
+    }
+
+    fn labels(&self, tenant: Option<&str>, rest: &[(&'static str, &'static str)]) -> Vec<Label> {
+        let mut labels: Vec<Label> = rest.iter().map(|&(k, v)| Label::new(k, v)).collect();
+        labels.extend(tenant.and_then(|tenant| self.tenant(tenant)));
+        labels
+    }
+
+    /// Counts an admission and starts tracking its tokens.
+    pub(crate) fn admitted(&self, tenant: &str, tokens: u64) -> Tag {
+        counter!(
+            REQUESTS_TOTAL,
+            self.labels(Some(tenant), &[("outcome", "admitted")])
+        )
+        .increment(1);
+        self.hold(tenant, tokens)
+    }
+
+    /// Counts a request shadow mode admitted although `code` would have refused it, and
+    /// starts tracking its tokens.
+    pub(crate) fn shadowed(&self, tenant: &str, tokens: u64, code: &'static str) -> Tag {
+        let labels = self.labels(Some(tenant), &[("outcome", "shadowed"), ("reason", code)]);
+        counter!(REQUESTS_TOTAL, labels).increment(1);
+        self.hold(tenant, tokens)
+    }
+
+    /// Counts a refusal.
+    pub(crate) fn refused(&self, tenant: Option<&str>, code: &'static str) {
+        let labels = self.labels(tenant, &[("outcome", "refused"), ("reason", code)]);
+        counter!(REQUESTS_TOTAL, labels).increment(1);
+    }
+
+    fn hold(&self, tenant: &str, tokens: u64) -> Tag {
+        let labels = self.labels(Some(tenant), &[]);
+        histogram!(RESERVED, labels.clone()).record(tokens as f64);
+        let in_flight = gauge!(IN_FLIGHT, labels.clone());
+        in_flight.increment(tokens as f64);
+        Tag {
+            in_flight,
+            labels,
+            estimate: tokens,
+            reconciled: false,
+        }
+    }
+}
+
+/// What one reservation has told the recorder, so its changes and its end can be told too.
+#[derive(Debug)]
+pub(crate) struct Tag {
+    in_flight: Gauge,
+    labels: Vec<Label>,
+    estimate: u64,
+    reconciled: bool,
+}
+
+impl Tag {
+    /// The reservation went from `from` to `to` tokens (a handler reconciled it).
+    pub(crate) fn resized(&mut self, from: u64, to: u64) {
+        self.reconciled = true;
+        if to >= from {
+            self.in_flight.increment((to - from) as f64);
+        } else {
+            self.in_flight.decrement((from - to) as f64);
+        }
+    }
+
+    /// The reservation ended holding `tokens`.
+    pub(crate) fn released(&self, tokens: u64) {
+        self.in_flight.decrement(tokens as f64);
+        if self.reconciled && self.estimate > 0 {
+            histogram!(USAGE_RATIO, self.labels.clone())
+                .record(tokens as f64 / self.estimate as f64);
+        }
+    }
+}

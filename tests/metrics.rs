@@ -1,0 +1,147 @@
+//! What the layer records through the `metrics` facade, read back as Prometheus text from
+//! `metrics-exporter-prometheus` (as the gateway's `/metrics` serves it), over real HTTP.
+#![cfg(feature = "metrics")]
+
+mod common;
+
+use std::sync::{Arc, OnceLock};
+
+use axum::routing::post;
+use axum::{Extension, Router};
+use common::*;
+use http::StatusCode;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tower_tenant_tokens::metrics::TenantLabels;
+use tower_tenant_tokens::{ReservationHandle, ShadowMode, TenantTokenLayer, TenantTokenTracker};
+
+/// One recorder for the whole test binary (a process has one); tests use distinct tenants.
+fn recorder() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        PrometheusBuilder::new()
+            .install_recorder()
+            .expect("the only recorder")
+    })
+}
+
+/// The value of the sample `series` (name and labels, as rendered), if present.
+fn sample(series: &str) -> Option<f64> {
+    let text = recorder().render();
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// An app whose `/chat` handler reconciles to `x-used` (when sent), whose `/ok` handler
+/// answers at once, and whose `/hold` handler streams until the test ends the stream.
+async fn app(layer: TenantTokenLayer) -> (TestServer, Streams) {
+    let (source, streams) = streams();
+    let app = Router::new()
+        .route(
+            "/chat",
+            post(
+                |Extension(handle): Extension<ReservationHandle>, headers: http::HeaderMap| async move {
+                    if let Some(used) = headers.get("x-used") {
+                        handle.resize(used.to_str().unwrap().parse().unwrap());
+                    }
+                    "ok"
+                },
+            ),
+        )
+        .route("/ok", post(|| async { "ok" }))
+        .route(
+            "/hold",
+            post(move || {
+                let body = source.body();
+                async move { body }
+            }),
+        )
+        .layer(layer);
+    (serve(app).await, streams)
+}
+
+#[tokio::test]
+async fn outcomes_tokens_in_flight_and_usage_are_recorded_per_tenant() {
+    recorder();
+    let tracker = Arc::new(TenantTokenTracker::new(1_000));
+    let layer = TenantTokenLayer::new(tracker.clone())
+        .metrics_tenant_labels(TenantLabels::All)
+        .shadow(ShadowMode::tenants(|tenant| tenant == "m-trial"));
+    let (server, mut streams) = app(layer).await;
+    let client = client();
+
+    // Admitted at 300, reconciled to 150 by the handler.
+    let mut request = metered(&server, "/chat", "m-acme", 300);
+    request
+        .headers_mut()
+        .insert("x-used", "150".parse().unwrap());
+    assert_eq!(call(&client, request).await.status, StatusCode::OK);
+    wait_until("the release", || tracker.in_flight("m-acme") == 0).await;
+    let admitted = r#"tenant_tokens_requests_total{outcome="admitted",tenant="m-acme"}"#;
+    assert_eq!(sample(admitted), Some(1.0));
+    assert_eq!(
+        sample(r#"tenant_tokens_reserved_sum{tenant="m-acme"}"#),
+        Some(300.0)
+    );
+    assert_eq!(
+        sample(r#"tenant_tokens_usage_ratio_sum{tenant="m-acme"}"#),
+        Some(0.5)
+    );
+    assert_eq!(
+        sample(r#"tenant_tokens_usage_ratio_count{tenant="m-acme"}"#),
+        Some(1.0)
+    );
+    let in_flight = r#"tenant_tokens_in_flight{tenant="m-acme"}"#;
+    assert_eq!(sample(in_flight), Some(0.0));
+
+    // Held by a stream: the gauge shows it until the stream ends.
+    let holding = send(&client, metered(&server, "/hold", "m-acme", 700)).await;
+    let chunks = streams.next().await;
+    assert_eq!(sample(in_flight), Some(700.0));
+    // Refused over the cap; refused for a bad estimate (no tenant label: the request
+    // was refused before its tenant counted).
+    let refused = call(&client, metered(&server, "/chat", "m-acme", 400)).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    let over = r#"tenant_tokens_requests_total{outcome="refused",reason="rate_limit_exceeded",tenant="m-acme"}"#;
+    assert_eq!(sample(over), Some(1.0));
+    let bad = http::Request::post(server.url("/chat"))
+        .header("x-tenant-id", "m-acme")
+        .header("x-token-estimate", "many")
+        .body(empty())
+        .unwrap();
+    assert_eq!(call(&client, bad).await.status, StatusCode::BAD_REQUEST);
+    let invalid =
+        r#"tenant_tokens_requests_total{outcome="refused",reason="invalid_token_estimate"}"#;
+    assert!(sample(invalid).is_some_and(|n| n >= 1.0));
+    drop(chunks);
+    assert_eq!(read(holding).await.status, StatusCode::OK);
+    wait_until("the stream's release", || tracker.in_flight("m-acme") == 0).await;
+    assert_eq!(sample(in_flight), Some(0.0));
+
+    // Shadowed: admitted, counted apart with the refusal it escaped.
+    let trial = call(&client, metered(&server, "/chat", "m-trial", 5_000)).await;
+    assert_eq!(trial.status, StatusCode::OK);
+    let shadowed = r#"tenant_tokens_requests_total{outcome="shadowed",reason="request_too_large",tenant="m-trial"}"#;
+    assert_eq!(sample(shadowed), Some(1.0));
+}
+
+#[tokio::test]
+async fn bounded_tenant_labels_fold_the_rest_into_other() {
+    recorder();
+    let tracker = Arc::new(TenantTokenTracker::new(1_000));
+    let layer = TenantTokenLayer::new(tracker).metrics_tenant_labels(TenantLabels::Bounded(1));
+    let (server, _streams) = app(layer).await;
+    let client = client();
+    for tenant in ["b-first", "b-second", "b-third", "b-first"] {
+        let reply = call(&client, metered(&server, "/ok", tenant, 10)).await;
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    let first = r#"tenant_tokens_requests_total{outcome="admitted",tenant="b-first"}"#;
+    assert_eq!(sample(first), Some(2.0));
+    let other = r#"tenant_tokens_requests_total{outcome="admitted",tenant="other"}"#;
+    assert_eq!(sample(other), Some(2.0));
+    let text = recorder().render();
+    assert!(
+        !text.contains("b-second") && !text.contains("b-third"),
+        "{text}"
+    );
+}
