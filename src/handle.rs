@@ -78,9 +78,8 @@ impl ReservationHandle {
     /// Sets the tokens held, up or down, as [`TokenReservation::resize`] does (growth past
     /// the cap is allowed and counted). Returns what is held now; 0 once released.
     ///
-    /// With a [`RedisTokenTracker`](crate::RedisTokenTracker) the new amount counts here
-    /// at once and reaches Redis in the background (see
-    /// [`RedisReservation::resize`](crate::RedisReservation::resize)).
+    /// With a `RedisTokenTracker` (feature `redis`) the new amount counts here at once and
+    /// reaches Redis in the background (see `RedisReservation::resize`).
     pub fn resize(&self, tokens: u64) -> u64 {
         self.lock().as_mut().map_or(0, |held| held.resize(tokens))
     }
@@ -106,9 +105,9 @@ impl ReservationHandle {
         }
     }
 
-    /// [`try_resize`](Self::try_resize) for every tracker: with a
-    /// [`RedisTokenTracker`](crate::RedisTokenTracker), growth is checked atomically in
-    /// Redis against what every replica has in flight.
+    /// [`try_resize`](Self::try_resize) for every tracker: with a `RedisTokenTracker`
+    /// (feature `redis`), growth is checked atomically in Redis against what every replica
+    /// has in flight.
     ///
     /// # Errors
     ///

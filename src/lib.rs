@@ -67,7 +67,12 @@
 //! - `metrics`: the layer records counters, a gauge and histograms through the `metrics`
 //!   facade (see the `metrics` module); adds `metrics`.
 //! - `redis`: `RedisTokenTracker`, one cap shared by every replica through Redis with
-//!   expiring leases ([`TenantTokenLayer::redis`]); adds `redis` and `tokio`.
+//!   expiring leases (`TenantTokenLayer::redis`); adds `redis` and `tokio`.
+//!
+//! # Minimum supported Rust version
+//!
+//! Rust 1.73 with the default features and `metrics`; the `redis` feature needs what
+//! redis-rs needs (1.88).
 
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 #![deny(unsafe_code)]
