@@ -28,6 +28,8 @@ pub(crate) struct Config {
     pub(crate) missing_estimate: MissingEstimate,
     pub(crate) max_tenant_len: usize,
     pub(crate) retry_after: Duration,
+    /// Hold times and the longest `Retry-After` to derive from them, when switched on.
+    pub(crate) adaptive_retry: Option<(Arc<crate::hold_time::HoldTimes>, Duration)>,
     pub(crate) on_rejection: Option<Arc<RejectFn>>,
     pub(crate) reservation_handle: bool,
     pub(crate) limit_headers: LimitHeaders,
@@ -161,7 +163,10 @@ impl Config {
     /// An admitted reservation, counted and logged; `shadowed` is the refusal shadow mode
     /// overrode, if it did.
     fn held(&self, reservation: Ledgered, shadowed: Option<&Error>) -> Held {
-        let held = Held::new(reservation);
+        let mut held = Held::new(reservation);
+        if let Some((times, _)) = &self.adaptive_retry {
+            held = held.timed(crate::hold_time::HoldClock::start(times));
+        }
         if let Some(error) = shadowed {
             self.shadowed.fetch_add(1, Relaxed);
             tracing::info!(
@@ -222,8 +227,22 @@ impl Config {
         }
         #[cfg(feature = "metrics")]
         self.metrics.refused(error.tenant_id(), error.code());
+        let retry_after = match (&error, &self.adaptive_retry) {
+            (
+                Error::TenantOverloaded {
+                    requested,
+                    in_flight,
+                    cap,
+                    ..
+                },
+                Some((times, max)),
+            ) => times
+                .retry_after(*requested, *in_flight, *cap, *max)
+                .unwrap_or(self.retry_after),
+            _ => self.retry_after,
+        };
         let ietf = self.limit_headers.ietf;
-        let rejection = Rejection::new(error, status, self.retry_after, ietf);
+        let rejection = Rejection::new(error, status, retry_after, ietf);
         match &self.on_rejection {
             Some(on_rejection) => on_rejection(&rejection),
             None => rejection.to_response(),

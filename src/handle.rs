@@ -37,6 +37,8 @@ pub struct ReservationHandle {
 /// metrics recorder was told of it.
 pub(crate) struct Held {
     reservation: Ledgered,
+    /// Times the reservation, for a `Retry-After` derived from hold times.
+    clock: Option<crate::hold_time::HoldClock>,
     #[cfg(feature = "metrics")]
     tag: Option<crate::metrics::Tag>,
 }
@@ -148,9 +150,16 @@ impl Held {
     pub(crate) fn new(reservation: Ledgered) -> Self {
         Self {
             reservation,
+            clock: None,
             #[cfg(feature = "metrics")]
             tag: None,
         }
+    }
+
+    /// Times the reservation until it ends.
+    pub(crate) fn timed(mut self, clock: crate::hold_time::HoldClock) -> Self {
+        self.clock = Some(clock);
+        self
     }
 
     /// Reports the reservation's changes and end to the metrics recorder.
@@ -239,9 +248,12 @@ impl Held {
     }
 }
 
-#[cfg(feature = "metrics")]
 impl Drop for Held {
     fn drop(&mut self) {
+        if let Some(clock) = &self.clock {
+            clock.stop();
+        }
+        #[cfg(feature = "metrics")]
         if let Some(tag) = &self.tag {
             tag.released(self.tokens());
         }

@@ -76,6 +76,7 @@ impl TenantTokenLayer {
                 missing_estimate: MissingEstimate::default(),
                 max_tenant_len: DEFAULT_MAX_TENANT_LEN,
                 retry_after: Duration::from_secs(1),
+                adaptive_retry: None,
                 on_rejection: None,
                 reservation_handle: true,
                 limit_headers: LimitHeaders::default(),
@@ -154,6 +155,24 @@ impl TenantTokenLayer {
     /// 1 s).
     pub fn retry_after(self, retry_after: Duration) -> Self {
         self.with(|config| config.retry_after = retry_after)
+    }
+
+    /// Derives the 429's `Retry-After` from what is in flight, up to `max` (default: off,
+    /// the fixed [`retry_after`](Self::retry_after) is sent).
+    ///
+    /// The layer then times every reservation from admission to release and keeps the mean
+    /// hold time (exponentially weighted, each new sample counting for 1/8, across
+    /// tenants). A refused request is told to come back after that mean times the share of
+    /// the tenant's in-flight tokens that must be released before it fits: a request that
+    /// needs a sliver of what is in flight retries sooner than one that needs all of it.
+    /// Until the first reservation has ended, and for refusals other than 429, the fixed
+    /// value is sent. Never under one second (`Retry-After` counts whole seconds).
+    ///
+    /// The cost: reading the clock twice per request and one shared atomic update at each
+    /// release.
+    pub fn retry_after_from_in_flight(self, max: Duration) -> Self {
+        let times = Arc::default();
+        self.with(|config| config.adaptive_retry = Some((times, max)))
     }
 
     /// Builds refusal responses with `f` instead of the default OpenAI-shaped JSON
@@ -250,6 +269,10 @@ impl fmt::Debug for TenantTokenLayer {
             .field("missing_estimate", &self.config.missing_estimate)
             .field("max_tenant_len", &self.config.max_tenant_len)
             .field("retry_after", &self.config.retry_after)
+            .field(
+                "retry_after_from_in_flight",
+                &self.config.adaptive_retry.as_ref().map(|(_, max)| max),
+            )
             .field("reservation_handle", &self.config.reservation_handle)
             .field("limit_headers", &self.config.limit_headers)
             .field("shadow", &self.config.shadow)

@@ -84,6 +84,7 @@ mod error;
 mod extract;
 mod future;
 mod handle;
+mod hold_time;
 mod layer;
 #[cfg(feature = "metrics")]
 pub mod metrics;

@@ -670,3 +670,37 @@ async fn shadow_mode_for_some_tenants_enforces_the_others() {
     assert_eq!(app.tracker.in_flight("acme"), 0);
     assert_eq!(app.tracker.in_flight("trial-1"), 0);
 }
+
+#[tokio::test]
+async fn retry_after_can_be_derived_from_hold_times_and_what_is_in_flight() {
+    let mut app = app(1_000, |layer| {
+        layer.retry_after_from_in_flight(std::time::Duration::from_secs(600))
+    })
+    .await;
+    let client = client();
+    let retry_after = |reply: &Reply| reply.header("retry-after").map(str::to_owned);
+
+    // Nothing has been released yet: the fixed value.
+    let holding = send(&client, metered(&app.server, "/hold", "acme", 1_000)).await;
+    let chunks = app.streams.next().await;
+    let refused = call(&client, metered(&app.server, "/v1/chat", "acme", 500)).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(retry_after(&refused).as_deref(), Some("1"));
+    // Held for 1.5 s: the mean hold time is now about that.
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    drop(chunks);
+    assert_eq!(read(holding).await.status, StatusCode::OK);
+
+    let holding = send(&client, metered(&app.server, "/hold", "acme", 1_000)).await;
+    let chunks = app.streams.next().await;
+    // Needs all that is in flight released: about the mean hold time, 1.5 s → 2.
+    let whole = call(&client, metered(&app.server, "/v1/chat", "acme", 1_000)).await;
+    assert_eq!(whole.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(retry_after(&whole).as_deref(), Some("2"));
+    // Needs a tenth of it: 0.15 s, which is still never under 1.
+    let sliver = call(&client, metered(&app.server, "/v1/chat", "acme", 100)).await;
+    assert_eq!(retry_after(&sliver).as_deref(), Some("1"));
+    drop(chunks);
+    assert_eq!(read(holding).await.status, StatusCode::OK);
+    assert_eq!(app.tracker.in_flight("acme"), 0);
+}
