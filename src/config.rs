@@ -11,10 +11,11 @@ use bytes::Bytes;
 use http::request::Parts;
 use http::{Response, StatusCode};
 
+use crate::budget::Draws;
 use crate::extract::{Estimator, MissingEstimate, MissingTenant, Plan, TenantSource};
 use crate::handle::{Guard, Held, Ledgered};
 use crate::reject::Rejection;
-use crate::{Error, ShadowMode, TenantTokenTracker};
+use crate::{Error, ShadowMode, SharedBudget, TenantTokenTracker, TokenReservation};
 
 pub(crate) type RejectFn = dyn Fn(&Rejection) -> Response<Bytes> + Send + Sync;
 
@@ -34,6 +35,8 @@ pub(crate) struct Config {
     pub(crate) reservation_handle: bool,
     pub(crate) limit_headers: LimitHeaders,
     pub(crate) shadow: ShadowMode,
+    /// Caps shared by every tenant that requests draw from too.
+    pub(crate) budgets: Vec<SharedBudget>,
     /// Requests admitted in shadow mode that would have been refused.
     pub(crate) shadowed: Arc<AtomicU64>,
     #[cfg(feature = "metrics")]
@@ -123,18 +126,11 @@ impl Config {
 
     /// Reserves `tokens` for `tenant`, at once in memory, or in a future for Redis. The
     /// caller hands the request the guard's handle, if it has one.
-    pub(crate) fn admit(self: &Arc<Self>, tenant: &str, tokens: u64) -> Admission {
+    pub(crate) fn admit(self: &Arc<Self>, tenant: &str, tokens: u64, draws: Draws) -> Admission {
         let with_handle = self.reservation_handle;
         match &self.ledger {
             Ledger::Local(tracker) => {
-                let held = match tracker.reserve_id(tenant, tokens) {
-                    Ok(reservation) => Ok(self.held(Ledgered::Local(reservation), None)),
-                    Err(error) if self.shadow.covers(tenant, &error) => {
-                        let reservation = tracker.reserve_unchecked(tenant, tokens);
-                        Ok(self.held(Ledgered::Local(reservation), Some(&error)))
-                    }
-                    Err(error) => Err(error),
-                };
+                let held = self.admit_local(tracker, tenant, tokens, &draws);
                 Admission::Now(held.map(|held| {
                     tracing::debug!(tenant, tokens, "admitted token reservation");
                     Guard::new(held, with_handle)
@@ -142,17 +138,26 @@ impl Config {
             }
             #[cfg(feature = "redis")]
             Ledger::Redis(tracker) => {
+                // The budgets first: they answer at once, so their refusals cost no round
+                // trip. Should Redis refuse, they are released when dropped.
+                let (budgets, shadowed) = match self.draw(tenant, tokens, &draws) {
+                    Ok(drawn) => drawn,
+                    Err(error) => return Admission::Now(Err(error)),
+                };
                 let (tracker, tenant, config) =
                     (tracker.clone(), tenant.to_owned(), Arc::clone(self));
                 Admission::Later(Box::pin(async move {
-                    let held = match tracker.reserve(&tenant, tokens).await {
-                        Ok(reservation) => config.held(Ledgered::Redis(reservation), None),
-                        Err(error) if config.shadow.covers(&tenant, &error) => {
-                            let reservation = tracker.reserve_unchecked(&tenant, tokens).await?;
-                            config.held(Ledgered::Redis(reservation), Some(&error))
-                        }
+                    let (reservation, refused) = match tracker.reserve(&tenant, tokens).await {
+                        Ok(reservation) => (reservation, None),
+                        Err(error) if config.shadow.covers(&tenant, &error) => (
+                            tracker.reserve_unchecked(&tenant, tokens).await?,
+                            Some(error),
+                        ),
                         Err(error) => return Err(error),
                     };
+                    let shadowed = refused.or(shadowed);
+                    let reservation = Ledgered::Redis(reservation);
+                    let held = config.held(reservation, budgets, shadowed.as_ref());
                     tracing::debug!(tenant, tokens, "admitted token reservation");
                     Ok(Guard::new(held, with_handle))
                 }))
@@ -160,10 +165,56 @@ impl Config {
         }
     }
 
+    /// Reserves in memory against the tenant's cap, then the budgets: all or nothing.
+    fn admit_local(
+        &self,
+        tracker: &TenantTokenTracker,
+        tenant: &str,
+        tokens: u64,
+        draws: &Draws,
+    ) -> Result<Held, Error> {
+        let (reservation, refused) = match tracker.reserve_id(tenant, tokens) {
+            Ok(reservation) => (reservation, None),
+            Err(error) if self.shadow.covers(tenant, &error) => {
+                (tracker.reserve_unchecked(tenant, tokens), Some(error))
+            }
+            Err(error) => return Err(error),
+        };
+        // A budget's refusal drops `reservation`, which releases it.
+        let (budgets, shadowed) = self.draw(tenant, tokens, draws)?;
+        let shadowed = refused.or(shadowed);
+        Ok(self.held(Ledgered::Local(reservation), budgets, shadowed.as_ref()))
+    }
+
+    /// Reserves in every budget the request draws from, with the refusal shadow mode
+    /// overrode, if it did.
+    fn draw(
+        &self,
+        tenant: &str,
+        tokens: u64,
+        draws: &Draws,
+    ) -> Result<(Vec<TokenReservation>, Option<Error>), Error> {
+        if draws.is_empty() {
+            return Ok((Vec::new(), None));
+        }
+        match draws.reserve(tokens, false) {
+            Ok(budgets) => Ok((budgets, None)),
+            Err(error) if self.shadow.covers(tenant, &error) => {
+                Ok((draws.reserve(tokens, true)?, Some(error)))
+            }
+            Err(error) => Err(error),
+        }
+    }
+
     /// An admitted reservation, counted and logged; `shadowed` is the refusal shadow mode
     /// overrode, if it did.
-    fn held(&self, reservation: Ledgered, shadowed: Option<&Error>) -> Held {
-        let mut held = Held::new(reservation);
+    fn held(
+        &self,
+        reservation: Ledgered,
+        budgets: Vec<TokenReservation>,
+        shadowed: Option<&Error>,
+    ) -> Held {
+        let mut held = Held::new(reservation, budgets);
         if let Some((times, _)) = &self.adaptive_retry {
             held = held.timed(crate::hold_time::HoldClock::start(times));
         }
@@ -230,6 +281,15 @@ impl Config {
         let retry_after = match (&error, &self.adaptive_retry) {
             (
                 Error::TenantOverloaded {
+                    requested,
+                    in_flight,
+                    cap,
+                    ..
+                },
+                Some((times, max)),
+            )
+            | (
+                Error::BudgetOverloaded {
                     requested,
                     in_flight,
                     cap,

@@ -32,6 +32,28 @@ pub enum Error {
         /// The tenant's cap.
         cap: u64,
     },
+    /// The request fits its tenant's cap, but not a shared budget (an upstream's capacity,
+    /// a model's) next to what every tenant has in flight there now. Retry later. HTTP 429.
+    BudgetOverloaded {
+        /// The budget, as its [`SharedBudget`](crate::SharedBudget) keys it.
+        budget: String,
+        /// Tokens the request asked for.
+        requested: u64,
+        /// Tokens the budget had in flight when the request was refused.
+        in_flight: u64,
+        /// The budget's cap.
+        cap: u64,
+    },
+    /// The request alone is larger than a shared budget's cap: retrying cannot help. HTTP
+    /// 413.
+    BudgetTooLarge {
+        /// The budget, as its [`SharedBudget`](crate::SharedBudget) keys it.
+        budget: String,
+        /// Tokens the request asked for.
+        tokens: u64,
+        /// The budget's cap.
+        cap: u64,
+    },
     /// No tenant could be found on the request. HTTP 400, or 401 if so configured.
     MissingTenant,
     /// A tenant id was present but unusable. HTTP 400.
@@ -75,10 +97,12 @@ impl Error {
     /// The HTTP status this error answers with by default.
     pub fn status(&self) -> StatusCode {
         match self {
-            Error::TenantOverloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Error::RequestTooLarge { .. } | Error::BodyTooLarge { .. } => {
-                StatusCode::PAYLOAD_TOO_LARGE
+            Error::TenantOverloaded { .. } | Error::BudgetOverloaded { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
             }
+            Error::RequestTooLarge { .. }
+            | Error::BudgetTooLarge { .. }
+            | Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::MissingTenant
             | Error::InvalidTenant { .. }
             | Error::MissingEstimate
@@ -94,6 +118,8 @@ impl Error {
         match self {
             Error::TenantOverloaded { .. } => "rate_limit_exceeded",
             Error::RequestTooLarge { .. } => "request_too_large",
+            Error::BudgetOverloaded { .. } => "budget_exceeded",
+            Error::BudgetTooLarge { .. } => "request_too_large_for_budget",
             Error::MissingTenant => "missing_tenant",
             Error::InvalidTenant { .. } => "invalid_tenant",
             Error::MissingEstimate => "missing_token_estimate",
@@ -102,6 +128,16 @@ impl Error {
             Error::MalformedBody { .. } => "invalid_json",
             Error::BodyRead { .. } => "body_read_error",
             Error::BackendUnavailable { .. } => "backend_unavailable",
+        }
+    }
+
+    /// The shared budget that refused the request, for the budget errors.
+    pub fn budget(&self) -> Option<&str> {
+        match self {
+            Error::BudgetOverloaded { budget, .. } | Error::BudgetTooLarge { budget, .. } => {
+                Some(budget)
+            }
+            _ => None,
         }
     }
 
@@ -135,6 +171,25 @@ impl fmt::Display for Error {
             } => write!(
                 f,
                 "request of {tokens} tokens can never fit tenant `{tenant_id}`'s cap of {cap} \
+                 tokens in flight"
+            ),
+            Error::BudgetOverloaded {
+                budget,
+                requested,
+                in_flight,
+                cap,
+            } => write!(
+                f,
+                "budget `{budget}` is over its in-flight token cap: {requested} tokens \
+                 requested, {in_flight} of {cap} already in flight"
+            ),
+            Error::BudgetTooLarge {
+                budget,
+                tokens,
+                cap,
+            } => write!(
+                f,
+                "request of {tokens} tokens can never fit budget `{budget}`'s cap of {cap} \
                  tokens in flight"
             ),
             Error::MissingTenant => f.write_str("no tenant identified on the request"),

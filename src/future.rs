@@ -12,6 +12,7 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
+use crate::budget::Draws;
 use crate::config::{Admission, Config, LimitHeaders, Reserving};
 use crate::extract::BodyEstimate;
 use crate::handle::Guard;
@@ -235,7 +236,10 @@ where
                     } = *pending.take().expect("checked above");
                     let bytes = buffer.freeze();
                     let admission = match outcome.and_then(|()| estimate.estimate(&parts, &bytes)) {
-                        Ok(tokens) => config.admit(&tenant, tokens),
+                        Ok(tokens) => {
+                            let draws = Draws::find(&config.budgets, &parts, Some(&bytes));
+                            config.admit(&tenant, tokens, draws)
+                        }
                         Err(error) => Admission::Now(Err(error)),
                     };
                     let call = Call {

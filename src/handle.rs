@@ -37,6 +37,8 @@ pub struct ReservationHandle {
 /// metrics recorder was told of it.
 pub(crate) struct Held {
     reservation: Ledgered,
+    /// The shared budgets' reservations, resized and released with the tenant's.
+    budgets: Vec<TokenReservation>,
     /// Times the reservation, for a `Retry-After` derived from hold times.
     clock: Option<crate::hold_time::HoldClock>,
     #[cfg(feature = "metrics")]
@@ -129,11 +131,17 @@ impl ReservationHandle {
             let Some((lease, shared)) = lease else {
                 return Ok(());
             };
-            shared.try_resize(&lease, tokens).await?;
             if let Some(held) = self.lock().as_mut() {
-                held.resized(before);
+                held.try_grow_budgets(tokens)?;
             }
-            Ok(())
+            let grown = shared.try_resize(&lease, tokens).await;
+            if let Some(held) = self.lock().as_mut() {
+                match grown {
+                    Ok(()) => held.resized(before),
+                    Err(_) => held.shrink_budgets(before),
+                }
+            }
+            grown
         }
         #[cfg(not(feature = "redis"))]
         self.try_resize(tokens)
@@ -147,9 +155,10 @@ impl ReservationHandle {
 }
 
 impl Held {
-    pub(crate) fn new(reservation: Ledgered) -> Self {
+    pub(crate) fn new(reservation: Ledgered, budgets: Vec<TokenReservation>) -> Self {
         Self {
             reservation,
+            budgets,
             clock: None,
             #[cfg(feature = "metrics")]
             tag: None,
@@ -184,22 +193,60 @@ impl Held {
             #[cfg(feature = "redis")]
             Ledgered::Redis(reservation) => reservation.resize(tokens),
         };
+        for budget in &mut self.budgets {
+            budget.resize(now);
+        }
         self.resized(before);
         now
     }
 
-    /// The growth check, if it can be made without waiting.
+    /// The growth check, if it can be made without waiting: the budgets first, then the
+    /// tenant's; a refusal anywhere puts back what had grown.
     fn try_resize_now(&mut self, tokens: u64) -> Option<Result<(), Error>> {
         let before = self.tokens();
+        if tokens > before {
+            if let Err(error) = self.try_grow_budgets(tokens) {
+                return Some(Err(error));
+            }
+        }
         let done = match &mut self.reservation {
             Ledgered::Local(reservation) => Some(reservation.try_resize(tokens)),
             #[cfg(feature = "redis")]
             Ledgered::Redis(reservation) => reservation.try_resize_now(tokens),
         };
-        if let Some(Ok(())) = done {
-            self.resized(before);
+        match done {
+            Some(Ok(())) => {
+                for budget in &mut self.budgets {
+                    budget.resize(tokens); // the shrinks; growth is already in place
+                }
+                self.resized(before);
+            }
+            // Refused, or left for Redis to decide: the budgets go back until it has.
+            _ => self.shrink_budgets(before),
         }
         done
+    }
+
+    /// Grows every budget to `tokens` within its cap, or none.
+    fn try_grow_budgets(&mut self, tokens: u64) -> Result<(), Error> {
+        for i in 0..self.budgets.len() {
+            let budget = &mut self.budgets[i];
+            let before = budget.tokens();
+            if let Err(error) = budget.try_resize(tokens) {
+                let key = budget.tenant_id().to_owned();
+                self.shrink_budgets(before);
+                return Err(crate::budget::budget_error(&key, error));
+            }
+        }
+        Ok(())
+    }
+
+    fn shrink_budgets(&mut self, tokens: u64) {
+        for budget in &mut self.budgets {
+            if budget.tokens() > tokens {
+                budget.resize(tokens);
+            }
+        }
     }
 
     /// Tells the recorder the reservation changed from `before` to what it holds now.

@@ -12,7 +12,8 @@ use tower_layer::Layer;
 use crate::config::{Config, Ledger, LimitHeaders};
 use crate::extract::{Estimator, MissingEstimate, MissingTenant, TenantSource};
 use crate::{
-    Rejection, ShadowMode, TenantTokenService, TenantTokenTracker, DEFAULT_MAX_TENANT_LEN,
+    Rejection, ShadowMode, SharedBudget, TenantTokenService, TenantTokenTracker,
+    DEFAULT_MAX_TENANT_LEN,
 };
 
 /// Caps the tokens each tenant has in flight, in front of any HTTP service.
@@ -81,6 +82,7 @@ impl TenantTokenLayer {
                 reservation_handle: true,
                 limit_headers: LimitHeaders::default(),
                 shadow: ShadowMode::Off,
+                budgets: Vec::new(),
                 shadowed: Arc::default(),
                 #[cfg(feature = "metrics")]
                 metrics: Arc::default(),
@@ -222,6 +224,14 @@ impl TenantTokenLayer {
         self.with(|config| config.limit_headers.ietf = enabled)
     }
 
+    /// Makes every request also draw from `budget`, a cap all tenants share (an upstream's
+    /// capacity, one per model, …), all or nothing with its tenant's cap; see
+    /// [`SharedBudget`]. Call again to add more budgets. With a Redis tracker the budgets
+    /// are still counted in this process.
+    pub fn shared_budget(self, budget: SharedBudget) -> Self {
+        self.with(|config| config.budgets.push(budget))
+    }
+
     /// Trials the caps without enforcing them, for every tenant or some (see
     /// [`ShadowMode`]; default [`ShadowMode::Off`]): a request the cap would refuse is
     /// counted, logged and admitted.
@@ -276,6 +286,7 @@ impl fmt::Debug for TenantTokenLayer {
             .field("reservation_handle", &self.config.reservation_handle)
             .field("limit_headers", &self.config.limit_headers)
             .field("shadow", &self.config.shadow)
+            .field("budgets", &self.config.budgets)
             .finish_non_exhaustive()
     }
 }

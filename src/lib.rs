@@ -79,6 +79,7 @@
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 mod body;
+mod budget;
 mod config;
 mod error;
 mod extract;
@@ -98,6 +99,7 @@ mod sync;
 mod tracker;
 
 pub use self::body::ResponseBody;
+pub use self::budget::SharedBudget;
 pub use self::error::Error;
 pub use self::extract::{
     EstimateError, Estimator, MissingEstimate, MissingTenant, TenantSource, DEFAULT_MAX_TENANT_LEN,

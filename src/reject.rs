@@ -88,7 +88,9 @@ impl Rejection {
     /// a tight retry loop.
     pub fn retry_after(&self) -> Option<Duration> {
         match self.error {
-            Error::TenantOverloaded { .. } | Error::BackendUnavailable { .. } => {
+            Error::TenantOverloaded { .. }
+            | Error::BudgetOverloaded { .. }
+            | Error::BackendUnavailable { .. } => {
                 Some(self.retry_after.max(Duration::from_secs(1)))
             }
             _ => None,
@@ -102,7 +104,7 @@ impl Rejection {
     /// (429 only) `RateLimit` too.
     pub fn to_response(&self) -> Response<Bytes> {
         let error_type = match (self.status, &self.error) {
-            (_, Error::TenantOverloaded { .. }) => "tokens",
+            (_, Error::TenantOverloaded { .. } | Error::BudgetOverloaded { .. }) => "tokens",
             (StatusCode::UNAUTHORIZED, _) => "authentication_error",
             (_, Error::BackendUnavailable { .. }) => "server_error",
             _ => "invalid_request_error",
@@ -138,6 +140,17 @@ impl Rejection {
                 if self.ratelimit_fields {
                     headers.insert(RATELIMIT_POLICY, policy_field(cap));
                 }
+            }
+            // The budget's own figures; the IETF fields describe the tenant's policy only.
+            Error::BudgetOverloaded { in_flight, cap, .. } => {
+                headers.insert(X_RATELIMIT_LIMIT_TOKENS, cap.into());
+                headers.insert(
+                    X_RATELIMIT_REMAINING_TOKENS,
+                    cap.saturating_sub(in_flight).into(),
+                );
+            }
+            Error::BudgetTooLarge { cap, .. } => {
+                headers.insert(X_RATELIMIT_LIMIT_TOKENS, cap.into());
             }
             _ => {}
         }

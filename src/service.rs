@@ -9,6 +9,7 @@ use http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
+use crate::budget::Draws;
 use crate::config::{Admission, Charge, Config, Estimate, LimitHeaders};
 use crate::future::{Pending, ResponseFuture};
 use crate::{BoxError, RequestBody, ResponseBody};
@@ -83,7 +84,8 @@ where
             }
             Err(error) => return ResponseFuture::rejected(config.reject(error)),
         };
-        match config.admit(&tenant, tokens) {
+        let draws = Draws::find(&config.budgets, &parts, None);
+        match config.admit(&tenant, tokens, draws) {
             Admission::Now(Ok(guard)) => {
                 if let Some(handle) = guard.handle() {
                     parts.extensions.insert(handle);

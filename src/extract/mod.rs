@@ -11,3 +11,5 @@ pub use self::openai::{OpenAiEstimate, OpenAiEstimator};
 pub use self::tenant::{MissingTenant, TenantSource, DEFAULT_MAX_TENANT_LEN};
 
 pub(crate) use self::estimate::{BodyEstimate, Plan};
+#[cfg(feature = "openai")]
+pub(crate) use self::openai::json_model;

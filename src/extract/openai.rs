@@ -3,6 +3,7 @@
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
 use serde::Deserializer as _;
 
 use super::estimate::{EstimateError, Estimator};
@@ -369,5 +370,67 @@ impl<'de> Visitor<'de> for Count<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
         self.refuse("an object")
+    }
+}
+
+/// The top-level `"model"` of a JSON request body, if it is a string: what an OpenAI-style
+/// request names its model with. Everything else is skipped without being kept.
+pub(crate) fn json_model(body: &[u8]) -> Option<String> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    deserializer.deserialize_map(ModelVisitor).ok()?
+}
+
+struct ModelVisitor;
+
+impl<'de> Visitor<'de> for ModelVisitor {
+    type Value = Option<String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut model = None;
+        while let Some(key) = map.next_key::<ModelKey>()? {
+            match key {
+                // The first one wins; a later duplicate is skipped like any other field.
+                ModelKey::Model if model.is_none() => {
+                    model = match map.next_value::<serde_json::Value>()? {
+                        serde_json::Value::String(name) => Some(name),
+                        _ => None,
+                    };
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(model)
+    }
+}
+
+enum ModelKey {
+    Model,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for ModelKey {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl Visitor<'_> for KeyVisitor {
+            type Value = ModelKey;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a field name")
+            }
+
+            fn visit_str<E: de::Error>(self, key: &str) -> Result<ModelKey, E> {
+                Ok(match key {
+                    "model" => ModelKey::Model,
+                    _ => ModelKey::Other,
+                })
+            }
+        }
+        deserializer.deserialize_identifier(KeyVisitor)
     }
 }

@@ -1,0 +1,184 @@
+//! Shared budgets: caps every tenant draws from together, next to each tenant's own.
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::request::Parts;
+
+use crate::{Error, TenantTokenTracker, TokenReservation};
+
+type KeyFn = dyn Fn(&Parts, Option<&Bytes>) -> Option<String> + Send + Sync;
+
+/// A cap all tenants share, such as the upstream provider's capacity, or one per model,
+/// that each request draws from next to its tenant's own cap
+/// ([`TenantTokenLayer::shared_budget`](crate::TenantTokenLayer::shared_budget)).
+///
+/// The budget's ledger is a [`TenantTokenTracker`] whose "tenants" are the budget's keys
+/// (`"upstream"`, `"gpt-4o"`, …): its default cap, `set_cap` and cap function set the
+/// budgets' caps, and its snapshot shows what each has in flight.
+///
+/// A request reserves against its tenant and every budget it draws from, all or nothing:
+/// when one refuses, what the others granted is released at once and the refusal names
+/// the budget ([`Error::BudgetOverloaded`], 429; [`Error::BudgetTooLarge`], 413). The
+/// reservations are released together, and a handler's reconciliation resizes them all.
+///
+/// ```
+/// use std::sync::Arc;
+/// use tower_tenant_tokens::{SharedBudget, TenantTokenLayer, TenantTokenTracker};
+///
+/// let tenants = Arc::new(TenantTokenTracker::new(20_000));
+/// // The provider takes 200,000 tokens in flight from all tenants together.
+/// let upstream = Arc::new(TenantTokenTracker::new(200_000));
+/// let layer = TenantTokenLayer::new(tenants)
+///     .shared_budget(SharedBudget::new("upstream", upstream));
+/// # let _ = layer;
+/// ```
+#[derive(Clone)]
+pub struct SharedBudget {
+    tracker: Arc<TenantTokenTracker>,
+    key: Key,
+}
+
+#[derive(Clone)]
+enum Key {
+    Fixed(Arc<str>),
+    Fn(Arc<KeyFn>),
+}
+
+impl SharedBudget {
+    /// One budget, `name`, in `tracker`, that every request draws from.
+    pub fn new(name: impl Into<String>, tracker: Arc<TenantTokenTracker>) -> Self {
+        Self {
+            tracker,
+            key: Key::Fixed(Arc::from(name.into())),
+        }
+    }
+
+    /// One budget per key `f` finds on the request (a model, a region, an upstream), in
+    /// `tracker`; a request for which `f` finds none does not draw from this budget.
+    ///
+    /// `f` sees the request head, and the body when the layer's estimator read it (`None`
+    /// otherwise). It runs once the estimate is known, before anything is reserved.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use tower_tenant_tokens::{SharedBudget, TenantTokenTracker};
+    ///
+    /// let models = Arc::new(TenantTokenTracker::new(100_000));
+    /// models.set_cap("gpt-4o", 40_000);
+    /// let per_model = SharedBudget::keyed(models, |parts, _body| {
+    ///     let model = parts.headers.get("x-model")?.to_str().ok()?;
+    ///     Some(model.to_owned())
+    /// });
+    /// # let _ = per_model;
+    /// ```
+    pub fn keyed<F>(tracker: Arc<TenantTokenTracker>, f: F) -> Self
+    where
+        F: Fn(&Parts, Option<&Bytes>) -> Option<String> + Send + Sync + 'static,
+    {
+        Self {
+            tracker,
+            key: Key::Fn(Arc::new(f)),
+        }
+    }
+
+    /// One budget per model, keyed by the top-level `"model"` string of an OpenAI-style
+    /// JSON body. The body must have been read by the layer's estimator (an
+    /// [`OpenAiEstimator`](crate::OpenAiEstimator)); requests without a body or a model
+    /// do not draw from it. The body is parsed a second time for its model alone,
+    /// skipping everything else.
+    #[cfg(feature = "openai")]
+    pub fn per_model(tracker: Arc<TenantTokenTracker>) -> Self {
+        Self::keyed(tracker, |_, body| crate::extract::json_model(body?))
+    }
+
+    /// The ledger of this budget's keys.
+    pub fn tracker(&self) -> &Arc<TenantTokenTracker> {
+        &self.tracker
+    }
+
+    /// The key this request draws from, if any.
+    fn key(&self, parts: &Parts, body: Option<&Bytes>) -> Option<String> {
+        match &self.key {
+            Key::Fixed(name) => Some(name.to_string()),
+            Key::Fn(f) => f(parts, body),
+        }
+    }
+}
+
+impl fmt::Debug for SharedBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let key = match &self.key {
+            Key::Fixed(name) => name.to_string(),
+            Key::Fn(_) => "<per request>".to_owned(),
+        };
+        f.debug_struct("SharedBudget")
+            .field("key", &key)
+            .field("tracker", &self.tracker)
+            .finish()
+    }
+}
+
+/// The budgets one request draws from, found before anything is reserved.
+#[derive(Default)]
+pub(crate) struct Draws(Vec<(Arc<TenantTokenTracker>, String)>);
+
+impl Draws {
+    pub(crate) fn find(budgets: &[SharedBudget], parts: &Parts, body: Option<&Bytes>) -> Self {
+        Draws(
+            budgets
+                .iter()
+                .filter_map(|budget| Some((Arc::clone(&budget.tracker), budget.key(parts, body)?)))
+                .collect(),
+        )
+    }
+
+    /// Reserves `tokens` in every budget, or none: the first refusal releases what the
+    /// others granted. `unchecked` reserves whatever the caps (shadow mode).
+    pub(crate) fn reserve(
+        &self,
+        tokens: u64,
+        unchecked: bool,
+    ) -> Result<Vec<TokenReservation>, Error> {
+        let mut held = Vec::with_capacity(self.0.len());
+        for (tracker, key) in &self.0 {
+            if unchecked {
+                held.push(tracker.reserve_unchecked(key, tokens));
+                continue;
+            }
+            match tracker.reserve_id(key, tokens) {
+                Ok(reservation) => held.push(reservation),
+                Err(error) => return Err(budget_error(key, error)), // `held` drops: released
+            }
+        }
+        Ok(held)
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// A tracker's refusal of a budget's key, as the budget's refusal.
+pub(crate) fn budget_error(budget: &str, error: Error) -> Error {
+    match error {
+        Error::TenantOverloaded {
+            requested,
+            in_flight,
+            cap,
+            ..
+        } => Error::BudgetOverloaded {
+            budget: budget.to_owned(),
+            requested,
+            in_flight,
+            cap,
+        },
+        Error::RequestTooLarge { tokens, cap, .. } => Error::BudgetTooLarge {
+            budget: budget.to_owned(),
+            tokens,
+            cap,
+        },
+        other => other,
+    }
+}
