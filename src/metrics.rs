@@ -82,19 +82,32 @@ impl Metrics {
         Some(Label::new("tenant", value))
     }
 
+    /// The labels for `tenant`'s series: `rest`, and the tenant's own where tenants are
+    /// labelled. Without tenant labels nothing is allocated (static keys).
     fn labels(&self, tenant: Option<&str>, rest: &[(&'static str, &'static str)]) -> Vec<Label> {
-        let mut labels: Vec<Label> = rest.iter().map(|&(k, v)| Label::new(k, v)).collect();
-        labels.extend(tenant.and_then(|tenant| self.tenant(tenant)));
+        let tenant = tenant.and_then(|tenant| self.tenant(tenant));
+        if rest.is_empty() && tenant.is_none() {
+            return Vec::new();
+        }
+        let mut labels: Vec<Label> = rest
+            .iter()
+            .map(|&(k, v)| Label::from_static_parts(k, v))
+            .collect();
+        labels.extend(tenant);
         labels
     }
 
     /// Counts an admission and starts tracking its tokens.
     pub(crate) fn admitted(&self, tenant: &str, tokens: u64) -> Tag {
-        counter!(
-            REQUESTS_TOTAL,
-            self.labels(Some(tenant), &[("outcome", "admitted")])
-        )
-        .increment(1);
+        if self.labels == TenantLabels::Off {
+            counter!(REQUESTS_TOTAL, "outcome" => "admitted").increment(1);
+        } else {
+            counter!(
+                REQUESTS_TOTAL,
+                self.labels(Some(tenant), &[("outcome", "admitted")])
+            )
+            .increment(1);
+        }
         self.hold(tenant, tokens)
     }
 
@@ -114,8 +127,13 @@ impl Metrics {
 
     fn hold(&self, tenant: &str, tokens: u64) -> Tag {
         let labels = self.labels(Some(tenant), &[]);
-        histogram!(RESERVED, labels.clone()).record(tokens as f64);
-        let in_flight = gauge!(IN_FLIGHT, labels.clone());
+        let in_flight = if labels.is_empty() {
+            histogram!(RESERVED).record(tokens as f64);
+            gauge!(IN_FLIGHT)
+        } else {
+            histogram!(RESERVED, labels.clone()).record(tokens as f64);
+            gauge!(IN_FLIGHT, labels.clone())
+        };
         in_flight.increment(tokens as f64);
         Tag {
             in_flight,
@@ -150,8 +168,12 @@ impl Tag {
     pub(crate) fn released(&self, tokens: u64) {
         self.in_flight.decrement(tokens as f64);
         if self.reconciled && self.estimate > 0 {
-            histogram!(USAGE_RATIO, self.labels.clone())
-                .record(tokens as f64 / self.estimate as f64);
+            let ratio = tokens as f64 / self.estimate as f64;
+            if self.labels.is_empty() {
+                histogram!(USAGE_RATIO).record(ratio);
+            } else {
+                histogram!(USAGE_RATIO, self.labels.clone()).record(ratio);
+            }
         }
     }
 }
