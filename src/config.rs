@@ -15,6 +15,7 @@ use crate::budget::Draws;
 use crate::extract::{Estimator, MissingEstimate, MissingTenant, Plan, TenantSource};
 use crate::handle::{Guard, Held, Ledgered};
 use crate::reject::Rejection;
+use crate::waiting::{Waiting, WakeOnRelease, RECHECK};
 use crate::{Error, ShadowMode, SharedBudget, TenantTokenTracker, TokenReservation};
 
 pub(crate) type RejectFn = dyn Fn(&Rejection) -> Response<Bytes> + Send + Sync;
@@ -37,6 +38,8 @@ pub(crate) struct Config {
     pub(crate) shadow: ShadowMode,
     /// Caps shared by every tenant that requests draw from too.
     pub(crate) budgets: Vec<SharedBudget>,
+    /// Where requests over the cap wait for capacity, when they may.
+    pub(crate) waiting: Option<Arc<Waiting>>,
     /// Requests admitted in shadow mode that would have been refused.
     pub(crate) shadowed: Arc<AtomicU64>,
     #[cfg(feature = "metrics")]
@@ -68,13 +71,12 @@ pub(crate) enum Ledger {
     Redis(crate::RedisTokenTracker),
 }
 
-/// A reservation being decided elsewhere (in Redis).
+/// A reservation decided later: in Redis, or once capacity comes back.
 pub(crate) type Reserving = Pin<Box<dyn Future<Output = Result<Guard, Error>> + Send>>;
 
 /// The outcome of asking the ledger for a reservation.
 pub(crate) enum Admission {
     Now(Result<Guard, Error>),
-    #[cfg(feature = "redis")]
     Later(Reserving),
 }
 
@@ -130,7 +132,19 @@ impl Config {
         let with_handle = self.reservation_handle;
         match &self.ledger {
             Ledger::Local(tracker) => {
-                let held = self.admit_local(tracker, tenant, tokens, &draws);
+                let held = match &self.waiting {
+                    // Others are waiting for this tenant: queue behind them.
+                    Some(waiting) if waiting.has_queue(tenant) => {
+                        return self.wait(tracker, tenant, tokens, draws, None)
+                    }
+                    Some(_) => match self.admit_local(tracker, tenant, tokens, &draws) {
+                        Err(error) if may_wait(&error) => {
+                            return self.wait(tracker, tenant, tokens, draws, Some(error))
+                        }
+                        held => held,
+                    },
+                    None => self.admit_local(tracker, tenant, tokens, &draws),
+                };
                 Admission::Now(held.map(|held| {
                     tracing::debug!(tenant, tokens, "admitted token reservation");
                     Guard::new(held, with_handle)
@@ -163,6 +177,54 @@ impl Config {
                 }))
             }
         }
+    }
+
+    /// Waits in the tenant's queue until the request is first in line and fits, or its
+    /// time is up (then the last refusal stands). Dropping the future leaves the queue and
+    /// holds nothing.
+    fn wait(
+        self: &Arc<Self>,
+        tracker: &Arc<TenantTokenTracker>,
+        tenant: &str,
+        tokens: u64,
+        draws: Draws,
+        refused: Option<Error>,
+    ) -> Admission {
+        let waiting = Arc::clone(self.waiting.as_ref().expect("only called when waiting"));
+        let (config, tracker, tenant) = (Arc::clone(self), Arc::clone(tracker), tenant.to_owned());
+        let overloaded =
+            move |tracker: &TenantTokenTracker, tenant: &str| Error::TenantOverloaded {
+                tenant_id: tenant.to_owned(),
+                requested: tokens,
+                in_flight: tracker.in_flight(tenant),
+                cap: tracker.cap(tenant),
+            };
+        Admission::Later(Box::pin(async move {
+            let Some(ticket) = waiting.enqueue(&tenant) else {
+                // The queue is full: refused at once.
+                return Err(refused.unwrap_or_else(|| overloaded(&tracker, &tenant)));
+            };
+            let deadline = tokio::time::Instant::now() + waiting.max_wait;
+            let mut refused = refused;
+            loop {
+                if ticket.is_first() {
+                    match config.admit_local(&tracker, &tenant, tokens, &draws) {
+                        Ok(held) => {
+                            drop(ticket); // the next in line may fit too: it is woken
+                            tracing::debug!(tenant, tokens, "admitted after waiting");
+                            return Ok(Guard::new(held, config.reservation_handle));
+                        }
+                        Err(error) if may_wait(&error) => refused = Some(error),
+                        Err(error) => return Err(error),
+                    }
+                }
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    return Err(refused.unwrap_or_else(|| overloaded(&tracker, &tenant)));
+                }
+                ticket.wait(RECHECK.min(deadline - now)).await;
+            }
+        }))
     }
 
     /// Reserves in memory against the tenant's cap, then the budgets: all or nothing.
@@ -217,6 +279,11 @@ impl Config {
         let mut held = Held::new(reservation, budgets);
         if let Some((times, _)) = &self.adaptive_retry {
             held = held.timed(crate::hold_time::HoldClock::start(times));
+        }
+        if let Some(waiting) = &self.waiting {
+            let tenant = Box::from(held.tenant_id());
+            let waiting = Arc::clone(waiting);
+            held = held.waking(WakeOnRelease { waiting, tenant });
         }
         if let Some(error) = shadowed {
             self.shadowed.fetch_add(1, Relaxed);
@@ -308,4 +375,12 @@ impl Config {
             None => rejection.to_response(),
         }
     }
+}
+
+/// Whether a refusal may turn into a wait: over a cap now, not larger than one.
+fn may_wait(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::TenantOverloaded { .. } | Error::BudgetOverloaded { .. }
+    )
 }

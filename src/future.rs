@@ -70,7 +70,6 @@ where
             Admission::Now(Err(error)) => State::Rejected {
                 response: Some(Box::new(self.config.reject(error))),
             },
-            #[cfg(feature = "redis")]
             Admission::Later(reserving) => State::Reserving {
                 reserving,
                 call: Some(Box::new(self)),
@@ -149,7 +148,6 @@ where
     }
 
     /// A request whose reservation the ledger decides later.
-    #[cfg(feature = "redis")]
     pub(crate) fn reserving(reserving: Reserving, call: Call<S, B>) -> Self {
         Self {
             state: State::Reserving {

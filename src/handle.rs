@@ -43,6 +43,8 @@ pub(crate) struct Held {
     clock: Option<crate::hold_time::HoldClock>,
     #[cfg(feature = "metrics")]
     tag: Option<crate::metrics::Tag>,
+    /// Wakes the tenant's first waiting request; last, so it runs once the tokens are back.
+    wake: Option<crate::waiting::WakeOnRelease>,
 }
 
 /// A reservation in the ledger it came from.
@@ -162,7 +164,14 @@ impl Held {
             clock: None,
             #[cfg(feature = "metrics")]
             tag: None,
+            wake: None,
         }
+    }
+
+    /// Wakes the tenant's first waiting request when released.
+    pub(crate) fn waking(mut self, wake: crate::waiting::WakeOnRelease) -> Self {
+        self.wake = Some(wake);
+        self
     }
 
     /// Times the reservation until it ends.

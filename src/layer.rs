@@ -11,6 +11,7 @@ use tower_layer::Layer;
 
 use crate::config::{Config, Ledger, LimitHeaders};
 use crate::extract::{Estimator, MissingEstimate, MissingTenant, TenantSource};
+use crate::waiting::Waiting;
 use crate::{
     Rejection, ShadowMode, SharedBudget, TenantTokenService, TenantTokenTracker,
     DEFAULT_MAX_TENANT_LEN,
@@ -83,6 +84,7 @@ impl TenantTokenLayer {
                 limit_headers: LimitHeaders::default(),
                 shadow: ShadowMode::Off,
                 budgets: Vec::new(),
+                waiting: None,
                 shadowed: Arc::default(),
                 #[cfg(feature = "metrics")]
                 metrics: Arc::default(),
@@ -232,6 +234,26 @@ impl TenantTokenLayer {
         self.with(|config| config.budgets.push(budget))
     }
 
+    /// Lets a request over its tenant's cap (or a shared budget) wait up to `max_wait` for
+    /// capacity instead of being refused at once (default: refused at once).
+    ///
+    /// Waiting requests queue per tenant, first come first served: only the first in line
+    /// may reserve, and a new request queues behind any already waiting, so a large request
+    /// is not starved by a stream of small ones. A release through this layer wakes the
+    /// first in line at once; waiting requests also look again every 50 ms, for capacity
+    /// that comes back otherwise (a raised cap, a budget freed by another tenant). When the
+    /// time is up the request gets its 429 as usual. A request larger than a cap (413) never
+    /// waits; at most [`MAX_WAITING_PER_TENANT`](crate::MAX_WAITING_PER_TENANT) wait per
+    /// tenant, and the next is refused at once. A client that goes away while its request
+    /// waits (the response future is dropped) leaves the queue and holds nothing.
+    ///
+    /// In-process only: with `TenantTokenLayer::redis` requests are refused
+    /// at once. Needs tokio's timer (any `#[tokio::main]` runtime has it).
+    pub fn wait_for_capacity(self, max_wait: Duration) -> Self {
+        let waiting = Arc::new(Waiting::new(max_wait, crate::MAX_WAITING_PER_TENANT));
+        self.with(|config| config.waiting = Some(waiting))
+    }
+
     /// Trials the caps without enforcing them, for every tenant or some (see
     /// [`ShadowMode`]; default [`ShadowMode::Off`]): a request the cap would refuse is
     /// counted, logged and admitted.
@@ -287,6 +309,10 @@ impl fmt::Debug for TenantTokenLayer {
             .field("limit_headers", &self.config.limit_headers)
             .field("shadow", &self.config.shadow)
             .field("budgets", &self.config.budgets)
+            .field(
+                "wait_for_capacity",
+                &self.config.waiting.as_ref().map(|waiting| waiting.max_wait),
+            )
             .finish_non_exhaustive()
     }
 }

@@ -67,7 +67,7 @@
 //! - `metrics`: the layer records counters, a gauge and histograms through the `metrics`
 //!   facade (see the `metrics` module); adds `metrics`.
 //! - `redis`: `RedisTokenTracker`, one cap shared by every replica through Redis with
-//!   expiring leases (`TenantTokenLayer::redis`); adds `redis` and `tokio`.
+//!   expiring leases (`TenantTokenLayer::redis`); adds `redis` (and tokio's runtime).
 //!
 //! # Minimum supported Rust version
 //!
@@ -97,6 +97,7 @@ mod service;
 mod shadow;
 mod sync;
 mod tracker;
+mod waiting;
 
 pub use self::body::ResponseBody;
 pub use self::budget::SharedBudget;
@@ -125,6 +126,10 @@ pub use self::tracker::{
     TenantScope, TenantTokenState, TenantTokenTracker, TenantTokenTrackerBuilder, TokenReservation,
     DEFAULT_MAX_IDLE_TENANTS,
 };
+
+/// How many requests may wait for capacity per tenant with
+/// [`TenantTokenLayer::wait_for_capacity`]; the next is refused at once.
+pub const MAX_WAITING_PER_TENANT: usize = 1_000;
 
 /// The error type bodies are converted into, as across tower and hyper.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -93,7 +93,6 @@ where
                 self.forward(parts, body, Some(guard))
             }
             Admission::Now(Err(error)) => ResponseFuture::rejected(config.reject(error)),
-            #[cfg(feature = "redis")]
             Admission::Later(reserving) => {
                 let config = Arc::clone(config);
                 let call = crate::future::Call {
