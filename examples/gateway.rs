@@ -71,7 +71,8 @@ use axum::{Extension, Json, Router};
 use futures_util::{stream, StreamExt};
 use serde_json::{json, Value};
 use tower_tenant_tokens::{
-    OpenAiEstimator, ReservationHandle, TenantTokenLayer, TenantTokenTracker,
+    OpenAiEstimator, ReservationHandle, ShadowMode, SharedBudget, TenantTokenLayer,
+    TenantTokenTracker,
 };
 
 const USAGE: &str = "\
@@ -87,6 +88,10 @@ usage: cargo run --example gateway -- [OPTIONS]
                         redis://127.0.0.1:6379 (needs --features redis)
   --redis-down POLICY   while Redis is unreachable: closed (503, default), open (admit
                         uncounted) or share:N (a 1/N share of each cap, in memory)
+  --upstream-cap TOKENS a cap all tenants share (the upstream's capacity), next to each
+                        tenant's own
+  --wait-ms MS          let a request over the cap wait up to MS for capacity (in memory)
+  --shadow              count and log what the caps would refuse, and admit it anyway
   -h, --help            print this help
 
 Log levels come from RUST_LOG (default info).";
@@ -138,9 +143,19 @@ async fn main() {
     // The tenant comes from a header so the demo is easy to drive with curl. Anyone can set
     // a header: in production authenticate first, insert a `TenantScope` into the request
     // extensions, and use `.tenant_from_extension()` instead.
-    let limits = layer
+    let mut limits = layer
         .tenant_header(HeaderName::from_static("x-tenant-id"))
         .estimator(OpenAiEstimator::new());
+    if let Some(cap) = options.upstream_cap {
+        let upstream = Arc::new(TenantTokenTracker::new(cap));
+        limits = limits.shared_budget(SharedBudget::new("upstream", upstream));
+    }
+    if let Some(wait) = options.wait {
+        limits = limits.wait_for_capacity(wait);
+    }
+    if options.shadow {
+        limits = limits.shadow(ShadowMode::All);
+    }
     // Tenant labels on the metrics, for the first 100 tenants: ids here come from a header
     // anyone can set, so the series must be bounded.
     #[cfg(feature = "metrics")]
@@ -449,6 +464,9 @@ struct Options {
     token_delay: Duration,
     redis: Option<String>,
     redis_down: String,
+    upstream_cap: Option<u64>,
+    wait: Option<Duration>,
+    shadow: bool,
 }
 
 impl Options {
@@ -461,6 +479,9 @@ impl Options {
             token_delay: Duration::from_millis(25),
             redis: None,
             redis_down: "closed".to_owned(),
+            upstream_cap: None,
+            wait: None,
+            shadow: false,
         };
         while let Some(flag) = args.next() {
             match flag.as_str() {
@@ -473,6 +494,11 @@ impl Options {
                 }
                 "--redis" => options.redis = Some(value(&flag, &mut args)?),
                 "--redis-down" => options.redis_down = value(&flag, &mut args)?,
+                "--upstream-cap" => options.upstream_cap = Some(value(&flag, &mut args)?),
+                "--wait-ms" => {
+                    options.wait = Some(Duration::from_millis(value(&flag, &mut args)?));
+                }
+                "--shadow" => options.shadow = true,
                 _ => return Err(format!("unknown argument `{flag}`")),
             }
         }

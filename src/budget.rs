@@ -120,18 +120,23 @@ impl fmt::Debug for SharedBudget {
     }
 }
 
-/// The budgets one request draws from, found before anything is reserved.
+/// The budgets one request draws from, found before anything is reserved; `None` for the
+/// many layers without budgets, so that nothing is built or dropped for them.
 #[derive(Default)]
-pub(crate) struct Draws(Vec<(Arc<TenantTokenTracker>, String)>);
+pub(crate) struct Draws(Option<Vec<(Arc<TenantTokenTracker>, String)>>);
 
 impl Draws {
+    #[inline]
     pub(crate) fn find(budgets: &[SharedBudget], parts: &Parts, body: Option<&Bytes>) -> Self {
-        Draws(
+        if budgets.is_empty() {
+            return Draws(None);
+        }
+        Draws(Some(
             budgets
                 .iter()
                 .filter_map(|budget| Some((Arc::clone(&budget.tracker), budget.key(parts, body)?)))
                 .collect(),
-        )
+        ))
     }
 
     /// Reserves `tokens` in every budget, or none: the first refusal releases what the
@@ -141,8 +146,9 @@ impl Draws {
         tokens: u64,
         unchecked: bool,
     ) -> Result<Vec<TokenReservation>, Error> {
-        let mut held = Vec::with_capacity(self.0.len());
-        for (tracker, key) in &self.0 {
+        let draws = self.0.as_deref().unwrap_or_default();
+        let mut held = Vec::with_capacity(draws.len());
+        for (tracker, key) in draws {
             if unchecked {
                 held.push(tracker.reserve_unchecked(key, tokens));
                 continue;
@@ -155,8 +161,9 @@ impl Draws {
         Ok(held)
     }
 
+    #[inline]
     pub(crate) fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.0.as_ref().map_or(true, Vec::is_empty)
     }
 }
 

@@ -40,6 +40,10 @@ pub(crate) struct Config {
     pub(crate) budgets: Vec<SharedBudget>,
     /// Where requests over the cap wait for capacity, when they may.
     pub(crate) waiting: Option<Arc<Waiting>>,
+    /// None of the options above that act on admitted reservations is on (no shadow, no
+    /// budgets, no waiting, no hold times, no metrics): admissions take the short path.
+    /// Kept up to date by [`Config::settle`].
+    pub(crate) plain: bool,
     /// Requests admitted in shadow mode that would have been refused.
     pub(crate) shadowed: Arc<AtomicU64>,
     #[cfg(feature = "metrics")]
@@ -95,6 +99,15 @@ pub(crate) enum Estimate {
 }
 
 impl Config {
+    /// Recomputes what follows from the settings; called after every change.
+    pub(crate) fn settle(&mut self) {
+        self.plain = matches!(self.shadow, ShadowMode::Off)
+            && self.budgets.is_empty()
+            && self.waiting.is_none()
+            && self.adaptive_retry.is_none()
+            && !cfg!(feature = "metrics");
+    }
+
     /// The tenant to charge, or why there is none.
     pub(crate) fn charge<'a>(&'a self, parts: &'a Parts) -> Result<Charge<'a>, Error> {
         match self.tenant.extract(parts, self.max_tenant_len) {
@@ -131,6 +144,13 @@ impl Config {
     pub(crate) fn admit(self: &Arc<Self>, tenant: &str, tokens: u64, draws: Draws) -> Admission {
         let with_handle = self.reservation_handle;
         match &self.ledger {
+            Ledger::Local(tracker) if self.plain => {
+                let reserved = tracker.reserve_id(tenant, tokens).map(|reservation| {
+                    tracing::debug!(tenant, tokens, "admitted token reservation");
+                    Guard::new(Held::new(Ledgered::Local(reservation)), with_handle)
+                });
+                Admission::Now(reserved)
+            }
             Ledger::Local(tracker) => {
                 let held = match &self.waiting {
                     // Others are waiting for this tenant: queue behind them.
@@ -171,7 +191,9 @@ impl Config {
                     };
                     let shadowed = refused.or(shadowed);
                     let reservation = Ledgered::Redis(reservation);
-                    let held = config.held(reservation, budgets, shadowed.as_ref());
+                    let held = config
+                        .held(reservation, shadowed.as_ref())
+                        .with_budgets(budgets);
                     tracing::debug!(tenant, tokens, "admitted token reservation");
                     Ok(Guard::new(held, with_handle))
                 }))
@@ -228,6 +250,7 @@ impl Config {
     }
 
     /// Reserves in memory against the tenant's cap, then the budgets: all or nothing.
+    #[inline]
     fn admit_local(
         &self,
         tracker: &TenantTokenTracker,
@@ -236,6 +259,10 @@ impl Config {
         draws: &Draws,
     ) -> Result<Held, Error> {
         let (reservation, refused) = match tracker.reserve_id(tenant, tokens) {
+            // The common case: admitted, and no budget to draw from.
+            Ok(reservation) if draws.is_empty() => {
+                return Ok(self.held(Ledgered::Local(reservation), None));
+            }
             Ok(reservation) => (reservation, None),
             Err(error) if self.shadow.covers(tenant, &error) => {
                 (tracker.reserve_unchecked(tenant, tokens), Some(error))
@@ -245,7 +272,9 @@ impl Config {
         // A budget's refusal drops `reservation`, which releases it.
         let (budgets, shadowed) = self.draw(tenant, tokens, draws)?;
         let shadowed = refused.or(shadowed);
-        Ok(self.held(Ledgered::Local(reservation), budgets, shadowed.as_ref()))
+        Ok(self
+            .held(Ledgered::Local(reservation), shadowed.as_ref())
+            .with_budgets(budgets))
     }
 
     /// Reserves in every budget the request draws from, with the refusal shadow mode
@@ -270,13 +299,9 @@ impl Config {
 
     /// An admitted reservation, counted and logged; `shadowed` is the refusal shadow mode
     /// overrode, if it did.
-    fn held(
-        &self,
-        reservation: Ledgered,
-        budgets: Vec<TokenReservation>,
-        shadowed: Option<&Error>,
-    ) -> Held {
-        let mut held = Held::new(reservation, budgets);
+    #[inline]
+    fn held(&self, reservation: Ledgered, shadowed: Option<&Error>) -> Held {
+        let mut held = Held::new(reservation);
         if let Some((times, _)) = &self.adaptive_retry {
             held = held.timed(crate::hold_time::HoldClock::start(times));
         }

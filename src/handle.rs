@@ -37,12 +37,20 @@ pub struct ReservationHandle {
 /// metrics recorder was told of it.
 pub(crate) struct Held {
     reservation: Ledgered,
+    /// What only some layers use, boxed so that a plain reservation stays small (it is
+    /// moved from the response future into the body).
+    extras: Option<Box<Extras>>,
+    #[cfg(feature = "metrics")]
+    tag: Option<crate::metrics::Tag>,
+}
+
+/// Dropped after the tenant's reservation, in this order.
+#[derive(Default)]
+struct Extras {
     /// The shared budgets' reservations, resized and released with the tenant's.
     budgets: Vec<TokenReservation>,
     /// Times the reservation, for a `Retry-After` derived from hold times.
     clock: Option<crate::hold_time::HoldClock>,
-    #[cfg(feature = "metrics")]
-    tag: Option<crate::metrics::Tag>,
     /// Wakes the tenant's first waiting request; last, so it runs once the tokens are back.
     wake: Option<crate::waiting::WakeOnRelease>,
 }
@@ -157,27 +165,46 @@ impl ReservationHandle {
 }
 
 impl Held {
-    pub(crate) fn new(reservation: Ledgered, budgets: Vec<TokenReservation>) -> Self {
+    #[inline]
+    pub(crate) fn new(reservation: Ledgered) -> Self {
         Self {
             reservation,
-            budgets,
-            clock: None,
+            extras: None,
             #[cfg(feature = "metrics")]
             tag: None,
-            wake: None,
         }
+    }
+
+    /// Holds the shared budgets' reservations with the tenant's.
+    pub(crate) fn with_budgets(mut self, budgets: Vec<TokenReservation>) -> Self {
+        if !budgets.is_empty() {
+            self.extras().budgets = budgets;
+        }
+        self
     }
 
     /// Wakes the tenant's first waiting request when released.
     pub(crate) fn waking(mut self, wake: crate::waiting::WakeOnRelease) -> Self {
-        self.wake = Some(wake);
+        self.extras().wake = Some(wake);
         self
     }
 
     /// Times the reservation until it ends.
     pub(crate) fn timed(mut self, clock: crate::hold_time::HoldClock) -> Self {
-        self.clock = Some(clock);
+        self.extras().clock = Some(clock);
         self
+    }
+
+    fn extras(&mut self) -> &mut Extras {
+        self.extras.get_or_insert_with(Box::default)
+    }
+
+    /// The shared budgets' reservations (none for most layers).
+    fn budgets(&mut self) -> &mut [TokenReservation] {
+        match &mut self.extras {
+            Some(extras) => &mut extras.budgets,
+            None => &mut [],
+        }
     }
 
     /// Reports the reservation's changes and end to the metrics recorder.
@@ -202,7 +229,7 @@ impl Held {
             #[cfg(feature = "redis")]
             Ledgered::Redis(reservation) => reservation.resize(tokens),
         };
-        for budget in &mut self.budgets {
+        for budget in self.budgets() {
             budget.resize(now);
         }
         self.resized(before);
@@ -225,7 +252,7 @@ impl Held {
         };
         match done {
             Some(Ok(())) => {
-                for budget in &mut self.budgets {
+                for budget in self.budgets() {
                     budget.resize(tokens); // the shrinks; growth is already in place
                 }
                 self.resized(before);
@@ -238,8 +265,8 @@ impl Held {
 
     /// Grows every budget to `tokens` within its cap, or none.
     fn try_grow_budgets(&mut self, tokens: u64) -> Result<(), Error> {
-        for i in 0..self.budgets.len() {
-            let budget = &mut self.budgets[i];
+        for i in 0..self.budgets().len() {
+            let budget = &mut self.budgets()[i];
             let before = budget.tokens();
             if let Err(error) = budget.try_resize(tokens) {
                 let key = budget.tenant_id().to_owned();
@@ -251,7 +278,7 @@ impl Held {
     }
 
     fn shrink_budgets(&mut self, tokens: u64) {
-        for budget in &mut self.budgets {
+        for budget in self.budgets() {
             if budget.tokens() > tokens {
                 budget.resize(tokens);
             }
@@ -306,7 +333,11 @@ impl Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        if let Some(clock) = &self.clock {
+        if let Some(clock) = self
+            .extras
+            .as_ref()
+            .and_then(|extras| extras.clock.as_ref())
+        {
             clock.stop();
         }
         #[cfg(feature = "metrics")]

@@ -69,26 +69,29 @@ impl TenantTokenLayer {
     }
 
     fn with_ledger(ledger: Ledger) -> Self {
+        let mut config = Config {
+            ledger,
+            tenant: TenantSource::header(HeaderName::from_static("x-tenant-id")),
+            estimator: Estimator::header(HeaderName::from_static("x-token-estimate")),
+            missing_tenant: MissingTenant::default(),
+            missing_estimate: MissingEstimate::default(),
+            max_tenant_len: DEFAULT_MAX_TENANT_LEN,
+            retry_after: Duration::from_secs(1),
+            adaptive_retry: None,
+            on_rejection: None,
+            reservation_handle: true,
+            limit_headers: LimitHeaders::default(),
+            shadow: ShadowMode::Off,
+            budgets: Vec::new(),
+            waiting: None,
+            plain: false,
+            shadowed: Arc::default(),
+            #[cfg(feature = "metrics")]
+            metrics: Arc::default(),
+        };
+        config.settle();
         Self {
-            config: Arc::new(Config {
-                ledger,
-                tenant: TenantSource::header(HeaderName::from_static("x-tenant-id")),
-                estimator: Estimator::header(HeaderName::from_static("x-token-estimate")),
-                missing_tenant: MissingTenant::default(),
-                missing_estimate: MissingEstimate::default(),
-                max_tenant_len: DEFAULT_MAX_TENANT_LEN,
-                retry_after: Duration::from_secs(1),
-                adaptive_retry: None,
-                on_rejection: None,
-                reservation_handle: true,
-                limit_headers: LimitHeaders::default(),
-                shadow: ShadowMode::Off,
-                budgets: Vec::new(),
-                waiting: None,
-                shadowed: Arc::default(),
-                #[cfg(feature = "metrics")]
-                metrics: Arc::default(),
-            }),
+            config: Arc::new(config),
         }
     }
 
@@ -279,7 +282,9 @@ impl TenantTokenLayer {
     }
 
     fn with(mut self, change: impl FnOnce(&mut Config)) -> Self {
-        change(Arc::make_mut(&mut self.config));
+        let config = Arc::make_mut(&mut self.config);
+        change(config);
+        config.settle();
         self
     }
 }
