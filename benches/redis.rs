@@ -190,20 +190,12 @@ async fn answer(
 }
 
 fn main() {
-    let secs: u64 = std::env::var("REDIS_BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
+    let secs: u64 = env_or("REDIS_BENCH_SECS", 5);
     let Some(redis) = RedisServer::start("benches/redis.rs") else {
         return;
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(
-            std::env::var("REDIS_BENCH_WORKERS")
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(1),
-        )
+        .worker_threads(env_or("REDIS_BENCH_WORKERS", 1))
         .enable_all()
         .build()
         .expect("runtime");
@@ -284,23 +276,9 @@ async fn run(redis: &RedisServer, secs: u64) {
             .await,
         );
         let c = conns.clone();
-        rounds.push(
-            round("PING", secs, move |replica, _, _| {
-                let mut conn = c[replica].clone();
-                async move {
-                    let _: String = redis::cmd("PING")
-                        .query_async(&mut conn)
-                        .await
-                        .expect("ping");
-                }
-            })
-            .await,
-        );
+        rounds.push(round("PING", secs, move |replica, _, _| ping(c[replica].clone())).await);
     }
-    let rate: u64 = std::env::var("REDIS_BENCH_RATE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20_000);
+    let rate: u64 = env_or("REDIS_BENCH_RATE", 20_000);
     settle(&trackers).await;
     let s = services.clone();
     rounds.extend(
@@ -311,18 +289,7 @@ async fn run(redis: &RedisServer, secs: u64) {
     );
     settle(&trackers).await;
     let c = conns.clone();
-    rounds.extend(
-        paced("PING", rate, secs, move |i| {
-            let mut conn = c[i % 2].clone();
-            async move {
-                let _: String = redis::cmd("PING")
-                    .query_async(&mut conn)
-                    .await
-                    .expect("ping");
-            }
-        })
-        .await,
-    );
+    rounds.extend(paced("PING", rate, secs, move |i| ping(c[i % 2].clone())).await);
 
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
     println!(
@@ -349,6 +316,22 @@ async fn run(redis: &RedisServer, secs: u64) {
         "\nreplica 0: admitted {}, refused {}, unavailable {}, failed releases {}",
         stats.admitted, stats.refused, stats.unavailable, stats.failed_releases
     );
+}
+
+/// One round trip.
+async fn ping(mut conn: ConnectionManager) {
+    let _: String = redis::cmd("PING")
+        .query_async(&mut conn)
+        .await
+        .expect("ping");
+}
+
+/// The number in environment variable `name`, or `default`.
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(default)
 }
 
 async fn connection(redis: &RedisServer) -> ConnectionManager {

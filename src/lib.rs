@@ -60,6 +60,17 @@
 //! - [`ReservationHandle`]: in the request extensions, for handlers that reconcile the
 //!   estimate with real usage.
 //! - [`Error`] and [`Rejection`]: why a request was refused and the response it gets.
+//! - [`SharedBudget`]: a cap all tenants draw from too (the upstream's capacity, one per
+//!   model), reserved all or nothing with the tenant's.
+//! - [`ShadowMode`]: trial the caps, counting and logging what they would refuse.
+//! - On the layer: [`wait_for_capacity`](TenantTokenLayer::wait_for_capacity) (queue for
+//!   capacity instead of an immediate 429),
+//!   [`retry_after_from_in_flight`](TenantTokenLayer::retry_after_from_in_flight),
+//!   [`rate_limit_headers`](TenantTokenLayer::rate_limit_headers) and
+//!   [`ratelimit_fields`](TenantTokenLayer::ratelimit_fields) (OpenAI's and the IETF
+//!   draft's headers).
+//! - With features: `RedisTokenTracker` (`redis`: one cap across replicas) and the
+//!   `metrics` module (`metrics`).
 //!
 //! # Feature flags
 //!

@@ -11,7 +11,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -582,6 +582,22 @@ async fn script_flush_mid_run_reloads_every_script() {
     assert_eq!(tracker.stats().unavailable, 0);
 }
 
+/// Both trackers connected, and the reserve script loaded: a reservation sent during a
+/// stall then lands after it (a NOSCRIPT answer would land nothing).
+async fn warm_up(tracker: &RedisTokenTracker, observer: &RedisTokenTracker) {
+    let reservation = tracker.reserve("acme", 1).await.expect("admitted");
+    reservation.release().await;
+    assert_eq!(in_flight(observer, "acme").await, 0);
+}
+
+/// Stalls Redis for 400 ms from another connection; answers `+OK` when it is over.
+async fn stall(redis: &RedisServer) -> std::thread::JoinHandle<String> {
+    let port = redis.port;
+    let stall = std::thread::spawn(move || RedisServer::command_on(port, "DEBUG SLEEP 0.4"));
+    tokio::time::sleep(Duration::from_millis(50)).await; // it has begun
+    stall
+}
+
 #[tokio::test]
 async fn a_reservation_that_timed_out_leaves_nothing_behind() {
     let redis = redis_or_skip!("a_reservation_that_timed_out_leaves_nothing_behind");
@@ -593,31 +609,13 @@ async fn a_reservation_that_timed_out_leaves_nothing_behind() {
         &redis,
     );
     let observer = connect(builder(1_000), &redis);
-    // Both connected before the stall, and the reserve script loaded (a NOSCRIPT answer
-    // would land nothing).
-    tracker
-        .reserve("acme", 1)
-        .await
-        .expect("admitted")
-        .release()
-        .await;
-    assert_eq!(in_flight(&observer, "acme").await, 0);
+    warm_up(&tracker, &observer).await;
     // Redis stalls for 400 ms; the reservation is queued behind it and times out, but
     // Redis applies it afterwards.
-    let stalled = Arc::new(AtomicBool::new(false));
-    let stall = {
-        let (stalled, port) = (stalled.clone(), redis.port);
-        std::thread::spawn(move || {
-            let redis = RedisServer::command_on(port, "DEBUG SLEEP 0.4");
-            stalled.store(true, SeqCst);
-            redis
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let stall = stall(&redis).await;
     let blind = tracker.reserve("acme", 800).await.expect("fail open");
     assert!(!blind.is_shared(), "should have timed out");
     assert_eq!(stall.join().expect("stall"), "+OK");
-    assert!(stalled.load(SeqCst));
     // The late reservation was applied, then taken back by lease id.
     wait_for_shared(&observer, "acme", 0, WAIT).await;
     assert_eq!(redis.command("DBSIZE"), ":0");
@@ -649,22 +647,13 @@ async fn a_request_cancelled_while_redis_decides_leaves_nothing_behind() {
         &redis,
     );
     let observer = connect(builder(1_000), &redis);
-    // Connected, and the reserve script loaded (a NOSCRIPT answer would land nothing).
-    tracker
-        .reserve("acme", 1)
-        .await
-        .expect("admitted")
-        .release()
-        .await;
-    assert_eq!(in_flight(&observer, "acme").await, 0);
+    warm_up(&tracker, &observer).await;
     let service = TenantTokenLayer::redis(tracker.clone()).layer(tower::service_fn(
         |_: http::Request<RequestBody<String>>| async {
             Ok::<_, std::convert::Infallible>(http::Response::new(String::from("served")))
         },
     ));
-    let port = redis.port;
-    let stall = std::thread::spawn(move || RedisServer::command_on(port, "DEBUG SLEEP 0.4"));
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let stall = stall(&redis).await;
     let request = http::Request::post("/v1/chat/completions")
         .header("x-tenant-id", "acme")
         .header("x-token-estimate", "800")
