@@ -63,6 +63,21 @@ async fn app(tenant_cap: u64, configure: impl FnOnce(TenantTokenLayer) -> Tenant
     }
 }
 
+/// `request`, telling the handler it used `tokens`.
+fn used(mut request: http::Request<ReqBody>, tokens: u64) -> http::Request<ReqBody> {
+    let value = tokens.to_string().parse().unwrap();
+    request.headers_mut().insert("x-used", value);
+    request
+}
+
+/// A `/grow` request of tenant `acme` with a JSON `body` (for the body estimator).
+fn chat(server: &TestServer, body: &str) -> http::Request<ReqBody> {
+    http::Request::post(server.url("/grow"))
+        .header("x-tenant-id", "acme")
+        .body(full(body.to_owned()))
+        .unwrap()
+}
+
 #[tokio::test]
 async fn an_upstream_budget_caps_all_tenants_together_all_or_nothing() {
     let upstream = Arc::new(TenantTokenTracker::new(1_000));
@@ -107,11 +122,9 @@ async fn an_upstream_budget_caps_all_tenants_together_all_or_nothing() {
     assert_eq!(app.tenants.in_flight("globex"), 0);
 
     // What is left fits; growth past the budget is refused and changes nothing.
-    let mut grow = metered(&app.server, "/grow", "globex", 300);
-    grow.headers_mut().insert("x-used", "500".parse().unwrap());
+    let grow = used(metered(&app.server, "/grow", "globex", 300), 500);
     assert_eq!(call(&client, grow).await.text(), "budget_exceeded 300");
-    let mut grow = metered(&app.server, "/grow", "globex", 300);
-    grow.headers_mut().insert("x-used", "400".parse().unwrap());
+    let grow = used(metered(&app.server, "/grow", "globex", 300), 400);
     assert_eq!(call(&client, grow).await.text(), "ok 400");
 
     drop(chunks);
@@ -127,16 +140,15 @@ async fn a_reconciled_reservation_resizes_its_budgets_too() {
     let budget = SharedBudget::new("upstream", upstream.clone());
     let mut app = app(2_000, |layer| layer.shared_budget(budget)).await;
     let client = client();
-    let mut request = metered(&app.server, "/hold", "acme", 900);
-    request
-        .headers_mut()
-        .insert("x-used", "150".parse().unwrap());
-    let holding = send(&client, request).await;
+    let holding = send(
+        &client,
+        used(metered(&app.server, "/hold", "acme", 900), 150),
+    )
+    .await;
     let chunks = app.streams.next().await;
     assert_eq!(app.tenants.in_flight("acme"), 150);
     assert_eq!(upstream.in_flight("upstream"), 150);
-    let mut fits = metered(&app.server, "/grow", "globex", 850);
-    fits.headers_mut().insert("x-used", "850".parse().unwrap());
+    let fits = used(metered(&app.server, "/grow", "globex", 850), 850);
     assert_eq!(
         call(&client, fits).await.text(),
         "ok 850",
@@ -228,27 +240,12 @@ async fn a_body_without_a_model_string_draws_from_no_model_budget() {
         r#"{"model":null,"max_tokens":10,"messages":[]}"#,
         r#"{"model":{"name":"m"},"max_tokens":10,"messages":[]}"#,
     ] {
-        let mut request = http::Request::post(app.server.url("/grow"))
-            .header("x-tenant-id", "acme")
-            .body(full(body))
-            .unwrap();
-        request
-            .headers_mut()
-            .insert("x-used", "10".parse().unwrap());
-        let reply = call(&client, request).await;
+        let reply = call(&client, used(chat(&app.server, body), 10)).await;
         assert_eq!(reply.text(), "ok 10", "{body}");
     }
     // A model string, even repeated, draws from its budget (the first one counts).
-    let mut request = http::Request::post(app.server.url("/grow"))
-        .header("x-tenant-id", "acme")
-        .body(full(
-            r#"{"model":"m","model":"n","max_tokens":10,"messages":[]}"#,
-        ))
-        .unwrap();
-    request
-        .headers_mut()
-        .insert("x-used", "10".parse().unwrap());
-    let refused = call(&client, request).await;
+    let body = r#"{"model":"m","model":"n","max_tokens":10,"messages":[]}"#;
+    let refused = call(&client, used(chat(&app.server, body), 10)).await;
     assert_eq!(refused.status, StatusCode::PAYLOAD_TOO_LARGE);
     assert!(refused.json()["error"]["message"]
         .as_str()
