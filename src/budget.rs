@@ -8,6 +8,9 @@ use http::request::Parts;
 
 use crate::{Error, TenantTokenTracker, TokenReservation};
 
+/// The longest model name [`SharedBudget::per_model`] keys a budget by, in bytes.
+pub const MAX_MODEL_KEY_LEN: usize = 256;
+
 type KeyFn = dyn Fn(&Parts, Option<&Bytes>) -> Option<String> + Send + Sync;
 
 /// A cap all tenants share, such as the upstream provider's capacity, or one per model,
@@ -88,9 +91,24 @@ impl SharedBudget {
     /// [`OpenAiEstimator`](crate::OpenAiEstimator)); requests without a body or a model
     /// do not draw from it. The body is parsed a second time for its model alone,
     /// skipping everything else.
+    ///
+    /// The name comes from the client, so it is bounded: a name longer than
+    /// [`MAX_MODEL_KEY_LEN`] bytes draws from the budget of its first
+    /// `MAX_MODEL_KEY_LEN` bytes (a client cannot escape a budget with a long name, nor
+    /// store megabytes of key). The tracker's idle bound limits how many keys it keeps.
     #[cfg(feature = "openai")]
     pub fn per_model(tracker: Arc<TenantTokenTracker>) -> Self {
-        Self::keyed(tracker, |_, body| crate::extract::json_model(body?))
+        Self::keyed(tracker, |_, body| {
+            let mut model = crate::extract::json_model(body?)?;
+            if model.len() > MAX_MODEL_KEY_LEN {
+                let mut end = MAX_MODEL_KEY_LEN;
+                while !model.is_char_boundary(end) {
+                    end -= 1;
+                }
+                model.truncate(end);
+            }
+            Some(model)
+        })
     }
 
     /// The ledger of this budget's keys.

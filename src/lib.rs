@@ -111,7 +111,7 @@ mod tracker;
 mod waiting;
 
 pub use self::body::ResponseBody;
-pub use self::budget::SharedBudget;
+pub use self::budget::{SharedBudget, MAX_MODEL_KEY_LEN};
 pub use self::error::Error;
 pub use self::extract::{
     EstimateError, Estimator, MissingEstimate, MissingTenant, TenantSource, DEFAULT_MAX_TENANT_LEN,

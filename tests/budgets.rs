@@ -11,7 +11,7 @@ use common::*;
 use http::StatusCode;
 use tower_tenant_tokens::{
     OpenAiEstimator, ReservationHandle, ShadowMode, SharedBudget, TenantTokenLayer,
-    TenantTokenTracker,
+    TenantTokenTracker, MAX_MODEL_KEY_LEN,
 };
 
 struct App {
@@ -252,4 +252,33 @@ async fn a_body_without_a_model_string_draws_from_no_model_budget() {
         .unwrap()
         .contains("`m`"));
     assert_eq!(models.tracked_tenants(), 0);
+}
+
+#[tokio::test]
+async fn a_long_model_name_draws_from_the_budget_of_its_bounded_prefix() {
+    let models = Arc::new(TenantTokenTracker::new(100_000));
+    // 401 bytes, and the bound falls inside a two-byte character: the key ends before it.
+    let prefix = format!("a{}", "é".repeat(200));
+    assert!(!prefix.is_char_boundary(MAX_MODEL_KEY_LEN));
+    let bounded = &prefix[..MAX_MODEL_KEY_LEN - 1];
+    models.set_cap(bounded, 5);
+    let budget = SharedBudget::per_model(models.clone());
+    let app = app(10_000, |layer| {
+        layer
+            .estimator(OpenAiEstimator::new())
+            .shared_budget(budget)
+    })
+    .await;
+    let body = format!(r#"{{"model":"{prefix}-and-a-tail","max_tokens":10,"messages":[]}}"#);
+    let refused = call(&client(), used(chat(&app.server, &body), 10)).await;
+    assert_eq!(
+        refused.status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "the bounded key's cap applies"
+    );
+    assert_eq!(
+        models.tracked_tenants(),
+        1,
+        "only the configured, bounded key is kept"
+    );
 }
