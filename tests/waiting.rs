@@ -187,3 +187,97 @@ async fn a_cancelled_wait_leaves_nothing_behind() {
     assert_eq!(served.await.unwrap().status(), StatusCode::OK);
     assert_eq!(tracker.in_flight("acme"), 0);
 }
+
+/// Hundreds of requests from three tenants, over their caps and a shared budget, some
+/// giving up while they wait and some waiting past the deadline: no cap is ever passed,
+/// and nothing is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_waiters_with_cancels_never_pass_a_cap_and_leave_nothing() {
+    use tower_tenant_tokens::SharedBudget;
+
+    let tracker = Arc::new(TenantTokenTracker::new(1_000));
+    let upstream = Arc::new(TenantTokenTracker::new(2_000));
+    let layer = TenantTokenLayer::new(tracker.clone())
+        .shared_budget(SharedBudget::new("upstream", upstream.clone()))
+        .wait_for_capacity(Duration::from_millis(150));
+    let service = layer.layer(tower::service_fn(
+        |request: http::Request<RequestBody<String>>| async move {
+            let hold: u64 = request.headers()["x-hold-ms"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(hold)).await;
+            Ok::<_, std::convert::Infallible>(http::Response::new(String::from("served")))
+        },
+    ));
+    // A small deterministic generator, so a failure replays.
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = move |bound: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % bound
+    };
+    let mut tasks = Vec::new();
+    for i in 0..300 {
+        let tenant = ["acme", "globex", "initech"][i % 3];
+        let (tokens, hold, patience) = (50 + next(550), next(20), 5 + next(400));
+        let request = http::Request::post("/v1/chat/completions")
+            .header("x-tenant-id", tenant)
+            .header("x-token-estimate", tokens.to_string())
+            .header("x-hold-ms", hold.to_string())
+            .body(String::new())
+            .unwrap();
+        let call = service.clone().oneshot(request);
+        tasks.push(tokio::spawn(async move {
+            // Some clients give up while waiting: their futures are dropped.
+            match tokio::time::timeout(Duration::from_millis(patience), call).await {
+                Ok(response) => Some(response.unwrap().status()),
+                Err(_) => None,
+            }
+        }));
+        if i % 10 == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    let (mut served, mut refused, mut gave_up) = (0, 0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            Some(StatusCode::OK) => served += 1,
+            Some(StatusCode::TOO_MANY_REQUESTS) => refused += 1,
+            Some(other) => panic!("unexpected status {other}"),
+            None => gave_up += 1,
+        }
+    }
+    eprintln!("served {served}, refused {refused}, gave up {gave_up}");
+    assert!(
+        served > 0 && refused > 0 && gave_up > 0,
+        "served {served}, refused {refused}, gave up {gave_up}"
+    );
+    for tenant in ["acme", "globex", "initech"] {
+        let state = tracker.tenant_state(tenant).unwrap();
+        assert!(
+            state.high_water <= 1_000,
+            "{tenant} passed its cap: {state:?}"
+        );
+        wait_for_in_flight(&tracker, tenant, 0).await;
+    }
+    let budget = upstream.tenant_state("upstream").unwrap();
+    assert!(
+        budget.high_water <= 2_000,
+        "the budget was passed: {budget:?}"
+    );
+    assert_eq!(upstream.in_flight("upstream"), 0);
+    // No ghost is left first in line: a request of the whole cap goes straight in.
+    for tenant in ["acme", "globex", "initech"] {
+        let request = http::Request::post("/v1/chat/completions")
+            .header("x-tenant-id", tenant)
+            .header("x-token-estimate", "1000")
+            .header("x-hold-ms", "0")
+            .body(String::new())
+            .unwrap();
+        let response = within("a request after the run", service.clone().oneshot(request));
+        assert_eq!(response.await.unwrap().status(), StatusCode::OK);
+    }
+}
