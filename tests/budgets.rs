@@ -78,6 +78,17 @@ fn chat(server: &TestServer, body: &str) -> http::Request<ReqBody> {
         .unwrap()
 }
 
+/// An app estimating OpenAI bodies, with one budget per model in `models`.
+async fn per_model_app(models: &Arc<TenantTokenTracker>) -> App {
+    let budget = SharedBudget::per_model(models.clone());
+    app(10_000, |layer| {
+        layer
+            .estimator(OpenAiEstimator::new())
+            .shared_budget(budget)
+    })
+    .await
+}
+
 #[tokio::test]
 async fn an_upstream_budget_caps_all_tenants_together_all_or_nothing() {
     let upstream = Arc::new(TenantTokenTracker::new(1_000));
@@ -163,13 +174,7 @@ async fn a_reconciled_reservation_resizes_its_budgets_too() {
 async fn per_model_budgets_come_from_the_json_body() {
     let models = Arc::new(TenantTokenTracker::new(100_000));
     models.set_cap("big-model", 1_500);
-    let budget = SharedBudget::per_model(models.clone());
-    let app = app(10_000, |layer| {
-        layer
-            .estimator(OpenAiEstimator::new())
-            .shared_budget(budget)
-    })
-    .await;
+    let app = per_model_app(&models).await;
     let client = client();
     let chat = |tenant: &str, model: &str| {
         let body = format!(r#"{{"model":"{model}","max_tokens":1000,"messages":[]}}"#);
@@ -226,13 +231,7 @@ async fn shadow_mode_admits_over_a_budget_and_counts_it() {
 #[tokio::test]
 async fn a_body_without_a_model_string_draws_from_no_model_budget() {
     let models = Arc::new(TenantTokenTracker::new(1));
-    let budget = SharedBudget::per_model(models.clone());
-    let app = app(10_000, |layer| {
-        layer
-            .estimator(OpenAiEstimator::new())
-            .shared_budget(budget)
-    })
-    .await;
+    let app = per_model_app(&models).await;
     let client = client();
     for body in [
         r#"{"max_tokens":10,"messages":[]}"#,
@@ -262,13 +261,7 @@ async fn a_long_model_name_draws_from_the_budget_of_its_bounded_prefix() {
     assert!(!prefix.is_char_boundary(MAX_MODEL_KEY_LEN));
     let bounded = &prefix[..MAX_MODEL_KEY_LEN - 1];
     models.set_cap(bounded, 5);
-    let budget = SharedBudget::per_model(models.clone());
-    let app = app(10_000, |layer| {
-        layer
-            .estimator(OpenAiEstimator::new())
-            .shared_budget(budget)
-    })
-    .await;
+    let app = per_model_app(&models).await;
     let body = format!(r#"{{"model":"{prefix}-and-a-tail","max_tokens":10,"messages":[]}}"#);
     let refused = call(&client(), used(chat(&app.server, &body), 10)).await;
     assert_eq!(
