@@ -8,8 +8,8 @@ use crate::sync::Arc;
 use super::entry::Entry;
 
 /// Tenant entries keyed by the hash the tracker already computed to pick the shard, so a
-/// lookup hashes the tenant id once, not twice. Ids whose 64-bit hashes collide (keyed
-/// SipHash: vanishingly rare, and not steerable by callers who do not know the key) share
+/// lookup hashes the tenant id once, not twice. Ids whose 64-bit hashes collide (seeded
+/// foldhash: vanishingly rare, and not steerable by callers who do not know the seed) share
 /// a slot and are told apart by comparing ids.
 #[derive(Default)]
 pub(crate) struct Table {
