@@ -16,7 +16,7 @@ use tower_tenant_tokens::{TenantTokenLayer, TenantTokenTracker};
 const VARIANTS: [&str; 6] = [
     "bare",
     "tower-tenant-tokens",
-    "tower-tenant-tokens-no-handle",
+    "tower-tenant-tokens-handle",
     "concurrency-limit",
     "governor",
     "naive",
@@ -64,9 +64,9 @@ fn main() {
             TenantTokenLayer::new(tracker).layer(tower::service_fn(peers::bare)),
             requests,
         ),
-        "tower-tenant-tokens-no-handle" => run(
+        "tower-tenant-tokens-handle" => run(
             TenantTokenLayer::new(tracker)
-                .reservation_handle(false)
+                .reservation_handle(true)
                 .layer(tower::service_fn(peers::bare)),
             requests,
         ),

@@ -32,7 +32,7 @@ type Req = Request<Empty<Bytes>>;
 #[derive(Clone)]
 struct Services {
     layer: TenantTokenLayer,
-    layer_no_handle: TenantTokenLayer,
+    layer_handle: TenantTokenLayer,
     concurrency: ConcurrencyLimitLayer,
     governor: peers::GovernorLayerType,
     naive: NaiveLayer,
@@ -43,7 +43,7 @@ impl Services {
         let tracker = Arc::new(TenantTokenTracker::new(u64::MAX));
         let layer = TenantTokenLayer::new(tracker);
         Self {
-            layer_no_handle: layer.clone().reservation_handle(false),
+            layer_handle: layer.clone().reservation_handle(true),
             layer,
             concurrency: ConcurrencyLimitLayer::new(1 << 20),
             governor: governor_layer(),
@@ -61,8 +61,8 @@ impl Services {
                 tenant,
             ),
             variant(
-                "tower-tenant-tokens, no handle",
-                self.layer_no_handle.layer(tower::service_fn(bare)),
+                "tower-tenant-tokens, with handle",
+                self.layer_handle.layer(tower::service_fn(bare)),
                 tenant,
             ),
             variant(

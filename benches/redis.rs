@@ -212,9 +212,7 @@ async fn run(redis: &RedisServer, secs: u64) {
         trackers
             .iter()
             .map(|tracker| {
-                TenantTokenLayer::redis(tracker.clone())
-                    .reservation_handle(false)
-                    .layer(tower::service_fn(answer))
+                TenantTokenLayer::redis(tracker.clone()).layer(tower::service_fn(answer))
             })
             .collect(),
     );

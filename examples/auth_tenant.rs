@@ -68,9 +68,10 @@ async fn main() {
         // Only reachable if a route is ever mounted without `authenticate`: refuse with 401
         // rather than let the request through uncounted.
         .on_missing_tenant(MissingTenant::Unauthorized)
-        .estimate_header(HeaderName::from_static("x-token-estimate"));
-    // ServiceBuilder runs its layers top to bottom: authentication first (outer), so the
-    // token layer only ever sees verified tenants, and a bad key is never counted.
+        .estimate_header(HeaderName::from_static("x-token-estimate"))
+        .reservation_handle(true); // `chat` reconciles through it
+                                   // ServiceBuilder runs its layers top to bottom: authentication first (outer), so the
+                                   // token layer only ever sees verified tenants, and a bad key is never counted.
     let layers = ServiceBuilder::new()
         .layer(middleware::from_fn(authenticate))
         .layer(tokens);

@@ -145,7 +145,8 @@ async fn main() {
     // extensions, and use `.tenant_from_extension()` instead.
     let mut limits = layer
         .tenant_header(HeaderName::from_static("x-tenant-id"))
-        .estimator(OpenAiEstimator::new());
+        .estimator(OpenAiEstimator::new())
+        .reservation_handle(true); // handlers reconcile with the usage the upstream reports
     if let Some(cap) = options.upstream_cap {
         let upstream = Arc::new(TenantTokenTracker::new(cap));
         limits = limits.shared_budget(SharedBudget::new("upstream", upstream));

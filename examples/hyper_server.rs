@@ -41,7 +41,7 @@ async fn handle(
 ) -> Result<Response<BoxBody<Bytes, Infallible>>, Infallible> {
     let (tenant, tokens) = match request.extensions().get::<ReservationHandle>() {
         Some(reservation) => (reservation.tenant_id().to_owned(), reservation.tokens()),
-        None => ("unmetered".to_owned(), 0), // not with the layer's default settings
+        None => ("unmetered".to_owned(), 0), // not with this layer's settings
     };
     let chunks = stream::iter(1..=5).then(move |i| {
         let line = format!("{tenant}: chunk {i} of 5, {tokens} tokens reserved\n");
@@ -62,7 +62,8 @@ async fn main() {
 
     let tracker = Arc::new(TenantTokenTracker::new(1_000));
     let service = ServiceBuilder::new()
-        .layer(TenantTokenLayer::new(tracker)) // x-tenant-id, x-token-estimate
+        // x-tenant-id and x-token-estimate; the handle lets `handle` read the reservation.
+        .layer(TenantTokenLayer::new(tracker).reservation_handle(true))
         .service_fn(handle);
 
     let listener = common::bind(addr).await;

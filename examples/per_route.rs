@@ -62,7 +62,9 @@ async fn main() {
     // auth_tenant example).
     let tenant = HeaderName::from_static("x-tenant-id");
     let layer = |tracker: &Arc<TenantTokenTracker>| {
-        TenantTokenLayer::new(tracker.clone()).tenant_header(tenant.clone())
+        TenantTokenLayer::new(tracker.clone())
+            .tenant_header(tenant.clone())
+            .reservation_handle(true) // the handlers reconcile through it
     };
     let chat = layer(&trackers.shared).estimator(OpenAiEstimator::new());
     let embeddings = layer(&trackers.shared).estimator(Estimator::content_length(4));

@@ -91,7 +91,9 @@ async fn main() {
     let addr = common::start(3004, USAGE);
 
     // x-tenant-id and x-token-estimate are the layer's defaults; each group its own tracker.
-    let tokens = || TenantTokenLayer::new(Arc::new(TenantTokenTracker::new(1_000)));
+    // The handle lets `stream_answer` reconcile.
+    let tokens =
+        || TenantTokenLayer::new(Arc::new(TenantTokenTracker::new(1_000))).reservation_handle(true);
 
     // With axum, the layer added *last* runs *first*. Each `route_layer` call also turns the
     // refusals of the layers below it into plain axum responses, as tower_governor needs (its

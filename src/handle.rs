@@ -6,31 +6,43 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use crate::tracker::entry::Entry;
 use crate::{Error, TokenReservation};
 
-type Slot = Mutex<Option<Held>>;
-
 /// A handle to the reservation of the request being served, found in its extensions.
 ///
-/// The layer inserts one into every request it admits, so a handler can reconcile the
-/// estimate with what the upstream really used, as often as it learns more (an agent
-/// endpoint making several upstream calls, a stream reporting usage at its end). The
-/// reservation itself stays with the response: it is released when the response body ends
-/// or is dropped, whoever still holds a handle. After that, the handle's methods do nothing.
+/// A layer built with
+/// [`reservation_handle(true)`](crate::TenantTokenLayer::reservation_handle) inserts one
+/// into every request it admits, so a handler can reconcile the estimate with what the
+/// upstream really used, as often as it learns more (an agent endpoint making several
+/// upstream calls, a stream reporting usage at its end). The reservation itself stays with
+/// the response: it is released when the response body ends or is dropped, whoever still
+/// holds a handle. After that, the handle's methods do nothing.
 ///
 /// ```
-/// use axum::{Extension, Json};
-/// use tower_tenant_tokens::ReservationHandle;
+/// use std::sync::Arc;
+/// use axum::{routing::post, Extension, Json, Router};
+/// use tower_tenant_tokens::{ReservationHandle, TenantTokenLayer, TenantTokenTracker};
 ///
 /// async fn chat(Extension(reservation): Extension<ReservationHandle>) -> Json<u64> {
 ///     let used = 420; // what the upstream reported
 ///     reservation.resize(used);
 ///     Json(reservation.tokens())
 /// }
+///
+/// let tracker = Arc::new(TenantTokenTracker::new(10_000));
+/// let app: Router = Router::new()
+///     .route("/v1/chat/completions", post(chat))
+///     .layer(TenantTokenLayer::new(tracker).reservation_handle(true));
 /// ```
 #[derive(Clone)]
 pub struct ReservationHandle {
-    slot: Arc<Slot>,
+    shared: Arc<Shared>,
+}
+
+/// What the handles of one request and its guard share: one allocation per request.
+struct Shared {
     /// Names the tenant even after the release; holds no tokens.
     tenant: Tenant,
+    /// The reservation until the response ends, then `None`.
+    slot: Mutex<Option<Held>>,
 }
 
 /// What a handle's slot holds until the response ends: the reservation, and what the
@@ -72,7 +84,7 @@ enum Tenant {
 impl ReservationHandle {
     /// The tenant the reservation is charged to.
     pub fn tenant_id(&self) -> &str {
-        match &self.tenant {
+        match &self.shared.tenant {
             Tenant::Entry(entry) => &entry.id,
             #[cfg(feature = "redis")]
             Tenant::Name(name) => name,
@@ -160,7 +172,10 @@ impl ReservationHandle {
     /// No code holding this lock can leave the reservation half-changed, so poisoning is
     /// ignored rather than allowed to leak tokens.
     fn lock(&self) -> MutexGuard<'_, Option<Held>> {
-        self.slot.lock().unwrap_or_else(PoisonError::into_inner)
+        self.shared
+            .slot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -376,8 +391,10 @@ impl Guard {
             Ledgered::Redis(reservation) => Tenant::Name(reservation.tenant()),
         };
         Guard::Shared(ReservationHandle {
-            slot: Arc::new(Mutex::new(Some(held))),
-            tenant,
+            shared: Arc::new(Shared {
+                tenant,
+                slot: Mutex::new(Some(held)),
+            }),
         })
     }
 

@@ -57,8 +57,8 @@
 //!   RAII guard).
 //! - [`TenantSource`] and [`Estimator`] (with [`OpenAiEstimator`] for OpenAI-style JSON
 //!   bodies): where the tenant and the estimate come from.
-//! - [`ReservationHandle`]: in the request extensions, for handlers that reconcile the
-//!   estimate with real usage.
+//! - [`ReservationHandle`]: in the request extensions when the layer is built with
+//!   `.reservation_handle(true)`, for handlers that reconcile the estimate with real usage.
 //! - [`Error`] and [`Rejection`]: why a request was refused and the response it gets.
 //! - [`SharedBudget`]: a cap all tenants draw from too (the upstream's capacity, one per
 //!   model), reserved all or nothing with the tenant's.

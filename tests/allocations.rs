@@ -452,53 +452,73 @@ impl LayerRun {
     }
 }
 
-/// Through the layer, an admitted request for a known tenant costs **4 allocations** (244
-/// bytes today) more than the bare service, which allocates nothing (`Response::new` makes an
-/// empty header map and empty extensions, neither of which allocates). All four come from
-/// the [`ReservationHandle`](tower_tenant_tokens::ReservationHandle) the layer inserts into
-/// the request's extensions, and all are freed when the request and the response are
-/// dropped:
-///
-/// 1. `Arc<Mutex<Option<TokenReservation>>>` in `Guard::new` (`src/handle.rs`): the slot
-///    the handle and the guard share, so that a handler can resize the reservation that
-///    the response body owns. 40 bytes: two counts, the futex mutex and its poison flag,
-///    the 16-byte reservation.
-/// 2. `Box<AnyMap>` in `http::Extensions::insert`: a request's extensions are a null
-///    pointer until the first insert, which boxes an empty `HashMap` (32 bytes).
-/// 3. That map's first table: 4 buckets of `(TypeId, Box<dyn AnyClone>)`, 32 bytes each,
-///    plus control bytes (148 bytes).
-/// 4. `Box::new(handle)`, the type-erased value in that map: the handle is an `Arc` and an
-///    `Arc<str>` (24 bytes).
-///
-/// 2 and 3 are paid by whoever inserts a request's first extension: a request that
-/// already carries one (an auth layer's `TenantScope`, axum's routing data) pays only 1 and
-/// 4, plus a table growth now and then. The reservation itself (`TokenReservation` in the
-/// `Guard`) lives inline in the response future and then the response body, and the
-/// tenant id is shared with the ledger entry, never copied. Tracing's `debug!` events cost
-/// nothing without a subscriber.
-///
-/// Only the allocation count is pinned; the byte figures depend on `http`, `hashbrown` and
-/// std's layouts and are printed for reference.
+/// Through the layer with its default settings, an admitted request for a known tenant
+/// allocates nothing more than the bare service (which allocates nothing: `Response::new`
+/// makes an empty header map and empty extensions, neither of which allocates). The
+/// reservation (a `TokenReservation` in the `Guard`) lives inline in the response future
+/// and then the response body, and the tenant id is shared with the ledger entry, never
+/// copied. Tracing's `debug!` events cost nothing without a subscriber.
 #[test]
-fn the_layer_allocates_only_for_the_reservation_handle() {
+fn the_layer_allocates_nothing_by_default() {
     let n = ROUNDS;
     let tracker = Arc::new(TenantTokenTracker::new(1_000_000));
     let run = LayerRun::new(TenantTokenLayer::new(tracker), n);
-    let per_request = run.layer_allocations_per_request(n);
-    let bytes_per_request = run.layer_bytes_per_request(n);
     eprintln!("bare service, {n} requests: {:?}", run.bare);
     eprintln!("through the layer, {n} requests: {:?}", run.layered);
-    eprintln!("the layer adds {per_request} allocations and {bytes_per_request} bytes per request");
-
     assert_eq!(
         run.bare.allocations, 0,
         "the bare service allocates nothing"
     );
+    assert_eq!(
+        run.layered.allocations, 0,
+        "the layer allocates nothing by default: {:?}",
+        run.layered
+    );
+    assert_eq!(run.layered.reallocations, 0);
+    assert_eq!(run.layered.deallocations, run.bare.deallocations);
+    assert_eq!(run.layered.net_bytes, run.bare.net_bytes);
+}
+
+/// With [`TenantTokenLayer::reservation_handle`] on, an admitted request costs **4
+/// allocations** (about 230 bytes today), all for the
+/// [`ReservationHandle`](tower_tenant_tokens::ReservationHandle) inserted into the request's
+/// extensions, and all freed when the request and the response are dropped:
+///
+/// 1. `Arc<Shared>` in `Guard::new` (`src/handle.rs`): the tenant and the slot the handle
+///    and the guard share, so that a handler can resize the reservation that the response
+///    body owns.
+/// 2. `Box<AnyMap>` in `http::Extensions::insert`: a request's extensions are a null
+///    pointer until the first insert, which boxes an empty `HashMap` (32 bytes).
+/// 3. That map's first table: 4 buckets of `(TypeId, Box<dyn AnyClone>)`, 32 bytes each,
+///    plus control bytes (148 bytes).
+/// 4. `Box::new(handle)`, the type-erased value in that map: the handle is one `Arc`.
+///
+/// 2 and 3 are paid by whoever inserts a request's first extension: a request that
+/// already carries one (an auth layer's `TenantScope`, axum's routing data) pays only 1 and
+/// 4, plus a table growth now and then. This is why the handle is off by default.
+///
+/// Only the allocation count is pinned; the byte figures depend on `http`, `hashbrown` and
+/// std's layouts and are printed for reference.
+#[test]
+fn the_reservation_handle_costs_four_allocations_per_request() {
+    let n = ROUNDS;
+    let tracker = Arc::new(TenantTokenTracker::new(1_000_000));
+    let layer = TenantTokenLayer::new(tracker).reservation_handle(true);
+    let run = LayerRun::new(layer, n);
+    let per_request = run.layer_allocations_per_request(n);
+    let bytes_per_request = run.layer_bytes_per_request(n);
+    eprintln!("bare service, {n} requests: {:?}", run.bare);
+    eprintln!(
+        "through the layer with the handle, {n} requests: {:?}",
+        run.layered
+    );
+    eprintln!("the layer adds {per_request} allocations and {bytes_per_request} bytes per request");
+    assert_eq!(run.bare.allocations, 0);
     assert_eq!(run.bare.reallocations, 0);
     assert_eq!(
         run.layered.allocations,
         4 * n,
-        "the layer allocates 4 times per request (see the doc comment): {:?}",
+        "the handle allocates 4 times per request (see the doc comment): {:?}",
         run.layered
     );
     assert_eq!(run.layered.reallocations, 0);
@@ -511,34 +531,6 @@ fn the_layer_allocates_only_for_the_reservation_handle() {
         run.bare,
         run.layered
     );
-    assert_eq!(run.layered.net_bytes, run.bare.net_bytes);
-}
-
-/// With [`TenantTokenLayer::reservation_handle`] off, the layer keeps the reservation
-/// itself (no shared slot) and inserts nothing into the extensions: it allocates nothing
-/// over the bare service.
-#[test]
-fn without_the_reservation_handle_the_layer_allocates_nothing() {
-    let n = ROUNDS;
-    let tracker = Arc::new(TenantTokenTracker::new(1_000_000));
-    let layer = TenantTokenLayer::new(tracker).reservation_handle(false);
-    let run = LayerRun::new(layer, n);
-    eprintln!("bare service, {n} requests: {:?}", run.bare);
-    eprintln!(
-        "through the layer without the handle, {n} requests: {:?}",
-        run.layered
-    );
-    assert_eq!(
-        run.bare.allocations, 0,
-        "the bare service allocates nothing"
-    );
-    assert_eq!(
-        run.layered.allocations, 0,
-        "the layer allocates nothing without the handle: {:?}",
-        run.layered
-    );
-    assert_eq!(run.layered.reallocations, 0);
-    assert_eq!(run.layered.deallocations, run.bare.deallocations);
     assert_eq!(run.layered.net_bytes, run.bare.net_bytes);
 }
 

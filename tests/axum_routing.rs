@@ -81,6 +81,7 @@ async fn auth_app(
         .route("/v1/chat", post(handler))
         .layer(
             TenantTokenLayer::new(tracker.clone())
+                .reservation_handle(true)
                 .tenant_from_extension()
                 .on_missing_tenant(missing),
         )
@@ -363,7 +364,7 @@ async fn plain_hyper_service_holds_until_the_stream_ends_and_refuses_over_the_ca
     let tracker = tracker(1_000);
     let (source, mut streams) = streams();
     let server = serve_tower(hyper_service(
-        TenantTokenLayer::new(tracker.clone()),
+        TenantTokenLayer::new(tracker.clone()).reservation_handle(true),
         source,
     ))
     .await;
@@ -421,7 +422,9 @@ async fn plain_hyper_head_request_releases_once_hyper_drops_the_unsent_body() {
 #[tokio::test]
 async fn plain_hyper_service_with_the_openai_estimator_gets_the_body_intact() {
     let tracker = tracker(100_000);
-    let layer = TenantTokenLayer::new(tracker.clone()).estimator(OpenAiEstimator::new());
+    let layer = TenantTokenLayer::new(tracker.clone())
+        .reservation_handle(true)
+        .estimator(OpenAiEstimator::new());
     let server = serve_tower(hyper_service(layer, streams().0)).await;
     let body =
         br#"{"model":"m","max_tokens":42,"messages":[{"role":"user","content":"echo me back"}]}"#;

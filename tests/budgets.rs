@@ -55,7 +55,9 @@ async fn app(tenant_cap: u64, configure: impl FnOnce(TenantTokenLayer) -> Tenant
                     },
                 ),
             )
-            .layer(configure(TenantTokenLayer::new(tenants.clone())));
+            .layer(configure(
+                TenantTokenLayer::new(tenants.clone()).reservation_handle(true),
+            ));
     App {
         server: serve(router).await,
         tenants,
@@ -215,6 +217,7 @@ async fn shadow_mode_admits_over_a_budget_and_counts_it() {
     let upstream = Arc::new(TenantTokenTracker::new(100));
     let budget = SharedBudget::new("upstream", upstream.clone());
     let layer = TenantTokenLayer::new(Arc::new(TenantTokenTracker::new(1_000)))
+        .reservation_handle(true)
         .shared_budget(budget)
         .shadow(ShadowMode::All);
     let app = Router::new()

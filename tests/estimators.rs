@@ -39,7 +39,9 @@ async fn echo_with(cap: u64, configure: impl FnOnce(TenantTokenLayer) -> TenantT
     };
     let app = Router::new()
         .route("/v1/chat/completions", post(handler))
-        .layer(configure(TenantTokenLayer::new(tracker.clone())));
+        .layer(configure(
+            TenantTokenLayer::new(tracker.clone()).reservation_handle(true),
+        ));
     Echo {
         server: serve(app).await,
         tracker,

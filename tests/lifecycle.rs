@@ -149,7 +149,7 @@ fn never_completing_app(tracker: &Arc<TenantTokenTracker>) -> (Router, WaitingHa
                 }
             }),
         )
-        .layer(TenantTokenLayer::new(tracker.clone()));
+        .layer(TenantTokenLayer::new(tracker.clone()).reservation_handle(true));
     (app, WaitingHandler { started, dropped })
 }
 
@@ -443,7 +443,7 @@ async fn panicking_handler_releases_and_the_server_keeps_serving() {
                 }
             }),
         )
-        .layer(TenantTokenLayer::new(tracker.clone()));
+        .layer(TenantTokenLayer::new(tracker.clone()).reservation_handle(true));
     let server = serve(app).await;
     let client = client();
 
@@ -527,7 +527,7 @@ fn bodiless_app(tracker: &Arc<TenantTokenTracker>, source: StreamSource) -> Rout
                 },
             ),
         )
-        .layer(TenantTokenLayer::new(tracker.clone()))
+        .layer(TenantTokenLayer::new(tracker.clone()).reservation_handle(true))
 }
 
 #[tokio::test]
@@ -616,7 +616,7 @@ fn reconciling_app(
                 }
             }),
         )
-        .layer(TenantTokenLayer::new(tracker.clone()))
+        .layer(TenantTokenLayer::new(tracker.clone()).reservation_handle(true))
 }
 
 #[tokio::test]

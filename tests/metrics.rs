@@ -55,7 +55,7 @@ async fn app(layer: TenantTokenLayer) -> (TestServer, Streams) {
                 async move { body }
             }),
         )
-        .layer(layer);
+        .layer(layer.reservation_handle(true));
     (serve(app).await, streams)
 }
 

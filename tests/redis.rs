@@ -187,7 +187,7 @@ async fn replica_server(tracker: &RedisTokenTracker) -> (TestServer, Streams) {
                 },
             ),
         )
-        .layer(TenantTokenLayer::redis(tracker.clone()).rate_limit_headers(true));
+        .layer(TenantTokenLayer::redis(tracker.clone()).reservation_handle(true).rate_limit_headers(true));
     (serve(app).await, streams)
 }
 
@@ -685,7 +685,11 @@ async fn the_body_estimator_reserves_in_redis_once_the_body_is_read() {
                 },
             ),
         )
-        .layer(TenantTokenLayer::redis(tracker.clone()).estimator(OpenAiEstimator::new()));
+        .layer(
+            TenantTokenLayer::redis(tracker.clone())
+                .reservation_handle(true)
+                .estimator(OpenAiEstimator::new()),
+        );
     let server = serve(app).await;
     let body =
         r#"{"model":"m","max_tokens":100,"messages":[{"role":"user","content":"12345678"}]}"#;

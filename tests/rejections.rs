@@ -55,7 +55,7 @@ async fn app(cap: u64, configure: impl FnOnce(TenantTokenLayer) -> TenantTokenLa
             async move { body }
         }
     };
-    let layer = configure(TenantTokenLayer::new(tracker.clone()));
+    let layer = configure(TenantTokenLayer::new(tracker.clone()).reservation_handle(true));
     let router = Router::new()
         .route("/v1/chat", post(chat))
         .route("/hold", post(hold))

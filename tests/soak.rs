@@ -1000,7 +1000,7 @@ async fn soak_caps_hold_at_every_instant_and_everything_is_released() {
     let app = Router::new()
         .route("/soak", post(handler))
         .with_state(state.clone())
-        .layer(TenantTokenLayer::new(tracker.clone()))
+        .layer(TenantTokenLayer::new(tracker.clone()).reservation_handle(true))
         .layer(middleware::from_fn_with_state(state, outer_timeout)); // outside the layer
     let server = serve(app).await;
 

@@ -42,7 +42,11 @@ async fn app(cap: u64, max_wait: Duration) -> App {
                 async move { body }
             }),
         )
-        .layer(TenantTokenLayer::new(tracker.clone()).wait_for_capacity(max_wait));
+        .layer(
+            TenantTokenLayer::new(tracker.clone())
+                .reservation_handle(true)
+                .wait_for_capacity(max_wait),
+        );
     App {
         server: serve(router).await,
         tracker,
