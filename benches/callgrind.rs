@@ -1,12 +1,15 @@
 //! Instructions per request, for `valgrind --tool=callgrind`.
 //!
 //! Not a benchmark to run by itself: `.ci/callgrind.sh` runs it under callgrind once per
-//! variant (`callgrind VARIANT REQUESTS`) and counts only the instructions spent inside
-//! `measured`, so building the requests and setting up the services are left out.
+//! variant (`callgrind VARIANT REQUESTS [sdk]`) and counts only the instructions spent
+//! inside `measured`, so building the requests and setting up the services are left out.
+//! With `sdk`, every request also carries the headers an OpenAI SDK sends.
 
 #[path = "common/peers.rs"]
 mod peers;
 
+use std::cell::RefCell;
+use std::convert::Infallible;
 use std::sync::Arc;
 
 use tower::limit::ConcurrencyLimitLayer;
@@ -34,16 +37,30 @@ where
     }
 }
 
-fn run<S>(mut service: S, requests: usize)
+thread_local! {
+    /// The header maps of the requests served, freed once counting is over.
+    static KEPT: RefCell<Vec<http::HeaderMap>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The bare service, keeping each request's headers until counting is over: what freeing
+/// them costs depends on the allocator's state, which differs between variants, and would
+/// otherwise swing each variant's count by more than the layers cost.
+async fn bare<B>(mut request: http::Request<B>) -> Result<peers::Reply, Infallible> {
+    KEPT.with(|kept| kept.borrow_mut().push(std::mem::take(request.headers_mut())));
+    peers::bare(request).await
+}
+
+type MakeRequest = fn(&str, u64) -> http::Request<http_body_util::Empty<bytes::Bytes>>;
+
+fn run<S>(mut service: S, (requests, make): (usize, MakeRequest))
 where
     S: Service<http::Request<http_body_util::Empty<bytes::Bytes>>>,
     S::Error: std::fmt::Debug,
 {
+    KEPT.with(|kept| kept.borrow_mut().reserve(requests + 1));
     // The tenant is known (warm) before counting starts, as in a steady gateway.
-    measured(&mut service, vec![peers::request("tenant-a", 100)]);
-    let batch = (0..requests)
-        .map(|_| peers::request("tenant-a", 100))
-        .collect();
+    measured(&mut service, vec![make("tenant-a", 100)]);
+    let batch = (0..requests).map(|_| make("tenant-a", 100)).collect();
     measured(&mut service, batch);
 }
 
@@ -52,35 +69,39 @@ fn main() {
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
-    let (variant, requests) = match args.as_slice() {
-        [variant, requests] => (variant.as_str(), requests.parse().expect("a count")),
+    let (variant, requests, make): (&str, usize, MakeRequest) = match args.as_slice() {
+        [variant, requests] => (variant, requests.parse().expect("a count"), peers::request),
+        [variant, requests, sdk] if sdk == "sdk" => {
+            (variant, requests.parse().expect("a count"), peers::sdk_request)
+        }
         [] => return println!("variants: {}", VARIANTS.join(" ")),
-        _ => panic!("usage: callgrind VARIANT REQUESTS"),
+        _ => panic!("usage: callgrind VARIANT REQUESTS [sdk]"),
     };
+    let requests = (requests, make);
     let tracker = Arc::new(TenantTokenTracker::new(u64::MAX));
     match variant {
-        "bare" => run(tower::service_fn(peers::bare), requests),
+        "bare" => run(tower::service_fn(bare), requests),
         "tower-tenant-tokens" => run(
-            TenantTokenLayer::new(tracker).layer(tower::service_fn(peers::bare)),
+            TenantTokenLayer::new(tracker).layer(tower::service_fn(bare)),
             requests,
         ),
         "tower-tenant-tokens-handle" => run(
             TenantTokenLayer::new(tracker)
                 .reservation_handle(true)
-                .layer(tower::service_fn(peers::bare)),
+                .layer(tower::service_fn(bare)),
             requests,
         ),
         "concurrency-limit" => run(
-            ConcurrencyLimitLayer::new(1 << 20).layer(tower::service_fn(peers::bare)),
+            ConcurrencyLimitLayer::new(1 << 20).layer(tower::service_fn(bare)),
             requests,
         ),
         "governor" => run(
-            peers::governor_layer().layer(tower::service_fn(peers::bare)),
+            peers::governor_layer().layer(tower::service_fn(bare)),
             requests,
         ),
         "naive" => run(
             peers::NaiveLayer(peers::NaiveTracker::new(u64::MAX))
-                .layer(tower::service_fn(peers::bare)),
+                .layer(tower::service_fn(bare)),
             requests,
         ),
         other => panic!("unknown variant {other}; one of {}", VARIANTS.join(" ")),

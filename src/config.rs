@@ -9,10 +9,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{Response, StatusCode};
+use http::{Extensions, HeaderMap, Response, StatusCode};
 
 use crate::budget::Draws;
-use crate::extract::{Estimator, MissingEstimate, MissingTenant, Plan, TenantSource};
+use crate::extract::{
+    extension_tenant, find_pair, header_estimate, header_tenant, EstimateOrigin, Estimator, Found,
+    MissingEstimate, MissingTenant, Plan, TenantOrigin, TenantSource,
+};
 use crate::handle::{Guard, Held, Ledgered};
 use crate::reject::Rejection;
 use crate::waiting::{Waiting, WakeOnRelease, RECHECK};
@@ -90,6 +93,17 @@ pub(crate) enum Charge<'a> {
     Unmetered,
 }
 
+/// What [`Config::quick`] made of a request.
+pub(crate) enum Quick<'a> {
+    /// Reserve these tokens for this tenant.
+    Reserve(Cow<'a, str>, u64),
+    /// Let it through without reserving.
+    Unmetered,
+    Refused(Error),
+    /// A source needs the request's `Parts` (or its body): take the long way.
+    NeedsParts,
+}
+
 /// How many tokens a request is charged.
 pub(crate) enum Estimate {
     Tokens(u64),
@@ -110,32 +124,86 @@ impl Config {
 
     /// The tenant to charge, or why there is none.
     pub(crate) fn charge<'a>(&'a self, parts: &'a Parts) -> Result<Charge<'a>, Error> {
-        match self.tenant.extract(parts, self.max_tenant_len) {
-            Ok(Some(tenant)) => Ok(Charge::Tenant(tenant)),
-            Ok(None) => match &self.missing_tenant {
-                MissingTenant::DefaultTenant(id) => Ok(Charge::Tenant(Cow::Borrowed(id))),
-                MissingTenant::Unmetered => Ok(Charge::Unmetered),
-                MissingTenant::Reject | MissingTenant::Unauthorized => Err(Error::MissingTenant),
-            },
-            Err(error) => Err(error),
+        self.charge_found(self.tenant.extract(parts, self.max_tenant_len)?)
+    }
+
+    /// The tenant to charge, given the one the request names, if any.
+    fn charge_found<'a>(&'a self, tenant: Option<Cow<'a, str>>) -> Result<Charge<'a>, Error> {
+        match (tenant, &self.missing_tenant) {
+            (Some(tenant), _) => Ok(Charge::Tenant(tenant)),
+            (None, MissingTenant::DefaultTenant(id)) => Ok(Charge::Tenant(Cow::Borrowed(id))),
+            (None, MissingTenant::Unmetered) => Ok(Charge::Unmetered),
+            (None, MissingTenant::Reject | MissingTenant::Unauthorized) => {
+                Err(Error::MissingTenant)
+            }
         }
     }
 
     /// The estimate to reserve, or why there is none.
     pub(crate) fn estimate(&self, parts: &Parts) -> Result<Estimate, Error> {
         match self.estimator.plan(parts) {
-            Plan::Ready(Ok(Some(tokens))) => Ok(Estimate::Tokens(tokens)),
-            Plan::Ready(Ok(None)) => self.missing_estimate(),
-            Plan::Ready(Err(error)) => Err(error),
+            Plan::Ready(tokens) => self.estimate_found(tokens?),
             Plan::Body(body) => Ok(Estimate::Body(body)),
         }
     }
 
-    fn missing_estimate(&self) -> Result<Estimate, Error> {
-        match self.missing_estimate {
-            MissingEstimate::Default(tokens) => Ok(Estimate::Tokens(tokens)),
-            MissingEstimate::Unmetered => Ok(Estimate::Unmetered),
-            MissingEstimate::Reject => Err(Error::MissingEstimate),
+    /// The estimate to reserve, given the one the request carries, if any.
+    fn estimate_found(&self, tokens: Option<u64>) -> Result<Estimate, Error> {
+        match (tokens, &self.missing_estimate) {
+            (Some(tokens), _) | (None, &MissingEstimate::Default(tokens)) => {
+                Ok(Estimate::Tokens(tokens))
+            }
+            (None, MissingEstimate::Unmetered) => Ok(Estimate::Unmetered),
+            (None, MissingEstimate::Reject) => Err(Error::MissingEstimate),
+        }
+    }
+
+    /// The tenant and the estimate, read from the request's head in place, where the
+    /// layer's sources allow (headers and extensions only, no shared budgets): then the
+    /// request need not be taken apart into `Parts` and put together again. With two
+    /// header sources, one walk over the headers finds both.
+    pub(crate) fn quick<'a>(
+        &'a self,
+        headers: &'a HeaderMap,
+        extensions: &'a Extensions,
+    ) -> Quick<'a> {
+        if !self.budgets.is_empty() {
+            return Quick::NeedsParts;
+        }
+        let (tenant, estimate) = match (self.tenant.origin(), self.estimator.origin()) {
+            (TenantOrigin::Fn, _) | (_, EstimateOrigin::Parts) => return Quick::NeedsParts,
+            (TenantOrigin::Header(t), EstimateOrigin::Header(e)) => {
+                let (tenant, estimate) = find_pair(headers, t, e);
+                (
+                    header_tenant(tenant, t, self.max_tenant_len),
+                    Some(estimate),
+                )
+            }
+            (TenantOrigin::Header(t), _) => (
+                header_tenant(Found::lookup(headers, t), t, self.max_tenant_len),
+                None,
+            ),
+            (TenantOrigin::Extension, _) => (Ok(extension_tenant(extensions)), None),
+        };
+        let tenant = match tenant.and_then(|tenant| self.charge_found(tenant)) {
+            Ok(Charge::Tenant(tenant)) => tenant,
+            Ok(Charge::Unmetered) => return Quick::Unmetered,
+            Err(error) => return Quick::Refused(error),
+        };
+        let tokens = match (self.estimator.origin(), estimate) {
+            (EstimateOrigin::Header(e), found) => {
+                header_estimate(found.unwrap_or_else(|| Found::lookup(headers, e)), e)
+            }
+            _ => match self.estimator.from_headers(headers) {
+                Some(tokens) => tokens,
+                None => return Quick::NeedsParts,
+            },
+        };
+        match tokens.and_then(|tokens| self.estimate_found(tokens)) {
+            Ok(Estimate::Tokens(tokens)) => Quick::Reserve(tenant, tokens),
+            Ok(Estimate::Unmetered) => Quick::Unmetered,
+            Ok(Estimate::Body(_)) => Quick::NeedsParts,
+            Err(error) => Quick::Refused(error),
         }
     }
 

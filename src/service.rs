@@ -10,7 +10,7 @@ use http_body::Body;
 use tower_service::Service;
 
 use crate::budget::Draws;
-use crate::config::{Admission, Charge, Config, Estimate, LimitHeaders};
+use crate::config::{Admission, Charge, Config, Estimate, LimitHeaders, Quick};
 use crate::future::{Pending, ResponseFuture};
 use crate::{BoxError, RequestBody, ResponseBody};
 
@@ -66,16 +66,36 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let (tenant, tokens) = match self.config.quick(request.headers(), request.extensions()) {
+            Quick::Reserve(tenant, tokens) => (tenant, tokens),
+            Quick::Unmetered => return self.forward(request, None),
+            Quick::Refused(error) => return ResponseFuture::rejected(self.config.reject(error)),
+            Quick::NeedsParts => return self.call_parts(request),
+        };
+        let admission = self.config.admit(&tenant, tokens, Draws::default());
+        self.admitted(request, admission)
+    }
+}
+
+impl<S> TenantTokenService<S> {
+    /// `call` for sources that read the request's `Parts` or its body.
+    fn call_parts<ReqBody, ResBody>(
+        &mut self,
+        request: Request<ReqBody>,
+    ) -> ResponseFuture<S, ReqBody>
+    where
+        S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Clone,
+    {
         let config = &self.config;
-        let (mut parts, body) = request.into_parts();
+        let (parts, body) = request.into_parts();
         let tenant = match config.charge(&parts) {
             Ok(Charge::Tenant(tenant)) => tenant,
-            Ok(Charge::Unmetered) => return self.forward(parts, body, None),
+            Ok(Charge::Unmetered) => return self.forward(Request::from_parts(parts, body), None),
             Err(error) => return ResponseFuture::rejected(config.reject(error)),
         };
         let tokens = match config.estimate(&parts) {
             Ok(Estimate::Tokens(tokens)) => tokens,
-            Ok(Estimate::Unmetered) => return self.forward(parts, body, None),
+            Ok(Estimate::Unmetered) => return self.forward(Request::from_parts(parts, body), None),
             Ok(Estimate::Body(estimate)) => {
                 let (tenant, config) = (tenant.into_owned(), Arc::clone(config));
                 let service = self.take_ready();
@@ -85,29 +105,43 @@ where
             Err(error) => return ResponseFuture::rejected(config.reject(error)),
         };
         let draws = Draws::find(&config.budgets, &parts, None);
-        match config.admit(&tenant, tokens, draws) {
+        let admission = config.admit(&tenant, tokens, draws);
+        drop(tenant);
+        self.admitted(Request::from_parts(parts, body), admission)
+    }
+
+    /// Calls the inner service with an admitted request, or answers a refused one, or waits
+    /// for the ledger to decide.
+    #[inline(always)]
+    fn admitted<ReqBody>(
+        &mut self,
+        mut request: Request<ReqBody>,
+        admission: Admission,
+    ) -> ResponseFuture<S, ReqBody>
+    where
+        S: Service<Request<RequestBody<ReqBody>>> + Clone,
+    {
+        match admission {
             Admission::Now(Ok(guard)) => {
                 if let Some(handle) = guard.handle() {
-                    parts.extensions.insert(handle);
+                    request.extensions_mut().insert(handle);
                 }
-                self.forward(parts, body, Some(guard))
+                self.forward(request, Some(guard))
             }
-            Admission::Now(Err(error)) => ResponseFuture::rejected(config.reject(error)),
+            Admission::Now(Err(error)) => ResponseFuture::rejected(self.config.reject(error)),
             Admission::Later(reserving) => {
-                let config = Arc::clone(config);
+                let (parts, body) = request.into_parts();
                 let call = crate::future::Call {
                     parts,
                     body: RequestBody::streaming(body),
                     service: self.take_ready(),
-                    config,
+                    config: Arc::clone(&self.config),
                 };
                 ResponseFuture::reserving(reserving, call)
             }
         }
     }
-}
 
-impl<S> TenantTokenService<S> {
     /// The service that was polled ready, for a call made later; a clone waits in its
     /// place for the next `poll_ready`, as tower's buffering services do.
     fn take_ready(&mut self) -> S
@@ -118,21 +152,21 @@ impl<S> TenantTokenService<S> {
         std::mem::replace(&mut self.inner, clone)
     }
 
+    #[inline(always)]
     fn forward<ReqBody>(
         &mut self,
-        parts: http::request::Parts,
-        body: ReqBody,
+        request: Request<ReqBody>,
         guard: Option<crate::handle::Guard>,
     ) -> ResponseFuture<S, ReqBody>
     where
         S: Service<Request<RequestBody<ReqBody>>>,
     {
-        let request = Request::from_parts(parts, RequestBody::streaming(body));
         let headers = match guard {
             Some(_) => self.config.limit_headers,
             None => LimitHeaders::default(),
         };
-        ResponseFuture::inner(self.inner.call(request), guard, headers)
+        let future = self.inner.call(request.map(RequestBody::streaming));
+        ResponseFuture::inner(future, guard, headers)
     }
 }
 

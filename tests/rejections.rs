@@ -215,6 +215,47 @@ async fn missing_and_malformed_estimates_are_400_and_reserve_nothing() {
     app.assert_still_serving("acme", 1_000).await;
 }
 
+/// The layer finds its two headers by walking a small header map once and by looking them
+/// up in a large one: either way, a missing or repeated header is refused the same, and
+/// the right one is charged wherever it sits among the others.
+#[tokio::test]
+async fn the_tenant_and_estimate_headers_are_found_among_few_or_many_others() {
+    let app = app(1_000, |layer| layer).await;
+    let fillers: Vec<String> = (0..60).map(|i| format!("x-filler-{i}")).collect();
+    for filler_count in [0, 3, 25, 60] {
+        for (tenants, estimates) in [(1, 1), (0, 1), (2, 1), (1, 0), (1, 2), (2, 2)] {
+            let mut headers: Vec<Header<'_>> = Vec::new();
+            // Our headers in the middle of the others, the filler names close to theirs.
+            let (before, after) = fillers[..filler_count].split_at(filler_count / 2);
+            headers.extend(before.iter().map(|name| (name.as_str(), &b"x"[..])));
+            headers.extend((0..tenants).map(|_| ("x-tenant-id", &b"acme"[..])));
+            headers.extend((0..estimates).map(|_| ("x-token-estimate", &b"7"[..])));
+            headers.extend(after.iter().map(|name| (name.as_str(), &b"x"[..])));
+            let reply = call(&client(), app.request(&headers)).await;
+            let case = format!("{filler_count} others, {tenants} tenants, {estimates} estimates");
+            let expected = match (tenants, estimates) {
+                (1, 1) => None,
+                (0, _) => Some("missing_tenant"),
+                (2, _) => Some("invalid_tenant"),
+                (_, 0) => Some("missing_token_estimate"),
+                _ => Some("invalid_token_estimate"),
+            };
+            match expected {
+                None => {
+                    assert_eq!(reply.status, StatusCode::OK, "{case}: {}", reply.text());
+                    assert_eq!(reply.text(), "ok acme 7", "{case}");
+                }
+                Some(code) => {
+                    let got = assert_openai_error(&reply, StatusCode::BAD_REQUEST);
+                    assert_eq!(got, code, "{case}");
+                }
+            }
+        }
+    }
+    assert_eq!(app.calls.get(), 4, "only the well-formed requests were served");
+    assert_eq!(app.tracker.in_flight("acme"), 0);
+}
+
 #[tokio::test]
 async fn over_the_cap_now_is_429_with_retry_after_and_rate_limit_headers() {
     let mut app = app(1_000, |layer| layer).await;

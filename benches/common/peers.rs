@@ -39,6 +39,41 @@ pub fn request(tenant: &str, tokens: u64) -> Request<Empty<Bytes>> {
         .expect("valid request")
 }
 
+/// The headers an OpenAI SDK sends with a chat request (besides the tenant and the
+/// estimate): what a gateway's requests look like, rather than the bare minimum.
+pub const SDK_HEADERS: [(&str, &str); 17] = [
+    ("host", "gateway.internal:8080"),
+    ("accept-encoding", "gzip, deflate"),
+    ("connection", "keep-alive"),
+    ("accept", "application/json"),
+    ("content-type", "application/json"),
+    ("user-agent", "OpenAI/Python 1.109.1"),
+    ("x-stainless-lang", "python"),
+    ("x-stainless-package-version", "1.109.1"),
+    ("x-stainless-os", "Linux"),
+    ("x-stainless-arch", "x64"),
+    ("x-stainless-runtime", "CPython"),
+    ("x-stainless-runtime-version", "3.11.7"),
+    ("authorization", "Bearer sk-test-0123456789abcdef"),
+    ("x-stainless-async", "false"),
+    ("x-stainless-retry-count", "0"),
+    ("x-stainless-read-timeout", "600"),
+    ("content-length", "173"),
+];
+
+/// [`request`] with the [`SDK_HEADERS`] before the tenant and the estimate.
+pub fn sdk_request(tenant: &str, tokens: u64) -> Request<Empty<Bytes>> {
+    let mut builder = Request::post("/v1/chat/completions");
+    for (name, value) in SDK_HEADERS {
+        builder = builder.header(name, value);
+    }
+    builder
+        .header(TENANT, tenant)
+        .header(ESTIMATE, tokens)
+        .body(Empty::new())
+        .expect("valid request")
+}
+
 /// Runs one request through `service` to the end: ready, call, response, body dropped
 /// (which is where a body-held reservation is released). Every future involved completes
 /// on its first poll, so no runtime is needed.

@@ -4,9 +4,10 @@ use std::fmt;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{HeaderName, CONTENT_LENGTH};
+use http::header::{HeaderMap, HeaderName, CONTENT_LENGTH};
 use http::request::Parts;
 
+use super::headers::Found;
 use crate::Error;
 
 type EstimateFn = dyn Fn(&Parts) -> Result<Option<u64>, EstimateError> + Send + Sync;
@@ -89,14 +90,14 @@ impl Estimator {
     /// Decides how to estimate this request: now from its head, or after reading its body.
     pub(crate) fn plan(&self, parts: &Parts) -> Plan {
         let estimate = match &self.kind {
-            Kind::Header(name) => header_estimate(parts, name),
+            Kind::Header(name) => header_estimate(Found::lookup(&parts.headers, name), name),
             Kind::ContentLength { bytes_per_token } => {
-                content_length(parts).map(|len| len.map(|len| len.div_ceil(*bytes_per_token)))
+                content_estimate(&parts.headers, *bytes_per_token)
             }
             Kind::Fixed(tokens) => Ok(Some(*tokens)),
             Kind::Fn(f) => f(parts).map_err(Error::from),
             Kind::Body(body) => {
-                return match content_length(parts) {
+                return match content_length(&parts.headers) {
                     Ok(Some(len)) if len > body.limit as u64 => {
                         Plan::Ready(Err(Error::BodyTooLarge {
                             limit: body.limit as u64,
@@ -108,6 +109,36 @@ impl Estimator {
         };
         Plan::Ready(estimate)
     }
+
+    /// Where the estimate comes from, for a request read without taking it apart.
+    pub(crate) fn origin(&self) -> Origin<'_> {
+        match &self.kind {
+            Kind::Header(name) => Origin::Header(name),
+            Kind::ContentLength { .. } | Kind::Fixed(_) => Origin::Head,
+            Kind::Fn(_) | Kind::Body(_) => Origin::Parts,
+        }
+    }
+
+    /// The estimate of an [`Origin::Head`] estimator; `None` for the others.
+    pub(crate) fn from_headers(&self, headers: &HeaderMap) -> Option<Result<Option<u64>, Error>> {
+        match &self.kind {
+            Kind::ContentLength { bytes_per_token } => {
+                Some(content_estimate(headers, *bytes_per_token))
+            }
+            Kind::Fixed(tokens) => Some(Ok(Some(*tokens))),
+            _ => None,
+        }
+    }
+}
+
+/// Where an [`Estimator`] finds the estimate.
+pub(crate) enum Origin<'s> {
+    /// One header, which the layer may find together with the tenant's.
+    Header(&'s HeaderName),
+    /// Other headers, or nothing at all: see [`Estimator::from_headers`].
+    Head,
+    /// A function of the request's `Parts`, or of its body too.
+    Parts,
 }
 
 impl fmt::Debug for Estimator {
@@ -149,34 +180,58 @@ impl BodyEstimate {
 /// A token count parsed strictly: ASCII digits only (no sign, no exponent, no spaces),
 /// fitting in a `u64`.
 pub(crate) fn parse_tokens(text: &[u8]) -> Result<u64, String> {
-    let show = || String::from_utf8_lossy(text).into_owned();
-    if text.is_empty() {
-        return Err("an empty value is not a number of tokens".to_owned());
+    match digits(text) {
+        Some(tokens) => Ok(tokens),
+        None => Err(not_tokens(text)),
+    }
+}
+
+/// The number `text` writes in decimal digits, if it is one that fits in a `u64`.
+#[inline]
+fn digits(text: &[u8]) -> Option<u64> {
+    if text.is_empty() || text.len() > 20 {
+        return None;
     }
     let mut tokens: u64 = 0;
     for &byte in text {
-        if !byte.is_ascii_digit() {
-            return Err(format!("`{}` is not a whole number of tokens", show()));
+        let digit = byte.wrapping_sub(b'0');
+        if digit > 9 {
+            return None;
         }
-        tokens = tokens
-            .checked_mul(10)
-            .and_then(|t| t.checked_add(u64::from(byte - b'0')))
-            .ok_or_else(|| format!("`{}` does not fit in 64 bits", show()))?;
+        // Up to 19 digits always fit (u64::MAX has 20): only the 20th needs checking.
+        tokens = match text.len() {
+            20 => tokens.checked_mul(10)?.checked_add(u64::from(digit))?,
+            _ => tokens * 10 + u64::from(digit),
+        };
     }
-    Ok(tokens)
+    Some(tokens)
 }
 
-fn header_estimate(parts: &Parts, name: &HeaderName) -> Result<Option<u64>, Error> {
-    let mut values = parts.headers.get_all(name).iter();
-    let Some(value) = values.next() else {
-        return Ok(None);
-    };
-    if values.next().is_some() {
-        // Which one would count is anyone's guess; refuse rather than pick the smaller.
-        return Err(Error::InvalidEstimate {
-            reason: format!("more than one `{name}` header"),
-        });
+/// Why `text` is not a token count.
+#[cold]
+fn not_tokens(text: &[u8]) -> String {
+    let shown = String::from_utf8_lossy(text);
+    if text.is_empty() {
+        "an empty value is not a number of tokens".to_owned()
+    } else if text.iter().all(u8::is_ascii_digit) {
+        format!("`{shown}` does not fit in 64 bits")
+    } else {
+        format!("`{shown}` is not a whole number of tokens")
     }
+}
+
+/// The estimate in header `name`, checked as [`Estimator::header`] says.
+pub(crate) fn header_estimate(found: Found<'_>, name: &HeaderName) -> Result<Option<u64>, Error> {
+    let value = match found {
+        Found::Missing => return Ok(None),
+        Found::One(value) => value,
+        // Which one would count is anyone's guess; refuse rather than pick the smaller.
+        Found::Many => {
+            return Err(Error::InvalidEstimate {
+                reason: format!("more than one `{name}` header"),
+            })
+        }
+    };
     parse_tokens(value.as_bytes())
         .map(Some)
         .map_err(|reason| Error::InvalidEstimate {
@@ -184,8 +239,12 @@ fn header_estimate(parts: &Parts, name: &HeaderName) -> Result<Option<u64>, Erro
         })
 }
 
-fn content_length(parts: &Parts) -> Result<Option<u64>, Error> {
-    match parts.headers.get(CONTENT_LENGTH) {
+fn content_estimate(headers: &HeaderMap, bytes_per_token: u64) -> Result<Option<u64>, Error> {
+    content_length(headers).map(|len| len.map(|len| len.div_ceil(bytes_per_token)))
+}
+
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Error> {
+    match headers.get(CONTENT_LENGTH) {
         None => Ok(None),
         Some(value) => {
             parse_tokens(value.as_bytes())

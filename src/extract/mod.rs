@@ -1,6 +1,7 @@
 //! Where a request's tenant and token estimate come from.
 
 mod estimate;
+mod headers;
 #[cfg(feature = "openai")]
 mod openai;
 mod tenant;
@@ -10,6 +11,8 @@ pub use self::estimate::{EstimateError, Estimator, MissingEstimate};
 pub use self::openai::{OpenAiEstimate, OpenAiEstimator};
 pub use self::tenant::{MissingTenant, TenantSource, DEFAULT_MAX_TENANT_LEN};
 
-pub(crate) use self::estimate::{BodyEstimate, Plan};
+pub(crate) use self::estimate::{header_estimate, BodyEstimate, Origin as EstimateOrigin, Plan};
+pub(crate) use self::headers::{find_pair, Found};
 #[cfg(feature = "openai")]
 pub(crate) use self::openai::json_model;
+pub(crate) use self::tenant::{extension_tenant, header_tenant, Origin as TenantOrigin};

@@ -6,6 +6,9 @@ use std::sync::Arc;
 
 use http::header::HeaderName;
 use http::request::Parts;
+use http::Extensions;
+
+use super::headers::Found;
 
 use crate::{Error, TenantScope};
 
@@ -68,32 +71,53 @@ impl TenantSource {
         parts: &'a Parts,
         max_len: usize,
     ) -> Result<Option<Cow<'a, str>>, Error> {
-        let id = match &self.kind {
-            Kind::Header(name) => return header_tenant(parts, name, max_len),
-            Kind::Extension => parts
-                .extensions
-                .get::<TenantScope>()
-                .map(|scope| Cow::Borrowed(scope.tenant_id.as_str())),
-            Kind::Fn(f) => f(parts).map(Cow::Owned),
-        };
-        Ok(id.filter(|id| !id.is_empty()))
+        match &self.kind {
+            Kind::Header(name) => header_tenant(Found::lookup(&parts.headers, name), name, max_len),
+            Kind::Extension => Ok(extension_tenant(&parts.extensions)),
+            Kind::Fn(f) => Ok(f(parts).filter(|id| !id.is_empty()).map(Cow::Owned)),
+        }
+    }
+
+    /// Where the tenant comes from, for a request read without taking it apart.
+    pub(crate) fn origin(&self) -> Origin<'_> {
+        match &self.kind {
+            Kind::Header(name) => Origin::Header(name),
+            Kind::Extension => Origin::Extension,
+            Kind::Fn(_) => Origin::Fn,
+        }
     }
 }
 
-fn header_tenant<'a>(
-    parts: &'a Parts,
+/// Where a [`TenantSource`] finds the tenant.
+pub(crate) enum Origin<'s> {
+    Header(&'s HeaderName),
+    Extension,
+    /// A function of the request's `Parts`.
+    Fn,
+}
+
+/// The tenant an earlier layer inserted; an empty id counts as missing.
+pub(crate) fn extension_tenant(extensions: &Extensions) -> Option<Cow<'_, str>> {
+    extensions
+        .get::<TenantScope>()
+        .map(|scope| scope.tenant_id.as_str())
+        .filter(|id| !id.is_empty())
+        .map(Cow::Borrowed)
+}
+
+/// The tenant in header `name`, checked as [`TenantSource::header`] says.
+pub(crate) fn header_tenant<'a>(
+    found: Found<'a>,
     name: &HeaderName,
     max_len: usize,
 ) -> Result<Option<Cow<'a, str>>, Error> {
-    let mut values = parts.headers.get_all(name).iter();
-    let Some(value) = values.next() else {
-        return Ok(None);
-    };
     let invalid = |reason: String| Err(Error::InvalidTenant { reason });
-    if values.next().is_some() {
-        return invalid(format!("more than one `{name}` header"));
-    }
-    let len = value.as_bytes().len();
+    let value = match found {
+        Found::Missing => return Ok(None),
+        Found::One(value) => value,
+        Found::Many => return invalid(format!("more than one `{name}` header")),
+    };
+    let len = value.len();
     if len == 0 {
         return invalid(format!("`{name}` is empty"));
     }
