@@ -46,7 +46,10 @@ thread_local! {
 /// them costs depends on the allocator's state, which differs between variants, and would
 /// otherwise swing each variant's count by more than the layers cost.
 async fn bare<B>(mut request: http::Request<B>) -> Result<peers::Reply, Infallible> {
-    KEPT.with(|kept| kept.borrow_mut().push(std::mem::take(request.headers_mut())));
+    KEPT.with(|kept| {
+        kept.borrow_mut()
+            .push(std::mem::take(request.headers_mut()))
+    });
     peers::bare(request).await
 }
 
@@ -71,9 +74,11 @@ fn main() {
         .collect();
     let (variant, requests, make): (&str, usize, MakeRequest) = match args.as_slice() {
         [variant, requests] => (variant, requests.parse().expect("a count"), peers::request),
-        [variant, requests, sdk] if sdk == "sdk" => {
-            (variant, requests.parse().expect("a count"), peers::sdk_request)
-        }
+        [variant, requests, sdk] if sdk == "sdk" => (
+            variant,
+            requests.parse().expect("a count"),
+            peers::sdk_request,
+        ),
         [] => return println!("variants: {}", VARIANTS.join(" ")),
         _ => panic!("usage: callgrind VARIANT REQUESTS [sdk]"),
     };
@@ -100,8 +105,7 @@ fn main() {
             requests,
         ),
         "naive" => run(
-            peers::NaiveLayer(peers::NaiveTracker::new(u64::MAX))
-                .layer(tower::service_fn(bare)),
+            peers::NaiveLayer(peers::NaiveTracker::new(u64::MAX)).layer(tower::service_fn(bare)),
             requests,
         ),
         other => panic!("unknown variant {other}; one of {}", VARIANTS.join(" ")),

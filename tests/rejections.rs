@@ -252,7 +252,11 @@ async fn the_tenant_and_estimate_headers_are_found_among_few_or_many_others() {
             }
         }
     }
-    assert_eq!(app.calls.get(), 4, "only the well-formed requests were served");
+    assert_eq!(
+        app.calls.get(),
+        4,
+        "only the well-formed requests were served"
+    );
     assert_eq!(app.tracker.in_flight("acme"), 0);
 }
 

@@ -63,4 +63,3 @@ pub(crate) fn find_pair<'a>(
     }
     (a, b)
 }
-

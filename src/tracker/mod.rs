@@ -20,7 +20,12 @@ pub use self::scope::TenantScope;
 pub use self::state::TenantTokenState;
 
 /// How many idle tenants a tracker keeps by default.
-pub const DEFAULT_MAX_IDLE_TENANTS: usize = 10_000;
+///
+/// A cached idle tenant costs about 120 bytes plus its id, so a full cache stays near half
+/// a mebibyte; a gateway whose tenants come back after idle spells of their own can keep
+/// more with [`TenantTokenTrackerBuilder::max_idle_tenants`]. (Tenants with work in flight
+/// are tracked whatever the bound.)
+pub const DEFAULT_MAX_IDLE_TENANTS: usize = 4_096;
 
 const MAX_SHARDS: usize = 64;
 
