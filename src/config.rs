@@ -194,7 +194,7 @@ impl Config {
             (EstimateOrigin::Header(e), found) => {
                 header_estimate(found.unwrap_or_else(|| Found::lookup(headers, e)), e)
             }
-            _ => match self.estimator.from_headers(headers) {
+            _ => match self.estimator.estimate_head(headers) {
                 Some(tokens) => tokens,
                 None => return Quick::NeedsParts,
             },

@@ -120,7 +120,7 @@ impl Estimator {
     }
 
     /// The estimate of an [`Origin::Head`] estimator; `None` for the others.
-    pub(crate) fn from_headers(&self, headers: &HeaderMap) -> Option<Result<Option<u64>, Error>> {
+    pub(crate) fn estimate_head(&self, headers: &HeaderMap) -> Option<Result<Option<u64>, Error>> {
         match &self.kind {
             Kind::ContentLength { bytes_per_token } => {
                 Some(content_estimate(headers, *bytes_per_token))
@@ -135,7 +135,7 @@ impl Estimator {
 pub(crate) enum Origin<'s> {
     /// One header, which the layer may find together with the tenant's.
     Header(&'s HeaderName),
-    /// Other headers, or nothing at all: see [`Estimator::from_headers`].
+    /// Other headers, or nothing at all: see [`Estimator::estimate_head`].
     Head,
     /// A function of the request's `Parts`, or of its body too.
     Parts,
