@@ -3,6 +3,8 @@
 mod estimate;
 mod headers;
 #[cfg(feature = "openai")]
+mod json_scan;
+#[cfg(feature = "openai")]
 mod openai;
 mod tenant;
 

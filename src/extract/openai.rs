@@ -2,11 +2,12 @@
 
 use std::fmt;
 
-use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 use serde::Deserializer as _;
 
 use super::estimate::{EstimateError, Estimator};
+use super::json_scan::{read_number, Malformed, Number, Scanner, Str};
 
 /// Estimates OpenAI-style requests (`/v1/chat/completions`, `/v1/completions`,
 /// `/v1/responses`, `/v1/embeddings`) from their JSON body.
@@ -105,15 +106,12 @@ impl OpenAiEstimator {
     /// As for [`estimate`](Self::estimate).
     pub fn estimate_parts(&self, body: &[u8]) -> Result<OpenAiEstimate, EstimateError> {
         let mut tally = Tally::default();
-        let mut de = serde_json::Deserializer::from_slice(body);
-        let parsed = de
-            .deserialize_map(RequestVisitor(&mut tally))
-            .and_then(|()| de.end());
-        if let Err(error) = parsed {
-            return Err(match tally.invalid_field.take() {
-                Some(reason) => EstimateError::invalid(reason),
-                None => EstimateError::malformed(error.to_string()),
-            });
+        match walk_request(body, &mut tally) {
+            Ok(()) => {}
+            Err(Refusal::Malformed(error)) => {
+                return Err(EstimateError::malformed(error.to_string()))
+            }
+            Err(Refusal::Invalid(reason)) => return Err(EstimateError::invalid(reason)),
         }
         Ok(OpenAiEstimate {
             prompt_tokens: tally
@@ -157,219 +155,276 @@ impl From<OpenAiEstimator> for Estimator {
 /// What the walk over a body has counted so far.
 #[derive(Default)]
 struct Tally {
+    /// UTF-8 bytes of the prompt's text (decoded, `data:` URLs left out).
     text_bytes: u64,
+    /// Integers under the text fields: prompts given as token ids.
     token_ids: u64,
+    /// The largest `max_tokens`-like limit given.
     output: Option<u64>,
     /// Some `max_tokens`-like field was `null`: the default allowance applies too.
     output_null: bool,
+    /// The largest `n` given (`null` counts as 1).
     choices: Option<u64>,
-    /// Set when a counted field is unusable, to tell that apart from malformed JSON.
-    invalid_field: Option<String>,
+}
+
+/// Why a body gets no estimate.
+enum Refusal {
+    /// Not JSON, or not an object: 400 `invalid_json`.
+    Malformed(Malformed),
+    /// A count field holding something other than a whole, non-negative number: 400
+    /// `invalid_token_estimate`.
+    Invalid(String),
+}
+
+impl From<Malformed> for Refusal {
+    fn from(error: Malformed) -> Self {
+        Refusal::Malformed(error)
+    }
 }
 
 /// The top-level keys the estimate reads.
 enum Field {
+    /// `messages`, `prompt` and the other fields whose text is the prompt.
     Text,
+    /// A `max_tokens`-like limit, by name.
     Output(&'static str),
+    /// `n`, the number of choices.
     Choices,
+    /// Any other key: its value is skipped.
     Other,
 }
 
-impl<'de> de::Deserialize<'de> for Field {
-    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_str(FieldVisitor)
-    }
-}
-
-struct FieldVisitor;
-
-impl Visitor<'_> for FieldVisitor {
-    type Value = Field;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a field name")
-    }
-
-    fn visit_str<E: de::Error>(self, key: &str) -> Result<Field, E> {
-        Ok(match key {
-            "messages" | "prompt" | "input" | "instructions" | "system" | "tools" | "functions" => {
-                Field::Text
-            }
-            "max_tokens" => Field::Output("max_tokens"),
-            "max_completion_tokens" => Field::Output("max_completion_tokens"),
-            "max_output_tokens" => Field::Output("max_output_tokens"),
-            "n" => Field::Choices,
+impl Field {
+    /// The field a key names, matched on what the key decodes to (`"max\u005ftokens"` is
+    /// `max_tokens`).
+    fn of(key: &Str<'_>) -> Field {
+        // No key the estimate reads is longer than this.
+        const LONGEST: usize = "max_completion_tokens".len();
+        if key.decoded_len > LONGEST {
+            return Field::Other;
+        }
+        let mut decoded = [0; LONGEST];
+        let len = key.decode_prefix(&mut decoded);
+        match &decoded[..len] {
+            b"messages" | b"prompt" | b"input" | b"instructions" | b"system" | b"tools"
+            | b"functions" => Field::Text,
+            b"max_tokens" => Field::Output("max_tokens"),
+            b"max_completion_tokens" => Field::Output("max_completion_tokens"),
+            b"max_output_tokens" => Field::Output("max_output_tokens"),
+            b"n" => Field::Choices,
             _ => Field::Other,
-        })
+        }
     }
 }
 
-/// Walks the top-level object.
-struct RequestVisitor<'a>(&'a mut Tally);
-
-impl<'de> Visitor<'de> for RequestVisitor<'_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON object")
+/// Walks a request body once, counting what the estimate needs into `tally`.
+///
+/// This accepts and refuses exactly the bodies `serde_json` did when the estimator was a
+/// `Deserializer` walk (`deserialize_map` with visitors, `IgnoredAny` for other fields):
+/// keys and everything under counted fields are fully checked, other fields only for
+/// their grammar (see [`json_scan`](super::json_scan)). A count field decides as soon as
+/// its value is read, so an unusable one is refused as invalid even if the body breaks
+/// off after it, as before.
+fn walk_request(body: &[u8], tally: &mut Tally) -> Result<(), Refusal> {
+    let mut json = Scanner::new(body);
+    match json.peek() {
+        Some(b'{') => json.bump(),
+        Some(_) => return Err(json.error("invalid type, expected a JSON object").into()),
+        None => return Err(json.error("EOF while parsing a value").into()),
     }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let tally = self.0;
-        while let Some(field) = map.next_key::<Field>()? {
-            match field {
-                Field::Text => map.next_value_seed(Text(tally))?,
-                Field::Output(name) => match map.next_value_seed(Count { name, tally })? {
-                    Some(tokens) => {
-                        tally.output = Some(tally.output.map_or(tokens, |t| t.max(tokens)));
-                    }
-                    // An explicit null means "no limit" to a server that keeps this key.
-                    None => tally.output_null = true,
-                },
-                Field::Choices => {
-                    // Like the limits: a repeated `n` counts at its largest (null is 1).
-                    let name = "n";
-                    let choices = map.next_value_seed(Count { name, tally })?.unwrap_or(1);
-                    tally.choices = Some(tally.choices.map_or(choices, |n| n.max(choices)));
-                }
-                Field::Other => {
-                    map.next_value::<IgnoredAny>()?;
+    let mut first = true;
+    loop {
+        match json.peek() {
+            Some(b'}') => {
+                json.bump();
+                break;
+            }
+            Some(b'"') if first => {}
+            Some(b',') if !first => {
+                json.bump();
+                match json.peek() {
+                    Some(b'"') => {}
+                    Some(b'}') => return Err(json.error("trailing comma").into()),
+                    Some(_) => return Err(json.error("key must be a string").into()),
+                    None => return Err(json.error("EOF while parsing a value").into()),
                 }
             }
+            Some(_) if first => return Err(json.error("key must be a string").into()),
+            Some(_) => return Err(json.error("expected `,` or `}`").into()),
+            None => return Err(json.error("EOF while parsing an object").into()),
         }
-        Ok(())
-    }
-}
-
-/// Counts the text (and token ids) of one value, however deeply nested. serde_json's
-/// recursion limit bounds the depth, so hostile nesting is an error, not a stack overflow.
-struct Text<'a>(&'a mut Tally);
-
-impl<'de> DeserializeSeed<'de> for Text<'_> {
-    type Value = ();
-
-    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        deserializer.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Text<'_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-
-    fn visit_str<E: de::Error>(self, text: &str) -> Result<(), E> {
-        if !text.starts_with("data:") {
-            self.0.text_bytes = self.0.text_bytes.saturating_add(text.len() as u64);
-        }
-        Ok(())
-    }
-
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
-        self.0.token_ids = self.0.token_ids.saturating_add(1);
-        Ok(())
-    }
-
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
-        self.visit_u64(0)
-    }
-
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq.next_element_seed(Text(&mut *self.0))?.is_some() {}
-        Ok(())
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while map.next_key::<IgnoredAny>()?.is_some() {
-            map.next_value_seed(Text(&mut *self.0))?;
-        }
-        Ok(())
-    }
-}
-
-/// A whole, non-negative token count (or `null`, meaning absent).
-struct Count<'a> {
-    name: &'static str,
-    tally: &'a mut Tally,
-}
-
-impl Count<'_> {
-    fn refuse<E: de::Error>(self, what: &str) -> Result<Option<u64>, E> {
-        let reason = format!(
-            "`{}` must be a whole number of tokens, not {what}",
-            self.name
-        );
-        self.tally.invalid_field = Some(reason.clone());
-        Err(E::custom(reason))
-    }
-}
-
-impl<'de> DeserializeSeed<'de> for Count<'_> {
-    type Value = Option<u64>;
-
-    fn deserialize<D: de::Deserializer<'de>>(
-        self,
-        deserializer: D,
-    ) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Count<'_> {
-    type Value = Option<u64>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "a whole number for `{}`", self.name)
-    }
-
-    fn visit_u64<E: de::Error>(self, tokens: u64) -> Result<Self::Value, E> {
-        Ok(Some(tokens))
-    }
-
-    fn visit_i64<E: de::Error>(self, tokens: i64) -> Result<Self::Value, E> {
-        match u64::try_from(tokens) {
-            Ok(tokens) => Ok(Some(tokens)),
-            Err(_) => self.refuse(&format!("the negative {tokens}")),
+        first = false;
+        let key = json.string()?;
+        json.colon()?;
+        match Field::of(&key) {
+            Field::Text => text_value(&mut json, tally)?,
+            Field::Output(name) => match count(&mut json, name)? {
+                Some(tokens) => {
+                    tally.output = Some(tally.output.map_or(tokens, |t| t.max(tokens)));
+                }
+                // An explicit null means "no limit" to a server that keeps this key.
+                None => tally.output_null = true,
+            },
+            Field::Choices => {
+                // Like the limits: a repeated `n` counts at its largest (null is 1).
+                let choices = count(&mut json, "n")?.unwrap_or(1);
+                tally.choices = Some(tally.choices.map_or(choices, |n| n.max(choices)));
+            }
+            Field::Other => json.skip_value()?,
         }
     }
+    json.end()?;
+    Ok(())
+}
 
-    fn visit_f64<E: de::Error>(self, tokens: f64) -> Result<Self::Value, E> {
-        // serde_json hands integers beyond 64 bits over as floats too.
-        self.refuse(&format!("{tokens} (fractional, or beyond 64 bits)"))
+/// How many arrays and objects a counted field's value may nest: serde_json's recursion
+/// limit of 128 levels, less the request object itself (the 128th level is an error).
+const TEXT_DEPTH_LIMIT: u32 = 126;
+
+/// Counts the text (and token ids) of one value under a counted field, however it is
+/// nested, up to [`TEXT_DEPTH_LIMIT`] levels: the UTF-8 bytes every string decodes to
+/// (except `data:` URLs), and one token per integer. Object keys are not text.
+fn text_value(json: &mut Scanner<'_>, tally: &mut Tally) -> Result<(), Malformed> {
+    // The containers open inside this value, innermost last: bit `i` is set when the
+    // `i + 1`th is an object.
+    let mut objects: u128 = 0;
+    let mut depth: u32 = 0;
+    // Each turn reads one value; then the loop below closes what it ends.
+    'value: loop {
+        match json.peek() {
+            Some(b'"') => {
+                let text = json.string()?;
+                if !is_data_url(&text) {
+                    tally.text_bytes = tally.text_bytes.saturating_add(text.decoded_len as u64);
+                }
+            }
+            Some(open @ (b'[' | b'{')) => {
+                if depth == TEXT_DEPTH_LIMIT {
+                    return Err(json.error("recursion limit exceeded"));
+                }
+                json.bump();
+                let object = open == b'{';
+                objects = (objects & !(1 << depth)) | (u128::from(object) << depth);
+                depth += 1;
+                match json.peek() {
+                    Some(b']') if !object => json.bump(),
+                    Some(b'}') if object => json.bump(),
+                    // The first element (or an error there).
+                    _ if !object => continue 'value,
+                    Some(b'"') => {
+                        json.string()?;
+                        json.colon()?;
+                        continue 'value;
+                    }
+                    Some(_) => return Err(json.error("key must be a string")),
+                    None => return Err(json.error("EOF while parsing an object")),
+                }
+                // It was empty.
+                depth -= 1;
+            }
+            Some(b'-' | b'0'..=b'9') => {
+                let literal = json.number()?;
+                match read_number(literal) {
+                    Some(Number::Unsigned(_) | Number::Negative(_)) => {
+                        tally.token_ids = tally.token_ids.saturating_add(1);
+                    }
+                    Some(Number::Float(_)) => {}
+                    None => return Err(json.error("number out of range")),
+                }
+            }
+            Some(b'n' | b't' | b'f') => json.literal()?,
+            Some(_) => return Err(json.error("expected value")),
+            None => return Err(json.error("EOF while parsing a value")),
+        }
+        // A value has ended: a comma and the next one, or the end of its container (and
+        // perhaps of those around it).
+        loop {
+            let Some(innermost) = depth.checked_sub(1) else {
+                return Ok(());
+            };
+            let object = (objects >> innermost) & 1 == 1;
+            match json.peek() {
+                Some(b',') => {
+                    json.bump();
+                    if !object {
+                        continue 'value;
+                    }
+                    match json.peek() {
+                        Some(b'"') => {
+                            json.string()?;
+                            json.colon()?;
+                            continue 'value;
+                        }
+                        Some(b'}') => return Err(json.error("trailing comma")),
+                        Some(_) => return Err(json.error("key must be a string")),
+                        None => return Err(json.error("EOF while parsing a value")),
+                    }
+                }
+                Some(b']') if !object => json.bump(),
+                Some(b'}') if object => json.bump(),
+                Some(_) if object => return Err(json.error("expected `,` or `}`")),
+                Some(_) => return Err(json.error("expected `,` or `]`")),
+                None if object => return Err(json.error("EOF while parsing an object")),
+                None => return Err(json.error("EOF while parsing a list")),
+            }
+            depth -= 1;
+        }
     }
+}
 
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(None)
+/// Whether a string decodes to a `data:` URL (inline media, not counted as text).
+fn is_data_url(text: &Str<'_>) -> bool {
+    const PREFIX: &[u8] = b"data:";
+    if text.raw.starts_with(PREFIX) {
+        return true;
     }
-
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        self.refuse("a boolean")
+    // Only an escape among the first bytes can make the decoded string differ there.
+    if text.decoded_len < PREFIX.len() || !text.raw[..PREFIX.len()].contains(&b'\\') {
+        return false;
     }
+    let mut decoded = [0; PREFIX.len()];
+    text.decode_prefix(&mut decoded);
+    decoded == PREFIX
+}
 
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-        self.refuse("a string")
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
-        self.refuse("an array")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
-        self.refuse("an object")
+/// Reads a `max_tokens`-like field or `n`: a whole, non-negative number of tokens, or
+/// `null` (`None`). Anything else is refused as invalid once read, as serde_json handed it
+/// to a visitor: strings and literals whole, arrays and objects at their opening bracket.
+fn count(json: &mut Scanner<'_>, name: &'static str) -> Result<Option<u64>, Refusal> {
+    let refuse = |what: &str| {
+        Err(Refusal::Invalid(format!(
+            "`{name}` must be a whole number of tokens, not {what}"
+        )))
+    };
+    match json.peek() {
+        Some(b'n') => {
+            json.literal()?;
+            Ok(None)
+        }
+        Some(b't' | b'f') => {
+            json.literal()?;
+            refuse("a boolean")
+        }
+        Some(b'"') => {
+            json.string()?;
+            refuse("a string")
+        }
+        Some(b'[') => refuse("an array"),
+        Some(b'{') => refuse("an object"),
+        Some(b'-' | b'0'..=b'9') => {
+            let literal = json.number()?;
+            match read_number(literal) {
+                Some(Number::Unsigned(tokens)) => Ok(Some(tokens)),
+                Some(Number::Negative(tokens)) => refuse(&format!("the negative {tokens}")),
+                // serde_json hands integers beyond 64 bits over as floats too.
+                Some(Number::Float(tokens)) => {
+                    refuse(&format!("{tokens} (fractional, or beyond 64 bits)"))
+                }
+                None => Err(json.error("number out of range").into()),
+            }
+        }
+        Some(_) => Err(json.error("expected value").into()),
+        None => Err(json.error("EOF while parsing a value").into()),
     }
 }
 
