@@ -27,8 +27,6 @@
 
 use std::fmt;
 
-use serde::Deserializer as _;
-
 /// Why a body is not the JSON it should be: what was wrong, and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Malformed {
@@ -170,30 +168,17 @@ pub(super) fn read_number(literal: &[u8]) -> Option<Number> {
         });
     }
     // Fractions, exponents and long integers: let serde_json do its own arithmetic (its
-    // float parsing, and when it gives up, depend on its features).
-    /// Takes the number serde_json parsed, as the estimator's visitors did.
-    struct NumberVisitor;
-    impl serde::de::Visitor<'_> for NumberVisitor {
-        type Value = Number;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a number")
-        }
-        fn visit_u64<E>(self, n: u64) -> std::result::Result<Number, E> {
-            Ok(Number::Unsigned(n))
-        }
-        fn visit_i64<E>(self, n: i64) -> std::result::Result<Number, E> {
-            Ok(match u64::try_from(n) {
-                Ok(n) => Number::Unsigned(n),
-                Err(_) => Number::Negative(n),
-            })
-        }
-        fn visit_f64<E>(self, n: f64) -> std::result::Result<Number, E> {
-            Ok(Number::Float(n))
-        }
-    }
-    serde_json::Deserializer::from_slice(literal)
-        .deserialize_any(NumberVisitor)
-        .ok()
+    // float parsing, and when it gives up, depend on its features). Through its `Number`
+    // rather than a visitor of our own, which also keeps numbers readable when another
+    // crate switches on serde_json's `arbitrary_precision`.
+    let number: serde_json::Number = serde_json::from_slice(literal).ok()?;
+    Some(if let Some(n) = number.as_u64() {
+        Number::Unsigned(n)
+    } else if let Some(n) = number.as_i64() {
+        Number::Negative(n)
+    } else {
+        Number::Float(number.as_f64()?)
+    })
 }
 
 /// The whitespace JSON allows between tokens.
