@@ -18,6 +18,8 @@
 
 #![cfg(feature = "openai")]
 
+#[path = "../benches/common/corpus.rs"]
+mod corpus;
 #[path = "common/serde_estimator.rs"]
 mod serde_estimator;
 
@@ -666,6 +668,38 @@ fn long_strings_agree_with_the_serde_json_walk() {
             ("long string", Raw(body))
         });
     run("long_strings_agree_with_the_serde_json_walk", 3000, long);
+}
+
+/// Realistic bodies from the bench corpus (chat, responses, completions, embeddings; raw
+/// UTF-8, Python's `\u` escapes, pretty-printed), whole and broken.
+#[test]
+fn corpus_bodies_agree_with_the_serde_json_walk() {
+    let realistic =
+        (0u8..4, 40usize..3000, any::<u64>()).prop_map(|(kind, size, seed)| match kind {
+            0 => corpus::responses_body(size, seed),
+            1 => corpus::completions_body(size, seed),
+            2 => corpus::embeddings_body(size, seed),
+            _ => corpus::chat_body(size, seed),
+        });
+    let strategy =
+        (realistic, prop::collection::vec(mutation(), 0..=2)).prop_map(|(mut body, mutations)| {
+            for mutation in &mutations {
+                mutate(&mut body, mutation);
+            }
+            (
+                if mutations.is_empty() {
+                    "corpus"
+                } else {
+                    "corpus, mutated"
+                },
+                Raw(body),
+            )
+        });
+    run(
+        "corpus_bodies_agree_with_the_serde_json_walk",
+        3000,
+        strategy,
+    );
 }
 
 /// Bodies the generator would rarely hit, pinned.
