@@ -4,6 +4,9 @@
 //! figures to compare: every variant's overhead is a median of per-round differences from
 //! the bare service, run on one thread, then on two threads with distinct and with the
 //! same tenant), then runs the same variants as criterion benchmarks.
+//!
+//! With `LAYER_BENCH_HEADERS=sdk` every request also carries the 17 other headers an OpenAI
+//! SDK sends (the layer then looks its two headers up rather than walking the map).
 
 #[path = "common/interleave.rs"]
 mod interleave;
@@ -17,7 +20,7 @@ use criterion::Criterion;
 use http::Request;
 use http_body_util::Empty;
 use interleave::{interleave, Variant};
-use peers::{bare, governor_layer, request, run_one, NaiveLayer, NaiveTracker};
+use peers::{bare, governor_layer, request, run_one, sdk_request, NaiveLayer, NaiveTracker};
 use tower::limit::ConcurrencyLimitLayer;
 use tower::{Layer, Service};
 use tower_tenant_tokens::{TenantTokenLayer, TenantTokenTracker};
@@ -90,9 +93,13 @@ where
     S::Error: std::fmt::Debug,
 {
     let tenant = tenant.to_owned();
+    let make = match std::env::var("LAYER_BENCH_HEADERS").as_deref() {
+        Ok("sdk") => sdk_request,
+        _ => request,
+    };
     Variant::new(
         name,
-        move |n| (0..n).map(|_| request(&tenant, TOKENS)).collect(),
+        move |n| (0..n).map(|_| make(&tenant, TOKENS)).collect(),
         move |req| run_one(&mut service, req),
     )
 }
@@ -129,7 +136,15 @@ fn table() {
         .iter()
         .position(|n| n.starts_with("tower_governor"))
         .unwrap();
-    println!("\nlayer overhead over a bare service_fn, ns per request");
+    let sdk = std::env::var("LAYER_BENCH_HEADERS").is_ok_and(|h| h == "sdk");
+    println!(
+        "\nlayer overhead over a bare service_fn, ns per request{}",
+        if sdk {
+            ", requests with SDK headers"
+        } else {
+            ""
+        }
+    );
     println!("(median of per-round differences, {ROUNDS} rounds of {BATCH} requests)\n");
     println!(
         "{:<32} {:>10} {:>18} {:>15} {:>13}",
