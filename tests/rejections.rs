@@ -202,6 +202,16 @@ async fn missing_and_malformed_estimates_are_400_and_reserve_nothing() {
     assert_eq!(app.tracker.in_flight("acme"), 0);
     assert!(app.tracker.tenant_state("acme").is_none(), "never charged");
 
+    // Leading zeros are digits like any other, however many there are.
+    let padded = format!("{:0>40}", 7);
+    let headers = [
+        ("x-tenant-id", &b"acme"[..]),
+        ("x-token-estimate", padded.as_bytes()),
+    ];
+    let reply = call(&client(), app.request(&headers)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.text(), "ok acme 7");
+
     // The largest number that fits is an estimate (refused only because it is over the cap).
     let headers = [
         ("x-tenant-id", &b"acme"[..]),

@@ -186,23 +186,31 @@ pub(crate) fn parse_tokens(text: &[u8]) -> Result<u64, String> {
     }
 }
 
-/// The number `text` writes in decimal digits, if it is one that fits in a `u64`.
+/// The number `text` writes in decimal digits (leading zeros allowed), if it fits in a
+/// `u64`.
 #[inline]
 fn digits(text: &[u8]) -> Option<u64> {
-    if text.is_empty() || text.len() > 20 {
+    if text.is_empty() {
         return None;
     }
     let mut tokens: u64 = 0;
-    for &byte in text {
-        let digit = byte.wrapping_sub(b'0');
-        if digit > 9 {
-            return None;
+    if text.len() < 20 {
+        // Up to 19 digits always fit (u64::MAX has 20): no overflow check needed.
+        for &byte in text {
+            let digit = byte.wrapping_sub(b'0');
+            if digit > 9 {
+                return None;
+            }
+            tokens = tokens * 10 + u64::from(digit);
         }
-        // Up to 19 digits always fit (u64::MAX has 20): only the 20th needs checking.
-        tokens = match text.len() {
-            20 => tokens.checked_mul(10)?.checked_add(u64::from(digit))?,
-            _ => tokens * 10 + u64::from(digit),
-        };
+    } else {
+        for &byte in text {
+            let digit = byte.wrapping_sub(b'0');
+            if digit > 9 {
+                return None;
+            }
+            tokens = tokens.checked_mul(10)?.checked_add(u64::from(digit))?;
+        }
     }
     Some(tokens)
 }
