@@ -22,15 +22,15 @@
 mod corpus;
 #[path = "common/serde_estimator.rs"]
 mod serde_estimator;
+#[path = "common/tally.rs"]
+mod tally;
 
-use std::cell::RefCell;
-use std::collections::BTreeMap;
-use std::fmt;
 
 use proptest::prelude::*;
 use proptest::sample::{select, Index};
 use proptest::test_runner::{TestCaseError, TestRunner};
 use serde_estimator::Refusal;
+use tally::{Raw, Tally};
 use tower_tenant_tokens::{Error, OpenAiEstimator};
 
 /// A proptest runner with `cases` cases (or `PROPTEST_CASES`), writing no failure files.
@@ -44,41 +44,6 @@ fn runner(cases: u32) -> TestRunner {
         failure_persistence: None,
         ..proptest::test_runner::Config::default()
     })
-}
-
-/// Bytes shown escaped, for failure messages.
-#[derive(Clone)]
-struct Raw(Vec<u8>);
-
-impl fmt::Debug for Raw {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const SHOWN: usize = 3000;
-        let shown = &self.0[..self.0.len().min(SHOWN)];
-        let more = if self.0.len() > SHOWN { "…" } else { "" };
-        write!(
-            f,
-            "b\"{}\"{more} ({} bytes)",
-            shown.escape_ascii(),
-            self.0.len()
-        )
-    }
-}
-
-/// Counts outcomes by name, for the summary line.
-#[derive(Default)]
-struct Tally(RefCell<BTreeMap<String, usize>>);
-
-impl Tally {
-    fn count(&self, what: impl Into<String>) {
-        *self.0.borrow_mut().entry(what.into()).or_default() += 1;
-    }
-
-    fn show(&self) -> String {
-        let counts = self.0.borrow();
-        let total: usize = counts.values().sum();
-        let parts: Vec<String> = counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
-        format!("{total} cases: {}", parts.join(", "))
-    }
 }
 
 /// The estimator settings each body is checked with: the defaults, and one token a byte

@@ -12,9 +12,10 @@
 //! input. Each property prints how many cases it ran.
 
 mod common;
+#[path = "common/tally.rs"]
+mod tally;
 
-use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
+use std::cell::Cell;
 use std::convert::Infallible;
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,6 +28,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
+use tally::{Raw, Tally};
 use tokio::runtime::Runtime;
 use tower::{Layer, Service, ServiceExt};
 use tower_tenant_tokens::{RequestBody, ResponseBody, TenantTokenLayer, TenantTokenTracker};
@@ -163,42 +165,6 @@ fn current_thread() -> Runtime {
         .enable_all()
         .build()
         .expect("runtime")
-}
-
-/// Bytes shown as an escaped byte string in failure messages.
-#[derive(Clone)]
-struct Raw(Vec<u8>);
-
-impl fmt::Debug for Raw {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const SHOWN: usize = 2048;
-        let shown = &self.0[..self.0.len().min(SHOWN)];
-        let more = if self.0.len() > SHOWN { "…" } else { "" };
-        write!(
-            f,
-            "b\"{}\"{more} ({} bytes)",
-            shown.escape_ascii(),
-            self.0.len()
-        )
-    }
-}
-
-/// Tallies of what a property saw, printed at its end.
-#[derive(Default)]
-struct Tally(RefCell<BTreeMap<String, usize>>);
-
-impl Tally {
-    fn count(&self, what: impl Into<String>) {
-        *self.0.borrow_mut().entry(what.into()).or_default() += 1;
-    }
-
-    fn show(&self) -> String {
-        let map = self.0.borrow();
-        map.iter()
-            .map(|(what, n)| format!("{what}: {n}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
 }
 
 // ---------------------------------------------------------------------------------------
