@@ -25,7 +25,6 @@ mod serde_estimator;
 #[path = "common/tally.rs"]
 mod tally;
 
-
 use proptest::prelude::*;
 use proptest::sample::{select, Index};
 use proptest::test_runner::{TestCaseError, TestRunner};
