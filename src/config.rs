@@ -170,7 +170,8 @@ impl Config {
         if !self.budgets.is_empty() {
             return Quick::NeedsParts;
         }
-        let (tenant, estimate) = match (self.tenant.origin(), self.estimator.origin()) {
+        let estimator = self.estimator.origin();
+        let (tenant, estimate) = match (self.tenant.origin(), &estimator) {
             (TenantOrigin::Fn, _) | (_, EstimateOrigin::Parts) => return Quick::NeedsParts,
             (TenantOrigin::Header(t), EstimateOrigin::Header(e)) => {
                 let (tenant, estimate) = find_pair(headers, t, e);
@@ -190,7 +191,7 @@ impl Config {
             Ok(Charge::Unmetered) => return Quick::Unmetered,
             Err(error) => return Quick::Refused(error),
         };
-        let tokens = match (self.estimator.origin(), estimate) {
+        let tokens = match (estimator, estimate) {
             (EstimateOrigin::Header(e), found) => {
                 header_estimate(found.unwrap_or_else(|| Found::lookup(headers, e)), e)
             }

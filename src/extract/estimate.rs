@@ -193,24 +193,19 @@ fn digits(text: &[u8]) -> Option<u64> {
     if text.is_empty() {
         return None;
     }
+    // Up to 19 digits always fit (u64::MAX has 20): only longer numbers need checking.
+    let short = text.len() < 20;
     let mut tokens: u64 = 0;
-    if text.len() < 20 {
-        // Up to 19 digits always fit (u64::MAX has 20): no overflow check needed.
-        for &byte in text {
-            let digit = byte.wrapping_sub(b'0');
-            if digit > 9 {
-                return None;
-            }
-            tokens = tokens * 10 + u64::from(digit);
+    for &byte in text {
+        let digit = byte.wrapping_sub(b'0');
+        if digit > 9 {
+            return None;
         }
-    } else {
-        for &byte in text {
-            let digit = byte.wrapping_sub(b'0');
-            if digit > 9 {
-                return None;
-            }
-            tokens = tokens.checked_mul(10)?.checked_add(u64::from(digit))?;
-        }
+        tokens = if short {
+            tokens * 10 + u64::from(digit)
+        } else {
+            tokens.checked_mul(10)?.checked_add(u64::from(digit))?
+        };
     }
     Some(tokens)
 }
