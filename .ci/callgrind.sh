@@ -7,7 +7,7 @@
 # Each variant runs REQUESTS requests (tenant known, requests built before counting) in
 # benches/callgrind.rs; only instructions inside its `measured` function are counted. The
 # requests carry only the tenant and estimate headers, or with `sdk` also the 17 other
-# headers an OpenAI SDK sends.
+# headers an OpenAI SDK sends. BENCH_TENANT sets the tenant id (default tenant-a).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 requests=${1:-20000}
