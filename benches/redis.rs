@@ -40,7 +40,8 @@ use http_body_util::{BodyExt, Empty};
 use redis::aio::ConnectionManager;
 use redis_server::RedisServer;
 use tower::{Layer, Service, ServiceExt};
-use tower_tenant_tokens::{RedisTokenTracker, RequestBody, TenantTokenLayer};
+use tower_tenant_tokens::redis::RedisTokenTracker;
+use tower_tenant_tokens::{RequestBody, TenantTokenLayer};
 
 const WORKERS: usize = 32;
 const TENANTS: usize = 64;

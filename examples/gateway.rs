@@ -108,7 +108,7 @@ struct AppState {
 enum Ledger {
     Memory(Arc<TenantTokenTracker>),
     #[cfg(feature = "redis")]
-    Redis(tower_tenant_tokens::RedisTokenTracker),
+    Redis(tower_tenant_tokens::redis::RedisTokenTracker),
 }
 
 #[tokio::main]
@@ -281,7 +281,7 @@ fn ledger(options: &Options) -> Result<Ledger, String> {
     };
     #[cfg(feature = "redis")]
     {
-        use tower_tenant_tokens::{FailurePolicy, RedisTokenTracker};
+        use tower_tenant_tokens::redis::{FailurePolicy, RedisTokenTracker};
         let policy = match options.redis_down.as_str() {
             "closed" => FailurePolicy::FailClosed,
             "open" => FailurePolicy::FailOpen,

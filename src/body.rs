@@ -1,13 +1,15 @@
-//! The response body: holds the reservation until the last byte has gone.
+//! The bodies the layer hands on: the response body, which holds the reservation until
+//! the last byte has gone, and the request body the inner service receives.
 
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
 use pin_project_lite::pin_project;
 
-use crate::handle::Guard;
+use crate::reservation::Guard;
 
 pin_project! {
     /// The body of a response from [`TenantTokenService`](crate::TenantTokenService).
@@ -98,6 +100,89 @@ impl<B> std::fmt::Debug for ResponseBody<B> {
                 .field("holds_reservation", &guard.is_some())
                 .finish(),
             Kind::Rejected { .. } => f.write_str("ResponseBody::Rejected"),
+        }
+    }
+}
+
+pin_project! {
+    /// The request body handed to the inner service: the client's body as it streams in,
+    /// or, when the estimator had to read it, the same bytes from memory.
+    ///
+    /// axum's `Router` and `Route` accept it as they accept any body; a plain hyper
+    /// service takes `Request<RequestBody<hyper::body::Incoming>>`.
+    pub struct RequestBody<B> {
+        #[pin]
+        kind: RequestKind<B>,
+    }
+}
+
+pin_project! {
+    #[project = RequestKindProj]
+    enum RequestKind<B> {
+        Streaming { #[pin] body: B },
+        Buffered { #[pin] body: Full<Bytes> },
+    }
+}
+
+impl<B> RequestBody<B> {
+    pub(crate) fn streaming(body: B) -> Self {
+        Self {
+            kind: RequestKind::Streaming { body },
+        }
+    }
+
+    pub(crate) fn buffered(data: Bytes) -> Self {
+        Self {
+            kind: RequestKind::Buffered {
+                body: Full::new(data),
+            },
+        }
+    }
+}
+
+impl<B> Body for RequestBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.project().kind.project() {
+            RequestKindProj::Streaming { body } => body.poll_frame(cx),
+            RequestKindProj::Buffered { body } => {
+                // `Full` cannot fail.
+                body.poll_frame(cx).map_err(|never| match never {})
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            RequestKind::Streaming { body } => body.is_end_stream(),
+            RequestKind::Buffered { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            RequestKind::Streaming { body } => body.size_hint(),
+            RequestKind::Buffered { body } => body.size_hint(),
+        }
+    }
+}
+
+impl<B> std::fmt::Debug for RequestBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kind {
+            RequestKind::Streaming { .. } => f.write_str("RequestBody::Streaming"),
+            RequestKind::Buffered { body } => f
+                .debug_struct("RequestBody::Buffered")
+                .field("len", &body.size_hint().exact())
+                .finish(),
         }
     }
 }

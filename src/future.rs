@@ -12,20 +12,21 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use crate::budget::Draws;
-use crate::config::{Admission, Config, LimitHeaders, Reserving};
+use crate::admit::Admission;
+use crate::config::{Config, LimitHeaders};
 use crate::extract::BodyEstimate;
-use crate::handle::Guard;
-use crate::reject::{limit_field, policy_field};
-use crate::{
-    BoxError, Error, RequestBody, ResponseBody, RATELIMIT, RATELIMIT_POLICY,
-    X_RATELIMIT_LIMIT_TOKENS, X_RATELIMIT_REMAINING_TOKENS,
+use crate::headers::{
+    limit_field, policy_field, RATELIMIT, RATELIMIT_POLICY, X_RATELIMIT_LIMIT_TOKENS,
+    X_RATELIMIT_REMAINING_TOKENS,
 };
+use crate::reservation::{Guard, Pending, Step};
+use crate::{BoxError, Error, RequestBody, ResponseBody};
 
 pin_project! {
     /// The future of [`TenantTokenService`](crate::TenantTokenService)'s response.
     ///
-    /// Dropping it (the request was cancelled) releases the reservation.
+    /// Dropping it (the request was cancelled) releases the reservation, or leaves the
+    /// queue it waits in.
     pub struct ResponseFuture<S, B>
     where
         S: Service<Request<RequestBody<B>>>,
@@ -41,47 +42,58 @@ pin_project! {
         /// Admitted (or unmetered): the inner call, holding the reservation until the
         /// response, which takes it over.
         Inner { #[pin] future: F, guard: Option<Guard>, headers: LimitHeaders },
-        /// Refused before reaching the inner service. (Boxed, like `Pending`, to keep the
+        /// Refused before reaching the inner service. (Boxed, like the others, to keep the
         /// future small: it is moved on every admitted request.)
         Rejected { response: Option<Box<Response<Bytes>>> },
-        /// The estimate needs the body: read it, then decide.
-        Reading { #[pin] body: B, pending: Option<Box<Pending<S>>> },
-        /// Waiting for the ledger (Redis) to decide.
-        Reserving { reserving: Reserving, call: Option<Box<Call<S, B>>> },
+        /// The estimate needs the body: read it (up to a limit), then admit. (Read by hand:
+        /// `http_body_util`'s `Collect<Limited<B>>` would put `B: Body` bounds on this
+        /// public future's type and everything that names it.)
+        Reading { #[pin] body: B, reading: Option<Box<ReadingBody<S>>> },
+        /// Waiting for the ledger (Redis) or for capacity to admit the request.
+        Admitting { pending: Pending<Guard>, call: Option<Box<(Call<S>, RequestBody<B>)>> },
     }
 }
 
-/// A request ready to be called once its reservation is decided.
-pub(crate) struct Call<S, B> {
-    pub(crate) parts: Parts,
-    pub(crate) body: RequestBody<B>,
-    pub(crate) service: S,
-    pub(crate) config: Arc<Config>,
+/// A request to call once it is admitted: its head, the ready service, the settings.
+pub(crate) struct Call<S> {
+    parts: Parts,
+    service: S,
+    config: Arc<Config>,
 }
 
-impl<S, B> Call<S, B>
-where
-    S: Service<Request<RequestBody<B>>>,
-{
+impl<S> Call<S> {
+    pub(crate) fn new(parts: Parts, service: S, config: Arc<Config>) -> Self {
+        Self {
+            parts,
+            service,
+            config,
+        }
+    }
+
     /// What to do next with the ledger's answer.
-    fn decide(self, admission: Admission) -> State<S::Future, S, B> {
+    fn decide<B>(self, body: RequestBody<B>, admission: Admission) -> State<S::Future, S, B>
+    where
+        S: Service<Request<RequestBody<B>>>,
+    {
         match admission {
-            Admission::Now(Ok(guard)) => self.start(guard),
-            Admission::Now(Err(error)) => State::Rejected {
+            Step::Now(Ok(guard)) => self.start(body, guard),
+            Step::Now(Err(error)) => State::Rejected {
                 response: Some(Box::new(self.config.reject(error))),
             },
-            Admission::Later(reserving) => State::Reserving {
-                reserving,
-                call: Some(Box::new(self)),
+            Step::Later(pending) => State::Admitting {
+                pending,
+                call: Some(Box::new((self, body))),
             },
         }
     }
 
     /// Calls the inner service, holding `guard` until the response takes it over.
-    fn start(self, guard: Guard) -> State<S::Future, S, B> {
+    fn start<B>(self, body: RequestBody<B>, guard: Guard) -> State<S::Future, S, B>
+    where
+        S: Service<Request<RequestBody<B>>>,
+    {
         let Call {
             mut parts,
-            body,
             mut service,
             config,
         } = self;
@@ -96,30 +108,20 @@ where
     }
 }
 
-/// What a request waiting for its body still needs to be decided and called.
-pub(crate) struct Pending<S> {
-    pub(crate) parts: Parts,
-    pub(crate) tenant: String,
-    pub(crate) estimate: BodyEstimate,
-    pub(crate) service: S,
-    pub(crate) config: Arc<Config>,
+/// What a request whose estimate needs its body still needs once the body is read.
+pub(crate) struct ReadingBody<S> {
+    tenant: String,
+    estimate: BodyEstimate,
+    call: Call<S>,
     buffer: BytesMut,
 }
 
-impl<S> Pending<S> {
-    pub(crate) fn new(
-        parts: Parts,
-        tenant: String,
-        estimate: BodyEstimate,
-        service: S,
-        config: Arc<Config>,
-    ) -> Self {
+impl<S> ReadingBody<S> {
+    pub(crate) fn new(tenant: String, estimate: BodyEstimate, call: Call<S>) -> Self {
         Self {
-            parts,
             tenant,
             estimate,
-            service,
-            config,
+            call,
             buffer: BytesMut::new(),
         }
     }
@@ -147,21 +149,22 @@ where
         }
     }
 
-    /// A request whose reservation the ledger decides later.
-    pub(crate) fn reserving(reserving: Reserving, call: Call<S, B>) -> Self {
+    /// A request admitted later: by Redis, or once capacity comes back.
+    pub(crate) fn admitting(pending: Pending<Guard>, call: Call<S>, body: RequestBody<B>) -> Self {
         Self {
-            state: State::Reserving {
-                reserving,
-                call: Some(Box::new(call)),
+            state: State::Admitting {
+                pending,
+                call: Some(Box::new((call, body))),
             },
         }
     }
 
-    pub(crate) fn reading(body: B, pending: Pending<S>) -> Self {
+    /// A request whose body is read before it is estimated.
+    pub(crate) fn reading(body: B, reading: ReadingBody<S>) -> Self {
         Self {
             state: State::Reading {
                 body,
-                pending: Some(Box::new(pending)),
+                reading: Some(Box::new(reading)),
             },
         }
     }
@@ -202,8 +205,8 @@ where
                     let response = response.take().expect("polled after completion");
                     return Poll::Ready(Ok((*response).map(ResponseBody::rejected)));
                 }
-                StateProj::Reading { mut body, pending } => {
-                    let read = pending.as_mut().expect("polled after completion");
+                StateProj::Reading { mut body, reading } => {
+                    let read = reading.as_mut().expect("polled after completion");
                     let limit = read.estimate.limit;
                     let outcome = loop {
                         match ready!(body.as_mut().poll_frame(cx)) {
@@ -224,34 +227,28 @@ where
                             None => break Ok(()),
                         }
                     };
-                    let Pending {
-                        parts,
+                    let ReadingBody {
                         tenant,
                         estimate,
-                        service,
-                        config,
+                        call,
                         buffer,
-                    } = *pending.take().expect("checked above");
+                    } = *reading.take().expect("checked above");
                     let bytes = buffer.freeze();
-                    let admission = match outcome.and_then(|()| estimate.estimate(&parts, &bytes)) {
-                        Ok(tokens) => {
-                            let draws = Draws::find(&config.budgets, &parts, Some(&bytes));
-                            config.admit(&tenant, tokens, draws)
-                        }
-                        Err(error) => Admission::Now(Err(error)),
-                    };
-                    let call = Call {
-                        parts,
-                        body: RequestBody::buffered(bytes),
-                        service,
-                        config,
-                    };
-                    call.decide(admission)
+                    let config = &call.config;
+                    let admission =
+                        match outcome.and_then(|()| estimate.estimate(&call.parts, &bytes)) {
+                            Ok(tokens) => {
+                                let keys = config.budget_keys(&call.parts, Some(&bytes));
+                                config.admit(&tenant, tokens, keys)
+                            }
+                            Err(error) => Step::Now(Err(error)),
+                        };
+                    call.decide(RequestBody::buffered(bytes), admission)
                 }
-                StateProj::Reserving { reserving, call } => {
-                    let decided = ready!(reserving.as_mut().poll(cx));
-                    let call = *call.take().expect("polled after completion");
-                    call.decide(Admission::Now(decided))
+                StateProj::Admitting { pending, call } => {
+                    let admitted = ready!(pending.as_mut().poll(cx));
+                    let (call, body) = *call.take().expect("polled after completion");
+                    call.decide(body, Step::Now(admitted))
                 }
             };
             state.set(next);
@@ -284,7 +281,7 @@ where
             State::Inner { .. } => "Inner",
             State::Rejected { .. } => "Rejected",
             State::Reading { .. } => "Reading",
-            State::Reserving { .. } => "Reserving",
+            State::Admitting { .. } => "Admitting",
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)

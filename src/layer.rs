@@ -9,13 +9,11 @@ use http::header::HeaderName;
 use http::Response;
 use tower_layer::Layer;
 
-use crate::config::{Config, Ledger, LimitHeaders};
+use crate::admit::queue::Queue;
+use crate::config::Config;
 use crate::extract::{Estimator, MissingEstimate, MissingTenant, TenantSource};
-use crate::waiting::Waiting;
-use crate::{
-    Rejection, ShadowMode, SharedBudget, TenantTokenService, TenantTokenTracker,
-    DEFAULT_MAX_TENANT_LEN,
-};
+use crate::reservation::Ledger;
+use crate::{Rejection, ShadowMode, SharedBudget, TenantTokenService, TenantTokenTracker};
 
 /// Caps the tokens each tenant has in flight, in front of any HTTP service.
 ///
@@ -51,6 +49,10 @@ pub struct TenantTokenLayer {
 }
 
 impl TenantTokenLayer {
+    /// How many requests may wait for capacity per tenant with
+    /// [`wait_for_capacity`](Self::wait_for_capacity); the next is refused at once.
+    pub const MAX_WAITING_PER_TENANT: usize = 1_000;
+
     /// A layer counting against `tracker`, with the defaults above.
     pub fn new(tracker: Arc<TenantTokenTracker>) -> Self {
         Self::with_ledger(Ledger::Local(tracker))
@@ -61,37 +63,16 @@ impl TenantTokenLayer {
     ///
     /// Each metered request waits for one round trip to Redis before the inner service is
     /// called. Refusals are the same as in memory, plus `503` with `Retry-After` when Redis
-    /// cannot be asked and the tracker's [`FailurePolicy`](crate::FailurePolicy) is to fail
+    /// cannot be asked and the tracker's [`FailurePolicy`](crate::redis::FailurePolicy) is to fail
     /// closed.
     #[cfg(feature = "redis")]
-    pub fn redis(tracker: crate::RedisTokenTracker) -> Self {
+    pub fn redis(tracker: crate::redis::RedisTokenTracker) -> Self {
         Self::with_ledger(Ledger::Redis(tracker))
     }
 
     fn with_ledger(ledger: Ledger) -> Self {
-        let mut config = Config {
-            ledger,
-            tenant: TenantSource::header(HeaderName::from_static("x-tenant-id")),
-            estimator: Estimator::header(HeaderName::from_static("x-token-estimate")),
-            missing_tenant: MissingTenant::default(),
-            missing_estimate: MissingEstimate::default(),
-            max_tenant_len: DEFAULT_MAX_TENANT_LEN,
-            retry_after: Duration::from_secs(1),
-            adaptive_retry: None,
-            on_rejection: None,
-            reservation_handle: false,
-            limit_headers: LimitHeaders::default(),
-            shadow: ShadowMode::Off,
-            budgets: Vec::new(),
-            waiting: None,
-            plain: false,
-            shadowed: Arc::default(),
-            #[cfg(feature = "metrics")]
-            metrics: Arc::default(),
-        };
-        config.settle();
         Self {
-            config: Arc::new(config),
+            config: Arc::new(Config::new(ledger)),
         }
     }
 
@@ -107,7 +88,7 @@ impl TenantTokenLayer {
 
     /// The Redis tracker this layer counts against; `None` for a layer counting in memory.
     #[cfg(feature = "redis")]
-    pub fn redis_tracker(&self) -> Option<&crate::RedisTokenTracker> {
+    pub fn redis_tracker(&self) -> Option<&crate::redis::RedisTokenTracker> {
         match &self.config.ledger {
             Ledger::Local(_) => None,
             Ledger::Redis(tracker) => Some(tracker),
@@ -153,7 +134,7 @@ impl TenantTokenLayer {
     }
 
     /// The longest tenant id taken from a header, in bytes (default
-    /// [`DEFAULT_MAX_TENANT_LEN`]); longer ids are refused with 400.
+    /// [`TenantSource::DEFAULT_MAX_LEN`]); longer ids are refused with 400.
     pub fn max_tenant_len(self, bytes: usize) -> Self {
         self.with(|config| config.max_tenant_len = bytes)
     }
@@ -179,7 +160,7 @@ impl TenantTokenLayer {
     /// release.
     pub fn retry_after_from_in_flight(self, max: Duration) -> Self {
         let times = Arc::default();
-        self.with(|config| config.adaptive_retry = Some((times, max)))
+        self.with(|config| config.options_mut().hold_times = Some((times, max)))
     }
 
     /// Builds refusal responses with `f` instead of the default OpenAI-shaped JSON
@@ -200,7 +181,7 @@ impl TenantTokenLayer {
     /// 500 "Missing request extension" otherwise). It is off by default because it costs
     /// more than the rest of the layer together: a shared slot for the reservation and, in
     /// a request that had none, the extensions map with its table and boxed entry (four
-    /// small allocations; about 1,000 instructions a request). Admission, release and
+    /// small allocations a request). Admission, release and
     /// every guarantee are the same either way.
     pub fn reservation_handle(self, enabled: bool) -> Self {
         self.with(|config| config.reservation_handle = enabled)
@@ -210,7 +191,7 @@ impl TenantTokenLayer {
     /// `x-ratelimit-remaining-tokens` (what is left of it as the response starts, this
     /// request's reservation included), as OpenAI's API sends them (default: no). Headers
     /// the inner service set itself are left alone.
-    pub fn rate_limit_headers(self, enabled: bool) -> Self {
+    pub fn openai_ratelimit_headers(self, enabled: bool) -> Self {
         self.with(|config| config.limit_headers.openai = enabled)
     }
 
@@ -228,7 +209,7 @@ impl TenantTokenLayer {
     /// RateLimit-Policy: "in-flight";q=4096;qu="tokens"
     /// RateLimit: "in-flight";r=1200
     /// ```
-    pub fn ratelimit_fields(self, enabled: bool) -> Self {
+    pub fn ietf_ratelimit_headers(self, enabled: bool) -> Self {
         self.with(|config| config.limit_headers.ietf = enabled)
     }
 
@@ -237,7 +218,7 @@ impl TenantTokenLayer {
     /// [`SharedBudget`]. Call again to add more budgets. With a Redis tracker the budgets
     /// are still counted in this process.
     pub fn shared_budget(self, budget: SharedBudget) -> Self {
-        self.with(|config| config.budgets.push(budget))
+        self.with(|config| config.options_mut().budgets.push(budget))
     }
 
     /// Lets a request over its tenant's cap (or a shared budget) wait up to `max_wait` for
@@ -249,30 +230,32 @@ impl TenantTokenLayer {
     /// first in line at once; waiting requests also look again every 50 ms, for capacity
     /// that comes back otherwise (a raised cap, a budget freed by another tenant). When the
     /// time is up the request gets its 429 as usual. A request larger than a cap (413) never
-    /// waits; at most [`MAX_WAITING_PER_TENANT`](crate::MAX_WAITING_PER_TENANT) wait per
+    /// waits; at most [`MAX_WAITING_PER_TENANT`](Self::MAX_WAITING_PER_TENANT) wait per
     /// tenant, and the next is refused at once. A client that goes away while its request
     /// waits (the response future is dropped) leaves the queue and holds nothing.
     ///
-    /// In-process only: with `TenantTokenLayer::redis` requests are refused
-    /// at once. Needs tokio's timer (any `#[tokio::main]` runtime has it).
+    /// With `TenantTokenLayer::redis` the queue is this process's: a request is woken
+    /// by this process's releases, and looks again every 50 ms for capacity other
+    /// replicas released. Needs tokio's timer (any `#[tokio::main]` runtime has it).
     pub fn wait_for_capacity(self, max_wait: Duration) -> Self {
-        let waiting = Arc::new(Waiting::new(max_wait, crate::MAX_WAITING_PER_TENANT));
-        self.with(|config| config.waiting = Some(waiting))
+        let queue = Arc::new(Queue::new(max_wait, Self::MAX_WAITING_PER_TENANT));
+        self.with(|config| config.options_mut().queue = Some(queue))
     }
 
     /// Trials the caps without enforcing them, for every tenant or some (see
     /// [`ShadowMode`]; default [`ShadowMode::Off`]): a request the cap would refuse is
     /// counted, logged and admitted.
     pub fn shadow(self, mode: ShadowMode) -> Self {
-        self.with(|config| config.shadow = mode)
+        self.with(|config| config.options_mut().shadow = mode)
     }
 
     /// How many requests shadow mode has admitted that the cap would have refused, across
     /// every service this layer (and its clones) made.
     pub fn shadow_refusals(&self) -> u64 {
-        self.config
-            .shadowed
-            .load(std::sync::atomic::Ordering::Relaxed)
+        let options = self.config.options.as_ref();
+        options.map_or(0, |options| {
+            options.shadowed.load(std::sync::atomic::Ordering::Relaxed)
+        })
     }
 
     /// Whether the layer's metrics carry a `tenant` label, and for how many tenants
@@ -285,9 +268,7 @@ impl TenantTokenLayer {
     }
 
     fn with(mut self, change: impl FnOnce(&mut Config)) -> Self {
-        let config = Arc::make_mut(&mut self.config);
-        change(config);
-        config.settle();
+        change(Arc::make_mut(&mut self.config));
         self
     }
 }
@@ -302,24 +283,26 @@ impl<S> Layer<S> for TenantTokenLayer {
 
 impl fmt::Debug for TenantTokenLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let config = &self.config;
+        let options = config.options.as_deref();
         f.debug_struct("TenantTokenLayer")
-            .field("tenant", &self.config.tenant)
-            .field("estimator", &self.config.estimator)
-            .field("missing_tenant", &self.config.missing_tenant)
-            .field("missing_estimate", &self.config.missing_estimate)
-            .field("max_tenant_len", &self.config.max_tenant_len)
-            .field("retry_after", &self.config.retry_after)
+            .field("tenant", &config.tenant)
+            .field("estimator", &config.estimator)
+            .field("missing_tenant", &config.missing_tenant)
+            .field("missing_estimate", &config.missing_estimate)
+            .field("max_tenant_len", &config.max_tenant_len)
+            .field("retry_after", &config.retry_after)
             .field(
                 "retry_after_from_in_flight",
-                &self.config.adaptive_retry.as_ref().map(|(_, max)| max),
+                &options.and_then(|o| o.hold_times.as_ref().map(|(_, max)| max)),
             )
-            .field("reservation_handle", &self.config.reservation_handle)
-            .field("limit_headers", &self.config.limit_headers)
-            .field("shadow", &self.config.shadow)
-            .field("budgets", &self.config.budgets)
+            .field("reservation_handle", &config.reservation_handle)
+            .field("limit_headers", &config.limit_headers)
+            .field("shadow", &options.map(|o| &o.shadow))
+            .field("budgets", &options.map(|o| &o.budgets))
             .field(
                 "wait_for_capacity",
-                &self.config.waiting.as_ref().map(|waiting| waiting.max_wait),
+                &options.and_then(|o| o.queue.as_ref().map(|queue| queue.max_wait)),
             )
             .finish_non_exhaustive()
     }

@@ -66,18 +66,18 @@
 //! - On the layer: [`wait_for_capacity`](TenantTokenLayer::wait_for_capacity) (queue for
 //!   capacity instead of an immediate 429),
 //!   [`retry_after_from_in_flight`](TenantTokenLayer::retry_after_from_in_flight),
-//!   [`rate_limit_headers`](TenantTokenLayer::rate_limit_headers) and
-//!   [`ratelimit_fields`](TenantTokenLayer::ratelimit_fields) (OpenAI's and the IETF
-//!   draft's headers).
-//! - With features: `RedisTokenTracker` (`redis`: one cap across replicas) and the
-//!   `metrics` module (`metrics`).
+//!   [`openai_ratelimit_headers`](TenantTokenLayer::openai_ratelimit_headers) and
+//!   [`ietf_ratelimit_headers`](TenantTokenLayer::ietf_ratelimit_headers) (OpenAI's and
+//!   the IETF draft's headers).
+//! - Modules: `redis` (feature `redis`: one cap across replicas), `metrics` (feature
+//!   `metrics`), [`headers`] (the names of the headers the layer sends).
 //!
 //! # Feature flags
 //!
 //! - `openai` (default): [`OpenAiEstimator`], which adds `serde` and `serde_json`.
 //! - `metrics`: the layer records counters, a gauge and histograms through the `metrics`
 //!   facade (see the `metrics` module); adds `metrics`.
-//! - `redis`: `RedisTokenTracker`, one cap shared by every replica through Redis with
+//! - `redis`: `redis::RedisTokenTracker`, one cap shared by every replica through Redis with
 //!   expiring leases (`TenantTokenLayer::redis`); adds `redis` (and tokio's runtime).
 //!
 //! # Minimum supported Rust version
@@ -89,58 +89,43 @@
 #![deny(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+mod admit;
 mod body;
-mod budget;
 mod config;
 mod error;
 mod extract;
 mod future;
-mod handle;
-mod hold_time;
+pub mod headers;
 mod layer;
 #[cfg(feature = "metrics")]
 pub mod metrics;
+#[cfg(not(feature = "metrics"))]
+#[path = "metrics_off.rs"]
+mod metrics;
 #[cfg(feature = "redis")]
-mod redis;
+pub mod redis;
 mod reject;
-mod request_body;
+mod reservation;
+mod retry_after;
 mod service;
-mod shadow;
 mod sync;
 mod tracker;
-mod waiting;
 
-pub use self::body::ResponseBody;
-pub use self::budget::{SharedBudget, MAX_MODEL_KEY_LEN};
+pub use self::admit::budget::SharedBudget;
+pub use self::admit::shadow::ShadowMode;
+pub use self::body::{RequestBody, ResponseBody};
 pub use self::error::Error;
-pub use self::extract::{
-    EstimateError, Estimator, MissingEstimate, MissingTenant, TenantSource, DEFAULT_MAX_TENANT_LEN,
-};
+pub use self::extract::{EstimateError, Estimator, MissingEstimate, MissingTenant, TenantSource};
 #[cfg(feature = "openai")]
 pub use self::extract::{OpenAiEstimate, OpenAiEstimator};
 pub use self::future::ResponseFuture;
-pub use self::handle::ReservationHandle;
 pub use self::layer::TenantTokenLayer;
-#[cfg(feature = "redis")]
-pub use self::redis::{
-    FailurePolicy, RedisReservation, RedisTokenTracker, RedisTokenTrackerBuilder,
-    RedisTrackerStats, DEFAULT_CALL_TIMEOUT, DEFAULT_LEASE_TTL, DEFAULT_RENEW_EVERY,
-    MAX_REDIS_TOKENS,
-};
-pub use self::reject::{
-    Rejection, RATELIMIT, RATELIMIT_POLICY, X_RATELIMIT_LIMIT_TOKENS, X_RATELIMIT_REMAINING_TOKENS,
-};
-pub use self::request_body::RequestBody;
+pub use self::reject::Rejection;
+pub use self::reservation::ReservationHandle;
 pub use self::service::TenantTokenService;
-pub use self::shadow::ShadowMode;
 pub use self::tracker::{
     TenantScope, TenantTokenState, TenantTokenTracker, TenantTokenTrackerBuilder, TokenReservation,
-    DEFAULT_MAX_IDLE_TENANTS,
 };
-
-/// How many requests may wait for capacity per tenant with
-/// [`TenantTokenLayer::wait_for_capacity`]; the next is refused at once.
-pub const MAX_WAITING_PER_TENANT: usize = 1_000;
 
 /// The error type bodies are converted into, as across tower and hyper.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -4,45 +4,16 @@ use std::fmt::{self, Write as _};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
+use crate::config::Config;
+use crate::extract::MissingTenant;
+use crate::headers::{
+    limit_field, policy_field, RATELIMIT, RATELIMIT_POLICY, X_RATELIMIT_LIMIT_TOKENS,
+    X_RATELIMIT_REMAINING_TOKENS,
+};
 use crate::Error;
-
-/// `x-ratelimit-limit-tokens`: the tenant's cap, as OpenAI names it.
-pub const X_RATELIMIT_LIMIT_TOKENS: HeaderName =
-    HeaderName::from_static("x-ratelimit-limit-tokens");
-/// `x-ratelimit-remaining-tokens`: what was left of the cap when the request was refused.
-pub const X_RATELIMIT_REMAINING_TOKENS: HeaderName =
-    HeaderName::from_static("x-ratelimit-remaining-tokens");
-
-/// `RateLimit-Policy`: the IETF draft's field naming a quota policy (here, the tenant's
-/// in-flight token cap), sent when [`TenantTokenLayer::ratelimit_fields`] is on.
-///
-/// [`TenantTokenLayer::ratelimit_fields`]: crate::TenantTokenLayer::ratelimit_fields
-pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
-/// `RateLimit`: the IETF draft's field saying what is left of the quota now.
-pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
-
-/// The name of the one policy the layer reports in the IETF fields.
-const POLICY: &str = "in-flight";
-
-/// The `RateLimit-Policy` value for a tenant's cap: the quota `q` in units `qu` of
-/// tokens, with no window (`w`): the quota is what may be in flight at once.
-pub(crate) fn policy_field(cap: u64) -> HeaderValue {
-    let value = format!("\"{POLICY}\";q={cap};qu=\"tokens\"");
-    HeaderValue::try_from(value).expect("digits and ASCII")
-}
-
-/// The `RateLimit` value: `r` tokens remaining, and `t` seconds until it is worth trying
-/// again, when known.
-pub(crate) fn limit_field(remaining: u64, reset: Option<u64>) -> HeaderValue {
-    let value = match reset {
-        Some(seconds) => format!("\"{POLICY}\";r={remaining};t={seconds}"),
-        None => format!("\"{POLICY}\";r={remaining}"),
-    };
-    HeaderValue::try_from(value).expect("digits and ASCII")
-}
 
 /// A request the layer refused, on its way to becoming a response.
 ///
@@ -184,4 +155,79 @@ fn push_json_string(out: &mut String, text: &str) {
         }
     }
     out.push('"');
+}
+
+impl Config {
+    /// The response for a refused request.
+    pub(crate) fn reject(&self, error: Error) -> Response<Bytes> {
+        let status = match (&error, &self.missing_tenant) {
+            (Error::MissingTenant, MissingTenant::Unauthorized) => StatusCode::UNAUTHORIZED,
+            _ => error.status(),
+        };
+        match &error {
+            Error::TenantOverloaded {
+                tenant_id,
+                requested,
+                in_flight,
+                cap,
+            } => tracing::info!(
+                tenant = %tenant_id,
+                tokens = requested,
+                in_flight,
+                cap,
+                "refused: tenant over its in-flight token cap"
+            ),
+            Error::RequestTooLarge {
+                tenant_id,
+                tokens,
+                cap,
+            } => tracing::info!(
+                tenant = %tenant_id,
+                tokens,
+                cap,
+                "refused: request larger than the tenant's cap"
+            ),
+            Error::BackendUnavailable { reason } => tracing::info!(
+                code = error.code(),
+                %status,
+                reason,
+                "refused: the shared token ledger is unavailable"
+            ),
+            other => tracing::info!(code = other.code(), %status, "refused: {other}"),
+        }
+        self.metrics.refused(error.tenant_id(), error.code());
+        let hold_times = self
+            .options
+            .as_ref()
+            .and_then(|options| options.hold_times.as_ref());
+        let retry_after = match (&error, hold_times) {
+            (
+                Error::TenantOverloaded {
+                    requested,
+                    in_flight,
+                    cap,
+                    ..
+                },
+                Some((times, max)),
+            )
+            | (
+                Error::BudgetOverloaded {
+                    requested,
+                    in_flight,
+                    cap,
+                    ..
+                },
+                Some((times, max)),
+            ) => times
+                .retry_after(*requested, *in_flight, *cap, *max)
+                .unwrap_or(self.retry_after),
+            _ => self.retry_after,
+        };
+        let ietf = self.limit_headers.ietf;
+        let rejection = Rejection::new(error, status, retry_after, ietf);
+        match &self.on_rejection {
+            Some(on_rejection) => on_rejection(&rejection),
+            None => rejection.to_response(),
+        }
+    }
 }

@@ -1,4 +1,4 @@
-//! The service: decides each request in `call`.
+//! The service: each request is planned, admitted and forwarded in `call`.
 
 use std::fmt;
 use std::sync::Arc;
@@ -9,9 +9,11 @@ use http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
-use crate::budget::Draws;
-use crate::config::{Admission, Charge, Config, Estimate, LimitHeaders, Quick};
-use crate::future::{Pending, ResponseFuture};
+use crate::admit::plan::Plan;
+use crate::admit::Admission;
+use crate::config::{Config, LimitHeaders};
+use crate::future::{Call, ReadingBody, ResponseFuture};
+use crate::reservation::{Guard, Step};
 use crate::{BoxError, RequestBody, ResponseBody};
 
 /// Caps the tokens each tenant has in flight in front of `S`; made by
@@ -66,13 +68,18 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let (tenant, tokens) = match self.config.quick(request.headers(), request.extensions()) {
-            Quick::Reserve(tenant, tokens) => (tenant, tokens),
-            Quick::Unmetered => return self.forward(request, None),
-            Quick::Refused(error) => return ResponseFuture::rejected(self.config.reject(error)),
-            Quick::NeedsParts => return self.call_parts(request),
+        let (tenant, tokens) = match self
+            .config
+            .plan_in_place(request.headers(), request.extensions())
+        {
+            Some(Plan::Reserve(tenant, tokens)) => (tenant, tokens),
+            Some(Plan::Unmetered) => return self.forward(request, None),
+            Some(Plan::Refuse(error)) => {
+                return ResponseFuture::rejected(self.config.reject(error))
+            }
+            Some(Plan::ReadBody(..)) | None => return self.call_parts(request),
         };
-        let admission = self.config.admit(&tenant, tokens, Draws::default());
+        let admission = self.config.admit(&tenant, tokens, Default::default());
         self.admitted(request, admission)
     }
 }
@@ -88,24 +95,18 @@ impl<S> TenantTokenService<S> {
     {
         let config = &self.config;
         let (parts, body) = request.into_parts();
-        let tenant = match config.charge(&parts) {
-            Ok(Charge::Tenant(tenant)) => tenant,
-            Ok(Charge::Unmetered) => return self.forward(Request::from_parts(parts, body), None),
-            Err(error) => return ResponseFuture::rejected(config.reject(error)),
-        };
-        let tokens = match config.estimate(&parts) {
-            Ok(Estimate::Tokens(tokens)) => tokens,
-            Ok(Estimate::Unmetered) => return self.forward(Request::from_parts(parts, body), None),
-            Ok(Estimate::Body(estimate)) => {
-                let (tenant, config) = (tenant.into_owned(), Arc::clone(config));
-                let service = self.take_ready();
-                let pending = Pending::new(parts, tenant, estimate, service, config);
-                return ResponseFuture::reading(body, pending);
+        let (tenant, tokens) = match config.plan(&parts) {
+            Plan::Reserve(tenant, tokens) => (tenant, tokens),
+            Plan::Unmetered => return self.forward(Request::from_parts(parts, body), None),
+            Plan::Refuse(error) => return ResponseFuture::rejected(config.reject(error)),
+            Plan::ReadBody(tenant, estimate) => {
+                let tenant = tenant.into_owned();
+                let call = Call::new(parts, self.take_ready(), Arc::clone(&self.config));
+                return ResponseFuture::reading(body, ReadingBody::new(tenant, estimate, call));
             }
-            Err(error) => return ResponseFuture::rejected(config.reject(error)),
         };
-        let draws = Draws::find(&config.budgets, &parts, None);
-        let admission = config.admit(&tenant, tokens, draws);
+        let keys = config.budget_keys(&parts, None);
+        let admission = config.admit(&tenant, tokens, keys);
         drop(tenant);
         self.admitted(Request::from_parts(parts, body), admission)
     }
@@ -122,22 +123,17 @@ impl<S> TenantTokenService<S> {
         S: Service<Request<RequestBody<ReqBody>>> + Clone,
     {
         match admission {
-            Admission::Now(Ok(guard)) => {
+            Step::Now(Ok(guard)) => {
                 if let Some(handle) = guard.handle() {
                     request.extensions_mut().insert(handle);
                 }
                 self.forward(request, Some(guard))
             }
-            Admission::Now(Err(error)) => ResponseFuture::rejected(self.config.reject(error)),
-            Admission::Later(reserving) => {
+            Step::Now(Err(error)) => ResponseFuture::rejected(self.config.reject(error)),
+            Step::Later(pending) => {
                 let (parts, body) = request.into_parts();
-                let call = crate::future::Call {
-                    parts,
-                    body: RequestBody::streaming(body),
-                    service: self.take_ready(),
-                    config: Arc::clone(&self.config),
-                };
-                ResponseFuture::reserving(reserving, call)
+                let call = Call::new(parts, self.take_ready(), Arc::clone(&self.config));
+                ResponseFuture::admitting(pending, call, RequestBody::streaming(body))
             }
         }
     }
@@ -156,7 +152,7 @@ impl<S> TenantTokenService<S> {
     fn forward<ReqBody>(
         &mut self,
         request: Request<ReqBody>,
-        guard: Option<crate::handle::Guard>,
+        guard: Option<Guard>,
     ) -> ResponseFuture<S, ReqBody>
     where
         S: Service<Request<RequestBody<ReqBody>>>,

@@ -23,9 +23,7 @@ use futures_util::task::noop_waker_ref;
 use http::{Request, Response};
 use http_body_util::Empty;
 use tower::{service_fn, Layer, Service};
-use tower_tenant_tokens::{
-    Error, RequestBody, TenantScope, TenantTokenLayer, TenantTokenTracker, DEFAULT_MAX_IDLE_TENANTS,
-};
+use tower_tenant_tokens::{Error, RequestBody, TenantScope, TenantTokenLayer, TenantTokenTracker};
 
 // ---------------------------------------------------------------------------------------
 // The counting allocator
@@ -692,14 +690,17 @@ fn churn(tracker: &TenantTokenTracker, count: u64) -> (i64, usize) {
 }
 
 /// After a million distinct tenants come and go, all the tracker keeps is its idle cache:
-/// at most [`DEFAULT_MAX_IDLE_TENANTS`] tenants at no more than 128 bytes each beyond the
+/// at most [`TenantTokenTracker::DEFAULT_MAX_IDLE_TENANTS`] tenants at no more than 128 bytes each beyond the
 /// id (entry and table share), plus the id; and with the default bound, that is within
 /// 1 MiB of where it started.
 #[test]
 fn a_million_tenants_coming_and_going_leave_only_the_bounded_idle_cache() {
     const ID_LEN: i64 = "tenant-00000000".len() as i64;
     let tracker = TenantTokenTracker::new(1_000);
-    assert_eq!(tracker.max_idle_tenants(), DEFAULT_MAX_IDLE_TENANTS);
+    assert_eq!(
+        tracker.max_idle_tenants(),
+        TenantTokenTracker::DEFAULT_MAX_IDLE_TENANTS
+    );
     let (retained, kept) = churn(&tracker, 1_000_000);
     let allowed = kept as i64 * (128 + ID_LEN);
     assert!(
@@ -718,10 +719,13 @@ fn a_million_tenants_coming_and_going_leave_only_the_bounded_idle_cache() {
 #[test]
 fn a_larger_idle_bound_keeps_more_and_no_more_than_its_bound() {
     let tracker = TenantTokenTracker::builder(1_000)
-        .max_idle_tenants(4 * DEFAULT_MAX_IDLE_TENANTS)
+        .max_idle_tenants(4 * TenantTokenTracker::DEFAULT_MAX_IDLE_TENANTS)
         .build();
     let (retained, kept) = churn(&tracker, 1_000_000);
-    assert!(kept > DEFAULT_MAX_IDLE_TENANTS, "{kept} kept");
+    assert!(
+        kept > TenantTokenTracker::DEFAULT_MAX_IDLE_TENANTS,
+        "{kept} kept"
+    );
     assert!(retained > 0 && retained <= kept as i64 * (128 + 15));
 }
 

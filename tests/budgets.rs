@@ -11,7 +11,7 @@ use common::*;
 use http::StatusCode;
 use tower_tenant_tokens::{
     OpenAiEstimator, ReservationHandle, ShadowMode, SharedBudget, TenantTokenLayer,
-    TenantTokenTracker, MAX_MODEL_KEY_LEN,
+    TenantTokenTracker,
 };
 
 struct App {
@@ -261,8 +261,8 @@ async fn a_long_model_name_draws_from_the_budget_of_its_bounded_prefix() {
     let models = Arc::new(TenantTokenTracker::new(100_000));
     // 401 bytes, and the bound falls inside a two-byte character: the key ends before it.
     let prefix = format!("a{}", "é".repeat(200));
-    assert!(!prefix.is_char_boundary(MAX_MODEL_KEY_LEN));
-    let bounded = &prefix[..MAX_MODEL_KEY_LEN - 1];
+    assert!(!prefix.is_char_boundary(SharedBudget::MAX_MODEL_KEY_LEN));
+    let bounded = &prefix[..SharedBudget::MAX_MODEL_KEY_LEN - 1];
     models.set_cap(bounded, 5);
     let app = per_model_app(&models).await;
     let body = format!(r#"{{"model":"{prefix}-and-a-tail","max_tokens":10,"messages":[]}}"#);

@@ -19,9 +19,7 @@ use futures_util::StreamExt;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use tower::{Layer, ServiceExt};
-use tower_tenant_tokens::{
-    RequestBody, TenantTokenLayer, TenantTokenTracker, DEFAULT_MAX_IDLE_TENANTS,
-};
+use tower_tenant_tokens::{RequestBody, TenantTokenLayer, TenantTokenTracker};
 
 const TENANTS: usize = 5;
 const REQUESTS: usize = 300;
@@ -235,7 +233,10 @@ async fn a_burst_of_100k_distinct_tenants_leaves_no_more_than_the_idle_bound() {
     for worker in workers {
         worker.await.unwrap();
     }
-    assert_eq!(tracker.max_idle_tenants(), DEFAULT_MAX_IDLE_TENANTS);
+    assert_eq!(
+        tracker.max_idle_tenants(),
+        TenantTokenTracker::DEFAULT_MAX_IDLE_TENANTS
+    );
     let tracked = tracker.tracked_tenants();
     assert!(
         tracked <= tracker.max_idle_tenants(),

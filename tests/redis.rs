@@ -21,9 +21,9 @@ use common::redis_server::RedisServer;
 use common::*;
 use http::StatusCode;
 use tower::{Layer, ServiceExt};
+use tower_tenant_tokens::redis::{FailurePolicy, RedisTokenTracker, RedisTokenTrackerBuilder};
 use tower_tenant_tokens::{
-    Error, FailurePolicy, OpenAiEstimator, RedisTokenTracker, RedisTokenTrackerBuilder,
-    RequestBody, ReservationHandle, ShadowMode, TenantTokenLayer,
+    Error, OpenAiEstimator, RequestBody, ReservationHandle, ShadowMode, TenantTokenLayer,
 };
 
 /// Starts this test's server, or returns from the test where none is installed.
@@ -187,7 +187,7 @@ async fn replica_server(tracker: &RedisTokenTracker) -> (TestServer, Streams) {
                 },
             ),
         )
-        .layer(TenantTokenLayer::redis(tracker.clone()).reservation_handle(true).rate_limit_headers(true));
+        .layer(TenantTokenLayer::redis(tracker.clone()).reservation_handle(true).openai_ratelimit_headers(true));
     (serve(app).await, streams)
 }
 

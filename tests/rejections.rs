@@ -605,7 +605,7 @@ async fn admitted_responses_carry_the_rate_limit_headers_only_when_asked() {
         "off by default"
     );
 
-    let app = app(1_000, |layer| layer.rate_limit_headers(true)).await;
+    let app = app(1_000, |layer| layer.openai_ratelimit_headers(true)).await;
     let reply = call(&client(), app.request(&headers)).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.header("x-ratelimit-limit-tokens"), Some("1000"));
@@ -621,12 +621,12 @@ async fn admitted_responses_carry_the_rate_limit_headers_only_when_asked() {
 #[tokio::test]
 async fn ietf_ratelimit_fields_are_sent_only_when_asked() {
     let headers = [("x-tenant-id", &b"acme"[..]), ("x-token-estimate", b"300")];
-    let plain = app(1_000, |layer| layer.rate_limit_headers(true)).await;
+    let plain = app(1_000, |layer| layer.openai_ratelimit_headers(true)).await;
     let reply = call(&client(), plain.request(&headers)).await;
     assert_eq!(reply.header("ratelimit-policy"), None, "off by default");
     assert_eq!(reply.header("ratelimit"), None);
 
-    let mut app = app(1_000, |layer| layer.ratelimit_fields(true)).await;
+    let mut app = app(1_000, |layer| layer.ietf_ratelimit_headers(true)).await;
     let client = client();
     let policy = Some(r#""in-flight";q=1000;qu="tokens""#);
     let reply = call(&client, app.request(&headers)).await;

@@ -11,7 +11,7 @@ mod tenant;
 pub use self::estimate::{EstimateError, Estimator, MissingEstimate};
 #[cfg(feature = "openai")]
 pub use self::openai::{OpenAiEstimate, OpenAiEstimator};
-pub use self::tenant::{MissingTenant, TenantSource, DEFAULT_MAX_TENANT_LEN};
+pub use self::tenant::{MissingTenant, TenantSource};
 
 pub(crate) use self::estimate::{header_estimate, BodyEstimate, Origin as EstimateOrigin, Plan};
 pub(crate) use self::headers::{find_pair, Found};

@@ -12,9 +12,6 @@ use super::headers::Found;
 
 use crate::{Error, TenantScope};
 
-/// The default limit on a tenant id's length, in bytes.
-pub const DEFAULT_MAX_TENANT_LEN: usize = 256;
-
 type TenantFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
 
 /// Where the layer finds the tenant of a request.
@@ -35,6 +32,10 @@ enum Kind {
 }
 
 impl TenantSource {
+    /// The default limit on a tenant id's length, in bytes
+    /// ([`TenantTokenLayer::max_tenant_len`](crate::TenantTokenLayer::max_tenant_len)).
+    pub const DEFAULT_MAX_LEN: usize = 256;
+
     /// The value of header `name`.
     ///
     /// The value must be one header, non-empty, at most the layer's

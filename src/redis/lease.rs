@@ -1,15 +1,17 @@
-//! A reservation held in Redis: the lease, and the guard that gives it back.
+//! A reservation held in Redis: the lease, the guard that gives it back, and the calls
+//! that resize and release it.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
-use super::{clamp, Shared};
+use super::tracker::{clamp, Failure, Inner};
+use crate::reservation::Pending;
 use crate::{Error, TokenReservation};
 
 /// One lease, as this replica knows it. The registry of live leases (renewed in the
 /// background) and the reservation that owns it share it.
-pub(crate) struct Lease {
+pub(super) struct Lease {
     /// `replica:sequence`, unique across replicas.
     pub(crate) id: String,
     /// The key in this replica's registry of live leases.
@@ -31,11 +33,11 @@ pub(crate) struct Lease {
 }
 
 /// Tokens reserved against a tenant's cap through a
-/// [`RedisTokenTracker`](crate::RedisTokenTracker); released when dropped.
+/// [`RedisTokenTracker`](super::RedisTokenTracker); released when dropped.
 ///
 /// Usually a lease in Redis, renewed in the background while it lives, released by a
 /// spawned task when dropped (or at once with [`release`](Self::release)). When Redis could
-/// not be asked, the tracker's [`FailurePolicy`](crate::FailurePolicy) decides what it is
+/// not be asked, the tracker's [`FailurePolicy`](super::FailurePolicy) decides what it is
 /// instead: a reservation against this replica's share of the cap, or nothing counted at
 /// all ([`is_shared`](Self::is_shared) tells).
 pub struct RedisReservation {
@@ -47,7 +49,7 @@ enum Kind {
     /// Counted in Redis.
     Lease {
         lease: Arc<Lease>,
-        shared: Arc<Shared>,
+        inner: Arc<Inner>,
     },
     /// Counted against this replica's share of the cap, Redis being unreachable.
     Local(TokenReservation),
@@ -58,21 +60,21 @@ enum Kind {
 }
 
 impl RedisReservation {
-    pub(crate) fn lease(lease: Arc<Lease>, shared: Arc<Shared>) -> Self {
+    pub(super) fn lease(lease: Arc<Lease>, inner: Arc<Inner>) -> Self {
         Self {
             tenant: Arc::clone(&lease.tenant),
-            kind: Kind::Lease { lease, shared },
+            kind: Kind::Lease { lease, inner },
         }
     }
 
-    pub(crate) fn local(reservation: TokenReservation) -> Self {
+    pub(super) fn local(reservation: TokenReservation) -> Self {
         Self {
             tenant: Arc::from(reservation.tenant_id()),
             kind: Kind::Local(reservation),
         }
     }
 
-    pub(crate) fn uncounted(tenant: &str, tokens: u64) -> Self {
+    pub(super) fn uncounted(tenant: &str, tokens: u64) -> Self {
         Self {
             tenant: Arc::from(tenant),
             kind: Kind::Uncounted { tokens },
@@ -131,10 +133,10 @@ impl RedisReservation {
     /// capped at 2⁵³ − 1, the largest integer Redis's Lua counts exactly.
     pub fn resize(&mut self, tokens: u64) -> u64 {
         match &mut self.kind {
-            Kind::Lease { lease, shared } => {
+            Kind::Lease { lease, inner } => {
                 let tokens = clamp(tokens);
                 lease.tokens.store(tokens, Relaxed);
-                shared.write_tokens(lease);
+                inner.write_tokens(lease);
                 tokens
             }
             Kind::Local(reservation) => reservation.resize(tokens),
@@ -155,7 +157,7 @@ impl RedisReservation {
     /// [`Error::BackendUnavailable`] when Redis could not be asked.
     pub async fn try_resize(&mut self, tokens: u64) -> Result<(), Error> {
         match &mut self.kind {
-            Kind::Lease { lease, shared } => shared.try_resize(lease, tokens).await,
+            Kind::Lease { lease, inner } => inner.try_resize(lease, tokens).await,
             Kind::Local(reservation) => reservation.try_resize(tokens),
             Kind::Uncounted { tokens: held } => {
                 *held = tokens;
@@ -168,9 +170,9 @@ impl RedisReservation {
     /// Releases the tokens now and waits until Redis has been told. Dropping the
     /// reservation does the same in a background task.
     pub async fn release(mut self) {
-        if let Kind::Lease { lease, shared } = std::mem::replace(&mut self.kind, Kind::Done) {
-            shared.forget(&lease);
-            shared.release(&lease).await;
+        if let Kind::Lease { lease, inner } = std::mem::replace(&mut self.kind, Kind::Done) {
+            inner.forget(&lease);
+            inner.release(&lease).await;
         }
     }
 
@@ -204,21 +206,24 @@ impl RedisReservation {
         }
     }
 
-    /// For a handle that must check growth in Redis without holding its lock across the
-    /// wait: the lease and the tracker it belongs to.
-    pub(crate) fn lease_parts(&self) -> Option<(Arc<Lease>, Arc<Shared>)> {
+    /// The growth of a lease, checked in Redis, as a future that borrows nothing: a
+    /// handle waits for it without holding its lock.
+    pub(crate) fn growth(&self, tokens: u64) -> Pending<()> {
         match &self.kind {
-            Kind::Lease { lease, shared } => Some((Arc::clone(lease), Arc::clone(shared))),
-            _ => None,
+            Kind::Lease { lease, inner } => {
+                let (lease, inner) = (Arc::clone(lease), Arc::clone(inner));
+                Box::pin(async move { inner.try_resize(&lease, tokens).await })
+            }
+            _ => Box::pin(std::future::ready(Ok(()))),
         }
     }
 }
 
 impl Drop for RedisReservation {
     fn drop(&mut self) {
-        if let Kind::Lease { lease, shared } = std::mem::replace(&mut self.kind, Kind::Done) {
-            shared.forget(&lease);
-            shared.release_later(lease);
+        if let Kind::Lease { lease, inner } = std::mem::replace(&mut self.kind, Kind::Done) {
+            inner.forget(&lease);
+            inner.release_later(lease);
         }
     }
 }
@@ -229,7 +234,122 @@ impl fmt::Debug for RedisReservation {
             .field("tenant_id", &self.tenant_id())
             .field("lease_id", &self.lease_id())
             .field("tokens", &self.tokens())
-            .field("shared", &self.is_shared())
+            .field("inner", &self.is_shared())
             .finish()
+    }
+}
+
+impl Inner {
+    /// Checks growth against the cap in Redis; shrinking always succeeds.
+    pub(super) async fn try_resize(&self, lease: &Lease, tokens: u64) -> Result<(), Error> {
+        let tokens = clamp(tokens);
+        let _order = lease.write.lock().await;
+        let held = lease.tokens.load(Relaxed);
+        let cap = (tokens > held).then_some(lease.cap);
+        match self.resize_call(lease, tokens, cap).await {
+            Ok((1, in_flight)) => {
+                lease.tokens.store(tokens, Relaxed);
+                lease.in_flight.store(in_flight, Relaxed);
+                Ok(())
+            }
+            Ok((0, in_flight)) => Err(Error::TenantOverloaded {
+                tenant_id: lease.tenant.to_string(),
+                requested: tokens - held,
+                in_flight,
+                cap: lease.cap,
+            }),
+            Ok(_) => {
+                self.lost(lease);
+                lease.tokens.store(tokens, Relaxed);
+                Ok(())
+            }
+            Err(failure) => Err(failure.unavailable()),
+        }
+    }
+
+    /// Writes a lease's current tokens to Redis in the background (after a resize).
+    pub(super) fn write_tokens(self: &Arc<Self>, lease: &Arc<Lease>) {
+        let (this, lease) = (Arc::clone(self), Arc::clone(lease));
+        self.runtime.spawn(async move {
+            let _order = lease.write.lock().await;
+            if lease.released.load(Relaxed) {
+                return; // the release is on its way, or done
+            }
+            let tokens = lease.tokens.load(Relaxed);
+            match this.resize_call(&lease, tokens, None).await {
+                Ok((1, in_flight)) => lease.in_flight.store(in_flight, Relaxed),
+                Ok(_) if lease.released.load(Relaxed) => {}
+                Ok(_) => this.lost(&lease),
+                Err(failure) => tracing::warn!(
+                    tenant = &*lease.tenant,
+                    lease = lease.id,
+                    %failure,
+                    "could not write a resized lease to redis; the next resize or renewal \
+                     may"
+                ),
+            }
+        });
+    }
+
+    async fn resize_call(
+        &self,
+        lease: &Lease,
+        tokens: u64,
+        cap: Option<u64>,
+    ) -> Result<(i64, u64), Failure> {
+        let mut invocation = self.scripts.resize.key(&lease.keys[0]);
+        invocation
+            .key(&lease.keys[1])
+            .arg(&lease.id)
+            .arg(tokens)
+            .arg(cap.map(|cap| cap.to_string()).unwrap_or_default())
+            .arg(self.ttl_ms());
+        let mut conn = self.conn.clone();
+        self.timed(invocation.invoke_async(&mut conn)).await
+    }
+
+    /// Stops renewing a lease that is being released.
+    pub(super) fn forget(&self, lease: &Lease) {
+        lease.released.store(true, Relaxed);
+        self.lock_leases().remove(&lease.seq);
+    }
+
+    /// Releases a lease in a spawned task. Should the runtime be gone, the lease expires.
+    pub(super) fn release_later(self: &Arc<Self>, lease: Arc<Lease>) {
+        let this = Arc::clone(self);
+        self.runtime
+            .spawn(async move { this.release(&lease).await });
+    }
+
+    pub(super) async fn release(&self, lease: &Lease) {
+        let mut invocation = self.scripts.release.key(&lease.keys[0]);
+        invocation.key(&lease.keys[1]).arg(&lease.id);
+        let mut conn = self.conn.clone();
+        let answer: Result<(i64, u64), Failure> =
+            self.timed(invocation.invoke_async(&mut conn)).await;
+        match answer {
+            Ok(_) => tracing::debug!(tenant = &*lease.tenant, lease = lease.id, "released lease"),
+            Err(failure) => {
+                self.counters.failed_releases.fetch_add(1, Relaxed);
+                tracing::warn!(
+                    tenant = &*lease.tenant,
+                    lease = lease.id,
+                    %failure,
+                    "could not release a lease in redis; it expires after its TTL"
+                );
+            }
+        }
+    }
+
+    pub(super) fn lost(&self, lease: &Lease) {
+        if !lease.lost.swap(true, Relaxed) {
+            self.counters.lost_leases.fetch_add(1, Relaxed);
+            tracing::warn!(
+                tenant = &*lease.tenant,
+                lease = lease.id,
+                "lease no longer in redis (expired unrenewed, or the server lost it); \
+                 its tokens are not counted any more"
+            );
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! The in-process ledger: who holds how many tokens right now.
 
+mod caps;
 pub(crate) mod entry;
 mod reservation;
 mod scope;
@@ -11,6 +12,7 @@ use std::fmt;
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
+pub(crate) use self::caps::Caps;
 use self::entry::Entry;
 use self::shard::Shard;
 use crate::{sync, Error};
@@ -19,17 +21,7 @@ pub use self::reservation::TokenReservation;
 pub use self::scope::TenantScope;
 pub use self::state::TenantTokenState;
 
-/// How many idle tenants a tracker keeps by default.
-///
-/// A cached idle tenant costs about 120 bytes plus its id, so a full cache stays near half
-/// a mebibyte; a gateway whose tenants come back after idle spells of their own can keep
-/// more with [`TenantTokenTrackerBuilder::max_idle_tenants`]. (Tenants with work in flight
-/// are tracked whatever the bound.)
-pub const DEFAULT_MAX_IDLE_TENANTS: usize = 4_096;
-
 const MAX_SHARDS: usize = 64;
-
-type CapFn = dyn Fn(&str) -> Option<u64> + Send + Sync;
 
 /// Enforces a per-tenant cap on tokens in flight.
 ///
@@ -51,7 +43,7 @@ type CapFn = dyn Fn(&str) -> Option<u64> + Send + Sync;
 /// A tenant with work in flight is always tracked. Once idle, it stays cached so the next
 /// request finds it without allocating, but only up to
 /// [`max_idle_tenants`](TenantTokenTrackerBuilder::max_idle_tenants) idle tenants (default
-/// [`DEFAULT_MAX_IDLE_TENANTS`]). Beyond that, idle tenants are forgotten (down to three
+/// [`DEFAULT_MAX_IDLE_TENANTS`](TenantTokenTracker::DEFAULT_MAX_IDLE_TENANTS)). Beyond that, idle tenants are forgotten (down to three
 /// quarters of the bound, so clean-ups are rare), those seen only once going first: a
 /// caller spraying random tenant ids cannot grow the tracker without bound, and evicts its
 /// own one-off ids before the steady tenants. Tenants with a cap from `set_cap` are configuration and are kept until
@@ -79,14 +71,20 @@ pub struct TenantTokenTracker {
     shards: Box<[sync::Arc<Shard>]>,
     /// Seeded at random per tracker; see [`locate`](Self::locate).
     hasher: foldhash::fast::RandomState,
-    default_cap: u64,
-    cap_fn: Option<Arc<CapFn>>,
+    caps: Caps,
     max_idle: usize,
 }
 
 impl TenantTokenTracker {
+    /// How many idle tenants a tracker keeps by default: a few kilobytes of cache that
+    /// spare steady tenants an allocation. A gateway whose tenants come back after idle
+    /// spells of their own can keep more with
+    /// [`TenantTokenTrackerBuilder::max_idle_tenants`]. (Tenants with work in flight are
+    /// tracked whatever the bound.)
+    pub const DEFAULT_MAX_IDLE_TENANTS: usize = 4_096;
+
     /// A tracker where every tenant's cap is `default_cap`, keeping up to
-    /// [`DEFAULT_MAX_IDLE_TENANTS`] idle tenants.
+    /// [`DEFAULT_MAX_IDLE_TENANTS`](Self::DEFAULT_MAX_IDLE_TENANTS) idle tenants.
     pub fn new(default_cap: u64) -> Self {
         Self::builder(default_cap).build()
     }
@@ -94,9 +92,8 @@ impl TenantTokenTracker {
     /// Starts a tracker with more settings than [`new`](Self::new).
     pub fn builder(default_cap: u64) -> TenantTokenTrackerBuilder {
         TenantTokenTrackerBuilder {
-            default_cap,
-            cap_fn: None,
-            max_idle: DEFAULT_MAX_IDLE_TENANTS,
+            caps: Caps::new(default_cap),
+            max_idle: Self::DEFAULT_MAX_IDLE_TENANTS,
         }
     }
 
@@ -285,7 +282,7 @@ impl TenantTokenTracker {
 
     /// The cap for tenants without a set cap or an answer from the cap function.
     pub fn default_cap(&self) -> u64 {
-        self.default_cap
+        self.caps.default
     }
 
     /// The tenant id's hash (computed once per request) and the shard it lives in.
@@ -302,10 +299,7 @@ impl TenantTokenTracker {
     }
 
     fn resolved_cap(&self, tenant_id: &str) -> u64 {
-        self.cap_fn
-            .as_ref()
-            .and_then(|cap_fn| cap_fn(tenant_id))
-            .unwrap_or(self.default_cap)
+        self.caps.of(tenant_id)
     }
 }
 
@@ -322,8 +316,7 @@ impl Drop for TenantTokenTracker {
 impl fmt::Debug for TenantTokenTracker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TenantTokenTracker")
-            .field("default_cap", &self.default_cap)
-            .field("cap_fn", &self.cap_fn.is_some())
+            .field("caps", &self.caps)
             .field("max_idle_tenants", &self.max_idle)
             .field("tracked_tenants", &self.tracked_tenants())
             .finish()
@@ -344,8 +337,7 @@ impl fmt::Debug for TenantTokenTracker {
 /// ```
 #[must_use]
 pub struct TenantTokenTrackerBuilder {
-    default_cap: u64,
-    cap_fn: Option<Arc<CapFn>>,
+    caps: Caps,
     max_idle: usize,
 }
 
@@ -358,11 +350,12 @@ impl TenantTokenTrackerBuilder {
     where
         F: Fn(&str) -> Option<u64> + Send + Sync + 'static,
     {
-        self.cap_fn = Some(Arc::new(cap_fn));
+        self.caps.set_lookup(cap_fn);
         self
     }
 
-    /// How many idle tenants to keep for reuse (default [`DEFAULT_MAX_IDLE_TENANTS`]).
+    /// How many idle tenants to keep for reuse (default
+    /// [`DEFAULT_MAX_IDLE_TENANTS`](TenantTokenTracker::DEFAULT_MAX_IDLE_TENANTS)).
     /// `0` forgets a tenant as soon as its last reservation ends.
     pub fn max_idle_tenants(mut self, max_idle: usize) -> Self {
         self.max_idle = max_idle;
@@ -386,8 +379,7 @@ impl TenantTokenTrackerBuilder {
         TenantTokenTracker {
             shards,
             hasher: foldhash::fast::RandomState::default(),
-            default_cap: self.default_cap,
-            cap_fn: self.cap_fn,
+            caps: self.caps,
             max_idle: self.max_idle,
         }
     }
@@ -396,8 +388,7 @@ impl TenantTokenTrackerBuilder {
 impl fmt::Debug for TenantTokenTrackerBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TenantTokenTrackerBuilder")
-            .field("default_cap", &self.default_cap)
-            .field("cap_fn", &self.cap_fn.is_some())
+            .field("caps", &self.caps)
             .field("max_idle_tenants", &self.max_idle)
             .finish()
     }

@@ -1,4 +1,4 @@
-//! Bounded waiting for capacity: first come, first served, per tenant.
+//! Waiting for capacity: bounded in time and length, first come first served per tenant.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -14,7 +14,7 @@ pub(crate) const RECHECK: Duration = Duration::from_millis(50);
 
 /// The queues of requests waiting for capacity, one per tenant with anyone waiting.
 #[derive(Debug)]
-pub(crate) struct Waiting {
+pub(crate) struct Queue {
     pub(crate) max_wait: Duration,
     max_queued: usize,
     /// Requests waiting across tenants: 0 lets admissions skip the lock.
@@ -22,7 +22,7 @@ pub(crate) struct Waiting {
     queues: Mutex<HashMap<Box<str>, VecDeque<Arc<Notify>>>>,
 }
 
-impl Waiting {
+impl Queue {
     pub(crate) fn new(max_wait: Duration, max_queued: usize) -> Self {
         Self {
             max_wait,
@@ -54,7 +54,7 @@ impl Waiting {
             self.queued.fetch_add(1, Relaxed);
         }
         Some(Ticket {
-            waiting: Arc::clone(self),
+            queue: Arc::clone(self),
             tenant: Box::from(tenant),
             notify,
         })
@@ -80,7 +80,7 @@ impl Waiting {
 /// request — it leaves the queue and wakes the request behind it, which may fit now.
 #[derive(Debug)]
 pub(crate) struct Ticket {
-    waiting: Arc<Waiting>,
+    queue: Arc<Queue>,
     tenant: Box<str>,
     notify: Arc<Notify>,
 }
@@ -89,7 +89,7 @@ impl Ticket {
     /// Whether this request is first in line: only the first may reserve, so a large
     /// request is not overtaken by small ones.
     pub(crate) fn is_first(&self) -> bool {
-        let queues = self.waiting.lock();
+        let queues = self.queue.lock();
         let first = queues.get(&*self.tenant).and_then(VecDeque::front);
         first.is_some_and(|first| Arc::ptr_eq(first, &self.notify))
     }
@@ -102,13 +102,13 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let mut queues = self.waiting.lock();
+        let mut queues = self.queue.lock();
         let Some(queue) = queues.get_mut(&*self.tenant) else {
             return;
         };
         if let Some(at) = queue.iter().position(|n| Arc::ptr_eq(n, &self.notify)) {
             queue.remove(at);
-            self.waiting.queued.fetch_sub(1, Relaxed);
+            self.queue.queued.fetch_sub(1, Relaxed);
         }
         match queue.front() {
             Some(next) => next.notify_one(),
@@ -122,13 +122,13 @@ impl Drop for Ticket {
 /// Wakes the first request waiting for the tenant once a reservation is released. Held
 /// last in the reservation, so it runs after the tokens are back.
 #[derive(Debug)]
-pub(crate) struct WakeOnRelease {
-    pub(crate) waiting: Arc<Waiting>,
+pub(crate) struct Wake {
+    pub(crate) queue: Arc<Queue>,
     pub(crate) tenant: Box<str>,
 }
 
-impl Drop for WakeOnRelease {
+impl Drop for Wake {
     fn drop(&mut self) {
-        self.waiting.wake(&self.tenant);
+        self.queue.wake(&self.tenant);
     }
 }

@@ -8,9 +8,6 @@ use http::request::Parts;
 
 use crate::{Error, TenantTokenTracker, TokenReservation};
 
-/// The longest model name [`SharedBudget::per_model`] keys a budget by, in bytes.
-pub const MAX_MODEL_KEY_LEN: usize = 256;
-
 type KeyFn = dyn Fn(&Parts, Option<&Bytes>) -> Option<String> + Send + Sync;
 
 /// A cap all tenants share, such as the upstream provider's capacity, or one per model,
@@ -50,6 +47,9 @@ enum Key {
 }
 
 impl SharedBudget {
+    /// The longest model name [`per_model`](Self::per_model) keys a budget by, in bytes.
+    pub const MAX_MODEL_KEY_LEN: usize = 256;
+
     /// One budget, `name`, in `tracker`, that every request draws from.
     pub fn new(name: impl Into<String>, tracker: Arc<TenantTokenTracker>) -> Self {
         Self {
@@ -93,15 +93,15 @@ impl SharedBudget {
     /// skipping everything else.
     ///
     /// The name comes from the client, so it is bounded: a name longer than
-    /// [`MAX_MODEL_KEY_LEN`] bytes draws from the budget of its first
-    /// `MAX_MODEL_KEY_LEN` bytes (a client cannot escape a budget with a long name, nor
+    /// [`MAX_MODEL_KEY_LEN`](Self::MAX_MODEL_KEY_LEN) bytes draws from the budget of its
+    /// first `MAX_MODEL_KEY_LEN` bytes (a client cannot escape a budget with a long name, nor
     /// store megabytes of key). The tracker's idle bound limits how many keys it keeps.
     #[cfg(feature = "openai")]
     pub fn per_model(tracker: Arc<TenantTokenTracker>) -> Self {
         Self::keyed(tracker, |_, body| {
             let mut model = crate::extract::json_model(body?)?;
-            if model.len() > MAX_MODEL_KEY_LEN {
-                let mut end = MAX_MODEL_KEY_LEN;
+            if model.len() > Self::MAX_MODEL_KEY_LEN {
+                let mut end = Self::MAX_MODEL_KEY_LEN;
                 while !model.is_char_boundary(end) {
                     end -= 1;
                 }
@@ -138,35 +138,31 @@ impl fmt::Debug for SharedBudget {
     }
 }
 
-/// The budgets one request draws from, found before anything is reserved; `None` for the
-/// many layers without budgets, so that nothing is built or dropped for them.
+/// The budget keys one request draws from, found before anything is reserved; empty (and
+/// unallocated) for the many layers without budgets.
 #[derive(Default)]
-pub(crate) struct Draws(Option<Vec<(Arc<TenantTokenTracker>, String)>>);
+pub(crate) struct BudgetKeys(Vec<(Arc<TenantTokenTracker>, String)>);
 
-impl Draws {
+impl BudgetKeys {
     #[inline]
     pub(crate) fn find(budgets: &[SharedBudget], parts: &Parts, body: Option<&Bytes>) -> Self {
-        if budgets.is_empty() {
-            return Draws(None);
-        }
-        Draws(Some(
+        BudgetKeys(
             budgets
                 .iter()
                 .filter_map(|budget| Some((Arc::clone(&budget.tracker), budget.key(parts, body)?)))
                 .collect(),
-        ))
+        )
     }
 
-    /// Reserves `tokens` in every budget, or none: the first refusal releases what the
+    /// Reserves `tokens` under every key, or none: the first refusal releases what the
     /// others granted. `unchecked` reserves whatever the caps (shadow mode).
     pub(crate) fn reserve(
         &self,
         tokens: u64,
         unchecked: bool,
     ) -> Result<Vec<TokenReservation>, Error> {
-        let draws = self.0.as_deref().unwrap_or_default();
-        let mut held = Vec::with_capacity(draws.len());
-        for (tracker, key) in draws {
+        let mut held = Vec::with_capacity(self.0.len());
+        for (tracker, key) in &self.0 {
             if unchecked {
                 held.push(tracker.reserve_unchecked(key, tokens));
                 continue;
@@ -181,7 +177,7 @@ impl Draws {
 
     #[inline]
     pub(crate) fn is_empty(&self) -> bool {
-        self.0.as_ref().map_or(true, Vec::is_empty)
+        self.0.is_empty()
     }
 }
 
@@ -205,5 +201,18 @@ pub(crate) fn budget_error(budget: &str, error: Error) -> Error {
             cap,
         },
         other => other,
+    }
+}
+
+impl crate::config::Config {
+    /// The budget keys a request draws from: none without budgets.
+    #[inline]
+    pub(crate) fn budget_keys(&self, parts: &Parts, body: Option<&Bytes>) -> BudgetKeys {
+        match self.options.as_deref() {
+            Some(options) if !options.budgets.is_empty() => {
+                BudgetKeys::find(&options.budgets, parts, body)
+            }
+            _ => BudgetKeys::default(),
+        }
     }
 }

@@ -1,0 +1,253 @@
+//! Admission: one sequence for every request and every ledger.
+//!
+//! A request the plan metered is admitted in this order, whether its tenant is counted in
+//! memory or in Redis:
+//!
+//! 1. if others of its tenant are waiting for capacity, it queues behind them;
+//! 2. the shared budgets it draws from are reserved (all or nothing; shadow mode may
+//!    override a refusal);
+//! 3. the tenant's reservation is made in the ledger (at once in memory, one round trip
+//!    in Redis; shadow mode likewise);
+//! 4. what rides along is attached (budgets, hold-time clock, wake-up, metrics), and the
+//!    guard takes it all.
+//!
+//! A refusal over a cap, with waiting on, queues the request and repeats 2–4 whenever it
+//! is first in line and capacity may have come back.
+
+pub(crate) mod budget;
+pub(crate) mod plan;
+pub(crate) mod queue;
+pub(crate) mod shadow;
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use self::budget::BudgetKeys;
+use self::queue::{Queue, Wake, RECHECK};
+use crate::config::Config;
+use crate::reservation::{Guard, Held, Reservation, Riders, Step};
+use crate::retry_after::{HoldClock, HoldTimes};
+use crate::{Error, ShadowMode, SharedBudget, TokenReservation};
+
+/// The options few layers use; see [`Config::options`].
+#[derive(Clone, Default)]
+pub(crate) struct Options {
+    pub(crate) shadow: ShadowMode,
+    /// Requests admitted in shadow mode that would have been refused, counted across
+    /// every service the layer (and its clones) made.
+    pub(crate) shadowed: Arc<AtomicU64>,
+    /// Caps shared by every tenant that requests draw from too.
+    pub(crate) budgets: Vec<SharedBudget>,
+    /// Where requests over a cap wait for capacity, when they may.
+    pub(crate) queue: Option<Arc<Queue>>,
+    /// Hold times and the longest `Retry-After` to derive from them, when switched on.
+    pub(crate) hold_times: Option<(Arc<HoldTimes>, Duration)>,
+}
+
+/// The outcome of admitting a request: the guard holding its reservation, or why not.
+pub(crate) type Admission = Step<Guard>;
+
+impl Config {
+    /// Admits `tokens` for `tenant`, drawing from the budgets under `keys`.
+    #[inline]
+    pub(crate) fn admit(
+        self: &Arc<Self>,
+        tenant: &str,
+        tokens: u64,
+        keys: BudgetKeys,
+    ) -> Admission {
+        let queue = self
+            .options
+            .as_ref()
+            .and_then(|options| options.queue.as_ref());
+        if queue.is_some_and(|queue| queue.has_queue(tenant)) {
+            return self.wait(tenant, tokens, keys, None);
+        }
+        let with_handle = self.reservation_handle;
+        match self.try_admit(tenant, tokens, &keys) {
+            Step::Now(Err(error)) if queue.is_some() && may_wait(&error) => {
+                self.wait(tenant, tokens, keys, Some(error))
+            }
+            Step::Now(admitted) => Step::Now(admitted.map(|held| Guard::new(held, with_handle))),
+            Step::Later(pending) if queue.is_some() => {
+                // Redis answers later; a refusal there may still turn into a wait.
+                let (config, tenant) = (Arc::clone(self), tenant.to_owned());
+                Step::Later(Box::pin(async move {
+                    match pending.await {
+                        Err(error) if may_wait(&error) => {
+                            config
+                                .wait(&tenant, tokens, keys, Some(error))
+                                .resolve()
+                                .await
+                        }
+                        admitted => admitted.map(|held| Guard::new(held, with_handle)),
+                    }
+                }))
+            }
+            Step::Later(pending) => {
+                Step::Later(pending).map(move |held| Guard::new(held, with_handle))
+            }
+        }
+    }
+
+    /// Steps 2 to 4: the budgets, the tenant's reservation, what rides along.
+    #[inline]
+    fn try_admit(self: &Arc<Self>, tenant: &str, tokens: u64, keys: &BudgetKeys) -> Step<Held> {
+        let Some(options) = self.options.as_deref() else {
+            // A plain layer: the ledger's answer is all there is.
+            return match self.ledger.reserve(tenant, tokens, None) {
+                Step::Now(reserved) => {
+                    Step::Now(reserved.map(|(reservation, _)| self.record(reservation, None, None)))
+                }
+                Step::Later(pending) => {
+                    let config = Arc::clone(self);
+                    Step::Later(Box::pin(async move {
+                        let (reservation, _) = pending.await?;
+                        Ok(config.record(reservation, None, None))
+                    }))
+                }
+            };
+        };
+        let (budgets, shadowed) = match options.draw(tenant, tokens, keys) {
+            Ok(drawn) => drawn,
+            Err(error) => return Step::Now(Err(error)),
+        };
+        match self.ledger.reserve(tenant, tokens, Some(&options.shadow)) {
+            Step::Now(reserved) => Step::Now(reserved.map(|(reservation, refused)| {
+                self.hold(options, reservation, budgets, refused.or(shadowed))
+            })),
+            Step::Later(pending) => {
+                let config = Arc::clone(self);
+                Step::Later(Box::pin(async move {
+                    let (reservation, refused) = pending.await?;
+                    let options = config.options.as_deref().expect("checked above");
+                    Ok(config.hold(options, reservation, budgets, refused.or(shadowed)))
+                }))
+            }
+        }
+    }
+
+    /// A reservation the ledger granted, with what rides along with it; `shadowed` is the
+    /// refusal shadow mode overrode, if it did.
+    fn hold(
+        &self,
+        options: &Options,
+        reservation: Reservation,
+        budgets: Vec<TokenReservation>,
+        shadowed: Option<Error>,
+    ) -> Held {
+        let wake = options.queue.as_ref().map(|queue| Wake {
+            queue: Arc::clone(queue),
+            tenant: Box::from(reservation.tenant_id()),
+        });
+        let riders = Riders {
+            budgets,
+            clock: options
+                .hold_times
+                .as_ref()
+                .map(|(times, _)| HoldClock::start(times)),
+            wake,
+        };
+        if let Some(error) = &shadowed {
+            options.shadowed.fetch_add(1, Relaxed);
+            tracing::info!(
+                tenant = error.tenant_id(),
+                code = error.code(),
+                shadow = true,
+                "shadow: would refuse ({error}); admitted"
+            );
+        }
+        self.record(reservation, Some(Box::new(riders)), shadowed.as_ref())
+    }
+
+    /// Logs the admission, and tells the metrics recorder.
+    #[inline]
+    fn record(
+        &self,
+        reservation: Reservation,
+        riders: Option<Box<Riders>>,
+        shadowed: Option<&Error>,
+    ) -> Held {
+        let (tenant, tokens) = (reservation.tenant_id(), reservation.tokens());
+        tracing::debug!(tenant, tokens, "admitted token reservation");
+        let tag = match shadowed {
+            Some(error) => self.metrics.shadowed(tenant, tokens, error.code()),
+            None => self.metrics.admitted(tenant, tokens),
+        };
+        Held::new(reservation, riders, tag)
+    }
+
+    /// Waits in the tenant's queue until the request is first in line and fits, or its
+    /// time is up (then the last refusal stands). Dropping the future leaves the queue and
+    /// holds nothing.
+    fn wait(
+        self: &Arc<Self>,
+        tenant: &str,
+        tokens: u64,
+        keys: BudgetKeys,
+        refused: Option<Error>,
+    ) -> Admission {
+        let (config, tenant) = (Arc::clone(self), tenant.to_owned());
+        Step::Later(Box::pin(async move {
+            let queue = config.options.as_ref().and_then(|o| o.queue.clone());
+            let queue = queue.expect("only called with a queue");
+            let Some(ticket) = queue.enqueue(&tenant) else {
+                // The queue is full: refused at once.
+                return Err(refused.unwrap_or_else(|| config.ledger.overloaded(&tenant, tokens)));
+            };
+            let deadline = tokio::time::Instant::now() + queue.max_wait;
+            let mut refused = refused;
+            loop {
+                if ticket.is_first() {
+                    match config.try_admit(&tenant, tokens, &keys).resolve().await {
+                        Ok(held) => {
+                            drop(ticket); // the next in line may fit too: it is woken
+                            tracing::debug!(tenant, tokens, "admitted after waiting");
+                            return Ok(Guard::new(held, config.reservation_handle));
+                        }
+                        Err(error) if may_wait(&error) => refused = Some(error),
+                        Err(error) => return Err(error),
+                    }
+                }
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    return Err(
+                        refused.unwrap_or_else(|| config.ledger.overloaded(&tenant, tokens))
+                    );
+                }
+                ticket.wait(RECHECK.min(deadline - now)).await;
+            }
+        }))
+    }
+}
+
+impl Options {
+    /// Reserves in every budget the request draws from, with the refusal shadow mode
+    /// overrode, if it did.
+    fn draw(
+        &self,
+        tenant: &str,
+        tokens: u64,
+        keys: &BudgetKeys,
+    ) -> Result<(Vec<TokenReservation>, Option<Error>), Error> {
+        if keys.is_empty() {
+            return Ok((Vec::new(), None));
+        }
+        match keys.reserve(tokens, false) {
+            Ok(budgets) => Ok((budgets, None)),
+            Err(error) if self.shadow.covers(tenant, &error) => {
+                Ok((keys.reserve(tokens, true)?, Some(error)))
+            }
+            Err(error) => Err(error),
+        }
+    }
+}
+
+/// Whether a refusal may turn into a wait: over a cap now, not larger than one.
+fn may_wait(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::TenantOverloaded { .. } | Error::BudgetOverloaded { .. }
+    )
+}

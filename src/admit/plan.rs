@@ -1,0 +1,108 @@
+//! Reading a request: who pays, and how many tokens it may cost.
+
+use std::borrow::Cow;
+
+use http::request::Parts;
+use http::{Extensions, HeaderMap};
+
+use crate::config::Config;
+use crate::extract::{
+    extension_tenant, find_pair, header_estimate, header_tenant, BodyEstimate, EstimateOrigin,
+    Found, MissingEstimate, MissingTenant, Plan as EstimatePlan, TenantOrigin,
+};
+use crate::Error;
+
+/// What the layer makes of a request before anything is reserved.
+pub(crate) enum Plan<'a> {
+    /// Reserve `tokens` for the tenant.
+    Reserve(Cow<'a, str>, u64),
+    /// The estimate comes from the body: read it, then estimate and reserve.
+    ReadBody(Cow<'a, str>, BodyEstimate),
+    /// Let the request through without reserving anything.
+    Unmetered,
+    /// Refuse the request.
+    Refuse(Error),
+}
+
+impl Config {
+    /// Reads the tenant and the estimate in place, from the request's headers and
+    /// extensions, when the layer's sources allow it (headers and extensions, no shared
+    /// budgets): the request then need not be taken apart into `Parts` and put together
+    /// again. With two header sources, one walk over a small header map finds both.
+    /// `None`: a source needs the `Parts`; use [`plan`](Self::plan).
+    #[inline]
+    pub(crate) fn plan_in_place<'a>(
+        &'a self,
+        headers: &'a HeaderMap,
+        extensions: &'a Extensions,
+    ) -> Option<Plan<'a>> {
+        if self.options.as_ref().is_some_and(|o| !o.budgets.is_empty()) {
+            return None; // a budget's key may need the `Parts`
+        }
+        let estimator = self.estimator.origin();
+        let (tenant, estimate) = match (self.tenant.origin(), &estimator) {
+            (TenantOrigin::Fn, _) | (_, EstimateOrigin::Parts) => return None,
+            (TenantOrigin::Header(t), EstimateOrigin::Header(e)) => {
+                let (tenant, estimate) = find_pair(headers, t, e);
+                let tenant = header_tenant(tenant, t, self.max_tenant_len);
+                (tenant, Some(estimate))
+            }
+            (TenantOrigin::Header(t), _) => {
+                let found = Found::lookup(headers, t);
+                (header_tenant(found, t, self.max_tenant_len), None)
+            }
+            (TenantOrigin::Extension, _) => (Ok(extension_tenant(extensions)), None),
+        };
+        let tenant = match tenant.and_then(|tenant| self.charge(tenant)) {
+            Ok(Some(tenant)) => tenant,
+            Ok(None) => return Some(Plan::Unmetered),
+            Err(error) => return Some(Plan::Refuse(error)),
+        };
+        let tokens = match (estimator, estimate) {
+            (EstimateOrigin::Header(e), found) => {
+                header_estimate(found.unwrap_or_else(|| Found::lookup(headers, e)), e)
+            }
+            _ => self.estimator.estimate_head(headers)?,
+        };
+        Some(self.reserve(tenant, tokens))
+    }
+
+    /// Reads the tenant and the estimate from the request's head, whatever the sources.
+    pub(crate) fn plan<'a>(&'a self, parts: &'a Parts) -> Plan<'a> {
+        let tenant = self.tenant.extract(parts, self.max_tenant_len);
+        let tenant = match tenant.and_then(|tenant| self.charge(tenant)) {
+            Ok(Some(tenant)) => tenant,
+            Ok(None) => return Plan::Unmetered,
+            Err(error) => return Plan::Refuse(error),
+        };
+        match self.estimator.plan(parts) {
+            EstimatePlan::Ready(tokens) => self.reserve(tenant, tokens),
+            EstimatePlan::Body(body) => Plan::ReadBody(tenant, body),
+        }
+    }
+
+    /// The tenant to charge, given the one the request names, if any: `None` lets the
+    /// request through unmetered.
+    fn charge<'a>(&'a self, tenant: Option<Cow<'a, str>>) -> Result<Option<Cow<'a, str>>, Error> {
+        match (tenant, &self.missing_tenant) {
+            (Some(tenant), _) => Ok(Some(tenant)),
+            (None, MissingTenant::DefaultTenant(id)) => Ok(Some(Cow::Borrowed(id))),
+            (None, MissingTenant::Unmetered) => Ok(None),
+            (None, MissingTenant::Reject | MissingTenant::Unauthorized) => {
+                Err(Error::MissingTenant)
+            }
+        }
+    }
+
+    /// The plan for `tenant`, given the estimate the request carries, if any.
+    fn reserve<'a>(&self, tenant: Cow<'a, str>, tokens: Result<Option<u64>, Error>) -> Plan<'a> {
+        match (tokens, &self.missing_estimate) {
+            (Ok(Some(tokens)), _) | (Ok(None), &MissingEstimate::Default(tokens)) => {
+                Plan::Reserve(tenant, tokens)
+            }
+            (Ok(None), MissingEstimate::Unmetered) => Plan::Unmetered,
+            (Ok(None), MissingEstimate::Reject) => Plan::Refuse(Error::MissingEstimate),
+            (Err(error), _) => Plan::Refuse(error),
+        }
+    }
+}

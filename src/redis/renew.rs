@@ -1,0 +1,91 @@
+//! Renewal: every live lease's deadline pushed back, one pipelined round trip per period.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use redis::RedisError;
+
+use super::lease::Lease;
+use super::tracker::Inner;
+
+impl Inner {
+    /// Renews every live lease: one script call per tenant, all in one pipeline.
+    async fn renew_all(&self) {
+        let mut by_tenant: HashMap<Arc<[String; 2]>, Vec<Arc<Lease>>> = HashMap::new();
+        for lease in self.lock_leases().values() {
+            if !lease.lost.load(Relaxed) {
+                by_tenant
+                    .entry(Arc::clone(&lease.keys))
+                    .or_default()
+                    .push(Arc::clone(lease));
+            }
+        }
+        if by_tenant.is_empty() {
+            return;
+        }
+        let batches: Vec<_> = by_tenant.into_iter().collect();
+        let mut pipe = redis::pipe();
+        for (keys, leases) in &batches {
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(self.scripts.renew.get_hash())
+                .arg(2)
+                .arg(&keys[0])
+                .arg(&keys[1])
+                .arg(self.ttl_ms());
+            for lease in leases {
+                cmd.arg(&lease.id);
+            }
+            pipe.add_command(cmd);
+        }
+        let budget = (self.renew_every / 2).max(self.timeout);
+        let mut conn = self.conn.clone();
+        let mut answer: Result<Vec<Vec<String>>, RedisError> =
+            match tokio::time::timeout(budget, pipe.query_async(&mut conn)).await {
+                Ok(answer) => answer,
+                Err(_) => return tracing::warn!("renewing leases in redis timed out"),
+            };
+        if matches!(&answer, Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
+        {
+            let reloaded = self
+                .scripts
+                .renew
+                .prepare_invoke()
+                .load_async(&mut conn)
+                .await;
+            answer = match reloaded {
+                Ok(_) => pipe.query_async(&mut conn).await,
+                Err(error) => Err(error),
+            };
+        }
+        match answer {
+            Ok(lost) => {
+                let lost: HashSet<&String> = lost.iter().flatten().collect();
+                let leases = batches.iter().flat_map(|(_, leases)| leases);
+                // A lease released while the renewal was on its way is gone, not lost.
+                for lease in leases.filter(|lease| lost.contains(&lease.id)) {
+                    if !lease.released.load(Relaxed) {
+                        self.lost(lease);
+                    }
+                }
+                tracing::trace!(tenants = batches.len(), "renewed leases");
+            }
+            Err(error) => tracing::warn!(%error, "could not renew leases in redis"),
+        }
+    }
+}
+
+/// Renews a tracker's leases until the tracker, and every reservation it made, is gone.
+pub(super) async fn renew_forever(shared: Weak<Inner>, every: Duration) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        shared.renew_all().await;
+    }
+}

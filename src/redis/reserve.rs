@@ -1,0 +1,162 @@
+//! Reserving in Redis, and what the failure policy answers when Redis cannot be asked.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use super::lease::{Lease, RedisReservation};
+use super::tracker::{clamp, FailurePolicy, Inner, MAX_REDIS_TOKENS};
+use crate::Error;
+
+impl Inner {
+    pub(super) async fn reserve(
+        this: &Arc<Self>,
+        tenant_id: &str,
+        tokens: u64,
+        checked: bool,
+    ) -> Result<RedisReservation, Error> {
+        let cap = this.cap(tenant_id);
+        let tokens = if checked { tokens } else { clamp(tokens) };
+        // Unchecked, the script is given the largest cap there is; the lease keeps the
+        // tenant's own for the headers.
+        let limit = if checked { cap } else { MAX_REDIS_TOKENS };
+        if tokens > limit {
+            return Err(Error::RequestTooLarge {
+                tenant_id: tenant_id.to_owned(),
+                tokens,
+                cap,
+            });
+        }
+        if !this.breaker.allow() {
+            return this.unavailable(tenant_id, tokens, checked, "circuit open");
+        }
+        let seq = this.next_lease.fetch_add(1, Relaxed);
+        let lease = Lease {
+            id: format!("{}:{seq}", this.replica),
+            seq,
+            tenant: Arc::from(tenant_id),
+            keys: Arc::new(this.keys(tenant_id)),
+            cap,
+            tokens: AtomicU64::new(tokens),
+            in_flight: AtomicU64::new(0),
+            lost: Default::default(),
+            released: Default::default(),
+            write: tokio::sync::Mutex::new(()),
+        };
+        let pending = Unanswered {
+            shared: this,
+            lease: Some(Arc::new(lease)),
+        };
+        let lease = pending.lease.as_deref().expect("just set");
+        let mut attempt = 0;
+        let answer = loop {
+            let mut invocation = this.scripts.reserve.key(&lease.keys[0]);
+            invocation
+                .key(&lease.keys[1])
+                .arg(&lease.id)
+                .arg(tokens)
+                .arg(limit)
+                .arg(this.ttl_ms());
+            let mut conn = this.conn.clone();
+            match this.timed(invocation.invoke_async(&mut conn)).await {
+                // A broken connection is retried once, with the same lease id: if the
+                // first attempt did reach Redis, the second admits nothing twice.
+                Err(failure) if attempt == 0 && failure.is_connection() => {
+                    attempt += 1;
+                    tracing::debug!(%failure, "redis reserve failed, retrying once");
+                }
+                other => break other,
+            }
+        };
+        let (status, in_flight): (i64, u64) = match answer {
+            Ok(answer) => answer,
+            Err(failure) => {
+                let reason = failure.to_string();
+                this.breaker.failure(&reason);
+                drop(pending); // it may have landed after all: released by id
+                return this.unavailable(tenant_id, tokens, checked, &reason);
+            }
+        };
+        this.breaker.success();
+        let lease = pending.answered();
+        match status {
+            1 => {
+                this.counters.admitted.fetch_add(1, Relaxed);
+                lease.in_flight.store(in_flight, Relaxed);
+                this.lock_leases().insert(seq, Arc::clone(&lease));
+                Ok(RedisReservation::lease(lease, Arc::clone(this)))
+            }
+            0 => {
+                this.counters.refused.fetch_add(1, Relaxed);
+                Err(Error::TenantOverloaded {
+                    tenant_id: tenant_id.to_owned(),
+                    requested: tokens,
+                    in_flight,
+                    cap,
+                })
+            }
+            _ => Err(Error::RequestTooLarge {
+                tenant_id: tenant_id.to_owned(),
+                tokens,
+                cap,
+            }),
+        }
+    }
+
+    /// Answers a request Redis could not decide, as the failure policy says.
+    fn unavailable(
+        &self,
+        tenant_id: &str,
+        tokens: u64,
+        checked: bool,
+        reason: &str,
+    ) -> Result<RedisReservation, Error> {
+        self.counters.unavailable.fetch_add(1, Relaxed);
+        tracing::debug!(tenant = tenant_id, tokens, reason, policy = ?self.policy,
+            "redis unavailable: the failure policy answers");
+        match (self.policy, &self.local) {
+            (FailurePolicy::FailOpen, _) => Ok(RedisReservation::uncounted(tenant_id, tokens)),
+            (FailurePolicy::LocalShare { .. }, Some(local)) if !checked => Ok(
+                RedisReservation::local(local.reserve_unchecked(tenant_id, tokens)),
+            ),
+            (FailurePolicy::LocalShare { .. }, Some(local)) => {
+                match local.reserve_id(tenant_id, tokens) {
+                    Ok(reservation) => Ok(RedisReservation::local(reservation)),
+                    // Larger than the share, not than the cap: it fits once Redis is back.
+                    Err(Error::RequestTooLarge { cap, .. }) => Err(Error::TenantOverloaded {
+                        tenant_id: tenant_id.to_owned(),
+                        requested: tokens,
+                        in_flight: local.in_flight(tenant_id),
+                        cap,
+                    }),
+                    Err(error) => Err(error),
+                }
+            }
+            _ => Err(Error::BackendUnavailable {
+                reason: format!("redis: {reason}"),
+            }),
+        }
+    }
+}
+
+/// A reservation sent to Redis and not answered yet. Dropped unanswered (the call failed or
+/// timed out, or the request waiting for it was cancelled), it is released by id in the
+/// background, in case Redis applied it: a cancelled request leaves nothing behind for the
+/// TTL to clean up.
+struct Unanswered<'a> {
+    shared: &'a Arc<Inner>,
+    lease: Option<Arc<Lease>>,
+}
+
+impl Unanswered<'_> {
+    fn answered(mut self) -> Arc<Lease> {
+        self.lease.take().expect("answered once")
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            self.shared.release_later(lease);
+        }
+    }
+}

@@ -1,0 +1,480 @@
+//! The tracker, its settings, and what its clones and leases share.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::aio::ConnectionManagerConfig;
+use redis::{IntoConnectionInfo, RedisError};
+
+use super::breaker::Breaker;
+use super::lease::{Lease, RedisReservation};
+use super::renew;
+use super::scripts::Scripts;
+use crate::tracker::Caps;
+use crate::{Error, TenantTokenTracker};
+
+/// How long a lease lives without renewal by default.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
+/// How often a replica renews its live leases by default.
+pub const DEFAULT_RENEW_EVERY: Duration = Duration::from_secs(10);
+/// How long one call to Redis may take by default before the failure policy answers.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// The largest token amount Redis keeps exactly (its Lua numbers are doubles); caps and
+/// estimates above it count as this.
+pub const MAX_REDIS_TOKENS: u64 = (1 << 53) - 1;
+
+pub(crate) fn clamp(tokens: u64) -> u64 {
+    tokens.min(MAX_REDIS_TOKENS)
+}
+
+/// What a [`RedisTokenTracker`] does with a request when Redis cannot be asked (down,
+/// slower than the call timeout, or skipped while the circuit breaker is open).
+///
+/// Every choice is logged: a `warn` when the breaker opens and when Redis answers again,
+/// a `debug` line per request answered by the policy, and the counts in
+/// [`RedisTokenTracker::stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FailurePolicy {
+    /// Refuse: `503 Service Unavailable` with `Retry-After`
+    /// ([`Error::BackendUnavailable`]). Nothing is admitted that the shared cap did not
+    /// see. The default.
+    FailClosed,
+    /// Admit without counting: the caps are off until Redis is back.
+    FailOpen,
+    /// Count against this replica's share of each tenant's cap, `cap / replicas` (at
+    /// least 1 token), in memory: with `replicas` replicas running, the tenant can still
+    /// not exceed its cap in total.
+    LocalShare {
+        /// How many replicas share the cap.
+        replicas: u32,
+    },
+}
+
+/// Counts of what a [`RedisTokenTracker`] did, since it was built.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RedisTrackerStats {
+    /// Reservations Redis admitted.
+    pub admitted: u64,
+    /// Reservations Redis refused (over the cap).
+    pub refused: u64,
+    /// Requests the failure policy answered because Redis could not be asked.
+    pub unavailable: u64,
+    /// Leases found lost at renewal (expired unrenewed, or gone with the server's data).
+    pub lost_leases: u64,
+    /// Releases Redis could not be told of; those leases expire after their TTL instead.
+    pub failed_releases: u64,
+}
+
+#[derive(Default)]
+pub(super) struct Counters {
+    pub(super) admitted: AtomicU64,
+    pub(super) refused: AtomicU64,
+    pub(super) unavailable: AtomicU64,
+    pub(super) lost_leases: AtomicU64,
+    pub(super) failed_releases: AtomicU64,
+}
+
+/// Enforces a per-tenant cap on tokens in flight across every replica, in Redis.
+///
+/// Each replica's tracker counts against the same keys, so N replicas admit one cap
+/// between them, not N caps. A reservation is a *lease*: Redis keeps its tokens with a
+/// deadline on Redis's own clock, this replica renews the deadlines of all its live leases
+/// in one batched round trip every [`renew_every`](RedisTokenTrackerBuilder::renew_every),
+/// and a lease whose replica crashed simply expires: its capacity is back within one
+/// [`lease_ttl`](RedisTokenTrackerBuilder::lease_ttl), with nobody resetting anything.
+///
+/// Use it in [`TenantTokenLayer::redis`](crate::TenantTokenLayer::redis) in place of a
+/// [`TenantTokenTracker`]; the layer behaves the same, with one round trip to Redis before
+/// the inner service is called. Or reserve directly:
+///
+/// ```no_run
+/// use tower_tenant_tokens::redis::{FailurePolicy, RedisTokenTracker};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let tracker = RedisTokenTracker::builder(50_000)
+///     .on_unavailable(FailurePolicy::LocalShare { replicas: 3 })
+///     .connect("redis://127.0.0.1:6379")?;
+/// let reservation = tracker.reserve("acme", 1_200).await?;
+/// // ... the upstream call ...
+/// reservation.release().await;
+/// # Ok(()) }
+/// ```
+///
+/// # In Redis
+///
+/// Per tenant, two keys under one hash tag (so a cluster keeps them in one slot):
+/// `{prefix}{t:<tenant>}:leases`, a sorted set of lease id → deadline, and
+/// `{prefix}{t:<tenant>}:tokens`, a hash of lease id → tokens and the running sum. Short Lua
+/// scripts reserve, resize, renew and release atomically, each first sweeping the leases
+/// whose deadline has passed. Both keys expire when their last lease does.
+///
+/// Reserving is idempotent per lease id, so a reserve that timed out is released by id;
+/// releasing is idempotent; renewal never brings back a lease that expired. Caps come
+/// from this replica's settings (the default and the cap function) and are checked in
+/// Redis against every replica's leases: configure every replica alike.
+///
+/// # When Redis is unreachable
+///
+/// Each call has a timeout ([`call_timeout`](RedisTokenTrackerBuilder::call_timeout)),
+/// and after a few failures in a row a circuit breaker skips Redis for a cool-down, so an
+/// outage does not add a timeout to every request. Meanwhile the [`FailurePolicy`]
+/// answers. Leases admitted before the outage stay counted while Redis lives; their
+/// releases, if Redis misses them, expire after the TTL.
+///
+/// The tracker needs a tokio runtime (it spawns its renewal task and background writes).
+#[derive(Clone)]
+pub struct RedisTokenTracker {
+    inner: Arc<Inner>,
+}
+
+/// Everything a tracker's clones, reservations and renewal task share.
+pub(crate) struct Inner {
+    pub(super) conn: ConnectionManager,
+    pub(super) scripts: Scripts,
+    pub(super) prefix: String,
+    pub(super) replica: String,
+    pub(super) next_lease: AtomicU64,
+    pub(super) ttl: Duration,
+    pub(super) renew_every: Duration,
+    pub(super) timeout: Duration,
+    pub(super) policy: FailurePolicy,
+    pub(super) caps: Caps,
+    pub(super) breaker: Breaker,
+    /// This replica's share of the caps, for [`FailurePolicy::LocalShare`].
+    pub(super) local: Option<Arc<TenantTokenTracker>>,
+    /// Live leases, for renewal.
+    pub(super) leases: Mutex<HashMap<u64, Arc<Lease>>>,
+    pub(super) runtime: tokio::runtime::Handle,
+    pub(super) counters: Counters,
+}
+
+/// Why a call to Redis failed.
+pub(super) enum Failure {
+    TimedOut(Duration),
+    Redis(RedisError),
+}
+
+impl Failure {
+    /// A broken connection, which the connection manager is remaking: worth one retry.
+    pub(super) fn is_connection(&self) -> bool {
+        matches!(self, Failure::Redis(e) if e.is_io_error() || e.is_unrecoverable_error())
+    }
+
+    pub(super) fn unavailable(&self) -> Error {
+        Error::BackendUnavailable {
+            reason: format!("redis: {self}"),
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::TimedOut(after) => write!(f, "no answer within {after:?}"),
+            Failure::Redis(error) => error.fmt(f),
+        }
+    }
+}
+
+impl RedisTokenTracker {
+    /// Starts a tracker where every tenant's cap is `default_cap`.
+    pub fn builder(default_cap: u64) -> RedisTokenTrackerBuilder {
+        RedisTokenTrackerBuilder {
+            caps: Caps::new(default_cap),
+            ttl: DEFAULT_LEASE_TTL,
+            renew_every: DEFAULT_RENEW_EVERY,
+            timeout: DEFAULT_CALL_TIMEOUT,
+            policy: FailurePolicy::FailClosed,
+            breaker_threshold: 3,
+            breaker_cooldown: Duration::from_secs(1),
+            prefix: "tenant-tokens:".to_owned(),
+        }
+    }
+
+    /// Reserves `tokens` for `tenant_id` if they fit under its cap next to what every
+    /// replica has in flight.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::RequestTooLarge`] and [`Error::TenantOverloaded`] as for
+    /// [`TenantTokenTracker::reserve`]; [`Error::BackendUnavailable`] when Redis could not
+    /// be asked and the policy is [`FailurePolicy::FailClosed`].
+    pub async fn reserve(&self, tenant_id: &str, tokens: u64) -> Result<RedisReservation, Error> {
+        Inner::reserve(&self.inner, tenant_id, tokens, true).await
+    }
+
+    /// Reserves `tokens` for `tenant_id` in Redis whatever its cap, as
+    /// [`TenantTokenTracker::reserve_unchecked`] does in memory: counted like any other
+    /// lease, for work that runs regardless (shadow mode). Amounts above
+    /// [`MAX_REDIS_TOKENS`] count as that.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BackendUnavailable`] when Redis could not be asked and the policy is
+    /// [`FailurePolicy::FailClosed`]; the other policies answer as for
+    /// [`reserve`](Self::reserve).
+    pub async fn reserve_unchecked(
+        &self,
+        tenant_id: &str,
+        tokens: u64,
+    ) -> Result<RedisReservation, Error> {
+        Inner::reserve(&self.inner, tenant_id, tokens, false).await
+    }
+
+    /// Tokens `tenant_id` has in flight across every replica now, as Redis counts them.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BackendUnavailable`] when Redis could not be asked.
+    pub async fn in_flight(&self, tenant_id: &str) -> Result<u64, Error> {
+        let inner = &self.inner;
+        let keys = inner.keys(tenant_id);
+        let mut invocation = inner.scripts.state.key(&keys[0]);
+        invocation.key(&keys[1]);
+        let mut conn = inner.conn.clone();
+        let (tokens, _leases): (u64, u64) = inner
+            .timed(invocation.invoke_async(&mut conn))
+            .await
+            .map_err(|failure| failure.unavailable())?;
+        Ok(tokens)
+    }
+
+    /// The cap that applies to `tenant_id`, from this replica's settings.
+    pub fn cap(&self, tenant_id: &str) -> u64 {
+        self.inner.cap(tenant_id)
+    }
+
+    /// What the tracker has done so far.
+    pub fn stats(&self) -> RedisTrackerStats {
+        let c = &self.inner.counters;
+        RedisTrackerStats {
+            admitted: c.admitted.load(Relaxed),
+            refused: c.refused.load(Relaxed),
+            unavailable: c.unavailable.load(Relaxed),
+            lost_leases: c.lost_leases.load(Relaxed),
+            failed_releases: c.failed_releases.load(Relaxed),
+        }
+    }
+
+    /// Leases this replica holds now (and renews).
+    pub fn live_leases(&self) -> usize {
+        self.inner.lock_leases().len()
+    }
+
+    /// Whether the circuit breaker is skipping Redis now.
+    pub fn is_circuit_open(&self) -> bool {
+        self.inner.breaker.is_open()
+    }
+
+    /// The in-memory tracker counting this replica's share of the caps, with
+    /// [`FailurePolicy::LocalShare`].
+    pub fn local_share(&self) -> Option<&Arc<TenantTokenTracker>> {
+        self.inner.local.as_ref()
+    }
+}
+
+impl Inner {
+    pub(super) async fn timed<T>(
+        &self,
+        call: impl Future<Output = Result<T, RedisError>>,
+    ) -> Result<T, Failure> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(result) => result.map_err(Failure::Redis),
+            Err(_) => Err(Failure::TimedOut(self.timeout)),
+        }
+    }
+
+    pub(super) fn cap(&self, tenant_id: &str) -> u64 {
+        let cap = self.caps.of(tenant_id);
+        clamp(cap)
+    }
+
+    pub(super) fn keys(&self, tenant_id: &str) -> [String; 2] {
+        let prefix = &self.prefix;
+        [
+            format!("{prefix}{{t:{tenant_id}}}:leases"),
+            format!("{prefix}{{t:{tenant_id}}}:tokens"),
+        ]
+    }
+
+    pub(super) fn ttl_ms(&self) -> u64 {
+        (self.ttl.as_millis() as u64).max(1)
+    }
+
+    pub(super) fn lock_leases(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Lease>>> {
+        self.leases.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl fmt::Debug for RedisTokenTracker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let inner = &self.inner;
+        f.debug_struct("RedisTokenTracker")
+            .field("replica", &inner.replica)
+            .field("prefix", &inner.prefix)
+            .field("caps", &inner.caps)
+            .field("lease_ttl", &inner.ttl)
+            .field("renew_every", &inner.renew_every)
+            .field("call_timeout", &inner.timeout)
+            .field("policy", &inner.policy)
+            .field("live_leases", &self.live_leases())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Settings for a [`RedisTokenTracker`]; start one with [`RedisTokenTracker::builder`].
+#[must_use]
+pub struct RedisTokenTrackerBuilder {
+    caps: Caps,
+    ttl: Duration,
+    renew_every: Duration,
+    timeout: Duration,
+    policy: FailurePolicy,
+    breaker_threshold: u32,
+    breaker_cooldown: Duration,
+    prefix: String,
+}
+
+impl RedisTokenTrackerBuilder {
+    /// Looks up a tenant's cap (`None`: the default cap). Called on every reservation, so
+    /// keep it fast; every replica should answer alike.
+    pub fn cap_fn<F>(mut self, cap_fn: F) -> Self
+    where
+        F: Fn(&str) -> Option<u64> + Send + Sync + 'static,
+    {
+        self.caps.set_lookup(cap_fn);
+        self
+    }
+
+    /// How long a lease lives unless renewed (default [`DEFAULT_LEASE_TTL`]): how soon a
+    /// crashed replica's capacity comes back. At least 1 ms.
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How often live leases are renewed (default [`DEFAULT_RENEW_EVERY`]). Keep it well
+    /// under the TTL (a third of it by default), so one missed renewal loses nothing.
+    pub fn renew_every(mut self, every: Duration) -> Self {
+        self.renew_every = every.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How long one call to Redis may take before the failure policy answers instead
+    /// (default [`DEFAULT_CALL_TIMEOUT`]).
+    pub fn call_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// What to do when Redis cannot be asked (default [`FailurePolicy::FailClosed`]).
+    pub fn on_unavailable(mut self, policy: FailurePolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// After `failures` failed calls in a row, skip Redis for `cooldown`, then let one call
+    /// probe it (default: 3 failures, 1 s).
+    pub fn circuit_breaker(mut self, failures: u32, cooldown: Duration) -> Self {
+        self.breaker_threshold = failures;
+        self.breaker_cooldown = cooldown;
+        self
+    }
+
+    /// The prefix of every key the tracker writes (default `tenant-tokens:`). Trackers
+    /// sharing a prefix share caps; give other applications on the same Redis another one.
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Builds the tracker for the Redis at `url` (`redis://host:port/db`, see the `redis`
+    /// crate), and starts its renewal task.
+    ///
+    /// Returns at once: the connection is made on first use and remade whenever it
+    /// breaks, so a replica may start while Redis is down (its requests meet the failure
+    /// policy until Redis is up). Must be called within a tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// When `url` is not a Redis address, or no tokio runtime is running.
+    pub fn connect(self, url: impl IntoConnectionInfo) -> Result<RedisTokenTracker, RedisError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            RedisError::from((
+                redis::ErrorKind::Client,
+                "RedisTokenTracker::connect must be called within a tokio runtime",
+            ))
+        })?;
+        let client = redis::Client::open(url)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        let local = match self.policy {
+            FailurePolicy::LocalShare { replicas } => {
+                let replicas = u64::from(replicas.max(1));
+                let caps = self.caps.clone();
+                let share = move |tenant: &str| Some((clamp(caps.of(tenant)) / replicas).max(1));
+                Some(Arc::new(
+                    TenantTokenTracker::builder(0).cap_fn(share).build(),
+                ))
+            }
+            _ => None,
+        };
+        let inner = Arc::new(Inner {
+            conn,
+            scripts: Scripts::new(),
+            prefix: self.prefix,
+            replica: replica_id(),
+            next_lease: AtomicU64::new(0),
+            ttl: self.ttl,
+            renew_every: self.renew_every,
+            timeout: self.timeout,
+            policy: self.policy,
+            caps: self.caps,
+            breaker: Breaker::new(self.breaker_threshold, self.breaker_cooldown),
+            local,
+            leases: Mutex::new(HashMap::new()),
+            runtime: runtime.clone(),
+            counters: Counters::default(),
+        });
+        runtime.spawn(renew::renew_forever(
+            Arc::downgrade(&inner),
+            self.renew_every,
+        ));
+        Ok(RedisTokenTracker { inner })
+    }
+}
+
+impl fmt::Debug for RedisTokenTrackerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisTokenTrackerBuilder")
+            .field("caps", &self.caps)
+            .field("lease_ttl", &self.ttl)
+            .field("renew_every", &self.renew_every)
+            .field("call_timeout", &self.timeout)
+            .field("policy", &self.policy)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A replica id unlikely to repeat: std's random hasher keys, the process id and the time.
+fn replica_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    if let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        hasher.write_u128(now.as_nanos());
+    }
+    format!("{:016x}", hasher.finish())
+}
