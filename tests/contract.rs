@@ -23,6 +23,8 @@ use http_body::{Body, Frame};
 use http_body_util::{BodyExt, StreamBody};
 use tokio::sync::mpsc;
 use tokio_test::{assert_pending, assert_ready, assert_ready_err, assert_ready_ok, task};
+use tower::limit::ConcurrencyLimitLayer;
+use tower::Layer;
 use tower_tenant_tokens::{
     Estimator, RequestBody, ResponseBody, TenantTokenLayer, TenantTokenService, TenantTokenTracker,
 };
@@ -435,4 +437,32 @@ async fn a_request_without_a_tenant_gets_400_at_once_and_never_reaches_the_inner
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     assert_pending!(handle.poll_request(), "the inner service never sees it");
     assert!(tracker.snapshot().is_empty(), "no tenant is even tracked");
+}
+
+#[tokio::test]
+#[ignore = "bug: a request waiting for capacity keeps the inner service's readiness (here a \
+            ConcurrencyLimit permit) for up to max_wait, blocking tenants under their caps"]
+async fn a_request_waiting_for_capacity_leaves_the_inner_services_readiness_to_others() {
+    let tracker = tracker(100);
+    let (mock, mut handle) = mock::pair::<Inner, Response<Frames>>();
+    let layer = TenantTokenLayer::new(tracker.clone()).wait_for_capacity(Duration::from_secs(60));
+    let mut service = mock::Spawn::new(layer.layer(ConcurrencyLimitLayer::new(2).layer(mock)));
+
+    // Tenant acme takes one of the inner service's two slots and all of its cap...
+    assert_ready_ok!(service.poll_ready());
+    let _first = service.call(request("acme", 100));
+    let (_, _send) = handle.next_request().await.expect("a request");
+    // ...and its next request waits for acme's capacity, not for the inner service's.
+    assert_ready_ok!(service.poll_ready());
+    let mut waiting = task::spawn(service.call(request("acme", 1)));
+    assert_pending!(waiting.poll());
+
+    // One slot is free and tenant globex is under its cap: it must not wait for acme.
+    assert_ready_ok!(
+        service.poll_ready(),
+        "the free slot is held by acme's waiting request"
+    );
+    let _other = service.call(request("globex", 10));
+    let (inner, _send) = assert_ready!(handle.poll_request()).expect("a request");
+    assert_eq!(inner.headers()["x-tenant-id"], "globex");
 }
