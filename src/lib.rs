@@ -95,6 +95,7 @@ mod config;
 mod error;
 mod extract;
 mod future;
+pub mod guide;
 mod handle;
 mod hold_time;
 mod layer;
