@@ -95,6 +95,7 @@ mod config;
 mod error;
 mod extract;
 mod future;
+pub mod guide;
 pub mod headers;
 mod layer;
 #[cfg(feature = "metrics")]

@@ -1,0 +1,110 @@
+//! Shared budgets: the upstream's capacity.
+//!
+//! A tenant's cap protects tenants from each other. The upstream has a capacity of its own
+//! that all of them draw from: a provider's tokens-in-flight limit, a deployment's GPUs,
+//! one per model. A [`SharedBudget`](crate::SharedBudget) adds such a cap next to the
+//! tenant's, with [`TenantTokenLayer::shared_budget`](crate::TenantTokenLayer::shared_budget)
+//! (call it once per budget).
+//!
+//! ```rust
+//! use std::sync::Arc;
+//! use tower_tenant_tokens::{OpenAiEstimator, SharedBudget, TenantTokenLayer, TenantTokenTracker};
+//!
+//! let tenants = Arc::new(TenantTokenTracker::new(20_000));
+//! let upstream = Arc::new(TenantTokenTracker::new(200_000)); // all tenants together
+//! let models = Arc::new(TenantTokenTracker::new(100_000));   // each model, by default…
+//! models.set_cap("gpt-4o", 40_000);                          // …or its own cap
+//! let layer = TenantTokenLayer::new(tenants)
+//!     .estimator(OpenAiEstimator::new())
+//!     .shared_budget(SharedBudget::new("upstream", upstream))
+//!     .shared_budget(SharedBudget::per_model(models));       // "model" from the JSON body
+//! # let _ = layer;
+//! ```
+//!
+//! # All or nothing
+//!
+//! A request reserves against its tenant and every budget it draws from, all or nothing:
+//! when one refuses, what the others granted is released at once, and the refusal names the
+//! budget (`budget_exceeded`, 429, or `request_too_large_for_budget`, 413; see
+//! [refusals](super::refusals)). The reservations are released together at the end of the
+//! response. A handler's [`resize`](crate::ReservationHandle::resize) reconciles them all;
+//! [`try_resize`](crate::ReservationHandle::try_resize) grows them all within their caps,
+//! or none. [Waiting](super::refusals#waiting-instead-of-an-immediate-429) covers budgets
+//! too: a request over a budget waits for it like one over its tenant's cap.
+//!
+//! ```rust
+//! use std::sync::Arc;
+//! use axum::{routing::post, Router};
+//! use http::StatusCode;
+//! use tower::ServiceExt;
+//! use tower_tenant_tokens::{SharedBudget, TenantTokenLayer, TenantTokenTracker};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let tenants = Arc::new(TenantTokenTracker::new(800));
+//! let upstream = Arc::new(TenantTokenTracker::new(1_000));
+//! let app = Router::new()
+//!     .route("/v1/chat/completions", post(|| async { "answer" }))
+//!     .layer(
+//!         TenantTokenLayer::new(tenants.clone())
+//!             .shared_budget(SharedBudget::new("upstream", upstream.clone())),
+//!     );
+//! let request = |tenant: &str, tokens: u64| {
+//!     http::Request::post("/v1/chat/completions")
+//!         .header("x-tenant-id", tenant)
+//!         .header("x-token-estimate", tokens)
+//!         .body(axum::body::Body::empty())
+//!         .unwrap()
+//! };
+//!
+//! let acme = app.clone().oneshot(request("acme", 700)).await.unwrap();
+//! assert_eq!(acme.status(), StatusCode::OK);
+//! // globex is within its own cap, but the upstream has only 300 tokens left.
+//! let globex = app.clone().oneshot(request("globex", 700)).await.unwrap();
+//! assert_eq!(globex.status(), StatusCode::TOO_MANY_REQUESTS);
+//! assert_eq!(tenants.in_flight("globex"), 0); // nothing held: all or nothing
+//! assert_eq!(upstream.in_flight("upstream"), 700);
+//! # drop(acme);
+//! # }
+//! ```
+//!
+//! # The budget's ledger
+//!
+//! A budget's ledger is an ordinary [`TenantTokenTracker`](crate::TenantTokenTracker) whose
+//! "tenants" are the budget keys (`"upstream"`, `"gpt-4o"`, …), so
+//! [`set_cap`](crate::TenantTokenTracker::set_cap), the cap function and
+//! [`snapshot`](crate::TenantTokenTracker::snapshot) work on budgets as on tenants. Its
+//! idle bound limits how many keys it keeps.
+//!
+//! # Keys
+//!
+//! - [`SharedBudget::new(name, tracker)`](crate::SharedBudget::new): one budget that every
+//!   request draws from.
+//! - [`SharedBudget::per_model(tracker)`](crate::SharedBudget::per_model): one budget per
+//!   model, keyed by the top-level `"model"` string of an OpenAI-style JSON body. The model
+//!   is read in the [`OpenAiEstimator`](crate::OpenAiEstimator)'s one pass over the body,
+//!   so the layer's estimator must be one; requests without a body or a model do not draw
+//!   from it. The name comes from the client, so it is bounded: a name longer than
+//!   [`SharedBudget::MAX_MODEL_KEY_LEN`](crate::SharedBudget::MAX_MODEL_KEY_LEN) bytes
+//!   draws from the budget of its first `MAX_MODEL_KEY_LEN` bytes (a client can neither
+//!   escape a budget with a long name nor store megabytes of key).
+//! - [`SharedBudget::keyed(tracker, f)`](crate::SharedBudget::keyed): one budget per key
+//!   that `f` finds on the request (a header, the path, an extension your routing set, the
+//!   body when the estimator read it); a request for which `f` finds none does not draw
+//!   from this budget.
+//!
+//! ```rust
+//! use std::sync::Arc;
+//! use tower_tenant_tokens::{SharedBudget, TenantTokenTracker};
+//!
+//! let regions = Arc::new(TenantTokenTracker::new(100_000));
+//! let per_region = SharedBudget::keyed(regions, |parts, _body| {
+//!     let region = parts.headers.get("x-region")?.to_str().ok()?;
+//!     Some(region.to_owned())
+//! });
+//! # let _ = per_region;
+//! ```
+//!
+//! With the Redis tracker (`TenantTokenLayer::redis`, feature `redis`),
+//! the tenants' caps are shared by every replica but the budgets are still counted in each
+//! process.

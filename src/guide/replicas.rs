@@ -1,0 +1,126 @@
+//! Several replicas: one cap in Redis.
+//!
+//! With the in-memory tracker each replica admits up to the cap, so N replicas admit
+//! N × cap. The `redis` feature adds `redis::RedisTokenTracker`: the same layer, counting in
+//! Redis, one cap for every replica. The `redis` module has its full API (docs.rs builds
+//! every feature).
+//!
+//! ```rust,no_run
+//! # #[cfg(feature = "redis")]
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use tower_tenant_tokens::redis::{FailurePolicy, RedisTokenTracker};
+//! use tower_tenant_tokens::{OpenAiEstimator, TenantTokenLayer};
+//!
+//! let tracker = RedisTokenTracker::builder(50_000)          // default cap per tenant
+//!     .cap_fn(|tenant| tenant.starts_with("ent-").then_some(500_000))
+//!     .on_unavailable(FailurePolicy::LocalShare { replicas: 3 })
+//!     .connect("redis://127.0.0.1:6379")?;                  // lazy: Redis may start later
+//! let layer = TenantTokenLayer::redis(tracker)              // every builder method as before
+//!     .estimator(OpenAiEstimator::new());
+//! # let _ = layer;
+//! # Ok(())
+//! # }
+//! # fn main() {}
+//! ```
+//!
+//! `connect` returns at once and must be called within a tokio runtime; the tracker spawns
+//! its renewal task and background writes there. Each metered request waits for one round
+//! trip to Redis before the inner service is called.
+//!
+//! Try it with two gateways on one Redis (`redis-server --port 6379 &` first):
+//!
+//! ```text
+//! cargo run --example gateway --features redis -- --redis redis://127.0.0.1:6379
+//! cargo run --example gateway --features redis -- --redis redis://127.0.0.1:6379 --addr 127.0.0.1:3001
+//! curl -s 127.0.0.1:3001/admin/tenants/acme     # in flight across both, and the cap
+//! ```
+//!
+//! # Leases, not counters
+//!
+//! A reservation is a lease. Per tenant, Redis keeps a sorted set of lease id → deadline
+//! (taken from Redis's own `TIME`, so replica clocks do not matter) and a hash of lease id
+//! → tokens plus their running sum, both under one hash tag
+//! (`tenant-tokens:{t:<tenant>}:leases` / `:tokens`, the prefix set by `key_prefix`) so a
+//! cluster keeps them in one slot. Short Lua scripts (run by `EVALSHA`, loaded again on
+//! `NOSCRIPT`) reserve, resize, renew and release atomically, each first sweeping leases
+//! whose deadline has passed. Each replica renews the deadlines of all its live leases in
+//! one pipelined round trip every `redis::DEFAULT_RENEW_EVERY`, with leases living
+//! `redis::DEFAULT_LEASE_TTL` unless renewed (both configurable: `renew_every`,
+//! `lease_ttl`), for as long as the request or its stream lives. So:
+//!
+//! - a replica that crashes, or is partitioned away, gives its capacity back within one
+//!   TTL, with nobody resetting anything (a lost `DECR` in a counter design leaks forever);
+//! - a stream longer than the TTL stays counted; renewal never brings back a lease that
+//!   expired (it reports it lost: `RedisReservation::is_lost`, `stats().lost_leases`);
+//! - reserving is idempotent per lease id: one reconnect-retry is safe, and a reserve that
+//!   timed out, failed, or whose request was cancelled while Redis decided is released by
+//!   id in the background in case it landed late (nothing waits for the TTL); releasing is
+//!   idempotent; a dropped reservation is released by a spawned task;
+//! - [`ReservationHandle::resize`](crate::ReservationHandle::resize) counts locally at once
+//!   and reaches Redis in a background write (several racing resizes end at the last one
+//!   set); [`try_resize_async`](crate::ReservationHandle::try_resize_async) checks growth in
+//!   Redis against every replica's leases. The sync
+//!   [`try_resize`](crate::ReservationHandle::try_resize) cannot ask Redis without waiting,
+//!   so growing a Redis lease through it returns `BackendUnavailable`.
+//!
+//! A lease Redis no longer has (expired while this replica could not reach it, or the
+//! server lost its data) is reported lost and never recreated behind the other replicas'
+//! backs.
+//!
+//! # Caps: configure replicas alike
+//!
+//! Caps come from each replica's own settings (the default and `cap_fn`), passed to Redis
+//! with every reservation and checked there against all replicas' leases, so every replica
+//! must be configured alike. Redis's Lua counts in doubles, so amounts and caps are capped
+//! at 2⁵³ − 1 tokens (`redis::MAX_REDIS_TOKENS`). [Shared budgets](super::budgets) are
+//! still counted in each process.
+//!
+//! [Waiting for capacity](super::refusals#waiting-instead-of-an-immediate-429) works with
+//! the Redis tracker too, per process: a replica's waiting requests are woken by that
+//! replica's releases, and find capacity freed elsewhere when they look again.
+//!
+//! # When Redis is unreachable
+//!
+//! Redis is unreachable when it is down, or slower than the call timeout
+//! (`redis::DEFAULT_CALL_TIMEOUT` unless set with `call_timeout`). Then the
+//! `redis::FailurePolicy` answers:
+//!
+//! | `FailurePolicy` | the request gets |
+//! |---|---|
+//! | `FailClosed` (default) | `503` + `Retry-After`: nothing is admitted that the shared cap did not see |
+//! | `FailOpen` | admitted, not counted (caps are off until Redis is back) |
+//! | `LocalShare { replicas }` | counted in memory against `cap / replicas`, so the replicas together still stay within the cap; over the share is `429` (it fits again once Redis is back) |
+//!
+//! After a number of failures in a row a circuit breaker skips Redis for a cool-down, then
+//! lets one call probe it, so an outage does not add a timeout to every request (both set
+//! with `circuit_breaker`). The breaker opening and closing are logged at `warn`, each
+//! request answered by the policy at `debug`, and `RedisTokenTracker::stats()` counts
+//! admitted, refused, unavailable, lost leases and failed releases. The 503's
+//! `Retry-After` is the layer's [`retry_after`](crate::TenantTokenLayer::retry_after).
+//!
+//! The connection is remade by redis-rs's `ConnectionManager`; nothing needs a restart when
+//! Redis comes back. Cluster connections are not wired up yet (the keys are
+//! cluster-ready).
+//!
+//! # The tracker on its own
+//!
+//! `RedisTokenTracker` can be used without the layer:
+//!
+//! ```rust,no_run
+//! # #[cfg(feature = "redis")]
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use tower_tenant_tokens::redis::{FailurePolicy, RedisTokenTracker};
+//!
+//! let tracker = RedisTokenTracker::builder(50_000)
+//!     .on_unavailable(FailurePolicy::FailClosed)
+//!     .connect("redis://127.0.0.1:6379")?;
+//! let reservation = tracker.reserve("acme", 1_200).await?;
+//! // ... the upstream call ...
+//! reservation.release().await;
+//! # Ok(())
+//! # }
+//! # fn main() {}
+//! ```
+//!
+//! How all this is tested against real `redis-server`s is in
+//! [testing](super::testing#redis).

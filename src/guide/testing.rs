@@ -1,0 +1,69 @@
+//! The test suite, and what CI runs.
+//!
+//! # Running the tests
+//!
+//! ```text
+//! cargo test --all-features          # the test suite (what CI runs)
+//! ```
+//!
+//! This runs the unit, integration and doc tests (the samples in these guides among
+//! them). The Redis tests start `redis-server` themselves on free loopback ports. Where it
+//! is not installed (`apt-get install -y redis-server`, or `brew install redis`), each of
+//! them prints `*** SKIPPED <test>: redis-server is not on the PATH …` and the rest of the
+//! suite runs; with `CI=true` a missing server fails those tests instead.
+//!
+//! # What the tests cover
+//!
+//! Every behaviour in these guides goes through real HTTP on 127.0.0.1 (axum and plain
+//! hyper): streams held to their last chunk, clients that disconnect mid-stream, cancelled
+//! and panicking handlers, bursts of distinct tenant ids and concurrent stress against the
+//! cap, and every refusal of the [bad-input table](super::refusals#bad-input-one-row-per-case).
+//! Besides:
+//!
+//! - shared budgets (`tests/budgets.rs`);
+//! - waiting, with hundreds of concurrent requests that are served, time out or give up
+//!   (`tests/waiting.rs`);
+//! - metrics read back as Prometheus text (`tests/metrics.rs`);
+//! - the OpenAI estimator on a fixed corpus (`tests/estimator_corpus.rs`) and against the
+//!   serde-based walk it replaced, on generated, mutated and truncated bodies
+//!   (`tests/estimator_differential.rs`);
+//! - the property, arbitrary-input, interleaving, soak and allocation tests described in
+//!   [guarantees](super::guarantees#how-they-are-checked);
+//! - Redis, below.
+//!
+//! # Redis
+//!
+//! `tests/redis.rs` runs against real `redis-server`s, each test its own server:
+//!
+//! - two replicas under many concurrent workers never exceed the cap (Redis's count sampled
+//!   as it runs, and what the workers hold) and end at 0 with no keys left;
+//! - two replicas behind the layer over real HTTP share one cap (429 from the other
+//!   replica, reconciliation both ways);
+//! - a replica process killed with `SIGKILL` while holding most of a cap: its lease stays
+//!   counted across several TTLs while it lives, and is back within one TTL of the kill;
+//! - each failure policy with Redis killed and restarted (recovery without restarting the
+//!   application);
+//! - repeated `SCRIPT FLUSH`es mid-run;
+//! - a stream outliving several TTLs stays counted;
+//! - a reserve that timed out behind a `DEBUG SLEEP`, or whose request was cancelled there,
+//!   leaves nothing behind (both fail if the release by id is taken out);
+//! - the OpenAI body estimator in front of Redis.
+//!
+//! # CI
+//!
+//! `.ci/run` is the whole check, on a fresh machine. It installs `redis-server` if it is
+//! missing, then runs:
+//!
+//! - `cargo fmt --check`;
+//! - clippy with `-D warnings` on all targets and features, and on the library without
+//!   default features (so the MSRV lint, `incompatible_msrv`, is an error);
+//! - the docs with `-D warnings`, with all features and with the default ones;
+//! - a build of every example;
+//! - the `gateway` example against the official OpenAI Python SDK
+//!   (`.ci/openai_sdk_check.py`: a 429 must reach the SDK as its `RateLimitError`), alone
+//!   and as two replicas sharing one Redis (the 429 then comes from the other replica);
+//! - the shuttle exploration of the tracker's interleavings;
+//! - `cargo test --all-features`.
+//!
+//! Benchmarks are not run by CI; the repository's `benches/README.md` lists them, with the
+//! figures they measured and the commands that reproduce them.
