@@ -51,10 +51,14 @@ pin_project! {
         Reading { #[pin] body: B, reading: Option<Box<ReadingBody<S>>> },
         /// Waiting for the ledger (Redis) or for capacity to admit the request.
         Admitting { pending: Pending<Guard>, call: Option<Box<(Call<S>, RequestBody<B>)>> },
+        /// Admitted after a wait: the inner service (a clone, which gave nothing up while
+        /// the request waited) is polled ready, then called.
+        Calling { call: Option<Box<(Call<S>, RequestBody<B>, Guard)>> },
     }
 }
 
-/// A request to call once it is admitted: its head, the ready service, the settings.
+/// A request to call once it is admitted: its head, a clone of the inner service (polled
+/// ready only once the request is admitted), the settings.
 pub(crate) struct Call<S> {
     parts: Parts,
     service: S,
@@ -73,17 +77,27 @@ impl<S> Call<S> {
     /// What to do next with the ledger's answer.
     fn decide<B>(self, body: RequestBody<B>, admission: Admission) -> State<S::Future, S, B>
     where
-        S: Service<Request<RequestBody<B>>>,
+        S: Service<Request<RequestBody<B>>> + Clone,
     {
         match admission {
-            Step::Now(Ok(guard)) => self.start(body, guard),
+            Step::Now(Ok(guard)) => State::Calling {
+                call: Some(Box::new((self, body, guard))),
+            },
             Step::Now(Err(error)) => State::Rejected {
                 response: Some(Box::new(self.config.reject(error))),
             },
-            Step::Later(pending) => State::Admitting {
-                pending,
-                call: Some(Box::new((self, body))),
-            },
+            Step::Later(pending) => {
+                // Waiting holds none of the inner service's readiness: a clone is polled
+                // ready once the request is admitted.
+                let call = Call {
+                    service: self.service.clone(),
+                    ..self
+                };
+                State::Admitting {
+                    pending,
+                    call: Some(Box::new((call, body))),
+                }
+            }
         }
     }
 
@@ -172,7 +186,7 @@ where
 
 impl<S, B, ResBody> Future for ResponseFuture<S, B>
 where
-    S: Service<Request<RequestBody<B>>, Response = Response<ResBody>>,
+    S: Service<Request<RequestBody<B>>, Response = Response<ResBody>> + Clone,
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
     ResBody: Body,
@@ -250,6 +264,15 @@ where
                     let (call, body) = *call.take().expect("polled after completion");
                     call.decide(body, Step::Now(admitted))
                 }
+                StateProj::Calling { call } => {
+                    let service = &mut call.as_mut().expect("polled after completion").0.service;
+                    if let Err(error) = ready!(service.poll_ready(cx)) {
+                        call.take(); // releases the reservation
+                        return Poll::Ready(Err(error));
+                    }
+                    let (call, body, guard) = *call.take().expect("checked above");
+                    call.start(body, guard)
+                }
             };
             state.set(next);
         }
@@ -282,6 +305,7 @@ where
             State::Rejected { .. } => "Rejected",
             State::Reading { .. } => "Reading",
             State::Admitting { .. } => "Admitting",
+            State::Calling { .. } => "Calling",
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)

@@ -24,8 +24,13 @@ use crate::{BoxError, RequestBody, ResponseBody};
 /// (`Ok(Response)`), so the inner error type passes through unchanged and axum needs no
 /// `HandleErrorLayer`.
 ///
-/// The inner service must be `Clone` because an estimator that reads the body calls a
-/// ready clone of it once the body has arrived, as tower's buffering services do.
+/// The inner service must be `Clone`. A request whose estimate needs its body takes the
+/// ready service with it while the body is read, as tower's buffering services do (a
+/// refusal drops it, giving its readiness back). A request that waits to be admitted (for
+/// Redis, or for capacity) gives the readiness back at once and polls a clone ready once
+/// admitted: while it waits it holds nothing of the inner service's (a concurrency
+/// limit's permit, say), so a request waiting on its tenant's cap never blocks another
+/// tenant's.
 pub struct TenantTokenService<S> {
     inner: S,
     config: Arc<Config>,
@@ -132,7 +137,10 @@ impl<S> TenantTokenService<S> {
             Step::Now(Err(error)) => ResponseFuture::rejected(self.config.reject(error)),
             Step::Later(pending) => {
                 let (parts, body) = request.into_parts();
-                let call = Call::new(parts, self.take_ready(), Arc::clone(&self.config));
+                // The ready service is given back (dropped): a request that waits must not
+                // hold the inner service's readiness meanwhile.
+                drop(self.take_ready());
+                let call = Call::new(parts, self.inner.clone(), Arc::clone(&self.config));
                 ResponseFuture::admitting(pending, call, RequestBody::streaming(body))
             }
         }

@@ -440,8 +440,6 @@ async fn a_request_without_a_tenant_gets_400_at_once_and_never_reaches_the_inner
 }
 
 #[tokio::test]
-#[ignore = "bug: a request waiting for capacity keeps the inner service's readiness (here a \
-            ConcurrencyLimit permit) for up to max_wait, blocking tenants under their caps"]
 async fn a_request_waiting_for_capacity_leaves_the_inner_services_readiness_to_others() {
     let tracker = tracker(100);
     let (mock, mut handle) = mock::pair::<Inner, Response<Frames>>();
