@@ -12,7 +12,7 @@ use crate::admit::queue::Wake;
 use crate::metrics::Tag;
 use crate::retry_after::HoldClock;
 use crate::tracker::entry::Entry;
-use crate::{Error, ShadowMode, TenantTokenTracker, TokenReservation};
+use crate::{Error, TenantTokenTracker, TokenReservation};
 
 /// An answer that needs a wait (for Redis, or for capacity).
 pub(crate) type Pending<T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send>>;
@@ -53,39 +53,38 @@ pub(crate) enum Ledger {
 }
 
 impl Ledger {
-    /// Reserves `tokens` for `tenant` against its cap. A refusal that `shadow` covers is
-    /// reserved regardless and handed back beside the reservation.
+    /// Reserves `tokens` for `tenant` against its cap.
     #[inline]
-    pub(crate) fn reserve(
-        &self,
-        tenant: &str,
-        tokens: u64,
-        shadow: Option<&ShadowMode>,
-    ) -> Step<(Reservation, Option<Error>)> {
+    pub(crate) fn reserve(&self, tenant: &str, tokens: u64) -> Step<Reservation> {
         match self {
-            Ledger::Local(tracker) => Step::Now(match tracker.reserve_id(tenant, tokens) {
-                Ok(reservation) => Ok((Reservation::Local(reservation), None)),
-                Err(error) if shadow.is_some_and(|shadow| shadow.covers(tenant, &error)) => {
-                    let reservation = tracker.reserve_unchecked(tenant, tokens);
-                    Ok((Reservation::Local(reservation), Some(error)))
-                }
-                Err(error) => Err(error),
-            }),
+            Ledger::Local(tracker) => {
+                Step::Now(tracker.reserve_id(tenant, tokens).map(Reservation::Local))
+            }
             #[cfg(feature = "redis")]
             Ledger::Redis(tracker) => {
-                let (tracker, tenant, shadow) =
-                    (tracker.clone(), tenant.to_owned(), shadow.cloned());
+                let (tracker, tenant) = (tracker.clone(), tenant.to_owned());
                 Step::Later(Box::pin(async move {
-                    match tracker.reserve(&tenant, tokens).await {
-                        Ok(reservation) => Ok((Reservation::Redis(reservation), None)),
-                        Err(error)
-                            if shadow.is_some_and(|shadow| shadow.covers(&tenant, &error)) =>
-                        {
-                            let reservation = tracker.reserve_unchecked(&tenant, tokens).await?;
-                            Ok((Reservation::Redis(reservation), Some(error)))
-                        }
-                        Err(error) => Err(error),
-                    }
+                    tracker
+                        .reserve(&tenant, tokens)
+                        .await
+                        .map(Reservation::Redis)
+                }))
+            }
+        }
+    }
+
+    /// Reserves `tokens` for `tenant` whatever its cap (shadow mode).
+    pub(crate) fn reserve_unchecked(&self, tenant: &str, tokens: u64) -> Step<Reservation> {
+        match self {
+            Ledger::Local(tracker) => Step::Now(Ok(Reservation::Local(
+                tracker.reserve_unchecked(tenant, tokens),
+            ))),
+            #[cfg(feature = "redis")]
+            Ledger::Redis(tracker) => {
+                let (tracker, tenant) = (tracker.clone(), tenant.to_owned());
+                Step::Later(Box::pin(async move {
+                    let reservation = tracker.reserve_unchecked(&tenant, tokens).await;
+                    reservation.map(Reservation::Redis)
                 }))
             }
         }

@@ -96,15 +96,14 @@ impl Config {
     fn try_admit(self: &Arc<Self>, tenant: &str, tokens: u64, keys: &BudgetKeys) -> Step<Held> {
         let Some(options) = self.options.as_deref() else {
             // A plain layer: the ledger's answer is all there is.
-            return match self.ledger.reserve(tenant, tokens, None) {
+            return match self.ledger.reserve(tenant, tokens) {
                 Step::Now(reserved) => {
-                    Step::Now(reserved.map(|(reservation, _)| self.record(reservation, None, None)))
+                    Step::Now(reserved.map(|reservation| self.record(reservation, None, None)))
                 }
                 Step::Later(pending) => {
                     let config = Arc::clone(self);
                     Step::Later(Box::pin(async move {
-                        let (reservation, _) = pending.await?;
-                        Ok(config.record(reservation, None, None))
+                        Ok(config.record(pending.await?, None, None))
                     }))
                 }
             };
@@ -113,7 +112,7 @@ impl Config {
             Ok(drawn) => drawn,
             Err(error) => return Step::Now(Err(error)),
         };
-        match self.ledger.reserve(tenant, tokens, Some(&options.shadow)) {
+        match self.reserve_or_shadow(tenant, tokens, &options.shadow) {
             Step::Now(reserved) => Step::Now(reserved.map(|(reservation, refused)| {
                 self.hold(options, reservation, budgets, refused.or(shadowed))
             })),
@@ -123,6 +122,38 @@ impl Config {
                     let (reservation, refused) = pending.await?;
                     let options = config.options.as_deref().expect("checked above");
                     Ok(config.hold(options, reservation, budgets, refused.or(shadowed)))
+                }))
+            }
+        }
+    }
+
+    /// Reserves `tokens` for `tenant` in the ledger. A refusal that `shadow` covers is
+    /// reserved regardless, and handed back beside the reservation.
+    fn reserve_or_shadow(
+        &self,
+        tenant: &str,
+        tokens: u64,
+        shadow: &ShadowMode,
+    ) -> Step<(Reservation, Option<Error>)> {
+        match self.ledger.reserve(tenant, tokens) {
+            Step::Now(Ok(reservation)) => Step::Now(Ok((reservation, None))),
+            Step::Now(Err(error)) if shadow.covers(tenant, &error) => self
+                .ledger
+                .reserve_unchecked(tenant, tokens)
+                .map(|reservation| (reservation, Some(error))),
+            Step::Now(Err(error)) => Step::Now(Err(error)),
+            Step::Later(pending) => {
+                let (ledger, tenant, shadow) =
+                    (self.ledger.clone(), tenant.to_owned(), shadow.clone());
+                Step::Later(Box::pin(async move {
+                    match pending.await {
+                        Ok(reservation) => Ok((reservation, None)),
+                        Err(error) if shadow.covers(&tenant, &error) => {
+                            let reservation = ledger.reserve_unchecked(&tenant, tokens);
+                            Ok((reservation.resolve().await?, Some(error)))
+                        }
+                        Err(error) => Err(error),
+                    }
                 }))
             }
         }
