@@ -290,6 +290,7 @@ impl Held {
         self.tag.resized(before, now);
     }
 
+    #[inline]
     fn log_release(&self) {
         tracing::debug!(
             tenant = self.tenant_id(),

@@ -138,20 +138,20 @@ impl fmt::Debug for SharedBudget {
     }
 }
 
-/// The budget keys one request draws from, found before anything is reserved; empty (and
-/// unallocated) for the many layers without budgets.
+/// The budget keys one request draws from, found before anything is reserved; `None` for
+/// the many layers without budgets, so that nothing is built or dropped for them.
 #[derive(Default)]
-pub(crate) struct BudgetKeys(Vec<(Arc<TenantTokenTracker>, String)>);
+pub(crate) struct BudgetKeys(Option<Vec<(Arc<TenantTokenTracker>, String)>>);
 
 impl BudgetKeys {
     #[inline]
     pub(crate) fn find(budgets: &[SharedBudget], parts: &Parts, body: Option<&Bytes>) -> Self {
-        BudgetKeys(
+        BudgetKeys(Some(
             budgets
                 .iter()
                 .filter_map(|budget| Some((Arc::clone(&budget.tracker), budget.key(parts, body)?)))
                 .collect(),
-        )
+        ))
     }
 
     /// Reserves `tokens` under every key, or none: the first refusal releases what the
@@ -161,8 +161,9 @@ impl BudgetKeys {
         tokens: u64,
         unchecked: bool,
     ) -> Result<Vec<TokenReservation>, Error> {
-        let mut held = Vec::with_capacity(self.0.len());
-        for (tracker, key) in &self.0 {
+        let keys = self.0.as_deref().unwrap_or_default();
+        let mut held = Vec::with_capacity(keys.len());
+        for (tracker, key) in keys {
             if unchecked {
                 held.push(tracker.reserve_unchecked(key, tokens));
                 continue;
@@ -177,7 +178,7 @@ impl BudgetKeys {
 
     #[inline]
     pub(crate) fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.0.as_ref().map_or(true, Vec::is_empty)
     }
 }
 
