@@ -47,7 +47,7 @@ use super::json_scan::{read_number, Malformed, Number, Scanner, Str};
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpenAiEstimator {
-    body_limit: usize,
+    pub(super) body_limit: usize,
     default_output_tokens: u64,
     bytes_per_token: u64,
 }
@@ -182,8 +182,7 @@ impl OpenAiEstimate {
 
 impl From<OpenAiEstimator> for Estimator {
     fn from(estimator: OpenAiEstimator) -> Self {
-        let limit = estimator.body_limit;
-        Estimator::from_body_fn(limit, move |_, body| estimator.estimate(body))
+        Estimator::openai(estimator)
     }
 }
 
