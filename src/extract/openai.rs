@@ -1,11 +1,5 @@
 //! Estimating an OpenAI-style request from its JSON body.
 
-use std::fmt;
-
-use serde::de::{self, IgnoredAny, MapAccess, Visitor};
-use serde::Deserialize;
-use serde::Deserializer as _;
-
 use super::estimate::{EstimateError, Estimator};
 use super::json_scan::{read_number, Malformed, Number, Scanner, Str};
 
@@ -525,6 +519,38 @@ fn count(json: &mut Scanner<'_>, name: &'static str) -> Result<Option<u64>, Refu
     }
 }
 
+/// The top-level `"model"` of a JSON request body, if it is a string: what an OpenAI-style
+/// request names its model with. A pass over the body that reads the model and skips
+/// everything else (for bodies an [`OpenAiEstimator`] did not read: it finds the model in
+/// its own pass).
+///
+/// It answers as the `serde_json` walk it replaced (`deserialize_map`, the `"model"`
+/// values into a `serde_json::Value`, every other field `IgnoredAny`), which is:
+///
+/// - only a key at the top level that decodes to `model` (`"mod\u0065l"` too) counts,
+///   and its string is returned decoded;
+/// - the first `"model"` holding a string wins; one holding anything else is passed
+///   over, and a later one is read in its turn;
+/// - each `"model"` value read is checked in full (no lone surrogates or invalid UTF-8
+///   in its strings, no number out of range, at most 126 levels deep); every other value
+///   only for its grammar;
+/// - any error in the object (including in a `"model"` read, or after the model) means
+///   no model, but whatever follows the object's closing brace is not looked at.
+pub(crate) fn json_model(body: &[u8]) -> Option<String> {
+    let mut json = Scanner::new(body);
+    let mut model = None;
+    walk_object(&mut json, |json, key| {
+        if model.is_none() && matches!(Field::of(&key), Field::Model) {
+            model = model_value(json)?;
+            Ok(())
+        } else {
+            json.skip_value()
+        }
+    })
+    .ok()?;
+    model
+}
+
 /// Reads the value of a `"model"` key as `serde_json` read it into a `serde_json::Value`:
 /// in full, as counted text is (every string validated, every number's range checked,
 /// the same depth limit); the name if it is a string.
@@ -534,68 +560,6 @@ fn model_value(json: &mut Scanner<'_>) -> Result<Option<String>, Malformed> {
     }
     text_value(json, &mut Tally::default())?;
     Ok(None)
-}
-
-/// The top-level `"model"` of a JSON request body, if it is a string: what an OpenAI-style
-/// request names its model with. Everything else is skipped without being kept.
-pub(crate) fn json_model(body: &[u8]) -> Option<String> {
-    let mut deserializer = serde_json::Deserializer::from_slice(body);
-    deserializer.deserialize_map(ModelVisitor).ok()?
-}
-
-struct ModelVisitor;
-
-impl<'de> Visitor<'de> for ModelVisitor {
-    type Value = Option<String>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON object")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut model = None;
-        while let Some(key) = map.next_key::<ModelKey>()? {
-            match key {
-                // The first one wins; a later duplicate is skipped like any other field.
-                ModelKey::Model if model.is_none() => {
-                    model = match map.next_value::<serde_json::Value>()? {
-                        serde_json::Value::String(name) => Some(name),
-                        _ => None,
-                    };
-                }
-                _ => {
-                    map.next_value::<IgnoredAny>()?;
-                }
-            }
-        }
-        Ok(model)
-    }
-}
-
-enum ModelKey {
-    Model,
-    Other,
-}
-
-impl<'de> Deserialize<'de> for ModelKey {
-    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct KeyVisitor;
-        impl Visitor<'_> for KeyVisitor {
-            type Value = ModelKey;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a field name")
-            }
-
-            fn visit_str<E: de::Error>(self, key: &str) -> Result<ModelKey, E> {
-                Ok(match key {
-                    "model" => ModelKey::Model,
-                    _ => ModelKey::Other,
-                })
-            }
-        }
-        deserializer.deserialize_identifier(KeyVisitor)
-    }
 }
 
 #[cfg(test)]
