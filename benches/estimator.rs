@@ -11,9 +11,11 @@
 //! same conversation as Python's `json.dumps` writes it (`\uXXXX` escapes), and several
 //! distinct compact bodies in turn (one body timed over and over lets the branch
 //! predictor learn it). Then the criterion groups run, one per size,
-//! with three functions: `tower_tenant_tokens` (the estimator), `serde_json_value` (the
-//! parse alone) and `value_plus_reference` (the parse plus walking the `Value` with the
-//! same rules, what a user would write without the estimator).
+//! with four functions: `tower_tenant_tokens` (the estimator), `tower_tenant_tokens_model`
+//! (the estimator also finding the body's model in the same pass, for per-model budgets;
+//! through a hidden hook), `serde_json_value` (the parse alone) and `value_plus_reference`
+//! (the parse plus walking the `Value` with the same rules, what a user would write
+//! without the estimator).
 
 #[path = "common/corpus.rs"]
 mod corpus;
@@ -197,6 +199,9 @@ mod imp {
             }
             group.bench_function("tower_tenant_tokens", |b| {
                 b.iter(|| estimator.estimate(black_box(&body)).ok())
+            });
+            group.bench_function("tower_tenant_tokens_model", |b| {
+                b.iter(|| estimator.__estimate_parts_and_model(black_box(&body)).ok())
             });
             group.bench_function("serde_json_value", |b| {
                 b.iter(|| serde_json::from_slice::<Value>(black_box(&body)).ok())

@@ -6,6 +6,11 @@
 //! prompt tokens and output allowance, or both refuse it, in the same way (`invalid_json`
 //! or `invalid_token_estimate`, and for the latter the same message).
 //!
+//! The same goes for the body's model (what per-model budgets are keyed by), against the
+//! `serde_json` model finder the crate had before: the scanner's model-only pass must find
+//! the same model in every body, and the estimating pass, asked for the model, the same
+//! one in every body it estimates (with the same estimate as without it).
+//!
 //! The generator writes JSON itself, so that it can hold what a `Value` cannot (duplicate
 //! keys, number literals as written, escapes written in every way, lone surrogates and
 //! broken UTF-8 inside strings, whitespace anywhere) and aims at the places the two
@@ -110,24 +115,74 @@ fn agree(body: &[u8]) -> Result<&'static str, TestCaseError> {
     Ok(outcome)
 }
 
-/// Runs `cases` cases of `strategy` through [`agree`] and prints the outcomes.
+/// Checks the crate's model against the `serde_json` model finder on one body, both the
+/// model-only pass and the estimating one; returns how it came out.
+fn agree_on_model(body: &[u8]) -> Result<&'static str, TestCaseError> {
+    let theirs = serde_estimator::json_model(body);
+    let alone = OpenAiEstimator::__json_model(body);
+    prop_assert_eq!(
+        &alone,
+        &theirs,
+        "model-only pass; body {:?}",
+        Raw(body.to_vec())
+    );
+    let estimator = OpenAiEstimator::new();
+    let with_model = estimator.__estimate_parts_and_model(body);
+    let without = estimator.estimate_parts(body);
+    Ok(match (with_model, without) {
+        (Ok((with_model, model)), Ok(without)) => {
+            prop_assert_eq!(with_model, without, "body {:?}", Raw(body.to_vec()));
+            prop_assert_eq!(
+                &model,
+                &theirs,
+                "estimating pass; body {:?}",
+                Raw(body.to_vec())
+            );
+            if model.is_some() {
+                "model, estimated"
+            } else {
+                "no model, estimated"
+            }
+        }
+        (Err(with_model), Err(without)) => {
+            prop_assert_eq!(with_model, without, "body {:?}", Raw(body.to_vec()));
+            if theirs.is_some() {
+                "model, refused"
+            } else {
+                "no model, refused"
+            }
+        }
+        (with_model, without) => {
+            return Err(TestCaseError::fail(format!(
+                "with the model {with_model:?}, without {without:?}; body {:?}",
+                Raw(body.to_vec())
+            )))
+        }
+    })
+}
+
+/// Runs `cases` cases of `strategy` through [`agree`] and [`agree_on_model`] and prints
+/// the outcomes.
 fn run<S: Strategy<Value = (&'static str, Raw)>>(name: &str, cases: u32, strategy: S) {
     let sources = Tally::default();
     let outcomes = Tally::default();
+    let models = Tally::default();
     let started = std::time::Instant::now();
     let result = runner(cases).run(&strategy, |(source, body)| {
         sources.count(source);
         outcomes.count(agree(&body.0)?);
+        models.count(agree_on_model(&body.0)?);
         Ok(())
     });
     if let Err(error) = result {
         panic!("{error}");
     }
     eprintln!(
-        "estimator_differential::{name}: {:.1} s; sources: {}; outcomes: {}",
+        "estimator_differential::{name}: {:.1} s; sources: {}; outcomes: {}; models: {}",
         started.elapsed().as_secs_f64(),
         sources.show(),
-        outcomes.show()
+        outcomes.show(),
+        models.show()
     );
 }
 
@@ -450,12 +505,41 @@ fn deep_value() -> impl Strategy<Value = J> {
         .prop_map(|(depth, objects, inner)| J::Deep(depth, objects, Box::new(inner)))
 }
 
-/// A top-level object with the keys the estimator reads (any number of times) and others;
-/// now and then something else.
+/// What a `"model"` may hold: mostly a name, often a string with what only skipped
+/// strings may hold (a model must not), sometimes any JSON (numbers out of range, nesting
+/// near the depth limit).
+fn model_value() -> impl Strategy<Value = J> {
+    prop_oneof![
+        4 => "[a-z0-9.:/-]{0,30}".prop_map(|name| J::Str(plain(&name))),
+        4 => string().prop_map(J::Str),
+        1 => number_literal().prop_map(J::Num),
+        2 => value(),
+        1 => deep_value(),
+    ]
+}
+
+/// A `model` key, sometimes spelled with an escape.
+fn model_key() -> impl Strategy<Value = Vec<Piece>> {
+    prop_oneof![
+        4 => Just(plain("model")),
+        1 => (0usize..5, any::<u8>()).prop_map(|(at, style)| {
+            let key = "model";
+            vec![
+                Piece::Raw(key[..at].to_owned()),
+                Piece::Escaped(key[at..].chars().next().unwrap(), style % 2),
+                Piece::Raw(key[at + 1..].to_owned()),
+            ]
+        }),
+    ]
+}
+
+/// A top-level object with the keys the estimator reads (any number of times), models
+/// (any number of times) and others; now and then something else.
 fn request() -> impl Strategy<Value = J> {
     let field = prop_oneof![
         3 => (select(TEXT_KEYS.to_vec()).prop_map(plain), value()),
         3 => (select(COUNT_KEYS.to_vec()).prop_map(plain), count_value()),
+        2 => (model_key(), model_value()),
         2 => (key(), value()),
         1 => (key(), count_value()),
         1 => (
@@ -516,6 +600,7 @@ fn mutation() -> impl Strategy<Value = Mutation> {
         b"tru",
         b"\"max_tokens\":",
         b"\"messages\":[",
+        b"\"model\":",
         b"\"data:",
         b",",
         b",]",
@@ -595,6 +680,9 @@ fn broken_json_agrees_with_the_serde_json_walk() {
             b"{\"max_tokens\":",
             b"{\"metadata\":",
             b"{\"n\":1,\"input\":[\"",
+            b"{\"model\":",
+            b"{\"model\":\"m\"",
+            b"{\"model\":\"m\"}",
         ]),
         garbage.clone(),
     )
@@ -742,6 +830,26 @@ fn edge_cases_agree_with_the_serde_json_walk() {
         b"{\"max_tokens\":5 \"n\":2}",
         b"{\"max_tokens\" 5}",
         b"\xef\xbb\xbf{}",
+        // Models: the first string wins, other values are passed over, a value read in
+        // full (unlike a skipped one) can spoil the body's model, and nothing after the
+        // object is looked at.
+        b"{\"model\":\"m\",\"model\":\"n\"}",
+        b"{\"model\":42,\"model\":\"n\"}",
+        b"{\"model\":null,\"model\":{\"a\":[1]},\"model\":\"n\"}",
+        b"{\"model\":{\"model\":\"m\"}}",
+        b"{\"a\":{\"model\":\"m\"}}",
+        b"{\"mod\\u0065l\":\"m\\u00e9\\ud83d\\ude80\\n\"}",
+        b"{\"model\":\"\"}",
+        b"{\"model\":1e999,\"model\":\"n\"}",
+        b"{\"model\":[\"\\ud800\"],\"model\":\"n\"}",
+        b"{\"model\":{\"\xff\":1},\"model\":\"n\"}",
+        b"{\"model\":\"m\",\"model\":\"\\ud800\",\"model\":1e999}",
+        b"{\"a\":\"\\ud800\",\"b\":1e999,\"model\":\"m\"}",
+        b"{\"model\":\"m\",\"a\":}",
+        b"{\"model\":\"m\"} trailing",
+        b"{\"model\":\"m\"}}",
+        b"{\"model\":\"m\"",
+        b"[\"model\",\"m\"]",
     ]
     .iter()
     .map(|b| b.to_vec())
@@ -749,7 +857,7 @@ fn edge_cases_agree_with_the_serde_json_walk() {
     // Around the depth limit of counted fields, and far past it in skipped ones.
     for depth in [125, 126, 127, 128, 129, 1000] {
         for (open, close) in [("[", "]"), ("{\"a\":", "}"), ("[{\"a\":", "}]")] {
-            for key in ["messages", "metadata", "max_tokens"] {
+            for key in ["messages", "metadata", "max_tokens", "model"] {
                 let body = format!(
                     "{{\"{key}\":{}1{}}}",
                     open.repeat(depth),
@@ -759,9 +867,20 @@ fn edge_cases_agree_with_the_serde_json_walk() {
             }
         }
     }
+    // A model, then another after nesting around the depth limit.
+    for depth in [125, 126, 127, 1000] {
+        bodies.push(
+            format!(
+                "{{\"model\":{}\"m\"{},\"model\":\"n\"}}",
+                "[".repeat(depth),
+                "]".repeat(depth)
+            )
+            .into_bytes(),
+        );
+    }
     let mut failures = Vec::new();
     for body in &bodies {
-        if let Err(error) = agree(body) {
+        if let Err(error) = agree(body).and_then(|_| agree_on_model(body)) {
             failures.push(error.to_string());
         }
     }

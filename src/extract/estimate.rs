@@ -8,6 +8,8 @@ use http::header::{HeaderMap, HeaderName, CONTENT_LENGTH};
 use http::request::Parts;
 
 use super::headers::Found;
+#[cfg(feature = "openai")]
+use super::openai::OpenAiEstimator;
 use crate::Error;
 
 type EstimateFn = dyn Fn(&Parts) -> Result<Option<u64>, EstimateError> + Send + Sync;
@@ -82,7 +84,19 @@ impl Estimator {
         Self {
             kind: Kind::Body(BodyEstimate {
                 limit,
-                f: Arc::new(f),
+                reader: Reader::Fn(Arc::new(f)),
+            }),
+        }
+    }
+
+    /// The [`OpenAiEstimator`] (what `From<OpenAiEstimator>` makes): a body estimate that
+    /// can find the request's model in the same pass.
+    #[cfg(feature = "openai")]
+    pub(super) fn openai(estimator: OpenAiEstimator) -> Self {
+        Self {
+            kind: Kind::Body(BodyEstimate {
+                limit: estimator.body_limit,
+                reader: Reader::OpenAi(estimator),
             }),
         }
     }
@@ -151,7 +165,11 @@ impl fmt::Debug for Estimator {
                 .finish(),
             Kind::Fixed(tokens) => f.debug_tuple("Fixed").field(tokens).finish(),
             Kind::Fn(_) => f.write_str("Fn"),
-            Kind::Body(body) => f.debug_struct("Body").field("limit", &body.limit).finish(),
+            Kind::Body(body) => match &body.reader {
+                Reader::Fn(_) => f.debug_struct("Body").field("limit", &body.limit).finish(),
+                #[cfg(feature = "openai")]
+                Reader::OpenAi(estimator) => f.debug_tuple("OpenAi").field(estimator).finish(),
+            },
         }
     }
 }
@@ -168,12 +186,63 @@ pub(crate) enum Plan {
 #[derive(Clone)]
 pub(crate) struct BodyEstimate {
     pub(crate) limit: usize,
-    f: Arc<BodyFn>,
+    reader: Reader,
+}
+
+/// What reads the body.
+#[derive(Clone)]
+enum Reader {
+    /// A function of the user's ([`Estimator::from_body_fn`]).
+    Fn(Arc<BodyFn>),
+    /// The [`OpenAiEstimator`], which can also find the model.
+    #[cfg(feature = "openai")]
+    OpenAi(OpenAiEstimator),
+}
+
+/// What [`BodyEstimate::estimated`] found in a body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Estimated {
+    /// The estimate.
+    pub(crate) tokens: u64,
+    /// The top-level `"model"` string, as [`json_model`](super::json_model) finds it; only
+    /// when asked for and the body was read by an [`OpenAiEstimator`]. `None` otherwise:
+    /// a user's function finds no model, and `json_model` can be asked instead.
+    // Not read yet outside the tests: the per-model budgets still parse the body again.
+    #[allow(dead_code)]
+    pub(crate) model: Option<String>,
 }
 
 impl BodyEstimate {
+    /// The estimate alone: [`estimated`](Self::estimated) without the model.
     pub(crate) fn estimate(&self, parts: &Parts, body: &Bytes) -> Result<u64, Error> {
-        (self.f)(parts, body).map_err(Error::from)
+        self.estimated(parts, body, false)
+            .map(|estimated| estimated.tokens)
+    }
+
+    /// The estimate, and with `want_model` the model an [`OpenAiEstimator`] found in the
+    /// same pass over the body (see [`Estimated::model`]). Without `want_model` nothing
+    /// more is done than for the estimate alone.
+    #[cfg_attr(not(feature = "openai"), allow(unused_variables))]
+    pub(crate) fn estimated(
+        &self,
+        parts: &Parts,
+        body: &Bytes,
+        want_model: bool,
+    ) -> Result<Estimated, Error> {
+        match &self.reader {
+            Reader::Fn(f) => Ok(Estimated {
+                tokens: f(parts, body)?,
+                model: None,
+            }),
+            #[cfg(feature = "openai")]
+            Reader::OpenAi(estimator) => {
+                let (estimate, model) = estimator.estimate_with_model(body, want_model)?;
+                Ok(Estimated {
+                    tokens: estimate.total(),
+                    model,
+                })
+            }
+        }
     }
 }
 
@@ -320,4 +389,48 @@ pub enum MissingEstimate {
     Default(u64),
     /// Let the request through without reserving anything.
     Unmetered,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body_estimate(estimator: Estimator) -> BodyEstimate {
+        match estimator.kind {
+            Kind::Body(body) => body,
+            _ => unreachable!("not a body estimator"),
+        }
+    }
+
+    #[test]
+    fn only_the_openai_estimator_finds_the_model_and_only_when_asked() {
+        let (parts, ()) = http::Request::new(()).into_parts();
+        let body = Bytes::from_static(br#"{"model":"m","max_tokens":5,"messages":["abcd"]}"#);
+        let found = |estimator: Estimator, want_model: bool| {
+            body_estimate(estimator)
+                .estimated(&parts, &body, want_model)
+                .unwrap()
+        };
+        let from_fn = || Estimator::from_body_fn(1024, |_, body| Ok(body.len() as u64));
+        assert_eq!(
+            found(from_fn(), true),
+            Estimated {
+                tokens: body.len() as u64,
+                model: None
+            }
+        );
+        #[cfg(feature = "openai")]
+        {
+            let openai = || Estimator::from(OpenAiEstimator::new());
+            assert_eq!(
+                found(openai(), true),
+                Estimated {
+                    tokens: 6,
+                    model: Some("m".to_owned())
+                }
+            );
+            assert_eq!(found(openai(), false).model, None);
+            assert_eq!(body_estimate(openai()).estimate(&parts, &body).unwrap(), 6);
+        }
+    }
 }

@@ -114,6 +114,18 @@ impl Str<'_> {
         }
         n
     }
+
+    /// The whole decoded string, for a string [`Scanner::string`] read.
+    pub(super) fn decode(&self) -> String {
+        let mut bytes = vec![0; self.decoded_len];
+        let len = self.decode_prefix(&mut bytes);
+        bytes.truncate(len);
+        match String::from_utf8(bytes) {
+            Ok(text) => text,
+            // Not reached: `Scanner::string` validated the UTF-8 and the escapes.
+            Err(error) => String::from_utf8_lossy(error.as_bytes()).into_owned(),
+        }
+    }
 }
 
 /// What a simple (one-letter) escape decodes to.
@@ -186,8 +198,8 @@ fn is_whitespace(byte: u8) -> bool {
     matches!(byte, b' ' | b'\n' | b'\t' | b'\r')
 }
 
-/// A cursor over one JSON document.
-#[derive(Debug)]
+/// A cursor over one JSON document; a clone is a saved position to come back to.
+#[derive(Debug, Clone)]
 pub(super) struct Scanner<'a> {
     bytes: &'a [u8],
     pos: usize,
@@ -811,6 +823,7 @@ mod tests {
         let mut out = [0; 16];
         let n = s.decode_prefix(&mut out);
         assert_eq!(&out[..n], "data:x🚀\n".as_bytes());
+        assert_eq!(s.decode(), "data:x🚀\n");
         let mut out = [0; 8];
         assert_eq!(s.decode_prefix(&mut out), 8);
         assert_eq!(&out, &"data:x🚀".as_bytes()[..8]);

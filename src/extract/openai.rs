@@ -1,11 +1,5 @@
 //! Estimating an OpenAI-style request from its JSON body.
 
-use std::fmt;
-
-use serde::de::{self, IgnoredAny, MapAccess, Visitor};
-use serde::Deserialize;
-use serde::Deserializer as _;
-
 use super::estimate::{EstimateError, Estimator};
 use super::json_scan::{read_number, Malformed, Number, Scanner, Str};
 
@@ -47,7 +41,7 @@ use super::json_scan::{read_number, Malformed, Number, Scanner, Str};
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpenAiEstimator {
-    body_limit: usize,
+    pub(super) body_limit: usize,
     default_output_tokens: u64,
     bytes_per_token: u64,
 }
@@ -105,15 +99,28 @@ impl OpenAiEstimator {
     ///
     /// As for [`estimate`](Self::estimate).
     pub fn estimate_parts(&self, body: &[u8]) -> Result<OpenAiEstimate, EstimateError> {
+        self.estimate_with_model(body, false)
+            .map(|(estimate, _)| estimate)
+    }
+
+    /// [`estimate_parts`](Self::estimate_parts), and with `want_model` the body's model,
+    /// found in the same pass: in every body this estimates, the one [`json_model`] finds.
+    /// Without `want_model` the model is `None`, nothing is allocated, and the walk is the
+    /// one `estimate_parts` makes.
+    pub(super) fn estimate_with_model(
+        &self,
+        body: &[u8],
+        want_model: bool,
+    ) -> Result<(OpenAiEstimate, Option<String>), EstimateError> {
         let mut tally = Tally::default();
-        match walk_request(body, &mut tally) {
+        match walk_request(body, &mut tally, want_model) {
             Ok(()) => {}
             Err(Refusal::Malformed(error)) => {
                 return Err(EstimateError::malformed(error.to_string()))
             }
             Err(Refusal::Invalid(reason)) => return Err(EstimateError::invalid(reason)),
         }
-        Ok(OpenAiEstimate {
+        let estimate = OpenAiEstimate {
             prompt_tokens: tally
                 .text_bytes
                 .div_ceil(self.bytes_per_token)
@@ -124,7 +131,29 @@ impl OpenAiEstimator {
                 None => self.default_output_tokens,
             }
             .saturating_mul(tally.choices.unwrap_or(1).max(1)),
-        })
+        };
+        let model = match tally.model {
+            Model::Named(name) => Some(name),
+            Model::Unseen | Model::Unreadable => None,
+        };
+        Ok((estimate, model))
+    }
+
+    /// Not public API: the estimate and the model found in the same pass, for the
+    /// differential test.
+    #[doc(hidden)]
+    pub fn __estimate_parts_and_model(
+        &self,
+        body: &[u8],
+    ) -> Result<(OpenAiEstimate, Option<String>), EstimateError> {
+        self.estimate_with_model(body, true)
+    }
+
+    /// Not public API: the model per-model budgets find in a body that another estimator
+    /// read, for the differential test.
+    #[doc(hidden)]
+    pub fn __json_model(body: &[u8]) -> Option<String> {
+        json_model(body)
     }
 }
 
@@ -147,8 +176,7 @@ impl OpenAiEstimate {
 
 impl From<OpenAiEstimator> for Estimator {
     fn from(estimator: OpenAiEstimator) -> Self {
-        let limit = estimator.body_limit;
-        Estimator::from_body_fn(limit, move |_, body| estimator.estimate(body))
+        Estimator::openai(estimator)
     }
 }
 
@@ -165,6 +193,44 @@ struct Tally {
     output_null: bool,
     /// The largest `n` given (`null` counts as 1).
     choices: Option<u64>,
+    /// The model, when asked for.
+    model: Model,
+}
+
+/// What the walk has found of the body's model, as [`json_model`] finds it.
+#[derive(Default)]
+enum Model {
+    /// No `"model"` string yet: none given, or only values of other types.
+    #[default]
+    Unseen,
+    /// The first `"model"` string (later ones are skipped like any other field).
+    Named(String),
+    /// A `"model"` value that `json_model` refuses (a lone surrogate, a number out of
+    /// range, too deep): that body has no model, whatever follows.
+    Unreadable,
+}
+
+impl Model {
+    /// Reads the value of a top-level `"model"` key, at the scanner. The estimate skips
+    /// that value like any other field, so this refuses exactly what skipping it would:
+    /// a value that [`model_value`] refuses but the grammar allows is skipped again and
+    /// leaves the model [`Unreadable`](Model::Unreadable).
+    fn read(&mut self, json: &mut Scanner<'_>) -> Result<(), Malformed> {
+        if !matches!(self, Model::Unseen) {
+            return json.skip_value();
+        }
+        let start = json.clone();
+        match model_value(json) {
+            Ok(Some(name)) => *self = Model::Named(name),
+            Ok(None) => {}
+            Err(_) => {
+                *json = start;
+                *self = Model::Unreadable;
+                json.skip_value()?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Why a body gets no estimate.
@@ -190,6 +256,8 @@ enum Field {
     Output(&'static str),
     /// `n`, the number of choices.
     Choices,
+    /// `model`: read only when the model is asked for, skipped otherwise.
+    Model,
     /// Any other key: its value is skipped.
     Other,
 }
@@ -197,6 +265,8 @@ enum Field {
 impl Field {
     /// The field a key names, matched on what the key decodes to (`"max\u005ftokens"` is
     /// `max_tokens`).
+    // Called once a key, from three walks: inlined, as when the estimate's was the only one.
+    #[inline(always)]
     fn of(key: &Str<'_>) -> Field {
         // No key the estimate reads is longer than this.
         const LONGEST: usize = "max_completion_tokens".len();
@@ -212,21 +282,56 @@ impl Field {
             b"max_completion_tokens" => Field::Output("max_completion_tokens"),
             b"max_output_tokens" => Field::Output("max_output_tokens"),
             b"n" => Field::Choices,
+            b"model" => Field::Model,
             _ => Field::Other,
         }
     }
 }
 
-/// Walks a request body once, counting what the estimate needs into `tally`.
+/// Walks a request body once, counting what the estimate needs into `tally`, and with
+/// `want_model` finding its model there too.
 ///
 /// This accepts and refuses exactly the bodies `serde_json` did when the estimator was a
 /// `Deserializer` walk (`deserialize_map` with visitors, `IgnoredAny` for other fields):
 /// keys and everything under counted fields are fully checked, other fields only for
 /// their grammar (see [`json_scan`](super::json_scan)). A count field decides as soon as
 /// its value is read, so an unusable one is refused as invalid even if the body breaks
-/// off after it, as before.
-fn walk_request(body: &[u8], tally: &mut Tally) -> Result<(), Refusal> {
+/// off after it, as before. Looking for the model changes none of this.
+fn walk_request(body: &[u8], tally: &mut Tally, want_model: bool) -> Result<(), Refusal> {
     let mut json = Scanner::new(body);
+    walk_object(&mut json, |json, key| {
+        match Field::of(&key) {
+            Field::Text => text_value(json, tally)?,
+            Field::Output(name) => match count(json, name)? {
+                Some(tokens) => {
+                    tally.output = Some(tally.output.map_or(tokens, |t| t.max(tokens)));
+                }
+                // An explicit null means "no limit" to a server that keeps this key.
+                None => tally.output_null = true,
+            },
+            Field::Choices => {
+                // Like the limits: a repeated `n` counts at its largest (null is 1).
+                let choices = count(json, "n")?.unwrap_or(1);
+                tally.choices = Some(tally.choices.map_or(choices, |n| n.max(choices)));
+            }
+            Field::Model if want_model => tally.model.read(json)?,
+            Field::Model | Field::Other => json.skip_value()?,
+        }
+        Ok::<_, Refusal>(())
+    })?;
+    json.end()?;
+    Ok(())
+}
+
+/// Walks the object at the start of a body, as `serde_json`'s `deserialize_map` does:
+/// checks its grammar and reads each key (fully checked), then hands the key to `field`
+/// with the scanner at its value, which `field` must read. Stops just after the closing
+/// brace: whatever follows is the caller's to check.
+#[inline(always)]
+fn walk_object<'a, E: From<Malformed>>(
+    json: &mut Scanner<'a>,
+    mut field: impl FnMut(&mut Scanner<'a>, Str<'a>) -> Result<(), E>,
+) -> Result<(), E> {
     match json.peek() {
         Some(b'{') => json.bump(),
         Some(_) => return Err(json.error("invalid type, expected a JSON object").into()),
@@ -237,7 +342,7 @@ fn walk_request(body: &[u8], tally: &mut Tally) -> Result<(), Refusal> {
         match json.peek() {
             Some(b'}') => {
                 json.bump();
-                break;
+                return Ok(());
             }
             Some(b'"') if first => {}
             Some(b',') if !first => {
@@ -256,25 +361,8 @@ fn walk_request(body: &[u8], tally: &mut Tally) -> Result<(), Refusal> {
         first = false;
         let key = json.string()?;
         json.colon()?;
-        match Field::of(&key) {
-            Field::Text => text_value(&mut json, tally)?,
-            Field::Output(name) => match count(&mut json, name)? {
-                Some(tokens) => {
-                    tally.output = Some(tally.output.map_or(tokens, |t| t.max(tokens)));
-                }
-                // An explicit null means "no limit" to a server that keeps this key.
-                None => tally.output_null = true,
-            },
-            Field::Choices => {
-                // Like the limits: a repeated `n` counts at its largest (null is 1).
-                let choices = count(&mut json, "n")?.unwrap_or(1);
-                tally.choices = Some(tally.choices.map_or(choices, |n| n.max(choices)));
-            }
-            Field::Other => json.skip_value()?,
-        }
+        field(json, key)?;
     }
-    json.end()?;
-    Ok(())
 }
 
 /// How many arrays and objects a counted field's value may nest: serde_json's recursion
@@ -284,6 +372,9 @@ const TEXT_DEPTH_LIMIT: u32 = 126;
 /// Counts the text (and token ids) of one value under a counted field, however it is
 /// nested, up to [`TEXT_DEPTH_LIMIT`] levels: the UTF-8 bytes every string decodes to
 /// (except `data:` URLs), and one token per integer. Object keys are not text.
+// Inlined into the estimate's walk, as when that was its only caller (model values are
+// checked with it too): a call costs small bodies a few percent.
+#[inline(always)]
 fn text_value(json: &mut Scanner<'_>, tally: &mut Tally) -> Result<(), Malformed> {
     // The containers open inside this value, innermost last: bit `i` is set when the
     // `i + 1`th is an object.
@@ -429,63 +520,136 @@ fn count(json: &mut Scanner<'_>, name: &'static str) -> Result<Option<u64>, Refu
 }
 
 /// The top-level `"model"` of a JSON request body, if it is a string: what an OpenAI-style
-/// request names its model with. Everything else is skipped without being kept.
+/// request names its model with. A pass over the body that reads the model and skips
+/// everything else (for bodies an [`OpenAiEstimator`] did not read: it finds the model in
+/// its own pass).
+///
+/// It answers as the `serde_json` walk it replaced (`deserialize_map`, the `"model"`
+/// values into a `serde_json::Value`, every other field `IgnoredAny`), which is:
+///
+/// - only a key at the top level that decodes to `model` (`"mod\u0065l"` too) counts,
+///   and its string is returned decoded;
+/// - the first `"model"` holding a string wins; one holding anything else is passed
+///   over, and a later one is read in its turn;
+/// - each `"model"` value read is checked in full (no lone surrogates or invalid UTF-8
+///   in its strings, no number out of range, at most 126 levels deep); every other value
+///   only for its grammar;
+/// - any error in the object (including in a `"model"` read, or after the model) means
+///   no model, but whatever follows the object's closing brace is not looked at.
 pub(crate) fn json_model(body: &[u8]) -> Option<String> {
-    let mut deserializer = serde_json::Deserializer::from_slice(body);
-    deserializer.deserialize_map(ModelVisitor).ok()?
+    let mut json = Scanner::new(body);
+    let mut model = None;
+    walk_object(&mut json, |json, key| {
+        if model.is_none() && matches!(Field::of(&key), Field::Model) {
+            model = model_value(json)?;
+            Ok(())
+        } else {
+            json.skip_value()
+        }
+    })
+    .ok()?;
+    model
 }
 
-struct ModelVisitor;
+/// Reads the value of a `"model"` key as `serde_json` read it into a `serde_json::Value`:
+/// in full, as counted text is (every string validated, every number's range checked,
+/// the same depth limit); the name if it is a string.
+fn model_value(json: &mut Scanner<'_>) -> Result<Option<String>, Malformed> {
+    if json.peek() == Some(b'"') {
+        return Ok(Some(json.string()?.decode()));
+    }
+    text_value(json, &mut Tally::default())?;
+    Ok(None)
+}
 
-impl<'de> Visitor<'de> for ModelVisitor {
-    type Value = Option<String>;
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON object")
+    /// The model of `body` from the estimating pass, when it estimates.
+    fn estimating(body: &[u8]) -> Result<Option<String>, EstimateError> {
+        OpenAiEstimator::new()
+            .estimate_with_model(body, true)
+            .map(|(_, model)| model)
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut model = None;
-        while let Some(key) = map.next_key::<ModelKey>()? {
-            match key {
-                // The first one wins; a later duplicate is skipped like any other field.
-                ModelKey::Model if model.is_none() => {
-                    model = match map.next_value::<serde_json::Value>()? {
-                        serde_json::Value::String(name) => Some(name),
-                        _ => None,
-                    };
-                }
-                _ => {
-                    map.next_value::<IgnoredAny>()?;
-                }
+    #[test]
+    fn json_model_reads_the_first_top_level_model_string() {
+        let cases: [(&[u8], Option<&str>); 22] = [
+            (br#"{"model":"gpt-4o","messages":[]}"#, Some("gpt-4o")),
+            (br#" { "model" : "m" } "#, Some("m")),
+            (br#"{"mod\u0065l":"m\u00e9\ud83d\ude80\n"}"#, Some("mé🚀\n")),
+            (br#"{"model":""}"#, Some("")),
+            // The first string wins; values of other types are passed over.
+            (br#"{"model":"m","model":"n"}"#, Some("m")),
+            (br#"{"model":42,"model":"n"}"#, Some("n")),
+            (
+                br#"{"model":null,"model":{"a":[1]},"model":"n"}"#,
+                Some("n"),
+            ),
+            (br#"{"model":42}"#, None),
+            (br#"{"model":{"model":"m"}}"#, None),
+            (br#"{"a":{"model":"m"}}"#, None),
+            (br#"{"models":"m","Model":"m"}"#, None),
+            // Not in a model read: the whole body has none.
+            (br#"{"model":1e999,"model":"n"}"#, None),
+            (br#"{"model":["\ud800"],"model":"n"}"#, None),
+            (b"{\"model\":\"\xff\"}", None),
+            (br#"{"model":"\ud800"}"#, None),
+            // Once found, later values are only skipped.
+            (
+                br#"{"model":"m","model":"\ud800","model":1e999}"#,
+                Some("m"),
+            ),
+            (br#"{"a":"\ud800","b":1e999,"model":"m"}"#, Some("m")),
+            // Any error in the object, even after the model; nothing after it is read.
+            (br#"{"model":"m","a":}"#, None),
+            (br#"{"model":"m""#, None),
+            (br#"{"model":"m"} trailing"#, Some("m")),
+            (br#"["model","m"]"#, None),
+            (b"", None),
+        ];
+        for (body, expected) in cases {
+            let shown = String::from_utf8_lossy(body);
+            assert_eq!(json_model(body).as_deref(), expected, "{shown}");
+            // The estimating pass agrees wherever it estimates.
+            if let Ok(model) = estimating(body) {
+                assert_eq!(model.as_deref(), expected, "{shown}");
             }
         }
-        Ok(model)
     }
-}
 
-enum ModelKey {
-    Model,
-    Other,
-}
-
-impl<'de> Deserialize<'de> for ModelKey {
-    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct KeyVisitor;
-        impl Visitor<'_> for KeyVisitor {
-            type Value = ModelKey;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a field name")
-            }
-
-            fn visit_str<E: de::Error>(self, key: &str) -> Result<ModelKey, E> {
-                Ok(match key {
-                    "model" => ModelKey::Model,
-                    _ => ModelKey::Other,
-                })
-            }
+    #[test]
+    fn looking_for_the_model_changes_no_estimate() {
+        let estimator = OpenAiEstimator::new();
+        for body in [
+            &br#"{"model":"m","max_tokens":5}"#[..],
+            br#"{"model":1e999,"max_tokens":5}"#,
+            br#"{"model":"\ud800","max_tokens":5}"#,
+            br#"{"model":[[[[1e999]]]],"max_tokens":5}"#,
+            br#"{"model":[[[[1e999]]],"max_tokens":5}"#,
+            br#"{"model":"m","max_tokens":5} x"#,
+            br#"{"model":"m","max_tokens":"5"}"#,
+        ] {
+            let without = estimator.estimate_with_model(body, false);
+            let with = estimator.estimate_with_model(body, true);
+            assert_eq!(
+                without.as_ref().map(|(estimate, _)| *estimate),
+                with.as_ref().map(|(estimate, _)| *estimate),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+            assert!(without.map_or(true, |(_, model)| model.is_none()));
         }
-        deserializer.deserialize_identifier(KeyVisitor)
+        let deep = format!(
+            r#"{{"model":{}1{},"max_tokens":5}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        let (estimate, model) = estimator
+            .estimate_with_model(deep.as_bytes(), true)
+            .unwrap();
+        assert_eq!((estimate.total(), model), (5, None));
+        assert_eq!(json_model(deep.as_bytes()), None);
     }
 }

@@ -5,13 +5,17 @@
 //!
 //! Kept as it was (only the estimator's settings became arguments), so do not "fix" it:
 //! a change here changes what the test calls right.
+//!
+//! [`json_model`] is the crate's model finder for per-model budgets as it was before the
+//! scanner found models too (moved here unchanged): it defines which model the scanner
+//! must find in a body.
 
 #![allow(dead_code)]
 
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
-use serde::Deserializer as _;
+use serde::{Deserialize, Deserializer as _};
 
 /// How a body is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -258,5 +262,67 @@ impl<'de> Visitor<'de> for Count<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
         self.refuse("an object")
+    }
+}
+
+/// The top-level `"model"` of a JSON request body, if it is a string: what an OpenAI-style
+/// request names its model with. Everything else is skipped without being kept.
+pub fn json_model(body: &[u8]) -> Option<String> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    deserializer.deserialize_map(ModelVisitor).ok()?
+}
+
+struct ModelVisitor;
+
+impl<'de> Visitor<'de> for ModelVisitor {
+    type Value = Option<String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut model = None;
+        while let Some(key) = map.next_key::<ModelKey>()? {
+            match key {
+                // The first one wins; a later duplicate is skipped like any other field.
+                ModelKey::Model if model.is_none() => {
+                    model = match map.next_value::<serde_json::Value>()? {
+                        serde_json::Value::String(name) => Some(name),
+                        _ => None,
+                    };
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(model)
+    }
+}
+
+enum ModelKey {
+    Model,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for ModelKey {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl Visitor<'_> for KeyVisitor {
+            type Value = ModelKey;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a field name")
+            }
+
+            fn visit_str<E: de::Error>(self, key: &str) -> Result<ModelKey, E> {
+                Ok(match key {
+                    "model" => ModelKey::Model,
+                    _ => ModelKey::Other,
+                })
+            }
+        }
+        deserializer.deserialize_identifier(KeyVisitor)
     }
 }
