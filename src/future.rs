@@ -249,14 +249,17 @@ where
                     } = *reading.take().expect("checked above");
                     let bytes = buffer.freeze();
                     let config = &call.config;
-                    let admission =
-                        match outcome.and_then(|()| estimate.estimate(&call.parts, &bytes)) {
-                            Ok(tokens) => {
-                                let keys = config.budget_keys(&call.parts, Some(&bytes));
-                                config.admit(&tenant, tokens, keys)
-                            }
-                            Err(error) => Step::Now(Err(error)),
-                        };
+                    let estimated = outcome.and_then(|()| {
+                        estimate.estimate(&call.parts, &bytes, config.wants_model())
+                    });
+                    let admission = match estimated {
+                        Ok(estimated) => {
+                            let model = estimated.model.as_deref();
+                            let keys = config.budget_keys(&call.parts, Some(&bytes), model);
+                            config.admit(&tenant, estimated.tokens, keys)
+                        }
+                        Err(error) => Step::Now(Err(error)),
+                    };
                     call.decide(RequestBody::buffered(bytes), admission)
                 }
                 StateProj::Admitting { pending, call } => {

@@ -110,7 +110,7 @@ impl<S> TenantTokenService<S> {
                 return ResponseFuture::reading(body, ReadingBody::new(tenant, estimate, call));
             }
         };
-        let keys = config.budget_keys(&parts, None);
+        let keys = config.budget_keys(&parts, None, None);
         let admission = config.admit(&tenant, tokens, keys);
         drop(tenant);
         self.admitted(Request::from_parts(parts, body), admission)

@@ -43,6 +43,9 @@ pub struct SharedBudget {
 #[derive(Clone)]
 enum Key {
     Fixed(Arc<str>),
+    /// The model the estimator found in its pass over the body (`per_model`).
+    #[cfg(feature = "openai")]
+    Model,
     Fn(Arc<KeyFn>),
 }
 
@@ -87,10 +90,11 @@ impl SharedBudget {
     }
 
     /// One budget per model, keyed by the top-level `"model"` string of an OpenAI-style
-    /// JSON body. The body must have been read by the layer's estimator (an
-    /// [`OpenAiEstimator`](crate::OpenAiEstimator)); requests without a body or a model
-    /// do not draw from it. The body is parsed a second time for its model alone,
-    /// skipping everything else.
+    /// JSON body. The body must have been read by the layer's estimator: an
+    /// [`OpenAiEstimator`](crate::OpenAiEstimator) finds the model in the same pass that
+    /// estimates; after an [`Estimator::from_body_fn`](crate::Estimator::from_body_fn)
+    /// the body is scanned once more for its model alone. Requests without a body or a
+    /// model do not draw from it.
     ///
     /// The name comes from the client, so it is bounded: a name longer than
     /// [`MAX_MODEL_KEY_LEN`](Self::MAX_MODEL_KEY_LEN) bytes draws from the budget of its
@@ -98,17 +102,10 @@ impl SharedBudget {
     /// store megabytes of key). The tracker's idle bound limits how many keys it keeps.
     #[cfg(feature = "openai")]
     pub fn per_model(tracker: Arc<TenantTokenTracker>) -> Self {
-        Self::keyed(tracker, |_, body| {
-            let mut model = crate::extract::json_model(body?)?;
-            if model.len() > Self::MAX_MODEL_KEY_LEN {
-                let mut end = Self::MAX_MODEL_KEY_LEN;
-                while !model.is_char_boundary(end) {
-                    end -= 1;
-                }
-                model.truncate(end);
-            }
-            Some(model)
-        })
+        Self {
+            tracker,
+            key: Key::Model,
+        }
     }
 
     /// The ledger of this budget's keys.
@@ -116,12 +113,36 @@ impl SharedBudget {
         &self.tracker
     }
 
-    /// The key this request draws from, if any.
-    fn key(&self, parts: &Parts, body: Option<&Bytes>) -> Option<String> {
+    /// The key this request draws from, if any; `model` is the one the estimator found.
+    #[cfg_attr(not(feature = "openai"), allow(unused_variables))]
+    fn key(&self, parts: &Parts, body: Option<&Bytes>, model: Option<&str>) -> Option<String> {
         match &self.key {
             Key::Fixed(name) => Some(name.to_string()),
             Key::Fn(f) => f(parts, body),
+            #[cfg(feature = "openai")]
+            Key::Model => {
+                let mut model = match model {
+                    Some(model) => model.to_owned(),
+                    None => crate::extract::json_model(body?)?,
+                };
+                if model.len() > Self::MAX_MODEL_KEY_LEN {
+                    let mut end = Self::MAX_MODEL_KEY_LEN;
+                    while !model.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    model.truncate(end);
+                }
+                Some(model)
+            }
         }
+    }
+
+    /// Whether this budget is keyed by the model, which the estimator is then asked for.
+    fn by_model(&self) -> bool {
+        #[cfg(feature = "openai")]
+        return matches!(self.key, Key::Model);
+        #[cfg(not(feature = "openai"))]
+        false
     }
 }
 
@@ -130,6 +151,8 @@ impl fmt::Debug for SharedBudget {
         let key = match &self.key {
             Key::Fixed(name) => name.to_string(),
             Key::Fn(_) => "<per request>".to_owned(),
+            #[cfg(feature = "openai")]
+            Key::Model => "<model>".to_owned(),
         };
         f.debug_struct("SharedBudget")
             .field("key", &key)
@@ -145,11 +168,17 @@ pub(crate) struct BudgetKeys(Option<Vec<(Arc<TenantTokenTracker>, String)>>);
 
 impl BudgetKeys {
     #[inline]
-    pub(crate) fn find(budgets: &[SharedBudget], parts: &Parts, body: Option<&Bytes>) -> Self {
+    fn find(
+        budgets: &[SharedBudget],
+        parts: &Parts,
+        body: Option<&Bytes>,
+        model: Option<&str>,
+    ) -> Self {
+        let key = |budget: &SharedBudget| budget.key(parts, body, model);
         BudgetKeys(Some(
             budgets
                 .iter()
-                .filter_map(|budget| Some((Arc::clone(&budget.tracker), budget.key(parts, body)?)))
+                .filter_map(|budget| Some((Arc::clone(&budget.tracker), key(budget)?)))
                 .collect(),
         ))
     }
@@ -206,14 +235,26 @@ pub(crate) fn budget_error(budget: &str, error: Error) -> Error {
 }
 
 impl crate::config::Config {
-    /// The budget keys a request draws from: none without budgets.
+    /// The budget keys a request draws from: none without budgets. `body` is the body the
+    /// estimator read, `model` the model it found there.
     #[inline]
-    pub(crate) fn budget_keys(&self, parts: &Parts, body: Option<&Bytes>) -> BudgetKeys {
+    pub(crate) fn budget_keys(
+        &self,
+        parts: &Parts,
+        body: Option<&Bytes>,
+        model: Option<&str>,
+    ) -> BudgetKeys {
         match self.options.as_deref() {
             Some(options) if !options.budgets.is_empty() => {
-                BudgetKeys::find(&options.budgets, parts, body)
+                BudgetKeys::find(&options.budgets, parts, body, model)
             }
             _ => BudgetKeys::default(),
         }
+    }
+
+    /// Whether a budget is keyed by the model the estimator finds in the body.
+    pub(crate) fn wants_model(&self) -> bool {
+        let options = self.options.as_deref();
+        options.is_some_and(|options| options.budgets.iter().any(SharedBudget::by_model))
     }
 }

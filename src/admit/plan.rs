@@ -7,8 +7,8 @@ use http::{Extensions, HeaderMap};
 
 use crate::config::Config;
 use crate::extract::{
-    extension_tenant, find_pair, header_estimate, header_tenant, BodyEstimate, EstimateOrigin,
-    Found, MissingEstimate, MissingTenant, Plan as EstimatePlan, TenantOrigin,
+    find_pair, header_estimate, header_tenant, BodyEstimate, MissingEstimate, MissingTenant,
+    Plan as EstimatePlan,
 };
 use crate::Error;
 
@@ -39,30 +39,28 @@ impl Config {
         if self.options.as_ref().is_some_and(|o| !o.budgets.is_empty()) {
             return None; // a budget's key may need the `Parts`
         }
-        let estimator = self.estimator.origin();
-        let (tenant, estimate) = match (self.tenant.origin(), &estimator) {
-            (TenantOrigin::Fn, _) | (_, EstimateOrigin::Parts) => return None,
-            (TenantOrigin::Header(t), EstimateOrigin::Header(e)) => {
+        let (tenant, estimate) = match (self.tenant.header_name(), self.estimator.header_name()) {
+            (Some(t), Some(e)) => {
                 let (tenant, estimate) = find_pair(headers, t, e);
-                let tenant = header_tenant(tenant, t, self.max_tenant_len);
-                (tenant, Some(estimate))
+                (
+                    header_tenant(tenant, t, self.max_tenant_len),
+                    Some((estimate, e)),
+                )
             }
-            (TenantOrigin::Header(t), _) => {
-                let found = Found::lookup(headers, t);
-                (header_tenant(found, t, self.max_tenant_len), None)
-            }
-            (TenantOrigin::Extension, _) => (Ok(extension_tenant(extensions)), None),
+            _ => (
+                self.tenant
+                    .in_place(headers, extensions, self.max_tenant_len)?,
+                None,
+            ),
         };
         let tenant = match tenant.and_then(|tenant| self.charge(tenant)) {
             Ok(Some(tenant)) => tenant,
             Ok(None) => return Some(Plan::Unmetered),
             Err(error) => return Some(Plan::Refuse(error)),
         };
-        let tokens = match (estimator, estimate) {
-            (EstimateOrigin::Header(e), found) => {
-                header_estimate(found.unwrap_or_else(|| Found::lookup(headers, e)), e)
-            }
-            _ => self.estimator.estimate_head(headers)?,
+        let tokens = match estimate {
+            Some((found, name)) => header_estimate(found, name),
+            None => self.estimator.in_place(headers)?,
         };
         Some(self.reserve(tenant, tokens))
     }

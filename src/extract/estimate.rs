@@ -124,35 +124,29 @@ impl Estimator {
         Plan::Ready(estimate)
     }
 
-    /// Where the estimate comes from, for a request read without taking it apart.
-    pub(crate) fn origin(&self) -> Origin<'_> {
+    /// The header the estimate is read from, if that is where it comes from: the layer
+    /// may find it together with the tenant's in one walk over the headers.
+    #[inline]
+    pub(crate) fn header_name(&self) -> Option<&HeaderName> {
         match &self.kind {
-            Kind::Header(name) => Origin::Header(name),
-            Kind::ContentLength { .. } | Kind::Fixed(_) => Origin::Head,
-            Kind::Fn(_) | Kind::Body(_) => Origin::Parts,
+            Kind::Header(name) => Some(name),
+            _ => None,
         }
     }
 
-    /// The estimate of an [`Origin::Head`] estimator; `None` for the others.
-    pub(crate) fn estimate_head(&self, headers: &HeaderMap) -> Option<Result<Option<u64>, Error>> {
+    /// The estimate, read from the headers alone; `None` when it needs the request's
+    /// `Parts` or its body ([`plan`](Self::plan) then).
+    #[inline]
+    pub(crate) fn in_place(&self, headers: &HeaderMap) -> Option<Result<Option<u64>, Error>> {
         match &self.kind {
+            Kind::Header(name) => Some(header_estimate(Found::lookup(headers, name), name)),
             Kind::ContentLength { bytes_per_token } => {
                 Some(content_estimate(headers, *bytes_per_token))
             }
             Kind::Fixed(tokens) => Some(Ok(Some(*tokens))),
-            _ => None,
+            Kind::Fn(_) | Kind::Body(_) => None,
         }
     }
-}
-
-/// Where an [`Estimator`] finds the estimate.
-pub(crate) enum Origin<'s> {
-    /// One header, which the layer may find together with the tenant's.
-    Header(&'s HeaderName),
-    /// Other headers, or nothing at all: see [`Estimator::estimate_head`].
-    Head,
-    /// A function of the request's `Parts`, or of its body too.
-    Parts,
 }
 
 impl fmt::Debug for Estimator {
@@ -199,7 +193,7 @@ enum Reader {
     OpenAi(OpenAiEstimator),
 }
 
-/// What [`BodyEstimate::estimated`] found in a body.
+/// What [`BodyEstimate::estimate`] found in a body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Estimated {
     /// The estimate.
@@ -207,23 +201,15 @@ pub(crate) struct Estimated {
     /// The top-level `"model"` string, as [`json_model`](super::json_model) finds it; only
     /// when asked for and the body was read by an [`OpenAiEstimator`]. `None` otherwise:
     /// a user's function finds no model, and `json_model` can be asked instead.
-    // Not read yet outside the tests: the per-model budgets still parse the body again.
-    #[allow(dead_code)]
     pub(crate) model: Option<String>,
 }
 
 impl BodyEstimate {
-    /// The estimate alone: [`estimated`](Self::estimated) without the model.
-    pub(crate) fn estimate(&self, parts: &Parts, body: &Bytes) -> Result<u64, Error> {
-        self.estimated(parts, body, false)
-            .map(|estimated| estimated.tokens)
-    }
-
     /// The estimate, and with `want_model` the model an [`OpenAiEstimator`] found in the
     /// same pass over the body (see [`Estimated::model`]). Without `want_model` nothing
     /// more is done than for the estimate alone.
     #[cfg_attr(not(feature = "openai"), allow(unused_variables))]
-    pub(crate) fn estimated(
+    pub(crate) fn estimate(
         &self,
         parts: &Parts,
         body: &Bytes,
@@ -408,7 +394,7 @@ mod tests {
         let body = Bytes::from_static(br#"{"model":"m","max_tokens":5,"messages":["abcd"]}"#);
         let found = |estimator: Estimator, want_model: bool| {
             body_estimate(estimator)
-                .estimated(&parts, &body, want_model)
+                .estimate(&parts, &body, want_model)
                 .unwrap()
         };
         let from_fn = || Estimator::from_body_fn(1024, |_, body| Ok(body.len() as u64));
@@ -430,7 +416,13 @@ mod tests {
                 }
             );
             assert_eq!(found(openai(), false).model, None);
-            assert_eq!(body_estimate(openai()).estimate(&parts, &body).unwrap(), 6);
+            assert_eq!(
+                body_estimate(openai())
+                    .estimate(&parts, &body, false)
+                    .unwrap()
+                    .tokens,
+                6
+            );
         }
     }
 }

@@ -13,8 +13,8 @@ pub use self::estimate::{EstimateError, Estimator, MissingEstimate};
 pub use self::openai::{OpenAiEstimate, OpenAiEstimator};
 pub use self::tenant::{MissingTenant, TenantSource};
 
-pub(crate) use self::estimate::{header_estimate, BodyEstimate, Origin as EstimateOrigin, Plan};
-pub(crate) use self::headers::{find_pair, Found};
+pub(crate) use self::estimate::{header_estimate, BodyEstimate, Plan};
+pub(crate) use self::headers::find_pair;
 #[cfg(feature = "openai")]
 pub(crate) use self::openai::json_model;
-pub(crate) use self::tenant::{extension_tenant, header_tenant, Origin as TenantOrigin};
+pub(crate) use self::tenant::header_tenant;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use http::header::HeaderName;
 use http::request::Parts;
-use http::Extensions;
+use http::{Extensions, HeaderMap};
 
 use super::headers::Found;
 
@@ -79,26 +79,35 @@ impl TenantSource {
         }
     }
 
-    /// Where the tenant comes from, for a request read without taking it apart.
-    pub(crate) fn origin(&self) -> Origin<'_> {
+    /// The header the tenant is read from, if that is where it comes from: the layer
+    /// may find it together with the estimate's in one walk over the headers.
+    #[inline]
+    pub(crate) fn header_name(&self) -> Option<&HeaderName> {
         match &self.kind {
-            Kind::Header(name) => Origin::Header(name),
-            Kind::Extension => Origin::Extension,
-            Kind::Fn(_) => Origin::Fn,
+            Kind::Header(name) => Some(name),
+            _ => None,
+        }
+    }
+
+    /// The tenant, read from the headers and extensions alone; `None` when a function of
+    /// the request's `Parts` finds it ([`extract`](Self::extract) then).
+    #[inline]
+    pub(crate) fn in_place<'a>(
+        &self,
+        headers: &'a HeaderMap,
+        extensions: &'a Extensions,
+        max_len: usize,
+    ) -> Option<Result<Option<Cow<'a, str>>, Error>> {
+        match &self.kind {
+            Kind::Header(name) => Some(header_tenant(Found::lookup(headers, name), name, max_len)),
+            Kind::Extension => Some(Ok(extension_tenant(extensions))),
+            Kind::Fn(_) => None,
         }
     }
 }
 
-/// Where a [`TenantSource`] finds the tenant.
-pub(crate) enum Origin<'s> {
-    Header(&'s HeaderName),
-    Extension,
-    /// A function of the request's `Parts`.
-    Fn,
-}
-
 /// The tenant an earlier layer inserted; an empty id counts as missing.
-pub(crate) fn extension_tenant(extensions: &Extensions) -> Option<Cow<'_, str>> {
+fn extension_tenant(extensions: &Extensions) -> Option<Cow<'_, str>> {
     extensions
         .get::<TenantScope>()
         .map(|scope| scope.tenant_id.as_str())
