@@ -162,6 +162,14 @@ async fn two_replicas_never_exceed_the_shared_cap() {
 /// resizing its reservation to `x-used`, if sent), and whose `/usage` handler grows or
 /// shrinks its reservation to `x-used` within the cap.
 async fn replica_server(tracker: &RedisTokenTracker) -> (TestServer, Streams) {
+    replica_server_with(tracker, |layer| layer).await
+}
+
+/// [`replica_server`] with its layer adjusted by `adjust`.
+async fn replica_server_with(
+    tracker: &RedisTokenTracker,
+    adjust: impl FnOnce(TenantTokenLayer) -> TenantTokenLayer,
+) -> (TestServer, Streams) {
     let (source, streams) = streams();
     let app = Router::new()
         .route(
@@ -187,8 +195,64 @@ async fn replica_server(tracker: &RedisTokenTracker) -> (TestServer, Streams) {
                 },
             ),
         )
-        .layer(TenantTokenLayer::redis(tracker.clone()).reservation_handle(true).openai_ratelimit_headers(true));
+        .layer(adjust(
+            TenantTokenLayer::redis(tracker.clone())
+                .reservation_handle(true)
+                .openai_ratelimit_headers(true),
+        ));
     (serve(app).await, streams)
+}
+
+#[tokio::test]
+async fn a_request_waiting_on_one_replica_gets_in_when_another_replica_releases() {
+    let redis =
+        redis_or_skip!("a_request_waiting_on_one_replica_gets_in_when_another_replica_releases");
+    let (first, second) = (
+        connect(builder(1_000), &redis),
+        connect(builder(1_000), &redis),
+    );
+    let wait = |layer: TenantTokenLayer| layer.wait_for_capacity(Duration::from_secs(10));
+    let (one, mut one_streams) = replica_server_with(&first, wait).await;
+    let (two, mut two_streams) = replica_server_with(&second, wait).await;
+    let client = client();
+
+    let holding = send(&client, metered(&one, "/stream", "acme", 800)).await;
+    assert_eq!(holding.status(), StatusCode::OK);
+    let chunks = one_streams.next().await;
+
+    // Over the shared cap on the other replica: it waits, holding nothing.
+    let waiting = tokio::spawn({
+        let (client, request) = (client.clone(), metered(&two, "/stream", "acme", 500));
+        async move { send(&client, request).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "it fits only once the first stream ends"
+    );
+    assert_eq!(
+        in_flight(&second, "acme").await,
+        800,
+        "waiting reserves nothing"
+    );
+
+    // A cancelled wait leaves nothing behind either.
+    let cancelled = tokio::spawn({
+        let (client, request) = (client.clone(), metered(&two, "/stream", "acme", 300));
+        async move { send(&client, request).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    cancelled.abort();
+
+    // The first replica's stream ends; the second replica's request gets in.
+    drop(chunks);
+    assert_eq!(read(holding).await.status, StatusCode::OK);
+    let admitted = within("the waiting request", waiting).await.unwrap();
+    assert_eq!(admitted.status(), StatusCode::OK);
+    assert_eq!(in_flight(&first, "acme").await, 500);
+    drop(two_streams.next().await);
+    assert_eq!(read(admitted).await.status, StatusCode::OK);
+    wait_for_shared(&first, "acme", 0, Duration::from_secs(5)).await;
 }
 
 #[tokio::test]

@@ -81,10 +81,12 @@
 //! - [`SharedBudget::new(name, tracker)`](crate::SharedBudget::new): one budget that every
 //!   request draws from.
 //! - [`SharedBudget::per_model(tracker)`](crate::SharedBudget::per_model): one budget per
-//!   model, keyed by the top-level `"model"` string of an OpenAI-style JSON body. The model
-//!   is read in the [`OpenAiEstimator`](crate::OpenAiEstimator)'s one pass over the body,
-//!   so the layer's estimator must be one; requests without a body or a model do not draw
-//!   from it. The name comes from the client, so it is bounded: a name longer than
+//!   model, keyed by the top-level `"model"` string of an OpenAI-style JSON body. An
+//!   [`OpenAiEstimator`](crate::OpenAiEstimator) finds the model in its one pass over the
+//!   body; after another body estimator
+//!   ([`Estimator::from_body_fn`](crate::Estimator::from_body_fn)) the body is scanned once
+//!   more for its model alone. Requests whose body the estimator did not read, or without
+//!   a model, do not draw from it. The name comes from the client, so it is bounded: a name longer than
 //!   [`SharedBudget::MAX_MODEL_KEY_LEN`](crate::SharedBudget::MAX_MODEL_KEY_LEN) bytes
 //!   draws from the budget of its first `MAX_MODEL_KEY_LEN` bytes (a client can neither
 //!   escape a budget with a long name nor store megabytes of key).
