@@ -402,9 +402,10 @@ async fn a_killed_replica_gives_its_capacity_back_within_one_ttl() {
 }
 
 #[tokio::test]
-async fn renewal_never_brings_back_an_expired_lease() {
-    let redis = redis_or_skip!("renewal_never_brings_back_an_expired_lease");
-    // Renewed less often than it expires: the lease is gone before the first renewal.
+async fn renewal_registers_again_a_lease_that_expired_while_its_work_runs() {
+    let redis = redis_or_skip!("renewal_registers_again_a_lease_that_expired_while_its_work_runs");
+    // Renewed less often than it expires: the lease is gone before the first renewal, as
+    // for a replica cut off from Redis for longer than the TTL.
     let tracker = connect(
         builder(1_000)
             .lease_ttl(Duration::from_millis(200))
@@ -420,16 +421,65 @@ async fn renewal_never_brings_back_an_expired_lease() {
         .await
         .expect("the expired lease is free");
 
-    wait_until("the renewal to find the lease lost", || lease.is_lost()).await;
-    assert_eq!(
-        in_flight(&tracker, "acme").await,
-        1_000,
-        "renewal recreated the lease"
-    );
+    // The work behind `lease` still runs: renewal counts it again, over the cap, and the
+    // overcommit shows in what Redis counts.
+    wait_until("the renewal to register the lease again", || {
+        lease.is_lost()
+    })
+    .await;
+    assert_eq!(in_flight(&tracker, "acme").await, 1_700, "counted again");
     assert_eq!(tracker.stats().lost_leases, 1);
+    assert!(matches!(
+        steady.reserve("acme", 1).await,
+        Err(Error::TenantOverloaded { .. })
+    ));
     drop(other);
-    drop(lease); // releasing a lost lease is harmless
+    assert_eq!(lease.tokens(), 700);
+    drop(lease);
     wait_for_shared(&tracker, "acme", 0, WAIT).await;
+    assert_eq!(redis.command("DBSIZE").trim(), ":0", "no key left behind");
+}
+
+#[tokio::test]
+async fn a_flushed_redis_counts_a_running_stream_again_within_one_renewal_period() {
+    let redis =
+        redis_or_skip!("a_flushed_redis_counts_a_running_stream_again_within_one_renewal_period");
+    let (first, second) = (
+        connect(builder(1_000), &redis),
+        connect(builder(1_000), &redis),
+    );
+    let (one, mut one_streams) = replica_server(&first).await;
+    let (two, mut two_streams) = replica_server(&second).await;
+    let client = client();
+    let streaming = send(&client, metered(&one, "/stream", "acme", 800)).await;
+    let chunks = one_streams.next().await;
+    assert_eq!(in_flight(&second, "acme").await, 800);
+
+    // What a restart without persistence, or a failover to a lagging replica, does.
+    assert_eq!(redis.command("FLUSHALL").trim(), "+OK");
+    let flushed = Instant::now();
+    wait_for_shared(&second, "acme", 800, WAIT).await;
+    let window = flushed.elapsed();
+    assert!(
+        window < Duration::from_millis(250 + 500),
+        "counted again after {window:?}: more than one renewal period"
+    );
+    assert_eq!(first.stats().lost_leases, 1);
+    let refused = call(&client, metered(&two, "/stream", "acme", 800)).await;
+    assert_eq!(
+        refused.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the cap holds again"
+    );
+
+    drop(chunks);
+    assert_eq!(read(streaming).await.status, StatusCode::OK);
+    wait_for_shared(&second, "acme", 0, WAIT).await;
+    let admitted = send(&client, metered(&two, "/stream", "acme", 800)).await;
+    assert_eq!(admitted.status(), StatusCode::OK);
+    drop(two_streams.next().await);
+    assert_eq!(read(admitted).await.status, StatusCode::OK);
+    wait_for_shared(&second, "acme", 0, WAIT).await;
 }
 
 #[tokio::test]
@@ -545,10 +595,12 @@ async fn fail_open_admits_uncounted_while_redis_is_down() {
     ));
 
     redis.restart(); // empty: `counted` is gone with the old server's data
+                     // Fail open admits uncounted until Redis answers again; then `counted`, whose work
+                     // still runs, is registered again within a renewal period, and the cap holds.
     let deadline = Instant::now() + WAIT;
     let shared = loop {
-        let reservation = tracker.reserve("acme", 1_000).await.expect("admitted");
-        if reservation.is_shared() {
+        let reservation = tracker.reserve("acme", 100).await.expect("admitted");
+        if reservation.is_shared() && counted.is_lost() {
             break reservation;
         }
         assert!(
@@ -557,13 +609,15 @@ async fn fail_open_admits_uncounted_while_redis_is_down() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!(in_flight(&tracker, "acme").await, 1_000);
-    wait_until("renewal to notice the lost lease", || counted.is_lost()).await;
     assert_eq!(
         in_flight(&tracker, "acme").await,
         1_000,
-        "a lost lease came back"
+        "the lost lease counts again"
     );
+    assert!(matches!(
+        tracker.reserve("acme", 1).await,
+        Err(Error::TenantOverloaded { .. })
+    ));
     shared.release().await;
     drop(counted);
     wait_for_shared(&tracker, "acme", 0, WAIT).await;

@@ -97,8 +97,10 @@
 //! - **Caps come from each replica's own settings**, passed to Redis with every
 //!   reservation and checked there against all replicas' leases: configure replicas alike.
 //! - **Leases, not counters**: a crashed replica's tokens come back when its leases expire,
-//!   with nobody resetting anything; a lease Redis no longer has is reported lost and never
-//!   recreated behind the other replicas' backs.
+//!   with nobody resetting anything; a lease Redis lost while its work still runs (a
+//!   restart, a flush, a failover, a partition longer than the TTL) is registered again
+//!   within one renewal period, whatever the cap: an overcommit that is visible and ends
+//!   with the work beats a ledger that forgets running work and admits twice the cap.
 //! - **Growing a Redis lease within its cap needs
 //!   [`try_resize_async`](crate::ReservationHandle::try_resize_async)**: the sync
 //!   `try_resize` cannot ask Redis without waiting, so it returns `BackendUnavailable` for

@@ -50,8 +50,8 @@
 //!
 //! - a replica that crashes, or is partitioned away, gives its capacity back within one
 //!   TTL, with nobody resetting anything (a lost `DECR` in a counter design leaks forever);
-//! - a stream longer than the TTL stays counted; renewal never brings back a lease that
-//!   expired (it reports it lost: `RedisReservation::is_lost`, `stats().lost_leases`);
+//! - a stream longer than the TTL stays counted; a lease Redis lost while its work still
+//!   runs is registered again (see below);
 //! - reserving is idempotent per lease id: one reconnect-retry is safe, and a reserve that
 //!   timed out, failed, or whose request was cancelled while Redis decided is released by
 //!   id in the background in case it landed late (nothing waits for the TTL); releasing is
@@ -63,9 +63,22 @@
 //!   [`try_resize`](crate::ReservationHandle::try_resize) cannot ask Redis without waiting,
 //!   so growing a Redis lease through it returns `BackendUnavailable`.
 //!
-//! A lease Redis no longer has (expired while this replica could not reach it, or the
-//! server lost its data) is reported lost and never recreated behind the other replicas'
-//! backs.
+//! # When Redis loses leases
+//!
+//! Redis can lose leases whose work is still running: a restart without persistence, a
+//! `FLUSHALL`, a failover to a replica that lagged, or this replica cut off from Redis
+//! for longer than the TTL. Each replica then registers again every lease it still holds
+//! that Redis no longer has, at its next renewal (or at the lease's next resize, if
+//! sooner), with the tokens it holds, whatever the cap: the work is running, so the ledger
+//! must say so. The window is bounded by one renewal period (`renew_every`, plus the
+//! round trip): during it the lost leases are not counted and new requests may be admitted
+//! in their place, so a tenant's work in flight can exceed its cap by at most what was
+//! lost, until enough of it ends. The excess is visible: Redis's count of the tenant
+//! (`RedisTokenTracker::in_flight`) is over the cap and refuses new work until it is below,
+//! `RedisReservation::is_lost` is true for each lease registered again,
+//! `stats().lost_leases` counts them, and each is logged at `warn` with the tenant's count
+//! and cap. A lease released while it was being registered again is released once more,
+//! so nothing stays behind.
 //!
 //! # Caps: configure replicas alike
 //!

@@ -24,7 +24,7 @@ pub(super) struct Lease {
     pub(crate) tokens: AtomicU64,
     /// The tenant's tokens in flight across replicas when Redis last answered.
     pub(crate) in_flight: AtomicU64,
-    /// Redis no longer holds the lease (it expired unrenewed, or the server lost it).
+    /// Redis lost the lease at least once (and this replica registered it again).
     pub(crate) lost: AtomicBool,
     /// Its owner let it go: a background write still queued must not call it lost.
     pub(crate) released: AtomicBool,
@@ -104,10 +104,11 @@ impl RedisReservation {
         matches!(self.kind, Kind::Lease { .. })
     }
 
-    /// Whether Redis has dropped the lease: it expired without being renewed (this replica
-    /// could not reach Redis for a whole TTL) or the server lost its data. The tokens are
-    /// then no longer counted anywhere; the reservation is never recreated behind the
-    /// other replicas' backs.
+    /// Whether Redis lost the lease at least once: the server restarted without its data
+    /// or was flushed, a failover promoted a replica that lacked it, or this replica could
+    /// not renew it for a whole TTL. The work is still running, so this replica registered
+    /// it again, whatever the cap, at the next renewal (or resize): it is counted again
+    /// within one renewal period of the loss.
     pub fn is_lost(&self) -> bool {
         match &self.kind {
             Kind::Lease { lease, .. } => lease.lost.load(Relaxed),
@@ -241,7 +242,11 @@ impl fmt::Debug for RedisReservation {
 
 impl Inner {
     /// Checks growth against the cap in Redis; shrinking always succeeds.
-    pub(super) async fn try_resize(&self, lease: &Lease, tokens: u64) -> Result<(), Error> {
+    pub(super) async fn try_resize(
+        self: &Arc<Self>,
+        lease: &Arc<Lease>,
+        tokens: u64,
+    ) -> Result<(), Error> {
         let tokens = clamp(tokens);
         let _order = lease.write.lock().await;
         let held = lease.tokens.load(Relaxed);
@@ -252,17 +257,12 @@ impl Inner {
                 lease.in_flight.store(in_flight, Relaxed);
                 Ok(())
             }
-            Ok((0, in_flight)) => Err(Error::TenantOverloaded {
+            Ok((_, in_flight)) => Err(Error::TenantOverloaded {
                 tenant_id: lease.tenant.to_string(),
                 requested: tokens - held,
                 in_flight,
                 cap: lease.cap,
             }),
-            Ok(_) => {
-                self.lost(lease);
-                lease.tokens.store(tokens, Relaxed);
-                Ok(())
-            }
             Err(failure) => Err(failure.unavailable()),
         }
     }
@@ -277,9 +277,7 @@ impl Inner {
             }
             let tokens = lease.tokens.load(Relaxed);
             match this.resize_call(&lease, tokens, None).await {
-                Ok((1, in_flight)) => lease.in_flight.store(in_flight, Relaxed),
-                Ok(_) if lease.released.load(Relaxed) => {}
-                Ok(_) => this.lost(&lease),
+                Ok((_, in_flight)) => lease.in_flight.store(in_flight, Relaxed),
                 Err(failure) => tracing::warn!(
                     tenant = &*lease.tenant,
                     lease = lease.id,
@@ -291,9 +289,11 @@ impl Inner {
         });
     }
 
+    /// Sets a lease's tokens in Redis (growth checked against `cap`, if given), first
+    /// registering it again if Redis lost it. Returns `{status, in_flight}`.
     async fn resize_call(
-        &self,
-        lease: &Lease,
+        self: &Arc<Self>,
+        lease: &Arc<Lease>,
         tokens: u64,
         cap: Option<u64>,
     ) -> Result<(i64, u64), Failure> {
@@ -303,9 +303,15 @@ impl Inner {
             .arg(&lease.id)
             .arg(tokens)
             .arg(cap.map(|cap| cap.to_string()).unwrap_or_default())
-            .arg(self.ttl_ms());
+            .arg(self.ttl_ms())
+            .arg(lease.tokens.load(Relaxed));
         let mut conn = self.conn.clone();
-        self.timed(invocation.invoke_async(&mut conn)).await
+        let (status, in_flight, again): (i64, u64, i64) =
+            self.timed(invocation.invoke_async(&mut conn)).await?;
+        if again == 1 {
+            self.registered_again(lease, in_flight);
+        }
+        Ok((status, in_flight))
     }
 
     /// Stops renewing a lease that is being released.
@@ -341,15 +347,25 @@ impl Inner {
         }
     }
 
-    pub(super) fn lost(&self, lease: &Lease) {
-        if !lease.lost.swap(true, Relaxed) {
-            self.counters.lost_leases.fetch_add(1, Relaxed);
-            tracing::warn!(
-                tenant = &*lease.tenant,
-                lease = lease.id,
-                "lease no longer in redis (expired unrenewed, or the server lost it); \
-                 its tokens are not counted any more"
-            );
+    /// Counts and logs a lease Redis had lost and this replica registered again. Should
+    /// its owner have let it go meanwhile (the release raced the call that registered it
+    /// again), it is released once more, so nothing stays behind.
+    pub(super) fn registered_again(self: &Arc<Self>, lease: &Arc<Lease>, in_flight: u64) {
+        lease.lost.store(true, Relaxed);
+        if lease.released.load(Relaxed) {
+            return self.release_later(Arc::clone(lease));
         }
+        self.counters.lost_leases.fetch_add(1, Relaxed);
+        let overcommitted = in_flight > lease.cap;
+        tracing::warn!(
+            tenant = &*lease.tenant,
+            lease = lease.id,
+            tokens = lease.tokens.load(Relaxed),
+            in_flight,
+            cap = lease.cap,
+            overcommitted,
+            "redis had lost a lease still held here (restart, flush, failover, or this \
+             replica cut off past the TTL); registered it again"
+        );
     }
 }

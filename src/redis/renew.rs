@@ -12,15 +12,13 @@ use super::tracker::Inner;
 
 impl Inner {
     /// Renews every live lease: one script call per tenant, all in one pipeline.
-    async fn renew_all(&self) {
+    async fn renew_all(self: &Arc<Self>) {
         let mut by_tenant: HashMap<Arc<[String; 2]>, Vec<Arc<Lease>>> = HashMap::new();
         for lease in self.lock_leases().values() {
-            if !lease.lost.load(Relaxed) {
-                by_tenant
-                    .entry(Arc::clone(&lease.keys))
-                    .or_default()
-                    .push(Arc::clone(lease));
-            }
+            by_tenant
+                .entry(Arc::clone(&lease.keys))
+                .or_default()
+                .push(Arc::clone(lease));
         }
         if by_tenant.is_empty() {
             return;
@@ -35,13 +33,14 @@ impl Inner {
                 .arg(&keys[1])
                 .arg(self.ttl_ms());
             for lease in leases {
-                cmd.arg(&lease.id);
+                cmd.arg(&lease.id).arg(lease.tokens.load(Relaxed));
             }
             pipe.add_command(cmd);
         }
         let budget = (self.renew_every / 2).max(self.timeout);
         let mut conn = self.conn.clone();
-        let mut answer: Result<Vec<Vec<String>>, RedisError> =
+        // Per tenant: the tokens in flight, then the ids of the leases registered again.
+        let mut answer: Result<Vec<(u64, Vec<String>)>, RedisError> =
             match tokio::time::timeout(budget, pipe.query_async(&mut conn)).await {
                 Ok(answer) => answer,
                 Err(_) => return tracing::warn!("renewing leases in redis timed out"),
@@ -60,13 +59,14 @@ impl Inner {
             };
         }
         match answer {
-            Ok(lost) => {
-                let lost: HashSet<&String> = lost.iter().flatten().collect();
-                let leases = batches.iter().flat_map(|(_, leases)| leases);
-                // A lease released while the renewal was on its way is gone, not lost.
-                for lease in leases.filter(|lease| lost.contains(&lease.id)) {
-                    if !lease.released.load(Relaxed) {
-                        self.lost(lease);
+            Ok(answers) => {
+                for ((_, leases), (in_flight, again)) in batches.iter().zip(&answers) {
+                    let again: HashSet<&String> = again.iter().collect();
+                    for lease in leases.iter().filter(|lease| again.contains(&lease.id)) {
+                        self.registered_again(lease, *in_flight);
+                    }
+                    for lease in leases {
+                        lease.in_flight.store(*in_flight, Relaxed);
                     }
                 }
                 tracing::trace!(tenants = batches.len(), "renewed leases");

@@ -62,20 +62,38 @@ redis.call('PEXPIRE', KEYS[2], ttl)
 return {1, held}
 ";
 
-/// `ARGV`: lease, tokens, cap (empty: unchecked growth), ttl. Returns `{status, in_flight}`:
-/// 1 set, 0 growth over the cap (nothing changed), -2 the lease is gone (never recreated).
+/// Registers lease `lease` again with `tokens`, whatever the cap: Redis lost it (a restart
+/// without persistence, a flush, a failover to a lagging replica, or an expiry while its
+/// replica was cut off), but its replica still holds it and the work is running.
+const REGISTER_AGAIN: &str = r"
+local function register_again(lease, tokens, ttl)
+  redis.call('HSET', KEYS[2], lease, tokens)
+  redis.call('HINCRBY', KEYS[2], '=sum', tokens)
+  redis.call('ZADD', KEYS[1], now + ttl, lease)
+end
+";
+
+/// `ARGV`: lease, tokens, cap (empty: unchecked growth), ttl, the tokens the lease holds
+/// now. Returns `{status, in_flight, registered_again}`: status 1 set, 0 growth over the
+/// cap (the tokens unchanged); `registered_again` 1 when the lease had been lost and was
+/// registered again with the tokens it holds now first.
 const RESIZE: &str = r"
 local lease, tokens, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4])
 local cap = tonumber(ARGV[3])
 local old = tonumber(redis.call('HGET', KEYS[2], lease))
-if not old then tidy(nil) return {-2, sum()} end
+local again = 0
+if not old then
+  old = tonumber(ARGV[5])
+  register_again(lease, old, ttl)
+  again = 1
+end
 local held = sum()
-if cap and tokens > old and held - old + tokens > cap then tidy(ttl) return {0, held} end
+if cap and tokens > old and held - old + tokens > cap then tidy(ttl) return {0, held, again} end
 redis.call('HSET', KEYS[2], lease, ARGV[2])
 held = redis.call('HINCRBY', KEYS[2], '=sum', tokens - old)
 redis.call('ZADD', KEYS[1], 'XX', now + ttl, lease)
 tidy(ttl)
-return {1, held}
+return {1, held, again}
 ";
 
 /// `ARGV`: lease. Idempotent. Returns `{released, in_flight}`.
@@ -90,21 +108,22 @@ tidy(nil)
 return {old and 1 or 0, sum()}
 ";
 
-/// `ARGV`: ttl, then lease ids. Pushes the deadline of each lease still held; a lease that
-/// has expired (or vanished with a restarted server) is not recreated but returned, so its
-/// owner knows it is no longer counted.
+/// `ARGV`: ttl, then pairs of lease id and the tokens it holds. Pushes the deadline of each
+/// lease; one Redis no longer has (expired, or lost with the server's data) is registered
+/// again with its tokens, whatever the cap. Returns `{in_flight, {ids registered again}}`.
 const RENEW: &str = r"
 local ttl = tonumber(ARGV[1])
-local lost = {}
-for i = 2, #ARGV do
+local again = {}
+for i = 2, #ARGV, 2 do
   if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
     redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[i])
   else
-    lost[#lost + 1] = ARGV[i]
+    register_again(ARGV[i], tonumber(ARGV[i + 1]), ttl)
+    again[#again + 1] = ARGV[i]
   end
 end
 tidy(ttl)
-return lost
+return {sum(), again}
 ";
 
 /// No `ARGV`. Returns `{in_flight, leases}` after the sweep.
@@ -125,7 +144,7 @@ pub(crate) struct Scripts {
 
 impl Scripts {
     pub(crate) fn new() -> Self {
-        let script = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
+        let script = |body: &str| Script::new(&format!("{PRELUDE}{REGISTER_AGAIN}{body}"));
         Self {
             reserve: script(RESERVE),
             resize: script(RESIZE),

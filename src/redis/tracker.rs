@@ -67,7 +67,9 @@ pub struct RedisTrackerStats {
     pub refused: u64,
     /// Requests the failure policy answered because Redis could not be asked.
     pub unavailable: u64,
-    /// Leases found lost at renewal (expired unrenewed, or gone with the server's data).
+    /// Leases Redis had lost while this replica still held them (a restart without the
+    /// data, a flush, a failover, or this replica cut off for longer than the TTL), each
+    /// registered again at the next renewal or resize.
     pub lost_leases: u64,
     /// Releases Redis could not be told of; those leases expire after their TTL instead.
     pub failed_releases: u64,
@@ -117,7 +119,9 @@ pub(super) struct Counters {
 /// whose deadline has passed. Both keys expire when their last lease does.
 ///
 /// Reserving is idempotent per lease id, so a reserve that timed out is released by id;
-/// releasing is idempotent; renewal never brings back a lease that expired. Caps come
+/// releasing is idempotent; a lease Redis lost while this replica still holds it
+/// (restart, flush, failover, a partition longer than the TTL) is registered again at the
+/// next renewal, whatever the cap (see `RedisReservation::is_lost`). Caps come
 /// from this replica's settings (the default and the cap function) and are checked in
 /// Redis against every replica's leases: configure every replica alike.
 ///
