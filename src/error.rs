@@ -85,6 +85,19 @@ pub enum Error {
         /// The error the body returned.
         reason: String,
     },
+    /// A `Sheddable` request arrived while requests were waiting for the budget it draws
+    /// from: refused at once rather than queued behind them. Retry later. HTTP 429.
+    Shed {
+        /// The tenant.
+        tenant_id: String,
+        /// The budget others are waiting for.
+        budget: String,
+    },
+    /// The request's priority class could not be read. HTTP 400.
+    InvalidPriority {
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The shared ledger (Redis) could not be asked and the failure policy refuses rather
     /// than admit blind. Retry later. HTTP 503.
     BackendUnavailable {
@@ -97,9 +110,9 @@ impl Error {
     /// The HTTP status this error answers with by default.
     pub fn status(&self) -> StatusCode {
         match self {
-            Error::TenantOverloaded { .. } | Error::BudgetOverloaded { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            Error::TenantOverloaded { .. }
+            | Error::BudgetOverloaded { .. }
+            | Error::Shed { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::RequestTooLarge { .. }
             | Error::BudgetTooLarge { .. }
             | Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -108,6 +121,7 @@ impl Error {
             | Error::MissingEstimate
             | Error::InvalidEstimate { .. }
             | Error::MalformedBody { .. }
+            | Error::InvalidPriority { .. }
             | Error::BodyRead { .. } => StatusCode::BAD_REQUEST,
             Error::BackendUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -127,6 +141,8 @@ impl Error {
             Error::BodyTooLarge { .. } => "body_too_large",
             Error::MalformedBody { .. } => "invalid_json",
             Error::BodyRead { .. } => "body_read_error",
+            Error::Shed { .. } => "shed",
+            Error::InvalidPriority { .. } => "invalid_priority",
             Error::BackendUnavailable { .. } => "backend_unavailable",
         }
     }
@@ -134,9 +150,9 @@ impl Error {
     /// The shared budget that refused the request, for the budget errors.
     pub fn budget(&self) -> Option<&str> {
         match self {
-            Error::BudgetOverloaded { budget, .. } | Error::BudgetTooLarge { budget, .. } => {
-                Some(budget)
-            }
+            Error::BudgetOverloaded { budget, .. }
+            | Error::BudgetTooLarge { budget, .. }
+            | Error::Shed { budget, .. } => Some(budget),
             _ => None,
         }
     }
@@ -145,7 +161,8 @@ impl Error {
     pub fn tenant_id(&self) -> Option<&str> {
         match self {
             Error::TenantOverloaded { tenant_id, .. }
-            | Error::RequestTooLarge { tenant_id, .. } => Some(tenant_id),
+            | Error::RequestTooLarge { tenant_id, .. }
+            | Error::Shed { tenant_id, .. } => Some(tenant_id),
             _ => None,
         }
     }
@@ -201,6 +218,12 @@ impl fmt::Display for Error {
             }
             Error::MalformedBody { reason } => write!(f, "malformed JSON body: {reason}"),
             Error::BodyRead { reason } => write!(f, "could not read the request body: {reason}"),
+            Error::Shed { tenant_id, budget } => write!(
+                f,
+                "sheddable request of tenant `{tenant_id}` refused: requests are waiting for \
+                 budget `{budget}`"
+            ),
+            Error::InvalidPriority { reason } => write!(f, "invalid priority: {reason}"),
             // The reason (a Redis error) is for logs, not for the client the message is
             // sent to.
             Error::BackendUnavailable { .. } => {

@@ -12,6 +12,7 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
+use crate::admit::priority::Priority;
 use crate::admit::Admission;
 use crate::config::{Config, LimitHeaders};
 use crate::extract::BodyEstimate;
@@ -126,15 +127,22 @@ impl<S> Call<S> {
 pub(crate) struct ReadingBody<S> {
     tenant: String,
     estimate: BodyEstimate,
+    class: Priority,
     call: Call<S>,
     buffer: BytesMut,
 }
 
 impl<S> ReadingBody<S> {
-    pub(crate) fn new(tenant: String, estimate: BodyEstimate, call: Call<S>) -> Self {
+    pub(crate) fn new(
+        tenant: String,
+        estimate: BodyEstimate,
+        class: Priority,
+        call: Call<S>,
+    ) -> Self {
         Self {
             tenant,
             estimate,
+            class,
             call,
             buffer: BytesMut::new(),
         }
@@ -244,6 +252,7 @@ where
                     let ReadingBody {
                         tenant,
                         estimate,
+                        class,
                         call,
                         buffer,
                     } = *reading.take().expect("checked above");
@@ -256,7 +265,7 @@ where
                         Ok(estimated) => {
                             let model = estimated.model.as_deref();
                             let keys = config.budget_keys(&call.parts, Some(&bytes), model);
-                            config.admit(&tenant, estimated.tokens, keys)
+                            config.admit(&tenant, estimated.tokens, keys, class)
                         }
                         Err(error) => Step::Now(Err(error)),
                     };

@@ -224,15 +224,29 @@ impl TenantTokenLayer {
     /// Lets a request over its tenant's cap (or a shared budget) wait up to `max_wait` for
     /// capacity instead of being refused at once (default: refused at once).
     ///
-    /// Waiting requests queue per tenant, first come first served: only the first in line
-    /// may reserve, and a new request queues behind any already waiting, so a large request
-    /// is not starved by a stream of small ones. A release through this layer wakes the
-    /// first in line at once; waiting requests also look again every 50 ms, for capacity
-    /// that comes back otherwise (a raised cap, a budget freed by another tenant). When the
-    /// time is up the request gets its 429 as usual. A request larger than a cap (413) never
-    /// waits; at most [`MAX_WAITING_PER_TENANT`](Self::MAX_WAITING_PER_TENANT) wait per
-    /// tenant, and the next is refused at once. A client that goes away while its request
-    /// waits (the response future is dropped) leaves the queue and holds nothing.
+    /// Within a tenant, waiting requests queue first come first served: only the first in
+    /// line may reserve, and a new request queues behind any already waiting, so a large
+    /// request is not starved by a stream of small ones.
+    ///
+    /// Across tenants waiting for a [shared budget](Self::shared_budget), the next request
+    /// admitted when the budget frees is chosen by [`Priority`](crate::Priority) (a higher
+    /// class strictly first), then fairly: each tenant counts the tokens admitted for it
+    /// from shared budgets, divided by its [weight](Self::tenant_weight), and the tenant
+    /// with the smallest count goes next (a tenant that starts waiting again after an idle
+    /// spell starts at the smallest count among those waiting: idle time banks no credit).
+    /// So a tenant that asks for little gets its fair share of a saturated upstream next to
+    /// one that keeps many requests going. Once it is a request's turn, no other request
+    /// takes that budget's capacity: new requests queue behind it, so a large request is not
+    /// starved by smaller ones either. A `Sheddable` request that arrives while others wait
+    /// for a budget it draws from is refused at once ([`Error::Shed`](crate::Error::Shed)).
+    ///
+    /// Every release through this layer wakes the waiting requests, whichever tenant
+    /// released; they also look again every 50 ms, for capacity that comes back otherwise (a
+    /// raised cap, a reservation made outside the layer). When the time is up the request
+    /// gets its 429 as usual. A request larger than a cap (413) never waits; at most
+    /// [`MAX_WAITING_PER_TENANT`](Self::MAX_WAITING_PER_TENANT) wait per tenant, and the
+    /// next is refused at once. A client that goes away while its request waits (the
+    /// response future is dropped) leaves the queue and holds nothing.
     ///
     /// With `TenantTokenLayer::redis` the queue is this process's: a request is woken
     /// by this process's releases, and looks again every 50 ms for capacity other
@@ -240,6 +254,33 @@ impl TenantTokenLayer {
     pub fn wait_for_capacity(self, max_wait: Duration) -> Self {
         let queue = Arc::new(Queue::new(max_wait, Self::MAX_WAITING_PER_TENANT));
         self.with(|config| config.options_mut().queue = Some(queue))
+    }
+
+    /// Reads each request's [`Priority`](crate::Priority) class from header `name`
+    /// (`critical`, `standard` or `sheddable`; see
+    /// [`PrioritySource::header`](crate::PrioritySource::header)). Without a priority
+    /// source every request is `Standard`. Classes order waiting requests: see
+    /// [`wait_for_capacity`](Self::wait_for_capacity).
+    pub fn priority_header(self, name: HeaderName) -> Self {
+        self.priority_source(crate::PrioritySource::header(name))
+    }
+
+    /// Reads each request's [`Priority`](crate::Priority) class from `source`.
+    pub fn priority_source(self, source: crate::PrioritySource) -> Self {
+        self.with(|config| config.options_mut().priority = Some(source))
+    }
+
+    /// Each tenant's weight in the fair share of a saturated shared budget (default 1 for
+    /// every tenant; 0 counts as 1): a tenant of weight 3 gets three times the tokens of a
+    /// tenant of weight 1 when both wait. Called when a request drawing from a budget is
+    /// admitted, in a layer that [waits for capacity](Self::wait_for_capacity); keep it
+    /// fast, as a cap function.
+    pub fn tenant_weight<F>(self, weight: F) -> Self
+    where
+        F: Fn(&str) -> u32 + Send + Sync + 'static,
+    {
+        let weight = Arc::new(weight);
+        self.with(|config| config.options_mut().weight = Some(weight))
     }
 
     /// Trials the caps without enforcing them, for every tenant or some (see
@@ -303,6 +344,11 @@ impl fmt::Debug for TenantTokenLayer {
             .field(
                 "wait_for_capacity",
                 &options.and_then(|o| o.queue.as_ref().map(|queue| queue.max_wait)),
+            )
+            .field("priority", &options.and_then(|o| o.priority.as_ref()))
+            .field(
+                "tenant_weight",
+                &options.is_some_and(|o| o.weight.is_some()),
             )
             .finish_non_exhaustive()
     }

@@ -113,6 +113,7 @@ mod sync;
 mod tracker;
 
 pub use self::admit::budget::SharedBudget;
+pub use self::admit::priority::{Priority, PrioritySource};
 pub use self::admit::shadow::ShadowMode;
 pub use self::body::{RequestBody, ResponseBody};
 pub use self::error::Error;

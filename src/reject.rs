@@ -61,6 +61,7 @@ impl Rejection {
         match self.error {
             Error::TenantOverloaded { .. }
             | Error::BudgetOverloaded { .. }
+            | Error::Shed { .. }
             | Error::BackendUnavailable { .. } => {
                 Some(self.retry_after.max(Duration::from_secs(1)))
             }
@@ -75,7 +76,12 @@ impl Rejection {
     /// (429 only) `RateLimit` too.
     pub fn to_response(&self) -> Response<Bytes> {
         let error_type = match (self.status, &self.error) {
-            (_, Error::TenantOverloaded { .. } | Error::BudgetOverloaded { .. }) => "tokens",
+            (
+                _,
+                Error::TenantOverloaded { .. }
+                | Error::BudgetOverloaded { .. }
+                | Error::Shed { .. },
+            ) => "tokens",
             (StatusCode::UNAUTHORIZED, _) => "authentication_error",
             (_, Error::BackendUnavailable { .. }) => "server_error",
             _ => "invalid_request_error",

@@ -73,18 +73,20 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let (tenant, tokens) = match self
+        let (tenant, tokens, class) = match self
             .config
             .plan_in_place(request.headers(), request.extensions())
         {
-            Some(Plan::Reserve(tenant, tokens)) => (tenant, tokens),
+            Some(Plan::Reserve(tenant, tokens, class)) => (tenant, tokens, class),
             Some(Plan::Unmetered) => return self.forward(request, None),
             Some(Plan::Refuse(error)) => {
                 return ResponseFuture::rejected(self.config.reject(error))
             }
             Some(Plan::ReadBody(..)) | None => return self.call_parts(request),
         };
-        let admission = self.config.admit(&tenant, tokens, Default::default());
+        let admission = self
+            .config
+            .admit(&tenant, tokens, Default::default(), class);
         self.admitted(request, admission)
     }
 }
@@ -100,18 +102,19 @@ impl<S> TenantTokenService<S> {
     {
         let config = &self.config;
         let (parts, body) = request.into_parts();
-        let (tenant, tokens) = match config.plan(&parts) {
-            Plan::Reserve(tenant, tokens) => (tenant, tokens),
+        let (tenant, tokens, class) = match config.plan(&parts) {
+            Plan::Reserve(tenant, tokens, class) => (tenant, tokens, class),
             Plan::Unmetered => return self.forward(Request::from_parts(parts, body), None),
             Plan::Refuse(error) => return ResponseFuture::rejected(config.reject(error)),
-            Plan::ReadBody(tenant, estimate) => {
+            Plan::ReadBody(tenant, estimate, class) => {
                 let tenant = tenant.into_owned();
                 let call = Call::new(parts, self.take_ready(), Arc::clone(&self.config));
-                return ResponseFuture::reading(body, ReadingBody::new(tenant, estimate, call));
+                let reading = ReadingBody::new(tenant, estimate, class, call);
+                return ResponseFuture::reading(body, reading);
             }
         };
         let keys = config.budget_keys(&parts, None, None);
-        let admission = config.admit(&tenant, tokens, keys);
+        let admission = config.admit(&tenant, tokens, keys, class);
         drop(tenant);
         self.admitted(Request::from_parts(parts, body), admission)
     }

@@ -205,6 +205,12 @@ impl BudgetKeys {
         Ok(held)
     }
 
+    /// Whether the request draws from the budget keyed `key`.
+    pub(crate) fn contains(&self, key: &str) -> bool {
+        let keys = self.0.as_deref().unwrap_or_default();
+        keys.iter().any(|(_, drawn)| drawn == key)
+    }
+
     #[inline]
     pub(crate) fn is_empty(&self) -> bool {
         self.0.as_ref().map_or(true, Vec::is_empty)

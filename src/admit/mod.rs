@@ -16,6 +16,7 @@
 
 pub(crate) mod budget;
 pub(crate) mod plan;
+pub(crate) mod priority;
 pub(crate) mod queue;
 pub(crate) mod shadow;
 
@@ -24,7 +25,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use self::budget::BudgetKeys;
-use self::queue::{Queue, Wake, RECHECK};
+use self::priority::{Priority, PrioritySource};
+use self::queue::{Arrival, Queue, Wake, RECHECK};
 use crate::config::Config;
 use crate::reservation::{Guard, Held, Reservation, Riders, Step};
 use crate::retry_after::{HoldClock, HoldTimes};
@@ -43,31 +45,47 @@ pub(crate) struct Options {
     pub(crate) queue: Option<Arc<Queue>>,
     /// Hold times and the longest `Retry-After` to derive from them, when switched on.
     pub(crate) hold_times: Option<(Arc<HoldTimes>, Duration)>,
+    /// Where a request's priority class comes from; every request is `Standard` without.
+    pub(crate) priority: Option<PrioritySource>,
+    /// Each tenant's weight in the fair share of a budget; 1 without.
+    pub(crate) weight: Option<Arc<WeightFn>>,
 }
+
+pub(crate) type WeightFn = dyn Fn(&str) -> u32 + Send + Sync;
 
 /// The outcome of admitting a request: the guard holding its reservation, or why not.
 pub(crate) type Admission = Step<Guard>;
 
 impl Config {
-    /// Admits `tokens` for `tenant`, drawing from the budgets under `keys`.
+    /// Admits `tokens` for `tenant` in `class`, drawing from the budgets under `keys`.
     #[inline]
     pub(crate) fn admit(
         self: &Arc<Self>,
         tenant: &str,
         tokens: u64,
         keys: BudgetKeys,
+        class: Priority,
     ) -> Admission {
         let queue = self
             .options
             .as_ref()
             .and_then(|options| options.queue.as_ref());
-        if queue.is_some_and(|queue| queue.has_queue(tenant)) {
-            return self.wait(tenant, tokens, keys, None);
+        if let Some(queue) = queue {
+            match queue.arrival(tenant, class, &keys) {
+                Arrival::Go => {}
+                Arrival::Queue => return self.wait(tenant, tokens, keys, class, None),
+                Arrival::Shed(budget) => {
+                    return Step::Now(Err(Error::Shed {
+                        tenant_id: tenant.to_owned(),
+                        budget: budget.into(),
+                    }))
+                }
+            }
         }
         let with_handle = self.reservation_handle;
         match self.try_admit(tenant, tokens, &keys) {
             Step::Now(Err(error)) if queue.is_some() && may_wait(&error) => {
-                self.wait(tenant, tokens, keys, Some(error))
+                self.wait(tenant, tokens, keys, class, Some(error))
             }
             Step::Now(admitted) => Step::Now(admitted.map(|held| Guard::new(held, with_handle))),
             Step::Later(pending) if queue.is_some() => {
@@ -77,7 +95,7 @@ impl Config {
                     match pending.await {
                         Err(error) if may_wait(&error) => {
                             config
-                                .wait(&tenant, tokens, keys, Some(error))
+                                .wait(&tenant, tokens, keys, class, Some(error))
                                 .resolve()
                                 .await
                         }
@@ -168,9 +186,18 @@ impl Config {
         budgets: Vec<TokenReservation>,
         shadowed: Option<Error>,
     ) -> Held {
-        let wake = options.queue.as_ref().map(|queue| Wake {
-            queue: Arc::clone(queue),
-            tenant: Box::from(reservation.tenant_id()),
+        let wake = options.queue.as_ref().map(|queue| {
+            // What the fair share of the budgets counts.
+            let counted = (!budgets.is_empty()).then(|| {
+                let tenant = reservation.tenant_id();
+                let weight = options.weight.as_ref().map_or(1, |weight| weight(tenant));
+                queue.served(tenant, reservation.tokens(), weight);
+                Box::from(tenant)
+            });
+            Wake {
+                queue: Arc::clone(queue),
+                counted,
+            }
         });
         let riders = Riders {
             budgets,
@@ -209,35 +236,39 @@ impl Config {
         Held::new(reservation, riders, tag)
     }
 
-    /// Waits in the tenant's queue until the request is first in line and fits, or its
-    /// time is up (then the last refusal stands). Dropping the future leaves the queue and
-    /// holds nothing.
+    /// Waits in the queue until it is the request's turn and it fits, or its time is up
+    /// (then the last refusal stands). Dropping the future leaves the queue and holds
+    /// nothing.
     fn wait(
         self: &Arc<Self>,
         tenant: &str,
         tokens: u64,
         keys: BudgetKeys,
+        class: Priority,
         refused: Option<Error>,
     ) -> Admission {
         let (config, tenant) = (Arc::clone(self), tenant.to_owned());
         Step::Later(Box::pin(async move {
             let queue = config.options.as_ref().and_then(|o| o.queue.clone());
             let queue = queue.expect("only called with a queue");
-            let Some(ticket) = queue.enqueue(&tenant) else {
+            let Some(ticket) = queue.enqueue(&tenant, class, refused.as_ref()) else {
                 // The queue is full: refused at once.
                 return Err(refused.unwrap_or_else(|| config.ledger.overloaded(&tenant, tokens)));
             };
             let deadline = tokio::time::Instant::now() + queue.max_wait;
             let mut refused = refused;
             loop {
-                if ticket.is_first() {
+                if ticket.may_try(&keys) {
                     match config.try_admit(&tenant, tokens, &keys).resolve().await {
                         Ok(held) => {
                             drop(ticket); // the next in line may fit too: it is woken
                             tracing::debug!(tenant, tokens, "admitted after waiting");
                             return Ok(Guard::new(held, config.reservation_handle));
                         }
-                        Err(error) if may_wait(&error) => refused = Some(error),
+                        Err(error) if may_wait(&error) => {
+                            ticket.refused(&error);
+                            refused = Some(error);
+                        }
                         Err(error) => return Err(error),
                     }
                 }

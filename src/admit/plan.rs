@@ -5,6 +5,7 @@ use std::borrow::Cow;
 use http::request::Parts;
 use http::{Extensions, HeaderMap};
 
+use super::priority::Priority;
 use crate::config::Config;
 use crate::extract::{
     find_pair, header_estimate, header_tenant, BodyEstimate, MissingEstimate, MissingTenant,
@@ -14,10 +15,10 @@ use crate::Error;
 
 /// What the layer makes of a request before anything is reserved.
 pub(crate) enum Plan<'a> {
-    /// Reserve `tokens` for the tenant.
-    Reserve(Cow<'a, str>, u64),
+    /// Reserve `tokens` for the tenant, in a priority class.
+    Reserve(Cow<'a, str>, u64, Priority),
     /// The estimate comes from the body: read it, then estimate and reserve.
-    ReadBody(Cow<'a, str>, BodyEstimate),
+    ReadBody(Cow<'a, str>, BodyEstimate, Priority),
     /// Let the request through without reserving anything.
     Unmetered,
     /// Refuse the request.
@@ -36,7 +37,8 @@ impl Config {
         headers: &'a HeaderMap,
         extensions: &'a Extensions,
     ) -> Option<Plan<'a>> {
-        if self.options.as_ref().is_some_and(|o| !o.budgets.is_empty()) {
+        let options = self.options.as_deref();
+        if options.is_some_and(|o| !o.budgets.is_empty()) {
             return None; // a budget's key may need the `Parts`
         }
         let (tenant, estimate) = match (self.tenant.header_name(), self.estimator.header_name()) {
@@ -62,7 +64,14 @@ impl Config {
             Some((found, name)) => header_estimate(found, name),
             None => self.estimator.in_place(headers)?,
         };
-        Some(self.reserve(tenant, tokens))
+        let class = match options.and_then(|o| o.priority.as_ref()) {
+            None => Priority::Standard,
+            Some(source) => match source.read(headers, extensions) {
+                Ok(class) => class,
+                Err(error) => return Some(Plan::Refuse(error)),
+            },
+        };
+        Some(self.reserve(tenant, tokens, class))
     }
 
     /// Reads the tenant and the estimate from the request's head, whatever the sources.
@@ -73,9 +82,15 @@ impl Config {
             Ok(None) => return Plan::Unmetered,
             Err(error) => return Plan::Refuse(error),
         };
+        let source = self.options.as_ref().and_then(|o| o.priority.as_ref());
+        let class = match source.map(|source| source.read(&parts.headers, &parts.extensions)) {
+            None => Priority::Standard,
+            Some(Ok(class)) => class,
+            Some(Err(error)) => return Plan::Refuse(error),
+        };
         match self.estimator.plan(parts) {
-            EstimatePlan::Ready(tokens) => self.reserve(tenant, tokens),
-            EstimatePlan::Body(body) => Plan::ReadBody(tenant, body),
+            EstimatePlan::Ready(tokens) => self.reserve(tenant, tokens, class),
+            EstimatePlan::Body(body) => Plan::ReadBody(tenant, body, class),
         }
     }
 
@@ -93,10 +108,15 @@ impl Config {
     }
 
     /// The plan for `tenant`, given the estimate the request carries, if any.
-    fn reserve<'a>(&self, tenant: Cow<'a, str>, tokens: Result<Option<u64>, Error>) -> Plan<'a> {
+    fn reserve<'a>(
+        &self,
+        tenant: Cow<'a, str>,
+        tokens: Result<Option<u64>, Error>,
+        class: Priority,
+    ) -> Plan<'a> {
         match (tokens, &self.missing_estimate) {
             (Ok(Some(tokens)), _) | (Ok(None), &MissingEstimate::Default(tokens)) => {
-                Plan::Reserve(tenant, tokens)
+                Plan::Reserve(tenant, tokens, class)
             }
             (Ok(None), MissingEstimate::Unmetered) => Plan::Unmetered,
             (Ok(None), MissingEstimate::Reject) => Plan::Refuse(Error::MissingEstimate),

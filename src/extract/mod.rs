@@ -14,7 +14,7 @@ pub use self::openai::{OpenAiEstimate, OpenAiEstimator};
 pub use self::tenant::{MissingTenant, TenantSource};
 
 pub(crate) use self::estimate::{header_estimate, BodyEstimate, Plan};
-pub(crate) use self::headers::find_pair;
+pub(crate) use self::headers::{find_pair, Found};
 #[cfg(feature = "openai")]
 pub(crate) use self::openai::json_model;
 pub(crate) use self::tenant::header_tenant;
