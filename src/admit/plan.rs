@@ -37,9 +37,12 @@ impl Config {
         headers: &'a HeaderMap,
         extensions: &'a Extensions,
     ) -> Option<Plan<'a>> {
-        let options = self.options.as_deref();
-        if options.is_some_and(|o| !o.budgets.is_empty()) {
-            return None; // a budget's key may need the `Parts`
+        if self
+            .options
+            .as_deref()
+            .is_some_and(|o| !o.budgets.is_empty() || o.priority.is_some())
+        {
+            return None; // a budget's key or the priority may need the `Parts`
         }
         let (tenant, estimate) = match (self.tenant.header_name(), self.estimator.header_name()) {
             (Some(t), Some(e)) => {
@@ -64,14 +67,7 @@ impl Config {
             Some((found, name)) => header_estimate(found, name),
             None => self.estimator.in_place(headers)?,
         };
-        let class = match options.and_then(|o| o.priority.as_ref()) {
-            None => Priority::Standard,
-            Some(source) => match source.read(headers, extensions) {
-                Ok(class) => class,
-                Err(error) => return Some(Plan::Refuse(error)),
-            },
-        };
-        Some(self.reserve(tenant, tokens, class))
+        Some(self.reserve(tenant, tokens, Priority::Standard))
     }
 
     /// Reads the tenant and the estimate from the request's head, whatever the sources.
