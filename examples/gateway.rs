@@ -54,6 +54,7 @@
 //! and the `x-tenant-id` header as a default header. A 429 from the layer is their
 //! rate-limit error, retried after `Retry-After`.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::str::FromStr;
@@ -90,7 +91,11 @@ usage: cargo run --example gateway -- [OPTIONS]
                         uncounted) or share:N (a 1/N share of each cap, in memory)
   --upstream-cap TOKENS a cap all tenants share (the upstream's capacity), next to each
                         tenant's own
-  --wait-ms MS          let a request over the cap wait up to MS for capacity (in memory)
+  --wait-ms MS          let a request over the cap wait up to MS for capacity; across
+                        tenants waiting for --upstream-cap, by class, then fairly
+  --weight TENANT=W     TENANT's weight in the fair share of the upstream (default 1);
+                        repeatable
+  (a request's class comes from header x-priority: critical, standard or sheddable)
   --shadow              count and log what the caps would refuse, and admit it anyway
   -h, --help            print this help
 
@@ -152,7 +157,11 @@ async fn main() {
         limits = limits.shared_budget(SharedBudget::new("upstream", upstream));
     }
     if let Some(wait) = options.wait {
-        limits = limits.wait_for_capacity(wait);
+        let weights = options.weights.clone();
+        limits = limits
+            .wait_for_capacity(wait)
+            .priority_header(HeaderName::from_static("x-priority"))
+            .tenant_weight(move |tenant| weights.get(tenant).copied().unwrap_or(1));
     }
     if options.shadow {
         limits = limits.shadow(ShadowMode::All);
@@ -468,6 +477,7 @@ struct Options {
     redis_down: String,
     upstream_cap: Option<u64>,
     wait: Option<Duration>,
+    weights: HashMap<String, u32>,
     shadow: bool,
 }
 
@@ -483,6 +493,7 @@ impl Options {
             redis_down: "closed".to_owned(),
             upstream_cap: None,
             wait: None,
+            weights: HashMap::new(),
             shadow: false,
         };
         while let Some(flag) = args.next() {
@@ -499,6 +510,16 @@ impl Options {
                 "--upstream-cap" => options.upstream_cap = Some(value(&flag, &mut args)?),
                 "--wait-ms" => {
                     options.wait = Some(Duration::from_millis(value(&flag, &mut args)?));
+                }
+                "--weight" => {
+                    let pair: String = value(&flag, &mut args)?;
+                    let (tenant, weight) = pair
+                        .split_once('=')
+                        .ok_or_else(|| format!("--weight {pair}: expected TENANT=WEIGHT"))?;
+                    let weight = weight
+                        .parse()
+                        .map_err(|error| format!("--weight {pair}: {error}"))?;
+                    options.weights.insert(tenant.to_owned(), weight);
                 }
                 "--shadow" => options.shadow = true,
                 _ => return Err(format!("unknown argument `{flag}`")),
