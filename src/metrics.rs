@@ -9,6 +9,12 @@
 //! | `tenant_tokens_in_flight` | gauge | — | tokens this process holds for requests in flight |
 //! | `tenant_tokens_reserved` | histogram | — | tokens reserved per admitted request (the estimate) |
 //! | `tenant_tokens_usage_ratio` | histogram | — | on release, tokens held at the end ÷ the estimate, for requests whose handler reconciled |
+//! | `tenant_tokens_waiting` | gauge | `class` (`critical`, `standard`, `sheddable`) | requests waiting for capacity now ([`wait_for_capacity`](crate::TenantTokenLayer::wait_for_capacity)) |
+//! | `tenant_tokens_wait_seconds` | histogram | `class` | how long each waiting request waited, until admitted or refused |
+//! | `tenant_tokens_budget_tokens_total` | counter | — | tokens admitted from shared budgets in a layer that waits for capacity: a tenant's rate over the sum of all tenants' is its share of the budgets |
+//!
+//! Requests shed while others wait are counted in `tenant_tokens_requests_total` with
+//! `reason="shed"`.
 //!
 //! With [`TenantLabels`] other than `Off`, each also carries a `tenant` label (refusals
 //! that name no tenant, such as a missing one, carry none). A label per tenant is a time
@@ -19,6 +25,8 @@ use std::collections::HashSet;
 use std::sync::{Mutex, PoisonError};
 
 use metrics::{counter, gauge, histogram, Gauge, Label};
+
+use crate::Priority;
 
 /// The counter of requests by outcome.
 pub const REQUESTS_TOTAL: &str = "tenant_tokens_requests_total";
@@ -31,6 +39,13 @@ pub const USAGE_RATIO: &str = "tenant_tokens_usage_ratio";
 
 /// The label given to tenants beyond the bound of [`TenantLabels::Bounded`].
 pub const OTHER_TENANTS: &str = "other";
+
+/// Requests waiting for capacity now, by class.
+pub const WAITING: &str = "tenant_tokens_waiting";
+/// How long waiting requests waited, by class.
+pub const WAIT_SECONDS: &str = "tenant_tokens_wait_seconds";
+/// Tokens admitted from shared budgets in a layer that waits for capacity.
+pub const BUDGET_TOKENS: &str = "tenant_tokens_budget_tokens_total";
 
 /// Whether the layer's metrics carry a `tenant` label
 /// ([`TenantTokenLayer::metrics_tenant_labels`](crate::TenantTokenLayer::metrics_tenant_labels)).
@@ -120,6 +135,21 @@ impl Metrics {
     }
 
     /// Counts a refusal.
+    /// A request of `class` starts (`1`) or stops (`-1`) waiting.
+    pub(crate) fn waiting(&self, class: Priority, delta: f64) {
+        gauge!(WAITING, "class" => class.as_str()).increment(delta);
+    }
+
+    /// A request of `class` waited `seconds`, then was admitted or refused.
+    pub(crate) fn waited(&self, class: Priority, seconds: f64) {
+        histogram!(WAIT_SECONDS, "class" => class.as_str()).record(seconds);
+    }
+
+    /// `tokens` admitted for `tenant` from shared budgets.
+    pub(crate) fn budget_served(&self, tenant: &str, tokens: u64) {
+        counter!(BUDGET_TOKENS, self.labels(Some(tenant), &[])).increment(tokens);
+    }
+
     pub(crate) fn refused(&self, tenant: Option<&str>, code: &'static str) {
         let labels = self.labels(tenant, &[("outcome", "refused"), ("reason", code)]);
         counter!(REQUESTS_TOTAL, labels).increment(1);

@@ -22,6 +22,15 @@ impl Metrics {
 
     #[inline(always)]
     pub(crate) fn refused(&self, _tenant: Option<&str>, _code: &'static str) {}
+
+    #[inline(always)]
+    pub(crate) fn waiting(&self, _class: crate::Priority, _delta: f64) {}
+
+    #[inline(always)]
+    pub(crate) fn waited(&self, _class: crate::Priority, _seconds: f64) {}
+
+    #[inline(always)]
+    pub(crate) fn budget_served(&self, _tenant: &str, _tokens: u64) {}
 }
 
 impl Tag {

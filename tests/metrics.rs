@@ -12,7 +12,9 @@ use common::*;
 use http::StatusCode;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tower_tenant_tokens::metrics::TenantLabels;
-use tower_tenant_tokens::{ReservationHandle, ShadowMode, TenantTokenLayer, TenantTokenTracker};
+use tower_tenant_tokens::{
+    ReservationHandle, ShadowMode, SharedBudget, TenantTokenLayer, TenantTokenTracker,
+};
 
 /// One recorder for the whole test binary (a process has one); tests use distinct tenants.
 fn recorder() -> &'static PrometheusHandle {
@@ -144,4 +146,51 @@ async fn bounded_tenant_labels_fold_the_rest_into_other() {
         !text.contains("b-second") && !text.contains("b-third"),
         "{text}"
     );
+}
+
+#[tokio::test]
+async fn waiting_requests_their_waits_sheds_and_budget_shares_are_recorded() {
+    recorder();
+    let tracker = Arc::new(TenantTokenTracker::new(10_000));
+    let upstream = Arc::new(TenantTokenTracker::new(1_000));
+    let layer = TenantTokenLayer::new(tracker)
+        .metrics_tenant_labels(TenantLabels::All)
+        .shared_budget(SharedBudget::new("w-upstream", upstream.clone()))
+        .wait_for_capacity(std::time::Duration::from_secs(5))
+        .priority_header(http::HeaderName::from_static("x-priority"));
+    let (server, mut streams) = app(layer).await;
+    let client = client();
+
+    let holding = send(&client, metered(&server, "/hold", "w-holder", 1_000)).await;
+    let chunks = streams.next().await;
+    let waiting = tokio::spawn({
+        let (client, request) = (client.clone(), metered(&server, "/ok", "w-a", 500));
+        async move { call(&client, request).await }
+    });
+    let gauge = r#"tenant_tokens_waiting{class="standard"}"#;
+    wait_until("the request to wait", || sample(gauge) == Some(1.0)).await;
+
+    let mut shed = metered(&server, "/ok", "w-b", 100);
+    shed.headers_mut()
+        .insert("x-priority", "sheddable".parse().unwrap());
+    assert_eq!(
+        call(&client, shed).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    let sheds = r#"tenant_tokens_requests_total{outcome="refused",reason="shed",tenant="w-b"}"#;
+    assert_eq!(sample(sheds), Some(1.0));
+
+    drop(chunks);
+    assert_eq!(read(holding).await.status, StatusCode::OK);
+    assert_eq!(waiting.await.unwrap().status, StatusCode::OK);
+    assert_eq!(sample(gauge), Some(0.0));
+    let waits = r#"tenant_tokens_wait_seconds_count{class="standard"}"#;
+    assert_eq!(sample(waits), Some(1.0));
+    let served = |tenant: &str| {
+        sample(&format!(
+            r#"tenant_tokens_budget_tokens_total{{tenant="{tenant}"}}"#
+        ))
+    };
+    assert_eq!(served("w-holder"), Some(1_000.0));
+    assert_eq!(served("w-a"), Some(500.0));
 }

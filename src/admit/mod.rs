@@ -192,6 +192,7 @@ impl Config {
                 let tenant = reservation.tenant_id();
                 let weight = options.weight.as_ref().map_or(1, |weight| weight(tenant));
                 queue.served(tenant, reservation.tokens(), weight);
+                self.metrics.budget_served(tenant, reservation.tokens());
                 Box::from(tenant)
             });
             Wake {
@@ -255,7 +256,9 @@ impl Config {
                 // The queue is full: refused at once.
                 return Err(refused.unwrap_or_else(|| config.ledger.overloaded(&tenant, tokens)));
             };
-            let deadline = tokio::time::Instant::now() + queue.max_wait;
+            let started = tokio::time::Instant::now();
+            let deadline = started + queue.max_wait;
+            let _waiting = Waiting::start(&config.metrics, class, started);
             let mut refused = refused;
             loop {
                 if ticket.may_try(&keys) {
@@ -303,6 +306,36 @@ impl Options {
             }
             Err(error) => Err(error),
         }
+    }
+}
+
+/// Tells the metrics recorder a request waits, and for how long once it stops.
+struct Waiting<'a> {
+    metrics: &'a crate::metrics::Metrics,
+    class: Priority,
+    started: tokio::time::Instant,
+}
+
+impl<'a> Waiting<'a> {
+    fn start(
+        metrics: &'a crate::metrics::Metrics,
+        class: Priority,
+        started: tokio::time::Instant,
+    ) -> Self {
+        metrics.waiting(class, 1.0);
+        Self {
+            metrics,
+            class,
+            started,
+        }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.metrics.waiting(self.class, -1.0);
+        let waited = self.started.elapsed().as_secs_f64();
+        self.metrics.waited(self.class, waited);
     }
 }
 
