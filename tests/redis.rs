@@ -286,6 +286,8 @@ async fn replicas_behind_the_layer_share_one_cap_over_http() {
     let mut grow = metered(&two, "/usage", "acme", 100);
     grow.headers_mut().insert("x-used", "500".parse().unwrap());
     assert_eq!(call(&client, grow).await.text(), "rate_limit_exceeded");
+    // That request's lease is released in the background once its response ends.
+    wait_for_shared(&second, "acme", 600, WAIT).await;
     let mut grow = metered(&two, "/usage", "acme", 100);
     grow.headers_mut().insert("x-used", "400".parse().unwrap());
     assert_eq!(call(&client, grow).await.text(), "ok");
