@@ -95,23 +95,49 @@
 //! # Waiting instead of an immediate 429
 //!
 //! [`wait_for_capacity(max_wait)`](crate::TenantTokenLayer::wait_for_capacity) lets a
-//! request over its tenant's cap (or a shared budget) wait for capacity. Requests wait in a
-//! queue per tenant, first come first served: only the first in line may reserve, and a
-//! new request queues behind those already waiting even if it would fit, so a large request
-//! is not starved by a stream of small ones. A release through the layer wakes the first in
-//! line at once; waiting requests also look again periodically, for capacity that returns
-//! otherwise (a raised cap, a budget freed by another tenant). At the deadline the request
-//! gets the 429 it would have got.
+//! request over its tenant's cap (or a shared budget) wait for capacity. Within a tenant,
+//! requests wait first come first served: only the first in line may reserve, and a new
+//! request queues behind those already waiting even if it would fit, so a large request is
+//! not starved by a stream of small ones. Every release through the layer wakes the
+//! waiting requests; they also look again periodically, for capacity that returns
+//! otherwise (a raised cap, another replica's release). At the deadline the request gets
+//! the 429 it would have got.
+//!
+//! # Fair shares of a saturated upstream
+//!
+//! Tenants waiting for a [shared budget](super::budgets) meet where one tenant's load can
+//! starve another's. When the budget frees, the request admitted next is chosen across
+//! every tenant waiting for it:
+//!
+//! 1. by [`Priority`](crate::Priority) class, read with
+//!    [`priority_header`](crate::TenantTokenLayer::priority_header) or
+//!    [`priority_source`](crate::TenantTokenLayer::priority_source): `Critical` strictly
+//!    before `Standard` (the default) before `Sheddable`;
+//! 2. within a class, fairly: each tenant counts the tokens admitted for it from shared
+//!    budgets, divided by its [weight](crate::TenantTokenLayer::tenant_weight), and the
+//!    tenant with the smallest count goes next (the virtual token counter of Sheng et al.,
+//!    "Fairness in Serving Large Language Models", OSDI 2024). A tenant that asks again
+//!    after an idle spell starts at the smallest count among the active tenants: idle time
+//!    banks no credit. Between two tenants that keep requests waiting, the tokens admitted
+//!    differ by at most a few of the largest requests, weighted;
+//! 3. within a tenant, first come first served.
+//!
+//! Once it is a request's turn, the budget's capacity is kept for it: new requests queue
+//! behind it and other waiters wait their turn, so a large request is not passed by
+//! smaller ones. A `Sheddable` request that arrives while others wait for a budget it draws
+//! from is refused at once ([`Error::Shed`](crate::Error::Shed), 429 `shed`). The metrics
+//! (feature `metrics`) show the requests waiting and their waits by class, and each
+//! tenant's tokens from the budgets.
 //!
 //! - A request larger than the cap never waits (413).
 //! - At most [`TenantTokenLayer::MAX_WAITING_PER_TENANT`](crate::TenantTokenLayer::MAX_WAITING_PER_TENANT)
 //!   requests wait per tenant; the next is refused at once.
 //! - A client that goes away while waiting (the response future is dropped) leaves the
 //!   queue and holds nothing.
-//! - With `TenantTokenLayer::redis`, waiting is per
-//!   process: each replica queues its own requests, a release through this replica wakes
-//!   its first in line, and capacity freed on other replicas is found when the waiting
-//!   requests look again.
+//! - With `TenantTokenLayer::redis`, waiting is per process: each replica queues its own
+//!   requests, a release through this replica wakes them, and capacity freed on other
+//!   replicas is found when the waiting requests look again. Shared budgets, and so their
+//!   fair shares, are counted per process too.
 //! - Waiting needs tokio's timer (any `#[tokio::main]` runtime has it).
 //!
 //! ```rust
