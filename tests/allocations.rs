@@ -482,7 +482,7 @@ fn the_layer_allocates_nothing_by_default() {
 /// [`ReservationHandle`](tower_tenant_tokens::ReservationHandle) inserted into the request's
 /// extensions, and all freed when the request and the response are dropped:
 ///
-/// 1. `Arc<Shared>` in `Guard::new` (`src/handle.rs`): the tenant and the slot the handle
+/// 1. `Arc<Shared>` in `Guard::new` (`src/reservation.rs`): the tenant and the slot the handle
 ///    and the guard share, so that a handler can resize the reservation that the response
 ///    body owns.
 /// 2. `Box<AnyMap>` in `http::Extensions::insert`: a request's extensions are a null

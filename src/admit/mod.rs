@@ -3,7 +3,9 @@
 //! A request the plan metered is admitted in this order, whether its tenant is counted in
 //! memory or in Redis:
 //!
-//! 1. if others of its tenant are waiting for capacity, it queues behind them;
+//! 1. if others of its tenant are waiting for capacity, or others of its class or a higher
+//!    one wait for a budget it draws from, it queues behind them (a sheddable request is
+//!    refused instead);
 //! 2. the shared budgets it draws from are reserved (all or nothing; shadow mode may
 //!    override a refusal);
 //! 3. the tenant's reservation is made in the ledger (at once in memory, one round trip
@@ -12,7 +14,7 @@
 //!    guard takes it all.
 //!
 //! A refusal over a cap, with waiting on, queues the request and repeats 2–4 whenever it
-//! is first in line and capacity may have come back.
+//! is its turn (see [`queue`]) and capacity may have come back.
 
 pub(crate) mod budget;
 pub(crate) mod plan;
