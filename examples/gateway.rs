@@ -328,8 +328,9 @@ async fn tenant(State(state): State<AppState>, Path(tenant): Path<String>) -> Re
     Json(json!({ "tenant": tenant, "in_flight": in_flight, "cap": cap })).into_response()
 }
 
-/// `GET /admin/tenants`: every tenant the tracker knows, sorted by id (in memory), or this
-/// replica's counts of what Redis decided (with Redis).
+/// `GET /admin/tenants`: every tenant the tracker knows, sorted by id (in memory), or the
+/// tenants with work in flight across every replica and this replica's counts of what
+/// Redis decided (with Redis).
 #[cfg_attr(not(feature = "redis"), allow(clippy::infallible_destructuring_match))]
 async fn tenants(State(state): State<AppState>) -> Json<Value> {
     let tracker = match &state.ledger {
@@ -337,7 +338,18 @@ async fn tenants(State(state): State<AppState>) -> Json<Value> {
         #[cfg(feature = "redis")]
         Ledger::Redis(tracker) => {
             let stats = tracker.stats();
+            // Every replica's work, as Redis counts it (the first 100 tenants).
+            let tenants: Vec<Value> = match tracker.tenants_in_flight(100).await {
+                Ok(listed) => listed
+                    .into_iter()
+                    .map(|(tenant, in_flight)| {
+                        json!({ "tenant": tenant, "in_flight": in_flight, "cap": tracker.cap(&tenant) })
+                    })
+                    .collect(),
+                Err(error) => vec![json!({ "error": error.to_string() })],
+            };
             return Json(json!({
+                "tenants": tenants,
                 "redis": {
                     "admitted": stats.admitted, "refused": stats.refused,
                     "unavailable": stats.unavailable, "lost_leases": stats.lost_leases,
@@ -345,7 +357,6 @@ async fn tenants(State(state): State<AppState>) -> Json<Value> {
                     "live_leases": tracker.live_leases(),
                     "circuit_open": tracker.is_circuit_open(),
                 },
-                "hint": "one tenant across every replica: GET /admin/tenants/{tenant}",
             }));
         }
     };

@@ -865,3 +865,41 @@ async fn shadow_mode_admits_over_the_shared_cap_and_counts_it() {
     held.release().await;
     wait_for_shared(&tracker, "acme", 0, WAIT).await;
 }
+
+#[tokio::test]
+async fn the_tenants_in_flight_across_replicas_are_listed() {
+    let redis = redis_or_skip!("the_tenants_in_flight_across_replicas_are_listed");
+    let (first, second) = (
+        connect(builder(1_000), &redis),
+        connect(builder(1_000), &redis),
+    );
+    let held = vec![
+        first.reserve("acme", 300).await.unwrap(),
+        second.reserve("acme", 200).await.unwrap(),
+        second.reserve("globex", 50).await.unwrap(),
+        first.reserve("in*itech", 7).await.unwrap(),
+    ];
+    let listed = first.tenants_in_flight(100).await.unwrap();
+    assert_eq!(
+        listed,
+        [
+            ("acme".to_owned(), 500),
+            ("globex".to_owned(), 50),
+            ("in*itech".to_owned(), 7),
+        ]
+    );
+    assert_eq!(second.tenants_in_flight(2).await.unwrap().len(), 2);
+    // Another application's keys on the same Redis are not listed.
+    let other = connect(builder(1_000).key_prefix("other-app:"), &redis);
+    let _theirs = other.reserve("acme", 1).await.unwrap();
+    assert_eq!(first.tenants_in_flight(100).await.unwrap().len(), 3);
+    assert_eq!(
+        other.tenants_in_flight(100).await.unwrap(),
+        [("acme".to_owned(), 1)]
+    );
+
+    for reservation in held {
+        reservation.release().await;
+    }
+    assert!(first.tenants_in_flight(100).await.unwrap().is_empty());
+}

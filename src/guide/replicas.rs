@@ -33,7 +33,12 @@
 //! cargo run --example gateway --features redis -- --redis redis://127.0.0.1:6379
 //! cargo run --example gateway --features redis -- --redis redis://127.0.0.1:6379 --addr 127.0.0.1:3001
 //! curl -s 127.0.0.1:3001/admin/tenants/acme     # in flight across both, and the cap
+//! curl -s 127.0.0.1:3001/admin/tenants          # every tenant with work in flight
 //! ```
+//!
+//! `RedisTokenTracker::tenants_in_flight(limit)` lists the tenants with work in flight
+//! across every replica, walking the tracker's keys with `SCAN` (so Redis is never blocked
+//! for long) and asking for each tenant's count: cheap enough for an admin page.
 //!
 //! # Leases, not counters
 //!

@@ -4,6 +4,7 @@
 
 mod breaker;
 mod lease;
+mod list;
 mod renew;
 mod reserve;
 mod scripts;

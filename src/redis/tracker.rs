@@ -136,7 +136,7 @@ pub(super) struct Counters {
 /// The tracker needs a tokio runtime (it spawns its renewal task and background writes).
 #[derive(Clone)]
 pub struct RedisTokenTracker {
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
 }
 
 /// Everything a tracker's clones, reservations and renewal task share.

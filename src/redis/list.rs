@@ -1,0 +1,73 @@
+//! Listing the tenants with work in flight across every replica, for an admin page.
+
+use super::tracker::RedisTokenTracker;
+use crate::Error;
+
+/// How many keys one `SCAN` step asks Redis to look at.
+const SCAN_STEP: u64 = 1_000;
+
+impl RedisTokenTracker {
+    /// The tenants with tokens in flight across every replica, as Redis counts them now
+    /// (expired leases swept first), sorted by tenant id: at most `limit` of them.
+    ///
+    /// It walks this tracker's keys with `SCAN` (a step of a thousand keys at a time, so
+    /// Redis is never blocked for long) and asks for each tenant's count: one round trip
+    /// per tenant found, so keep `limit` to what a page shows.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BackendUnavailable`] when Redis could not be asked.
+    pub async fn tenants_in_flight(&self, limit: usize) -> Result<Vec<(String, u64)>, Error> {
+        let inner = &self.inner;
+        let (head, tail) = ("{t:", "}:tokens");
+        let pattern = format!("{}{head}*{tail}", escape_glob(&inner.prefix));
+        let mut conn = inner.conn.clone();
+        let (mut cursor, mut tenants) = (0_u64, Vec::new());
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(SCAN_STEP);
+            let (next, keys): (u64, Vec<String>) = inner
+                .timed(scan.query_async(&mut conn))
+                .await
+                .map_err(|failure| failure.unavailable())?;
+            let found = keys.iter().filter_map(|key| {
+                let tenant = key.strip_prefix(inner.prefix.as_str())?;
+                Some(tenant.strip_prefix(head)?.strip_suffix(tail)?.to_owned())
+            });
+            tenants.extend(found);
+            cursor = next;
+            if cursor == 0 || tenants.len() >= limit {
+                break;
+            }
+        }
+        tenants.sort();
+        tenants.dedup();
+        let mut listed = Vec::new();
+        for tenant in tenants {
+            if listed.len() == limit {
+                break;
+            }
+            let in_flight = self.in_flight(&tenant).await?;
+            if in_flight > 0 {
+                listed.push((tenant, in_flight));
+            }
+        }
+        Ok(listed)
+    }
+}
+
+/// `text` with the characters `SCAN`'s glob pattern treats specially escaped.
+fn escape_glob(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
