@@ -72,7 +72,7 @@ use axum::{Extension, Json, Router};
 use futures_util::{stream, StreamExt};
 use serde_json::{json, Value};
 use tower_tenant_tokens::{
-    OpenAiEstimator, ReservationHandle, ShadowMode, SharedBudget, TenantTokenLayer,
+    BudgetLedger, OpenAiEstimator, ReservationHandle, ShadowMode, SharedBudget, TenantTokenLayer,
     TenantTokenTracker,
 };
 
@@ -89,7 +89,8 @@ usage: cargo run --example gateway -- [OPTIONS]
                         redis://127.0.0.1:6379 (needs --features redis)
   --redis-down POLICY   while Redis is unreachable: closed (503, default), open (admit
                         uncounted) or share:N (a 1/N share of each cap, in memory)
-  --upstream-cap TOKENS a cap all tenants share (the upstream's capacity), next to each
+  --upstream-cap TOKENS a cap all tenants share (the upstream's capacity; with --redis,
+                        shared by every replica too), next to each
                         tenant's own
   --wait-ms MS          let a request over the cap wait up to MS for capacity; across
                         tenants waiting for --upstream-cap, by class, then fairly
@@ -153,7 +154,24 @@ async fn main() {
         .estimator(OpenAiEstimator::new())
         .reservation_handle(true); // handlers reconcile with the usage the upstream reports
     if let Some(cap) = options.upstream_cap {
-        let upstream = Arc::new(TenantTokenTracker::new(cap));
+        // One upstream for every replica: with Redis, its budget is counted there too.
+        let upstream: BudgetLedger = match &ledger {
+            Ledger::Memory(_) => Arc::new(TenantTokenTracker::new(cap)).into(),
+            #[cfg(feature = "redis")]
+            Ledger::Redis(_) => {
+                let url = options.redis.as_deref().expect("a Redis ledger has a URL");
+                let budget = tower_tenant_tokens::redis::RedisTokenTracker::builder(cap)
+                    .key_prefix("tenant-tokens-budget:")
+                    .connect(url);
+                match budget {
+                    Ok(budget) => budget.into(),
+                    Err(error) => {
+                        eprintln!("error: --redis {url}: {error}");
+                        std::process::exit(2);
+                    }
+                }
+            }
+        };
         limits = limits.shared_budget(SharedBudget::new("upstream", upstream));
     }
     if let Some(wait) = options.wait {

@@ -215,8 +215,9 @@ impl TenantTokenLayer {
 
     /// Makes every request also draw from `budget`, a cap all tenants share (an upstream's
     /// capacity, one per model, …), all or nothing with its tenant's cap; see
-    /// [`SharedBudget`]. Call again to add more budgets. With a Redis tracker the budgets
-    /// are still counted in this process.
+    /// [`SharedBudget`]. Call again to add more budgets. A budget counts in this process, or
+    /// in Redis for every replica when its ledger is a Redis tracker
+    /// ([`BudgetLedger`](crate::BudgetLedger)).
     pub fn shared_budget(self, budget: SharedBudget) -> Self {
         self.with(|config| config.options_mut().budgets.push(budget))
     }

@@ -112,7 +112,7 @@ mod service;
 mod sync;
 mod tracker;
 
-pub use self::admit::budget::SharedBudget;
+pub use self::admit::budget::{BudgetLedger, SharedBudget};
 pub use self::admit::priority::{Priority, PrioritySource};
 pub use self::admit::shadow::ShadowMode;
 pub use self::body::{RequestBody, ResponseBody};

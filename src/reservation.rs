@@ -107,6 +107,16 @@ impl Ledger {
     }
 }
 
+/// Waits for every growth in turn; the first refusal stands.
+fn all(growths: Vec<Pending<()>>) -> Pending<()> {
+    Box::pin(async move {
+        for growth in growths {
+            growth.await?;
+        }
+        Ok(())
+    })
+}
+
 /// A reservation in the ledger it came from.
 pub(crate) enum Reservation {
     Local(TokenReservation),
@@ -191,7 +201,7 @@ pub(crate) struct Held {
 #[derive(Default)]
 pub(crate) struct Riders {
     /// The shared budgets' reservations, resized and released with the tenant's.
-    pub(crate) budgets: Vec<TokenReservation>,
+    pub(crate) budgets: Vec<Reservation>,
     /// Times the reservation, for a `Retry-After` derived from hold times.
     pub(crate) clock: Option<HoldClock>,
     /// Wakes the tenant's first waiting request; last, so it runs once the tokens are back.
@@ -218,7 +228,7 @@ impl Held {
     }
 
     /// The shared budgets' reservations (none for most layers).
-    fn budgets(&mut self) -> &mut [TokenReservation] {
+    fn budgets(&mut self) -> &mut [Reservation] {
         match &mut self.riders {
             Some(riders) => &mut riders.budgets,
             None => &mut [],
@@ -236,52 +246,65 @@ impl Held {
     }
 
     /// Resizes, growing only within the caps: the budgets first, then the tenant's; a
-    /// refusal anywhere puts back what had grown. When Redis must decide, the budgets stay
-    /// grown until it has ([`settle_growth`](Self::settle_growth)).
+    /// refusal anywhere puts back what had grown. Growth Redis must check is returned to
+    /// wait for ([`Resize::Later`]); what grew stays grown until it is
+    /// [settled](Self::settle_growth).
     fn try_resize(&mut self, tokens: u64) -> Resize {
         let before = self.tokens();
-        if tokens > before {
-            if let Err(error) = self.try_grow_budgets(tokens) {
-                return Resize::Done(Err(error));
+        if tokens <= before {
+            self.resize(tokens); // shrinking always fits
+            return Resize::Done(Ok(()));
+        }
+        let mut later = Vec::new();
+        for i in 0..self.budgets().len() {
+            let budget = &mut self.budgets()[i];
+            match budget.try_resize(tokens) {
+                Resize::Done(Ok(())) => {}
+                Resize::Done(Err(error)) => {
+                    let key = budget.tenant_id().to_owned();
+                    self.settle_growth(before, false);
+                    return Resize::Done(Err(budget_error(&key, error)));
+                }
+                Resize::Later(growth) => {
+                    let key = budget.tenant_id().to_owned();
+                    later.push(Box::pin(async move {
+                        growth.await.map_err(|error| budget_error(&key, error))
+                    }) as Pending<()>);
+                }
             }
         }
-        let resize = self.reservation.try_resize(tokens);
-        if let Resize::Done(done) = &resize {
-            self.settle_growth(before, done.is_ok());
+        match self.reservation.try_resize(tokens) {
+            Resize::Done(Ok(())) if later.is_empty() => {
+                self.settle_growth(before, true);
+                Resize::Done(Ok(()))
+            }
+            Resize::Done(Ok(())) => Resize::Later(all(later)),
+            Resize::Done(Err(error)) => {
+                self.settle_growth(before, false);
+                Resize::Done(Err(error))
+            }
+            Resize::Later(growth) => {
+                later.push(growth);
+                Resize::Later(all(later))
+            }
         }
-        resize
     }
 
-    /// Completes a resize that changed the tenant's reservation from `before`, or put
-    /// the budgets back if it did not.
+    /// Completes a growth from `before`, or puts everything back to `before` if it was
+    /// refused.
     fn settle_growth(&mut self, before: u64, done: bool) {
         if done {
-            let now = self.tokens();
-            for budget in self.budgets() {
-                budget.resize(now); // the shrinks; growth is already in place
-            }
             self.resized(before);
         } else {
+            if self.reservation.tokens() > before {
+                self.reservation.resize(before);
+            }
             for budget in self.budgets() {
                 if budget.tokens() > before {
                     budget.resize(before);
                 }
             }
         }
-    }
-
-    /// Grows every budget to `tokens` within its cap, or none.
-    fn try_grow_budgets(&mut self, tokens: u64) -> Result<(), Error> {
-        let before = self.tokens();
-        for i in 0..self.budgets().len() {
-            let budget = &mut self.budgets()[i];
-            if let Err(error) = budget.try_resize(tokens) {
-                let key = budget.tenant_id().to_owned();
-                self.settle_growth(before, false);
-                return Err(budget_error(&key, error));
-            }
-        }
-        Ok(())
     }
 
     /// Tells the recorder the reservation changed from `before` to what it holds now.

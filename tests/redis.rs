@@ -23,7 +23,8 @@ use http::StatusCode;
 use tower::{Layer, ServiceExt};
 use tower_tenant_tokens::redis::{FailurePolicy, RedisTokenTracker, RedisTokenTrackerBuilder};
 use tower_tenant_tokens::{
-    Error, OpenAiEstimator, RequestBody, ReservationHandle, ShadowMode, TenantTokenLayer,
+    Error, OpenAiEstimator, RequestBody, ReservationHandle, ShadowMode, SharedBudget,
+    TenantTokenLayer,
 };
 
 /// Starts this test's server, or returns from the test where none is installed.
@@ -902,4 +903,71 @@ async fn the_tenants_in_flight_across_replicas_are_listed() {
         reservation.release().await;
     }
     assert!(first.tenants_in_flight(100).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_budget_in_redis_holds_across_replicas_all_or_nothing_with_the_tenant() {
+    let redis =
+        redis_or_skip!("a_budget_in_redis_holds_across_replicas_all_or_nothing_with_the_tenant");
+    let (first, second) = (
+        connect(builder(1_000), &redis),
+        connect(builder(1_000), &redis),
+    );
+    // The upstream takes 1,500 tokens from both replicas together; its leases live under
+    // their own prefix, apart from the tenants'.
+    let budget = || connect(builder(1_500).key_prefix("budget:"), &redis);
+    let (upstream_one, upstream_two) = (budget(), budget());
+    let (one, mut one_streams) = replica_server_with(&first, |layer| {
+        layer.shared_budget(SharedBudget::new("upstream", upstream_one))
+    })
+    .await;
+    let (two, mut two_streams) = replica_server_with(&second, |layer| {
+        layer.shared_budget(SharedBudget::new("upstream", upstream_two))
+    })
+    .await;
+    let observer = budget();
+    let client = client();
+
+    let acme = send(&client, metered(&one, "/stream", "acme", 600)).await;
+    assert_eq!(acme.status(), StatusCode::OK);
+    let acme_chunks = one_streams.next().await;
+    let globex = send(&client, metered(&two, "/stream", "globex", 800)).await;
+    assert_eq!(globex.status(), StatusCode::OK);
+    let globex_chunks = two_streams.next().await;
+    assert_eq!(in_flight(&observer, "upstream").await, 1_400);
+
+    // Replica two alone holds 800 of 1,500: only the shared count refuses this one.
+    let refused = call(&client, metered(&two, "/stream", "initech", 200)).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.error_code(), "budget_exceeded");
+    assert_eq!(
+        in_flight(&second, "initech").await,
+        0,
+        "nothing held for it"
+    );
+
+    // A handler's growth is checked against the budget across replicas too.
+    let mut grow = metered(&two, "/usage", "initech", 50);
+    grow.headers_mut().insert("x-used", "200".parse().unwrap());
+    assert_eq!(call(&client, grow).await.text(), "budget_exceeded");
+    wait_for_shared(&observer, "upstream", 1_400, WAIT).await;
+    let mut grow = metered(&two, "/usage", "initech", 50);
+    grow.headers_mut().insert("x-used", "100".parse().unwrap());
+    assert_eq!(call(&client, grow).await.text(), "ok");
+    wait_for_shared(&observer, "upstream", 1_400, WAIT).await;
+
+    // The budget fits and the tenant's cap does not: the budget's lease goes too.
+    drop(globex_chunks);
+    assert_eq!(read(globex).await.status, StatusCode::OK);
+    wait_for_shared(&observer, "upstream", 600, WAIT).await;
+    let refused = call(&client, metered(&two, "/stream", "acme", 450)).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.error_code(), "rate_limit_exceeded");
+    wait_for_shared(&observer, "upstream", 600, WAIT).await;
+    assert_eq!(in_flight(&first, "acme").await, 600);
+
+    drop(acme_chunks);
+    assert_eq!(read(acme).await.status, StatusCode::OK);
+    wait_for_shared(&observer, "upstream", 0, WAIT).await;
+    wait_for_shared(&first, "acme", 0, WAIT).await;
 }

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::request::Parts;
 
-use crate::{Error, TenantTokenTracker, TokenReservation};
+use crate::reservation::{Ledger, Reservation, Step};
+use crate::{Error, TenantTokenTracker};
 
 type KeyFn = dyn Fn(&Parts, Option<&Bytes>) -> Option<String> + Send + Sync;
 
@@ -14,9 +15,12 @@ type KeyFn = dyn Fn(&Parts, Option<&Bytes>) -> Option<String> + Send + Sync;
 /// that each request draws from next to its tenant's own cap
 /// ([`TenantTokenLayer::shared_budget`](crate::TenantTokenLayer::shared_budget)).
 ///
-/// The budget's ledger is a [`TenantTokenTracker`] whose "tenants" are the budget's keys
-/// (`"upstream"`, `"gpt-4o"`, …): its default cap, `set_cap` and cap function set the
-/// budgets' caps, and its snapshot shows what each has in flight.
+/// The budget's ledger is a tracker whose "tenants" are the budget's keys (`"upstream"`,
+/// `"gpt-4o"`, …): its default cap and cap function set the budgets' caps. In this
+/// process, a [`TenantTokenTracker`] (its snapshot shows what each key has in flight);
+/// shared by every replica, a Redis tracker (feature `redis`; give it its own key prefix,
+/// apart from the tenants'), so that replicas together never draw more than the upstream
+/// takes. See [`BudgetLedger`].
 ///
 /// A request reserves against its tenant and every budget it draws from, all or nothing:
 /// when one refuses, what the others granted is released at once and the refusal names
@@ -36,8 +40,42 @@ type KeyFn = dyn Fn(&Parts, Option<&Bytes>) -> Option<String> + Send + Sync;
 /// ```
 #[derive(Clone)]
 pub struct SharedBudget {
-    tracker: Arc<TenantTokenTracker>,
+    ledger: Ledger,
     key: Key,
+}
+
+/// Where a [`SharedBudget`] counts its keys: a [`TenantTokenTracker`] in this process, or
+/// (feature `redis`) a Redis tracker shared by every replica. Made with `From`, so
+/// [`SharedBudget::new`] and its siblings take either.
+///
+/// With Redis, the budget's lease and the tenant's are two leases, each in its own key
+/// (so a later Redis Cluster may keep them in different slots): the budgets are reserved
+/// first, then the tenant's, and a refusal of either releases what was granted; a replica
+/// that dies between the two leaves a lease that expires with its TTL, like any other.
+#[derive(Clone)]
+pub struct BudgetLedger(Ledger);
+
+impl From<Arc<TenantTokenTracker>> for BudgetLedger {
+    fn from(tracker: Arc<TenantTokenTracker>) -> Self {
+        BudgetLedger(Ledger::Local(tracker))
+    }
+}
+
+#[cfg(feature = "redis")]
+impl From<crate::redis::RedisTokenTracker> for BudgetLedger {
+    fn from(tracker: crate::redis::RedisTokenTracker) -> Self {
+        BudgetLedger(Ledger::Redis(tracker))
+    }
+}
+
+impl fmt::Debug for BudgetLedger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Ledger::Local(tracker) => f.debug_tuple("Local").field(tracker).finish(),
+            #[cfg(feature = "redis")]
+            Ledger::Redis(tracker) => f.debug_tuple("Redis").field(tracker).finish(),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -53,10 +91,11 @@ impl SharedBudget {
     /// The longest model name [`per_model`](Self::per_model) keys a budget by, in bytes.
     pub const MAX_MODEL_KEY_LEN: usize = 256;
 
-    /// One budget, `name`, in `tracker`, that every request draws from.
-    pub fn new(name: impl Into<String>, tracker: Arc<TenantTokenTracker>) -> Self {
+    /// One budget, `name`, in `ledger` (a `TenantTokenTracker` in an `Arc`, or a Redis
+    /// tracker), that every request draws from.
+    pub fn new(name: impl Into<String>, ledger: impl Into<BudgetLedger>) -> Self {
         Self {
-            tracker,
+            ledger: ledger.into().0,
             key: Key::Fixed(Arc::from(name.into())),
         }
     }
@@ -79,12 +118,12 @@ impl SharedBudget {
     /// });
     /// # let _ = per_model;
     /// ```
-    pub fn keyed<F>(tracker: Arc<TenantTokenTracker>, f: F) -> Self
+    pub fn keyed<F>(ledger: impl Into<BudgetLedger>, f: F) -> Self
     where
         F: Fn(&Parts, Option<&Bytes>) -> Option<String> + Send + Sync + 'static,
     {
         Self {
-            tracker,
+            ledger: ledger.into().0,
             key: Key::Fn(Arc::new(f)),
         }
     }
@@ -101,16 +140,20 @@ impl SharedBudget {
     /// first `MAX_MODEL_KEY_LEN` bytes (a client cannot escape a budget with a long name, nor
     /// store megabytes of key). The tracker's idle bound limits how many keys it keeps.
     #[cfg(feature = "openai")]
-    pub fn per_model(tracker: Arc<TenantTokenTracker>) -> Self {
+    pub fn per_model(ledger: impl Into<BudgetLedger>) -> Self {
         Self {
-            tracker,
+            ledger: ledger.into().0,
             key: Key::Model,
         }
     }
 
-    /// The ledger of this budget's keys.
-    pub fn tracker(&self) -> &Arc<TenantTokenTracker> {
-        &self.tracker
+    /// The ledger of this budget's keys, when it counts in this process.
+    pub fn tracker(&self) -> Option<&Arc<TenantTokenTracker>> {
+        match &self.ledger {
+            Ledger::Local(tracker) => Some(tracker),
+            #[cfg(feature = "redis")]
+            Ledger::Redis(_) => None,
+        }
     }
 
     /// The key this request draws from, if any; `model` is the one the estimator found.
@@ -156,15 +199,15 @@ impl fmt::Debug for SharedBudget {
         };
         f.debug_struct("SharedBudget")
             .field("key", &key)
-            .field("tracker", &self.tracker)
+            .field("ledger", &BudgetLedger(self.ledger.clone()))
             .finish()
     }
 }
 
 /// The budget keys one request draws from, found before anything is reserved; `None` for
 /// the many layers without budgets, so that nothing is built or dropped for them.
-#[derive(Default)]
-pub(crate) struct BudgetKeys(Option<Vec<(Arc<TenantTokenTracker>, String)>>);
+#[derive(Default, Clone)]
+pub(crate) struct BudgetKeys(Option<Vec<(Ledger, String)>>);
 
 impl BudgetKeys {
     #[inline]
@@ -178,31 +221,45 @@ impl BudgetKeys {
         BudgetKeys(Some(
             budgets
                 .iter()
-                .filter_map(|budget| Some((Arc::clone(&budget.tracker), key(budget)?)))
+                .filter_map(|budget| Some((budget.ledger.clone(), key(budget)?)))
                 .collect(),
         ))
     }
 
     /// Reserves `tokens` under every key, or none: the first refusal releases what the
-    /// others granted. `unchecked` reserves whatever the caps (shadow mode).
-    pub(crate) fn reserve(
-        &self,
-        tokens: u64,
-        unchecked: bool,
-    ) -> Result<Vec<TokenReservation>, Error> {
+    /// others granted. `unchecked` reserves whatever the caps (shadow mode). At once when
+    /// every budget counts in this process; after the round trips when one is in Redis.
+    pub(crate) fn reserve(&self, tokens: u64, unchecked: bool) -> Step<Vec<Reservation>> {
         let keys = self.0.as_deref().unwrap_or_default();
         let mut held = Vec::with_capacity(keys.len());
-        for (tracker, key) in keys {
-            if unchecked {
-                held.push(tracker.reserve_unchecked(key, tokens));
-                continue;
-            }
-            match tracker.reserve_id(key, tokens) {
-                Ok(reservation) => held.push(reservation),
-                Err(error) => return Err(budget_error(key, error)), // `held` drops: released
+        for (at, (ledger, key)) in keys.iter().enumerate() {
+            let reserved = match unchecked {
+                false => ledger.reserve(key, tokens),
+                true => ledger.reserve_unchecked(key, tokens),
+            };
+            match reserved {
+                Step::Now(Ok(reservation)) => held.push(reservation),
+                Step::Now(Err(error)) => return Step::Now(Err(budget_error(key, error))),
+                Step::Later(pending) => {
+                    // A budget in Redis: the rest in order, after it answers.
+                    let rest = keys[at + 1..].to_vec();
+                    let key = key.clone();
+                    return Step::Later(Box::pin(async move {
+                        held.push(pending.await.map_err(|error| budget_error(&key, error))?);
+                        for (ledger, key) in rest {
+                            let reserved = match unchecked {
+                                false => ledger.reserve(&key, tokens),
+                                true => ledger.reserve_unchecked(&key, tokens),
+                            };
+                            let reserved = reserved.resolve().await;
+                            held.push(reserved.map_err(|error| budget_error(&key, error))?);
+                        }
+                        Ok(held)
+                    }));
+                }
             }
         }
-        Ok(held)
+        Step::Now(Ok(held))
     }
 
     /// Whether the request draws from the budget keyed `key`.

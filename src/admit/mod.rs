@@ -32,7 +32,7 @@ use self::queue::{Arrival, Queue, Wake, RECHECK};
 use crate::config::Config;
 use crate::reservation::{Guard, Held, Reservation, Riders, Step};
 use crate::retry_after::{HoldClock, HoldTimes};
-use crate::{Error, ShadowMode, SharedBudget, TokenReservation};
+use crate::{Error, ShadowMode, SharedBudget};
 
 /// The options few layers use; see [`Config::options`].
 #[derive(Clone, Default)]
@@ -129,8 +129,19 @@ impl Config {
             };
         };
         let (budgets, shadowed) = match options.draw(tenant, tokens, keys) {
-            Ok(drawn) => drawn,
-            Err(error) => return Step::Now(Err(error)),
+            Step::Now(Ok(drawn)) => drawn,
+            Step::Now(Err(error)) => return Step::Now(Err(error)),
+            Step::Later(drawing) => {
+                // A budget in Redis: the tenant's reservation once the budgets are held.
+                let (config, tenant) = (Arc::clone(self), tenant.to_owned());
+                return Step::Later(Box::pin(async move {
+                    let (budgets, shadowed) = drawing.await?;
+                    let options = config.options.as_deref().expect("checked above");
+                    let reserved = config.reserve_or_shadow(&tenant, tokens, &options.shadow);
+                    let (reservation, refused) = reserved.resolve().await?;
+                    Ok(config.hold(options, reservation, budgets, refused.or(shadowed)))
+                }));
+            }
         };
         match self.reserve_or_shadow(tenant, tokens, &options.shadow) {
             Step::Now(reserved) => Step::Now(reserved.map(|(reservation, refused)| {
@@ -185,7 +196,7 @@ impl Config {
         &self,
         options: &Options,
         reservation: Reservation,
-        budgets: Vec<TokenReservation>,
+        budgets: Vec<Reservation>,
         shadowed: Option<Error>,
     ) -> Held {
         let wake = options.queue.as_ref().map(|queue| {
@@ -297,16 +308,29 @@ impl Options {
         tenant: &str,
         tokens: u64,
         keys: &BudgetKeys,
-    ) -> Result<(Vec<TokenReservation>, Option<Error>), Error> {
+    ) -> Step<(Vec<Reservation>, Option<Error>)> {
         if keys.is_empty() {
-            return Ok((Vec::new(), None));
+            return Step::Now(Ok((Vec::new(), None)));
         }
         match keys.reserve(tokens, false) {
-            Ok(budgets) => Ok((budgets, None)),
-            Err(error) if self.shadow.covers(tenant, &error) => {
-                Ok((keys.reserve(tokens, true)?, Some(error)))
+            Step::Now(Ok(budgets)) => Step::Now(Ok((budgets, None))),
+            Step::Now(Err(error)) if self.shadow.covers(tenant, &error) => keys
+                .reserve(tokens, true)
+                .map(|budgets| (budgets, Some(error))),
+            Step::Now(Err(error)) => Step::Now(Err(error)),
+            Step::Later(pending) => {
+                let (shadow, tenant, keys) = (self.shadow.clone(), tenant.to_owned(), keys.clone());
+                Step::Later(Box::pin(async move {
+                    match pending.await {
+                        Ok(budgets) => Ok((budgets, None)),
+                        Err(error) if shadow.covers(&tenant, &error) => {
+                            let budgets = keys.reserve(tokens, true).resolve().await?;
+                            Ok((budgets, Some(error)))
+                        }
+                        Err(error) => Err(error),
+                    }
+                }))
             }
-            Err(error) => Err(error),
         }
     }
 }

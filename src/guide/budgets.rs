@@ -107,6 +107,38 @@
 //! # let _ = per_region;
 //! ```
 //!
-//! With the Redis tracker (`TenantTokenLayer::redis`, feature `redis`),
-//! the tenants' caps are shared by every replica but the budgets are still counted in each
-//! process.
+//! # One budget for every replica
+//!
+//! A budget counted in a [`TenantTokenTracker`](crate::TenantTokenTracker) is this
+//! process's: three replicas would let three times the upstream's capacity through. Give
+//! the budget a Redis tracker instead (feature `redis`; any constructor takes one, see
+//! [`BudgetLedger`](crate::BudgetLedger)) and every replica draws from the one budget. Give
+//! it its own key prefix, apart from the tenants' tracker, so a budget key never meets a
+//! tenant of the same name:
+//!
+//! ```no_run
+//! # #[cfg(feature = "redis")]
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use tower_tenant_tokens::redis::RedisTokenTracker;
+//! use tower_tenant_tokens::{SharedBudget, TenantTokenLayer};
+//!
+//! let tenants = RedisTokenTracker::builder(20_000).connect("redis://127.0.0.1:6379")?;
+//! let upstream = RedisTokenTracker::builder(200_000)
+//!     .key_prefix("tenant-tokens-budget:")
+//!     .connect("redis://127.0.0.1:6379")?;
+//! let layer = TenantTokenLayer::redis(tenants)
+//!     .shared_budget(SharedBudget::new("upstream", upstream));
+//! # let _ = layer;
+//! # Ok(()) }
+//! ```
+//!
+//! The budget's lease and the tenant's are two leases, each in its own keys: the budgets
+//! are reserved first, then the tenant's, and a refusal of either releases what was
+//! granted. A replica that dies between the two steps leaves a lease that expires with
+//! its TTL, like any other, so the pair stays all or nothing without a transaction across
+//! keys (which a Redis Cluster could not run when they sit in different slots). A
+//! handler's growth through
+//! [`try_resize_async`](crate::ReservationHandle::try_resize_async) is checked in Redis for
+//! each budget; the sync [`try_resize`](crate::ReservationHandle::try_resize) cannot wait
+//! for Redis and refuses such growth. Waiting requests and their fair shares are still
+//! ordered per process (see [the refusals guide](super::refusals)).

@@ -136,8 +136,9 @@
 //!   queue and holds nothing.
 //! - With `TenantTokenLayer::redis`, waiting is per process: each replica queues its own
 //!   requests, a release through this replica wakes them, and capacity freed on other
-//!   replicas is found when the waiting requests look again. Shared budgets, and so their
-//!   fair shares, are counted per process too.
+//!   replicas is found when the waiting requests look again. The fair order is kept per
+//!   process; a budget in Redis is one budget for every replica, but each replica orders
+//!   only its own waiting requests.
 //! - Waiting needs tokio's timer (any `#[tokio::main]` runtime has it).
 //!
 //! ```rust

@@ -91,7 +91,8 @@
 //! with every reservation and checked there against all replicas' leases, so every replica
 //! must be configured alike. Redis's Lua counts in doubles, so amounts and caps are capped
 //! at 2⁵³ − 1 tokens (`redis::MAX_REDIS_TOKENS`). [Shared budgets](super::budgets) are
-//! still counted in each process.
+//! counted in Redis too when their ledger is a Redis tracker (one budget for every
+//! replica), in each process otherwise.
 //!
 //! [Waiting for capacity](super::refusals#waiting-instead-of-an-immediate-429) works with
 //! the Redis tracker too, per process: a replica's waiting requests are woken by that
