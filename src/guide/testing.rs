@@ -47,7 +47,24 @@
 //! - a stream outliving several TTLs stays counted;
 //! - a reserve that timed out behind a `DEBUG SLEEP`, or whose request was cancelled there,
 //!   leaves nothing behind (both fail if the release by id is taken out);
-//! - the OpenAI body estimator in front of Redis.
+//! - the OpenAI body estimator in front of Redis;
+//! - a Redis that loses its data (`FLUSHALL`, a restart) counts the running work again
+//!   within one renewal period; a lease that expired while its work ran is registered again;
+//! - a shared budget in Redis holds across replicas, all or nothing with the tenant's lease;
+//! - waiting on one replica for capacity another releases; the tenants listed across
+//!   replicas.
+//!
+//! `tests/redis_soak.rs` soaks the Redis path under faults (20 s, `TTT_REDIS_SOAK_SECS` for
+//! longer): two replicas over real HTTP and a third in a child process, clients streaming
+//! (some for seconds) and disconnecting, Redis flushed, then restarted empty, then the child
+//! SIGKILLed. The work running, as the handlers count it, never exceeds a cap outside one
+//! renewal period (plus the short streams' length) after each fault, and once everything
+//! ends no token and no key is left. It fails if lost leases are not registered again.
+//!
+//! `tests/fairness.rs` measures fair shares of a saturated budget over real HTTP, by class,
+//! weight and tenant; `tests/contract.rs` checks the tower contract with `tower_test`'s mock
+//! service (readiness, nothing reserved before `call`, release when the future is dropped in
+//! each state, errors passed through).
 //!
 //! # CI
 //!
