@@ -110,6 +110,22 @@ async fn child_replica_for_the_soak() {
     drop(reservation);
 }
 
+/// The child replica, SIGKILLed and reaped when the test is done with it (or fails).
+struct KillOnDrop(std::process::Child);
+
+impl KillOnDrop {
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// A small deterministic generator, so a failing run can be replayed.
 struct Dice(u64);
 
@@ -140,7 +156,7 @@ async fn replicas_hold_the_cap_through_a_flush_a_restart_and_a_killed_replica() 
     ]);
     let observer = builder().connect(url.as_str()).expect("url");
 
-    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+    let child = Command::new(std::env::current_exe().expect("test binary"))
         .args(["child_replica_for_the_soak", "--exact", "--ignored"])
         .args(["--nocapture", "--test-threads", "1"])
         .env("TTT_CHILD_REDIS_URL", &url)
@@ -148,7 +164,8 @@ async fn replicas_hold_the_cap_through_a_flush_a_restart_and_a_killed_replica() 
         .stderr(Stdio::null())
         .spawn()
         .expect("start the child replica");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut child = KillOnDrop(child);
+    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
     while !lines.next().unwrap().unwrap().contains("HELD ") {}
 
     let counts = Arc::new(Mutex::new([0_u64; 3])); // admitted, refused, unavailable
@@ -229,8 +246,7 @@ async fn replicas_hold_the_cap_through_a_flush_a_restart_and_a_killed_replica() 
             windows.lock().unwrap().push((at, Instant::now() + slack));
             faults += 1;
         } else if faults == 2 && elapsed >= run * 3 / 4 {
-            child.kill().expect("kill the child replica");
-            child.wait().expect("reap");
+            child.kill();
             faults += 1;
         }
         let now = Instant::now();
