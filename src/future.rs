@@ -21,6 +21,7 @@ use crate::headers::{
     X_RATELIMIT_REMAINING_TOKENS,
 };
 use crate::reservation::{Guard, Pending, Step};
+use crate::usage::Tap;
 use crate::{BoxError, Error, RequestBody, ResponseBody};
 
 pin_project! {
@@ -42,7 +43,13 @@ pin_project! {
     enum State<F, S, B> {
         /// Admitted (or unmetered): the inner call, holding the reservation until the
         /// response, which takes it over.
-        Inner { #[pin] future: F, guard: Option<Guard>, headers: LimitHeaders },
+        Inner {
+            #[pin] future: F,
+            guard: Option<Guard>,
+            headers: LimitHeaders,
+            // Reads the response's usage, when the layer does.
+            tap: Option<Box<Tap>>,
+        },
         /// Refused before reaching the inner service. (Boxed, like the others, to keep the
         /// future small: it is moved on every admitted request.)
         Rejected { response: Option<Box<Response<Bytes>>> },
@@ -64,6 +71,8 @@ pub(crate) struct Call<S> {
     parts: Parts,
     service: S,
     config: Arc<Config>,
+    /// The estimate's prompt part, when the estimator tells it apart.
+    prompt: u64,
 }
 
 impl<S> Call<S> {
@@ -72,6 +81,7 @@ impl<S> Call<S> {
             parts,
             service,
             config,
+            prompt: 0,
         }
     }
 
@@ -111,6 +121,7 @@ impl<S> Call<S> {
             mut parts,
             mut service,
             config,
+            prompt,
         } = self;
         if let Some(handle) = guard.handle() {
             parts.extensions.insert(handle);
@@ -119,6 +130,7 @@ impl<S> Call<S> {
             future: service.call(Request::from_parts(parts, body)),
             guard: Some(guard),
             headers: config.limit_headers,
+            tap: Tap::new_if(config.read_usage, prompt),
         }
     }
 }
@@ -153,12 +165,18 @@ impl<S, B> ResponseFuture<S, B>
 where
     S: Service<Request<RequestBody<B>>>,
 {
-    pub(crate) fn inner(future: S::Future, guard: Option<Guard>, headers: LimitHeaders) -> Self {
+    pub(crate) fn inner(
+        future: S::Future,
+        guard: Option<Guard>,
+        headers: LimitHeaders,
+        tap: Option<Box<Tap>>,
+    ) -> Self {
         Self {
             state: State::Inner {
                 future,
                 guard,
                 headers,
+                tap,
             },
         }
     }
@@ -209,6 +227,7 @@ where
                     future,
                     guard,
                     headers,
+                    tap,
                 } => {
                     let result = ready!(future.poll(cx));
                     let mut guard = guard.take();
@@ -220,6 +239,18 @@ where
                     }
                     if response.body().is_end_stream() {
                         guard = None; // no body to wait for (HEAD, 204, empty)
+                    }
+                    if let Some(tap) = tap.take() {
+                        if let Some(held) = guard.take() {
+                            match tap.start(response.headers(), held) {
+                                Ok(tap) => {
+                                    let response =
+                                        response.map(|body| ResponseBody::tapped(body, tap));
+                                    return Poll::Ready(Ok(response));
+                                }
+                                Err(held) => guard = Some(held),
+                            }
+                        }
                     }
                     return Poll::Ready(Ok(response.map(|body| ResponseBody::inner(body, guard))));
                 }
@@ -253,7 +284,7 @@ where
                         tenant,
                         estimate,
                         class,
-                        call,
+                        mut call,
                         buffer,
                     } = *reading.take().expect("checked above");
                     let bytes = buffer.freeze();
@@ -263,6 +294,7 @@ where
                     });
                     let admission = match estimated {
                         Ok(estimated) => {
+                            call.prompt = estimated.prompt;
                             let model = estimated.model.as_deref();
                             let keys = config.budget_keys(&call.parts, Some(&bytes), model);
                             config.admit(&tenant, estimated.tokens, keys, class)

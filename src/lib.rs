@@ -111,6 +111,11 @@ mod retry_after;
 mod service;
 mod sync;
 mod tracker;
+#[cfg(feature = "openai")]
+mod usage;
+#[cfg(not(feature = "openai"))]
+#[path = "usage_off.rs"]
+mod usage;
 
 pub use self::admit::budget::SharedBudget;
 pub use self::admit::priority::{Priority, PrioritySource};

@@ -340,6 +340,24 @@ impl Guard {
         }
     }
 
+    /// Tokens held now; 0 once released (through a handle).
+    #[cfg_attr(not(feature = "openai"), allow(dead_code))]
+    pub(crate) fn tokens(&self) -> u64 {
+        match self {
+            Guard::Owned(held) => held.tokens(),
+            Guard::Shared(handle) => handle.tokens(),
+        }
+    }
+
+    /// Sets the tokens held, growth unchecked, as [`ReservationHandle::resize`] does.
+    #[cfg_attr(not(feature = "openai"), allow(dead_code))]
+    pub(crate) fn resize(&mut self, tokens: u64) -> u64 {
+        match self {
+            Guard::Owned(held) => held.resize(tokens),
+            Guard::Shared(handle) => handle.resize(tokens),
+        }
+    }
+
     /// The handle for the request's extensions, if the reservation is shared.
     pub(crate) fn handle(&self) -> Option<ReservationHandle> {
         match self {

@@ -14,6 +14,7 @@ use crate::admit::Admission;
 use crate::config::{Config, LimitHeaders};
 use crate::future::{Call, ReadingBody, ResponseFuture};
 use crate::reservation::{Guard, Step};
+use crate::usage::Tap;
 use crate::{BoxError, RequestBody, ResponseBody};
 
 /// Caps the tokens each tenant has in flight in front of `S`; made by
@@ -168,12 +169,15 @@ impl<S> TenantTokenService<S> {
     where
         S: Service<Request<RequestBody<ReqBody>>>,
     {
-        let headers = match guard {
-            Some(_) => self.config.limit_headers,
-            None => LimitHeaders::default(),
+        let (headers, tap) = match guard {
+            Some(_) => (
+                self.config.limit_headers,
+                Tap::new_if(self.config.read_usage, 0),
+            ),
+            None => (LimitHeaders::default(), None),
         };
         let future = self.inner.call(request.map(RequestBody::streaming));
-        ResponseFuture::inner(future, guard, headers)
+        ResponseFuture::inner(future, guard, headers, tap)
     }
 }
 

@@ -198,6 +198,9 @@ enum Reader {
 pub(crate) struct Estimated {
     /// The estimate.
     pub(crate) tokens: u64,
+    /// The part of `tokens` that is the prompt, when the estimator tells it apart (an
+    /// [`OpenAiEstimator`]); 0 otherwise.
+    pub(crate) prompt: u64,
     /// The top-level `"model"` string, as [`json_model`](super::json_model) finds it; only
     /// when asked for and the body was read by an [`OpenAiEstimator`]. `None` otherwise:
     /// a user's function finds no model, and `json_model` can be asked instead.
@@ -218,6 +221,7 @@ impl BodyEstimate {
         match &self.reader {
             Reader::Fn(f) => Ok(Estimated {
                 tokens: f(parts, body)?,
+                prompt: 0,
                 model: None,
             }),
             #[cfg(feature = "openai")]
@@ -225,6 +229,7 @@ impl BodyEstimate {
                 let (estimate, model) = estimator.estimate_with_model(body, want_model)?;
                 Ok(Estimated {
                     tokens: estimate.total(),
+                    prompt: estimate.prompt_tokens,
                     model,
                 })
             }
@@ -402,6 +407,7 @@ mod tests {
             found(from_fn(), true),
             Estimated {
                 tokens: body.len() as u64,
+                prompt: 0,
                 model: None
             }
         );
@@ -412,6 +418,7 @@ mod tests {
                 found(openai(), true),
                 Estimated {
                     tokens: 6,
+                    prompt: 1,
                     model: Some("m".to_owned())
                 }
             );
