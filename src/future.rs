@@ -43,13 +43,7 @@ pin_project! {
     enum State<F, S, B> {
         /// Admitted (or unmetered): the inner call, holding the reservation until the
         /// response, which takes it over.
-        Inner {
-            #[pin] future: F,
-            guard: Option<Guard>,
-            headers: LimitHeaders,
-            // Reads the response's usage, when the layer does.
-            tap: Option<Box<Tap>>,
-        },
+        Inner { #[pin] future: F, guard: Holding, headers: LimitHeaders },
         /// Refused before reaching the inner service. (Boxed, like the others, to keep the
         /// future small: it is moved on every admitted request.)
         Rejected { response: Option<Box<Response<Bytes>>> },
@@ -62,6 +56,42 @@ pin_project! {
         /// Admitted after a wait: the inner service (a clone, which gave nothing up while
         /// the request waited) is polled ready, then called.
         Calling { call: Option<Box<(Call<S>, RequestBody<B>, Guard)>> },
+    }
+}
+
+/// What an admitted call holds until its response takes it over. (No larger than an
+/// `Option<Guard>`: the reader's variant fits in the guard's spare room, so reading usage
+/// costs the common future nothing in size, and its one state polls the inner future in
+/// one place.)
+pub(crate) enum Holding {
+    /// The reservation.
+    Guard(Guard),
+    /// The reservation, inside the reader of the response's usage (a layer that reads
+    /// usage).
+    Tap(Box<Tap>),
+    /// Nothing (an unmetered request).
+    Nothing,
+}
+
+impl Holding {
+    /// The tenant's cap and what is left of it now, as [`Guard::limits`].
+    fn limits(&self) -> Option<(u64, u64)> {
+        match self {
+            Holding::Guard(guard) => guard.limits(),
+            Holding::Tap(tap) => tap.limits(),
+            Holding::Nothing => None,
+        }
+    }
+
+    /// The reservation inside a reader, for a request whose estimate has `prompt` tokens
+    /// of prompt; kept out of the common path.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn tap(guard: Guard, prompt: u64) -> Self {
+        match Tap::new(guard, prompt) {
+            Ok(tap) => Holding::Tap(tap),
+            Err(guard) => Holding::Guard(guard),
+        }
     }
 }
 
@@ -126,11 +156,14 @@ impl<S> Call<S> {
         if let Some(handle) = guard.handle() {
             parts.extensions.insert(handle);
         }
+        let guard = match config.read_usage {
+            false => Holding::Guard(guard),
+            true => Holding::tap(guard, prompt),
+        };
         State::Inner {
             future: service.call(Request::from_parts(parts, body)),
-            guard: Some(guard),
+            guard,
             headers: config.limit_headers,
-            tap: Tap::new_if(config.read_usage, prompt),
         }
     }
 }
@@ -165,18 +198,22 @@ impl<S, B> ResponseFuture<S, B>
 where
     S: Service<Request<RequestBody<B>>>,
 {
-    pub(crate) fn inner(
-        future: S::Future,
-        guard: Option<Guard>,
-        headers: LimitHeaders,
-        tap: Option<Box<Tap>>,
-    ) -> Self {
+    #[inline(always)]
+    pub(crate) fn inner(future: S::Future, guard: Option<Guard>, headers: LimitHeaders) -> Self {
+        let guard = match guard {
+            Some(guard) => Holding::Guard(guard),
+            None => Holding::Nothing,
+        };
+        Self::holding(future, guard, headers)
+    }
+
+    #[inline(always)]
+    pub(crate) fn holding(future: S::Future, guard: Holding, headers: LimitHeaders) -> Self {
         Self {
             state: State::Inner {
                 future,
                 guard,
                 headers,
-                tap,
             },
         }
     }
@@ -227,31 +264,22 @@ where
                     future,
                     guard,
                     headers,
-                    tap,
                 } => {
                     let result = ready!(future.poll(cx));
-                    let mut guard = guard.take();
+                    let guard = std::mem::replace(guard, Holding::Nothing);
                     let mut response = result?; // an inner error releases here
                     if headers.any() {
-                        if let Some(limits) = guard.as_ref().and_then(Guard::limits) {
+                        if let Some(limits) = guard.limits() {
                             add_limit_headers(response.headers_mut(), *headers, limits);
                         }
                     }
-                    if response.body().is_end_stream() {
-                        guard = None; // no body to wait for (HEAD, 204, empty)
-                    }
-                    if let Some(tap) = tap.take() {
-                        if let Some(held) = guard.take() {
-                            match tap.start(response.headers(), held) {
-                                Ok(tap) => {
-                                    let response =
-                                        response.map(|body| ResponseBody::tapped(body, tap));
-                                    return Poll::Ready(Ok(response));
-                                }
-                                Err(held) => guard = Some(held),
-                            }
-                        }
-                    }
+                    let guard = match guard {
+                        // No body to wait for (HEAD, 204, empty).
+                        _ if response.body().is_end_stream() => None,
+                        Holding::Guard(guard) => Some(guard),
+                        Holding::Nothing => None,
+                        Holding::Tap(tap) => return Poll::Ready(Ok(tapped(response, tap))),
+                    };
                     return Poll::Ready(Ok(response.map(|body| ResponseBody::inner(body, guard))));
                 }
                 StateProj::Rejected { response } => {
@@ -320,6 +348,16 @@ where
             };
             state.set(next);
         }
+    }
+}
+
+/// The response of a call whose usage is read: its body read by `tap`, unless it is one
+/// the reader cannot read.
+#[inline(never)]
+fn tapped<B>(response: Response<B>, tap: Box<Tap>) -> Response<ResponseBody<B>> {
+    match tap.start(response.headers()) {
+        Ok(tap) => response.map(|body| ResponseBody::tapped(body, tap)),
+        Err(guard) => response.map(|body| ResponseBody::inner(body, guard)),
     }
 }
 

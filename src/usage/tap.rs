@@ -29,40 +29,41 @@ pub(crate) struct Tap {
 }
 
 impl Tap {
-    /// A reader, when `enabled`, for a request whose estimate has `prompt` tokens of
-    /// prompt (0 when the estimate does not say); it holds nothing until
-    /// [`start`](Self::start).
+    /// A reader holding `guard` for a request whose estimate has `prompt` tokens of
+    /// prompt (0 when the estimate does not say). Never refused here: the `Err` is the
+    /// no-op twin's, which makes none.
     #[inline]
-    pub(crate) fn new_if(enabled: bool, prompt: u64) -> Option<Box<Self>> {
-        enabled.then(|| {
-            Box::new(Self {
-                guard: None,
-                prompt,
-                usage: Finder::default(),
-                lines: None,
-            })
-        })
+    pub(crate) fn new(guard: Guard, prompt: u64) -> Result<Box<Self>, Guard> {
+        Ok(Box::new(Self {
+            guard: Some(guard),
+            prompt,
+            usage: Finder::default(),
+            lines: None,
+        }))
     }
 
-    /// Takes over `guard` for a response with these headers, if its body is one this
-    /// reads (JSON or server-sent events, not compressed); gives the guard back if not.
+    /// The tenant's cap and what is left of it now, as [`Guard::limits`].
+    pub(crate) fn limits(&self) -> Option<(u64, u64)> {
+        self.guard.as_ref().and_then(Guard::limits)
+    }
+
+    /// Starts reading a response with these headers, if its body is one this reads (JSON
+    /// or server-sent events, not compressed); if not, gives the reservation back.
     pub(crate) fn start(
         mut self: Box<Self>,
         headers: &HeaderMap,
-        guard: Guard,
-    ) -> Result<Box<Self>, Guard> {
+    ) -> Result<Box<Self>, Option<Guard>> {
         let encoded = headers
             .get(CONTENT_ENCODING)
             .is_some_and(|value| value.as_bytes() != b"identity");
         let kind = headers.get(CONTENT_TYPE).map(|value| value.as_bytes());
         let stream = match kind {
-            _ if encoded => return Err(guard),
+            _ if encoded => return Err(self.guard.take()),
             Some(kind) if kind.starts_with(b"text/event-stream") => true,
             Some(kind) if contains(kind, b"json") => false,
-            _ => return Err(guard),
+            _ => return Err(self.guard.take()),
         };
         self.lines = stream.then(Lines::default);
-        self.guard = Some(guard);
         Ok(self)
     }
 
