@@ -5,8 +5,12 @@
 //! `--chunks` tokens, one every `--token-delay-ms` (streamed as server-sent events when the
 //! request says `"stream": true`). Each request reserves its estimate, the prompt plus its
 //! `max_tokens` (1,024 when unset), until its response has been sent; each tenant may have
-//! `--cap` tokens (default 4,096) reserved at once. The handler then reconciles the
-//! reservation with the usage the upstream reports.
+//! `--cap` tokens (default 4,096) reserved at once. The layer reads the usage the upstream
+//! reports ([`read_usage`](TenantTokenLayer::read_usage)): a stream that runs past its
+//! reservation grows it as it goes, and the reservation is settled on the reported total
+//! when the response ends. The mock upstream reports usage as OpenAI does: on every
+//! non-streamed answer, and in a last chunk (empty `choices`) of a stream that asks for
+//! `stream_options.include_usage`; for other streams the layer counts the text it carries.
 //!
 //! ```text
 //! cargo run --example gateway                 # listens on 127.0.0.1:3000
@@ -64,15 +68,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
-use axum::http::{HeaderName, StatusCode};
+use axum::http::{HeaderMap, HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Json, Router};
 use futures_util::{stream, StreamExt};
 use serde_json::{json, Value};
 use tower_tenant_tokens::{
-    OpenAiEstimator, ReservationHandle, ShadowMode, SharedBudget, TenantTokenLayer,
-    TenantTokenTracker,
+    OpenAiEstimator, ShadowMode, SharedBudget, TenantTokenLayer, TenantTokenTracker,
 };
 
 const USAGE: &str = "\
@@ -146,7 +149,7 @@ async fn main() {
     let mut limits = layer
         .tenant_header(HeaderName::from_static("x-tenant-id"))
         .estimator(OpenAiEstimator::new())
-        .reservation_handle(true); // handlers reconcile with the usage the upstream reports
+        .read_usage(true); // the reservations follow the usage the upstream reports
     if let Some(cap) = options.upstream_cap {
         let upstream = Arc::new(TenantTokenTracker::new(cap));
         limits = limits.shared_budget(SharedBudget::new("upstream", upstream));
@@ -206,7 +209,7 @@ async fn main() {
 /// under the cap, and the reservation is in the extensions.
 async fn chat_completions(
     State(state): State<AppState>,
-    Extension(reservation): Extension<ReservationHandle>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     // The layer refuses bodies that are not JSON objects (400) before they get here; the
@@ -217,8 +220,7 @@ async fn chat_completions(
     };
     let answer = Completion::generate(&request, state.chunks);
     tracing::info!(
-        tenant = reservation.tenant_id(),
-        reserved = reservation.tokens(),
+        tenant = headers.get("x-tenant-id").and_then(|v| v.to_str().ok()),
         model = %answer.model,
         stream = request["stream"] == true,
         "chat completion"
@@ -227,7 +229,6 @@ async fn chat_completions(
 
     if request["stream"] != true {
         tokio::time::sleep(delay.saturating_mul(answer.tokens)).await; // the upstream works
-        reconcile(&reservation, answer.total_tokens());
         return Json(answer.full_response()).into_response();
     }
 
@@ -245,8 +246,6 @@ async fn chat_completions(
         }
     });
     let end = stream::once(async move {
-        // A real upstream reports usage at the end of its stream: reconcile then.
-        reconcile(&reservation, answer.total_tokens());
         let mut tail = sse(&answer.finish_chunk());
         if include_usage {
             tail += &sse(&answer.usage_chunk());
@@ -259,17 +258,6 @@ async fn chat_completions(
         (CACHE_CONTROL, "no-cache"),
     ];
     (headers, body).into_response()
-}
-
-/// The reconciliation: the layer reserved an estimate (prompt plus the whole output
-/// allowance); now that the upstream has said what it used, hold exactly that. Here the
-/// response ends right after; it pays off in handlers that keep working once usage is known
-/// (several upstream calls, tool loops). Growth past the estimate is allowed and counted
-/// (`overcommits` in the snapshot), so an underestimate never goes unnoticed.
-fn reconcile(reservation: &ReservationHandle, used: u64) {
-    let (tenant, estimate) = (reservation.tenant_id(), reservation.tokens());
-    reservation.resize(used);
-    tracing::info!(tenant, estimate, used, "reconciled reservation");
 }
 
 /// The ledger `options` ask for.
