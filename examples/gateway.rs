@@ -4,13 +4,16 @@
 //! [`TenantTokenLayer`] in front of `/v1`, and a mock upstream model that answers with
 //! `--chunks` tokens, one every `--token-delay-ms` (streamed as server-sent events when the
 //! request says `"stream": true`). Each request reserves its estimate, the prompt plus its
-//! `max_tokens` (1,024 when unset), until its response has been sent; each tenant may have
+//! `max_tokens`, until its response has been sent; each tenant may have
 //! `--cap` tokens (default 4,096) reserved at once. The layer reads the usage the upstream
 //! reports ([`read_usage`](TenantTokenLayer::read_usage)): a stream that runs past its
 //! reservation grows it as it goes, and the reservation is settled on the reported total
 //! when the response ends. The mock upstream reports usage as OpenAI does: on every
 //! non-streamed answer, and in a last chunk (empty `choices`) of a stream that asks for
 //! `stream_options.include_usage`; for other streams the layer counts the text it carries.
+//! A request without `max_tokens` reserves the output that tenant's requests to that model
+//! really produced ([`adaptive_output`](TenantTokenLayer::adaptive_output); 1,024 until 8
+//! are known, or always with `--no-adaptive`).
 //!
 //! ```text
 //! cargo run --example gateway                 # listens on 127.0.0.1:3000
@@ -37,6 +40,9 @@
 //!
 //! # What every tenant holds now, its cap and its peak
 //! curl -s 127.0.0.1:3000/admin/tenants
+//!
+//! # The output allowances learned per tenant and model
+//! curl -s 127.0.0.1:3000/admin/estimates
 //! ```
 //!
 //! With `--redis URL` (build with `--features redis`) the cap is kept in Redis and shared by
@@ -75,7 +81,7 @@ use axum::{Json, Router};
 use futures_util::{stream, StreamExt};
 use serde_json::{json, Value};
 use tower_tenant_tokens::{
-    OpenAiEstimator, ShadowMode, SharedBudget, TenantTokenLayer, TenantTokenTracker,
+    AdaptiveOutput, OpenAiEstimator, ShadowMode, SharedBudget, TenantTokenLayer, TenantTokenTracker,
 };
 
 const USAGE: &str = "\
@@ -95,6 +101,9 @@ usage: cargo run --example gateway -- [OPTIONS]
                         tenant's own
   --wait-ms MS          let a request over the cap wait up to MS for capacity (in memory)
   --shadow              count and log what the caps would refuse, and admit it anyway
+  --no-adaptive         reserve the fixed 1,024 output tokens for requests without
+                        max_tokens, instead of what each tenant's requests to the model
+                        really produce (GET /admin/estimates shows what was learned)
   -h, --help            print this help
 
 Log levels come from RUST_LOG (default info).";
@@ -104,6 +113,7 @@ struct AppState {
     ledger: Ledger,
     chunks: u32,
     token_delay: Duration,
+    learned: Arc<AdaptiveOutput>,
 }
 
 /// Where the caps are counted.
@@ -160,6 +170,12 @@ async fn main() {
     if options.shadow {
         limits = limits.shadow(ShadowMode::All);
     }
+    // Requests without max_tokens reserve what that tenant's requests to that model really
+    // produce (learned from the usage the layer reads), not a fixed 1,024.
+    let learned = Arc::new(AdaptiveOutput::new());
+    if options.adaptive {
+        limits = limits.adaptive_output(learned.clone());
+    }
     // Tenant labels on the metrics, for the first 100 tenants: ids here come from a header
     // anyone can set, so the series must be bounded.
     #[cfg(feature = "metrics")]
@@ -169,12 +185,14 @@ async fn main() {
         ledger,
         chunks: options.chunks,
         token_delay: options.token_delay,
+        learned,
     };
     let app = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route_layer(limits) // only the routes above: /admin needs no tenant
         .route("/admin/tenants", get(tenants))
         .route("/admin/tenants/{tenant}", get(tenant))
+        .route("/admin/estimates", get(estimates))
         .with_state(state);
     #[cfg(feature = "metrics")]
     let app = {
@@ -342,6 +360,23 @@ async fn tenants(State(state): State<AppState>) -> Json<Value> {
     Json(json!({ "tenants": tenants }))
 }
 
+/// `GET /admin/estimates`: the output allowances learned per tenant and model (`null`
+/// while too few outputs are known: the fixed default applies).
+async fn estimates(State(state): State<AppState>) -> Json<Value> {
+    let learned: Vec<Value> = state
+        .learned
+        .snapshot()
+        .into_iter()
+        .map(|learned| {
+            json!({
+                "tenant": learned.tenant, "model": learned.model,
+                "samples": learned.samples, "output_allowance": learned.allowance,
+            })
+        })
+        .collect();
+    Json(json!({ "estimates": learned }))
+}
+
 /// The mock upstream's answer to one chat request.
 #[derive(Clone)]
 struct Completion {
@@ -457,6 +492,7 @@ struct Options {
     upstream_cap: Option<u64>,
     wait: Option<Duration>,
     shadow: bool,
+    adaptive: bool,
 }
 
 impl Options {
@@ -472,6 +508,7 @@ impl Options {
             upstream_cap: None,
             wait: None,
             shadow: false,
+            adaptive: true,
         };
         while let Some(flag) = args.next() {
             match flag.as_str() {
@@ -489,6 +526,7 @@ impl Options {
                     options.wait = Some(Duration::from_millis(value(&flag, &mut args)?));
                 }
                 "--shadow" => options.shadow = true,
+                "--no-adaptive" => options.adaptive = false,
                 _ => return Err(format!("unknown argument `{flag}`")),
             }
         }

@@ -91,10 +91,11 @@ where
                             tap.read(data);
                         }
                         if body.is_end_stream() {
-                            tap.finish();
+                            tap.end();
                         }
                     }
-                    Some(Err(_)) | None => tap.finish(),
+                    Some(Err(_)) => tap.finish(),
+                    None => tap.end(),
                 }
                 Poll::Ready(frame)
             }

@@ -21,7 +21,7 @@ use crate::headers::{
     X_RATELIMIT_REMAINING_TOKENS,
 };
 use crate::reservation::{Guard, Pending, Step};
-use crate::usage::Tap;
+use crate::usage::{Learn, Tap};
 use crate::{BoxError, Error, RequestBody, ResponseBody};
 
 pin_project! {
@@ -87,8 +87,8 @@ impl Holding {
     /// of prompt; kept out of the common path.
     #[cold]
     #[inline(never)]
-    pub(crate) fn tap(guard: Guard, prompt: u64) -> Self {
-        match Tap::new(guard, prompt) {
+    pub(crate) fn tap(guard: Guard, prompt: u64, learn: Option<Learn>) -> Self {
+        match Tap::new(guard, prompt, learn) {
             Ok(tap) => Holding::Tap(tap),
             Err(guard) => Holding::Guard(guard),
         }
@@ -103,6 +103,8 @@ pub(crate) struct Call<S> {
     config: Arc<Config>,
     /// The estimate's prompt part, when the estimator tells it apart.
     prompt: u64,
+    /// Where the response's output is learned from, when the layer learns allowances.
+    learn: Option<Learn>,
 }
 
 impl<S> Call<S> {
@@ -112,6 +114,7 @@ impl<S> Call<S> {
             service,
             config,
             prompt: 0,
+            learn: None,
         }
     }
 
@@ -152,13 +155,14 @@ impl<S> Call<S> {
             mut service,
             config,
             prompt,
+            learn,
         } = self;
         if let Some(handle) = guard.handle() {
             parts.extensions.insert(handle);
         }
         let guard = match config.read_usage {
             false => Holding::Guard(guard),
-            true => Holding::tap(guard, prompt),
+            true => Holding::tap(guard, prompt, learn),
         };
         State::Inner {
             future: service.call(Request::from_parts(parts, body)),
@@ -317,12 +321,21 @@ where
                     } = *reading.take().expect("checked above");
                     let bytes = buffer.freeze();
                     let config = &call.config;
-                    let estimated = outcome.and_then(|()| {
-                        estimate.estimate(&call.parts, &bytes, config.wants_model())
+                    let adaptive = config.adaptive.as_deref();
+                    let estimated = outcome.and_then(|()| match adaptive {
+                        None => estimate.estimate(&call.parts, &bytes, config.wants_model()),
+                        Some(adaptive) => {
+                            estimate.estimate_learning(&call.parts, &bytes, true, |model| {
+                                adaptive.allowance(&tenant, model.unwrap_or(""))
+                            })
+                        }
                     });
                     let admission = match estimated {
                         Ok(estimated) => {
                             call.prompt = estimated.prompt;
+                            if estimated.unlimited {
+                                call.learn = learn(config, &tenant, estimated.model.as_deref());
+                            }
                             let model = estimated.model.as_deref();
                             let keys = config.budget_keys(&call.parts, Some(&bytes), model);
                             config.admit(&tenant, estimated.tokens, keys, class)
@@ -349,6 +362,23 @@ where
             state.set(next);
         }
     }
+}
+
+/// Where the output of a request by `tenant` to `model` without an output limit is
+/// learned from, when the layer learns allowances.
+#[cfg(feature = "openai")]
+fn learn(config: &Config, tenant: &str, model: Option<&str>) -> Option<Learn> {
+    let table = config.adaptive.clone()?;
+    Some(Learn {
+        table,
+        tenant: tenant.to_owned(),
+        model: model.unwrap_or("").to_owned(),
+    })
+}
+
+#[cfg(not(feature = "openai"))]
+fn learn(_config: &Config, _tenant: &str, _model: Option<&str>) -> Option<Learn> {
+    None
 }
 
 /// The response of a call whose usage is read: its body read by `tap`, unless it is one

@@ -218,6 +218,26 @@ impl TenantTokenLayer {
         self.with(|config| config.read_usage = enabled)
     }
 
+    /// Learns the output allowance of requests that set no `max_tokens`-like limit from
+    /// what such requests produced, per tenant and model, in `learned` (see
+    /// [`AdaptiveOutput`](crate::AdaptiveOutput)); turns
+    /// [`read_usage`](Self::read_usage) on, which measures the outputs.
+    ///
+    /// Only an [`OpenAiEstimator`](crate::OpenAiEstimator)'s estimates use it: for a
+    /// request without an output limit, the allowance is the learned one for its tenant
+    /// and model once enough outputs are known, the estimator's
+    /// [`default_output_tokens`](crate::OpenAiEstimator::default_output_tokens) until then.
+    /// A response that ends normally is learned from; one cut short (an error, a client
+    /// gone) is not. Keep `learned` to show what it learned
+    /// ([`snapshot`](crate::AdaptiveOutput::snapshot)); one table may serve several layers.
+    #[cfg(feature = "openai")]
+    pub fn adaptive_output(self, learned: Arc<crate::AdaptiveOutput>) -> Self {
+        self.with(|config| {
+            config.read_usage = true;
+            config.adaptive = Some(learned);
+        })
+    }
+
     /// Whether admitted responses carry `x-ratelimit-limit-tokens` (the tenant's cap) and
     /// `x-ratelimit-remaining-tokens` (what is left of it as the response starts, this
     /// request's reservation included), as OpenAI's API sends them (default: no). Headers
@@ -371,6 +391,7 @@ impl fmt::Debug for TenantTokenLayer {
             .field("reservation_handle", &config.reservation_handle)
             .field("limit_headers", &config.limit_headers)
             .field("read_usage", &config.read_usage)
+            .field("adaptive_output", &config.adaptive)
             .field("shadow", &options.map(|o| &o.shadow))
             .field("budgets", &options.map(|o| &o.budgets))
             .field(

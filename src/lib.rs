@@ -133,6 +133,8 @@ pub use self::service::TenantTokenService;
 pub use self::tracker::{
     TenantScope, TenantTokenState, TenantTokenTracker, TenantTokenTrackerBuilder, TokenReservation,
 };
+#[cfg(feature = "openai")]
+pub use self::usage::{AdaptiveOutput, LearnedOutput};
 
 /// The error type bodies are converted into, as across tower and hyper.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

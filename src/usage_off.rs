@@ -9,10 +9,27 @@ use crate::reservation::Guard;
 #[derive(Debug)]
 pub(crate) enum Tap {}
 
+/// Never made: nothing is learned without the feature.
+pub(crate) enum Learn {}
+
+/// Never made: nothing is learned without the feature.
+#[derive(Debug)]
+pub(crate) enum Adaptive {}
+
+impl Adaptive {
+    pub(crate) fn allowance(&self, _tenant: &str, _model: &str) -> Option<u64> {
+        match *self {}
+    }
+}
+
 impl Tap {
     /// Gives the guard back: nothing is read without the feature.
     #[inline(always)]
-    pub(crate) fn new(guard: Guard, _prompt: u64) -> Result<Box<Self>, Guard> {
+    pub(crate) fn new(
+        guard: Guard,
+        _prompt: u64,
+        _learn: Option<Learn>,
+    ) -> Result<Box<Self>, Guard> {
         Err(guard)
     }
 
@@ -29,6 +46,10 @@ impl Tap {
     }
 
     pub(crate) fn read(&mut self, _data: &impl Buf) {
+        match *self {}
+    }
+
+    pub(crate) fn end(&mut self) {
         match *self {}
     }
 

@@ -5,6 +5,9 @@ use bytes::Buf;
 use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
 use http::HeaderMap;
 
+use std::sync::Arc;
+
+use super::learn::AdaptiveOutput;
 use super::report::Finder;
 use super::stream::Lines;
 use crate::reservation::Guard;
@@ -26,6 +29,17 @@ pub(crate) struct Tap {
     usage: Finder,
     /// Present for a server-sent event stream.
     lines: Option<Lines>,
+    /// Where the output is recorded when the response ends (a request without an output
+    /// limit, on a layer that learns allowances).
+    learn: Option<Learn>,
+}
+
+/// Where a response's output is learned from: the table, and the request's tenant and
+/// model.
+pub(crate) struct Learn {
+    pub(crate) table: Arc<AdaptiveOutput>,
+    pub(crate) tenant: String,
+    pub(crate) model: String,
 }
 
 impl Tap {
@@ -33,12 +47,13 @@ impl Tap {
     /// prompt (0 when the estimate does not say). Never refused here: the `Err` is the
     /// no-op twin's, which makes none.
     #[inline]
-    pub(crate) fn new(guard: Guard, prompt: u64) -> Result<Box<Self>, Guard> {
+    pub(crate) fn new(guard: Guard, prompt: u64, learn: Option<Learn>) -> Result<Box<Self>, Guard> {
         Ok(Box::new(Self {
             guard: Some(guard),
             prompt,
             usage: Finder::default(),
             lines: None,
+            learn,
         }))
     }
 
@@ -109,6 +124,20 @@ impl Tap {
                 guard.resize(produced);
             }
         }
+    }
+
+    /// The response ended: its output is learned from (when it is known and the layer
+    /// learns), then as [`finish`](Self::finish).
+    pub(crate) fn end(&mut self) {
+        if let Some(learn) = self.learn.take() {
+            let counted = self.lines.as_ref().and_then(|lines| {
+                (lines.text_bytes > 0).then(|| lines.text_bytes.div_ceil(BYTES_PER_TOKEN))
+            });
+            if let Some(output) = self.usage.reported.output.or(counted) {
+                learn.table.record(&learn.tenant, &learn.model, output);
+            }
+        }
+        self.finish();
     }
 
     /// Resizes the reservation to the reported usage, if any, and releases it.
