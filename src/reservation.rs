@@ -358,6 +358,32 @@ impl Guard {
         }
     }
 
+    /// Tells the metrics recorder the response outran its estimate.
+    #[cfg_attr(not(feature = "openai"), allow(dead_code))]
+    pub(crate) fn outran(&self) {
+        match self {
+            Guard::Owned(held) => held.tag.outran(),
+            Guard::Shared(handle) => {
+                if let Some(held) = handle.lock().as_ref() {
+                    held.tag.outran();
+                }
+            }
+        }
+    }
+
+    /// Tells the metrics recorder the output allowance learned for this tenant and `model`.
+    #[cfg_attr(not(feature = "openai"), allow(dead_code))]
+    pub(crate) fn learned(&self, model: &str, tokens: u64) {
+        match self {
+            Guard::Owned(held) => held.tag.learned(model, tokens),
+            Guard::Shared(handle) => {
+                if let Some(held) = handle.lock().as_ref() {
+                    held.tag.learned(model, tokens);
+                }
+            }
+        }
+    }
+
     /// The handle for the request's extensions, if the reservation is shared.
     pub(crate) fn handle(&self) -> Option<ReservationHandle> {
         match self {

@@ -160,8 +160,9 @@ impl AdaptiveOutput {
         Some(allowance.max(self.floor).min(self.ceiling.max(self.floor)))
     }
 
-    /// Records the output of one request by `tenant` to `model` that set no limit.
-    pub(crate) fn record(&self, tenant: &str, model: &str, output: u64) {
+    /// Records the output of one request by `tenant` to `model` that set no limit; returns
+    /// the allowance now learned, if any.
+    pub(crate) fn record(&self, tenant: &str, model: &str, output: u64) -> Option<u64> {
         let mut table = self.lock();
         let table = &mut *table;
         table.clock += 1;
@@ -186,6 +187,7 @@ impl AdaptiveOutput {
         window.outputs[slot] = u32::try_from(output).unwrap_or(u32::MAX);
         window.seen += 1;
         window.used = clock;
+        self.allowance_of(window)
     }
 
     /// Every (tenant, model) known, with its allowance.

@@ -29,6 +29,8 @@ pub(crate) struct Tap {
     usage: Finder,
     /// Present for a server-sent event stream.
     lines: Option<Lines>,
+    /// The response has outrun its reservation (told once).
+    outran: bool,
     /// Where the output is recorded when the response ends (a request without an output
     /// limit, on a layer that learns allowances).
     learn: Option<Learn>,
@@ -53,6 +55,7 @@ impl Tap {
             prompt,
             usage: Finder::default(),
             lines: None,
+            outran: false,
             learn,
         }))
     }
@@ -122,6 +125,10 @@ impl Tap {
         if let Some(guard) = &mut self.guard {
             if produced > guard.tokens() {
                 guard.resize(produced);
+                if !self.outran && self.lines.is_some() {
+                    self.outran = true;
+                    guard.outran();
+                }
             }
         }
     }
@@ -134,7 +141,10 @@ impl Tap {
                 (lines.text_bytes > 0).then(|| lines.text_bytes.div_ceil(BYTES_PER_TOKEN))
             });
             if let Some(output) = self.usage.reported.output.or(counted) {
-                learn.table.record(&learn.tenant, &learn.model, output);
+                let allowance = learn.table.record(&learn.tenant, &learn.model, output);
+                if let (Some(guard), Some(allowance)) = (&self.guard, allowance) {
+                    guard.learned(&learn.model, allowance);
+                }
             }
         }
         self.finish();
