@@ -4,9 +4,16 @@
 //! [`TenantTokenLayer`] in front of `/v1`, and a mock upstream model that answers with
 //! `--chunks` tokens, one every `--token-delay-ms` (streamed as server-sent events when the
 //! request says `"stream": true`). Each request reserves its estimate, the prompt plus its
-//! `max_tokens` (1,024 when unset), until its response has been sent; each tenant may have
-//! `--cap` tokens (default 4,096) reserved at once. The handler then reconciles the
-//! reservation with the usage the upstream reports.
+//! `max_tokens`, until its response has been sent; each tenant may have
+//! `--cap` tokens (default 4,096) reserved at once. The layer reads the usage the upstream
+//! reports ([`read_usage`](TenantTokenLayer::read_usage)): a stream that runs past its
+//! reservation grows it as it goes, and the reservation is settled on the reported total
+//! when the response ends. The mock upstream reports usage as OpenAI does: on every
+//! non-streamed answer, and in a last chunk (empty `choices`) of a stream that asks for
+//! `stream_options.include_usage`; for other streams the layer counts the text it carries.
+//! A request without `max_tokens` reserves the output that tenant's requests to that model
+//! really produced ([`adaptive_output`](TenantTokenLayer::adaptive_output); 1,024 until 8
+//! are known, or always with `--no-adaptive`).
 //!
 //! ```text
 //! cargo run --example gateway                 # listens on 127.0.0.1:3000
@@ -33,6 +40,9 @@
 //!
 //! # What every tenant holds now, its cap and its peak
 //! curl -s 127.0.0.1:3000/admin/tenants
+//!
+//! # The output allowances learned per tenant and model
+//! curl -s 127.0.0.1:3000/admin/estimates
 //! ```
 //!
 //! With `--redis URL` (build with `--features redis`) the cap is kept in Redis and shared by
@@ -65,14 +75,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
-use axum::http::{HeaderName, StatusCode};
+use axum::http::{HeaderMap, HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Json, Router};
 use futures_util::{stream, StreamExt};
 use serde_json::{json, Value};
 use tower_tenant_tokens::{
-    BudgetLedger, OpenAiEstimator, ReservationHandle, ShadowMode, SharedBudget, TenantTokenLayer,
+    AdaptiveOutput, BudgetLedger, OpenAiEstimator, ShadowMode, SharedBudget, TenantTokenLayer,
     TenantTokenTracker,
 };
 
@@ -98,6 +108,9 @@ usage: cargo run --example gateway -- [OPTIONS]
                         repeatable
   (a request's class comes from header x-priority: critical, standard or sheddable)
   --shadow              count and log what the caps would refuse, and admit it anyway
+  --no-adaptive         reserve the fixed 1,024 output tokens for requests without
+                        max_tokens, instead of what each tenant's requests to the model
+                        really produce (GET /admin/estimates shows what was learned)
   -h, --help            print this help
 
 Log levels come from RUST_LOG (default info).";
@@ -107,6 +120,7 @@ struct AppState {
     ledger: Ledger,
     chunks: u32,
     token_delay: Duration,
+    learned: Arc<AdaptiveOutput>,
 }
 
 /// Where the caps are counted.
@@ -152,7 +166,7 @@ async fn main() {
     let mut limits = layer
         .tenant_header(HeaderName::from_static("x-tenant-id"))
         .estimator(OpenAiEstimator::new())
-        .reservation_handle(true); // handlers reconcile with the usage the upstream reports
+        .read_usage(true); // the reservations follow the usage the upstream reports
     if let Some(cap) = options.upstream_cap {
         // One upstream for every replica: with Redis, its budget is counted there too.
         let upstream: BudgetLedger = match &ledger {
@@ -184,6 +198,12 @@ async fn main() {
     if options.shadow {
         limits = limits.shadow(ShadowMode::All);
     }
+    // Requests without max_tokens reserve what that tenant's requests to that model really
+    // produce (learned from the usage the layer reads), not a fixed 1,024.
+    let learned = Arc::new(AdaptiveOutput::new());
+    if options.adaptive {
+        limits = limits.adaptive_output(learned.clone());
+    }
     // Tenant labels on the metrics, for the first 100 tenants: ids here come from a header
     // anyone can set, so the series must be bounded.
     #[cfg(feature = "metrics")]
@@ -193,12 +213,14 @@ async fn main() {
         ledger,
         chunks: options.chunks,
         token_delay: options.token_delay,
+        learned,
     };
     let app = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route_layer(limits) // only the routes above: /admin needs no tenant
         .route("/admin/tenants", get(tenants))
         .route("/admin/tenants/{tenant}", get(tenant))
+        .route("/admin/estimates", get(estimates))
         .with_state(state);
     #[cfg(feature = "metrics")]
     let app = {
@@ -233,7 +255,7 @@ async fn main() {
 /// under the cap, and the reservation is in the extensions.
 async fn chat_completions(
     State(state): State<AppState>,
-    Extension(reservation): Extension<ReservationHandle>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     // The layer refuses bodies that are not JSON objects (400) before they get here; the
@@ -244,8 +266,7 @@ async fn chat_completions(
     };
     let answer = Completion::generate(&request, state.chunks);
     tracing::info!(
-        tenant = reservation.tenant_id(),
-        reserved = reservation.tokens(),
+        tenant = headers.get("x-tenant-id").and_then(|v| v.to_str().ok()),
         model = %answer.model,
         stream = request["stream"] == true,
         "chat completion"
@@ -254,7 +275,6 @@ async fn chat_completions(
 
     if request["stream"] != true {
         tokio::time::sleep(delay.saturating_mul(answer.tokens)).await; // the upstream works
-        reconcile(&reservation, answer.total_tokens());
         return Json(answer.full_response()).into_response();
     }
 
@@ -272,8 +292,6 @@ async fn chat_completions(
         }
     });
     let end = stream::once(async move {
-        // A real upstream reports usage at the end of its stream: reconcile then.
-        reconcile(&reservation, answer.total_tokens());
         let mut tail = sse(&answer.finish_chunk());
         if include_usage {
             tail += &sse(&answer.usage_chunk());
@@ -286,17 +304,6 @@ async fn chat_completions(
         (CACHE_CONTROL, "no-cache"),
     ];
     (headers, body).into_response()
-}
-
-/// The reconciliation: the layer reserved an estimate (prompt plus the whole output
-/// allowance); now that the upstream has said what it used, hold exactly that. Here the
-/// response ends right after; it pays off in handlers that keep working once usage is known
-/// (several upstream calls, tool loops). Growth past the estimate is allowed and counted
-/// (`overcommits` in the snapshot), so an underestimate never goes unnoticed.
-fn reconcile(reservation: &ReservationHandle, used: u64) {
-    let (tenant, estimate) = (reservation.tenant_id(), reservation.tokens());
-    reservation.resize(used);
-    tracing::info!(tenant, estimate, used, "reconciled reservation");
 }
 
 /// The ledger `options` ask for.
@@ -390,6 +397,23 @@ async fn tenants(State(state): State<AppState>) -> Json<Value> {
         })
         .collect();
     Json(json!({ "tenants": tenants }))
+}
+
+/// `GET /admin/estimates`: the output allowances learned per tenant and model (`null`
+/// while too few outputs are known: the fixed default applies).
+async fn estimates(State(state): State<AppState>) -> Json<Value> {
+    let learned: Vec<Value> = state
+        .learned
+        .snapshot()
+        .into_iter()
+        .map(|learned| {
+            json!({
+                "tenant": learned.tenant, "model": learned.model,
+                "samples": learned.samples, "output_allowance": learned.allowance,
+            })
+        })
+        .collect();
+    Json(json!({ "estimates": learned }))
 }
 
 /// The mock upstream's answer to one chat request.
@@ -508,6 +532,7 @@ struct Options {
     wait: Option<Duration>,
     weights: HashMap<String, u32>,
     shadow: bool,
+    adaptive: bool,
 }
 
 impl Options {
@@ -524,6 +549,7 @@ impl Options {
             wait: None,
             weights: HashMap::new(),
             shadow: false,
+            adaptive: true,
         };
         while let Some(flag) = args.next() {
             match flag.as_str() {
@@ -551,6 +577,7 @@ impl Options {
                     options.weights.insert(tenant.to_owned(), weight);
                 }
                 "--shadow" => options.shadow = true,
+                "--no-adaptive" => options.adaptive = false,
                 _ => return Err(format!("unknown argument `{flag}`")),
             }
         }

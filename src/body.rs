@@ -10,6 +10,7 @@ use http_body_util::Full;
 use pin_project_lite::pin_project;
 
 use crate::reservation::Guard;
+use crate::usage::Tap;
 
 pin_project! {
     /// The body of a response from [`TenantTokenService`](crate::TenantTokenService).
@@ -18,6 +19,11 @@ pin_project! {
     /// releases at the end of the stream, on a body error, or when dropped (a client that
     /// disconnects mid-stream), whichever comes first. For a refused request it carries the
     /// JSON error, so the inner body type needs no `Default`.
+    ///
+    /// With [`read_usage`](crate::TenantTokenLayer::read_usage) on, it also reads the usage
+    /// the upstream reports as the frames pass (each passed on unchanged), growing the
+    /// reservation to what the response has produced and settling it on the reported
+    /// total at the end.
     pub struct ResponseBody<B> {
         #[pin]
         kind: Kind<B>,
@@ -28,6 +34,7 @@ pin_project! {
     #[project = KindProj]
     enum Kind<B> {
         Inner { #[pin] body: B, guard: Option<Guard> },
+        Tapped { #[pin] body: B, tap: Box<Tap> },
         Rejected { data: Option<Bytes> },
     }
 }
@@ -36,6 +43,13 @@ impl<B> ResponseBody<B> {
     pub(crate) fn inner(body: B, guard: Option<Guard>) -> Self {
         Self {
             kind: Kind::Inner { body, guard },
+        }
+    }
+
+    /// A body whose usage `tap` reads; `tap` holds the reservation.
+    pub(crate) fn tapped(body: B, tap: Box<Tap>) -> Self {
+        Self {
+            kind: Kind::Tapped { body, tap },
         }
     }
 
@@ -69,6 +83,22 @@ where
                 }
                 Poll::Ready(frame)
             }
+            KindProj::Tapped { mut body, tap } => {
+                let frame = ready!(body.as_mut().poll_frame(cx));
+                match &frame {
+                    Some(Ok(frame)) => {
+                        if let Some(data) = frame.data_ref() {
+                            tap.read(data);
+                        }
+                        if body.is_end_stream() {
+                            tap.end();
+                        }
+                    }
+                    Some(Err(_)) => tap.finish(),
+                    None => tap.end(),
+                }
+                Poll::Ready(frame)
+            }
             KindProj::Rejected { data } => {
                 Poll::Ready(data.take().map(|d| Ok(Frame::data(d.into()))))
             }
@@ -77,14 +107,14 @@ where
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Inner { body, .. } => body.is_end_stream(),
+            Kind::Inner { body, .. } | Kind::Tapped { body, .. } => body.is_end_stream(),
             Kind::Rejected { data } => data.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Inner { body, .. } => body.size_hint(),
+            Kind::Inner { body, .. } | Kind::Tapped { body, .. } => body.size_hint(),
             Kind::Rejected { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
@@ -98,6 +128,11 @@ impl<B> std::fmt::Debug for ResponseBody<B> {
             Kind::Inner { guard, .. } => f
                 .debug_struct("ResponseBody::Inner")
                 .field("holds_reservation", &guard.is_some())
+                .finish(),
+            Kind::Tapped { tap, .. } => f
+                .debug_struct("ResponseBody::Inner")
+                .field("holds_reservation", &tap.holds())
+                .field("reads_usage", &true)
                 .finish(),
             Kind::Rejected { .. } => f.write_str("ResponseBody::Rejected"),
         }

@@ -32,6 +32,10 @@ pub(crate) struct Config {
     pub(crate) reservation_handle: bool,
     /// Which headers about the cap responses carry.
     pub(crate) limit_headers: LimitHeaders,
+    /// Whether response bodies are read for the usage the upstream reports.
+    pub(crate) read_usage: bool,
+    /// Learned output allowances, for requests without an output limit.
+    pub(crate) adaptive: Option<Arc<crate::usage::Adaptive>>,
     /// The `Retry-After` of a 429 when it is not derived from hold times.
     pub(crate) retry_after: Duration,
     /// Builds refusal responses instead of the default JSON.
@@ -68,6 +72,8 @@ impl Config {
             missing_estimate: MissingEstimate::default(),
             reservation_handle: false,
             limit_headers: LimitHeaders::default(),
+            read_usage: false,
+            adaptive: None,
             retry_after: Duration::from_secs(1),
             on_rejection: None,
             options: None,

@@ -21,6 +21,7 @@ use crate::headers::{
     X_RATELIMIT_REMAINING_TOKENS,
 };
 use crate::reservation::{Guard, Pending, Step};
+use crate::usage::{Learn, Tap};
 use crate::{BoxError, Error, RequestBody, ResponseBody};
 
 pin_project! {
@@ -42,7 +43,7 @@ pin_project! {
     enum State<F, S, B> {
         /// Admitted (or unmetered): the inner call, holding the reservation until the
         /// response, which takes it over.
-        Inner { #[pin] future: F, guard: Option<Guard>, headers: LimitHeaders },
+        Inner { #[pin] future: F, guard: Holding, headers: LimitHeaders },
         /// Refused before reaching the inner service. (Boxed, like the others, to keep the
         /// future small: it is moved on every admitted request.)
         Rejected { response: Option<Box<Response<Bytes>>> },
@@ -58,12 +59,52 @@ pin_project! {
     }
 }
 
+/// What an admitted call holds until its response takes it over. (No larger than an
+/// `Option<Guard>`: the reader's variant fits in the guard's spare room, so reading usage
+/// costs the common future nothing in size, and its one state polls the inner future in
+/// one place.)
+pub(crate) enum Holding {
+    /// The reservation.
+    Guard(Guard),
+    /// The reservation, inside the reader of the response's usage (a layer that reads
+    /// usage).
+    Tap(Box<Tap>),
+    /// Nothing (an unmetered request).
+    Nothing,
+}
+
+impl Holding {
+    /// The tenant's cap and what is left of it now, as [`Guard::limits`].
+    fn limits(&self) -> Option<(u64, u64)> {
+        match self {
+            Holding::Guard(guard) => guard.limits(),
+            Holding::Tap(tap) => tap.limits(),
+            Holding::Nothing => None,
+        }
+    }
+
+    /// The reservation inside a reader, for a request whose estimate has `prompt` tokens
+    /// of prompt; kept out of the common path.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn tap(guard: Guard, prompt: u64, learn: Option<Learn>) -> Self {
+        match Tap::new(guard, prompt, learn) {
+            Ok(tap) => Holding::Tap(tap),
+            Err(guard) => Holding::Guard(guard),
+        }
+    }
+}
+
 /// A request to call once it is admitted: its head, a clone of the inner service (polled
 /// ready only once the request is admitted), the settings.
 pub(crate) struct Call<S> {
     parts: Parts,
     service: S,
     config: Arc<Config>,
+    /// The estimate's prompt part, when the estimator tells it apart.
+    prompt: u64,
+    /// Where the response's output is learned from, when the layer learns allowances.
+    learn: Option<Learn>,
 }
 
 impl<S> Call<S> {
@@ -72,6 +113,8 @@ impl<S> Call<S> {
             parts,
             service,
             config,
+            prompt: 0,
+            learn: None,
         }
     }
 
@@ -111,13 +154,19 @@ impl<S> Call<S> {
             mut parts,
             mut service,
             config,
+            prompt,
+            learn,
         } = self;
         if let Some(handle) = guard.handle() {
             parts.extensions.insert(handle);
         }
+        let guard = match config.read_usage {
+            false => Holding::Guard(guard),
+            true => Holding::tap(guard, prompt, learn),
+        };
         State::Inner {
             future: service.call(Request::from_parts(parts, body)),
-            guard: Some(guard),
+            guard,
             headers: config.limit_headers,
         }
     }
@@ -153,7 +202,17 @@ impl<S, B> ResponseFuture<S, B>
 where
     S: Service<Request<RequestBody<B>>>,
 {
+    #[inline(always)]
     pub(crate) fn inner(future: S::Future, guard: Option<Guard>, headers: LimitHeaders) -> Self {
+        let guard = match guard {
+            Some(guard) => Holding::Guard(guard),
+            None => Holding::Nothing,
+        };
+        Self::holding(future, guard, headers)
+    }
+
+    #[inline(always)]
+    pub(crate) fn holding(future: S::Future, guard: Holding, headers: LimitHeaders) -> Self {
         Self {
             state: State::Inner {
                 future,
@@ -211,16 +270,20 @@ where
                     headers,
                 } => {
                     let result = ready!(future.poll(cx));
-                    let mut guard = guard.take();
+                    let guard = std::mem::replace(guard, Holding::Nothing);
                     let mut response = result?; // an inner error releases here
                     if headers.any() {
-                        if let Some(limits) = guard.as_ref().and_then(Guard::limits) {
+                        if let Some(limits) = guard.limits() {
                             add_limit_headers(response.headers_mut(), *headers, limits);
                         }
                     }
-                    if response.body().is_end_stream() {
-                        guard = None; // no body to wait for (HEAD, 204, empty)
-                    }
+                    let guard = match guard {
+                        // No body to wait for (HEAD, 204, empty).
+                        _ if response.body().is_end_stream() => None,
+                        Holding::Guard(guard) => Some(guard),
+                        Holding::Nothing => None,
+                        Holding::Tap(tap) => return Poll::Ready(Ok(tapped(response, tap))),
+                    };
                     return Poll::Ready(Ok(response.map(|body| ResponseBody::inner(body, guard))));
                 }
                 StateProj::Rejected { response } => {
@@ -253,16 +316,26 @@ where
                         tenant,
                         estimate,
                         class,
-                        call,
+                        mut call,
                         buffer,
                     } = *reading.take().expect("checked above");
                     let bytes = buffer.freeze();
                     let config = &call.config;
-                    let estimated = outcome.and_then(|()| {
-                        estimate.estimate(&call.parts, &bytes, config.wants_model())
+                    let adaptive = config.adaptive.as_deref();
+                    let estimated = outcome.and_then(|()| match adaptive {
+                        None => estimate.estimate(&call.parts, &bytes, config.wants_model()),
+                        Some(adaptive) => {
+                            estimate.estimate_learning(&call.parts, &bytes, true, |model| {
+                                adaptive.allowance(&tenant, model.unwrap_or(""))
+                            })
+                        }
                     });
                     let admission = match estimated {
                         Ok(estimated) => {
+                            call.prompt = estimated.prompt;
+                            if estimated.unlimited {
+                                call.learn = learn(config, &tenant, estimated.model.as_deref());
+                            }
                             let model = estimated.model.as_deref();
                             let keys = config.budget_keys(&call.parts, Some(&bytes), model);
                             config.admit(&tenant, estimated.tokens, keys, class)
@@ -288,6 +361,33 @@ where
             };
             state.set(next);
         }
+    }
+}
+
+/// Where the output of a request by `tenant` to `model` without an output limit is
+/// learned from, when the layer learns allowances.
+#[cfg(feature = "openai")]
+fn learn(config: &Config, tenant: &str, model: Option<&str>) -> Option<Learn> {
+    let table = config.adaptive.clone()?;
+    Some(Learn {
+        table,
+        tenant: tenant.to_owned(),
+        model: model.unwrap_or("").to_owned(),
+    })
+}
+
+#[cfg(not(feature = "openai"))]
+fn learn(_config: &Config, _tenant: &str, _model: Option<&str>) -> Option<Learn> {
+    None
+}
+
+/// The response of a call whose usage is read: its body read by `tap`, unless it is one
+/// the reader cannot read.
+#[inline(never)]
+fn tapped<B>(response: Response<B>, tap: Box<Tap>) -> Response<ResponseBody<B>> {
+    match tap.start(response.headers()) {
+        Ok(tap) => response.map(|body| ResponseBody::tapped(body, tap)),
+        Err(guard) => response.map(|body| ResponseBody::inner(body, guard)),
     }
 }
 

@@ -187,6 +187,57 @@ impl TenantTokenLayer {
         self.with(|config| config.reservation_handle = enabled)
     }
 
+    /// Whether the layer reads the usage the upstream reports in each admitted response
+    /// (default: no), keeping the reservation true to what the response costs:
+    ///
+    /// - as the body streams, the reservation grows whenever what the response has
+    ///   produced (the prompt plus the output so far: reported usage where the stream
+    ///   carries it, else the decoded text of its deltas at 4 bytes a token) passes what
+    ///   it holds. Admitted work is never refused; growth past the cap is allowed and
+    ///   shows in [`TenantTokenState::overcommits`](crate::TenantTokenState::overcommits).
+    ///   So what is in flight never falls below what has been produced;
+    /// - when the response ends (or the client goes away, or the body fails) after the
+    ///   upstream reported usage, the reservation is resized to the reported total just
+    ///   before it is released, so the release (and the `metrics` usage ratio) is exact.
+    ///
+    /// It reads JSON answers and server-sent event streams that are not compressed, in the
+    /// formats of OpenAI's Chat Completions (`usage`, and the final chunk a stream carries
+    /// with `stream_options.include_usage`), OpenAI's Responses API (`usage`, the
+    /// `response.completed` event) and Anthropic's Messages API (`message_start` and
+    /// `message_delta` usage). Every byte passes through unchanged; usage that is garbage
+    /// or missing is ignored, never an error to the client. What it keeps per response is
+    /// bounded: a usage object of up to 4 KiB, and the unfinished tail of one
+    /// server-sent event line of up to 64 KiB (a longer line is not counted). With an
+    /// [`OpenAiEstimator`](crate::OpenAiEstimator), the estimate's prompt part is the
+    /// prompt above until usage says otherwise; with other estimators the prompt counts
+    /// as 0, so live growth starts when the output alone passes the estimate.
+    ///
+    /// Off, the layer does not look at response bodies at all.
+    #[cfg(feature = "openai")]
+    pub fn read_usage(self, enabled: bool) -> Self {
+        self.with(|config| config.read_usage = enabled)
+    }
+
+    /// Learns the output allowance of requests that set no `max_tokens`-like limit from
+    /// what such requests produced, per tenant and model, in `learned` (see
+    /// [`AdaptiveOutput`](crate::AdaptiveOutput)); turns
+    /// [`read_usage`](Self::read_usage) on, which measures the outputs.
+    ///
+    /// Only an [`OpenAiEstimator`](crate::OpenAiEstimator)'s estimates use it: for a
+    /// request without an output limit, the allowance is the learned one for its tenant
+    /// and model once enough outputs are known, the estimator's
+    /// [`default_output_tokens`](crate::OpenAiEstimator::default_output_tokens) until then.
+    /// A response that ends normally is learned from; one cut short (an error, a client
+    /// gone) is not. Keep `learned` to show what it learned
+    /// ([`snapshot`](crate::AdaptiveOutput::snapshot)); one table may serve several layers.
+    #[cfg(feature = "openai")]
+    pub fn adaptive_output(self, learned: Arc<crate::AdaptiveOutput>) -> Self {
+        self.with(|config| {
+            config.read_usage = true;
+            config.adaptive = Some(learned);
+        })
+    }
+
     /// Whether admitted responses carry `x-ratelimit-limit-tokens` (the tenant's cap) and
     /// `x-ratelimit-remaining-tokens` (what is left of it as the response starts, this
     /// request's reservation included), as OpenAI's API sends them (default: no). Headers
@@ -340,6 +391,8 @@ impl fmt::Debug for TenantTokenLayer {
             )
             .field("reservation_handle", &config.reservation_handle)
             .field("limit_headers", &config.limit_headers)
+            .field("read_usage", &config.read_usage)
+            .field("adaptive_output", &config.adaptive)
             .field("shadow", &options.map(|o| &o.shadow))
             .field("budgets", &options.map(|o| &o.budgets))
             .field(

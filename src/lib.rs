@@ -111,6 +111,11 @@ mod retry_after;
 mod service;
 mod sync;
 mod tracker;
+#[cfg(feature = "openai")]
+mod usage;
+#[cfg(not(feature = "openai"))]
+#[path = "usage_off.rs"]
+mod usage;
 
 pub use self::admit::budget::{BudgetLedger, SharedBudget};
 pub use self::admit::priority::{Priority, PrioritySource};
@@ -128,6 +133,8 @@ pub use self::service::TenantTokenService;
 pub use self::tracker::{
     TenantScope, TenantTokenState, TenantTokenTracker, TenantTokenTrackerBuilder, TokenReservation,
 };
+#[cfg(feature = "openai")]
+pub use self::usage::{AdaptiveOutput, LearnedOutput};
 
 /// The error type bodies are converted into, as across tower and hyper.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

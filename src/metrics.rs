@@ -8,7 +8,9 @@
 //! | `tenant_tokens_requests_total` | counter | `outcome` (`admitted`, `refused`, `shadowed`), `reason` (the refusal's [`Error::code`](crate::Error::code), for `refused` and `shadowed`) | every metered request's fate |
 //! | `tenant_tokens_in_flight` | gauge | — | tokens this process holds for requests in flight |
 //! | `tenant_tokens_reserved` | histogram | — | tokens reserved per admitted request (the estimate) |
-//! | `tenant_tokens_usage_ratio` | histogram | — | on release, tokens held at the end ÷ the estimate, for requests whose handler reconciled |
+//! | `tenant_tokens_usage_ratio` | histogram | — | on release, tokens held at the end ÷ the estimate, for requests whose reservation was resized (by a handler, or by the layer reading usage, [`read_usage`](crate::TenantTokenLayer::read_usage)) |
+//! | `tenant_tokens_streams_outran_total` | counter | — | event streams whose output outran their reservation, which the layer grew as they went ([`read_usage`](crate::TenantTokenLayer::read_usage)) |
+//! | `tenant_tokens_output_allowance` | gauge | `tenant`, `model` | the output allowance learned for requests without an output limit ([`adaptive_output`](crate::TenantTokenLayer::adaptive_output)), as last learned; only with tenant labels, for tenants with their own label and the first [`MODEL_LABELS`] models seen |
 //! | `tenant_tokens_waiting` | gauge | `class` (`critical`, `standard`, `sheddable`) | requests waiting for capacity now ([`wait_for_capacity`](crate::TenantTokenLayer::wait_for_capacity)) |
 //! | `tenant_tokens_wait_seconds` | histogram | `class` | how long each waiting request waited, until admitted or refused |
 //! | `tenant_tokens_budget_tokens_total` | counter | — | tokens admitted from shared budgets in a layer that waits for capacity: a tenant's rate over the sum of all tenants' is its share of the budgets |
@@ -36,6 +38,17 @@ pub const IN_FLIGHT: &str = "tenant_tokens_in_flight";
 pub const RESERVED: &str = "tenant_tokens_reserved";
 /// The histogram of actual ÷ estimated tokens, for reconciled requests.
 pub const USAGE_RATIO: &str = "tenant_tokens_usage_ratio";
+
+/// The counter of event streams that outran their reservation.
+pub const STREAMS_OUTRAN: &str = "tenant_tokens_streams_outran_total";
+/// The gauge of learned output allowances.
+pub const OUTPUT_ALLOWANCE: &str = "tenant_tokens_output_allowance";
+/// How many models (named by request bodies, so chosen by clients) get a learned
+/// allowance gauge; later ones get none.
+pub const MODEL_LABELS: usize = 32;
+
+/// The models labelled so far, in this process.
+static MODELS: Mutex<Option<HashSet<Box<str>>>> = Mutex::new(None);
 
 /// The label given to tenants beyond the bound of [`TenantLabels::Bounded`].
 pub const OTHER_TENANTS: &str = "other";
@@ -192,6 +205,39 @@ impl Tag {
         } else {
             self.in_flight.decrement((from - to) as f64);
         }
+    }
+
+    /// The response outran its reservation.
+    pub(crate) fn outran(&self) {
+        if self.labels.is_empty() {
+            counter!(STREAMS_OUTRAN).increment(1);
+        } else {
+            counter!(STREAMS_OUTRAN, self.labels.clone()).increment(1);
+        }
+    }
+
+    /// The output allowance learned for this tenant and `model` is now `tokens`.
+    pub(crate) fn learned(&self, model: &str, tokens: u64) {
+        let labelled = self
+            .labels
+            .iter()
+            .any(|label| label.key() == "tenant" && label.value() != OTHER_TENANTS);
+        if !labelled {
+            return;
+        }
+        {
+            let mut models = MODELS.lock().unwrap_or_else(PoisonError::into_inner);
+            let models = models.get_or_insert_with(HashSet::new);
+            if !models.contains(model) {
+                if models.len() >= MODEL_LABELS {
+                    return;
+                }
+                models.insert(model.into());
+            }
+        }
+        let mut labels = self.labels.clone();
+        labels.push(Label::new("model", model.to_owned()));
+        gauge!(OUTPUT_ALLOWANCE, labels).set(tokens as f64);
     }
 
     /// The reservation ended holding `tokens`.

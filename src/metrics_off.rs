@@ -39,4 +39,10 @@ impl Tag {
 
     #[inline(always)]
     pub(crate) fn released(&self, _tokens: u64) {}
+
+    #[inline(always)]
+    pub(crate) fn outran(&self) {}
+
+    #[inline(always)]
+    pub(crate) fn learned(&self, _model: &str, _tokens: u64) {}
 }

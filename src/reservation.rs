@@ -363,6 +363,50 @@ impl Guard {
         }
     }
 
+    /// Tokens held now; 0 once released (through a handle).
+    #[cfg_attr(not(feature = "openai"), allow(dead_code))]
+    pub(crate) fn tokens(&self) -> u64 {
+        match self {
+            Guard::Owned(held) => held.tokens(),
+            Guard::Shared(handle) => handle.tokens(),
+        }
+    }
+
+    /// Sets the tokens held, growth unchecked, as [`ReservationHandle::resize`] does.
+    #[cfg_attr(not(feature = "openai"), allow(dead_code))]
+    pub(crate) fn resize(&mut self, tokens: u64) -> u64 {
+        match self {
+            Guard::Owned(held) => held.resize(tokens),
+            Guard::Shared(handle) => handle.resize(tokens),
+        }
+    }
+
+    /// Tells the metrics recorder the response outran its estimate.
+    #[cfg_attr(not(feature = "openai"), allow(dead_code))]
+    pub(crate) fn outran(&self) {
+        match self {
+            Guard::Owned(held) => held.tag.outran(),
+            Guard::Shared(handle) => {
+                if let Some(held) = handle.lock().as_ref() {
+                    held.tag.outran();
+                }
+            }
+        }
+    }
+
+    /// Tells the metrics recorder the output allowance learned for this tenant and `model`.
+    #[cfg_attr(not(feature = "openai"), allow(dead_code))]
+    pub(crate) fn learned(&self, model: &str, tokens: u64) {
+        match self {
+            Guard::Owned(held) => held.tag.learned(model, tokens),
+            Guard::Shared(handle) => {
+                if let Some(held) = handle.lock().as_ref() {
+                    held.tag.learned(model, tokens);
+                }
+            }
+        }
+    }
+
     /// The handle for the request's extensions, if the reservation is shared.
     pub(crate) fn handle(&self) -> Option<ReservationHandle> {
         match self {

@@ -12,7 +12,7 @@ use tower_service::Service;
 use crate::admit::plan::Plan;
 use crate::admit::Admission;
 use crate::config::{Config, LimitHeaders};
-use crate::future::{Call, ReadingBody, ResponseFuture};
+use crate::future::{Call, Holding, ReadingBody, ResponseFuture};
 use crate::reservation::{Guard, Step};
 use crate::{BoxError, RequestBody, ResponseBody};
 
@@ -168,12 +168,35 @@ impl<S> TenantTokenService<S> {
     where
         S: Service<Request<RequestBody<ReqBody>>>,
     {
+        if self.config.read_usage {
+            return self.forward_tapped(request, guard);
+        }
         let headers = match guard {
             Some(_) => self.config.limit_headers,
             None => LimitHeaders::default(),
         };
         let future = self.inner.call(request.map(RequestBody::streaming));
         ResponseFuture::inner(future, guard, headers)
+    }
+
+    /// [`forward`](Self::forward) for a layer that reads usage, kept off the common path.
+    #[cold]
+    #[inline(never)]
+    fn forward_tapped<ReqBody>(
+        &mut self,
+        request: Request<ReqBody>,
+        guard: Option<Guard>,
+    ) -> ResponseFuture<S, ReqBody>
+    where
+        S: Service<Request<RequestBody<ReqBody>>>,
+    {
+        let (headers, guard) = match guard {
+            // The estimate came from headers: no prompt part is known.
+            Some(guard) => (self.config.limit_headers, Holding::tap(guard, 0, None)),
+            None => (LimitHeaders::default(), Holding::Nothing),
+        };
+        let future = self.inner.call(request.map(RequestBody::streaming));
+        ResponseFuture::holding(future, guard, headers)
     }
 }
 

@@ -194,3 +194,82 @@ async fn waiting_requests_their_waits_sheds_and_budget_shares_are_recorded() {
     assert_eq!(served("w-holder"), Some(1_000.0));
     assert_eq!(served("w-a"), Some(500.0));
 }
+
+/// With usage read and allowances learned: a stream past its estimate is counted, its
+/// actual ÷ estimated recorded, and the allowance learned from it shown per tenant and
+/// model.
+#[cfg(feature = "openai")]
+#[tokio::test]
+async fn streams_that_outrun_their_estimate_and_learned_allowances_are_recorded() {
+    use axum::http::header::CONTENT_TYPE;
+    use axum::response::IntoResponse;
+    use tower_tenant_tokens::{AdaptiveOutput, OpenAiEstimator};
+
+    recorder();
+    let tracker = Arc::new(TenantTokenTracker::new(100_000));
+    let learned = Arc::new(AdaptiveOutput::new().warmup(1));
+    let layer = TenantTokenLayer::new(tracker.clone())
+        .metrics_tenant_labels(TenantLabels::All)
+        .estimator(OpenAiEstimator::new())
+        .adaptive_output(learned);
+    let (source, mut streams) = streams();
+    let app = Router::new()
+        .route(
+            "/v1/chat/completions",
+            post(move || {
+                let body = source.body();
+                async move { ([(CONTENT_TYPE, "text/event-stream")], body).into_response() }
+            }),
+        )
+        .layer(layer);
+    let server = serve(app).await;
+    let client = client();
+
+    // "user" + "Say hello." = 4 tokens of prompt, plus the default 1,024.
+    let request = http::Request::post(server.url("/v1/chat/completions"))
+        .header("x-tenant-id", "m-usage")
+        .body(full(
+            r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"Say hello."}]}"#,
+        ))
+        .unwrap();
+    let response = send(&client, request).await;
+    let chunks = streams.next().await;
+    let mut body = response.into_body();
+    let outran = r#"tenant_tokens_streams_outran_total{tenant="m-usage"}"#;
+    // 1,000 tokens of text: still within the estimate.
+    let text = |bytes: usize| {
+        let event = serde_json::json!({"choices": [{"delta": {"content": "a".repeat(bytes)}}]});
+        bytes::Bytes::from(format!("data: {event}\n\n"))
+    };
+    chunks.send(text(4_000)).unwrap();
+    assert!(next_data(&mut body).await.is_some());
+    assert_eq!(tracker.in_flight("m-usage"), 1_028);
+    assert_eq!(sample(outran), None);
+    // 2,000 in all: past it, counted once however far it goes.
+    for _ in 0..2 {
+        chunks.send(text(2_000)).unwrap();
+        assert!(next_data(&mut body).await.is_some());
+    }
+    assert_eq!(tracker.in_flight("m-usage"), 2_004);
+    assert_eq!(sample(outran), Some(1.0));
+    let usage = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":4,\
+                 \"completion_tokens\":2052,\"total_tokens\":2056}}\n\n";
+    chunks
+        .send(bytes::Bytes::from_static(usage.as_bytes()))
+        .unwrap();
+    assert!(next_data(&mut body).await.is_some());
+    drop(chunks);
+    assert_eq!(next_data(&mut body).await, None);
+    wait_until("the release", || tracker.in_flight("m-usage") == 0).await;
+
+    // 2,056 held at the end of 1,028 estimated.
+    assert_eq!(
+        sample(r#"tenant_tokens_usage_ratio_sum{tenant="m-usage"}"#),
+        Some(2.0)
+    );
+    // 2,052 learned, plus a quarter.
+    assert_eq!(
+        sample(r#"tenant_tokens_output_allowance{tenant="m-usage",model="m"}"#),
+        Some(2_565.0)
+    );
+}

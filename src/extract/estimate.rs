@@ -198,10 +198,15 @@ enum Reader {
 pub(crate) struct Estimated {
     /// The estimate.
     pub(crate) tokens: u64,
+    /// The part of `tokens` that is the prompt, when the estimator tells it apart (an
+    /// [`OpenAiEstimator`]); 0 otherwise.
+    pub(crate) prompt: u64,
     /// The top-level `"model"` string, as [`json_model`](super::json_model) finds it; only
     /// when asked for and the body was read by an [`OpenAiEstimator`]. `None` otherwise:
     /// a user's function finds no model, and `json_model` can be asked instead.
     pub(crate) model: Option<String>,
+    /// The request set no output limit (an [`OpenAiEstimator`]'s estimate).
+    pub(crate) unlimited: bool,
 }
 
 impl BodyEstimate {
@@ -215,17 +220,35 @@ impl BodyEstimate {
         body: &Bytes,
         want_model: bool,
     ) -> Result<Estimated, Error> {
+        self.estimate_learning(parts, body, want_model, |_| None)
+    }
+
+    /// [`estimate`](Self::estimate), an [`OpenAiEstimator`]'s allowance for a request
+    /// without an output limit being what `learned` says for the model (if anything).
+    #[cfg_attr(not(feature = "openai"), allow(unused_variables))]
+    pub(crate) fn estimate_learning(
+        &self,
+        parts: &Parts,
+        body: &Bytes,
+        want_model: bool,
+        learned: impl FnOnce(Option<&str>) -> Option<u64>,
+    ) -> Result<Estimated, Error> {
         match &self.reader {
             Reader::Fn(f) => Ok(Estimated {
                 tokens: f(parts, body)?,
+                prompt: 0,
                 model: None,
+                unlimited: false,
             }),
             #[cfg(feature = "openai")]
             Reader::OpenAi(estimator) => {
-                let (estimate, model) = estimator.estimate_with_model(body, want_model)?;
+                let (estimate, model, unlimited) =
+                    estimator.estimate_learning(body, want_model, learned)?;
                 Ok(Estimated {
                     tokens: estimate.total(),
+                    prompt: estimate.prompt_tokens,
                     model,
+                    unlimited,
                 })
             }
         }
@@ -402,7 +425,9 @@ mod tests {
             found(from_fn(), true),
             Estimated {
                 tokens: body.len() as u64,
-                model: None
+                prompt: 0,
+                model: None,
+                unlimited: false,
             }
         );
         #[cfg(feature = "openai")]
@@ -412,7 +437,9 @@ mod tests {
                 found(openai(), true),
                 Estimated {
                     tokens: 6,
-                    model: Some("m".to_owned())
+                    prompt: 1,
+                    model: Some("m".to_owned()),
+                    unlimited: false,
                 }
             );
             assert_eq!(found(openai(), false).model, None);

@@ -29,7 +29,7 @@ use std::fmt;
 
 /// Why a body is not the JSON it should be: what was wrong, and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Malformed {
+pub(crate) struct Malformed {
     what: &'static str,
     line: usize,
     column: usize,
@@ -46,21 +46,21 @@ impl fmt::Display for Malformed {
 }
 
 /// A result whose error is a [`Malformed`] body.
-pub(super) type Result<T> = std::result::Result<T, Malformed>;
+pub(crate) type Result<T> = std::result::Result<T, Malformed>;
 
 /// A string the scanner has read and validated.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Str<'a> {
+pub(crate) struct Str<'a> {
     /// The bytes between the quotes, escapes as written.
-    pub(super) raw: &'a [u8],
+    pub(crate) raw: &'a [u8],
     /// How many UTF-8 bytes the string decodes to.
-    pub(super) decoded_len: usize,
+    pub(crate) decoded_len: usize,
 }
 
 impl Str<'_> {
     /// The first `out.len()` bytes of the decoded string (fewer if it is shorter), written
     /// to `out`; returns how many were written.
-    pub(super) fn decode_prefix(&self, out: &mut [u8]) -> usize {
+    pub(crate) fn decode_prefix(&self, out: &mut [u8]) -> usize {
         // Every escape decodes to fewer bytes than it takes, so a string without any is
         // its own decoding.
         if self.raw.len() == self.decoded_len {
@@ -116,7 +116,7 @@ impl Str<'_> {
     }
 
     /// The whole decoded string, for a string [`Scanner::string`] read.
-    pub(super) fn decode(&self) -> String {
+    pub(crate) fn decode(&self) -> String {
         let mut bytes = vec![0; self.decoded_len];
         let len = self.decode_prefix(&mut bytes);
         bytes.truncate(len);
@@ -145,7 +145,7 @@ fn simple_escape(letter: u8) -> Option<u8> {
 
 /// A JSON number as `serde_json` reads it (what a `Visitor` is handed).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(super) enum Number {
+pub(crate) enum Number {
     /// A non-negative integer that fits 64 bits (`visit_u64`).
     Unsigned(u64),
     /// A negative integer that fits 64 bits (`visit_i64`).
@@ -157,7 +157,7 @@ pub(super) enum Number {
 
 /// The value of a number literal that [`Scanner::number`] accepted, or `None` when
 /// `serde_json` refuses it as out of range (a float that would be infinite).
-pub(super) fn read_number(literal: &[u8]) -> Option<Number> {
+pub(crate) fn read_number(literal: &[u8]) -> Option<Number> {
     // Most literals are short integers: read those here, exactly as serde_json does
     // (19 digits always fit a u64; a negative one is an i64 unless it is -0 or below
     // i64::MIN, which serde_json turns into a float).
@@ -200,14 +200,14 @@ fn is_whitespace(byte: u8) -> bool {
 
 /// A cursor over one JSON document; a clone is a saved position to come back to.
 #[derive(Debug, Clone)]
-pub(super) struct Scanner<'a> {
+pub(crate) struct Scanner<'a> {
     bytes: &'a [u8],
     pos: usize,
 }
 
 impl<'a> Scanner<'a> {
     /// A scanner at the start of `bytes`.
-    pub(super) fn new(bytes: &'a [u8]) -> Self {
+    pub(crate) fn new(bytes: &'a [u8]) -> Self {
         Self { bytes, pos: 0 }
     }
 
@@ -234,14 +234,14 @@ impl<'a> Scanner<'a> {
 
     /// A [`Malformed`] error about the current byte.
     #[cold]
-    pub(super) fn error(&self, what: &'static str) -> Malformed {
+    pub(crate) fn error(&self, what: &'static str) -> Malformed {
         self.error_at(self.pos, what)
     }
 
     /// Skips whitespace and returns the next byte, without consuming it (`None` at the
     /// end of the body).
     #[inline]
-    pub(super) fn peek(&mut self) -> Option<u8> {
+    pub(crate) fn peek(&mut self) -> Option<u8> {
         while let Some(&byte) = self.bytes.get(self.pos) {
             if !is_whitespace(byte) {
                 return Some(byte);
@@ -253,13 +253,13 @@ impl<'a> Scanner<'a> {
 
     /// Consumes the byte [`peek`](Self::peek) returned.
     #[inline]
-    pub(super) fn bump(&mut self) {
+    pub(crate) fn bump(&mut self) {
         self.pos += 1;
     }
 
     /// Skips whitespace and the `:` between a key and its value.
     #[inline]
-    pub(super) fn colon(&mut self) -> Result<()> {
+    pub(crate) fn colon(&mut self) -> Result<()> {
         match self.peek() {
             Some(b':') => {
                 self.bump();
@@ -271,7 +271,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// Reads `null`, `true` or `false`, whose first letter [`peek`](Self::peek) returned.
-    pub(super) fn literal(&mut self) -> Result<()> {
+    pub(crate) fn literal(&mut self) -> Result<()> {
         let word: &[u8] = match self.bytes.get(self.pos) {
             Some(b'n') => b"null",
             Some(b't') => b"true",
@@ -291,7 +291,7 @@ impl<'a> Scanner<'a> {
 
     /// Reads a number literal (the grammar only; see [`read_number`] for its value),
     /// starting at the `-` or digit [`peek`](Self::peek) returned.
-    pub(super) fn number(&mut self) -> Result<&'a [u8]> {
+    pub(crate) fn number(&mut self) -> Result<&'a [u8]> {
         let bytes = self.bytes;
         let start = self.pos;
         let digits_from = |mut pos: usize| {
@@ -342,7 +342,7 @@ impl<'a> Scanner<'a> {
     /// [`peek`](Self::peek) returned: valid escapes, surrogates in pairs, no control
     /// characters, valid UTF-8.
     #[inline]
-    pub(super) fn string(&mut self) -> Result<Str<'a>> {
+    pub(crate) fn string(&mut self) -> Result<Str<'a>> {
         self.bump();
         let start = self.pos;
         let saved = self.scan_string::<true>()?;
@@ -467,7 +467,7 @@ impl<'a> Scanner<'a> {
 
     /// Skips one value of any kind the way `serde_json` ignores a field: the grammar is
     /// checked, the contents are not (see the module docs), and nesting has no limit.
-    pub(super) fn skip_value(&mut self) -> Result<()> {
+    pub(crate) fn skip_value(&mut self) -> Result<()> {
         let mut open = Frames::default();
         // Each turn reads one value; then the loop below closes what it ends.
         loop {
@@ -539,7 +539,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// Checks that nothing but whitespace is left.
-    pub(super) fn end(&mut self) -> Result<()> {
+    pub(crate) fn end(&mut self) -> Result<()> {
         match self.peek() {
             Some(_) => Err(self.error("trailing characters")),
             None => Ok(()),

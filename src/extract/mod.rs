@@ -3,7 +3,7 @@
 mod estimate;
 mod headers;
 #[cfg(feature = "openai")]
-mod json_scan;
+pub(crate) mod json_scan;
 #[cfg(feature = "openai")]
 mod openai;
 mod tenant;

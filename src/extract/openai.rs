@@ -112,6 +112,19 @@ impl OpenAiEstimator {
         body: &[u8],
         want_model: bool,
     ) -> Result<(OpenAiEstimate, Option<String>), EstimateError> {
+        self.estimate_learning(body, want_model, |_| None)
+            .map(|(estimate, model, _)| (estimate, model))
+    }
+
+    /// [`estimate_with_model`](Self::estimate_with_model), the output allowance of a
+    /// request without an output limit being what `learned` says for the model found (if
+    /// anything; the default otherwise). Also says whether the request set no limit.
+    pub(super) fn estimate_learning(
+        &self,
+        body: &[u8],
+        want_model: bool,
+        learned: impl FnOnce(Option<&str>) -> Option<u64>,
+    ) -> Result<(OpenAiEstimate, Option<String>, bool), EstimateError> {
         let mut tally = Tally::default();
         match walk_request(body, &mut tally, want_model) {
             Ok(()) => {}
@@ -120,6 +133,11 @@ impl OpenAiEstimator {
             }
             Err(Refusal::Invalid(reason)) => return Err(EstimateError::invalid(reason)),
         }
+        let model = match tally.model {
+            Model::Named(name) => Some(name),
+            Model::Unseen | Model::Unreadable => None,
+        };
+        let unlimited = tally.output.is_none();
         let estimate = OpenAiEstimate {
             prompt_tokens: tally
                 .text_bytes
@@ -128,15 +146,11 @@ impl OpenAiEstimator {
             output_tokens: match tally.output {
                 Some(tokens) if tally.output_null => tokens.max(self.default_output_tokens),
                 Some(tokens) => tokens,
-                None => self.default_output_tokens,
+                None => learned(model.as_deref()).unwrap_or(self.default_output_tokens),
             }
             .saturating_mul(tally.choices.unwrap_or(1).max(1)),
         };
-        let model = match tally.model {
-            Model::Named(name) => Some(name),
-            Model::Unseen | Model::Unreadable => None,
-        };
-        Ok((estimate, model))
+        Ok((estimate, model, unlimited))
     }
 
     /// Not public API: the estimate and the model found in the same pass, for the

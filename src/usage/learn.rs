@@ -1,0 +1,263 @@
+//! Learning the output allowance of requests that set no output limit from what such
+//! requests really produced, per tenant and model.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Mutex;
+
+/// How many recent outputs each (tenant, model) keeps.
+const WINDOW: usize = 32;
+
+/// Learned output allowances for requests that set no `max_tokens`-like limit, per
+/// (tenant, model), for [`TenantTokenLayer::adaptive_output`](crate::TenantTokenLayer::adaptive_output).
+///
+/// Each (tenant, model) keeps the output of its last 32 such requests that ran to the
+/// end, as the usage reader found it (the reported output, else the streamed text
+/// counted). Its allowance is a high quantile of those (the second largest of 32, about
+/// p95) plus a quarter, within [`floor`](Self::floor) and [`ceiling`](Self::ceiling);
+/// until [`warmup`](Self::warmup) outputs are known it is the estimator's fixed default.
+/// Old outputs leave the window as new ones come, so an allowance follows a change in a
+/// tenant's traffic within about 30 requests, up at once (a few larger outputs pass the
+/// quantile) and down once the larger outputs have left. An allowance that proves too
+/// small costs nothing in safety: the usage reader grows a stream's reservation as it
+/// produces more.
+///
+/// Memory is bounded: at most [`max_keys`](Self::max_keys) (tenant, model) pairs are kept
+/// (about 200 bytes each plus the names); a new pair past that evicts the one used least
+/// recently.
+///
+/// ```
+/// use std::sync::Arc;
+/// use tower_tenant_tokens::{AdaptiveOutput, OpenAiEstimator, TenantTokenLayer, TenantTokenTracker};
+///
+/// let learned = Arc::new(AdaptiveOutput::new().floor(32));
+/// let layer = TenantTokenLayer::new(Arc::new(TenantTokenTracker::new(4_096)))
+///     .estimator(OpenAiEstimator::new())
+///     .adaptive_output(learned.clone());
+/// assert!(learned.snapshot().is_empty());
+/// ```
+pub struct AdaptiveOutput {
+    floor: u64,
+    ceiling: u64,
+    warmup: usize,
+    max_keys: usize,
+    state: Mutex<Table>,
+}
+
+#[derive(Default)]
+struct Table {
+    /// Counts uses, for eviction.
+    clock: u64,
+    keys: HashMap<(String, String), Window>,
+}
+
+/// The recent outputs of one (tenant, model).
+struct Window {
+    outputs: [u32; WINDOW],
+    /// Outputs recorded so far (the next slot is `seen % WINDOW`).
+    seen: u64,
+    used: u64,
+}
+
+impl Window {
+    fn len(&self) -> usize {
+        usize::try_from(self.seen).map_or(WINDOW, |seen| seen.min(WINDOW))
+    }
+
+    /// The second largest output in the window (the largest while fewer than 20 are
+    /// known): about the 95th percentile of 32.
+    fn quantile(&self) -> u64 {
+        let outputs = &self.outputs[..self.len()];
+        let (mut first, mut second) = (0, 0);
+        for &output in outputs {
+            if output > first {
+                second = first;
+                first = output;
+            } else if output > second {
+                second = output;
+            }
+        }
+        u64::from(if outputs.len() >= 20 { second } else { first })
+    }
+}
+
+/// One learned allowance, as [`AdaptiveOutput::snapshot`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LearnedOutput {
+    /// The tenant.
+    pub tenant: String,
+    /// The model, as the request body named it (empty when it named none).
+    pub model: String,
+    /// Outputs recorded so far (only the last 32 count).
+    pub samples: u64,
+    /// The allowance a request without an output limit gets now; `None` while fewer than
+    /// the warm-up number of outputs are known (the estimator's default applies).
+    pub allowance: Option<u64>,
+}
+
+impl Default for AdaptiveOutput {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AdaptiveOutput {
+    /// Learned allowances with the defaults: floor 64 tokens, ceiling 32,768, 8 outputs
+    /// before the learned allowance is used, 10,000 (tenant, model) pairs at most.
+    pub fn new() -> Self {
+        Self {
+            floor: 64,
+            ceiling: 32_768,
+            warmup: 8,
+            max_keys: 10_000,
+            state: Mutex::new(Table::default()),
+        }
+    }
+
+    /// The smallest allowance learned (default 64).
+    pub fn floor(mut self, tokens: u64) -> Self {
+        self.floor = tokens;
+        self
+    }
+
+    /// The largest allowance learned (default 32,768).
+    pub fn ceiling(mut self, tokens: u64) -> Self {
+        self.ceiling = tokens;
+        self
+    }
+
+    /// How many outputs a (tenant, model) needs before its learned allowance is used
+    /// (default 8, at most 32).
+    pub fn warmup(mut self, outputs: usize) -> Self {
+        self.warmup = outputs.min(WINDOW);
+        self
+    }
+
+    /// How many (tenant, model) pairs are kept at most (default 10,000, at least 1).
+    pub fn max_keys(mut self, keys: usize) -> Self {
+        self.max_keys = keys.max(1);
+        self
+    }
+
+    /// The allowance learned for `tenant`'s requests to `model` without an output limit;
+    /// `None` until enough outputs are known.
+    pub fn allowance(&self, tenant: &str, model: &str) -> Option<u64> {
+        let mut table = self.lock();
+        let table = &mut *table;
+        table.clock += 1;
+        let window = table.keys.get_mut(&(tenant.to_owned(), model.to_owned()))?;
+        window.used = table.clock;
+        self.allowance_of(window)
+    }
+
+    fn allowance_of(&self, window: &Window) -> Option<u64> {
+        if window.len() < self.warmup.max(1) {
+            return None;
+        }
+        let quantile = window.quantile();
+        let allowance = quantile.saturating_add(quantile.div_ceil(4));
+        Some(allowance.max(self.floor).min(self.ceiling.max(self.floor)))
+    }
+
+    /// Records the output of one request by `tenant` to `model` that set no limit; returns
+    /// the allowance now learned, if any.
+    pub(crate) fn record(&self, tenant: &str, model: &str, output: u64) -> Option<u64> {
+        let mut table = self.lock();
+        let table = &mut *table;
+        table.clock += 1;
+        let clock = table.clock;
+        let key = (tenant.to_owned(), model.to_owned());
+        if !table.keys.contains_key(&key) && table.keys.len() >= self.max_keys {
+            let oldest = table
+                .keys
+                .iter()
+                .min_by_key(|(_, window)| window.used)
+                .map(|(key, _)| key.clone());
+            if let Some(oldest) = oldest {
+                table.keys.remove(&oldest);
+            }
+        }
+        let window = table.keys.entry(key).or_insert(Window {
+            outputs: [0; WINDOW],
+            seen: 0,
+            used: clock,
+        });
+        let slot = usize::try_from(window.seen % WINDOW as u64).unwrap_or(0);
+        window.outputs[slot] = u32::try_from(output).unwrap_or(u32::MAX);
+        window.seen += 1;
+        window.used = clock;
+        self.allowance_of(window)
+    }
+
+    /// Every (tenant, model) known, with its allowance.
+    pub fn snapshot(&self) -> Vec<LearnedOutput> {
+        let table = self.lock();
+        let mut learned: Vec<_> = table
+            .keys
+            .iter()
+            .map(|((tenant, model), window)| LearnedOutput {
+                tenant: tenant.clone(),
+                model: model.clone(),
+                samples: window.seen,
+                allowance: self.allowance_of(window),
+            })
+            .collect();
+        learned.sort_by(|a, b| (&a.tenant, &a.model).cmp(&(&b.tenant, &b.model)));
+        learned
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl fmt::Debug for AdaptiveOutput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdaptiveOutput")
+            .field("floor", &self.floor)
+            .field("ceiling", &self.ceiling)
+            .field("warmup", &self.warmup)
+            .field("max_keys", &self.max_keys)
+            .field("keys", &self.lock().keys.len())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_until_warm_then_a_high_quantile_within_bounds() {
+        let learned = AdaptiveOutput::new().warmup(4).floor(10).ceiling(1_000);
+        for _ in 0..3 {
+            learned.record("t", "m", 40);
+        }
+        assert_eq!(learned.allowance("t", "m"), None);
+        learned.record("t", "m", 40);
+        assert_eq!(learned.allowance("t", "m"), Some(50));
+        learned.record("t", "m", 5_000);
+        assert_eq!(learned.allowance("t", "m"), Some(1_000));
+        assert_eq!(learned.allowance("t", "other"), None);
+    }
+
+    #[test]
+    fn follows_a_change_and_forgets_the_least_used_pair() {
+        let learned = AdaptiveOutput::new().max_keys(2);
+        for _ in 0..32 {
+            learned.record("t", "m", 2_000);
+        }
+        for _ in 0..31 {
+            learned.record("t", "m", 16);
+        }
+        assert_eq!(learned.allowance("t", "m"), Some(64));
+        learned.record("u", "m", 1);
+        learned.allowance("t", "m");
+        learned.record("v", "m", 1);
+        let kept: Vec<_> = learned.snapshot().into_iter().map(|l| l.tenant).collect();
+        assert_eq!(kept, ["t", "v"]);
+    }
+}

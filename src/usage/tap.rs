@@ -1,0 +1,187 @@
+//! The response body's usage reader: it reads each frame as it passes and keeps the
+//! reservation at least what the response has produced, then exact once usage is known.
+
+use bytes::Buf;
+use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
+use http::HeaderMap;
+
+use std::sync::Arc;
+
+use super::learn::AdaptiveOutput;
+use super::report::Finder;
+use super::stream::Lines;
+use crate::reservation::Guard;
+
+/// Output text bytes counted as one token while no usage has been reported.
+const BYTES_PER_TOKEN: u64 = 4;
+
+/// Reads the usage of one response and holds its reservation.
+///
+/// While the body streams, the reservation is grown whenever the prompt plus the output
+/// so far (as reported, else the delta text counted) passes what it holds: admitted work
+/// is never refused, and the growth shows as an overcommit when it passes the cap. When
+/// the body ends (or is dropped, or fails) after usage was reported, the reservation is
+/// resized to the reported total just before it is released.
+pub(crate) struct Tap {
+    guard: Option<Guard>,
+    /// The estimate's prompt part: what the request costs before any output.
+    prompt: u64,
+    usage: Finder,
+    /// Present for a server-sent event stream.
+    lines: Option<Lines>,
+    /// The response has outrun its reservation (told once).
+    outran: bool,
+    /// Where the output is recorded when the response ends (a request without an output
+    /// limit, on a layer that learns allowances).
+    learn: Option<Learn>,
+}
+
+/// Where a response's output is learned from: the table, and the request's tenant and
+/// model.
+pub(crate) struct Learn {
+    pub(crate) table: Arc<AdaptiveOutput>,
+    pub(crate) tenant: String,
+    pub(crate) model: String,
+}
+
+impl Tap {
+    /// A reader holding `guard` for a request whose estimate has `prompt` tokens of
+    /// prompt (0 when the estimate does not say). Never refused here: the `Err` is the
+    /// no-op twin's, which makes none.
+    #[inline]
+    pub(crate) fn new(guard: Guard, prompt: u64, learn: Option<Learn>) -> Result<Box<Self>, Guard> {
+        Ok(Box::new(Self {
+            guard: Some(guard),
+            prompt,
+            usage: Finder::default(),
+            lines: None,
+            outran: false,
+            learn,
+        }))
+    }
+
+    /// The tenant's cap and what is left of it now, as [`Guard::limits`].
+    pub(crate) fn limits(&self) -> Option<(u64, u64)> {
+        self.guard.as_ref().and_then(Guard::limits)
+    }
+
+    /// Starts reading a response with these headers, if its body is one this reads (JSON
+    /// or server-sent events, not compressed); if not, gives the reservation back.
+    pub(crate) fn start(
+        mut self: Box<Self>,
+        headers: &HeaderMap,
+    ) -> Result<Box<Self>, Option<Guard>> {
+        let encoded = headers
+            .get(CONTENT_ENCODING)
+            .is_some_and(|value| value.as_bytes() != b"identity");
+        let kind = headers.get(CONTENT_TYPE).map(|value| value.as_bytes());
+        let stream = match kind {
+            _ if encoded => return Err(self.guard.take()),
+            Some(kind) if kind.starts_with(b"text/event-stream") => true,
+            Some(kind) if contains(kind, b"json") => false,
+            _ => return Err(self.guard.take()),
+        };
+        self.lines = stream.then(Lines::default);
+        Ok(self)
+    }
+
+    /// Reads one data frame.
+    pub(crate) fn read(&mut self, data: &impl Buf) {
+        let chunk = data.chunk();
+        if chunk.len() == data.remaining() {
+            self.read_bytes(chunk);
+        } else {
+            let mut slices = [std::io::IoSlice::new(&[]); 16];
+            let n = data.chunks_vectored(&mut slices);
+            for slice in &slices[..n] {
+                self.read_bytes(slice);
+            }
+        }
+        self.keep_up();
+    }
+
+    fn read_bytes(&mut self, bytes: &[u8]) {
+        self.usage.feed(bytes);
+        if let Some(lines) = &mut self.lines {
+            lines.feed(bytes);
+        }
+    }
+
+    /// What the response has produced so far: the prompt (as reported, else as
+    /// estimated) plus the output (the larger of what was reported and the text counted).
+    fn produced(&self) -> u64 {
+        let reported = &self.usage.reported;
+        let counted = self
+            .lines
+            .as_ref()
+            .map_or(0, |lines| lines.text_bytes.div_ceil(BYTES_PER_TOKEN));
+        let output = reported.output.unwrap_or(0).max(counted);
+        reported.input.unwrap_or(self.prompt).saturating_add(output)
+    }
+
+    /// Grows the reservation to what has been produced, when that is more.
+    fn keep_up(&mut self) {
+        let produced = self.produced();
+        if let Some(guard) = &mut self.guard {
+            if produced > guard.tokens() {
+                guard.resize(produced);
+                if !self.outran && self.lines.is_some() {
+                    self.outran = true;
+                    guard.outran();
+                }
+            }
+        }
+    }
+
+    /// The response ended: its output is learned from (when it is known and the layer
+    /// learns), then as [`finish`](Self::finish).
+    pub(crate) fn end(&mut self) {
+        if let Some(learn) = self.learn.take() {
+            let counted = self.lines.as_ref().and_then(|lines| {
+                (lines.text_bytes > 0).then(|| lines.text_bytes.div_ceil(BYTES_PER_TOKEN))
+            });
+            if let Some(output) = self.usage.reported.output.or(counted) {
+                let allowance = learn.table.record(&learn.tenant, &learn.model, output);
+                if let (Some(guard), Some(allowance)) = (&self.guard, allowance) {
+                    guard.learned(&learn.model, allowance);
+                }
+            }
+        }
+        self.finish();
+    }
+
+    /// Resizes the reservation to the reported usage, if any, and releases it.
+    pub(crate) fn finish(&mut self) {
+        if let Some(mut guard) = self.guard.take() {
+            if let Some(total) = self.usage.reported.total() {
+                guard.resize(total);
+            }
+        }
+    }
+
+    /// Whether it still holds the reservation.
+    pub(crate) fn holds(&self) -> bool {
+        self.guard.is_some()
+    }
+}
+
+impl std::fmt::Debug for Tap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tap")
+            .field("holds_reservation", &self.guard.is_some())
+            .field("reported", &self.usage.reported)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window.eq_ignore_ascii_case(needle))
+}
