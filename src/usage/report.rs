@@ -81,13 +81,24 @@ impl Finder {
         let mut i = 0;
         while i < bytes.len() {
             match self.state {
-                State::Seek => match bytes[i..].iter().position(|&b| b == b'"') {
-                    Some(at) => {
+                State::Seek => {
+                    let Some(at) = memchr::memchr(b'"', &bytes[i..]) else {
+                        return;
+                    };
+                    let from = &bytes[i + at..];
+                    if from.len() >= KEY.len() {
+                        // The whole key fits here: compare it at once.
+                        let found = from.starts_with(KEY);
+                        i += at + if found { KEY.len() } else { 1 };
+                        if found {
+                            self.state = State::Colon;
+                        }
+                    } else {
+                        // It may end in the next piece: match it byte by byte.
                         i += at + 1;
                         self.state = State::Key(1);
                     }
-                    None => return,
-                },
+                }
                 State::Key(n) => {
                     if bytes[i] == KEY[n] {
                         i += 1;

@@ -37,7 +37,7 @@ impl Lines {
     pub(crate) fn feed(&mut self, bytes: &[u8]) {
         let mut rest = bytes;
         if !self.tail.is_empty() || self.skipping {
-            let Some(newline) = rest.iter().position(|&b| b == b'\n') else {
+            let Some(newline) = memchr::memchr(b'\n', rest) else {
                 self.keep(rest);
                 return;
             };
@@ -51,7 +51,7 @@ impl Lines {
             self.skipping = false;
             rest = &rest[newline + 1..];
         }
-        while let Some(newline) = rest.iter().position(|&b| b == b'\n') {
+        while let Some(newline) = memchr::memchr(b'\n', rest) {
             self.line(&rest[..newline]);
             rest = &rest[newline + 1..];
         }
