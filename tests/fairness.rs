@@ -17,6 +17,10 @@ use futures_util::StreamExt;
 use http::{HeaderName, StatusCode};
 use tower_tenant_tokens::{SharedBudget, TenantTokenLayer, TenantTokenTracker};
 
+/// The tests here run one at a time: they time streams and waits against each other, and a
+/// neighbour's load would skew them.
+static MEASURING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Every request asks for this many tokens; the upstream takes `UPSTREAM` at once.
 const TOKENS: u64 = 400;
 const UPSTREAM: u64 = 1_000;
@@ -180,6 +184,7 @@ fn median(mut times: Vec<Duration>) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_asking_for_little_gets_half_of_a_saturated_upstream() {
+    let _alone = MEASURING.lock().await;
     // Each request holds 400 of the upstream's 1,000 tokens for about 100 ms: two run at
     // once. `heavy` keeps 16 going, `light` 2, so both always have one waiting.
     let (app, _streams) = app(25, Duration::from_secs(20), |layer| layer).await;
@@ -196,6 +201,7 @@ async fn a_tenant_asking_for_little_gets_half_of_a_saturated_upstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weights_three_to_one_share_the_upstream_three_to_one() {
+    let _alone = MEASURING.lock().await;
     let (app, _streams) = app(10, Duration::from_secs(20), |layer| {
         layer.tenant_weight(|tenant| if tenant == "gold" { 3 } else { 1 })
     })
@@ -231,6 +237,7 @@ fn spawn_request(
 
 #[tokio::test]
 async fn critical_requests_are_admitted_before_every_waiting_standard_one() {
+    let _alone = MEASURING.lock().await;
     let (app, mut streams) = app(0, Duration::from_secs(10), |layer| layer).await;
     let (holding, _client) = fill_upstream(&app).await;
     let chunks = streams.next().await;
