@@ -17,14 +17,14 @@ const WINDOW: usize = 32;
 /// p95) plus a quarter, within [`floor`](Self::floor) and [`ceiling`](Self::ceiling);
 /// until [`warmup`](Self::warmup) outputs are known it is the estimator's fixed default.
 /// Old outputs leave the window as new ones come, so an allowance follows a change in a
-/// tenant's traffic within about 30 requests, up at once (a few larger outputs pass the
-/// quantile) and down once the larger outputs have left. An allowance that proves too
+/// tenant's traffic within a window's length of requests, up at once (a few larger outputs
+/// pass the quantile) and down once the larger outputs have left. An allowance that proves too
 /// small costs nothing in safety: the usage reader grows a stream's reservation as it
 /// produces more.
 ///
 /// Memory is bounded: at most [`max_keys`](Self::max_keys) (tenant, model) pairs are kept
-/// (about 200 bytes each plus the names); a new pair past that evicts the one used least
-/// recently.
+/// (a fixed window each, plus the names); a new pair past that forgets the least recently
+/// used quarter at once, so a spray of new pairs costs one pass per quarter of the bound.
 ///
 /// ```
 /// use std::sync::Arc;
@@ -169,14 +169,13 @@ impl AdaptiveOutput {
         let clock = table.clock;
         let key = (tenant.to_owned(), model.to_owned());
         if !table.keys.contains_key(&key) && table.keys.len() >= self.max_keys {
-            let oldest = table
-                .keys
-                .iter()
-                .min_by_key(|(_, window)| window.used)
-                .map(|(key, _)| key.clone());
-            if let Some(oldest) = oldest {
-                table.keys.remove(&oldest);
-            }
+            // Full: forget the least recently used quarter at once, so that a stream of
+            // new pairs costs one pass per quarter of the bound, not one per request.
+            let mut used: Vec<u64> = table.keys.values().map(|window| window.used).collect();
+            let cut = used.len() / 4;
+            let (_, threshold, _) = used.select_nth_unstable(cut);
+            let threshold = *threshold;
+            table.keys.retain(|_, window| window.used > threshold);
         }
         let window = table.keys.entry(key).or_insert(Window {
             outputs: [0; WINDOW],
