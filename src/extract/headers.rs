@@ -6,11 +6,11 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 /// name up.
 ///
 /// A lookup hashes the name byte by byte (FNV over a custom name such as `x-tenant-id`)
-/// and then compares it: about 200 instructions, 400 for the tenant and the estimate.
-/// Walking the map costs about 35 instructions an entry (the iterator, and comparing the
-/// entry's name with both), so it is cheaper for the few headers of a request from `curl`
-/// or another service, and lookups are cheaper for the ~20 an OpenAI SDK sends
-/// (`bash .ci/callgrind.sh 20000` and `… 20000 sdk` measure both).
+/// and then compares it, twice for the tenant and the estimate. Walking the map costs the
+/// iterator and comparing each entry's name with both, so it is cheaper for the few
+/// headers of a request from `curl` or another service, and lookups are cheaper for the
+/// twenty or so an OpenAI SDK sends (`bash .ci/callgrind.sh 20000` and `… 20000 sdk`
+/// measure both; benches/README.md has the figures).
 const WALK_AT_MOST: usize = 8;
 
 /// What a request carries under one header name.
