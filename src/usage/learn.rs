@@ -48,7 +48,10 @@ pub struct AdaptiveOutput {
 struct Table {
     /// Counts uses, for eviction.
     clock: u64,
-    keys: HashMap<(String, String), Window>,
+    /// Tenant, then model: looked up by borrowed names, so a lookup allocates nothing.
+    keys: HashMap<Box<str>, HashMap<Box<str>, Window>>,
+    /// Pairs in `keys`.
+    pairs: usize,
 }
 
 /// The recent outputs of one (tenant, model).
@@ -146,7 +149,7 @@ impl AdaptiveOutput {
         let mut table = self.lock();
         let table = &mut *table;
         table.clock += 1;
-        let window = table.keys.get_mut(&(tenant.to_owned(), model.to_owned()))?;
+        let window = table.keys.get_mut(tenant)?.get_mut(model)?;
         window.used = table.clock;
         self.allowance_of(window)
     }
@@ -167,21 +170,39 @@ impl AdaptiveOutput {
         let table = &mut *table;
         table.clock += 1;
         let clock = table.clock;
-        let key = (tenant.to_owned(), model.to_owned());
-        if !table.keys.contains_key(&key) && table.keys.len() >= self.max_keys {
+        let known = table
+            .keys
+            .get(tenant)
+            .is_some_and(|models| models.contains_key(model));
+        if !known && table.pairs >= self.max_keys {
             // Full: forget the least recently used quarter at once, so that a stream of
             // new pairs costs one pass per quarter of the bound, not one per request.
-            let mut used: Vec<u64> = table.keys.values().map(|window| window.used).collect();
-            let cut = used.len() / 4;
-            let (_, threshold, _) = used.select_nth_unstable(cut);
+            let windows = table.keys.values().flat_map(HashMap::values);
+            let mut used: Vec<u64> = windows.map(|window| window.used).collect();
+            let cut = (used.len() / 4).max(1);
+            let (_, threshold, _) = used.select_nth_unstable(cut - 1);
             let threshold = *threshold;
-            table.keys.retain(|_, window| window.used > threshold);
+            for models in table.keys.values_mut() {
+                models.retain(|_, window| window.used > threshold);
+            }
+            table.keys.retain(|_, models| !models.is_empty());
+            table.pairs = table.keys.values().map(HashMap::len).sum();
         }
-        let window = table.keys.entry(key).or_insert(Window {
-            outputs: [0; WINDOW],
-            seen: 0,
-            used: clock,
-        });
+        if !known {
+            table.pairs += 1;
+        }
+        let models = match table.keys.get_mut(tenant) {
+            Some(models) => models,
+            None => table.keys.entry(Box::from(tenant)).or_default(),
+        };
+        let window = match models.get_mut(model) {
+            Some(window) => window,
+            None => models.entry(Box::from(model)).or_insert(Window {
+                outputs: [0; WINDOW],
+                seen: 0,
+                used: clock,
+            }),
+        };
         let slot = usize::try_from(window.seen % WINDOW as u64).unwrap_or(0);
         window.outputs[slot] = u32::try_from(output).unwrap_or(u32::MAX);
         window.seen += 1;
@@ -195,9 +216,10 @@ impl AdaptiveOutput {
         let mut learned: Vec<_> = table
             .keys
             .iter()
-            .map(|((tenant, model), window)| LearnedOutput {
-                tenant: tenant.clone(),
-                model: model.clone(),
+            .flat_map(|(tenant, models)| models.iter().map(move |entry| (tenant, entry)))
+            .map(|(tenant, (model, window))| LearnedOutput {
+                tenant: tenant.to_string(),
+                model: model.to_string(),
                 samples: window.seen,
                 allowance: self.allowance_of(window),
             })
@@ -220,7 +242,7 @@ impl fmt::Debug for AdaptiveOutput {
             .field("ceiling", &self.ceiling)
             .field("warmup", &self.warmup)
             .field("max_keys", &self.max_keys)
-            .field("keys", &self.lock().keys.len())
+            .field("keys", &self.lock().pairs)
             .finish()
     }
 }
@@ -241,6 +263,22 @@ mod tests {
         learned.record("t", "m", 5_000);
         assert_eq!(learned.allowance("t", "m"), Some(1_000));
         assert_eq!(learned.allowance("t", "other"), None);
+    }
+
+    #[test]
+    fn a_full_table_forgets_its_least_recently_used_quarter() {
+        let learned = AdaptiveOutput::new().max_keys(8);
+        for tenant in 0..8 {
+            learned.record(&format!("t{tenant}"), "m", 1);
+        }
+        learned.record("t0", "m", 1); // t0 used again: t1 and t2 are the oldest now
+        learned.record("t8", "m", 1);
+        let kept: Vec<_> = learned.snapshot().into_iter().map(|l| l.tenant).collect();
+        assert_eq!(kept, ["t0", "t3", "t4", "t5", "t6", "t7", "t8"]);
+        for tenant in 9..40 {
+            learned.record(&format!("t{tenant}"), "other", 1);
+            assert!(learned.snapshot().len() <= 8);
+        }
     }
 
     #[test]
