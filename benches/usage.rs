@@ -6,12 +6,15 @@
 //! usage chunk) is polled to its end; the layer with
 //! [`read_usage`](tower_tenant_tokens::TenantTokenLayer::read_usage) on against the same
 //! layer with it off. The difference, divided by the frames, is the reader's cost per
-//! frame.
+//! frame. After the timings it counts the heap allocations of one request in each mode
+//! (a counting global allocator): the reader's own must not grow with the frames.
 #![allow(clippy::incompatible_msrv)] // benches run on a current toolchain (`Waker::noop`)
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::pin;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -24,6 +27,29 @@ use tower::{Layer, Service};
 use tower_tenant_tokens::{OpenAiEstimator, TenantTokenLayer, TenantTokenTracker};
 
 const FRAMES: usize = 256;
+
+/// The system allocator, counting allocations.
+struct Counting;
+
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is passed to the system allocator unchanged.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Relaxed);
+        System.alloc(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Relaxed);
+        System.realloc(ptr, layout, size)
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
 
 type Frames = StreamBody<
     futures_util::stream::Iter<std::vec::IntoIter<Result<http_body::Frame<Bytes>, Infallible>>>,
@@ -100,14 +126,30 @@ fn bench(c: &mut Criterion) {
     let layer = TenantTokenLayer::new(tracker).estimator(OpenAiEstimator::new());
     let mut group = c.benchmark_group("usage");
     group.throughput(Throughput::Elements(FRAMES as u64 + 1));
+    let mut allocations = Vec::new();
     for (name, read_usage) in [("passed through", false), ("read", true)] {
         let mut service = layer
             .clone()
             .read_usage(read_usage)
             .layer(tower::service_fn(upstream.clone()));
         group.bench_function(name, |b| b.iter(|| run_one(&mut service, request())));
+        let requests = 100;
+        let before = ALLOCATIONS.load(Relaxed);
+        for _ in 0..requests {
+            run_one(&mut service, request());
+        }
+        let per_request = (ALLOCATIONS.load(Relaxed) - before) as f64 / requests as f64;
+        allocations.push((name, per_request));
     }
     group.finish();
+    for (name, per_request) in &allocations {
+        println!("usage/{name}: {per_request:.1} allocations per request of {FRAMES} frames");
+    }
+    let extra = allocations[1].1 - allocations[0].1;
+    println!(
+        "the reader's allocations: {extra:.1} per request, {:.4} per frame",
+        extra / (FRAMES as f64 + 1.0)
+    );
 }
 
 criterion_group!(benches, bench);

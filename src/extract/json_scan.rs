@@ -252,6 +252,12 @@ impl<'a> Scanner<'a> {
     }
 
     /// Consumes the byte [`peek`](Self::peek) returned.
+    /// How many bytes have been read.
+    #[inline]
+    pub(crate) fn position(&self) -> usize {
+        self.pos
+    }
+
     #[inline]
     pub(crate) fn bump(&mut self) {
         self.pos += 1;

@@ -9,6 +9,10 @@
 //! finder looks for them in the raw bytes, without parsing the rest of the body, then
 //! reads the object after them (up to [`WINDOW`] bytes) with the crate's JSON scanner.
 
+use std::sync::OnceLock;
+
+use memchr::memmem;
+
 use crate::extract::json_scan::{read_number, Number, Scanner, Str};
 
 /// The longest usage object read, in bytes; a longer one is passed over.
@@ -16,6 +20,12 @@ pub(crate) const WINDOW: usize = 4096;
 
 /// The key looked for, quotes included.
 const KEY: &[u8] = b"\"usage\"";
+
+/// A searcher for [`KEY`], built once.
+fn key_searcher() -> &'static memmem::Finder<'static> {
+    static SEARCHER: OnceLock<memmem::Finder<'static>> = OnceLock::new();
+    SEARCHER.get_or_init(|| memmem::Finder::new(KEY))
+}
 
 /// What the upstream has reported so far: each usage object found sets the fields it
 /// carries (Anthropic's `message_delta` repeats the output count, cumulative).
@@ -82,21 +92,25 @@ impl Finder {
         while i < bytes.len() {
             match self.state {
                 State::Seek => {
-                    let Some(at) = memchr::memchr(b'"', &bytes[i..]) else {
-                        return;
-                    };
-                    let from = &bytes[i + at..];
-                    if from.len() >= KEY.len() {
-                        // The whole key fits here: compare it at once.
-                        let found = from.starts_with(KEY);
-                        i += at + if found { KEY.len() } else { 1 };
-                        if found {
+                    let rest = &bytes[i..];
+                    match key_searcher().find(rest) {
+                        Some(at) => {
+                            i += at + KEY.len();
                             self.state = State::Colon;
                         }
-                    } else {
-                        // It may end in the next piece: match it byte by byte.
-                        i += at + 1;
-                        self.state = State::Key(1);
+                        None => {
+                            // The key may begin in this piece's last bytes and end in
+                            // the next: only its first byte is a quote, so the last quote
+                            // within reach is the one place it can start.
+                            let reach = rest.len().saturating_sub(KEY.len() - 1);
+                            self.state = match memchr::memrchr(b'"', &rest[reach..]) {
+                                Some(at) if KEY.starts_with(&rest[reach + at..]) => {
+                                    State::Key(rest.len() - reach - at)
+                                }
+                                _ => State::Seek,
+                            };
+                            return;
+                        }
                     }
                 }
                 State::Key(n) => {

@@ -11,6 +11,10 @@
 //! [`LINE`] bytes: the events that carry deltas are short, and a longer line is passed
 //! over.
 
+use std::sync::OnceLock;
+
+use memchr::memmem;
+
 use crate::extract::json_scan::{Malformed, Scanner};
 
 use super::report::walk_object;
@@ -83,28 +87,40 @@ impl Lines {
     }
 }
 
-/// The decoded bytes of delta text in one event; 0 for anything not valid JSON.
+/// The decoded bytes of delta text in one event.
+///
+/// Inside a JSON string every quote is escaped, so the bytes `"delta"` followed by `:`
+/// are a key wherever they appear: each is found in the raw bytes and only its value is
+/// read (a string, or the text strings of an object), without parsing the rest of the
+/// event. A value that is not valid JSON counts nothing.
 pub(crate) fn delta_text(event: &[u8]) -> u64 {
-    let mut json = Scanner::new(event);
     let mut bytes = 0;
-    let walked = walk_object(&mut json, |json, key| match key.raw {
-        b"choices" => each_element(json, |json| {
-            walk_object(json, |json, key| match key.raw {
-                b"delta" => text(json, DEPTH, &mut bytes),
-                _ => json.skip_value(),
-            })
-        }),
-        b"delta" if json.peek() == Some(b'"') => {
-            bytes += json.string()?.decoded_len as u64;
-            Ok(())
+    let mut from = 0;
+    while let Some(at) = delta_searcher().find(&event[from..]) {
+        let mut json = Scanner::new(&event[from + at + DELTA.len()..]);
+        if json.colon().is_err() {
+            from += at + 1; // `"delta"` as a value, not a key
+            continue;
         }
-        b"delta" => text(json, DEPTH, &mut bytes),
-        _ => json.skip_value(),
-    });
-    match walked {
-        Ok(()) => bytes,
-        Err(_) => 0,
+        let read = match json.peek() {
+            Some(b'"') => json.string().map(|text| bytes += text.decoded_len as u64),
+            _ => text(&mut json, DEPTH, &mut bytes),
+        };
+        if read.is_err() {
+            break;
+        }
+        from += at + DELTA.len() + json.position();
     }
+    bytes
+}
+
+/// The key whose value is the text an event adds, quotes included.
+const DELTA: &[u8] = b"\"delta\"";
+
+/// A searcher for [`DELTA`], built once.
+fn delta_searcher() -> &'static memmem::Finder<'static> {
+    static SEARCHER: OnceLock<memmem::Finder<'static>> = OnceLock::new();
+    SEARCHER.get_or_init(|| memmem::Finder::new(DELTA))
 }
 
 /// Adds the text strings of a delta's value to `bytes`, looking `depth` levels down.
@@ -197,7 +213,8 @@ mod tests {
         );
         assert_eq!(counted(long.as_bytes(), 1000), 2);
         for garbage in [
-            &b"data: {\"delta\":\"abc\"\n"[..],
+            &b"data: {\"delta\":\"abc\n"[..],
+            b"data: {\"type\":\"delta\",\"delta\" \"x\"}\n",
             b"data: {\"choices\":[{\"delta\":{\"content\":\"\\ud800\"}}]\n",
             b"data: \xff\xff\n",
             b"data: {\"delta\":{\"a\":[[[[[[[[{\"text\":\"deep\"}]]]]]]]]}}\n",
