@@ -13,7 +13,8 @@ there, so the refusal must come from the cap the two share. The script prints ea
 and exits non-zero on the first failure. It checks:
 
 1. a non-streaming chat completion (content, model echo, usage);
-2. a streaming one with stream_options.include_usage (chunks, finish_reason, usage chunk);
+2. a streaming one with stream_options.include_usage (chunks, finish_reason, usage chunk),
+   and one without it that receives no trace of the usage the gateway asked for;
 3. a request larger than the cap: the SDK raises APIStatusError 413, x-ratelimit-limit-tokens;
 4. a request while a stream holds the whole cap: the SDK raises openai.RateLimitError
    (status 429, Retry-After, code rate_limit_exceeded) with max_retries=0;
@@ -93,6 +94,35 @@ def main():
     check(len(pieces) > 1 and bool(text), f"streamed {len(pieces)} chunks: {text!r}")
     check(finish in ("stop", "length"), f"finish_reason: {finish}")
     check(usage is not None and usage.total_tokens > 0, f"usage chunk: {usage}")
+
+    # 2b. Streaming without asking for usage: the gateway asks for it on the way up and
+    # takes the answer out again, so the chunks are those of a stream that never asked:
+    # no `usage` field in any chunk (not even null), one chunk fewer than the stream above
+    # (no usage chunk), and otherwise the same chunks.
+    def chunks(**options):
+        return list(
+            acme.chat.completions.create(
+                model=MODEL, messages=HELLO, max_tokens=ANSWER, stream=True, **options
+            )
+        )
+
+    def content(chunk):
+        return chunk.model_dump(exclude={"id", "created", "usage"})
+
+    unasked = chunks()
+    asked = chunks(stream_options={"include_usage": True})
+    check(
+        all("usage" not in chunk.model_fields_set for chunk in unasked),
+        f"no usage field in any of {len(unasked)} chunks of a stream that did not ask",
+    )
+    check(
+        len(unasked) == len(asked) - 1 and asked[-1].usage is not None,
+        f"{len(unasked)} chunks unasked, {len(asked)} with the usage chunk asked for",
+    )
+    check(
+        [content(chunk) for chunk in unasked] == [content(chunk) for chunk in asked[:-1]],
+        "the same chunks otherwise (ids and timestamps aside)",
+    )
 
     # 3. Larger than the cap: 413, never retried. Learn the cap from its header.
     tenant = f"sdk-check-{run}"

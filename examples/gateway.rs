@@ -10,7 +10,10 @@
 //! reservation grows it as it goes, and the reservation is settled on the reported total
 //! when the response ends. The mock upstream reports usage as OpenAI does: on every
 //! non-streamed answer, and in a last chunk (empty `choices`) of a stream that asks for
-//! `stream_options.include_usage`; for other streams the layer counts the text it carries.
+//! `stream_options.include_usage`. The layer asks every stream that did not say
+//! ([`ask_stream_usage`](TenantTokenLayer::ask_stream_usage); off with `--no-ask-usage`, and
+//! then it counts the text such streams carry) and takes the usage chunk out again before
+//! the client sees it.
 //! A request without `max_tokens` reserves the output that tenant's requests to that model
 //! really produced ([`adaptive_output`](TenantTokenLayer::adaptive_output); 1,024 until 8
 //! are known, or always with `--no-adaptive`).
@@ -111,6 +114,9 @@ usage: cargo run --example gateway -- [OPTIONS]
   --no-adaptive         reserve the fixed 1,024 output tokens for requests without
                         max_tokens, instead of what each tenant's requests to the model
                         really produce (GET /admin/estimates shows what was learned)
+  --no-ask-usage        forward streams as they come, instead of asking those that did
+                        not say for stream_options.include_usage (and taking the usage
+                        chunk out before the client sees it)
   -h, --help            print this help
 
 Log levels come from RUST_LOG (default info).";
@@ -166,7 +172,10 @@ async fn main() {
     let mut limits = layer
         .tenant_header(HeaderName::from_static("x-tenant-id"))
         .estimator(OpenAiEstimator::new())
-        .read_usage(true); // the reservations follow the usage the upstream reports
+        .read_usage(true) // the reservations follow the usage the upstream reports
+        // Streams that did not ask for their usage are asked, and the answer to that is
+        // taken out of the stream again: each settles on the usage the upstream reports.
+        .ask_stream_usage(options.ask_usage);
     if let Some(cap) = options.upstream_cap {
         // One upstream for every replica: with Redis, its budget is counted there too.
         let upstream: BudgetLedger = match &ledger {
@@ -280,7 +289,6 @@ async fn chat_completions(
 
     // One chunk per token; the reservation is held until the last one is sent, or until the
     // client disconnects and the body is dropped.
-    let include_usage = request["stream_options"]["include_usage"] == true;
     let deltas = stream::iter(0..answer.tokens).then({
         let answer = answer.clone();
         move |i| {
@@ -293,7 +301,7 @@ async fn chat_completions(
     });
     let end = stream::once(async move {
         let mut tail = sse(&answer.finish_chunk());
-        if include_usage {
+        if answer.include_usage {
             tail += &sse(&answer.usage_chunk());
         }
         tail + "data: [DONE]\n\n"
@@ -425,6 +433,8 @@ struct Completion {
     tokens: u32,
     finish_reason: &'static str,
     prompt_tokens: u64,
+    /// The request asked for `stream_options.include_usage`: every chunk carries `usage`.
+    include_usage: bool,
 }
 
 const WORDS: [&str; 8] = [
@@ -448,6 +458,7 @@ impl Completion {
             tokens,
             finish_reason: if tokens < chunks { "length" } else { "stop" },
             prompt_tokens: prompt_tokens(request),
+            include_usage: request["stream_options"]["include_usage"] == true,
         }
     }
 
@@ -479,11 +490,16 @@ impl Completion {
         })
     }
 
+    /// A chunk; as OpenAI's, with `"usage": null` when the request asked for usage.
     fn chunk_with(&self, choices: Value) -> Value {
-        json!({
+        let mut chunk = json!({
             "id": self.id, "object": "chat.completion.chunk", "created": self.created,
             "model": self.model, "choices": choices,
-        })
+        });
+        if self.include_usage {
+            chunk["usage"] = Value::Null;
+        }
+        chunk
     }
 
     /// Token `i` of the stream; the first also carries the role.
@@ -533,6 +549,7 @@ struct Options {
     weights: HashMap<String, u32>,
     shadow: bool,
     adaptive: bool,
+    ask_usage: bool,
 }
 
 impl Options {
@@ -550,6 +567,7 @@ impl Options {
             weights: HashMap::new(),
             shadow: false,
             adaptive: true,
+            ask_usage: true,
         };
         while let Some(flag) = args.next() {
             match flag.as_str() {
@@ -578,6 +596,7 @@ impl Options {
                 }
                 "--shadow" => options.shadow = true,
                 "--no-adaptive" => options.adaptive = false,
+                "--no-ask-usage" => options.ask_usage = false,
                 _ => return Err(format!("unknown argument `{flag}`")),
             }
         }

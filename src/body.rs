@@ -4,7 +4,7 @@
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use pin_project_lite::pin_project;
@@ -83,6 +83,43 @@ where
                 }
                 Poll::Ready(frame)
             }
+            KindProj::Tapped { mut body, tap } if tap.strips() => loop {
+                if !tap.holds() {
+                    return Poll::Ready(None); // ended: the rest went with the last frame
+                }
+                let (data, ended) = match ready!(body.as_mut().poll_frame(cx)) {
+                    Some(Ok(frame)) => match frame.into_data() {
+                        Ok(mut data) => {
+                            let data = data.copy_to_bytes(data.remaining());
+                            (tap.pass(data), body.is_end_stream())
+                        }
+                        Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                    },
+                    Some(Err(error)) => {
+                        tap.finish();
+                        return Poll::Ready(Some(Err(error)));
+                    }
+                    None => (Bytes::new(), true),
+                };
+                let data = match ended {
+                    true => {
+                        let rest = tap.rest();
+                        tap.end();
+                        if rest.is_empty() {
+                            data
+                        } else {
+                            [data, rest].concat().into()
+                        }
+                    }
+                    false => data,
+                };
+                if !data.is_empty() {
+                    return Poll::Ready(Some(Ok(Frame::data(data.into()))));
+                }
+                if ended {
+                    return Poll::Ready(None);
+                }
+            },
             KindProj::Tapped { mut body, tap } => {
                 let frame = ready!(body.as_mut().poll_frame(cx));
                 match &frame {
@@ -107,6 +144,7 @@ where
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
+            Kind::Tapped { tap, .. } if tap.strips() => !tap.holds(),
             Kind::Inner { body, .. } | Kind::Tapped { body, .. } => body.is_end_stream(),
             Kind::Rejected { data } => data.is_none(),
         }
@@ -114,6 +152,7 @@ where
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
+            Kind::Tapped { tap, .. } if tap.strips() => SizeHint::default(),
             Kind::Inner { body, .. } | Kind::Tapped { body, .. } => body.size_hint(),
             Kind::Rejected { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))

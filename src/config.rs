@@ -34,6 +34,8 @@ pub(crate) struct Config {
     pub(crate) limit_headers: LimitHeaders,
     /// Whether response bodies are read for the usage the upstream reports.
     pub(crate) read_usage: bool,
+    /// Whether streamed requests are asked for their usage (`ask_stream_usage`).
+    pub(crate) ask_usage: bool,
     /// Learned output allowances, for requests without an output limit.
     pub(crate) adaptive: Option<Arc<crate::usage::Adaptive>>,
     /// The `Retry-After` of a 429 when it is not derived from hold times.
@@ -73,6 +75,7 @@ impl Config {
             reservation_handle: false,
             limit_headers: LimitHeaders::default(),
             read_usage: false,
+            ask_usage: false,
             adaptive: None,
             retry_after: Duration::from_secs(1),
             on_rejection: None,

@@ -87,8 +87,8 @@ impl Holding {
     /// of prompt; kept out of the common path.
     #[cold]
     #[inline(never)]
-    pub(crate) fn tap(guard: Guard, prompt: u64, learn: Option<Learn>) -> Self {
-        match Tap::new(guard, prompt, learn) {
+    pub(crate) fn tap(guard: Guard, prompt: u64, learn: Option<Learn>, asked: bool) -> Self {
+        match Tap::new(guard, prompt, learn, asked) {
             Ok(tap) => Holding::Tap(tap),
             Err(guard) => Holding::Guard(guard),
         }
@@ -105,6 +105,8 @@ pub(crate) struct Call<S> {
     prompt: u64,
     /// Where the response's output is learned from, when the layer learns allowances.
     learn: Option<Learn>,
+    /// The layer asked the request for its stream's usage.
+    asked: bool,
 }
 
 impl<S> Call<S> {
@@ -115,7 +117,29 @@ impl<S> Call<S> {
             config,
             prompt: 0,
             learn: None,
+            asked: false,
         }
+    }
+
+    /// The body to forward: `body` asking for its stream's usage, when it is a stream that
+    /// did not say (with its `Content-Length` made to match), else `body`.
+    #[cold]
+    fn ask_usage(&mut self, body: Bytes) -> Bytes {
+        let Some(asked) = crate::usage::ask(&body) else {
+            return body;
+        };
+        if self
+            .parts
+            .headers
+            .contains_key(http::header::CONTENT_LENGTH)
+        {
+            let length = http::HeaderValue::from(asked.len());
+            self.parts
+                .headers
+                .insert(http::header::CONTENT_LENGTH, length);
+        }
+        self.asked = true;
+        asked
     }
 
     /// What to do next with the ledger's answer.
@@ -156,13 +180,14 @@ impl<S> Call<S> {
             config,
             prompt,
             learn,
+            asked,
         } = self;
         if let Some(handle) = guard.handle() {
             parts.extensions.insert(handle);
         }
         let guard = match config.read_usage {
             false => Holding::Guard(guard),
-            true => Holding::tap(guard, prompt, learn),
+            true => Holding::tap(guard, prompt, learn, asked),
         };
         State::Inner {
             future: service.call(Request::from_parts(parts, body)),
@@ -342,6 +367,10 @@ where
                         }
                         Err(error) => Step::Now(Err(error)),
                     };
+                    let bytes = match config.ask_usage {
+                        true => call.ask_usage(bytes),
+                        false => bytes,
+                    };
                     call.decide(RequestBody::buffered(bytes), admission)
                 }
                 StateProj::Admitting { pending, call } => {
@@ -386,7 +415,13 @@ fn learn(_config: &Config, _tenant: &str, _model: Option<&str>) -> Option<Learn>
 #[inline(never)]
 fn tapped<B>(response: Response<B>, tap: Box<Tap>) -> Response<ResponseBody<B>> {
     match tap.start(response.headers()) {
-        Ok(tap) => response.map(|body| ResponseBody::tapped(body, tap)),
+        Ok(tap) => {
+            let mut response = response;
+            if tap.strips() {
+                response.headers_mut().remove(http::header::CONTENT_LENGTH);
+            }
+            response.map(|body| ResponseBody::tapped(body, tap))
+        }
         Err(guard) => response.map(|body| ResponseBody::inner(body, guard)),
     }
 }

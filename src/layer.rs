@@ -204,7 +204,8 @@ impl TenantTokenLayer {
     /// formats of OpenAI's Chat Completions (`usage`, and the final chunk a stream carries
     /// with `stream_options.include_usage`), OpenAI's Responses API (`usage`, the
     /// `response.completed` event) and Anthropic's Messages API (`message_start` and
-    /// `message_delta` usage). Every byte passes through unchanged; usage that is garbage
+    /// `message_delta` usage). Every byte passes through unchanged (unless
+    /// [`ask_stream_usage`](Self::ask_stream_usage) is on); usage that is garbage
     /// or missing is ignored, never an error to the client. What it keeps per response is
     /// bounded: a usage object of up to 4 KiB, and the unfinished tail of one
     /// server-sent event line of up to 64 KiB (a longer line is not counted). With an
@@ -216,6 +217,33 @@ impl TenantTokenLayer {
     #[cfg(feature = "openai")]
     pub fn read_usage(self, enabled: bool) -> Self {
         self.with(|config| config.read_usage = enabled)
+    }
+
+    /// Whether the layer asks streamed chat completions for their usage (default: no);
+    /// turns [`read_usage`](Self::read_usage) on.
+    ///
+    /// A streamed request (`"stream": true`) whose body the layer reads (an
+    /// [`OpenAiEstimator`](crate::OpenAiEstimator)) and that did not say whether it wants
+    /// usage (no `stream_options.include_usage`) is forwarded with
+    /// `"stream_options":{"include_usage":true}` added (and its `Content-Length` made to
+    /// match), so the upstream reports the stream's usage and the reservation settles on
+    /// it, as LiteLLM does. What that adds to the answer, the `"usage":null` member of
+    /// each chunk and the last chunk carrying the usage, is taken out of the stream before
+    /// it reaches the client, which receives the stream it would have received without
+    /// the option (its `Content-Length`, if any, is dropped: the stream is shorter).
+    /// A request that chose for itself, either way, is forwarded as it came, and its
+    /// stream passes unchanged.
+    ///
+    /// Use it in front of upstreams that speak OpenAI's Chat Completions (those that
+    /// reject unknown fields would refuse `stream_options`). Streams are passed on a whole
+    /// line at a time: a line split across frames waits for its end (up to 64 KiB; a
+    /// longer line passes unchanged as it comes).
+    #[cfg(feature = "openai")]
+    pub fn ask_stream_usage(self, enabled: bool) -> Self {
+        self.with(|config| {
+            config.ask_usage = enabled;
+            config.read_usage |= enabled;
+        })
     }
 
     /// Learns the output allowance of requests that set no `max_tokens`-like limit from
@@ -392,6 +420,7 @@ impl fmt::Debug for TenantTokenLayer {
             .field("reservation_handle", &config.reservation_handle)
             .field("limit_headers", &config.limit_headers)
             .field("read_usage", &config.read_usage)
+            .field("ask_stream_usage", &config.ask_usage)
             .field("adaptive_output", &config.adaptive)
             .field("shadow", &options.map(|o| &o.shadow))
             .field("budgets", &options.map(|o| &o.budgets))

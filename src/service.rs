@@ -192,7 +192,10 @@ impl<S> TenantTokenService<S> {
     {
         let (headers, guard) = match guard {
             // The estimate came from headers: no prompt part is known.
-            Some(guard) => (self.config.limit_headers, Holding::tap(guard, 0, None)),
+            Some(guard) => (
+                self.config.limit_headers,
+                Holding::tap(guard, 0, None, false),
+            ),
             None => (LimitHeaders::default(), Holding::Nothing),
         };
         let future = self.inner.call(request.map(RequestBody::streaming));

@@ -16,6 +16,11 @@ pub(crate) enum Learn {}
 #[derive(Debug)]
 pub(crate) enum Adaptive {}
 
+/// Nothing is asked without the feature.
+pub(crate) fn ask(_body: &[u8]) -> Option<bytes::Bytes> {
+    None
+}
+
 impl Adaptive {
     pub(crate) fn allowance(&self, _tenant: &str, _model: &str) -> Option<u64> {
         match *self {}
@@ -29,6 +34,7 @@ impl Tap {
         guard: Guard,
         _prompt: u64,
         _learn: Option<Learn>,
+        _asked: bool,
     ) -> Result<Box<Self>, Guard> {
         Err(guard)
     }
@@ -58,6 +64,18 @@ impl Tap {
     }
 
     pub(crate) fn holds(&self) -> bool {
+        match *self {}
+    }
+
+    pub(crate) fn strips(&self) -> bool {
+        match *self {}
+    }
+
+    pub(crate) fn pass(&mut self, _data: bytes::Bytes) -> bytes::Bytes {
+        match *self {}
+    }
+
+    pub(crate) fn rest(&mut self) -> bytes::Bytes {
         match *self {}
     }
 }

@@ -1,12 +1,13 @@
 //! The response body's usage reader: it reads each frame as it passes and keeps the
 //! reservation at least what the response has produced, then exact once usage is known.
 
-use bytes::Buf;
+use bytes::{Buf, Bytes};
 use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
 use http::HeaderMap;
 
 use std::sync::Arc;
 
+use super::ask::Strip;
 use super::learn::AdaptiveOutput;
 use super::report::Finder;
 use super::stream::Lines;
@@ -34,6 +35,10 @@ pub(crate) struct Tap {
     /// Where the output is recorded when the response ends (a request without an output
     /// limit, on a layer that learns allowances).
     learn: Option<Learn>,
+    /// The layer asked the request for its stream's usage (`ask_stream_usage`).
+    asked: bool,
+    /// What asking added is taken out of the stream (a stream the layer asked).
+    strip: Option<Strip>,
 }
 
 /// Where a response's output is learned from: the table, and the request's tenant and
@@ -46,10 +51,16 @@ pub(crate) struct Learn {
 
 impl Tap {
     /// A reader holding `guard` for a request whose estimate has `prompt` tokens of
-    /// prompt (0 when the estimate does not say). Never refused here: the `Err` is the
-    /// no-op twin's, which makes none.
+    /// prompt (0 when the estimate does not say), `asked` when the layer asked the
+    /// request for its stream's usage. Never refused here: the `Err` is the no-op twin's,
+    /// which makes none.
     #[inline]
-    pub(crate) fn new(guard: Guard, prompt: u64, learn: Option<Learn>) -> Result<Box<Self>, Guard> {
+    pub(crate) fn new(
+        guard: Guard,
+        prompt: u64,
+        learn: Option<Learn>,
+        asked: bool,
+    ) -> Result<Box<Self>, Guard> {
         Ok(Box::new(Self {
             guard: Some(guard),
             prompt,
@@ -57,6 +68,8 @@ impl Tap {
             lines: None,
             outran: false,
             learn,
+            asked,
+            strip: None,
         }))
     }
 
@@ -82,7 +95,28 @@ impl Tap {
             _ => return Err(self.guard.take()),
         };
         self.lines = stream.then(Lines::default);
+        self.strip = (stream && self.asked).then(Strip::default);
         Ok(self)
+    }
+
+    /// Whether the stream is edited as it passes: see [`pass`](Self::pass).
+    pub(crate) fn strips(&self) -> bool {
+        self.strip.is_some()
+    }
+
+    /// Reads one data frame of a stream the layer asked for its usage, and returns what
+    /// to pass on of it: the frame without what asking added (possibly nothing yet).
+    pub(crate) fn pass(&mut self, data: Bytes) -> Bytes {
+        self.read(&data);
+        match &mut self.strip {
+            Some(strip) => strip.pass(&data),
+            None => data,
+        }
+    }
+
+    /// What an edited stream still holds back when it ends (an unfinished last line).
+    pub(crate) fn rest(&mut self) -> Bytes {
+        self.strip.as_mut().map(Strip::rest).unwrap_or_default()
     }
 
     /// Reads one data frame.
