@@ -384,8 +384,16 @@ impl TenantTokenLayer {
     /// [`metrics`](crate::metrics) module for what is recorded).
     #[cfg(feature = "metrics")]
     pub fn metrics_tenant_labels(self, labels: crate::metrics::TenantLabels) -> Self {
-        let metrics = Arc::new(crate::metrics::Metrics::new(labels));
-        self.with(|config| config.metrics = metrics)
+        self.with(|config| config.metrics = Arc::new(config.metrics.with_labels(labels)))
+    }
+
+    /// The `route` label of this layer's metrics on the estimate's accuracy: the ratio of
+    /// actual to estimated tokens and the streams that outran their estimate (default:
+    /// none). Give each route's layer its own name (`"chat"`, `"embeddings"`, …) to see
+    /// where the estimates are off; the names are yours, so the series stay bounded.
+    #[cfg(feature = "metrics")]
+    pub fn metrics_route(self, route: &'static str) -> Self {
+        self.with(|config| config.metrics = Arc::new(config.metrics.with_route(route)))
     }
 
     fn with(mut self, change: impl FnOnce(&mut Config)) -> Self {

@@ -8,8 +8,8 @@
 //! | `tenant_tokens_requests_total` | counter | `outcome` (`admitted`, `refused`, `shadowed`), `reason` (the refusal's [`Error::code`](crate::Error::code), for `refused` and `shadowed`) | every metered request's fate |
 //! | `tenant_tokens_in_flight` | gauge | — | tokens this process holds for requests in flight |
 //! | `tenant_tokens_reserved` | histogram | — | tokens reserved per admitted request (the estimate) |
-//! | `tenant_tokens_usage_ratio` | histogram | — | on release, tokens held at the end ÷ the estimate, for requests whose reservation was resized (by a handler, or by the layer reading usage, [`read_usage`](crate::TenantTokenLayer::read_usage)) |
-//! | `tenant_tokens_streams_outran_total` | counter | — | event streams whose output outran their reservation, which the layer grew as they went ([`read_usage`](crate::TenantTokenLayer::read_usage)) |
+//! | `tenant_tokens_usage_ratio` | histogram | `route` (with [`metrics_route`](crate::TenantTokenLayer::metrics_route)) | on release, tokens held at the end ÷ the estimate, for requests whose reservation was resized (by a handler, or by the layer reading usage, [`read_usage`](crate::TenantTokenLayer::read_usage)) |
+//! | `tenant_tokens_streams_outran_total` | counter | `route` (as above) | event streams whose output outran their reservation, which the layer grew as they went ([`read_usage`](crate::TenantTokenLayer::read_usage)) |
 //! | `tenant_tokens_output_allowance` | gauge | `tenant`, `model` | the output allowance learned for requests without an output limit ([`adaptive_output`](crate::TenantTokenLayer::adaptive_output)), as last learned; only with tenant labels, for tenants with their own label and the first [`MODEL_LABELS`] models seen |
 //! | `tenant_tokens_waiting` | gauge | `class` (`critical`, `standard`, `sheddable`) | requests waiting for capacity now ([`wait_for_capacity`](crate::TenantTokenLayer::wait_for_capacity)) |
 //! | `tenant_tokens_wait_seconds` | histogram | `class` | how long each waiting request waited, until admitted or refused |
@@ -81,13 +81,26 @@ pub enum TenantLabels {
 pub(crate) struct Metrics {
     labels: TenantLabels,
     labelled: Mutex<HashSet<Box<str>>>,
+    /// The `route` label of the estimate's accuracy series, if the layer has one.
+    route: Option<&'static str>,
 }
 
 impl Metrics {
-    pub(crate) fn new(labels: TenantLabels) -> Self {
+    /// These settings with tenant labels `labels`.
+    pub(crate) fn with_labels(&self, labels: TenantLabels) -> Self {
         Self {
             labels,
             labelled: Mutex::default(),
+            route: self.route,
+        }
+    }
+
+    /// These settings with the route label `route`.
+    pub(crate) fn with_route(&self, route: &'static str) -> Self {
+        Self {
+            labels: self.labels,
+            labelled: Mutex::default(),
+            route: Some(route),
         }
     }
 
@@ -181,6 +194,7 @@ impl Metrics {
         Tag {
             in_flight,
             labels,
+            route: self.route,
             estimate: tokens,
             reconciled: false,
         }
@@ -192,6 +206,7 @@ impl Metrics {
 pub(crate) struct Tag {
     in_flight: Gauge,
     labels: Vec<Label>,
+    route: Option<&'static str>,
     estimate: u64,
     reconciled: bool,
 }
@@ -209,11 +224,24 @@ impl Tag {
 
     /// The response outran its reservation.
     pub(crate) fn outran(&self) {
-        if self.labels.is_empty() {
-            counter!(STREAMS_OUTRAN).increment(1);
-        } else {
-            counter!(STREAMS_OUTRAN, self.labels.clone()).increment(1);
+        match self.estimate_labels() {
+            None => counter!(STREAMS_OUTRAN).increment(1),
+            Some(labels) => counter!(STREAMS_OUTRAN, labels).increment(1),
         }
+    }
+
+    /// The labels of the series about the estimate's accuracy: the tenant's and the
+    /// route's; `None` when there are none (static keys, nothing allocated).
+    fn estimate_labels(&self) -> Option<Vec<Label>> {
+        if self.labels.is_empty() && self.route.is_none() {
+            return None;
+        }
+        let mut labels = self.labels.clone();
+        labels.extend(
+            self.route
+                .map(|route| Label::from_static_parts("route", route)),
+        );
+        Some(labels)
     }
 
     /// The output allowance learned for this tenant and `model` is now `tokens`.
@@ -245,10 +273,9 @@ impl Tag {
         self.in_flight.decrement(tokens as f64);
         if self.reconciled && self.estimate > 0 {
             let ratio = tokens as f64 / self.estimate as f64;
-            if self.labels.is_empty() {
-                histogram!(USAGE_RATIO).record(ratio);
-            } else {
-                histogram!(USAGE_RATIO, self.labels.clone()).record(ratio);
+            match self.estimate_labels() {
+                None => histogram!(USAGE_RATIO).record(ratio),
+                Some(labels) => histogram!(USAGE_RATIO, labels).record(ratio),
             }
         }
     }

@@ -196,8 +196,8 @@ async fn waiting_requests_their_waits_sheds_and_budget_shares_are_recorded() {
 }
 
 /// With usage read and allowances learned: a stream past its estimate is counted, its
-/// actual ÷ estimated recorded, and the allowance learned from it shown per tenant and
-/// model.
+/// actual ÷ estimated recorded (per tenant and route), and the allowance learned from it
+/// shown per tenant and model.
 #[cfg(feature = "openai")]
 #[tokio::test]
 async fn streams_that_outrun_their_estimate_and_learned_allowances_are_recorded() {
@@ -209,6 +209,7 @@ async fn streams_that_outrun_their_estimate_and_learned_allowances_are_recorded(
     let tracker = Arc::new(TenantTokenTracker::new(100_000));
     let learned = Arc::new(AdaptiveOutput::new().warmup(1));
     let layer = TenantTokenLayer::new(tracker.clone())
+        .metrics_route("chat")
         .metrics_tenant_labels(TenantLabels::All)
         .estimator(OpenAiEstimator::new())
         .adaptive_output(learned);
@@ -235,7 +236,7 @@ async fn streams_that_outrun_their_estimate_and_learned_allowances_are_recorded(
     let response = send(&client, request).await;
     let chunks = streams.next().await;
     let mut body = response.into_body();
-    let outran = r#"tenant_tokens_streams_outran_total{tenant="m-usage"}"#;
+    let outran = r#"tenant_tokens_streams_outran_total{tenant="m-usage",route="chat"}"#;
     // 1,000 tokens of text: still within the estimate.
     let text = |bytes: usize| {
         let event = serde_json::json!({"choices": [{"delta": {"content": "a".repeat(bytes)}}]});
@@ -264,7 +265,7 @@ async fn streams_that_outrun_their_estimate_and_learned_allowances_are_recorded(
 
     // 2,056 held at the end of 1,028 estimated.
     assert_eq!(
-        sample(r#"tenant_tokens_usage_ratio_sum{tenant="m-usage"}"#),
+        sample(r#"tenant_tokens_usage_ratio_sum{tenant="m-usage",route="chat"}"#),
         Some(2.0)
     );
     // 2,052 learned, plus a quarter.
