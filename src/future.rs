@@ -350,7 +350,8 @@ where
                     let estimated = outcome.and_then(|()| match adaptive {
                         None => estimate.estimate(&call.parts, &bytes, config.wants_model()),
                         Some(adaptive) => {
-                            estimate.estimate_learning(&call.parts, &bytes, true, |model| {
+                            let cap = adaptive.caps_explicit_limits();
+                            estimate.estimate_learning(&call.parts, &bytes, true, cap, |model| {
                                 adaptive.allowance(&tenant, model.unwrap_or(""))
                             })
                         }
@@ -358,7 +359,9 @@ where
                     let admission = match estimated {
                         Ok(estimated) => {
                             call.prompt = estimated.prompt;
-                            if estimated.unlimited {
+                            if estimated.unlimited
+                                || adaptive.is_some_and(|a| a.caps_explicit_limits())
+                            {
                                 call.learn = learn(config, &tenant, estimated.model.as_deref());
                             }
                             let model = estimated.model.as_deref();

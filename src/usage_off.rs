@@ -25,6 +25,10 @@ impl Adaptive {
     pub(crate) fn allowance(&self, _tenant: &str, _model: &str) -> Option<u64> {
         match *self {}
     }
+
+    pub(crate) fn caps_explicit_limits(&self) -> bool {
+        match *self {}
+    }
 }
 
 impl Tap {

@@ -225,3 +225,53 @@ async fn in_flight_is_never_below_what_a_stream_has_produced() {
     settled(&tracker, "acme").await;
     assert_eq!(learned.snapshot()[0].samples, 11);
 }
+
+/// A request by `tenant` with an explicit `max_tokens` of `limit`.
+fn limited_chat(server: &TestServer, tenant: &str, stream: bool, limit: u64) -> Request<ReqBody> {
+    let body = serde_json::json!({
+        "model": "m", "stream": stream, "max_tokens": limit,
+        "messages": [{"role": "user", "content": "Say hello."}],
+    });
+    Request::post(server.url("/v1/chat/completions"))
+        .header("x-tenant-id", tenant)
+        .header(CONTENT_TYPE, "application/json")
+        .body(full(body.to_string()))
+        .expect("request")
+}
+
+#[tokio::test]
+async fn explicit_limits_are_capped_at_the_learned_allowance_only_when_asked() {
+    for cap in [false, true] {
+        let tracker = Arc::new(TenantTokenTracker::new(100_000));
+        let learned = Arc::new(AdaptiveOutput::new().cap_explicit_limits(cap));
+        let output = Arc::new(AtomicU64::new(16));
+        let (server, mut streams) = app(layer(&tracker, &learned), output).await;
+        let client = client();
+
+        // Ten answers of 16 tokens to requests that allow 4,000.
+        for _ in 0..10 {
+            let reply = call(&client, limited_chat(&server, "acme", false, 4_000)).await;
+            assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        }
+        let response = send(&client, limited_chat(&server, "acme", true, 4_000)).await;
+        let sender = streams.next().await;
+        let held = tracker.in_flight("acme");
+        if cap {
+            assert!(held <= 110, "a capped stream holds {held}");
+        } else {
+            assert_eq!(held, PROMPT + 4_000);
+            assert!(
+                learned.snapshot().is_empty(),
+                "limited requests are not learned from"
+            );
+        }
+        // A stream that produces more than its capped reservation is grown as it goes.
+        let mut body = response.into_body();
+        sender.send(chunk(&"a".repeat(2_000))).unwrap();
+        assert!(next_data(&mut body).await.is_some());
+        assert!(tracker.in_flight("acme") >= PROMPT + 500);
+        drop(sender);
+        assert_eq!(next_data(&mut body).await, None);
+        settled(&tracker, "acme").await;
+    }
+}

@@ -220,17 +220,19 @@ impl BodyEstimate {
         body: &Bytes,
         want_model: bool,
     ) -> Result<Estimated, Error> {
-        self.estimate_learning(parts, body, want_model, |_| None)
+        self.estimate_learning(parts, body, want_model, false, |_| None)
     }
 
     /// [`estimate`](Self::estimate), an [`OpenAiEstimator`]'s allowance for a request
-    /// without an output limit being what `learned` says for the model (if anything).
+    /// without an output limit being what `learned` says for the model (if anything), and
+    /// with `cap_explicit` an explicit limit's being at most that.
     #[cfg_attr(not(feature = "openai"), allow(unused_variables))]
     pub(crate) fn estimate_learning(
         &self,
         parts: &Parts,
         body: &Bytes,
         want_model: bool,
+        cap_explicit: bool,
         learned: impl FnOnce(Option<&str>) -> Option<u64>,
     ) -> Result<Estimated, Error> {
         match &self.reader {
@@ -243,7 +245,7 @@ impl BodyEstimate {
             #[cfg(feature = "openai")]
             Reader::OpenAi(estimator) => {
                 let (estimate, model, unlimited) =
-                    estimator.estimate_learning(body, want_model, learned)?;
+                    estimator.estimate_learning(body, want_model, cap_explicit, learned)?;
                 Ok(Estimated {
                     tokens: estimate.total(),
                     prompt: estimate.prompt_tokens,

@@ -112,17 +112,19 @@ impl OpenAiEstimator {
         body: &[u8],
         want_model: bool,
     ) -> Result<(OpenAiEstimate, Option<String>), EstimateError> {
-        self.estimate_learning(body, want_model, |_| None)
+        self.estimate_learning(body, want_model, false, |_| None)
             .map(|(estimate, model, _)| (estimate, model))
     }
 
     /// [`estimate_with_model`](Self::estimate_with_model), the output allowance of a
     /// request without an output limit being what `learned` says for the model found (if
-    /// anything; the default otherwise). Also says whether the request set no limit.
+    /// anything; the default otherwise), and with `cap_explicit` an explicit limit being
+    /// at most that. Also says whether the request set no limit.
     pub(super) fn estimate_learning(
         &self,
         body: &[u8],
         want_model: bool,
+        cap_explicit: bool,
         learned: impl FnOnce(Option<&str>) -> Option<u64>,
     ) -> Result<(OpenAiEstimate, Option<String>, bool), EstimateError> {
         let mut tally = Tally::default();
@@ -145,6 +147,9 @@ impl OpenAiEstimator {
                 .saturating_add(tally.token_ids),
             output_tokens: match tally.output {
                 Some(tokens) if tally.output_null => tokens.max(self.default_output_tokens),
+                Some(tokens) if cap_explicit => {
+                    learned(model.as_deref()).map_or(tokens, |learned| learned.min(tokens))
+                }
                 Some(tokens) => tokens,
                 None => learned(model.as_deref()).unwrap_or(self.default_output_tokens),
             }

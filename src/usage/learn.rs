@@ -41,6 +41,7 @@ pub struct AdaptiveOutput {
     ceiling: u64,
     warmup: usize,
     max_keys: usize,
+    cap_explicit: bool,
     state: Mutex<Table>,
 }
 
@@ -114,6 +115,7 @@ impl AdaptiveOutput {
             ceiling: 32_768,
             warmup: 8,
             max_keys: 10_000,
+            cap_explicit: false,
             state: Mutex::new(Table::default()),
         }
     }
@@ -143,6 +145,22 @@ impl AdaptiveOutput {
         self
     }
 
+    /// Whether a request's explicit output limit (`max_tokens` and the like) is also
+    /// capped at the learned allowance (default: no). For operators whose clients set
+    /// limits far above what they use (a `max_tokens` of the model's maximum "to be
+    /// safe"): the reservation is the smaller of the two once enough outputs are known,
+    /// and the usage reader grows a response that produces more, as it produces it. With
+    /// it on, the outputs of requests with a limit are learned from too. The limit the
+    /// upstream enforces is the request's, unchanged: only the reservation is smaller.
+    pub fn cap_explicit_limits(mut self, enabled: bool) -> Self {
+        self.cap_explicit = enabled;
+        self
+    }
+
+    pub(crate) fn caps_explicit_limits(&self) -> bool {
+        self.cap_explicit
+    }
+
     /// The allowance learned for `tenant`'s requests to `model` without an output limit;
     /// `None` until enough outputs are known.
     pub fn allowance(&self, tenant: &str, model: &str) -> Option<u64> {
@@ -163,7 +181,8 @@ impl AdaptiveOutput {
         Some(allowance.max(self.floor).min(self.ceiling.max(self.floor)))
     }
 
-    /// Records the output of one request by `tenant` to `model` that set no limit; returns
+    /// Records the output of one request by `tenant` to `model` (one that set no limit, or
+    /// any with [`cap_explicit_limits`](Self::cap_explicit_limits)); returns
     /// the allowance now learned, if any.
     pub(crate) fn record(&self, tenant: &str, model: &str, output: u64) -> Option<u64> {
         let mut table = self.lock();
@@ -242,6 +261,7 @@ impl fmt::Debug for AdaptiveOutput {
             .field("ceiling", &self.ceiling)
             .field("warmup", &self.warmup)
             .field("max_keys", &self.max_keys)
+            .field("cap_explicit_limits", &self.cap_explicit)
             .field("keys", &self.lock().pairs)
             .finish()
     }
