@@ -9,6 +9,9 @@
 //! - [`refusals`]: every refusal with its status and JSON code, bad input case by case,
 //!   your own refusal responses, `Retry-After`, and waiting for capacity instead of an
 //!   immediate 429.
+//! - [`estimates`]: what a request reserves, and how the reservation follows the usage the
+//!   upstream reports: live stream accounting, asking streams for usage, learned output
+//!   allowances.
 //! - [`budgets`]: shared budgets, caps that all tenants draw from together (the upstream's
 //!   capacity, one per model).
 //! - [`observing`]: seeing and trialling the caps: the ledger's snapshot, metrics,
@@ -26,6 +29,7 @@
 
 pub mod budgets;
 pub mod decisions;
+pub mod estimates;
 pub mod guarantees;
 pub mod integrating;
 pub mod observing;

@@ -33,8 +33,8 @@
 //! | `tenant_tokens_requests_total` | counter | `outcome` = `admitted` / `refused` / `shadowed`; `reason` = the refusal's code | every metered request's fate |
 //! | `tenant_tokens_in_flight` | gauge | | tokens this process holds for requests in flight (sum the replicas for a shared cap) |
 //! | `tenant_tokens_reserved` | histogram | | the estimate reserved per admitted request |
-//! | `tenant_tokens_usage_ratio` | histogram | | tokens held at the end ÷ the estimate, for requests whose reservation was resized (a handler reconciled, or the layer read the reported usage): how good the estimator is |
-//! | `tenant_tokens_streams_outran_total` | counter | | event streams whose output outran their reservation (grown as they went, with `read_usage`) |
+//! | `tenant_tokens_usage_ratio` | histogram | `route` (with `metrics_route`) | tokens held at the end ÷ the estimate, for requests whose reservation was resized (a handler reconciled, or the layer read the reported usage): how good the estimator is |
+//! | `tenant_tokens_streams_outran_total` | counter | `route` (as above) | event streams whose output outran their reservation (grown as they went, with `read_usage`) |
 //! | `tenant_tokens_output_allowance` | gauge | `tenant`, `model` | the output allowance learned for requests without an output limit (`adaptive_output`); only with tenant labels, for tenants with their own label and the first 32 models seen |
 //!
 //! A `tenant` label on each is opt-in, with
