@@ -320,19 +320,25 @@ impl Inner {
         self.lock_leases().remove(&lease.seq);
     }
 
-    /// Releases a lease in a spawned task. Should the runtime be gone, the lease expires.
+    /// Releases a lease without waiting (in the next batch). Should the batch task be gone
+    /// with its runtime, the lease expires.
     pub(super) fn release_later(self: &Arc<Self>, lease: Arc<Lease>) {
-        let this = Arc::clone(self);
-        self.runtime
-            .spawn(async move { this.release(&lease).await });
+        if let Err(lease) = self.batches.release_later(lease) {
+            tracing::debug!(
+                tenant = &*lease.tenant,
+                lease = lease.id,
+                "no runtime to release a lease; it expires after its TTL"
+            );
+        }
     }
 
-    pub(super) async fn release(&self, lease: &Lease) {
-        let mut invocation = self.scripts.release.key(&lease.keys[0]);
-        invocation.key(&lease.keys[1]).arg(&lease.id);
-        let mut conn = self.conn.clone();
-        let answer: Result<(i64, u64), Failure> =
-            self.timed(invocation.invoke_async(&mut conn)).await;
+    pub(super) async fn release(&self, lease: &Arc<Lease>) {
+        let answer = self.timed(self.batches.release(lease)).await;
+        self.released(lease, answer.map_err(|failure| failure.to_string()));
+    }
+
+    /// Counts and logs how a release ended.
+    pub(super) fn released<T, E: std::fmt::Display>(&self, lease: &Lease, answer: Result<T, E>) {
         match answer {
             Ok(_) => tracing::debug!(tenant = &*lease.tenant, lease = lease.id, "released lease"),
             Err(failure) => {

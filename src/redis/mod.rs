@@ -2,6 +2,7 @@
 //! `redis`). Use [`RedisTokenTracker`] with
 //! [`TenantTokenLayer::redis`](crate::TenantTokenLayer::redis).
 
+mod batch;
 mod breaker;
 mod lease;
 mod list;

@@ -46,18 +46,10 @@ impl Inner {
             shared: this,
             lease: Some(Arc::new(lease)),
         };
-        let lease = pending.lease.as_deref().expect("just set");
+        let lease = pending.lease.as_ref().expect("just set");
         let mut attempt = 0;
         let answer = loop {
-            let mut invocation = this.scripts.reserve.key(&lease.keys[0]);
-            invocation
-                .key(&lease.keys[1])
-                .arg(&lease.id)
-                .arg(tokens)
-                .arg(limit)
-                .arg(this.ttl_ms());
-            let mut conn = this.conn.clone();
-            match this.timed(invocation.invoke_async(&mut conn)).await {
+            match this.timed(this.batches.reserve(lease, tokens, limit)).await {
                 // A broken connection is retried once, with the same lease id: if the
                 // first attempt did reach Redis, the second admits nothing twice.
                 Err(failure) if attempt == 0 && failure.is_connection() => {

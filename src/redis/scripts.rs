@@ -41,27 +41,6 @@ local now = now_ms()
 sweep(now)
 ";
 
-/// `ARGV`: lease, tokens, cap, ttl. Returns `{status, in_flight}`: 1 admitted (or already
-/// held: a retry of the same lease id admits once), 0 over the cap, -1 larger than the cap.
-const RESERVE: &str = r"
-local lease, tokens, cap, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local found = redis.call('HMGET', KEYS[2], '=sum', lease)
-local held = tonumber(found[1]) or 0
-if found[2] then
-  redis.call('ZADD', KEYS[1], 'XX', now + ttl, lease)
-  tidy(ttl)
-  return {1, held}
-end
-if tokens > cap then tidy(nil) return {-1, held} end
-if held + tokens > cap then tidy(nil) return {0, held} end
-redis.call('HSET', KEYS[2], lease, ARGV[2])
-held = redis.call('HINCRBY', KEYS[2], '=sum', ARGV[2])
-redis.call('ZADD', KEYS[1], now + ttl, lease)
-redis.call('PEXPIRE', KEYS[1], ttl)
-redis.call('PEXPIRE', KEYS[2], ttl)
-return {1, held}
-";
-
 /// Registers lease `lease` again with `tokens`, whatever the cap: Redis lost it (a restart
 /// without persistence, a flush, a failover to a lagging replica, or an expiry while its
 /// replica was cut off), but its replica still holds it and the work is running.
@@ -96,18 +75,6 @@ tidy(ttl)
 return {1, held, again}
 ";
 
-/// `ARGV`: lease. Idempotent. Returns `{released, in_flight}`.
-const RELEASE: &str = r"
-local old = tonumber(redis.call('HGET', KEYS[2], ARGV[1]))
-if old then
-  redis.call('HDEL', KEYS[2], ARGV[1])
-  redis.call('ZREM', KEYS[1], ARGV[1])
-  redis.call('HINCRBY', KEYS[2], '=sum', -old)
-end
-tidy(nil)
-return {old and 1 or 0, sum()}
-";
-
 /// `ARGV`: ttl, then pairs of lease id and the tokens it holds. Pushes the deadline of each
 /// lease; one Redis no longer has (expired, or lost with the server's data) is registered
 /// again with its tokens, whatever the cap. Returns `{in_flight, {ids registered again}}`.
@@ -126,6 +93,84 @@ tidy(ttl)
 return {sum(), again}
 ";
 
+/// Reservations and releases in one call, each on its own tenant's keys: `KEYS` are the
+/// pairs of keys, one pair an operation, and `ARGV` the ttl, then four values an operation:
+/// `r` (reserve) or `x` (release), the lease, its tokens and the cap (both ignored by a
+/// release). Returns two numbers an operation, in order: for a reservation its status (1
+/// admitted, or already held: a retry of the same lease id admits once; 0 over the cap;
+/// -1 larger than the cap) and the tenant's tokens in flight; for a release 1 if the lease
+/// was there (releasing is idempotent) and the tokens in flight after it.
+///
+/// It sweeps a tenant's expired leases only where that can change an answer: before a
+/// reservation is refused (and only when the earliest deadline has passed), so the common
+/// path pays for no sweep. Expired leases left meanwhile still count in the figure
+/// returned until a refusal, a renewal or a look at the state sweeps them; they never
+/// refuse a request. A release deletes the keys when the last lease goes. Standalone: it
+/// needs none of the prelude.
+const BATCH: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+local out = {}
+local function sweep(deadlines, tokens, held)
+  local first = redis.call('ZRANGE', deadlines, 0, 0, 'WITHSCORES')
+  if not first[2] or tonumber(first[2]) > now then return held end
+  local expired = redis.call('ZRANGEBYSCORE', deadlines, '-inf', now)
+  local freed = 0
+  for _, gone in ipairs(expired) do
+    freed = freed + (tonumber(redis.call('HGET', tokens, gone)) or 0)
+    redis.call('HDEL', tokens, gone)
+  end
+  redis.call('ZREMRANGEBYSCORE', deadlines, '-inf', now)
+  return redis.call('HINCRBY', tokens, '=sum', -freed)
+end
+for op = 0, #KEYS / 2 - 1 do
+  local deadlines, tokens = KEYS[2 * op + 1], KEYS[2 * op + 2]
+  local a = 4 * op + 2
+  local lease = ARGV[a + 1]
+  if ARGV[a] == 'r' then
+    local want, cap = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+    local found = redis.call('HMGET', tokens, '=sum', lease)
+    local held = tonumber(found[1]) or 0
+    local status = 1
+    if found[2] then
+      redis.call('ZADD', deadlines, 'XX', now + ttl, lease)
+    elseif want > cap then
+      status = -1
+    else
+      if held + want > cap then held = sweep(deadlines, tokens, held) end
+      if held + want > cap then
+        status = 0
+      else
+        redis.call('HSET', tokens, lease, ARGV[a + 2])
+        held = redis.call('HINCRBY', tokens, '=sum', want)
+        redis.call('ZADD', deadlines, now + ttl, lease)
+      end
+    end
+    if status == 1 then
+      redis.call('PEXPIRE', deadlines, ttl)
+      redis.call('PEXPIRE', tokens, ttl)
+    end
+    out[#out + 1] = status
+    out[#out + 1] = held
+  else
+    local old = tonumber(redis.call('HGET', tokens, lease))
+    local held = 0
+    if old then
+      redis.call('HDEL', tokens, lease)
+      redis.call('ZREM', deadlines, lease)
+      held = redis.call('HINCRBY', tokens, '=sum', -old)
+    end
+    if held == 0 and redis.call('ZCARD', deadlines) == 0 then
+      redis.call('DEL', deadlines, tokens)
+    end
+    out[#out + 1] = old and 1 or 0
+    out[#out + 1] = held
+  end
+end
+return out
+";
+
 /// No `ARGV`. Returns `{in_flight, leases}` after the sweep.
 const STATE: &str = r"
 tidy(nil)
@@ -135,9 +180,8 @@ return {sum(), redis.call('ZCARD', KEYS[1])}
 /// The scripts, hashed once; `redis::Script` loads one again when the server answers
 /// `NOSCRIPT` (after a restart or `SCRIPT FLUSH`).
 pub(crate) struct Scripts {
-    pub(crate) reserve: Script,
+    pub(crate) batch: Script,
     pub(crate) resize: Script,
-    pub(crate) release: Script,
     pub(crate) renew: Script,
     pub(crate) state: Script,
 }
@@ -146,9 +190,8 @@ impl Scripts {
     pub(crate) fn new() -> Self {
         let script = |body: &str| Script::new(&format!("{PRELUDE}{REGISTER_AGAIN}{body}"));
         Self {
-            reserve: script(RESERVE),
+            batch: Script::new(BATCH),
             resize: script(RESIZE),
-            release: script(RELEASE),
             renew: script(RENEW),
             state: script(STATE),
         }

@@ -11,6 +11,7 @@ use redis::aio::ConnectionManager;
 use redis::aio::ConnectionManagerConfig;
 use redis::{IntoConnectionInfo, RedisError};
 
+use super::batch::{self, Batches};
 use super::breaker::Breaker;
 use super::lease::{Lease, RedisReservation};
 use super::renew;
@@ -143,6 +144,8 @@ pub struct RedisTokenTracker {
 pub(crate) struct Inner {
     pub(super) conn: ConnectionManager,
     pub(super) scripts: Scripts,
+    /// Reservations and releases waiting to be sent together.
+    pub(super) batches: Batches,
     pub(super) prefix: String,
     pub(super) replica: String,
     pub(super) next_lease: AtomicU64,
@@ -309,6 +312,11 @@ impl Inner {
         ]
     }
 
+    /// Whether each script call must keep to one hash slot's keys (a Redis Cluster).
+    pub(super) fn one_slot_per_call(&self) -> bool {
+        false
+    }
+
     pub(super) fn ttl_ms(&self) -> u64 {
         (self.ttl.as_millis() as u64).max(1)
     }
@@ -434,9 +442,11 @@ impl RedisTokenTrackerBuilder {
             }
             _ => None,
         };
+        let (batches, queue) = Batches::new();
         let inner = Arc::new(Inner {
             conn,
             scripts: Scripts::new(),
+            batches,
             prefix: self.prefix,
             replica: replica_id(),
             next_lease: AtomicU64::new(0),
@@ -451,6 +461,7 @@ impl RedisTokenTrackerBuilder {
             runtime: runtime.clone(),
             counters: Counters::default(),
         });
+        runtime.spawn(batch::send_forever(queue, Arc::downgrade(&inner)));
         runtime.spawn(renew::renew_forever(
             Arc::downgrade(&inner),
             self.renew_every,

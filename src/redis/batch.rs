@@ -1,0 +1,247 @@
+//! Reservations and releases sent to Redis in batches: whatever queued up while earlier
+//! batches were in flight goes in one script call.
+//!
+//! A script call has a fixed cost inside Redis (and a round trip) that dwarfs the few
+//! commands one reservation needs, so under load a replica sends what its requests asked
+//! for together: one task per tracker takes the queue in order, sends it as one call of
+//! the batch script (up to [`IN_FLIGHT`] calls at once, pipelined on the connection), and
+//! answers each operation. A lone request is sent at once (a batch of one); a busy
+//! replica's batches grow with its load. Calls are sent in the order their operations
+//! were queued, and Redis runs one connection's calls in order, so the release of an
+//! unanswered reservation does not overtake it (should the connection be remade between
+//! the two, the reservation's lease would expire after its TTL). Releases nobody waits
+//! for are answered here: a failure is counted and logged. On a Redis Cluster a call holds
+//! one tenant's operations only (a script's keys must share a slot).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
+use std::task::Poll;
+
+use redis::{ErrorKind, RedisError};
+use tokio::sync::{mpsc, oneshot};
+
+use super::lease::Lease;
+use super::tracker::{Failure, Inner};
+
+/// The most operations one script call carries.
+const MAX_BATCH: usize = 64;
+
+/// The most script calls in flight at once.
+const IN_FLIGHT: usize = 2;
+
+/// What one operation is answered: `(status, tokens in flight)` as the batch script
+/// returns them.
+pub(super) type Answer = Result<(i64, u64), RedisError>;
+
+/// One operation waiting for its batch.
+pub(super) struct Op {
+    lease: Arc<Lease>,
+    /// `Some((tokens, cap))` to reserve, `None` to release.
+    reserve: Option<(u64, u64)>,
+    /// Where the answer goes; `None` for a release nobody waits for.
+    answer: Option<oneshot::Sender<Answer>>,
+}
+
+/// The queue of a tracker's operations.
+pub(super) struct Batches {
+    queue: mpsc::UnboundedSender<Op>,
+}
+
+impl Batches {
+    /// The queue, and its far end for [`send_forever`].
+    pub(super) fn new() -> (Self, mpsc::UnboundedReceiver<Op>) {
+        let (queue, taken) = mpsc::unbounded_channel();
+        (Self { queue }, taken)
+    }
+
+    /// Reserves `tokens` for `lease` under `cap`.
+    pub(super) async fn reserve(&self, lease: &Arc<Lease>, tokens: u64, cap: u64) -> Answer {
+        self.send(lease, Some((tokens, cap))).await
+    }
+
+    /// Releases `lease`.
+    pub(super) async fn release(&self, lease: &Arc<Lease>) -> Answer {
+        self.send(lease, None).await
+    }
+
+    /// Releases `lease` without waiting: a failure is counted and logged when the batch
+    /// is answered. Returns `lease` if the queue's task is gone.
+    pub(super) fn release_later(&self, lease: Arc<Lease>) -> Result<(), Arc<Lease>> {
+        let op = Op {
+            lease,
+            reserve: None,
+            answer: None,
+        };
+        self.queue.send(op).map_err(|gone| gone.0.lease)
+    }
+
+    async fn send(&self, lease: &Arc<Lease>, reserve: Option<(u64, u64)>) -> Answer {
+        let (answer, answered) = oneshot::channel();
+        let op = Op {
+            lease: Arc::clone(lease),
+            reserve,
+            answer: Some(answer),
+        };
+        if self.queue.send(op).is_err() {
+            return Err(gone());
+        }
+        answered.await.unwrap_or_else(|_| Err(gone()))
+    }
+}
+
+/// The queue's task went away (its runtime shut down) before answering.
+fn gone() -> RedisError {
+    RedisError::from((ErrorKind::Client, "the tracker's batch task is gone"))
+}
+
+/// A script call in flight.
+type Call = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Sends a tracker's queued operations in batches until the tracker, and every
+/// reservation it made, is gone.
+pub(super) async fn send_forever(mut queue: mpsc::UnboundedReceiver<Op>, shared: Weak<Inner>) {
+    let mut calls: Vec<Call> = Vec::with_capacity(IN_FLIGHT);
+    let mut batch = Vec::new();
+    let mut open = true;
+    std::future::poll_fn(|cx| loop {
+        let mut progress = false;
+        if open && calls.len() < IN_FLIGHT {
+            while batch.len() < MAX_BATCH {
+                match queue.poll_recv(cx) {
+                    Poll::Ready(Some(op)) => batch.push(op),
+                    Poll::Ready(None) => {
+                        open = false;
+                        break;
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            if !batch.is_empty() {
+                let Some(shared) = shared.upgrade() else {
+                    return Poll::Ready(());
+                };
+                for ops in split(std::mem::take(&mut batch), shared.one_slot_per_call()) {
+                    let shared = Arc::clone(&shared);
+                    // Polled once now, which sends it: calls go out in the queue's order.
+                    let mut call: Call = Box::pin(async move { shared.send_batch(ops).await });
+                    if call.as_mut().poll(cx).is_pending() {
+                        calls.push(call);
+                    }
+                }
+                progress = true;
+            }
+        }
+        let before = calls.len();
+        calls.retain_mut(|call| call.as_mut().poll(cx).is_pending());
+        progress |= calls.len() < before;
+        if !open && calls.is_empty() {
+            return Poll::Ready(());
+        }
+        if !progress {
+            return Poll::Pending;
+        }
+    })
+    .await;
+}
+
+/// The script calls a batch makes: one, or on a cluster one for each tenant's operations
+/// (in order).
+fn split(batch: Vec<Op>, one_slot_per_call: bool) -> Vec<Vec<Op>> {
+    if !one_slot_per_call {
+        return vec![batch];
+    }
+    let mut calls: Vec<Vec<Op>> = Vec::new();
+    for op in batch {
+        let tag = hash_tag(&op.lease.keys[0]);
+        match calls
+            .iter_mut()
+            .find(|call| hash_tag(&call[0].lease.keys[0]) == tag)
+        {
+            Some(call) => call.push(op),
+            None => calls.push(vec![op]),
+        }
+    }
+    calls
+}
+
+/// The part of a key Redis Cluster hashes: between the first `{` and the next `}`.
+fn hash_tag(key: &str) -> &str {
+    key.split_once('{')
+        .and_then(|(_, rest)| rest.split_once('}'))
+        .map_or(key, |(tag, _)| tag)
+}
+
+impl Inner {
+    /// Sends `batch` as one script call and answers each of its operations.
+    async fn send_batch(&self, mut batch: Vec<Op>) {
+        let mut invocation = self.scripts.batch.prepare_invoke();
+        invocation.arg(self.ttl_ms());
+        for op in batch.iter() {
+            let (kind, tokens, cap) = match op.reserve {
+                Some((tokens, cap)) => ("r", tokens, cap),
+                None => ("x", 0, 0),
+            };
+            invocation
+                .key(&op.lease.keys[0])
+                .key(&op.lease.keys[1])
+                .arg(kind)
+                .arg(&op.lease.id)
+                .arg(tokens)
+                .arg(cap);
+        }
+        let mut conn = self.conn.clone();
+        let answers: Result<Vec<i64>, Failure> =
+            self.timed(invocation.invoke_async(&mut conn)).await;
+        match answers {
+            Ok(answers) if answers.len() == 2 * batch.len() => {
+                for (op, answer) in batch.drain(..).zip(answers.chunks_exact(2)) {
+                    let in_flight = u64::try_from(answer[1]).unwrap_or(0);
+                    self.answer(op, Ok((answer[0], in_flight)));
+                }
+            }
+            Ok(_) => {
+                let error = RedisError::from((
+                    ErrorKind::UnexpectedReturnType,
+                    "the batch script answered a different number of operations",
+                ));
+                self.answer_all(batch, &error);
+            }
+            Err(Failure::Redis(error)) => self.answer_all(batch, &error),
+            Err(Failure::TimedOut(_)) => {
+                // Each operation waits with the same timeout: it is already answered.
+                let error = RedisError::from((ErrorKind::Client, "the batch timed out"));
+                self.answer_all(batch, &error);
+            }
+        }
+    }
+
+    fn answer_all(&self, batch: Vec<Op>, error: &RedisError) {
+        for op in batch {
+            self.answer(op, Err(error.clone()));
+        }
+    }
+
+    /// Answers one operation: its waiter, or for a release nobody waits for, the log.
+    fn answer(&self, op: Op, answer: Answer) {
+        match op.answer {
+            Some(waiter) => {
+                let _ = waiter.send(answer);
+            }
+            None => self.released(&op.lease, answer),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hash_tag;
+
+    #[test]
+    fn the_hash_tag_is_what_redis_cluster_hashes() {
+        assert_eq!(hash_tag("tt:{t:acme}:leases"), "t:acme");
+        assert_eq!(hash_tag("budget:{t:upstream}:tokens"), "t:upstream");
+        assert_eq!(hash_tag("plain"), "plain");
+        assert_eq!(hash_tag("open{only"), "open{only");
+    }
+}
