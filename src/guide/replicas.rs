@@ -47,8 +47,10 @@
 //! → tokens plus their running sum, both under one hash tag
 //! (`tenant-tokens:{t:<tenant>}:leases` / `:tokens`, the prefix set by `key_prefix`) so a
 //! cluster keeps them in one slot. Short Lua scripts (run by `EVALSHA`, loaded again on
-//! `NOSCRIPT`) reserve, resize, renew and release atomically, each first sweeping leases
-//! whose deadline has passed. Each replica renews the deadlines of all its live leases in
+//! `NOSCRIPT`) reserve, resize, renew and release atomically, sweeping leases whose
+//! deadline has passed before anything is refused; a replica sends the reservations and
+//! releases that queue up while its earlier calls are in flight in one call (a batch), so
+//! under load Redis runs one script for many requests. Each replica renews the deadlines of all its live leases in
 //! one pipelined round trip every `redis::DEFAULT_RENEW_EVERY`, with leases living
 //! `redis::DEFAULT_LEASE_TTL` unless renewed (both configurable: `renew_every`,
 //! `lease_ttl`), for as long as the request or its stream lives. So:

@@ -3,9 +3,11 @@
 //! Every script works on one tenant's two keys, which share a hash tag (one cluster slot):
 //! `KEYS[1]`, a sorted set of lease id → deadline (milliseconds, Redis's own clock), and
 //! `KEYS[2]`, a hash of lease id → tokens plus the running sum under `=sum` (lease ids never
-//! start with `=`). Each script first sweeps the leases whose deadline has passed, so an
-//! expired lease stops counting the moment anyone looks, and ends by deleting the keys when
-//! no lease is left or by pushing their expiry past the latest deadline otherwise.
+//! start with `=`). Resizing, renewing and reading the state first sweep the leases whose
+//! deadline has passed; the batch of reservations and releases, the hot path, sweeps a
+//! tenant only before refusing it, so an expired lease never refuses anyone. Scripts end by
+//! deleting the keys when no lease is left or by pushing their expiry past the latest
+//! deadline otherwise.
 
 use redis::Script;
 

@@ -116,8 +116,10 @@ pub(super) struct Counters {
 /// Per tenant, two keys under one hash tag (so a cluster keeps them in one slot):
 /// `{prefix}{t:<tenant>}:leases`, a sorted set of lease id → deadline, and
 /// `{prefix}{t:<tenant>}:tokens`, a hash of lease id → tokens and the running sum. Short Lua
-/// scripts reserve, resize, renew and release atomically, each first sweeping the leases
-/// whose deadline has passed. Both keys expire when their last lease does.
+/// scripts reserve, resize, renew and release atomically, sweeping the leases whose
+/// deadline has passed before anything is refused. Reservations and releases queued
+/// together go in one script call (a batch), so a busy replica pays Redis's cost of a
+/// script call once for many requests. Both keys expire when their last lease does.
 ///
 /// Reserving is idempotent per lease id, so a reserve that timed out is released by id;
 /// releasing is idempotent; a lease Redis lost while this replica still holds it
