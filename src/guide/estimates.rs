@@ -73,7 +73,7 @@
 //!
 //! With the feature `metrics` (see [`observing`](super::observing)):
 //! `tenant_tokens_usage_ratio` is actual ÷ estimated per request, with a `route` label
-//! per layer ([`metrics_route`](crate::TenantTokenLayer::metrics_route));
+//! per layer (`TenantTokenLayer::metrics_route`);
 //! `tenant_tokens_streams_outran_total` counts the streams that grew past their
 //! estimate; `tenant_tokens_output_allowance` shows the learned allowances of labelled
 //! tenants. The `gateway` example serves the learned allowances at `/admin/estimates`.
