@@ -350,6 +350,17 @@ async fn a_three_master_cluster_holds_every_cap_and_leaves_nothing_behind() {
     assert_eq!(tracker.stats().lost_leases + other.stats().lost_leases, 0);
     assert!(held.iter().all(|r| !r.is_lost()));
 
+    // Every master forgets the scripts: renewals and reservations load them again.
+    for port in &cluster.ports {
+        assert_eq!(cli(*port, &["SCRIPT", "FLUSH"]), "OK");
+    }
+    // Past a whole TTL: the leases live only if the renewals reloaded the script.
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    for tenant in &tenants {
+        assert_eq!(other.in_flight(tenant).await.unwrap(), CAP, "{tenant}");
+    }
+    assert_eq!(tracker.stats().lost_leases + other.stats().lost_leases, 0);
+
     // The listing walks every master.
     let listed = tracker.tenants_in_flight(100).await.expect("listed");
     let expected: Vec<(String, u64)> = {

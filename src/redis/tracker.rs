@@ -404,6 +404,7 @@ impl RedisTokenTrackerBuilder {
 
     /// The prefix of every key the tracker writes (default `tenant-tokens:`). Trackers
     /// sharing a prefix share caps; give other applications on the same Redis another one.
+    /// On a Redis Cluster keep braces out of it: each key's hash tag must be the tenant's.
     pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
         self
