@@ -789,7 +789,7 @@ async fn a_sentinel_failover_is_followed_and_lost_leases_are_registered_again() 
     // One renewal period after the promotion (plus the hold of a contender admitted just
     // before, and the round trips), nothing is over the cap any more; Redis counts every
     // stream.
-    const SETTLE: Duration = Duration::from_millis(250 + 50 + 100);
+    const SETTLE: Duration = Duration::from_millis(250 + 50 + 200);
     tokio::time::sleep(SETTLE).await;
     stop.store(true, SeqCst);
     for contender in contenders {

@@ -219,20 +219,21 @@ impl ConnectionLike for Conn {
 /// per slot (each to its master, all at once), the answers put back in the pipeline's
 /// order. Commands without keys go with the first slot's.
 async fn by_slot(conn: ClusterConnection, pipeline: &Pipeline) -> RedisResult<Vec<Value>> {
-    let mut groups: Vec<(Option<u16>, Vec<usize>, Pipeline)> = Vec::new();
+    let mut groups: Vec<(Vec<usize>, Pipeline)> = Vec::new();
+    let mut by_slot: std::collections::HashMap<u16, usize> = Default::default();
     for (index, cmd) in pipeline.cmd_iter().enumerate() {
-        let slot = first_key(cmd).map(slot_of);
-        let group = match groups
-            .iter()
-            .position(|(s, ..)| slot.is_none() || *s == slot)
-        {
-            Some(group) => group,
-            None => {
-                groups.push((slot, Vec::new(), redis::pipe()));
+        let group = match first_key(cmd).map(slot_of) {
+            Some(slot) => *by_slot.entry(slot).or_insert_with(|| {
+                groups.push(Default::default());
                 groups.len() - 1
+            }),
+            None if groups.is_empty() => {
+                groups.push(Default::default());
+                0
             }
+            None => 0,
         };
-        let (_, indices, sub) = &mut groups[group];
+        let (indices, sub) = &mut groups[group];
         indices.push(index);
         sub.add_command(cmd.clone());
     }
@@ -241,7 +242,7 @@ async fn by_slot(conn: ClusterConnection, pipeline: &Pipeline) -> RedisResult<Ve
         return conn.req_packed_commands(pipeline, 0, pipeline.len()).await;
     }
     let mut calls = tokio::task::JoinSet::new();
-    for (group, (_, _, sub)) in groups.iter().enumerate() {
+    for (group, (_, sub)) in groups.iter().enumerate() {
         let (mut conn, sub) = (conn.clone(), sub.clone());
         calls.spawn(async move { (group, conn.req_packed_commands(&sub, 0, sub.len()).await) });
     }
@@ -254,7 +255,7 @@ async fn by_slot(conn: ClusterConnection, pipeline: &Pipeline) -> RedisResult<Ve
                 error.to_string(),
             ))
         })?;
-        for (index, value) in groups[group].1.iter().zip(answer?) {
+        for (index, value) in groups[group].0.iter().zip(answer?) {
             values[*index] = value;
         }
     }
