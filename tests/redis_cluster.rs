@@ -372,6 +372,19 @@ async fn a_three_master_cluster_holds_every_cap_and_leaves_nothing_behind() {
     let few = tracker.tenants_in_flight(5).await.expect("listed");
     assert_eq!(few.len(), 5);
 
+    // Forty tenants reserving at once: batched together, each call kept to one slot.
+    let burst: Vec<_> = tenants
+        .iter()
+        .map(|tenant| {
+            let (tracker, tenant) = (tracker.clone(), format!("burst-{tenant}"));
+            tokio::spawn(async move { tracker.reserve(&tenant, 10).await })
+        })
+        .collect();
+    for reservation in burst {
+        let reservation = reservation.await.unwrap().expect("admitted");
+        reservation.release().await;
+    }
+
     // Two trackers racing for four tenants: never over the cap.
     let peak = Arc::new(Mutex::new(BTreeMap::<usize, (u64, u64)>::new()));
     let workers: Vec<_> = (0..16_u64)
@@ -387,8 +400,10 @@ async fn a_three_master_cluster_holds_every_cap_and_leaves_nothing_behind() {
                     let tenant = ((worker + round) % 4) as usize;
                     let name = format!("racer-{tenant}");
                     let tokens = 100 + (worker * 37 + round * 91) % 300;
-                    let Ok(reservation) = by.reserve(&name, tokens).await else {
-                        continue;
+                    let reservation = match by.reserve(&name, tokens).await {
+                        Ok(reservation) => reservation,
+                        Err(Error::TenantOverloaded { .. }) => continue,
+                        Err(other) => panic!("{name}: {other}"),
                     };
                     {
                         let mut peak = peak.lock().unwrap();

@@ -315,7 +315,7 @@ impl Inner {
 
     /// Whether each script call must keep to one hash slot's keys (a Redis Cluster).
     pub(super) fn one_slot_per_call(&self) -> bool {
-        false
+        matches!(self.conn, Conn::Cluster(_))
     }
 
     pub(super) fn ttl_ms(&self) -> u64 {
