@@ -160,9 +160,10 @@
 //! "tenants" are the budget's keys, so a budget usually lives on another master than the
 //! tenant drawing from it. That stays all or nothing because the two are separate leases,
 //! reserved one after the other: a refusal of the second releases the first, and a
-//! replica that dies between the two leaves a lease that expires with its TTL. Renewal
-//! sends one pipeline per slot, all at once (a cluster refuses a pipeline that crosses
-//! slots), and `tenants_in_flight` walks every master with `SCAN` in turn. The cluster
+//! replica that dies between the two leaves a lease that expires with its TTL. Batched
+//! reservations and releases go one tenant per script call, renewal sends one pipeline per
+//! slot, all at once (a cluster refuses a script or a pipeline that crosses slots), and
+//! `tenants_in_flight` walks every master with `SCAN` in turn. The cluster
 //! client follows `MOVED` redirections, so a cluster failover or a resharding needs no
 //! restart; leases a promoted cluster replica lacked are registered again at the next
 //! renewal, as below.
