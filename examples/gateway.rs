@@ -59,6 +59,13 @@
 //! curl -s 127.0.0.1:3001/admin/tenants/acme
 //! ```
 //!
+//! A Redis Cluster or a Sentinel-watched master instead of one server:
+//!
+//! ```text
+//! cargo run --example gateway --features redis -- --redis-cluster redis://127.0.0.1:7000,redis://127.0.0.1:7001
+//! cargo run --example gateway --features redis -- --redis-sentinel redis://127.0.0.1:26379 --sentinel-master mymaster
+//! ```
+//!
 //! With `--features metrics`, `GET /metrics` serves the layer's metrics in Prometheus text
 //! (requests by outcome and reason, tokens in flight, reserved and reconciled), labelled by
 //! tenant for the first 100 tenants.
@@ -100,6 +107,11 @@ usage: cargo run --example gateway -- [OPTIONS]
   --token-delay-ms MS   time the mock upstream takes per token (default 25)
   --redis URL           share the caps with every gateway on this Redis, e.g.
                         redis://127.0.0.1:6379 (needs --features redis)
+  --redis-cluster URL[,URL...]
+                        the same on a Redis Cluster (any of its nodes)
+  --redis-sentinel URL[,URL...] --sentinel-master NAME
+                        the same on the master these Sentinels watch as NAME,
+                        following failovers
   --redis-down POLICY   while Redis is unreachable: closed (503, default), open (admit
                         uncounted) or share:N (a 1/N share of each cap, in memory)
   --upstream-cap TOKENS a cap all tenants share (the upstream's capacity; with --redis,
@@ -182,14 +194,13 @@ async fn main() {
             Ledger::Memory(_) => Arc::new(TenantTokenTracker::new(cap)).into(),
             #[cfg(feature = "redis")]
             Ledger::Redis(_) => {
-                let url = options.redis.as_deref().expect("a Redis ledger has a URL");
+                let redis = options.redis.as_ref().expect("a Redis ledger has a URL");
                 let budget = tower_tenant_tokens::redis::RedisTokenTracker::builder(cap)
-                    .key_prefix("tenant-tokens-budget:")
-                    .connect(url);
-                match budget {
+                    .key_prefix("tenant-tokens-budget:");
+                match redis.connect(budget) {
                     Ok(budget) => budget.into(),
                     Err(error) => {
-                        eprintln!("error: --redis {url}: {error}");
+                        eprintln!("error: {error}");
                         std::process::exit(2);
                     }
                 }
@@ -248,7 +259,10 @@ async fn main() {
     tracing::info!(
         "listening, cap {} tokens ({}), OpenAI base URL http://{addr}/v1",
         options.cap,
-        options.redis.as_deref().unwrap_or("in memory"),
+        options
+            .redis
+            .as_ref()
+            .map_or("in memory".to_owned(), RedisAt::to_string),
     );
     println!(
         "try: curl -s {addr}/v1/chat/completions -H 'x-tenant-id: acme' \
@@ -316,7 +330,7 @@ async fn chat_completions(
 
 /// The ledger `options` ask for.
 fn ledger(options: &Options) -> Result<Ledger, String> {
-    let Some(url) = &options.redis else {
+    let Some(redis) = &options.redis else {
         return Ok(Ledger::Memory(Arc::new(TenantTokenTracker::new(
             options.cap,
         ))));
@@ -332,17 +346,57 @@ fn ledger(options: &Options) -> Result<Ledger, String> {
                 _ => return Err(format!("--redis-down: unknown policy `{share}`")),
             },
         };
-        RedisTokenTracker::builder(options.cap)
-            .on_unavailable(policy)
-            .connect(url.as_str())
+        redis
+            .connect(RedisTokenTracker::builder(options.cap).on_unavailable(policy))
             .map(Ledger::Redis)
-            .map_err(|error| format!("--redis {url}: {error}"))
     }
     #[cfg(not(feature = "redis"))]
     Err(format!(
-        "--redis {url}: this build has no Redis support; run with \
-         `cargo run --example gateway --features redis -- --redis {url}`"
+        "{redis}: this build has no Redis support; run with \
+         `cargo run --example gateway --features redis -- …`"
     ))
+}
+
+/// Where the shared ledger lives: `--redis`, `--redis-cluster` or `--redis-sentinel`.
+enum RedisAt {
+    Single(String),
+    Cluster(Vec<String>),
+    Sentinel {
+        sentinels: Vec<String>,
+        master: String,
+    },
+}
+
+impl RedisAt {
+    /// A tracker built by `builder`, connected here.
+    #[cfg(feature = "redis")]
+    fn connect(
+        &self,
+        builder: tower_tenant_tokens::redis::RedisTokenTrackerBuilder,
+    ) -> Result<tower_tenant_tokens::redis::RedisTokenTracker, String> {
+        let built = match self {
+            RedisAt::Single(url) => builder.connect(url.as_str()),
+            RedisAt::Cluster(nodes) => builder.connect_cluster(nodes.iter().map(String::as_str)),
+            RedisAt::Sentinel { sentinels, master } => {
+                builder.connect_sentinel(sentinels.iter().map(String::as_str), master)
+            }
+        };
+        built.map_err(|error| format!("{self}: {error}"))
+    }
+}
+
+impl std::fmt::Display for RedisAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RedisAt::Single(url) => write!(f, "--redis {url}"),
+            RedisAt::Cluster(nodes) => write!(f, "--redis-cluster {}", nodes.join(",")),
+            RedisAt::Sentinel { sentinels, master } => write!(
+                f,
+                "--redis-sentinel {} --sentinel-master {master}",
+                sentinels.join(",")
+            ),
+        }
+    }
 }
 
 /// `GET /admin/tenants/{tenant}`: what one tenant has in flight (across every replica, with
@@ -542,7 +596,7 @@ struct Options {
     cap: u64,
     chunks: u32,
     token_delay: Duration,
-    redis: Option<String>,
+    redis: Option<RedisAt>,
     redis_down: String,
     upstream_cap: Option<u64>,
     wait: Option<Duration>,
@@ -569,6 +623,7 @@ impl Options {
             adaptive: true,
             ask_usage: true,
         };
+        let (mut sentinels, mut sentinel_master) = (None, None);
         while let Some(flag) = args.next() {
             match flag.as_str() {
                 "-h" | "--help" => return Ok(None),
@@ -578,7 +633,13 @@ impl Options {
                 "--token-delay-ms" => {
                     options.token_delay = Duration::from_millis(value(&flag, &mut args)?);
                 }
-                "--redis" => options.redis = Some(value(&flag, &mut args)?),
+                "--redis" => options.redis = Some(RedisAt::Single(value(&flag, &mut args)?)),
+                "--redis-cluster" => {
+                    let nodes = list(&value::<String>(&flag, &mut args)?);
+                    options.redis = Some(RedisAt::Cluster(nodes));
+                }
+                "--redis-sentinel" => sentinels = Some(list(&value::<String>(&flag, &mut args)?)),
+                "--sentinel-master" => sentinel_master = Some(value(&flag, &mut args)?),
                 "--redis-down" => options.redis_down = value(&flag, &mut args)?,
                 "--upstream-cap" => options.upstream_cap = Some(value(&flag, &mut args)?),
                 "--wait-ms" => {
@@ -600,8 +661,25 @@ impl Options {
                 _ => return Err(format!("unknown argument `{flag}`")),
             }
         }
+        match (sentinels, sentinel_master) {
+            (Some(sentinels), Some(master)) => {
+                options.redis = Some(RedisAt::Sentinel { sentinels, master });
+            }
+            (None, None) => {}
+            (Some(_), None) => return Err("--redis-sentinel needs --sentinel-master".into()),
+            (None, Some(_)) => return Err("--sentinel-master needs --redis-sentinel".into()),
+        }
         Ok(Some(options))
     }
+}
+
+/// `URL[,URL...]` as a list.
+fn list(urls: &str) -> Vec<String> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// The value after `flag`, parsed.

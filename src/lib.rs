@@ -78,7 +78,8 @@
 //! - `metrics`: the layer records counters, a gauge and histograms through the `metrics`
 //!   facade (see the `metrics` module); adds `metrics`.
 //! - `redis`: `redis::RedisTokenTracker`, one cap shared by every replica through Redis with
-//!   expiring leases (`TenantTokenLayer::redis`); adds `redis` (and tokio's runtime).
+//!   expiring leases (`TenantTokenLayer::redis`), on one server, a Redis Cluster or a
+//!   Sentinel-watched master; adds `redis` (and tokio's runtime).
 //!
 //! # Minimum supported Rust version
 //!

@@ -38,7 +38,8 @@
 //!
 //! `RedisTokenTracker::tenants_in_flight(limit)` lists the tenants with work in flight
 //! across every replica, walking the tracker's keys with `SCAN` (so Redis is never blocked
-//! for long) and asking for each tenant's count: cheap enough for an admin page.
+//! for long; every master of a cluster) and asking for each tenant's count: cheap enough for
+//! an admin page.
 //!
 //! # Leases, not counters
 //!
@@ -120,8 +121,64 @@
 //! `Retry-After` is the layer's [`retry_after`](crate::TenantTokenLayer::retry_after).
 //!
 //! The connection is remade by redis-rs's `ConnectionManager`; nothing needs a restart when
-//! Redis comes back. Cluster connections are not wired up yet (the keys are
-//! cluster-ready).
+//! Redis comes back. A Redis Cluster and a Sentinel-watched master reconnect too (below).
+//!
+//! # Redis Cluster and Sentinel
+//!
+//! The same tracker runs on one server (`connect`), a Redis Cluster (`connect_cluster`) or
+//! the master a set of Sentinels watch (`connect_sentinel`). All three come with the
+//! `redis` feature (redis-rs's `cluster-async` and `sentinel`; no feature of their own, as
+//! they add little to the build); the default features have no Redis at all.
+//!
+//! ```rust,no_run
+//! # #[cfg(feature = "redis")]
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use tower_tenant_tokens::redis::RedisTokenTracker;
+//!
+//! // Any reachable nodes of the cluster; the others are found through them.
+//! let on_a_cluster = RedisTokenTracker::builder(50_000)
+//!     .connect_cluster(["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"])?;
+//! // The Sentinels, and the name they watch the master under.
+//! let behind_sentinels = RedisTokenTracker::builder(50_000).connect_sentinel(
+//!     ["redis://10.0.0.5:26379", "redis://10.0.0.6:26379", "redis://10.0.0.7:26379"],
+//!     "mymaster",
+//! )?;
+//! # let _ = (on_a_cluster, behind_sentinels);
+//! # Ok(())
+//! # }
+//! # fn main() {}
+//! ```
+//!
+//! Both return at once, like `connect`, and return an error (never panic) for an address
+//! that is not a Redis URL, an empty list, or an empty master name. The gateway example
+//! takes `--redis-cluster URL[,URL…]` and `--redis-sentinel URL[,URL…] --sentinel-master
+//! NAME`.
+//!
+//! **On a cluster**, every script touches one tenant's two keys, which share the hash tag
+//! `{t:<tenant>}`, so each runs atomically on the master of that tenant's slot; tenants
+//! spread over the masters. A [shared budget](super::budgets) is a tracker of its own whose
+//! "tenants" are the budget's keys, so a budget usually lives on another master than the
+//! tenant drawing from it. That stays all or nothing because the two are separate leases,
+//! reserved one after the other: a refusal of the second releases the first, and a
+//! replica that dies between the two leaves a lease that expires with its TTL. Batched
+//! reservations and releases go one tenant per script call, renewal sends one pipeline per
+//! slot, all at once (a cluster refuses a script or a pipeline that crosses slots), and
+//! `tenants_in_flight` walks every master with `SCAN` in turn. The cluster
+//! client follows `MOVED` redirections, so a cluster failover or a resharding needs no
+//! restart; leases a promoted cluster replica lacked are registered again at the next
+//! renewal, as below.
+//!
+//! **Behind Sentinels**, the tracker asks the Sentinels for the master on first use (and
+//! checks that the server named really is a master), and asks again after a connection
+//! error, a `READONLY` answer (the server was demoted) or a call that ran past the call
+//! timeout (the master may be cut off). After a failover: calls fail (and the failure
+//! policy answers) until the Sentinels have promoted a replica, typically their
+//! `down-after-milliseconds` plus the election; the next call then reaches the new master;
+//! the next renewal registers again the leases the promoted replica lacked (replication is
+//! asynchronous, so the last writes before the crash may be missing). From the kill to
+//! every lease counted again takes the Sentinels' failover plus at most one renewal
+//! period; `tests/redis_cluster.rs` measures it. The master is reached without
+//! credentials, on database 0.
 //!
 //! # The tracker on its own
 //!

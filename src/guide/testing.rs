@@ -54,6 +54,20 @@
 //! - waiting on one replica for capacity another releases; the tenants listed across
 //!   replicas.
 //!
+//! `tests/redis_cluster.rs` starts a real Redis Cluster (three `redis-server
+//! --cluster-enabled yes` joined by `redis-cli --cluster create`) and a real master, replica
+//! and Sentinel (`redis-server --sentinel`):
+//!
+//! - forty tenants spread over the three masters, each held to its cap by two trackers,
+//!   renewed past the TTL with nothing lost, listed by `tenants_in_flight` across masters,
+//!   raced by concurrent workers without exceeding a cap, and no key left on any master;
+//! - a shared budget on another master than its tenants stays all or nothing both ways;
+//! - the master SIGKILLed while two streams are held, one of which the replica lacks (it
+//!   was deleted there, as a lagging replica would miss it): the Sentinel promotes the
+//!   replica, the tracker follows, the missing lease is registered again, nothing is over
+//!   a cap one renewal period after the promotion, and nothing is left once released. With
+//!   `--nocapture` it prints the timeline (kill → promoted → answering → registered again).
+//!
 //! `tests/redis_soak.rs` soaks the Redis path under faults (20 s, `TTT_REDIS_SOAK_SECS` for
 //! longer): two replicas over real HTTP and a third in a child process, clients streaming
 //! (some for seconds) and disconnecting, Redis flushed, then restarted empty, then the child
@@ -69,7 +83,7 @@
 //! # CI
 //!
 //! `.ci/run` is the whole check, on a fresh machine. It installs `redis-server` if it is
-//! missing, then runs:
+//! missing (with `redis-cli`, and the Sentinel mode of the server itself), then runs:
 //!
 //! - `cargo fmt --check`;
 //! - clippy with `-D warnings` on all targets and features, and on the library without

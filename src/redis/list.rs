@@ -11,8 +11,9 @@ impl RedisTokenTracker {
     /// (expired leases swept first), sorted by tenant id: at most `limit` of them.
     ///
     /// It walks this tracker's keys with `SCAN` (a step of a thousand keys at a time, so
-    /// Redis is never blocked for long) and asks for each tenant's count: one round trip
-    /// per tenant found, so keep `limit` to what a page shows.
+    /// Redis is never blocked for long; on a cluster, every master in turn) and asks for
+    /// each tenant's count: one round trip per tenant found, so keep `limit` to what a page
+    /// shows.
     ///
     /// # Errors
     ///
@@ -21,26 +22,37 @@ impl RedisTokenTracker {
         let inner = &self.inner;
         let (head, tail) = ("{t:", "}:tokens");
         let pattern = format!("{}{head}*{tail}", escape_glob(&inner.prefix));
-        let mut conn = inner.conn.clone();
-        let (mut cursor, mut tenants) = (0_u64, Vec::new());
-        loop {
-            let mut scan = redis::cmd("SCAN");
-            scan.arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(SCAN_STEP);
-            let (next, keys): (u64, Vec<String>) = inner
-                .timed(scan.query_async(&mut conn))
-                .await
-                .map_err(|failure| failure.unavailable())?;
-            let found = keys.iter().filter_map(|key| {
-                let tenant = key.strip_prefix(inner.prefix.as_str())?;
-                Some(tenant.strip_prefix(head)?.strip_suffix(tail)?.to_owned())
-            });
-            tenants.extend(found);
-            cursor = next;
-            if cursor == 0 || tenants.len() >= limit {
+        let unavailable = |failure: super::tracker::Failure| failure.unavailable();
+        // One server, or every master of a cluster: each holds its slots' keys.
+        let masters = inner
+            .timed(inner.conn.masters())
+            .await
+            .map_err(unavailable)?;
+        let mut tenants = Vec::new();
+        for node in &masters {
+            let mut cursor = 0_u64;
+            loop {
+                let mut scan = redis::cmd("SCAN");
+                scan.arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(SCAN_STEP);
+                let (next, keys): (u64, Vec<String>) = inner
+                    .timed(inner.conn.query_on(node, scan))
+                    .await
+                    .map_err(unavailable)?;
+                let found = keys.iter().filter_map(|key| {
+                    let tenant = key.strip_prefix(inner.prefix.as_str())?;
+                    Some(tenant.strip_prefix(head)?.strip_suffix(tail)?.to_owned())
+                });
+                tenants.extend(found);
+                cursor = next;
+                if cursor == 0 || tenants.len() >= limit {
+                    break;
+                }
+            }
+            if tenants.len() >= limit {
                 break;
             }
         }

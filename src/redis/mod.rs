@@ -4,6 +4,7 @@
 
 mod batch;
 mod breaker;
+mod conn;
 mod lease;
 mod list;
 mod renew;

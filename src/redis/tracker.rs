@@ -7,12 +7,11 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
-use redis::aio::ConnectionManagerConfig;
 use redis::{IntoConnectionInfo, RedisError};
 
 use super::batch::{self, Batches};
 use super::breaker::Breaker;
+use super::conn::Conn;
 use super::lease::{Lease, RedisReservation};
 use super::renew;
 use super::scripts::Scripts;
@@ -144,7 +143,7 @@ pub struct RedisTokenTracker {
 
 /// Everything a tracker's clones, reservations and renewal task share.
 pub(crate) struct Inner {
-    pub(super) conn: ConnectionManager,
+    pub(super) conn: Conn,
     pub(super) scripts: Scripts,
     /// Reservations and releases waiting to be sent together.
     pub(super) batches: Batches,
@@ -316,7 +315,7 @@ impl Inner {
 
     /// Whether each script call must keep to one hash slot's keys (a Redis Cluster).
     pub(super) fn one_slot_per_call(&self) -> bool {
-        false
+        matches!(self.conn, Conn::Cluster(_))
     }
 
     pub(super) fn ttl_ms(&self) -> u64 {
@@ -405,6 +404,7 @@ impl RedisTokenTrackerBuilder {
 
     /// The prefix of every key the tracker writes (default `tenant-tokens:`). Trackers
     /// sharing a prefix share caps; give other applications on the same Redis another one.
+    /// On a Redis Cluster keep braces out of it: each key's hash tag must be the tenant's.
     pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
         self
@@ -421,18 +421,64 @@ impl RedisTokenTrackerBuilder {
     ///
     /// When `url` is not a Redis address, or no tokio runtime is running.
     pub fn connect(self, url: impl IntoConnectionInfo) -> Result<RedisTokenTracker, RedisError> {
-        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
-            RedisError::from((
-                redis::ErrorKind::Client,
-                "RedisTokenTracker::connect must be called within a tokio runtime",
-            ))
-        })?;
-        let client = redis::Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        let runtime = current_runtime("connect")?;
+        Ok(self.build(Conn::single(url)?, runtime))
+    }
+
+    /// Builds the tracker for the Redis Cluster that `nodes` belong to (`redis://host:port`
+    /// each; one reachable node is enough, the others are found through it), and starts its
+    /// renewal task.
+    ///
+    /// Each script touches one tenant's keys, which share a hash tag, so each runs on the
+    /// master of that tenant's slot; a tenant's lease and a
+    /// [shared budget](crate::SharedBudget)'s are separate leases, so they may live on
+    /// different masters. Renewals are sent as one pipeline per slot, all at once, and
+    /// [`tenants_in_flight`](RedisTokenTracker::tenants_in_flight) walks every master.
+    ///
+    /// Returns at once: the cluster is connected in the background, and the slot map is
+    /// refreshed when the cluster answers `MOVED` (a failover or a resharding). Must be
+    /// called within a tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// When `nodes` is empty or one of them is not a Redis address, or no tokio runtime
+    /// is running.
+    pub fn connect_cluster<T: IntoConnectionInfo>(
+        self,
+        nodes: impl IntoIterator<Item = T>,
+    ) -> Result<RedisTokenTracker, RedisError> {
+        let runtime = current_runtime("connect_cluster")?;
+        Ok(self.build(Conn::cluster(nodes)?, runtime))
+    }
+
+    /// Builds the tracker for the master that the Sentinels at `sentinels`
+    /// (`redis://host:port` each) monitor as `master_name`, and starts its renewal task.
+    ///
+    /// The master is looked up on first use, by asking the Sentinels in turn (and checking
+    /// that the server named is a master), and looked up again after a connection error, a
+    /// `READONLY` answer (the server was demoted), or a call that ran out of
+    /// [`call_timeout`](Self::call_timeout): after a failover the tracker follows the
+    /// promoted replica, and leases the promoted replica lacked are registered again at the
+    /// next renewal (see [`RedisReservation::is_lost`]). Until the Sentinels have promoted
+    /// a replica, calls fail and the failure policy answers.
+    ///
+    /// The master is reached without credentials, on database 0. Must be called within a
+    /// tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// When `sentinels` is empty or one of them is not a Redis address, `master_name` is
+    /// empty, or no tokio runtime is running.
+    pub fn connect_sentinel<T: IntoConnectionInfo>(
+        self,
+        sentinels: impl IntoIterator<Item = T>,
+        master_name: &str,
+    ) -> Result<RedisTokenTracker, RedisError> {
+        let runtime = current_runtime("connect_sentinel")?;
+        Ok(self.build(Conn::sentinel(sentinels, master_name)?, runtime))
+    }
+
+    fn build(self, conn: Conn, runtime: tokio::runtime::Handle) -> RedisTokenTracker {
         let local = match self.policy {
             FailurePolicy::LocalShare { replicas } => {
                 let replicas = u64::from(replicas.max(1));
@@ -468,7 +514,7 @@ impl RedisTokenTrackerBuilder {
             Arc::downgrade(&inner),
             self.renew_every,
         ));
-        Ok(RedisTokenTracker { inner })
+        RedisTokenTracker { inner }
     }
 }
 
@@ -483,6 +529,17 @@ impl fmt::Debug for RedisTokenTrackerBuilder {
             .field("prefix", &self.prefix)
             .finish_non_exhaustive()
     }
+}
+
+/// The runtime `method` was called in, or the error saying there is none.
+fn current_runtime(method: &str) -> Result<tokio::runtime::Handle, RedisError> {
+    tokio::runtime::Handle::try_current().map_err(|_| {
+        RedisError::from((
+            redis::ErrorKind::Client,
+            "RedisTokenTracker must be built within a tokio runtime",
+            format!("RedisTokenTrackerBuilder::{method} was called outside one"),
+        ))
+    })
 }
 
 /// A replica id unlikely to repeat: std's random hasher keys, the process id and the time.

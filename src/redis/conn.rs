@@ -1,0 +1,474 @@
+//! The connection to Redis: one server, a Redis Cluster, or the master a set of Sentinels
+//! names. The tracker talks to all three alike, through `redis::aio::ConnectionLike`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo};
+use redis::sentinel::{SentinelClient, SentinelServerType};
+use redis::{
+    AsyncConnectionConfig, Cmd, ErrorKind, FromRedisValue, IntoConnectionInfo, Pipeline,
+    RedisError, RedisFuture, RedisResult, ServerErrorKind, Value,
+};
+
+/// How long connecting to one server may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A connection the tracker clones freely: each kind multiplexes one set of sockets
+/// between its clones and remakes them when they break.
+#[derive(Clone)]
+pub(super) enum Conn {
+    /// One server, reconnected by redis-rs's connection manager.
+    Single(ConnectionManager),
+    /// A Redis Cluster: each command goes to the master of its key's slot.
+    Cluster(ClusterConnection),
+    /// The master the Sentinels name, asked again after a connection error.
+    Sentinel(Arc<SentinelMaster>),
+}
+
+impl Conn {
+    /// One server at `url`, connected on first use.
+    pub(super) fn single(url: impl IntoConnectionInfo) -> RedisResult<Self> {
+        let client = redis::Client::open(url)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        Ok(Conn::Single(ConnectionManager::new_lazy_with_config(
+            client, config,
+        )?))
+    }
+
+    /// A cluster reached first through `nodes` (any of its nodes; the rest are found),
+    /// connected in the background.
+    pub(super) fn cluster<T: IntoConnectionInfo>(
+        nodes: impl IntoIterator<Item = T>,
+    ) -> RedisResult<Self> {
+        let nodes = nodes
+            .into_iter()
+            .map(IntoConnectionInfo::into_connection_info)
+            .collect::<RedisResult<Vec<_>>>()?;
+        let client = redis::cluster::ClusterClientBuilder::new(nodes)
+            .retries(3)
+            .max_retry_wait(500)
+            .build()?;
+        let config = redis::cluster::ClusterConfig::new().set_connection_timeout(CONNECT_TIMEOUT);
+        Ok(Conn::Cluster(
+            client.get_pending_async_connection_with_config(config),
+        ))
+    }
+
+    /// The master the Sentinels at `sentinels` know as `master_name`, looked up on first
+    /// use.
+    pub(super) fn sentinel<T: IntoConnectionInfo>(
+        sentinels: impl IntoIterator<Item = T>,
+        master_name: &str,
+    ) -> RedisResult<Self> {
+        if master_name.is_empty() {
+            return Err(RedisError::from((
+                ErrorKind::InvalidClientConfig,
+                "the Sentinel master name is empty",
+            )));
+        }
+        let sentinels = sentinels
+            .into_iter()
+            .map(IntoConnectionInfo::into_connection_info)
+            .collect::<RedisResult<Vec<_>>>()?;
+        let client = SentinelClient::build(
+            sentinels,
+            master_name.to_owned(),
+            None,
+            SentinelServerType::Master,
+        )?;
+        Ok(Conn::Sentinel(Arc::new(SentinelMaster {
+            lookup: tokio::sync::Mutex::new(client),
+            current: Mutex::new(Current::default()),
+            generations: AtomicU64::new(0),
+            config: AsyncConnectionConfig::new().set_connection_timeout(Some(CONNECT_TIMEOUT)),
+        })))
+    }
+
+    /// The servers a `SCAN` must walk to see every key: each master of a cluster, or
+    /// the one server.
+    pub(super) async fn masters(&self) -> RedisResult<Vec<Node>> {
+        let Conn::Cluster(cluster) = self else {
+            return Ok(vec![Node::Any]);
+        };
+        // Every master answers, each under its address.
+        let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+        let answers = cluster
+            .clone()
+            .route_command(redis::cmd("PING"), routing)
+            .await?;
+        let answers: BTreeMap<String, Value> = from_value(answers)?;
+        answers
+            .into_keys()
+            .map(|address| {
+                let (host, port) = address.rsplit_once(':').ok_or_else(|| {
+                    RedisError::from((
+                        ErrorKind::Client,
+                        "a cluster node's address is not host:port",
+                        address.clone(),
+                    ))
+                })?;
+                let port = port.parse().map_err(|_| {
+                    RedisError::from((
+                        ErrorKind::Client,
+                        "a cluster node's port is not a number",
+                        address.clone(),
+                    ))
+                })?;
+                Ok(Node::At {
+                    host: host.to_owned(),
+                    port,
+                })
+            })
+            .collect()
+    }
+
+    /// Sends `cmd` to `node` (one of [`masters`](Self::masters)).
+    pub(super) async fn query_on<T: FromRedisValue>(
+        &self,
+        node: &Node,
+        cmd: Cmd,
+    ) -> RedisResult<T> {
+        match (self, node) {
+            (Conn::Cluster(cluster), Node::At { host, port }) => {
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port: *port,
+                });
+                from_value(cluster.clone().route_command(cmd, routing).await?)
+            }
+            _ => cmd.query_async(&mut self.clone()).await,
+        }
+    }
+}
+
+/// One server of those [`Conn::masters`] lists.
+pub(super) enum Node {
+    /// Whichever server the connection talks to.
+    Any,
+    /// The cluster node at this address.
+    At { host: String, port: u16 },
+}
+
+fn from_value<T: FromRedisValue>(value: Value) -> RedisResult<T> {
+    Ok(T::from_redis_value(value)?)
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(conn) => conn.req_packed_command(cmd),
+            Conn::Cluster(conn) => conn.req_packed_command(cmd),
+            Conn::Sentinel(master) => {
+                let master = Arc::clone(master);
+                Box::pin(async move {
+                    master
+                        .call(|mut conn| async move { conn.req_packed_command(cmd).await })
+                        .await
+                })
+            }
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(conn) => {
+                let whole = !pipeline.is_transaction() && offset == 0 && count == pipeline.len();
+                if whole {
+                    Box::pin(by_slot(conn.clone(), pipeline))
+                } else {
+                    conn.req_packed_commands(pipeline, offset, count)
+                }
+            }
+            Conn::Sentinel(master) => {
+                let master = Arc::clone(master);
+                Box::pin(async move {
+                    master
+                        .call(|mut conn| async move {
+                            conn.req_packed_commands(pipeline, offset, count).await
+                        })
+                        .await
+                })
+            }
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(conn) => conn.get_db(),
+            Conn::Cluster(conn) => conn.get_db(),
+            Conn::Sentinel(_) => 0,
+        }
+    }
+}
+
+/// A pipeline whose commands' keys lie in several slots, sent to a cluster as one pipeline
+/// per slot (each to its master, all at once), the answers put back in the pipeline's
+/// order. Commands without keys go with the first slot's.
+async fn by_slot(conn: ClusterConnection, pipeline: &Pipeline) -> RedisResult<Vec<Value>> {
+    let mut groups: Vec<(Vec<usize>, Pipeline)> = Vec::new();
+    let mut by_slot: std::collections::HashMap<u16, usize> = Default::default();
+    for (index, cmd) in pipeline.cmd_iter().enumerate() {
+        let group = match first_key(cmd).map(slot_of) {
+            Some(slot) => *by_slot.entry(slot).or_insert_with(|| {
+                groups.push(Default::default());
+                groups.len() - 1
+            }),
+            None if groups.is_empty() => {
+                groups.push(Default::default());
+                0
+            }
+            None => 0,
+        };
+        let (indices, sub) = &mut groups[group];
+        indices.push(index);
+        sub.add_command(cmd.clone());
+    }
+    if groups.len() <= 1 {
+        let mut conn = conn;
+        return conn.req_packed_commands(pipeline, 0, pipeline.len()).await;
+    }
+    let mut calls = tokio::task::JoinSet::new();
+    for (group, (_, sub)) in groups.iter().enumerate() {
+        let (mut conn, sub) = (conn.clone(), sub.clone());
+        calls.spawn(async move { (group, conn.req_packed_commands(&sub, 0, sub.len()).await) });
+    }
+    let mut values = vec![Value::Nil; pipeline.len()];
+    while let Some(done) = calls.join_next().await {
+        let (group, answer) = done.map_err(|error| {
+            RedisError::from((
+                ErrorKind::Client,
+                "a pipeline call failed",
+                error.to_string(),
+            ))
+        })?;
+        for (index, value) in groups[group].0.iter().zip(answer?) {
+            values[*index] = value;
+        }
+    }
+    Ok(values)
+}
+
+/// The first key `cmd` names: after the key count of a script call, the first argument of
+/// any other command.
+fn first_key(cmd: &Cmd) -> Option<Vec<u8>> {
+    let args: Vec<&[u8]> = cmd
+        .args_iter()
+        .map(|arg| match arg {
+            redis::Arg::Simple(arg) => arg,
+            _ => &b""[..],
+        })
+        .collect();
+    let name = args.first()?.to_ascii_uppercase();
+    let script = [
+        &b"EVAL"[..],
+        b"EVALSHA",
+        b"EVAL_RO",
+        b"EVALSHA_RO",
+        b"FCALL",
+        b"FCALL_RO",
+    ];
+    if script.contains(&name.as_slice()) {
+        let keys: u64 = std::str::from_utf8(args.get(2)?).ok()?.parse().ok()?;
+        return (keys > 0)
+            .then(|| args.get(3).map(|key| key.to_vec()))
+            .flatten();
+    }
+    args.get(1).map(|key| key.to_vec())
+}
+
+/// The cluster slot of `key`: CRC16 (XMODEM) of its hash tag (the part between the first
+/// `{` and the next `}`, when not empty) or of the whole key, modulo the slot count.
+fn slot_of(key: Vec<u8>) -> u16 {
+    let tagged = key.iter().position(|&b| b == b'{').and_then(|open| {
+        let close = key[open + 1..].iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &key[open + 1..open + 1 + close])
+    });
+    let mut crc: u16 = 0;
+    for &byte in tagged.unwrap_or(&key) {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16_384
+}
+
+/// The master a set of Sentinels names: looked up on first use, and again after a
+/// connection error, a `READONLY` answer (the server was demoted) or a call cut short by
+/// the tracker's timeout (the server may be partitioned away), so a failover is followed.
+pub(super) struct SentinelMaster {
+    /// Asks the Sentinels; one lookup at a time.
+    lookup: tokio::sync::Mutex<SentinelClient>,
+    current: Mutex<Current>,
+    generations: AtomicU64,
+    config: AsyncConnectionConfig,
+}
+
+#[derive(Default)]
+struct Current {
+    /// The master's address, its connection, and the generation that made it.
+    conn: Option<(String, MultiplexedConnection, u64)>,
+    /// A call was cut short: ask the Sentinels whether the master is still this one.
+    recheck: bool,
+}
+
+impl SentinelMaster {
+    async fn call<'a, T, F, Fut>(&'a self, call: F) -> RedisResult<T>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = RedisResult<T>> + 'a,
+    {
+        let (conn, generation) = self.connection().await?;
+        let mut unfinished = Unfinished {
+            master: self,
+            generation,
+            armed: true,
+        };
+        let answer = call(conn).await;
+        unfinished.armed = false;
+        if let Err(error) = &answer {
+            if needs_another_master(error) {
+                let mut current = self.lock();
+                if matches!(&current.conn, Some((.., made)) if *made == generation) {
+                    current.conn = None;
+                }
+            }
+        }
+        answer
+    }
+
+    /// The current master's connection, asking the Sentinels first when there is none or
+    /// it is in doubt.
+    async fn connection(&self) -> RedisResult<(MultiplexedConnection, u64)> {
+        if let Some(fresh) = self.fresh() {
+            return Ok(fresh);
+        }
+        let mut sentinels = self.lookup.lock().await;
+        if let Some(fresh) = self.fresh() {
+            return Ok(fresh); // looked up while this call waited for the lock
+        }
+        let client = sentinels.async_get_client().await?;
+        let address = client.get_connection_info().addr().to_string();
+        {
+            let mut current = self.lock();
+            current.recheck = false;
+            if let Some((known, conn, generation)) = &current.conn {
+                if *known == address {
+                    return Ok((conn.clone(), *generation));
+                }
+            }
+        }
+        let conn = client
+            .get_multiplexed_async_connection_with_config(&self.config)
+            .await?;
+        let generation = self.generations.fetch_add(1, Relaxed) + 1;
+        let mut current = self.lock();
+        if let Some((old, ..)) = &current.conn {
+            tracing::warn!(old, new = address, "redis master moved (sentinel failover)");
+        } else {
+            tracing::info!(master = address, "redis master found through the sentinels");
+        }
+        current.conn = Some((address, conn.clone(), generation));
+        current.recheck = false;
+        Ok((conn, generation))
+    }
+
+    fn fresh(&self) -> Option<(MultiplexedConnection, u64)> {
+        let current = self.lock();
+        match &current.conn {
+            Some((_, conn, generation)) if !current.recheck => Some((conn.clone(), *generation)),
+            _ => None,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Current> {
+        self.current.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Marks the master in doubt when a call is dropped before it was answered.
+struct Unfinished<'a> {
+    master: &'a SentinelMaster,
+    generation: u64,
+    armed: bool,
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut current = self.master.lock();
+            if matches!(&current.conn, Some((.., made)) if *made == self.generation) {
+                current.recheck = true;
+            }
+        }
+    }
+}
+
+/// Errors after which the connection is not worth keeping: it broke, or the server is not
+/// the master any more.
+fn needs_another_master(error: &RedisError) -> bool {
+    error.is_io_error()
+        || error.is_unrecoverable_error()
+        || matches!(
+            error.kind(),
+            ErrorKind::Server(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown)
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_follow_the_hash_tag() {
+        // Values from Redis's own `CLUSTER KEYSLOT`.
+        assert_eq!(slot_of(b"foo".to_vec()), 12_182);
+        assert_eq!(slot_of(b"somekey".to_vec()), 11_058);
+        assert_eq!(slot_of(b"a{foo}:b".to_vec()), 12_182);
+        assert_eq!(slot_of(b"{}foo".to_vec()), slot_of(b"{}foo".to_vec()));
+        assert_ne!(slot_of(b"{}foo".to_vec()), slot_of(b"foo".to_vec()));
+    }
+
+    #[test]
+    fn script_calls_are_routed_by_their_first_key() {
+        let mut call = redis::cmd("EVALSHA");
+        call.arg("0123")
+            .arg(2)
+            .arg("p{t:acme}:leases")
+            .arg("p{t:acme}:tokens");
+        assert_eq!(first_key(&call).as_deref(), Some(&b"p{t:acme}:leases"[..]));
+        let mut keyless = redis::cmd("EVALSHA");
+        keyless.arg("0123").arg(0).arg("argument");
+        assert_eq!(first_key(&keyless), None);
+        let mut get = redis::cmd("GET");
+        get.arg("k");
+        assert_eq!(first_key(&get).as_deref(), Some(&b"k"[..]));
+    }
+
+    #[test]
+    fn bad_addresses_are_errors() {
+        assert!(Conn::cluster(Vec::<String>::new()).is_err());
+        assert!(Conn::cluster(["not a url"]).is_err());
+        assert!(Conn::sentinel(Vec::<String>::new(), "main").is_err());
+        assert!(Conn::sentinel(["redis://127.0.0.1:1"], "").is_err());
+        assert!(Conn::sentinel(["http://example.com"], "main").is_err());
+    }
+}

@@ -1,0 +1,866 @@
+//! The Redis ledger on a real Redis Cluster and behind real Sentinels (no mocks): a
+//! three-master cluster (`redis-server --cluster-enabled yes` three times, joined by
+//! `redis-cli --cluster create`) holding many tenants' caps and a shared budget in
+//! different slots; and a master, its replica and a Sentinel, with the master killed while
+//! a stream is held.
+//!
+//! Each test starts its own servers on loopback ports. Without `redis-server` and
+//! `redis-cli` installed, each says loudly that it was skipped, and fails instead when
+//! `CI=true`.
+#![cfg(feature = "redis")]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::routing::post;
+use axum::Router;
+use common::*;
+use http::StatusCode;
+use tower_tenant_tokens::redis::{RedisTokenTracker, RedisTokenTrackerBuilder};
+use tower_tenant_tokens::{Error, SharedBudget, TenantTokenLayer};
+
+// ---------------------------------------------------------------------------------------
+// Servers
+// ---------------------------------------------------------------------------------------
+
+/// Whether `redis-server` and `redis-cli` are installed; where not, says so loudly (or
+/// fails the test with `CI=true`).
+fn tools_or_skip(test: &str) -> bool {
+    let found = |tool: &str| {
+        Command::new(tool)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok()
+    };
+    if found("redis-server") && found("redis-cli") {
+        return true;
+    }
+    let how = "install them with `apt-get install -y redis-server` (Debian/Ubuntu; redis-cli \
+               comes with it) or `brew install redis` (macOS)";
+    if std::env::var("CI").is_ok_and(|ci| ci == "true") {
+        panic!("{test} needs redis-server and redis-cli on the PATH; {how}");
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n*** SKIPPED {test}: redis-server or redis-cli is not on the PATH; {how}. ***\n"
+    );
+    false
+}
+
+/// A server process, killed (SIGKILL) when dropped.
+struct Process(Option<Child>);
+
+impl Process {
+    fn kill(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A directory for the servers' files, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        // One per test: tests run at once in one process.
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "ttt-{name}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch directory");
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// A port `p` with `p + 10000` free too (a cluster node's bus), both below Linux's
+/// ephemeral range.
+fn free_cluster_port() -> u16 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    loop {
+        let next = NEXT.fetch_add(1, SeqCst) + u64::from(std::process::id()) * 7;
+        let candidate = 10_000 + (next * 97 % 9_000) as u16;
+        let free = |port: u16| TcpListener::bind(("127.0.0.1", port)).is_ok();
+        if free(candidate) && free(candidate + 10_000) {
+            return candidate;
+        }
+    }
+}
+
+/// Starts `redis-server` with `args` and waits until it answers on `port`.
+fn start_server(port: u16, args: &[&str]) -> Process {
+    let child = Command::new("redis-server")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start redis-server");
+    let process = Process(Some(child));
+    wait_for("the server to answer PING", Duration::from_secs(10), || {
+        cli(port, &["PING"]) == "PONG"
+    });
+    process
+}
+
+/// `redis-cli -p port args…`: its output, trimmed.
+fn cli(port: u16, args: &[&str]) -> String {
+    let mut command = Command::new("redis-cli");
+    command
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args);
+    run(command).1
+}
+
+/// Runs `command` to its end (killed, failing the test, if it takes longer than
+/// [`WAIT`] doubled): whether it succeeded, and its output, trimmed.
+fn run(mut command: Command) -> (bool, String) {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run redis-cli");
+    let mut stdout = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut output = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut output);
+        output
+    });
+    let deadline = Instant::now() + 2 * WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for redis-cli") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{command:?} did not finish within {:?}", 2 * WAIT);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let output = reader.join().expect("read redis-cli's output");
+    (status.success(), output.trim().to_owned())
+}
+
+/// Waits (blocking) until `condition` holds, failing the test after `limit`.
+fn wait_for(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !condition() {
+        assert!(Instant::now() < deadline, "gave up waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Three masters, no replicas, every slot assigned.
+struct Cluster {
+    ports: Vec<u16>,
+    _servers: Vec<Process>,
+    _scratch: Scratch,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let scratch = Scratch::new("cluster");
+        let ports: Vec<u16> = (0..3).map(|_| free_cluster_port()).collect();
+        let dir = scratch.0.to_str().expect("a UTF-8 temp dir").to_owned();
+        let servers = ports
+            .iter()
+            .map(|port| {
+                let (port_arg, conf) = (port.to_string(), format!("nodes-{port}.conf"));
+                start_server(
+                    *port,
+                    &[
+                        "--port",
+                        &port_arg,
+                        "--bind",
+                        "127.0.0.1",
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        &conf,
+                        "--dir",
+                        &dir,
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--loglevel",
+                        "warning",
+                    ],
+                )
+            })
+            .collect();
+        let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let mut create = Command::new("redis-cli");
+        create.args(["--cluster", "create"]).args(&nodes).args([
+            "--cluster-replicas",
+            "0",
+            "--cluster-yes",
+        ]);
+        let (created, output) = run(create);
+        assert!(created, "redis-cli --cluster create failed: {output}");
+        for port in &ports {
+            wait_for("cluster_state:ok", Duration::from_secs(10), || {
+                let info = cli(*port, &["CLUSTER", "INFO"]);
+                info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3")
+            });
+        }
+        Cluster {
+            ports,
+            _servers: servers,
+            _scratch: scratch,
+        }
+    }
+
+    fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// The port of the master serving `key`'s slot.
+    fn owner(&self, key: &str) -> u16 {
+        let slot: u16 = cli(self.ports[0], &["CLUSTER", "KEYSLOT", key])
+            .parse()
+            .expect("a slot");
+        let nodes = cli(self.ports[0], &["CLUSTER", "NODES"]);
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let port = fields[1]
+                .split('@')
+                .next()
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| p.parse().ok())
+                .expect("host:port@bus");
+            for range in &fields[8..] {
+                let (start, end) = range.split_once('-').unwrap_or((range, range));
+                let (start, end): (u16, u16) = (start.parse().unwrap(), end.parse().unwrap());
+                if (start..=end).contains(&slot) {
+                    return port;
+                }
+            }
+        }
+        panic!("no master serves slot {slot}")
+    }
+
+    /// Keys on each master.
+    fn key_counts(&self) -> Vec<u64> {
+        self.ports
+            .iter()
+            .map(|port| cli(*port, &["DBSIZE"]).parse().expect("a count"))
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// A three-master cluster
+// ---------------------------------------------------------------------------------------
+
+/// Test-sized leases: several renewals within a second.
+fn builder(cap: u64) -> RedisTokenTrackerBuilder {
+    RedisTokenTracker::builder(cap)
+        .lease_ttl(Duration::from_millis(1_000))
+        .renew_every(Duration::from_millis(250))
+        .call_timeout(Duration::from_millis(500))
+}
+
+fn tenant_key(tenant: &str) -> String {
+    format!("tenant-tokens:{{t:{tenant}}}:tokens")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_master_cluster_holds_every_cap_and_leaves_nothing_behind() {
+    if !tools_or_skip("a_three_master_cluster_holds_every_cap_and_leaves_nothing_behind") {
+        return;
+    }
+    let started = Instant::now();
+    let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+    let ready = started.elapsed();
+    const CAP: u64 = 1_000;
+    let tracker = builder(CAP).connect_cluster(cluster.urls()).expect("urls");
+    let other = builder(CAP)
+        .connect_cluster(cluster.urls().split_off(2))
+        .expect("one node is enough");
+
+    // Forty tenants, landing on every master.
+    let tenants: Vec<String> = (0..40).map(|n| format!("tenant-{n}")).collect();
+    let owners: BTreeSet<u16> = tenants
+        .iter()
+        .map(|t| cluster.owner(&tenant_key(t)))
+        .collect();
+    assert_eq!(
+        owners.len(),
+        3,
+        "the tenants' slots are spread over the masters"
+    );
+    let mut held = Vec::new();
+    for (n, tenant) in tenants.iter().enumerate() {
+        let by = if n % 2 == 0 { &tracker } else { &other };
+        held.push(by.reserve(tenant, 600).await.expect("fits"));
+        match by.reserve(tenant, 500).await {
+            Err(Error::TenantOverloaded { in_flight, cap, .. }) => {
+                assert_eq!((in_flight, cap), (600, CAP));
+            }
+            other => panic!("{tenant}: expected a refusal over the cap, got {other:?}"),
+        }
+        held.push(other.reserve(tenant, 400).await.expect("fits exactly"));
+    }
+    assert!(
+        cluster.key_counts().iter().all(|&keys| keys > 0),
+        "every master holds some tenants' keys: {:?}",
+        cluster.key_counts()
+    );
+
+    // Renewal crosses slots (one pipeline per slot): held past the TTL, nothing is lost.
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
+    for tenant in &tenants {
+        assert_eq!(tracker.in_flight(tenant).await.unwrap(), CAP, "{tenant}");
+    }
+    assert_eq!(tracker.stats().lost_leases + other.stats().lost_leases, 0);
+    assert!(held.iter().all(|r| !r.is_lost()));
+
+    // Every master forgets the scripts: renewals and reservations load them again.
+    for port in &cluster.ports {
+        assert_eq!(cli(*port, &["SCRIPT", "FLUSH"]), "OK");
+    }
+    // Past a whole TTL: the leases live only if the renewals reloaded the script.
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    for tenant in &tenants {
+        assert_eq!(other.in_flight(tenant).await.unwrap(), CAP, "{tenant}");
+    }
+    assert_eq!(tracker.stats().lost_leases + other.stats().lost_leases, 0);
+
+    // The listing walks every master.
+    let listed = tracker.tenants_in_flight(100).await.expect("listed");
+    let expected: Vec<(String, u64)> = {
+        let mut all: Vec<_> = tenants.iter().map(|t| (t.clone(), CAP)).collect();
+        all.sort();
+        all
+    };
+    assert_eq!(listed, expected);
+    let few = tracker.tenants_in_flight(5).await.expect("listed");
+    assert_eq!(few.len(), 5);
+
+    // Forty tenants reserving at once: batched together, each call kept to one slot.
+    let burst: Vec<_> = tenants
+        .iter()
+        .map(|tenant| {
+            let (tracker, tenant) = (tracker.clone(), format!("burst-{tenant}"));
+            tokio::spawn(async move { tracker.reserve(&tenant, 10).await })
+        })
+        .collect();
+    for reservation in burst {
+        let reservation = reservation.await.unwrap().expect("admitted");
+        reservation.release().await;
+    }
+
+    // Two trackers racing for four tenants: never over the cap.
+    let peak = Arc::new(Mutex::new(BTreeMap::<usize, (u64, u64)>::new()));
+    let workers: Vec<_> = (0..16_u64)
+        .map(|worker| {
+            let by = if worker % 2 == 0 {
+                tracker.clone()
+            } else {
+                other.clone()
+            };
+            let peak = peak.clone();
+            tokio::spawn(async move {
+                for round in 0..20_u64 {
+                    let tenant = ((worker + round) % 4) as usize;
+                    let name = format!("racer-{tenant}");
+                    let tokens = 100 + (worker * 37 + round * 91) % 300;
+                    let reservation = match by.reserve(&name, tokens).await {
+                        Ok(reservation) => reservation,
+                        Err(Error::TenantOverloaded { .. }) => continue,
+                        Err(other) => panic!("{name}: {other}"),
+                    };
+                    {
+                        let mut peak = peak.lock().unwrap();
+                        let (now, max) = peak.entry(tenant).or_default();
+                        *now += tokens;
+                        *max = (*max).max(*now);
+                    }
+                    tokio::time::sleep(Duration::from_millis(round % 3)).await;
+                    peak.lock().unwrap().get_mut(&tenant).unwrap().0 -= tokens;
+                    reservation.release().await;
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    for (tenant, (_, max)) in peak.lock().unwrap().iter() {
+        assert!(*max <= CAP, "racer-{tenant} held {max} on a cap of {CAP}");
+        assert!(*max > 0);
+    }
+
+    // Released: nothing left on any master.
+    for reservation in held {
+        reservation.release().await;
+    }
+    let mut keys = cluster.key_counts();
+    let deadline = Instant::now() + WAIT;
+    while keys.iter().any(|&k| k > 0) && Instant::now() < deadline {
+        tokio::time::sleep(POLL).await;
+        keys = cluster.key_counts();
+    }
+    assert_eq!(keys, [0, 0, 0], "no key left on any master");
+    assert!(tracker.tenants_in_flight(100).await.unwrap().is_empty());
+    println!(
+        "cluster: 3 masters ready in {ready:?}; whole test {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_on_another_master_stays_all_or_nothing_with_the_tenant() {
+    if !tools_or_skip("a_budget_on_another_master_stays_all_or_nothing_with_the_tenant") {
+        return;
+    }
+    let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+    let tenants = builder(1_000)
+        .connect_cluster(cluster.urls())
+        .expect("urls");
+    let budget = || {
+        builder(1_500)
+            .key_prefix("budget:")
+            .connect_cluster(cluster.urls())
+            .expect("urls")
+    };
+    let (upstream, observer) = (budget(), budget());
+    let budget_master = cluster.owner("budget:{t:upstream}:tokens");
+    // Three tenants whose keys live on masters other than the budget's.
+    let names: Vec<String> = (0..)
+        .map(|n| format!("tenant-{n}"))
+        .filter(|t| cluster.owner(&tenant_key(t)) != budget_master)
+        .take(3)
+        .collect();
+    let (acme, globex, initech) = (&names[0], &names[1], &names[2]);
+
+    let (source, mut streams) = streams();
+    let app = Router::new()
+        .route(
+            "/stream",
+            post(move || {
+                let source = source.clone();
+                async move { source.body() }
+            }),
+        )
+        .layer(
+            TenantTokenLayer::redis(tenants.clone())
+                .shared_budget(SharedBudget::new("upstream", upstream)),
+        );
+    let server = serve(app).await;
+    let client = client();
+
+    let first = send(&client, metered(&server, "/stream", acme, 600)).await;
+    assert_eq!(first.status(), StatusCode::OK);
+    let first_chunks = streams.next().await;
+    let second = send(&client, metered(&server, "/stream", globex, 800)).await;
+    assert_eq!(second.status(), StatusCode::OK);
+    let second_chunks = streams.next().await;
+    assert_eq!(observer.in_flight("upstream").await.unwrap(), 1_400);
+
+    // The tenant fits, the budget does not: nothing held for the tenant.
+    let refused = call(&client, metered(&server, "/stream", initech, 200)).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.error_code(), "budget_exceeded");
+    assert_eq!(tenants.in_flight(initech).await.unwrap(), 0);
+    assert_eq!(observer.in_flight("upstream").await.unwrap(), 1_400);
+
+    // The budget fits, the tenant does not: the budget's lease is undone.
+    drop(second_chunks);
+    assert_eq!(read(second).await.status, StatusCode::OK);
+    wait_shared(&observer, "upstream", 600).await;
+    let refused = call(&client, metered(&server, "/stream", acme, 450)).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.error_code(), "rate_limit_exceeded");
+    wait_shared(&observer, "upstream", 600).await;
+    assert_eq!(tenants.in_flight(acme).await.unwrap(), 600);
+
+    drop(first_chunks);
+    assert_eq!(read(first).await.status, StatusCode::OK);
+    wait_shared(&observer, "upstream", 0).await;
+    wait_shared(&tenants, acme, 0).await;
+    assert_eq!(cluster.key_counts(), [0, 0, 0], "no key left on any master");
+}
+
+/// Polls the shared count of `tenant` until it is `expected`.
+async fn wait_shared(tracker: &RedisTokenTracker, tenant: &str, expected: u64) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let now = tracker.in_flight(tenant).await.ok();
+        if now == Some(expected) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "in_flight({tenant}) is {now:?}, expected {expected}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+#[tokio::test]
+async fn cluster_and_sentinel_addresses_are_checked_when_built() {
+    let empty: [&str; 0] = [];
+    assert!(RedisTokenTracker::builder(1)
+        .connect_cluster(empty)
+        .is_err());
+    assert!(RedisTokenTracker::builder(1)
+        .connect_cluster(["redis://127.0.0.1:1", "not a url"])
+        .is_err());
+    assert!(RedisTokenTracker::builder(1)
+        .connect_sentinel(empty, "main")
+        .is_err());
+    assert!(RedisTokenTracker::builder(1)
+        .connect_sentinel(["redis://127.0.0.1:1"], "")
+        .is_err());
+    // Nothing listens there: built all the same (connected on first use), and the
+    // failure policy answers.
+    let nobody = RedisTokenTracker::builder(1_000)
+        .call_timeout(Duration::from_millis(300))
+        .connect_sentinel(["redis://127.0.0.1:1"], "main")
+        .expect("a valid address");
+    assert!(matches!(
+        nobody.reserve("acme", 10).await,
+        Err(Error::BackendUnavailable { .. })
+    ));
+}
+
+#[test]
+fn cluster_and_sentinel_need_a_runtime() {
+    let error = RedisTokenTracker::builder(1)
+        .connect_cluster(["redis://127.0.0.1:1"])
+        .unwrap_err();
+    assert!(error.to_string().contains("tokio runtime"), "{error}");
+    let error = RedisTokenTracker::builder(1)
+        .connect_sentinel(["redis://127.0.0.1:1"], "main")
+        .unwrap_err();
+    assert!(error.to_string().contains("tokio runtime"), "{error}");
+}
+
+// ---------------------------------------------------------------------------------------
+// A master, a replica and a Sentinel
+// ---------------------------------------------------------------------------------------
+
+const MASTER_NAME: &str = "ttt";
+
+struct Sentinelled {
+    master: u16,
+    replica: u16,
+    sentinel: u16,
+    master_process: Process,
+    _replica_process: Process,
+    _sentinel_process: Process,
+    _scratch: Scratch,
+}
+
+impl Sentinelled {
+    fn start() -> Sentinelled {
+        let scratch = Scratch::new("sentinel");
+        let (master, replica, sentinel) = (free_port(), free_port(), free_port());
+        let dir = scratch.0.to_str().expect("a UTF-8 temp dir").to_owned();
+        let common = [
+            "--dir",
+            &dir,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--loglevel",
+            "warning",
+        ];
+        let master_process = start_server(
+            master,
+            // The replica syncs at once (no wait for more replicas to sync with).
+            &[
+                &[
+                    "--port",
+                    &master.to_string(),
+                    "--repl-diskless-sync-delay",
+                    "0",
+                ][..],
+                &common,
+            ]
+            .concat(),
+        );
+        let upstream = master.to_string();
+        // Writable, so the test can make it lag behind the master (see below).
+        let replica_args = [
+            "--port",
+            &replica.to_string(),
+            "--replicaof",
+            "127.0.0.1",
+            &upstream,
+            "--replica-read-only",
+            "no",
+        ];
+        let replica_process = start_server(replica, &[&replica_args[..], &common].concat());
+        wait_for("the replica to sync", Duration::from_secs(10), || {
+            cli(replica, &["INFO", "replication"]).contains("master_link_status:up")
+        });
+        let conf = scratch.0.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {sentinel}\nbind 127.0.0.1\ndir {dir}\n\
+                 sentinel monitor {MASTER_NAME} 127.0.0.1 {master} 1\n\
+                 sentinel down-after-milliseconds {MASTER_NAME} 200\n\
+                 sentinel failover-timeout {MASTER_NAME} 1000\n\
+                 sentinel known-replica {MASTER_NAME} 127.0.0.1 {replica}\n",
+                dir = scratch.0.display(),
+            ),
+        )
+        .expect("write sentinel.conf");
+        let sentinel_process = start_server(
+            sentinel,
+            &[
+                conf.to_str().expect("a UTF-8 path"),
+                "--sentinel",
+                "--loglevel",
+                "warning",
+            ],
+        );
+        wait_for(
+            "the sentinel to know the replica",
+            Duration::from_secs(15),
+            || cli(sentinel, &["SENTINEL", "REPLICAS", MASTER_NAME]).contains(&replica.to_string()),
+        );
+        Sentinelled {
+            master,
+            replica,
+            sentinel,
+            master_process,
+            _replica_process: replica_process,
+            _sentinel_process: sentinel_process,
+            _scratch: scratch,
+        }
+    }
+
+    /// The master's port, as the Sentinel names it.
+    fn named_master(&self) -> Option<u16> {
+        Self::probe(self.sentinel)()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_is_followed_and_lost_leases_are_registered_again() {
+    if !tools_or_skip("a_sentinel_failover_is_followed_and_lost_leases_are_registered_again") {
+        return;
+    }
+    let started = Instant::now();
+    let mut redis = tokio::task::spawn_blocking(Sentinelled::start)
+        .await
+        .unwrap();
+    let ready = started.elapsed();
+    assert_eq!(redis.named_master(), Some(redis.master));
+    const CAP: u64 = 1_000;
+    const RENEW_EVERY: Duration = Duration::from_millis(250);
+    let sentinel_url = format!("redis://127.0.0.1:{}", redis.sentinel);
+    let tracker = RedisTokenTracker::builder(CAP)
+        .lease_ttl(Duration::from_secs(5))
+        .renew_every(RENEW_EVERY)
+        .call_timeout(Duration::from_millis(300))
+        .circuit_breaker(3, Duration::from_millis(100))
+        .connect_sentinel([sentinel_url.as_str()], MASTER_NAME)
+        .expect("a sentinel url");
+
+    // Two streams held: one the replica has, one it lacks when promoted.
+    let (kept, lagged) = ("kept", "lagged");
+    let kept_stream = tracker.reserve(kept, 600).await.expect("fits");
+    let lagged_stream = tracker.reserve(lagged, 600).await.expect("fits");
+    let replicated =
+        |tenant: &str| cli(redis.replica, &["HGET", &tenant_key(tenant), "=sum"]) == "600";
+    wait_for("replication", WAIT, || {
+        replicated(kept) && replicated(lagged)
+    });
+    // A replica lagging behind its master: it never got `lagged`'s lease.
+    let gone = format!("tenant-tokens:{{t:{lagged}}}:leases");
+    assert_eq!(
+        cli(redis.replica, &["DEL", &tenant_key(lagged), &gone]),
+        "2"
+    );
+
+    // What the test holds per tenant: the streams, and contenders that come and go.
+    let held: Arc<[AtomicU64; 2]> = Arc::new([AtomicU64::new(600), AtomicU64::new(600)]);
+    let samples = Arc::new(Mutex::new(Vec::<(Instant, [u64; 2])>::new()));
+    let answered = Arc::new(Mutex::new(Vec::<Instant>::new()));
+    let over_cap_admissions = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let contenders: Vec<_> = [kept, lagged]
+        .into_iter()
+        .enumerate()
+        .map(|(index, tenant)| {
+            let (tracker, held, answered) = (tracker.clone(), held.clone(), answered.clone());
+            let (over, stop) = (over_cap_admissions.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(SeqCst) {
+                    match tracker.reserve(tenant, 500).await {
+                        Ok(reservation) => {
+                            answered.lock().unwrap().push(Instant::now());
+                            if held[index].fetch_add(500, SeqCst) + 500 > CAP {
+                                over.fetch_add(1, SeqCst);
+                            }
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            held[index].fetch_sub(500, SeqCst);
+                            reservation.release().await;
+                        }
+                        Err(Error::TenantOverloaded { .. }) => {
+                            answered.lock().unwrap().push(Instant::now());
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                }
+            })
+        })
+        .collect();
+    let sampler = {
+        let (held, samples, stop) = (held.clone(), samples.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(SeqCst) {
+                let now = [held[0].load(SeqCst), held[1].load(SeqCst)];
+                samples.lock().unwrap().push((Instant::now(), now));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        over_cap_admissions.load(SeqCst),
+        0,
+        "nothing over the cap before the failover"
+    );
+
+    // The master dies; the Sentinel promotes the replica; the tracker follows.
+    let killed = Instant::now();
+    redis.master_process.kill();
+    let promoted = tokio::task::spawn_blocking({
+        let (sentinel, replica) = (redis.sentinel, redis.replica);
+        move || {
+            let probe = Sentinelled::probe(sentinel);
+            wait_for(
+                "the sentinel to promote the replica",
+                Duration::from_secs(20),
+                || probe() == Some(replica),
+            );
+            Instant::now()
+        }
+    })
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tracker.stats().lost_leases == 0 || !lagged_stream.is_lost() {
+        assert!(
+            Instant::now() < deadline,
+            "the lost lease was never registered again"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let registered = Instant::now();
+    let followed = answered
+        .lock()
+        .unwrap()
+        .iter()
+        .copied()
+        .find(|at| *at > killed)
+        .expect("the tracker answered after the failover");
+
+    // One renewal period after the promotion (plus the hold of a contender admitted just
+    // before, and the round trips), nothing is over the cap any more; Redis counts every
+    // stream.
+    const SETTLE: Duration = Duration::from_millis(250 + 50 + 200);
+    tokio::time::sleep(SETTLE).await;
+    stop.store(true, SeqCst);
+    for contender in contenders {
+        contender.await.unwrap();
+    }
+    sampler.await.unwrap();
+    let settled = promoted + SETTLE;
+    let late: Vec<_> = samples
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(at, held)| *at > settled && held.iter().any(|&h| h > CAP))
+        .cloned()
+        .collect();
+    assert!(
+        late.is_empty(),
+        "over the cap after one renewal period: {late:?}"
+    );
+    assert_eq!(tracker.in_flight(kept).await.unwrap(), 600);
+    assert_eq!(tracker.in_flight(lagged).await.unwrap(), 600);
+    assert!(
+        !kept_stream.is_lost(),
+        "the replica had it: nothing to register again"
+    );
+    assert!(lagged_stream.is_lost());
+    match tracker.reserve(lagged, 500).await {
+        Err(Error::TenantOverloaded { in_flight, .. }) => assert_eq!(in_flight, 600),
+        other => panic!("expected a refusal over the cap, got {other:?}"),
+    }
+
+    // Released: nothing left on the new master.
+    kept_stream.release().await;
+    lagged_stream.release().await;
+    wait_for("no key left behind", WAIT, || {
+        cli(redis.replica, &["DBSIZE"]) == "0"
+    });
+    assert_eq!(redis.named_master(), Some(redis.replica));
+    let ms = |at: Instant| at.duration_since(killed).as_millis();
+    println!(
+        "sentinel failover (ready in {ready:?}): master killed → promoted {} ms → tracker \
+         answering {} ms → lost lease registered again {} ms; admissions over the cap in \
+         the window: {}; whole test {:?}",
+        ms(promoted),
+        ms(followed),
+        ms(registered),
+        over_cap_admissions.load(SeqCst),
+        started.elapsed()
+    );
+}
+
+impl Sentinelled {
+    /// Asks the Sentinel on `port` which master it names, from any thread.
+    fn probe(port: u16) -> impl Fn() -> Option<u16> {
+        move || {
+            let reply = cli(port, &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME]);
+            reply.lines().nth(1)?.trim().parse().ok()
+        }
+    }
+}
