@@ -793,13 +793,25 @@ async fn a_sentinel_failover_is_followed_and_lost_leases_are_registered_again() 
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let registered = Instant::now();
-    let followed = answered
-        .lock()
-        .unwrap()
-        .iter()
-        .copied()
-        .find(|at| *at > killed)
-        .expect("the tracker answered after the failover");
+    // The contenders' first answer from the new master (they may still be backing off
+    // from the dead one's errors when the lease is registered again).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let followed = loop {
+        let first = answered
+            .lock()
+            .unwrap()
+            .iter()
+            .copied()
+            .find(|at| *at > killed);
+        if let Some(first) = first {
+            break first;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the tracker never answered after the failover"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
 
     // One renewal period after the promotion (plus the hold of a contender admitted just
     // before, and the round trips), nothing is over the cap any more; Redis counts every

@@ -2,12 +2,13 @@
 //!
 //! Every script works on one tenant's two keys, which share a hash tag (one cluster slot):
 //! `KEYS[1]`, a sorted set of lease id → deadline (milliseconds, Redis's own clock), and
-//! `KEYS[2]`, a hash of lease id → tokens plus the running sum under `=sum` (lease ids never
-//! start with `=`). Resizing, renewing and reading the state first sweep the leases whose
+//! `KEYS[2]`, a hash of lease id → tokens plus the running sum under `=sum` and the keys'
+//! expiry under `=exp` (lease ids never start with `=`). Resizing, renewing and reading the state first sweep the leases whose
 //! deadline has passed; the batch of reservations and releases, the hot path, sweeps a
 //! tenant only before refusing it, so an expired lease never refuses anyone. Scripts end by
 //! deleting the keys when no lease is left or by pushing their expiry past the latest
-//! deadline otherwise.
+//! deadline otherwise; the batch pushes it (to two TTLs) only when a new deadline would
+//! pass the expiry `=exp` records, so most reservations skip it.
 
 use redis::Script;
 
@@ -17,6 +18,7 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+local now = now_ms()
 local function sum()
   return tonumber(redis.call('HGET', KEYS[2], '=sum')) or 0
 end
@@ -37,9 +39,9 @@ local function tidy(ttl)
   elseif ttl then
     redis.call('PEXPIRE', KEYS[1], ttl)
     redis.call('PEXPIRE', KEYS[2], ttl)
+    redis.call('HSET', KEYS[2], '=exp', now + ttl)
   end
 end
-local now = now_ms()
 sweep(now)
 ";
 
@@ -132,7 +134,7 @@ for op = 0, #KEYS / 2 - 1 do
   local lease = ARGV[a + 1]
   if ARGV[a] == 'r' then
     local want, cap = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-    local found = redis.call('HMGET', tokens, '=sum', lease)
+    local found = redis.call('HMGET', tokens, '=sum', lease, '=exp')
     local held = tonumber(found[1]) or 0
     local status = 1
     if found[2] then
@@ -143,15 +145,24 @@ for op = 0, #KEYS / 2 - 1 do
       if held + want > cap then held = sweep(deadlines, tokens, held) end
       if held + want > cap then
         status = 0
+      elseif not found[1] then
+        -- The tenant's first lease: its keys are made here, each field in one call.
+        redis.call('HSET', tokens, lease, ARGV[a + 2], '=sum', ARGV[a + 2], '=exp', now + 2 * ttl)
+        redis.call('ZADD', deadlines, now + ttl, lease)
+        redis.call('PEXPIRE', deadlines, 2 * ttl)
+        redis.call('PEXPIRE', tokens, 2 * ttl)
+        found[3] = now + 2 * ttl
+        held = want
       else
         redis.call('HSET', tokens, lease, ARGV[a + 2])
         held = redis.call('HINCRBY', tokens, '=sum', want)
         redis.call('ZADD', deadlines, now + ttl, lease)
       end
     end
-    if status == 1 then
-      redis.call('PEXPIRE', deadlines, ttl)
-      redis.call('PEXPIRE', tokens, ttl)
+    if status == 1 and (tonumber(found[3]) or 0) < now + ttl then
+      redis.call('PEXPIRE', deadlines, 2 * ttl)
+      redis.call('PEXPIRE', tokens, 2 * ttl)
+      redis.call('HSET', tokens, '=exp', now + 2 * ttl)
     end
     out[#out + 1] = status
     out[#out + 1] = held
