@@ -6,6 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::request::Parts;
 
+use super::Turn;
 use crate::reservation::{Ledger, Reservation, Step};
 use crate::{Error, TenantTokenTracker};
 
@@ -229,28 +230,30 @@ impl BudgetKeys {
     /// Reserves `tokens` under every key, or none: the first refusal releases what the
     /// others granted. `unchecked` reserves whatever the caps (shadow mode). At once when
     /// every budget counts in this process; after the round trips when one is in Redis.
-    pub(crate) fn reserve(&self, tokens: u64, unchecked: bool) -> Step<Vec<Reservation>> {
+    ///
+    /// With `turn`, a budget in Redis admits the request in its turn among the requests
+    /// waiting for it on every replica.
+    pub(crate) fn reserve(
+        &self,
+        tokens: u64,
+        unchecked: bool,
+        turn: Option<&Turn>,
+    ) -> Step<Vec<Reservation>> {
         let keys = self.0.as_deref().unwrap_or_default();
         let mut held = Vec::with_capacity(keys.len());
         for (at, (ledger, key)) in keys.iter().enumerate() {
-            let reserved = match unchecked {
-                false => ledger.reserve(key, tokens),
-                true => ledger.reserve_unchecked(key, tokens),
-            };
-            match reserved {
+            match reserve_key(ledger, key, tokens, unchecked, turn) {
                 Step::Now(Ok(reservation)) => held.push(reservation),
                 Step::Now(Err(error)) => return Step::Now(Err(budget_error(key, error))),
                 Step::Later(pending) => {
                     // A budget in Redis: the rest in order, after it answers.
                     let rest = keys[at + 1..].to_vec();
-                    let key = key.clone();
+                    let (key, turn) = (key.clone(), turn.cloned());
                     return Step::Later(Box::pin(async move {
                         held.push(pending.await.map_err(|error| budget_error(&key, error))?);
                         for (ledger, key) in rest {
-                            let reserved = match unchecked {
-                                false => ledger.reserve(&key, tokens),
-                                true => ledger.reserve_unchecked(&key, tokens),
-                            };
+                            let reserved =
+                                reserve_key(&ledger, &key, tokens, unchecked, turn.as_ref());
                             let reserved = reserved.resolve().await;
                             held.push(reserved.map_err(|error| budget_error(&key, error))?);
                         }
@@ -268,10 +271,42 @@ impl BudgetKeys {
         keys.iter().any(|(_, drawn)| drawn == key)
     }
 
+    /// Whether a budget it draws from counts in Redis.
+    #[cfg(feature = "redis")]
+    pub(crate) fn in_redis(&self) -> bool {
+        let keys = self.0.as_deref().unwrap_or_default();
+        keys.iter()
+            .any(|(ledger, _)| matches!(ledger, Ledger::Redis(_)))
+    }
+
     #[inline]
     pub(crate) fn is_empty(&self) -> bool {
         self.0.as_ref().map_or(true, Vec::is_empty)
     }
+}
+
+/// Reserves `tokens` under `key` in `ledger`: in `turn` when the ledger is in Redis and
+/// the request has a place in its order; whatever the cap when `unchecked`.
+#[cfg_attr(not(feature = "redis"), allow(unused_variables))]
+fn reserve_key(
+    ledger: &Ledger,
+    key: &str,
+    tokens: u64,
+    unchecked: bool,
+    turn: Option<&Turn>,
+) -> Step<Reservation> {
+    if unchecked {
+        return ledger.reserve_unchecked(key, tokens);
+    }
+    #[cfg(feature = "redis")]
+    if let (Ledger::Redis(tracker), Some(turn)) = (ledger, turn) {
+        let (tracker, key, turn) = (tracker.clone(), key.to_owned(), Arc::clone(turn));
+        return Step::Later(Box::pin(async move {
+            let reserved = tracker.reserve_in_turn(&key, tokens, &turn).await;
+            reserved.map(Reservation::Redis)
+        }));
+    }
+    ledger.reserve(key, tokens)
 }
 
 /// A tracker's refusal of a budget's key, as the budget's refusal.

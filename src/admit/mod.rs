@@ -72,10 +72,11 @@ impl Config {
             .options
             .as_ref()
             .and_then(|options| options.queue.as_ref());
+        let mut turn = None;
         if let Some(queue) = queue {
             match queue.arrival(tenant, class, &keys) {
                 Arrival::Go => {}
-                Arrival::Queue => return self.wait(tenant, tokens, keys, class, None),
+                Arrival::Queue => return self.wait(tenant, tokens, keys, class, None, None),
                 Arrival::Shed(budget) => {
                     return Step::Now(Err(Error::Shed {
                         tenant_id: tenant.to_owned(),
@@ -83,11 +84,12 @@ impl Config {
                     }))
                 }
             }
+            turn = self.turn(tenant, class, &keys, queue);
         }
         let with_handle = self.reservation_handle;
-        match self.try_admit(tenant, tokens, &keys) {
+        match self.try_admit(tenant, tokens, &keys, turn.as_ref()) {
             Step::Now(Err(error)) if queue.is_some() && may_wait(&error) => {
-                self.wait(tenant, tokens, keys, class, Some(error))
+                self.wait(tenant, tokens, keys, class, Some(error), turn)
             }
             Step::Now(admitted) => Step::Now(admitted.map(|held| Guard::new(held, with_handle))),
             Step::Later(pending) if queue.is_some() => {
@@ -97,7 +99,7 @@ impl Config {
                     match pending.await {
                         Err(error) if may_wait(&error) => {
                             config
-                                .wait(&tenant, tokens, keys, class, Some(error))
+                                .wait(&tenant, tokens, keys, class, Some(error), turn)
                                 .resolve()
                                 .await
                         }
@@ -111,9 +113,35 @@ impl Config {
         }
     }
 
+    /// The request's place in the order Redis keeps for the budgets it draws from there,
+    /// when it may wait and draws from one.
+    #[cfg_attr(not(feature = "redis"), allow(unused_variables))]
+    fn turn(
+        &self,
+        tenant: &str,
+        class: Priority,
+        keys: &BudgetKeys,
+        queue: &Arc<Queue>,
+    ) -> Option<Turn> {
+        #[cfg(feature = "redis")]
+        if keys.in_redis() {
+            let options = self.options.as_deref()?;
+            let weight = options.weight.as_ref().map_or(1, |weight| weight(tenant));
+            let turn = crate::redis::Turn::new(tenant, class, weight, Arc::clone(queue));
+            return Some(Arc::new(turn));
+        }
+        None
+    }
+
     /// Steps 2 to 4: the budgets, the tenant's reservation, what rides along.
     #[inline]
-    fn try_admit(self: &Arc<Self>, tenant: &str, tokens: u64, keys: &BudgetKeys) -> Step<Held> {
+    fn try_admit(
+        self: &Arc<Self>,
+        tenant: &str,
+        tokens: u64,
+        keys: &BudgetKeys,
+        turn: Option<&Turn>,
+    ) -> Step<Held> {
         let Some(options) = self.options.as_deref() else {
             // A plain layer: the ledger's answer is all there is.
             return match self.ledger.reserve(tenant, tokens) {
@@ -128,7 +156,7 @@ impl Config {
                 }
             };
         };
-        let (budgets, shadowed) = match options.draw(tenant, tokens, keys) {
+        let (budgets, shadowed) = match options.draw(tenant, tokens, keys, turn) {
             Step::Now(Ok(drawn)) => drawn,
             Step::Now(Err(error)) => return Step::Now(Err(error)),
             Step::Later(drawing) => {
@@ -260,12 +288,18 @@ impl Config {
         keys: BudgetKeys,
         class: Priority,
         refused: Option<Error>,
+        turn: Option<Turn>,
     ) -> Admission {
         let (config, tenant) = (Arc::clone(self), tenant.to_owned());
         Step::Later(Box::pin(async move {
             let queue = config.options.as_ref().and_then(|o| o.queue.clone());
             let queue = queue.expect("only called with a queue");
-            let Some(ticket) = queue.enqueue(&tenant, class, refused.as_ref()) else {
+            let turn = turn.or_else(|| config.turn(&tenant, class, &keys, &queue));
+            // A budget in Redis orders its waiting requests there, across replicas.
+            let here = refused
+                .as_ref()
+                .filter(|error| !orders(turn.as_ref(), error));
+            let Some(ticket) = queue.enqueue(&tenant, class, here) else {
                 // The queue is full: refused at once.
                 return Err(refused.unwrap_or_else(|| config.ledger.overloaded(&tenant, tokens)));
             };
@@ -275,18 +309,22 @@ impl Config {
             let mut refused = refused;
             loop {
                 if ticket.may_try(&keys) {
-                    match config.try_admit(&tenant, tokens, &keys).resolve().await {
+                    let tried = config.try_admit(&tenant, tokens, &keys, turn.as_ref());
+                    match tried.resolve().await {
                         Ok(held) => {
                             drop(ticket); // the next in line may fit too: it is woken
                             tracing::debug!(tenant, tokens, "admitted after waiting");
                             return Ok(Guard::new(held, config.reservation_handle));
                         }
                         Err(error) if may_wait(&error) => {
-                            ticket.refused(&error);
+                            ticket.refused(&error, orders(turn.as_ref(), &error));
                             refused = Some(error);
                         }
                         Err(error) => return Err(error),
                     }
+                } else {
+                    // Others go first here: no place held in Redis's order meanwhile.
+                    give_up(turn.as_ref());
                 }
                 let now = tokio::time::Instant::now();
                 if now >= deadline {
@@ -308,14 +346,15 @@ impl Options {
         tenant: &str,
         tokens: u64,
         keys: &BudgetKeys,
+        turn: Option<&Turn>,
     ) -> Step<(Vec<Reservation>, Option<Error>)> {
         if keys.is_empty() {
             return Step::Now(Ok((Vec::new(), None)));
         }
-        match keys.reserve(tokens, false) {
+        match keys.reserve(tokens, false, turn) {
             Step::Now(Ok(budgets)) => Step::Now(Ok((budgets, None))),
             Step::Now(Err(error)) if self.shadow.covers(tenant, &error) => keys
-                .reserve(tokens, true)
+                .reserve(tokens, true, None)
                 .map(|budgets| (budgets, Some(error))),
             Step::Now(Err(error)) => Step::Now(Err(error)),
             Step::Later(pending) => {
@@ -324,7 +363,7 @@ impl Options {
                     match pending.await {
                         Ok(budgets) => Ok((budgets, None)),
                         Err(error) if shadow.covers(&tenant, &error) => {
-                            let budgets = keys.reserve(tokens, true).resolve().await?;
+                            let budgets = keys.reserve(tokens, true, None).resolve().await?;
                             Ok((budgets, Some(error)))
                         }
                         Err(error) => Err(error),
@@ -362,6 +401,32 @@ impl Drop for Waiting<'_> {
         self.metrics.waiting(self.class, -1.0);
         let waited = self.started.elapsed().as_secs_f64();
         self.metrics.waited(self.class, waited);
+    }
+}
+
+/// A waiting request's place in the order Redis keeps, across replicas, for the budgets
+/// in Redis it draws from.
+#[cfg(feature = "redis")]
+pub(crate) type Turn = Arc<crate::redis::Turn>;
+/// Without Redis there is no such order.
+#[cfg(not(feature = "redis"))]
+pub(crate) type Turn = std::convert::Infallible;
+
+/// Whether `error` is the refusal of a budget that orders its waiters in Redis.
+#[cfg_attr(not(feature = "redis"), allow(unused_variables))]
+fn orders(turn: Option<&Turn>, error: &Error) -> bool {
+    #[cfg(feature = "redis")]
+    return turn.is_some_and(|turn| turn.orders(error));
+    #[cfg(not(feature = "redis"))]
+    false
+}
+
+/// Gives up the places held in Redis's order.
+#[cfg_attr(not(feature = "redis"), allow(unused_variables))]
+fn give_up(turn: Option<&Turn>) {
+    #[cfg(feature = "redis")]
+    if let Some(turn) = turn {
+        turn.give_up();
     }
 }
 

@@ -211,6 +211,25 @@ impl Queue {
         wake_heads(&state);
     }
 
+    /// Every tenant's first waiting request looks again: capacity may have come back
+    /// elsewhere (another replica released).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn wake_all(&self) {
+        if self.queued.load(Relaxed) != 0 {
+            wake_heads(&self.lock());
+        }
+    }
+
+    /// Whether `tenant` has requests waiting here, or admitted from shared budgets and
+    /// still running.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn is_active(&self, tenant: &str) -> bool {
+        self.lock()
+            .tenants
+            .get(tenant)
+            .is_some_and(Tenant::is_active)
+    }
+
     /// Nothing under this lock can panic half-way, so poisoning is ignored.
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
@@ -284,13 +303,15 @@ impl Ticket {
     }
 
     /// Records why the last try was refused: the budget it now waits for, or its own cap.
-    pub(crate) fn refused(&self, error: &Error) {
+    /// `elsewhere`: the budget orders its waiting requests itself (in Redis, across
+    /// replicas), so this queue does not order them for it.
+    pub(crate) fn refused(&self, error: &Error, elsewhere: bool) {
         let mut state = self.queue.lock();
         let Some(own) = state.tenants.get_mut(&*self.tenant) else {
             return;
         };
         if let Some(me) = own.waiting.iter_mut().find(|w| w.seq == self.seq) {
-            let budget = blocking_budget(error);
+            let budget = blocking_budget(error).filter(|_| !elsewhere);
             if me.budget != budget {
                 me.budget = budget;
                 wake_heads(&state); // the turn may have passed to another

@@ -340,7 +340,10 @@ impl Inner {
     /// Counts and logs how a release ended.
     pub(super) fn released<T, E: std::fmt::Display>(&self, lease: &Lease, answer: Result<T, E>) {
         match answer {
-            Ok(_) => tracing::debug!(tenant = &*lease.tenant, lease = lease.id, "released lease"),
+            Ok(_) => {
+                tracing::debug!(tenant = &*lease.tenant, lease = lease.id, "released lease");
+                self.wake_after_release(lease);
+            }
             Err(failure) => {
                 self.counters.failed_releases.fetch_add(1, Relaxed);
                 tracing::warn!(

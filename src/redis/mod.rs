@@ -7,12 +7,14 @@ mod breaker;
 mod conn;
 mod lease;
 mod list;
+mod queue;
 mod renew;
 mod reserve;
 mod scripts;
 mod tracker;
 
 pub use self::lease::RedisReservation;
+pub(crate) use self::queue::Turn;
 pub use self::tracker::{
     FailurePolicy, RedisTokenTracker, RedisTokenTrackerBuilder, RedisTrackerStats,
     DEFAULT_CALL_TIMEOUT, DEFAULT_LEASE_TTL, DEFAULT_RENEW_EVERY, MAX_REDIS_TOKENS,

@@ -87,5 +87,6 @@ pub(super) async fn renew_forever(shared: Weak<Inner>, every: Duration) {
             return;
         };
         shared.renew_all().await;
+        shared.renew_tickets().await;
     }
 }

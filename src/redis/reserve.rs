@@ -95,7 +95,7 @@ impl Inner {
     }
 
     /// Answers a request Redis could not decide, as the failure policy says.
-    fn unavailable(
+    pub(super) fn unavailable(
         &self,
         tenant_id: &str,
         tokens: u64,

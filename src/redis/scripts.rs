@@ -13,7 +13,7 @@
 use redis::Script;
 
 /// Shared by every script: the clock, the sweep and the tidy-up.
-const PRELUDE: &str = r"
+pub(super) const PRELUDE: &str = r"
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -48,7 +48,7 @@ sweep(now)
 /// Registers lease `lease` again with `tokens`, whatever the cap: Redis lost it (a restart
 /// without persistence, a flush, a failover to a lagging replica, or an expiry while its
 /// replica was cut off), but its replica still holds it and the work is running.
-const REGISTER_AGAIN: &str = r"
+pub(super) const REGISTER_AGAIN: &str = r"
 local function register_again(lease, tokens, ttl)
   redis.call('HSET', KEYS[2], lease, tokens)
   redis.call('HINCRBY', KEYS[2], '=sum', tokens)

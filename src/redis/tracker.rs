@@ -13,6 +13,7 @@ use super::batch::{self, Batches};
 use super::breaker::Breaker;
 use super::conn::Conn;
 use super::lease::{Lease, RedisReservation};
+use super::queue::Subscribe;
 use super::renew;
 use super::scripts::Scripts;
 use crate::tracker::Caps;
@@ -162,6 +163,8 @@ pub(crate) struct Inner {
     pub(super) leases: Mutex<HashMap<u64, Arc<Lease>>>,
     pub(super) runtime: tokio::runtime::Handle,
     pub(super) counters: Counters,
+    /// The fair queues of the budgets this tracker counts, and where it hears wake-ups.
+    pub(super) fair: super::queue::Fair,
 }
 
 /// Why a call to Redis failed.
@@ -422,7 +425,9 @@ impl RedisTokenTrackerBuilder {
     /// When `url` is not a Redis address, or no tokio runtime is running.
     pub fn connect(self, url: impl IntoConnectionInfo) -> Result<RedisTokenTracker, RedisError> {
         let runtime = current_runtime("connect")?;
-        Ok(self.build(Conn::single(url)?, runtime))
+        let url = url.into_connection_info()?;
+        let wake = Subscribe::Nodes(vec![url.clone()]);
+        Ok(self.build(Conn::single(url)?, runtime, wake))
     }
 
     /// Builds the tracker for the Redis Cluster that `nodes` belong to (`redis://host:port`
@@ -448,7 +453,12 @@ impl RedisTokenTrackerBuilder {
         nodes: impl IntoIterator<Item = T>,
     ) -> Result<RedisTokenTracker, RedisError> {
         let runtime = current_runtime("connect_cluster")?;
-        Ok(self.build(Conn::cluster(nodes)?, runtime))
+        let nodes = nodes
+            .into_iter()
+            .map(IntoConnectionInfo::into_connection_info)
+            .collect::<Result<Vec<_>, _>>()?;
+        let wake = Subscribe::Nodes(nodes.clone());
+        Ok(self.build(Conn::cluster(nodes)?, runtime, wake))
     }
 
     /// Builds the tracker for the master that the Sentinels at `sentinels`
@@ -475,10 +485,20 @@ impl RedisTokenTrackerBuilder {
         master_name: &str,
     ) -> Result<RedisTokenTracker, RedisError> {
         let runtime = current_runtime("connect_sentinel")?;
-        Ok(self.build(Conn::sentinel(sentinels, master_name)?, runtime))
+        let sentinels = sentinels
+            .into_iter()
+            .map(IntoConnectionInfo::into_connection_info)
+            .collect::<Result<Vec<_>, _>>()?;
+        let wake = Subscribe::Sentinel(sentinels.clone(), master_name.to_owned());
+        Ok(self.build(Conn::sentinel(sentinels, master_name)?, runtime, wake))
     }
 
-    fn build(self, conn: Conn, runtime: tokio::runtime::Handle) -> RedisTokenTracker {
+    fn build(
+        self,
+        conn: Conn,
+        runtime: tokio::runtime::Handle,
+        wake: Subscribe,
+    ) -> RedisTokenTracker {
         let local = match self.policy {
             FailurePolicy::LocalShare { replicas } => {
                 let replicas = u64::from(replicas.max(1));
@@ -508,6 +528,7 @@ impl RedisTokenTrackerBuilder {
             leases: Mutex::new(HashMap::new()),
             runtime: runtime.clone(),
             counters: Counters::default(),
+            fair: super::queue::Fair::new(wake),
         });
         runtime.spawn(batch::send_forever(queue, Arc::downgrade(&inner)));
         runtime.spawn(renew::renew_forever(

@@ -1,0 +1,735 @@
+//! One fair order across replicas for the requests waiting on a shared budget in Redis.
+//!
+//! Per budget key, next to the budget's own leases and under the same hash tag (so a
+//! cluster keeps the budget and its queue in one slot), Redis keeps:
+//!
+//! - `{prefix}{t:<key>}:q:tickets`, a hash: ticket id → its class digit and tenant, and
+//!   under `=<class><tenant>` how many tickets that tenant has waiting in that class (ticket
+//!   ids never start with `=`);
+//! - `{prefix}{t:<key>}:q:deadlines`, a sorted set: ticket id → deadline (Redis's clock),
+//!   pushed back by the renewal of the replica that waits, so a dead replica's tickets
+//!   expire with its leases;
+//! - `{prefix}{t:<key>}:q:turn:<class>`, one sorted set per class: tenant → its virtual
+//!   counter, for the tenants with a ticket of that class;
+//! - `{prefix}{t:<key>}:q:vtc`, a hash: `t:<tenant>` → the tenant's virtual counter
+//!   (tokens admitted from the budget divided by its weight), and `=floor`, the largest
+//!   counter an admitted tenant had before it was served (where a tenant back from idle
+//!   starts when nobody waits).
+//!
+//! The turn is the first tenant of the highest class with tickets (smallest counter). A
+//! request holding a ticket reserves the budget only on its tenant's turn; while it is
+//! refused for room, the turn stays with it, so a large request is not starved. A request
+//! without a ticket goes straight to the budget only when no ticket of its class or a
+//! higher one waits; a sheddable one is refused while any ticket waits. Every script first
+//! sweeps the tickets past their deadline.
+//!
+//! Wake-ups: a release of a lease admitted this way, an admission that leaves tickets
+//! waiting, and a cancelled ticket publish on `{prefix}{t:<key>}:q:wake`; each replica
+//! listens on one dedicated pub/sub connection (a pattern subscription to every budget of
+//! the tracker) and wakes its waiting requests. Their periodic look is the safety net.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
+use std::time::Duration;
+
+use redis::{Script, ScriptInvocation};
+
+use super::lease::{Lease, RedisReservation};
+use super::scripts::{PRELUDE, REGISTER_AGAIN};
+use super::tracker::{Inner, RedisTokenTracker};
+use crate::admit::priority::Priority;
+use crate::admit::queue::Queue;
+use crate::Error;
+
+/// The ticket helpers, after the lease prelude (which has swept the budget's leases).
+/// `KEYS[3]` the tickets, `KEYS[4]` their deadlines, `KEYS[5]` the counters, `KEYS[6..8]`
+/// the turn of each class (sheddable, standard, critical).
+const TICKETS: &str = r"
+local TK, DL, VTC = KEYS[3], KEYS[4], KEYS[5]
+local function turn_key(c) return KEYS[6 + c] end
+local function num(x) return string.format('%.17g', x) end
+local function counter(tenant) return tonumber(redis.call('HGET', VTC, 't:' .. tenant)) or 0 end
+local function drop_ticket(id)
+  local info = redis.call('HGET', TK, id)
+  if not info then return false end
+  redis.call('HDEL', TK, id)
+  redis.call('ZREM', DL, id)
+  if redis.call('HINCRBY', TK, '=' .. info, -1) <= 0 then
+    redis.call('HDEL', TK, '=' .. info)
+    redis.call('ZREM', turn_key(tonumber(string.sub(info, 1, 1))), string.sub(info, 2))
+  end
+  return true
+end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', DL, '-inf', now)) do drop_ticket(id) end
+local function first_class()
+  for c = 2, 0, -1 do
+    if redis.call('ZCARD', turn_key(c)) > 0 then return c end
+  end
+  return nil
+end
+local function has_tickets(tenant)
+  for c = 0, 2 do
+    if redis.call('ZSCORE', turn_key(c), tenant) then return true end
+  end
+  return false
+end
+local function lift(tenant, active)
+  if active or has_tickets(tenant) then return end
+  local least
+  for c = 0, 2 do
+    local first = redis.call('ZRANGE', turn_key(c), 0, 0, 'WITHSCORES')
+    if first[2] and (not least or tonumber(first[2]) < least) then least = tonumber(first[2]) end
+  end
+  least = least or tonumber(redis.call('HGET', VTC, '=floor')) or 0
+  if least > counter(tenant) then redis.call('HSET', VTC, 't:' .. tenant, num(least)) end
+end
+local function served(tenant, share)
+  local before = counter(tenant)
+  local after = before + share
+  redis.call('HSET', VTC, 't:' .. tenant, num(after))
+  if before > (tonumber(redis.call('HGET', VTC, '=floor')) or 0) then
+    redis.call('HSET', VTC, '=floor', num(before))
+  end
+  for c = 0, 2 do redis.call('ZADD', turn_key(c), 'XX', after, tenant) end
+end
+local function add_ticket(id, c, tenant, ttl)
+  local info = c .. tenant
+  redis.call('HSET', TK, id, info)
+  if redis.call('HINCRBY', TK, '=' .. info, 1) == 1 then
+    redis.call('ZADD', turn_key(c), counter(tenant), tenant)
+  end
+  redis.call('ZADD', DL, now + ttl, id)
+end
+local function keep(ttl)
+  if redis.call('ZCARD', DL) == 0 then
+    redis.call('DEL', TK, KEYS[6], KEYS[7], KEYS[8])
+  else
+    for k = 3, 8 do
+      if k ~= 5 then redis.call('PEXPIRE', KEYS[k], ttl) end
+    end
+  end
+  redis.call('PEXPIRE', VTC, math.max(ttl * 20, 600000))
+end
+local function wake(channel)
+  if redis.call('ZCARD', DL) > 0 then redis.call('PUBLISH', channel, '') end
+end
+";
+
+/// The budget's lease, reserved as the batch script does (`ARGV`: lease, tokens, cap, ttl;
+/// the prelude has swept the expired leases). Returns `{status, in_flight}`: 1 admitted
+/// (or already held), 0 over the cap, -1 larger than the cap.
+const RESERVE: &str = r"
+local function reserve_lease()
+  local lease, want, cap, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+  local found = redis.call('HMGET', KEYS[2], '=sum', lease)
+  local held = tonumber(found[1]) or 0
+  if found[2] then
+    redis.call('ZADD', KEYS[1], 'XX', now + ttl, lease)
+    tidy(ttl)
+    return {1, held}
+  end
+  if want > cap then tidy(nil) return {-1, held} end
+  if held + want > cap then tidy(nil) return {0, held} end
+  redis.call('HSET', KEYS[2], lease, ARGV[2])
+  held = redis.call('HINCRBY', KEYS[2], '=sum', want)
+  redis.call('ZADD', KEYS[1], now + ttl, lease)
+  tidy(ttl)
+  return {1, held}
+end
+";
+
+/// `ARGV`: lease, tokens, cap, ttl (as `RESERVE`), then ticket, tenant, class,
+/// share (tokens ÷ weight), active (`1` when the tenant runs or waits on this replica),
+/// channel. Returns `{status, in_flight}`: 1 admitted, 0 over the cap and 2 not its turn
+/// (either way it waits with the ticket), 3 shed, -1 larger than the cap.
+const ADMIT: &str = r"
+local ticket, tenant, class, share = ARGV[5], ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
+local active, ttl, channel = ARGV[9] == '1', tonumber(ARGV[4]), ARGV[10]
+local holding = redis.call('HGET', TK, ticket)
+local function queue(status)
+  if not holding then
+    lift(tenant, active)
+    add_ticket(ticket, class, tenant, ttl)
+  end
+  keep(ttl)
+  return {status, sum()}
+end
+if holding then
+  local top = first_class()
+  if top ~= class or redis.call('ZRANGE', turn_key(class), 0, 0)[1] ~= tenant then
+    return queue(2)
+  end
+else
+  local top = first_class()
+  if top and class == 0 then keep(ttl) return {3, sum()} end
+  if top and top >= class then return queue(2) end
+end
+local answer = reserve_lease()
+if answer[1] == 1 then
+  if holding then drop_ticket(ticket) else lift(tenant, active) end
+  served(tenant, share)
+  wake(channel)
+  keep(ttl)
+  return answer
+elseif answer[1] == 0 then
+  return queue(0)
+end
+if holding then drop_ticket(ticket) end
+keep(ttl)
+return answer
+";
+
+/// `ARGV`: ticket, ttl, channel. Removes the ticket; the others are woken, as the turn may
+/// have passed. Returns 1 if it was there.
+const CANCEL: &str = r"
+local dropped = drop_ticket(ARGV[1])
+if dropped then wake(ARGV[3]) end
+keep(tonumber(ARGV[2]))
+return dropped and 1 or 0
+";
+
+/// `ARGV`: ttl, then ticket ids. Pushes back the deadline of each ticket still there.
+const RENEW: &str = r"
+local ttl = tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', DL, 'XX', now + ttl, ARGV[i]) end
+keep(ttl)
+return 0
+";
+
+/// `KEYS[1]` the tickets' deadlines; `ARGV`: channel. Wakes the waiters, if any.
+const WAKE: &str = r"
+if redis.call('ZCARD', KEYS[1]) > 0 then redis.call('PUBLISH', ARGV[1], '') end
+return 0
+";
+
+/// The fair queue's scripts, hashed once (reloaded on `NOSCRIPT` by `redis::Script`).
+struct Scripts {
+    admit: Script,
+    cancel: Script,
+    renew: Script,
+    wake: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        let with_tickets = |body: &str| {
+            Script::new(&format!(
+                "{PRELUDE}{REGISTER_AGAIN}{RESERVE}{TICKETS}{body}"
+            ))
+        };
+        Self {
+            admit: with_tickets(ADMIT),
+            cancel: with_tickets(CANCEL),
+            renew: with_tickets(RENEW),
+            wake: Script::new(WAKE),
+        }
+    }
+}
+
+/// Where a tracker hears wake-ups: a server of its own (the one server, or any node of a
+/// cluster, which passes every message to all its nodes), or the master the Sentinels
+/// name.
+pub(crate) enum Subscribe {
+    /// Tried in turn.
+    Nodes(Vec<redis::ConnectionInfo>),
+    /// The Sentinels, and the master's name.
+    Sentinel(Vec<redis::ConnectionInfo>, String),
+}
+
+impl Subscribe {
+    /// A pub/sub connection to a server that hears the budgets' messages.
+    async fn connect(&self) -> redis::RedisResult<redis::aio::PubSub> {
+        match self {
+            Subscribe::Nodes(nodes) => {
+                let mut failed = None;
+                for node in nodes {
+                    match redis::Client::open(node.clone()) {
+                        Ok(client) => match client.get_async_pubsub().await {
+                            Ok(pubsub) => return Ok(pubsub),
+                            Err(error) => failed = Some(error),
+                        },
+                        Err(error) => failed = Some(error),
+                    }
+                }
+                Err(failed.unwrap_or_else(|| {
+                    redis::RedisError::from((redis::ErrorKind::Client, "no node to subscribe on"))
+                }))
+            }
+            Subscribe::Sentinel(sentinels, name) => {
+                let mut sentinel = redis::sentinel::SentinelClient::build(
+                    sentinels.clone(),
+                    name.clone(),
+                    None,
+                    redis::sentinel::SentinelServerType::Master,
+                )?;
+                sentinel.async_get_client().await?.get_async_pubsub().await
+            }
+        }
+    }
+}
+
+/// What a tracker keeps for the fair queues of the budgets it counts: nothing but where to
+/// hear wake-ups until a request first waits on one of them.
+pub(crate) struct Fair {
+    subscribe: Subscribe,
+    scripts: OnceLock<Scripts>,
+    /// Set once a lease was admitted through a queue: releases then wake waiters.
+    in_use: AtomicBool,
+    next_ticket: AtomicU64,
+    /// Tickets this replica holds in Redis (id → budget key), renewed with the leases.
+    tickets: Mutex<HashMap<String, Arc<str>>>,
+    /// The queues of this process waiting on this tracker's budgets, woken on a message.
+    queues: Mutex<Vec<Weak<Queue>>>,
+    /// Whether the task listening for wake-ups runs.
+    listening: AtomicBool,
+}
+
+impl Fair {
+    pub(crate) fn new(subscribe: Subscribe) -> Self {
+        Self {
+            subscribe,
+            scripts: OnceLock::new(),
+            in_use: AtomicBool::new(false),
+            next_ticket: AtomicU64::new(0),
+            tickets: Mutex::default(),
+            queues: Mutex::default(),
+            listening: AtomicBool::new(false),
+        }
+    }
+
+    fn scripts(&self) -> &Scripts {
+        self.scripts.get_or_init(Scripts::new)
+    }
+
+    fn lock_tickets(&self) -> MutexGuard<'_, HashMap<String, Arc<str>>> {
+        self.tickets.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_queues(&self) -> MutexGuard<'_, Vec<Weak<Queue>>> {
+        self.queues.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// One waiting request's place in the fair order of the Redis budgets it draws from: its
+/// tenant, class and weight, and the ticket it holds (or may hold) in each budget.
+/// Dropped, it gives up every ticket still held.
+pub(crate) struct Turn {
+    tenant: Box<str>,
+    class: Priority,
+    weight: u32,
+    queue: Arc<Queue>,
+    tickets: Mutex<Vec<Place>>,
+}
+
+/// A ticket of one budget key, as this request knows it.
+struct Place {
+    inner: Arc<Inner>,
+    key: Arc<str>,
+    id: String,
+    /// It may be in Redis: taken, or asked for without an answer.
+    held: bool,
+}
+
+impl Turn {
+    pub(crate) fn new(tenant: &str, class: Priority, weight: u32, queue: Arc<Queue>) -> Self {
+        Self {
+            tenant: Box::from(tenant),
+            class,
+            weight: weight.max(1),
+            queue,
+            tickets: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Whether `error` is the refusal of a budget this turn orders in Redis: then the order
+    /// across replicas is Redis's, not this process's.
+    pub(crate) fn orders(&self, error: &Error) -> bool {
+        let Error::BudgetOverloaded { budget, .. } = error else {
+            return false;
+        };
+        self.lock().iter().any(|place| *place.key == **budget)
+    }
+
+    /// Gives up every ticket held (a request that must let others of its tenant go first
+    /// here takes a new one, under a new id, when it may try again).
+    pub(crate) fn give_up(&self) {
+        for place in self.lock().iter_mut().filter(|place| place.held) {
+            place.held = false;
+            place.inner.cancel_later(&place.key, &place.id);
+            let seq = place.inner.fair.next_ticket.fetch_add(1, Relaxed);
+            place.id = format!("{}:q{seq}", place.inner.replica);
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Place>> {
+        self.tickets.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The ticket id for `key` in `inner`'s budgets, marked as possibly held.
+    fn ticket(&self, inner: &Arc<Inner>, key: &str) -> String {
+        let mut places = self.lock();
+        let found = places
+            .iter_mut()
+            .find(|place| Arc::ptr_eq(&place.inner, inner) && *place.key == *key);
+        let place = match found {
+            Some(place) => place,
+            None => {
+                let seq = inner.fair.next_ticket.fetch_add(1, Relaxed);
+                places.push(Place {
+                    inner: Arc::clone(inner),
+                    key: Arc::from(key),
+                    id: format!("{}:q{seq}", inner.replica),
+                    held: false,
+                });
+                places.last_mut().expect("just pushed")
+            }
+        };
+        place.held = true;
+        place.id.clone()
+    }
+
+    /// Records what Redis answered for the ticket of `key`: still held or gone.
+    fn answered(&self, inner: &Arc<Inner>, key: &str, held: bool) {
+        let mut places = self.lock();
+        let found = places
+            .iter_mut()
+            .find(|place| Arc::ptr_eq(&place.inner, inner) && *place.key == *key);
+        if let Some(place) = found {
+            place.held = held;
+            let mut tickets = inner.fair.lock_tickets();
+            if held {
+                tickets.insert(place.id.clone(), Arc::clone(&place.key));
+            } else {
+                tickets.remove(&place.id);
+            }
+        }
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        self.give_up();
+    }
+}
+
+impl std::fmt::Debug for Turn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Turn")
+            .field("tenant", &self.tenant)
+            .field("class", &self.class)
+            .field("weight", &self.weight)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Class digits as the scripts order them.
+fn class_digit(class: Priority) -> u8 {
+    match class {
+        Priority::Sheddable => 0,
+        Priority::Standard => 1,
+        Priority::Critical => 2,
+    }
+}
+
+impl RedisTokenTracker {
+    /// Reserves `tokens` of the budget `key` in its turn: at once if nobody waits ahead,
+    /// otherwise refused with a ticket that keeps the request's place (see the module
+    /// notes).
+    pub(crate) async fn reserve_in_turn(
+        &self,
+        key: &str,
+        tokens: u64,
+        turn: &Arc<Turn>,
+    ) -> Result<RedisReservation, Error> {
+        Inner::reserve_in_turn(&self.inner, key, tokens, turn).await
+    }
+}
+
+impl Inner {
+    /// The keys of budget `key`'s queue: tickets, deadlines, counters, the three turns.
+    fn queue_keys(&self, key: &str) -> [String; 6] {
+        let base = format!("{}{{t:{key}}}:q:", self.prefix);
+        [
+            format!("{base}tickets"),
+            format!("{base}deadlines"),
+            format!("{base}vtc"),
+            format!("{base}turn:0"),
+            format!("{base}turn:1"),
+            format!("{base}turn:2"),
+        ]
+    }
+
+    fn channel(&self, key: &str) -> String {
+        format!("{}{{t:{key}}}:q:wake", self.prefix)
+    }
+
+    /// A script on budget `key`'s leases and queue, its keys given.
+    fn on_queue<'a>(&self, script: &'a Script, key: &str) -> ScriptInvocation<'a> {
+        let mut invocation = script.prepare_invoke();
+        for name in self.keys(key).iter().chain(&self.queue_keys(key)) {
+            invocation.key(name);
+        }
+        invocation
+    }
+
+    async fn reserve_in_turn(
+        this: &Arc<Self>,
+        key: &str,
+        tokens: u64,
+        turn: &Arc<Turn>,
+    ) -> Result<RedisReservation, Error> {
+        let cap = this.cap(key);
+        if tokens > cap {
+            return Err(Error::RequestTooLarge {
+                tenant_id: key.to_owned(),
+                tokens,
+                cap,
+            });
+        }
+        if !this.breaker.allow() {
+            return this.unavailable(key, tokens, true, "circuit open");
+        }
+        this.listen(&turn.queue);
+        let seq = this.next_lease.fetch_add(1, Relaxed);
+        let lease = Arc::new(Lease {
+            id: format!("{}:{seq}", this.replica),
+            seq,
+            tenant: Arc::from(key),
+            keys: Arc::new(this.keys(key)),
+            cap,
+            tokens: AtomicU64::new(tokens),
+            in_flight: AtomicU64::new(0),
+            lost: Default::default(),
+            released: Default::default(),
+            write: tokio::sync::Mutex::new(()),
+        });
+        // Released by id should the answer never come (it may have landed).
+        let unanswered = Unanswered(Some((Arc::clone(this), Arc::clone(&lease))));
+        let ticket = turn.ticket(this, key);
+        let active = turn.queue.is_active(&turn.tenant);
+        let share = tokens as f64 / f64::from(turn.weight);
+        let mut invocation = this.on_queue(&this.fair.scripts().admit, key);
+        invocation
+            .arg(&lease.id)
+            .arg(tokens)
+            .arg(cap)
+            .arg(this.ttl_ms())
+            .arg(&ticket)
+            .arg(&*turn.tenant)
+            .arg(class_digit(turn.class))
+            .arg(share.to_string())
+            .arg(u8::from(active))
+            .arg(this.channel(key));
+        let mut conn = this.conn.clone();
+        let answer: Result<(i64, u64), _> = this.timed(invocation.invoke_async(&mut conn)).await;
+        let (status, in_flight) = match answer {
+            Ok(answer) => answer,
+            Err(failure) => {
+                let reason = failure.to_string();
+                this.breaker.failure(&reason);
+                drop(unanswered);
+                return this.unavailable(key, tokens, true, &reason);
+            }
+        };
+        this.breaker.success();
+        let lease = unanswered.answered();
+        turn.answered(this, key, matches!(status, 0 | 2));
+        match status {
+            1 => {
+                this.fair.in_use.store(true, Relaxed);
+                this.counters.admitted.fetch_add(1, Relaxed);
+                lease.in_flight.store(in_flight, Relaxed);
+                this.lock_leases().insert(seq, Arc::clone(&lease));
+                Ok(RedisReservation::lease(lease, Arc::clone(this)))
+            }
+            0 | 2 => {
+                this.counters.refused.fetch_add(1, Relaxed);
+                Err(Error::TenantOverloaded {
+                    tenant_id: key.to_owned(),
+                    requested: tokens,
+                    in_flight,
+                    cap,
+                })
+            }
+            3 => Err(Error::Shed {
+                tenant_id: turn.tenant.to_string(),
+                budget: key.to_owned(),
+            }),
+            _ => Err(Error::RequestTooLarge {
+                tenant_id: key.to_owned(),
+                tokens,
+                cap,
+            }),
+        }
+    }
+
+    /// Gives up ticket `id` of budget `key` in a spawned task; if Redis cannot be told,
+    /// the ticket expires with its deadline.
+    fn cancel_later(self: &Arc<Self>, key: &Arc<str>, id: &str) {
+        self.fair.lock_tickets().remove(id);
+        let (this, key, id) = (Arc::clone(self), Arc::clone(key), id.to_owned());
+        self.runtime.spawn(async move {
+            let mut invocation = this.on_queue(&this.fair.scripts().cancel, &key);
+            invocation
+                .arg(&id)
+                .arg(this.ttl_ms())
+                .arg(this.channel(&key));
+            let mut conn = this.conn.clone();
+            let answer: Result<i64, _> = this.timed(invocation.invoke_async(&mut conn)).await;
+            if let Err(failure) = answer {
+                tracing::warn!(budget = &*key, ticket = id, %failure,
+                    "could not give up a waiting ticket in redis; it expires with its deadline");
+            }
+        });
+    }
+
+    /// Pushes back the deadlines of the tickets this replica holds, one call per budget.
+    pub(super) async fn renew_tickets(self: &Arc<Self>) {
+        let mut by_key: HashMap<Arc<str>, Vec<String>> = HashMap::new();
+        for (id, key) in self.fair.lock_tickets().iter() {
+            by_key.entry(Arc::clone(key)).or_default().push(id.clone());
+        }
+        for (key, ids) in by_key {
+            let mut invocation = self.on_queue(&self.fair.scripts().renew, &key);
+            invocation.arg(self.ttl_ms());
+            for id in &ids {
+                invocation.arg(id);
+            }
+            let mut conn = self.conn.clone();
+            let answer: Result<i64, _> = self.timed(invocation.invoke_async(&mut conn)).await;
+            if let Err(failure) = answer {
+                tracing::warn!(budget = &*key, %failure, "could not renew waiting tickets");
+            }
+        }
+    }
+
+    /// Once `lease` is released: wakes the waiters of its budget on every replica, if this
+    /// tracker admits leases through a queue and any wait (in a spawned task; should it
+    /// fail, the waiters look again on their own).
+    pub(super) fn wake_after_release(&self, lease: &Lease) {
+        if !self.fair.in_use.load(Relaxed) {
+            return;
+        }
+        let script = self.fair.scripts().wake.clone();
+        let [_, deadlines, ..] = self.queue_keys(&lease.tenant);
+        let channel = self.channel(&lease.tenant);
+        let (mut conn, timeout) = (self.conn.clone(), self.timeout);
+        self.runtime.spawn(async move {
+            let mut invocation = script.key(deadlines);
+            invocation.arg(channel);
+            let woken = tokio::time::timeout(timeout, invocation.invoke_async::<i64>(&mut conn));
+            if let Ok(Err(error)) = woken.await {
+                tracing::debug!(%error, "could not wake the waiters of a budget");
+            }
+        });
+    }
+
+    /// Wakes `queue` on wake-ups from Redis, and starts listening for them if need be.
+    fn listen(self: &Arc<Self>, queue: &Arc<Queue>) {
+        {
+            let mut queues = self.fair.lock_queues();
+            let known = queues
+                .iter()
+                .any(|known| std::ptr::eq(known.as_ptr(), Arc::as_ptr(queue)));
+            if !known {
+                queues.retain(|known| known.strong_count() > 0);
+                queues.push(Arc::downgrade(queue));
+            }
+        }
+        if !self.fair.listening.swap(true, Relaxed) {
+            let pattern = format!("{}{{t:*}}:q:wake", escape_glob(&self.prefix));
+            self.runtime
+                .spawn(listen_forever(Arc::downgrade(self), pattern));
+        }
+    }
+
+    fn wake_queues(&self) {
+        let queues: Vec<Arc<Queue>> = self
+            .fair
+            .lock_queues()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for queue in queues {
+            queue.wake_all();
+        }
+    }
+}
+
+/// Listens for wake-ups on a dedicated pub/sub connection until the tracker is gone,
+/// connecting again (after a pause) whenever the connection breaks.
+async fn listen_forever(shared: Weak<Inner>, pattern: String) {
+    use futures_core::Stream;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let Some(inner) = shared.upgrade() else {
+            return;
+        };
+        let subscribed = async {
+            let mut pubsub = inner.fair.subscribe.connect().await?;
+            pubsub.psubscribe(&pattern).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        let pubsub = match tokio::time::timeout(Duration::from_secs(2), subscribed).await {
+            Ok(Ok(pubsub)) => pubsub,
+            failed => {
+                let failure = match failed {
+                    Ok(Err(error)) => error.to_string(),
+                    _ => "timed out".to_owned(),
+                };
+                tracing::debug!(%failure, "could not subscribe to wake-ups; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        drop(inner);
+        pause = Duration::from_millis(100);
+        let mut messages = pubsub.into_on_message();
+        loop {
+            // Wakes up now and then to notice a tracker that is gone.
+            let next = std::future::poll_fn(|cx| Pin::new(&mut messages).poll_next(cx));
+            match tokio::time::timeout(Duration::from_secs(1), next).await {
+                Ok(Some(_)) => match shared.upgrade() {
+                    Some(inner) => inner.wake_queues(),
+                    None => return,
+                },
+                Ok(None) => break, // the connection broke
+                Err(_) if shared.strong_count() == 0 => return,
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// A reservation sent with a ticket and not answered yet; dropped unanswered, the lease is
+/// released by id in case Redis applied it.
+struct Unanswered(Option<(Arc<Inner>, Arc<Lease>)>);
+
+impl Unanswered {
+    fn answered(mut self) -> Arc<Lease> {
+        self.0.take().expect("answered once").1
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some((inner, lease)) = self.0.take() {
+            inner.release_later(lease);
+        }
+    }
+}
+
+/// `text` with the characters a pattern subscription treats specially escaped.
+fn escape_glob(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
