@@ -328,9 +328,12 @@ impl TenantTokenLayer {
     /// next is refused at once. A client that goes away while its request waits (the
     /// response future is dropped) leaves the queue and holds nothing.
     ///
-    /// With `TenantTokenLayer::redis` the queue is this process's: a request is woken
-    /// by this process's releases, and looks again every 50 ms for capacity other
-    /// replicas released. Needs tokio's timer (any `#[tokio::main]` runtime has it).
+    /// For a shared budget counted in Redis, the order is kept in Redis, one for every
+    /// replica, and a release on any replica wakes the waiting requests (see the
+    /// [budgets guide](crate::guide::budgets#one-fair-order-for-every-replica)). Otherwise
+    /// the queue is this process's: a request is woken by this process's releases, and
+    /// looks again now and then for capacity other replicas released. Needs tokio's timer
+    /// (any `#[tokio::main]` runtime has it).
     pub fn wait_for_capacity(self, max_wait: Duration) -> Self {
         let queue = Arc::new(Queue::new(max_wait, Self::MAX_WAITING_PER_TENANT));
         self.with(|config| config.options_mut().queue = Some(queue))

@@ -140,5 +140,76 @@
 //! handler's growth through
 //! [`try_resize_async`](crate::ReservationHandle::try_resize_async) is checked in Redis for
 //! each budget; the sync [`try_resize`](crate::ReservationHandle::try_resize) cannot wait
-//! for Redis and refuses such growth. Waiting requests and their fair shares are still
-//! ordered per process (see [the refusals guide](super::refusals)).
+//! for Redis and refuses such growth.
+//!
+//! # One fair order for every replica
+//!
+//! With [waiting](crate::TenantTokenLayer::wait_for_capacity) on, the requests that wait
+//! for a budget in Redis are ordered in Redis, across every replica, the same way one
+//! process orders them: by [`Priority`](crate::Priority) class, then by each tenant's
+//! virtual token counter (tokens admitted from the budget ÷ its
+//! [weight](crate::TenantTokenLayer::tenant_weight)), first come first served within a
+//! tenant on each replica. Nothing else changes in the layer's settings:
+//!
+//! ```no_run
+//! # #[cfg(feature = "redis")]
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use http::HeaderName;
+//! use tower_tenant_tokens::redis::RedisTokenTracker;
+//! use tower_tenant_tokens::{SharedBudget, TenantTokenLayer};
+//!
+//! let tenants = RedisTokenTracker::builder(20_000).connect("redis://127.0.0.1:6379")?;
+//! let upstream = RedisTokenTracker::builder(200_000)
+//!     .key_prefix("tenant-tokens-budget:")
+//!     .connect("redis://127.0.0.1:6379")?;
+//! let layer = TenantTokenLayer::redis(tenants)
+//!     .shared_budget(SharedBudget::new("upstream", upstream))
+//!     .wait_for_capacity(Duration::from_secs(20))         // fair across every replica
+//!     .priority_header(HeaderName::from_static("x-priority"))
+//!     .tenant_weight(|tenant| if tenant == "enterprise-acme" { 3 } else { 1 });
+//! # let _ = layer;
+//! # Ok(()) }
+//! ```
+//!
+//! Per budget key `K`, under the budget tracker's prefix and the hash tag of the budget's
+//! own leases, `{t:K}` (so a Redis Cluster keeps a budget and its queue in one slot, and
+//! one script sees both):
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `{t:K}:leases`, `{t:K}:tokens` | sorted set, hash | the budget's leases, as for a tenant (see [replicas](super::replicas)) |
+//! | `{t:K}:q:tickets` | hash | each waiting ticket's class and tenant; how many tickets each tenant has in each class |
+//! | `{t:K}:q:deadlines` | sorted set | each ticket's deadline, on Redis's clock |
+//! | `{t:K}:q:turn:0`, `:1`, `:2` | sorted sets | per class (sheddable, standard, critical): the tenants with tickets, by virtual counter |
+//! | `{t:K}:q:vtc` | hash | each tenant's virtual counter, and the floor where a tenant back from idle starts |
+//!
+//! One script does what one process's queue does under its lock, atomically: it sweeps the
+//! tickets past their deadline, then decides. A request without a ticket reserves the
+//! budget at once only when no ticket of its class or a higher one waits; otherwise, or
+//! when the budget is full, it takes a ticket and waits (a `Sheddable` request is refused
+//! instead while any ticket waits). A request holding a ticket reserves only in its
+//! turn: its tenant comes first in the highest class with tickets. While the budget is too
+//! full for it, the turn stays with it, so capacity is kept for a large request. The same
+//! script reserves the budget's lease and counts the tokens in the tenant's counter, so a
+//! request admitted at once costs one round trip, as without waiting. A tenant that starts
+//! waiting with nothing waiting or running on its replica starts at the smallest counter
+//! among the tenants waiting (or at the floor when none wait): idle time banks no credit.
+//!
+//! Wake-ups travel by pub/sub: the release of a lease admitted this way, an admission that
+//! leaves tickets waiting and a cancelled ticket publish on `{t:K}:q:wake`; each replica
+//! listens on one dedicated connection (a pattern subscription to its budgets) and wakes
+//! its waiting requests, which look again in Redis. Their periodic look remains the safety
+//! net for a lost message or capacity that came back otherwise (a shrunk reservation, a
+//! raised cap).
+//!
+//! A ticket expires like a lease: the replica that waits pushes its deadline back in the
+//! renewal round trip it makes for its leases, and every script sweeps expired tickets
+//! first, so a replica that dies leaves no ticket beyond one lease TTL (until then, the
+//! requests behind its tickets wait). A request whose deadline passes, or whose client goes
+//! away, gives its ticket up at once; should Redis not hear of it, the ticket expires.
+//!
+//! What is ordered per replica, not across: first come first served within a tenant (a
+//! tenant's requests on two replicas may pass each other), and a request that draws from
+//! several budgets in Redis holds a place in each, giving up those it won if another
+//! refuses it.

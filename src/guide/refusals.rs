@@ -134,11 +134,12 @@
 //!   requests wait per tenant; the next is refused at once.
 //! - A client that goes away while waiting (the response future is dropped) leaves the
 //!   queue and holds nothing.
-//! - With `TenantTokenLayer::redis`, waiting is per process: each replica queues its own
-//!   requests, a release through this replica wakes them, and capacity freed on other
-//!   replicas is found when the waiting requests look again. The fair order is kept per
-//!   process; a budget in Redis is one budget for every replica, but each replica orders
-//!   only its own waiting requests.
+//! - With `TenantTokenLayer::redis`, requests waiting for a budget in Redis are ordered
+//!   in Redis, one fair order across every replica, and woken by releases on any replica
+//!   (see [one fair order for every replica](super::budgets#one-fair-order-for-every-replica)).
+//!   Requests waiting for their tenant's own cap, or for a budget counted in this process,
+//!   queue per process: woken by this replica's releases, they find capacity freed
+//!   elsewhere when they look again.
 //! - Waiting needs tokio's timer (any `#[tokio::main]` runtime has it).
 //!
 //! ```rust

@@ -98,8 +98,11 @@
 //! replica), in each process otherwise.
 //!
 //! [Waiting for capacity](super::refusals#waiting-instead-of-an-immediate-429) works with
-//! the Redis tracker too, per process: a replica's waiting requests are woken by that
-//! replica's releases, and find capacity freed elsewhere when they look again.
+//! the Redis tracker too. Requests waiting for a budget in Redis keep one fair order across
+//! every replica, in Redis, and are woken by pub/sub from any replica's release (see
+//! [one fair order for every replica](super::budgets#one-fair-order-for-every-replica));
+//! those waiting for their tenant's cap queue per process, woken by that replica's
+//! releases, and find capacity freed elsewhere when they look again.
 //!
 //! # When Redis is unreachable
 //!
