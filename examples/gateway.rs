@@ -51,7 +51,9 @@
 //! With `--redis URL` (build with `--features redis`) the cap is kept in Redis and shared by
 //! every gateway started with the same URL: run two on different `--addr`s and a tenant's
 //! cap holds across both. `--redis-down closed|open|share:N` picks what happens while Redis
-//! is unreachable (503, admit uncounted, or a 1/N share of the cap in memory).
+//! is unreachable (503, admit uncounted, or a 1/N share of the cap in memory). With
+//! `--upstream-cap` and `--wait-ms` too, the requests waiting for the upstream on every
+//! gateway are served in one fair order kept in Redis.
 //!
 //! ```text
 //! cargo run --example gateway --features redis -- --redis redis://127.0.0.1:6379
@@ -118,7 +120,8 @@ usage: cargo run --example gateway -- [OPTIONS]
                         shared by every replica too), next to each
                         tenant's own
   --wait-ms MS          let a request over the cap wait up to MS for capacity; across
-                        tenants waiting for --upstream-cap, by class, then fairly
+                        tenants waiting for --upstream-cap, by class, then fairly (with
+                        --redis, in one order for every replica)
   --weight TENANT=W     TENANT's weight in the fair share of the upstream (default 1);
                         repeatable
   (a request's class comes from header x-priority: critical, standard or sheddable)
