@@ -71,6 +71,18 @@ async fn replica(
     ttl: Duration,
     admitted: &Admitted,
 ) -> (Replica, Streams) {
+    replica_with(url, chunk_ms, max_wait, ttl, admitted, |layer| layer).await
+}
+
+/// [`replica`] with its layer adjusted by `adjust`.
+async fn replica_with(
+    url: &str,
+    chunk_ms: u64,
+    max_wait: Duration,
+    ttl: Duration,
+    admitted: &Admitted,
+    adjust: impl FnOnce(TenantTokenLayer) -> TenantTokenLayer,
+) -> (Replica, Streams) {
     let (source, streams) = streams();
     let tenants = builder(1_000_000).connect(url).expect("url");
     let budget = builder(UPSTREAM)
@@ -101,12 +113,12 @@ async fn replica(
                 async move { body }
             }),
         )
-        .layer(
+        .layer(adjust(
             TenantTokenLayer::redis(tenants)
                 .shared_budget(SharedBudget::new("upstream", budget.clone()))
                 .wait_for_capacity(max_wait)
                 .priority_header(HeaderName::from_static("x-priority")),
-        );
+        ));
     let replica = Replica {
         server: Arc::new(serve(router).await),
         budget,
@@ -190,6 +202,74 @@ async fn keep_busy(
     waits
 }
 
+/// Runs `first` (a tenant and how many requests it keeps going) on replica `one` and
+/// `second` on replica `two` for 3 s, sampling the budget all along (never over the
+/// upstream, and saturated); returns `second`'s share of the admissions while both were
+/// backlogged (after a warm-up, before the clients stop) and its waits.
+async fn contend(
+    one: &Replica,
+    first: (&'static str, usize),
+    two: &Replica,
+    second: (&'static str, usize),
+    admitted: &Admitted,
+) -> (f64, Vec<Duration>) {
+    let started = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let highest = Arc::new(AtomicU64::new(0));
+    let sampler = tokio::spawn({
+        let (budget, stop, highest) = (one.budget.clone(), stop.clone(), highest.clone());
+        async move {
+            let mut samples = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let now = budget.in_flight("upstream").await.expect("redis answers");
+                highest.fetch_max(now, Ordering::Relaxed);
+                samples += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            samples
+        }
+    });
+    let busy_one = tokio::spawn(keep_busy(
+        one.server.clone(),
+        first.0,
+        first.1,
+        stop.clone(),
+    ));
+    let busy_two = tokio::spawn(keep_busy(
+        two.server.clone(),
+        second.0,
+        second.1,
+        stop.clone(),
+    ));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let stopped = Instant::now();
+    stop.store(true, Ordering::Relaxed);
+    within("the first tenant's clients to stop", busy_one)
+        .await
+        .unwrap();
+    let waits = within("the second tenant's clients to stop", busy_two)
+        .await
+        .unwrap();
+    let samples = sampler.await.unwrap();
+    let highest = highest.load(Ordering::Relaxed);
+    assert!(samples > 100, "too few samples of the budget: {samples}");
+    assert!(highest <= UPSTREAM, "the budget was exceeded: {highest}");
+    assert!(highest > UPSTREAM / 2, "never saturated: {highest}");
+
+    let admitted = admitted.lock().unwrap().clone();
+    let window = admitted
+        .iter()
+        .filter(|(_, at)| *at >= started + Duration::from_millis(300) && *at < stopped);
+    let (mut count, mut total) = (0, 0);
+    for (tenant, _) in window {
+        total += 1;
+        count += usize::from(tenant == second.0);
+    }
+    assert!(total >= 20, "too few admissions to judge: {total}");
+    eprintln!("{total} admissions while both were backlogged");
+    (count as f64 / total as f64, waits)
+}
+
 fn median(mut times: Vec<Duration>) -> Duration {
     times.sort();
     times[times.len() / 2]
@@ -220,50 +300,9 @@ async fn a_light_tenant_on_one_replica_gets_half_of_a_budget_a_heavy_one_saturat
         &admitted,
     )
     .await;
-    let started = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    let highest = Arc::new(AtomicU64::new(0));
-    let sampler = tokio::spawn({
-        let (budget, stop, highest) = (one.budget.clone(), stop.clone(), highest.clone());
-        async move {
-            let mut samples = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let now = budget.in_flight("upstream").await.expect("redis answers");
-                highest.fetch_max(now, Ordering::Relaxed);
-                samples += 1;
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            samples
-        }
-    });
-    let heavy = tokio::spawn(keep_busy(one.server.clone(), "heavy", 16, stop.clone()));
-    let light = tokio::spawn(keep_busy(two.server.clone(), "light", 2, stop.clone()));
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let stopped = Instant::now();
-    stop.store(true, Ordering::Relaxed);
-    within("heavy's clients to stop", heavy).await.unwrap();
-    let light_waits = within("light's clients to stop", light).await.unwrap();
-    let samples = sampler.await.unwrap();
-    let highest = highest.load(Ordering::Relaxed);
-    assert!(samples > 100, "too few samples of the budget: {samples}");
-    assert!(highest <= UPSTREAM, "the budget was exceeded: {highest}");
-    assert!(highest > UPSTREAM / 2, "never saturated: {highest}");
-
-    let admitted = admitted.lock().unwrap().clone();
-    let window = admitted
-        .iter()
-        .filter(|(_, at)| *at >= started + Duration::from_millis(300) && *at < stopped);
-    let (mut light_count, mut total) = (0, 0);
-    for (tenant, _) in window {
-        total += 1;
-        light_count += usize::from(tenant == "light");
-    }
-    assert!(total >= 20, "too few admissions to judge: {total}");
-    let share = light_count as f64 / total as f64;
-    let waited = median(light_waits);
-    eprintln!(
-        "two replicas: light's share {share:.3} of {total} admissions, median wait {waited:?}"
-    );
+    let (share, waits) = contend(&one, ("heavy", 16), &two, ("light", 2), &admitted).await;
+    let waited = median(waits);
+    eprintln!("two replicas: light's share {share:.3}, median wait {waited:?}");
     // Fair is half each: neither tenant takes much more, whichever replica it is on.
     assert!(
         (0.45..=0.55).contains(&share),
@@ -273,6 +312,25 @@ async fn a_light_tenant_on_one_replica_gets_half_of_a_budget_a_heavy_one_saturat
         waited <= Duration::from_millis(2 * 100),
         "light's median wait {waited:?}, a request runs ~100 ms"
     );
+    wait_for_budget(&one, 0, WAIT).await;
+    wait_for_tickets(&redis, 0, WAIT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weights_three_to_one_share_a_budget_three_to_one_across_replicas() {
+    let _alone = MEASURING.lock().await;
+    let redis = redis_or_skip!("weights_three_to_one_share_a_budget_three_to_one_across_replicas");
+    let admitted = Admitted::default();
+    let weights = |layer: TenantTokenLayer| {
+        layer.tenant_weight(|tenant| if tenant == "gold" { 3 } else { 1 })
+    };
+    let wait = Duration::from_secs(20);
+    let ttl = Duration::from_secs(1);
+    let (one, _one_streams) = replica_with(&redis.url(), 10, wait, ttl, &admitted, weights).await;
+    let (two, _two_streams) = replica_with(&redis.url(), 10, wait, ttl, &admitted, weights).await;
+    let (gold, _) = contend(&one, ("basic", 8), &two, ("gold", 8), &admitted).await;
+    eprintln!("two replicas: gold's share {gold:.3}");
+    assert!((gold - 0.75).abs() <= 0.07, "gold's share: {gold:.3}");
     wait_for_budget(&one, 0, WAIT).await;
     wait_for_tickets(&redis, 0, WAIT).await;
 }

@@ -75,6 +75,15 @@
 //! renewal period (plus the short streams' length) after each fault, and once everything
 //! ends no token and no key is left. It fails if lost leases are not registered again.
 //!
+//! `tests/fair_redis.rs` checks the one fair order across replicas for a budget in Redis,
+//! each replica its own layer and server on one `redis-server`: a tenant keeping two
+//! streams going on one replica gets half of a budget that one keeping sixteen saturates
+//! from the other (its waits within twice a request's run time), weights three to one share
+//! it three to one, a critical request on one replica goes before standard ones waiting on
+//! the other, sheddable ones are shed on either, the budget is never exceeded (sampled),
+//! cancelled and timed-out waits leave no ticket and no token, and a replica SIGKILLed while
+//! its requests wait leaves no ticket beyond one TTL.
+//!
 //! `tests/fairness.rs` measures fair shares of a saturated budget over real HTTP, by class,
 //! weight and tenant; `tests/contract.rs` checks the tower contract with `tower_test`'s mock
 //! service (readiness, nothing reserved before `call`, release when the future is dropped in
