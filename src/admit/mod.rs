@@ -72,27 +72,45 @@ impl Config {
             .options
             .as_ref()
             .and_then(|options| options.queue.as_ref());
-        let mut turn = None;
         if let Some(queue) = queue {
-            match queue.arrival(tenant, class, &keys) {
-                Arrival::Go => {}
-                Arrival::Queue => return self.wait(tenant, tokens, keys, class, None, None),
-                Arrival::Shed(budget) => {
-                    return Step::Now(Err(Error::Shed {
-                        tenant_id: tenant.to_owned(),
-                        budget: budget.into(),
-                    }))
-                }
-            }
-            turn = self.turn(tenant, class, &keys, queue);
+            return self.admit_or_wait(tenant, tokens, keys, class, queue);
         }
         let with_handle = self.reservation_handle;
+        match self.try_admit(tenant, tokens, &keys, None) {
+            Step::Now(admitted) => Step::Now(admitted.map(|held| Guard::new(held, with_handle))),
+            Step::Later(pending) => {
+                Step::Later(pending).map(move |held| Guard::new(held, with_handle))
+            }
+        }
+    }
+
+    /// [`admit`](Self::admit) in a layer that lets requests wait.
+    fn admit_or_wait(
+        self: &Arc<Self>,
+        tenant: &str,
+        tokens: u64,
+        keys: BudgetKeys,
+        class: Priority,
+        queue: &Arc<Queue>,
+    ) -> Admission {
+        match queue.arrival(tenant, class, &keys) {
+            Arrival::Go => {}
+            Arrival::Queue => return self.wait(tenant, tokens, keys, class, None, None),
+            Arrival::Shed(budget) => {
+                return Step::Now(Err(Error::Shed {
+                    tenant_id: tenant.to_owned(),
+                    budget: budget.into(),
+                }))
+            }
+        }
+        let turn = self.turn(tenant, class, &keys, queue);
+        let with_handle = self.reservation_handle;
         match self.try_admit(tenant, tokens, &keys, turn.as_ref()) {
-            Step::Now(Err(error)) if queue.is_some() && may_wait(&error) => {
+            Step::Now(Err(error)) if may_wait(&error) => {
                 self.wait(tenant, tokens, keys, class, Some(error), turn)
             }
             Step::Now(admitted) => Step::Now(admitted.map(|held| Guard::new(held, with_handle))),
-            Step::Later(pending) if queue.is_some() => {
+            Step::Later(pending) => {
                 // Redis answers later; a refusal there may still turn into a wait.
                 let (config, tenant) = (Arc::clone(self), tenant.to_owned());
                 Step::Later(Box::pin(async move {
@@ -106,9 +124,6 @@ impl Config {
                         admitted => admitted.map(|held| Guard::new(held, with_handle)),
                     }
                 }))
-            }
-            Step::Later(pending) => {
-                Step::Later(pending).map(move |held| Guard::new(held, with_handle))
             }
         }
     }
