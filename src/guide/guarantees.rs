@@ -17,7 +17,8 @@
 //!
 //! With Redis, 1 and 2 hold for the tenant's total across replicas while Redis answers; a
 //! replica that dies gives its share back within one lease TTL (see
-//! [replicas](super::replicas)).
+//! [replicas](super::replicas)), and leaves no waiting ticket beyond one TTL either (see
+//! [budgets](super::budgets#one-fair-order-for-every-replica)).
 //!
 //! The reservation is held until the response **body** has ended, not the response head:
 //! a stream counts until its last chunk, and a consumer that stops polling once a body
