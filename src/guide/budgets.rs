@@ -209,6 +209,10 @@
 //! requests behind its tickets wait). A request whose deadline passes, or whose client goes
 //! away, gives its ticket up at once; should Redis not hear of it, the ticket expires.
 //!
+//! Configure every replica alike: a replica whose layer does not wait reserves the budget
+//! without looking at the order (it passes the waiting requests) and its releases wake
+//! nobody.
+//!
 //! What is ordered per replica, not across: first come first served within a tenant (a
 //! tenant's requests on two replicas may pass each other), and a request that draws from
 //! several budgets in Redis holds a place in each, giving up those it won if another
