@@ -84,7 +84,11 @@ async fn replica_with(
     adjust: impl FnOnce(TenantTokenLayer) -> TenantTokenLayer,
 ) -> (Replica, Streams) {
     let (source, streams) = streams();
-    let tenants = builder(1_000_000).connect(url).expect("url");
+    // Tenant `capped` may have 400 tokens in flight, the others all they ask for.
+    let tenants = builder(1_000_000)
+        .cap_fn(|tenant| (tenant == "capped").then_some(400))
+        .connect(url)
+        .expect("url");
     let budget = builder(UPSTREAM)
         .lease_ttl(ttl)
         .key_prefix("budget:")
@@ -494,6 +498,98 @@ async fn cancelled_and_timed_out_waits_leave_no_ticket_and_no_token() {
         assert_eq!(after.status, StatusCode::OK);
     }
     wait_for_budget(&one, 0, WAIT).await;
+}
+
+/// Tenant `tenant`'s virtual counter for the budget, as Redis keeps it.
+async fn counter(redis: &RedisServer, tenant: &str) -> f64 {
+    let client = redis::Client::open(redis.url()).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let value: Option<String> = redis::cmd("HGET")
+        .arg("budget:{t:upstream}:q:vtc")
+        .arg(format!("t:{tenant}"))
+        .query_async(&mut conn)
+        .await
+        .expect("redis answers");
+    value.map_or(0.0, |value| value.parse().expect("a number"))
+}
+
+#[tokio::test]
+async fn a_tenant_at_its_own_cap_gives_up_its_turn_and_counts_only_what_it_was_served() {
+    let _alone = MEASURING.lock().await;
+    let redis = redis_or_skip!(
+        "a_tenant_at_its_own_cap_gives_up_its_turn_and_counts_only_what_it_was_served"
+    );
+    let admitted = Admitted::default();
+    let (one, mut one_streams) = replica(
+        &redis.url(),
+        0,
+        Duration::from_secs(10),
+        Duration::from_secs(1),
+        &admitted,
+    )
+    .await;
+    let (two, mut two_streams) = replica(
+        &redis.url(),
+        0,
+        Duration::from_secs(10),
+        Duration::from_secs(1),
+        &admitted,
+    )
+    .await;
+    let client = client();
+    // `capped` holds its whole cap (400) on replica one, `filler` the rest of the budget on
+    // replica two.
+    let capped = send(&client, metered(&one.server, "/hold", "capped", 400)).await;
+    assert_eq!(capped.status(), StatusCode::OK);
+    let capped_chunks = one_streams.next().await;
+    let filler = send(&client, metered(&two.server, "/hold", "filler", 600)).await;
+    assert_eq!(filler.status(), StatusCode::OK);
+    let filler_chunks = two_streams.next().await;
+    assert_eq!(counter(&redis, "capped").await, 400.0);
+
+    // Both wait: `capped` for its own cap and the budget, `other` for the budget.
+    let waiting_capped = spawn_request(&one, "capped", 400, "standard");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let waiting_other = spawn_request(&two, "other", 600, "standard");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // The filler ends: `other` fits the budget and gets in, though `capped` came first,
+    // because `capped` waits for its own cap and holds no turn meanwhile.
+    drop(filler_chunks);
+    assert_eq!(read(filler).await.status, StatusCode::OK);
+    let other = within("the request waiting for the budget", waiting_other)
+        .await
+        .unwrap();
+    assert_eq!(other.status, StatusCode::OK);
+    // `capped` kept waiting for its cap without taking the budget it could not use: its
+    // counter is what it was served, not what it tried.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting_capped.is_finished());
+    assert_eq!(counter(&redis, "capped").await, 400.0);
+    let budget_leases = one.budget.stats().admitted;
+
+    drop(capped_chunks);
+    assert_eq!(read(capped).await.status, StatusCode::OK);
+    let reply = within("the capped request", waiting_capped).await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(counter(&redis, "capped").await, 800.0);
+    assert_eq!(
+        one.budget.stats().admitted,
+        budget_leases + 1,
+        "one budget lease for the capped request, none while it waited for its cap"
+    );
+    let tenants: Vec<String> = admitted
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(t, _)| t.clone())
+        .collect();
+    assert_eq!(tenants, ["other", "capped"]);
+    wait_for_budget(&one, 0, WAIT).await;
+    wait_for_tickets(&redis, 0, WAIT).await;
 }
 
 /// Run by `a_killed_replica_leaves_no_ticket_beyond_one_ttl` in a child process: a replica

@@ -50,8 +50,8 @@ pub struct SharedBudget {
 /// [`SharedBudget::new`] and its siblings take either.
 ///
 /// With Redis, the budget's lease and the tenant's are two leases, each in its own key
-/// (a Redis Cluster may keep them in different slots, on different masters): the budgets are reserved
-/// first, then the tenant's, and a refusal of either releases what was granted; a replica
+/// (a Redis Cluster may keep them in different slots, on different masters): one is
+/// reserved, then the other, and a refusal of either releases what was granted; a replica
 /// that dies between the two leaves a lease that expires with its TTL, like any other.
 #[derive(Clone)]
 pub struct BudgetLedger(Ledger);

@@ -15,6 +15,10 @@
 //!
 //! A refusal over a cap, with waiting on, queues the request and repeats 2–4 whenever it
 //! is its turn (see [`queue`]) and capacity may have come back.
+//!
+//! In a layer that waits, a request drawing from a budget in Redis takes 3 before 2: the
+//! budget admits it in its turn among the requests waiting on every replica, and a request
+//! over its tenant's cap must not take that turn (see `redis::queue`).
 
 pub(crate) mod budget;
 pub(crate) mod plan;
@@ -150,6 +154,7 @@ impl Config {
 
     /// Steps 2 to 4: the budgets, the tenant's reservation, what rides along.
     #[inline]
+    #[cfg_attr(not(feature = "redis"), allow(unused_variables))]
     fn try_admit(
         self: &Arc<Self>,
         tenant: &str,
@@ -171,7 +176,11 @@ impl Config {
                 }
             };
         };
-        let (budgets, shadowed) = match options.draw(tenant, tokens, keys, turn) {
+        #[cfg(feature = "redis")]
+        if let Some(turn) = turn {
+            return self.try_admit_in_turn(tenant, tokens, keys, turn);
+        }
+        let (budgets, shadowed) = match options.draw(tenant, tokens, keys, None) {
             Step::Now(Ok(drawn)) => drawn,
             Step::Now(Err(error)) => return Step::Now(Err(error)),
             Step::Later(drawing) => {
@@ -199,6 +208,34 @@ impl Config {
                 }))
             }
         }
+    }
+
+    /// Steps 2 to 4 for a request with a place in the order Redis keeps for its budgets:
+    /// the tenant's reservation first, then the budgets in its turn. A request over its
+    /// tenant's cap so never takes the budgets' turn, nor counts tokens it was not served,
+    /// nor wakes the others by giving back a budget it could not use.
+    #[cfg(feature = "redis")]
+    fn try_admit_in_turn(
+        self: &Arc<Self>,
+        tenant: &str,
+        tokens: u64,
+        keys: &BudgetKeys,
+        turn: &Turn,
+    ) -> Step<Held> {
+        let (config, tenant, keys) = (Arc::clone(self), tenant.to_owned(), keys.clone());
+        let turn = turn.clone();
+        Step::Later(Box::pin(async move {
+            let options = config
+                .options
+                .as_deref()
+                .expect("a turn comes with options");
+            let reserved = config.reserve_or_shadow(&tenant, tokens, &options.shadow);
+            let (reservation, refused) = reserved.resolve().await?;
+            // Refused here, the tenant's reservation is dropped: released at once.
+            let drawn = options.draw(&tenant, tokens, &keys, Some(&turn));
+            let (budgets, shadowed) = drawn.resolve().await?;
+            Ok(config.hold(options, reservation, budgets, refused.or(shadowed)))
+        }))
     }
 
     /// Reserves `tokens` for `tenant` in the ledger. A refusal that `shadow` covers is
@@ -332,7 +369,13 @@ impl Config {
                             return Ok(Guard::new(held, config.reservation_handle));
                         }
                         Err(error) if may_wait(&error) => {
-                            ticket.refused(&error, orders(turn.as_ref(), &error));
+                            let ordered = orders(turn.as_ref(), &error);
+                            if !ordered {
+                                // Waiting for something else (its tenant's cap): no place
+                                // held in Redis's order meanwhile.
+                                give_up(turn.as_ref());
+                            }
+                            ticket.refused(&error, ordered);
                             refused = Some(error);
                         }
                         Err(error) => return Err(error),

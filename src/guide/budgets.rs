@@ -133,10 +133,11 @@
 //! ```
 //!
 //! The budget's lease and the tenant's are two leases, each in its own keys: the budgets
-//! are reserved first, then the tenant's, and a refusal of either releases what was
-//! granted. A replica that dies between the two steps leaves a lease that expires with
-//! its TTL, like any other, so the pair stays all or nothing without a transaction across
-//! keys (which a Redis Cluster could not run when they sit in different slots). A
+//! are reserved first, then the tenant's (the other way round when the request may wait,
+//! see below), and a refusal of either releases what was granted. A replica that dies
+//! between the two steps leaves a lease that expires with its TTL, like any other, so the
+//! pair stays all or nothing without a transaction across keys (which a Redis Cluster
+//! could not run when they sit in different slots). A
 //! handler's growth through
 //! [`try_resize_async`](crate::ReservationHandle::try_resize_async) is checked in Redis for
 //! each budget; the sync [`try_resize`](crate::ReservationHandle::try_resize) cannot wait
@@ -195,6 +196,11 @@
 //! request admitted at once costs one round trip, as without waiting. A tenant that starts
 //! waiting with nothing waiting or running on its replica starts at the smallest counter
 //! among the tenants waiting (or at the floor when none wait): idle time banks no credit.
+//!
+//! A request that may wait reserves its tenant's lease first and the budget second: over
+//! its tenant's cap, it never reaches the budget, so it neither takes the budget's turn
+//! nor counts tokens it was not served nor wakes the others by handing back a budget it
+//! could not use; while it waits for its own cap it holds no ticket, and the others go.
 //!
 //! Wake-ups travel by pub/sub: the release of a lease admitted this way, an admission that
 //! leaves tickets waiting and a cancelled ticket publish on `{t:K}:q:wake`; each replica
