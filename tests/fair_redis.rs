@@ -592,6 +592,52 @@ async fn a_tenant_at_its_own_cap_gives_up_its_turn_and_counts_only_what_it_was_s
     wait_for_tickets(&redis, 0, WAIT).await;
 }
 
+#[tokio::test]
+async fn waiting_requests_whose_tickets_redis_lost_still_get_in_and_the_order_holds_after() {
+    let _alone = MEASURING.lock().await;
+    let redis = redis_or_skip!(
+        "waiting_requests_whose_tickets_redis_lost_still_get_in_and_the_order_holds_after"
+    );
+    let admitted = Admitted::default();
+    let wait = Duration::from_secs(10);
+    let ttl = Duration::from_secs(1);
+    let (one, mut one_streams) = replica(&redis.url(), 0, wait, ttl, &admitted).await;
+    let (two, _two_streams) = replica(&redis.url(), 0, wait, ttl, &admitted).await;
+    for round in 0..2 {
+        let holding = fill_upstream(&one).await;
+        let chunks = one_streams.next().await;
+        let waiting = [
+            spawn_request(&two, "a", 600, "standard"),
+            spawn_request(&one, "b", 600, "critical"),
+        ];
+        wait_for_tickets(&redis, 2, WAIT).await;
+        if round == 0 {
+            // What a restart without persistence, or a failover to a lagging replica, does:
+            // tickets and counters gone, the holder's lease registered again within a
+            // renewal period (until then, like any request, a waiting one may get in).
+            assert_eq!(redis.command("FLUSHALL").trim(), "+OK");
+        }
+        drop(chunks);
+        assert_eq!(read(holding).await.status, StatusCode::OK);
+        for request in waiting {
+            let reply = within("a waiting request", request).await.unwrap();
+            assert_eq!(reply.status, StatusCode::OK, "round {round}");
+        }
+        wait_for_budget(&one, 0, WAIT).await;
+        wait_for_tickets(&redis, 0, WAIT).await;
+    }
+    // After the flush, the order across replicas works as before: the critical request of
+    // the second round went first.
+    let order: Vec<String> = admitted
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(t, _)| t.clone())
+        .collect();
+    assert_eq!(order.len(), 4, "{order:?}");
+    assert_eq!(order[2], "b", "the critical request first: {order:?}");
+}
+
 /// Run by `a_killed_replica_leaves_no_ticket_beyond_one_ttl` in a child process: a replica
 /// whose requests wait for the full budget, until killed.
 #[tokio::test]

@@ -81,8 +81,10 @@
 //! from the other (its waits within twice a request's run time), weights three to one share
 //! it three to one, a critical request on one replica goes before standard ones waiting on
 //! the other, sheddable ones are shed on either, the budget is never exceeded (sampled),
-//! cancelled and timed-out waits leave no ticket and no token, and a replica SIGKILLed while
-//! its requests wait leaves no ticket beyond one TTL.
+//! cancelled and timed-out waits leave no ticket and no token, a replica SIGKILLed while
+//! its requests wait leaves no ticket beyond one TTL, a tenant at its own cap gives up its
+//! turn and counts only what it was served, and waiting requests whose tickets a flushed
+//! Redis lost still get in, with the order holding after.
 //!
 //! `tests/fairness.rs` measures fair shares of a saturated budget over real HTTP, by class,
 //! weight and tenant; `tests/contract.rs` checks the tower contract with `tower_test`'s mock
