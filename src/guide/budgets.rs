@@ -202,8 +202,9 @@
 //! nor counts tokens it was not served nor wakes the others by handing back a budget it
 //! could not use; while it waits for its own cap it holds no ticket, and the others go.
 //!
-//! Wake-ups travel by pub/sub: the release of a lease admitted this way, an admission that
-//! leaves tickets waiting and a cancelled ticket publish on `{t:K}:q:wake`; each replica
+//! Wake-ups travel by pub/sub: once a release of the budget is done, the releasing replica
+//! publishes on `{t:K}:q:wake` if tickets wait, and so do an admission that leaves tickets
+//! waiting and a cancelled ticket; each replica
 //! listens on one dedicated connection (a pattern subscription to its budgets) and wakes
 //! its waiting requests, which look again in Redis. Their periodic look remains the safety
 //! net for a lost message or capacity that came back otherwise (a shrunk reservation, a

@@ -23,10 +23,12 @@
 //! higher one waits; a sheddable one is refused while any ticket waits. Every script first
 //! sweeps the tickets past their deadline.
 //!
-//! Wake-ups: a release of a lease admitted this way, an admission that leaves tickets
-//! waiting, and a cancelled ticket publish on `{prefix}{t:<key>}:q:wake`; each replica
-//! listens on one dedicated pub/sub connection (a pattern subscription to every budget of
-//! the tracker) and wakes its waiting requests. Their periodic look is the safety net.
+//! Wake-ups: an admission that leaves tickets waiting and a cancelled ticket publish on
+//! `{prefix}{t:<key>}:q:wake` in their script; a release (sent in the tracker's batches)
+//! is followed, once Redis has answered it, by a small script that publishes there if
+//! tickets wait. Each replica listens on one dedicated pub/sub connection (a pattern
+//! subscription to every budget of the tracker) and wakes its waiting requests. Their
+//! periodic look is the safety net.
 
 use std::collections::HashMap;
 use std::pin::Pin;
