@@ -3,7 +3,7 @@
 //! request's call of the inner service.
 //!
 //! `cargo bench --features redis --bench wake_redis` starts its own `redis-server` on a
-//! free loopback port and runs `WAKE_BENCH_ROUNDS` rounds (default 500) of two replicas,
+//! free loopback port and runs `WAKE_BENCH_ROUNDS` rounds (default 500) on two replicas,
 //! each its own layer and budget tracker on that Redis, in front of a `service_fn`, with 1
 //! and then 8 tenants waiting on the second replica: each round a request on the first
 //! replica holds the whole budget, the waiting ones queue behind it, and the holder's
@@ -47,8 +47,8 @@ fn main() {
         "{:<28} {:>10} {:>10} {:>10}",
         "tenants waiting", "p50 µs", "p99 µs", "max µs"
     );
-    for waiting in [1, 8] {
-        let mut times = runtime.block_on(measure(&redis.url(), rounds, waiting));
+    let times = runtime.block_on(measure(&redis.url(), rounds, &[1, 8]));
+    for (waiting, mut times) in [1, 8].into_iter().zip(times) {
         times.sort_unstable();
         let at = |p: f64| times[((times.len() - 1) as f64 * p) as usize].as_micros();
         println!(
@@ -61,7 +61,9 @@ fn main() {
     }
 }
 
-async fn measure(url: &str, rounds: usize, waiting: usize) -> Vec<Duration> {
+/// The rounds with each count of tenants `waiting`, on the same two replicas (their
+/// trackers live as long as the bench, as a gateway's do).
+async fn measure(url: &str, rounds: usize, waiting: &[usize]) -> Vec<Vec<Duration>> {
     // A replica: its own tenants' tracker and budget tracker, every call of the inner
     // service sent on `calls` with its time.
     let replica = |calls: tokio::sync::mpsc::UnboundedSender<Instant>| {
@@ -93,34 +95,40 @@ async fn measure(url: &str, rounds: usize, waiting: usize) -> Vec<Duration> {
             .body(Empty::<Bytes>::new())
             .expect("request")
     };
-    let mut times = Vec::with_capacity(rounds);
-    for _ in 0..rounds {
-        let holder = one
-            .clone()
-            .oneshot(request("holder".to_owned(), 1_000))
-            .await
-            .expect("admitted");
-        let queued: Vec<_> = (0..waiting)
-            .map(|t| {
-                let mut service = two.clone();
-                let request = request(format!("tenant-{t}"), 1_000);
-                tokio::spawn(async move {
-                    let ready = service.ready().await.expect("ready");
-                    // Dropped at once: the next in line is admitted in turn.
-                    drop(ready.call(request).await.expect("admitted"));
+    let mut all = Vec::new();
+    for &waiting in waiting {
+        let mut times = Vec::with_capacity(rounds);
+        for _ in 0..rounds {
+            let holder = one
+                .clone()
+                .oneshot(request("holder".to_owned(), 1_000))
+                .await
+                .expect("admitted");
+            let queued: Vec<_> = (0..waiting)
+                .map(|t| {
+                    let mut service = two.clone();
+                    let request = request(format!("tenant-{t}"), 1_000);
+                    tokio::spawn(async move {
+                        let ready = service.ready().await.expect("ready");
+                        // Dropped at once: the next in line is admitted in turn.
+                        drop(ready.call(request).await.expect("admitted"));
+                    })
                 })
-            })
-            .collect();
-        // Let every waiting request take its ticket in Redis, then free the budget.
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let released = Instant::now();
-        drop(holder);
-        let at = called.recv().await.expect("a call");
-        times.push(at - released);
-        for request in queued {
-            request.await.expect("waiter");
+                .collect();
+            // Let every waiting request take its ticket in Redis, then free the budget.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let released = Instant::now();
+            drop(holder);
+            // Every waiting request gives up after its wait: none called means none admitted.
+            let at = tokio::time::timeout(Duration::from_secs(15), called.recv()).await;
+            let at = at.expect("no waiting request admitted").expect("a call");
+            times.push(at - released);
+            for request in queued {
+                request.await.expect("waiter");
+            }
+            while called.try_recv().is_ok() {} // the other waiters' calls
         }
-        while called.try_recv().is_ok() {} // the other waiters' calls
+        all.push(times);
     }
-    times
+    all
 }
