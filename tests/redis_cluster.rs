@@ -517,6 +517,117 @@ async fn a_budget_on_another_master_stays_all_or_nothing_with_the_tenant() {
     assert_eq!(cluster.key_counts(), [0, 0, 0], "no key left on any master");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_requests_on_two_replicas_keep_one_order_on_the_budgets_master() {
+    if !tools_or_skip("waiting_requests_on_two_replicas_keep_one_order_on_the_budgets_master") {
+        return;
+    }
+    let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+    let budget_master = cluster.owner("budget:{t:upstream}:tokens");
+    // Each replica: its own trackers on the cluster, a layer that waits, classes from a
+    // header; every request admitted is logged with the time.
+    let admitted: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+    let (source, mut streams) = streams();
+    let replica = |source: StreamSource| {
+        let tenants = builder(1_000_000)
+            .connect_cluster(cluster.urls())
+            .expect("urls");
+        let upstream = builder(1_000)
+            .key_prefix("budget:")
+            .connect_cluster(cluster.urls())
+            .expect("urls");
+        let seen = admitted.clone();
+        Router::new()
+            .route(
+                "/stream",
+                post(move |headers: http::HeaderMap| {
+                    let tenant = headers["x-tenant-id"].to_str().unwrap().to_owned();
+                    seen.lock().unwrap().push((tenant, Instant::now()));
+                    async { "answer" }
+                }),
+            )
+            .route(
+                "/hold",
+                post(move || {
+                    let body = source.body();
+                    async move { body }
+                }),
+            )
+            .layer(
+                TenantTokenLayer::redis(tenants)
+                    .shared_budget(SharedBudget::new("upstream", upstream))
+                    .wait_for_capacity(Duration::from_secs(10))
+                    .priority_header(http::HeaderName::from_static("x-priority")),
+            )
+    };
+    let (one, two) = (
+        serve(replica(source.clone())).await,
+        serve(replica(source)).await,
+    );
+    let observer = builder(1_000)
+        .key_prefix("budget:")
+        .connect_cluster(cluster.urls())
+        .expect("urls");
+    let holding = send(&client(), metered(&one, "/hold", "holder", 1_000)).await;
+    assert_eq!(holding.status(), StatusCode::OK);
+    let chunks = streams.next().await;
+
+    let spawn = |server: &TestServer, tenant: &'static str, class: &'static str| {
+        let mut request = metered(server, "/stream", tenant, 600);
+        request
+            .headers_mut()
+            .insert("x-priority", class.parse().unwrap());
+        tokio::spawn(async move { call(&client(), request).await })
+    };
+    let mut waiting = vec![spawn(&two, "a", "standard")];
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    waiting.push(spawn(&two, "b", "standard"));
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    waiting.push(spawn(&one, "c", "critical"));
+    // The tickets wait on the budget's master, next to its leases.
+    let deadline = Instant::now() + WAIT;
+    while cli(budget_master, &["ZCARD", "budget:{t:upstream}:q:deadlines"]) != "3" {
+        assert!(
+            Instant::now() < deadline,
+            "three tickets on the budget's master"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+
+    let released = Instant::now();
+    drop(chunks);
+    assert_eq!(read(holding).await.status, StatusCode::OK);
+    for request in waiting {
+        let reply = within("a waiting request", request).await.unwrap();
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    let order = admitted.lock().unwrap().clone();
+    let tenants: Vec<&str> = order.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(tenants.len(), 3, "{tenants:?}");
+    assert_eq!(tenants[0], "c", "the critical request first: {tenants:?}");
+    eprintln!(
+        "cluster: release to the critical request's admission on the other replica {:?}",
+        order[0].1 - released
+    );
+    wait_shared(&observer, "upstream", 0).await;
+    // Nothing left but the tenants' counters on the budget's master (they expire).
+    let deadline = Instant::now() + WAIT;
+    while cli(
+        budget_master,
+        &["EXISTS", "budget:{t:upstream}:q:deadlines"],
+    ) != "0"
+    {
+        assert!(Instant::now() < deadline, "a ticket left behind");
+        tokio::time::sleep(POLL).await;
+    }
+    let counts = cluster.key_counts();
+    assert_eq!(counts.iter().sum::<u64>(), 1, "{counts:?}");
+    assert_eq!(
+        cli(budget_master, &["EXISTS", "budget:{t:upstream}:q:vtc"]),
+        "1"
+    );
+}
+
 /// Polls the shared count of `tenant` until it is `expected`.
 async fn wait_shared(tracker: &RedisTokenTracker, tenant: &str, expected: u64) {
     let deadline = Instant::now() + WAIT;
