@@ -204,8 +204,9 @@
 //!
 //! Wake-ups travel by pub/sub: once a release of the budget is done, the releasing replica
 //! publishes on `{t:K}:q:wake` if tickets wait, and so do an admission that leaves tickets
-//! waiting and a cancelled ticket; each replica
-//! listens on one dedicated connection (a pattern subscription to its budgets) and wakes
+//! waiting and a cancelled ticket; each replica listens on one dedicated connection (a
+//! pattern subscription to its budgets: to the one server, to any node of a cluster, which
+//! passes every message to all its nodes, or to the master the Sentinels name) and wakes
 //! its waiting requests, which look again in Redis. Their periodic look remains the safety
 //! net for a lost message or capacity that came back otherwise (a shrunk reservation, a
 //! raised cap).

@@ -62,6 +62,8 @@
 //!   renewed past the TTL with nothing lost, listed by `tenants_in_flight` across masters,
 //!   raced by concurrent workers without exceeding a cap, and no key left on any master;
 //! - a shared budget on another master than its tenants stays all or nothing both ways;
+//! - requests waiting for a budget on two replicas keep one order (a critical one first),
+//!   their tickets on the budget's master, and nothing but the counters is left;
 //! - the master SIGKILLed while two streams are held, one of which the replica lacks (it
 //!   was deleted there, as a lagging replica would miss it): the Sentinel promotes the
 //!   replica, the tracker follows, the missing lease is registered again, nothing is over
