@@ -971,3 +971,31 @@ async fn a_budget_in_redis_holds_across_replicas_all_or_nothing_with_the_tenant(
     wait_for_shared(&observer, "upstream", 0, WAIT).await;
     wait_for_shared(&first, "acme", 0, WAIT).await;
 }
+
+/// A reservation dropped after the last handle on its tracker is still released at once
+/// (its release keeps the tracker's connection until it is sent), not left to expire.
+#[tokio::test]
+async fn a_reservation_outliving_its_tracker_is_still_released() {
+    let redis = redis_or_skip!("a_reservation_outliving_its_tracker_is_still_released");
+    // Expiry cannot be what cleans up.
+    let tracker = connect(builder(1_000).lease_ttl(Duration::from_secs(60)), &redis);
+    let reservations: Vec<_> = futures_util::future::join_all(
+        (0..20).map(|i| tracker.reserve(if i % 2 == 0 { "acme" } else { "globex" }, 10)),
+    )
+    .await
+    .into_iter()
+    .map(|reservation| reservation.expect("admitted"))
+    .collect();
+    assert_ne!(redis.command("DBSIZE"), ":0");
+    drop(tracker);
+    drop(reservations); // the last handles on the tracker
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while redis.command("DBSIZE") != ":0" {
+        assert!(
+            Instant::now() < deadline,
+            "leases left behind: {} keys",
+            redis.command("DBSIZE")
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}

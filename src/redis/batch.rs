@@ -41,6 +41,9 @@ pub(super) struct Op {
     reserve: Option<(u64, u64)>,
     /// Where the answer goes; `None` for a release nobody waits for.
     answer: Option<oneshot::Sender<Answer>>,
+    /// For a release nobody waits for, its tracker, kept until the release is sent: the
+    /// reservation that queued it may have held the last handle on the tracker.
+    _tracker: Option<Arc<Inner>>,
 }
 
 /// The queue of a tracker's operations.
@@ -65,13 +68,18 @@ impl Batches {
         self.send(lease, None).await
     }
 
-    /// Releases `lease` without waiting: a failure is counted and logged when the batch
-    /// is answered. Returns `lease` if the queue's task is gone.
-    pub(super) fn release_later(&self, lease: Arc<Lease>) -> Result<(), Arc<Lease>> {
+    /// Releases `lease` of `tracker` without waiting: a failure is counted and logged when
+    /// the batch is answered. Returns `lease` if the queue's task is gone.
+    pub(super) fn release_later(
+        &self,
+        lease: Arc<Lease>,
+        tracker: Arc<Inner>,
+    ) -> Result<(), Arc<Lease>> {
         let op = Op {
             lease,
             reserve: None,
             answer: None,
+            _tracker: Some(tracker),
         };
         self.queue.send(op).map_err(|gone| gone.0.lease)
     }
@@ -82,6 +90,7 @@ impl Batches {
             lease: Arc::clone(lease),
             reserve,
             answer: Some(answer),
+            _tracker: None,
         };
         if self.queue.send(op).is_err() {
             return Err(gone());

@@ -323,7 +323,7 @@ impl Inner {
     /// Releases a lease without waiting (in the next batch). Should the batch task be gone
     /// with its runtime, the lease expires.
     pub(super) fn release_later(self: &Arc<Self>, lease: Arc<Lease>) {
-        if let Err(lease) = self.batches.release_later(lease) {
+        if let Err(lease) = self.batches.release_later(lease, Arc::clone(self)) {
             tracing::debug!(
                 tenant = &*lease.tenant,
                 lease = lease.id,
