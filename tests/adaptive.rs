@@ -54,10 +54,23 @@ async fn app(layer: TenantTokenLayer, output: Arc<AtomicU64>) -> (TestServer, St
 }
 
 fn chat(server: &TestServer, tenant: &str, stream: bool) -> Request<ReqBody> {
-    let body = serde_json::json!({
+    limited_chat(server, tenant, stream, None)
+}
+
+/// A request by `tenant`, with an explicit `max_tokens` of `limit` if given.
+fn limited_chat(
+    server: &TestServer,
+    tenant: &str,
+    stream: bool,
+    limit: Option<u64>,
+) -> Request<ReqBody> {
+    let mut body = serde_json::json!({
         "model": "m", "stream": stream,
         "messages": [{"role": "user", "content": "Say hello."}],
     });
+    if let Some(limit) = limit {
+        body["max_tokens"] = limit.into();
+    }
     Request::post(server.url("/v1/chat/completions"))
         .header("x-tenant-id", tenant)
         .header(CONTENT_TYPE, "application/json")
@@ -226,19 +239,6 @@ async fn in_flight_is_never_below_what_a_stream_has_produced() {
     assert_eq!(learned.snapshot()[0].samples, 11);
 }
 
-/// A request by `tenant` with an explicit `max_tokens` of `limit`.
-fn limited_chat(server: &TestServer, tenant: &str, stream: bool, limit: u64) -> Request<ReqBody> {
-    let body = serde_json::json!({
-        "model": "m", "stream": stream, "max_tokens": limit,
-        "messages": [{"role": "user", "content": "Say hello."}],
-    });
-    Request::post(server.url("/v1/chat/completions"))
-        .header("x-tenant-id", tenant)
-        .header(CONTENT_TYPE, "application/json")
-        .body(full(body.to_string()))
-        .expect("request")
-}
-
 #[tokio::test]
 async fn explicit_limits_are_capped_at_the_learned_allowance_only_when_asked() {
     for cap in [false, true] {
@@ -250,10 +250,10 @@ async fn explicit_limits_are_capped_at_the_learned_allowance_only_when_asked() {
 
         // Ten answers of 16 tokens to requests that allow 4,000.
         for _ in 0..10 {
-            let reply = call(&client, limited_chat(&server, "acme", false, 4_000)).await;
+            let reply = call(&client, limited_chat(&server, "acme", false, Some(4_000))).await;
             assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
         }
-        let response = send(&client, limited_chat(&server, "acme", true, 4_000)).await;
+        let response = send(&client, limited_chat(&server, "acme", true, Some(4_000))).await;
         let sender = streams.next().await;
         let held = tracker.in_flight("acme");
         if cap {

@@ -72,8 +72,9 @@ impl RedisTokenTracker {
     }
 }
 
-/// `text` with the characters `SCAN`'s glob pattern treats specially escaped.
-fn escape_glob(text: &str) -> String {
+/// `text` with the characters a glob pattern (`SCAN`'s, a pattern subscription's) treats
+/// specially escaped.
+pub(super) fn escape_glob(text: &str) -> String {
     let mut escaped = String::with_capacity(text.len());
     for c in text.chars() {
         if matches!(c, '*' | '?' | '[' | ']' | '\\') {

@@ -39,6 +39,7 @@ use std::time::Duration;
 use redis::{Script, ScriptInvocation};
 
 use super::lease::{Lease, RedisReservation};
+use super::list::escape_glob;
 use super::scripts::{PRELUDE, REGISTER_AGAIN};
 use super::tracker::{Inner, RedisTokenTracker};
 use crate::admit::priority::Priority;
@@ -494,19 +495,7 @@ impl Inner {
             return this.unavailable(key, tokens, true, "circuit open");
         }
         this.listen(&turn.queue);
-        let seq = this.next_lease.fetch_add(1, Relaxed);
-        let lease = Arc::new(Lease {
-            id: format!("{}:{seq}", this.replica),
-            seq,
-            tenant: Arc::from(key),
-            keys: Arc::new(this.keys(key)),
-            cap,
-            tokens: AtomicU64::new(tokens),
-            in_flight: AtomicU64::new(0),
-            lost: Default::default(),
-            released: Default::default(),
-            write: tokio::sync::Mutex::new(()),
-        });
+        let lease = Arc::new(this.new_lease(key, cap, tokens));
         // Released by id should the answer never come (it may have landed).
         let unanswered = Unanswered(Some((Arc::clone(this), Arc::clone(&lease))));
         let ticket = turn.ticket(this, key);
@@ -543,7 +532,7 @@ impl Inner {
                 this.fair.in_use.store(true, Relaxed);
                 this.counters.admitted.fetch_add(1, Relaxed);
                 lease.in_flight.store(in_flight, Relaxed);
-                this.lock_leases().insert(seq, Arc::clone(&lease));
+                this.lock_leases().insert(lease.seq, Arc::clone(&lease));
                 Ok(RedisReservation::lease(lease, Arc::clone(this)))
             }
             0 | 2 => {
@@ -722,16 +711,4 @@ impl Drop for Unanswered {
             inner.release_later(lease);
         }
     }
-}
-
-/// `text` with the characters a pattern subscription treats specially escaped.
-fn escape_glob(text: &str) -> String {
-    let mut escaped = String::with_capacity(text.len());
-    for c in text.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            escaped.push('\\');
-        }
-        escaped.push(c);
-    }
-    escaped
 }

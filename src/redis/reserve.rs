@@ -29,22 +29,9 @@ impl Inner {
         if !this.breaker.allow() {
             return this.unavailable(tenant_id, tokens, checked, "circuit open");
         }
-        let seq = this.next_lease.fetch_add(1, Relaxed);
-        let lease = Lease {
-            id: format!("{}:{seq}", this.replica),
-            seq,
-            tenant: Arc::from(tenant_id),
-            keys: Arc::new(this.keys(tenant_id)),
-            cap,
-            tokens: AtomicU64::new(tokens),
-            in_flight: AtomicU64::new(0),
-            lost: Default::default(),
-            released: Default::default(),
-            write: tokio::sync::Mutex::new(()),
-        };
         let pending = Unanswered {
             shared: this,
-            lease: Some(Arc::new(lease)),
+            lease: Some(Arc::new(this.new_lease(tenant_id, cap, tokens))),
         };
         let lease = pending.lease.as_ref().expect("just set");
         let mut attempt = 0;
@@ -74,7 +61,7 @@ impl Inner {
             1 => {
                 this.counters.admitted.fetch_add(1, Relaxed);
                 lease.in_flight.store(in_flight, Relaxed);
-                this.lock_leases().insert(seq, Arc::clone(&lease));
+                this.lock_leases().insert(lease.seq, Arc::clone(&lease));
                 Ok(RedisReservation::lease(lease, Arc::clone(this)))
             }
             0 => {
@@ -91,6 +78,24 @@ impl Inner {
                 tokens,
                 cap,
             }),
+        }
+    }
+
+    /// A new lease of `tokens` for `tenant_id`, whose cap is `cap`, with this replica's next
+    /// id.
+    pub(super) fn new_lease(&self, tenant_id: &str, cap: u64, tokens: u64) -> Lease {
+        let seq = self.next_lease.fetch_add(1, Relaxed);
+        Lease {
+            id: format!("{}:{seq}", self.replica),
+            seq,
+            tenant: Arc::from(tenant_id),
+            keys: Arc::new(self.keys(tenant_id)),
+            cap,
+            tokens: AtomicU64::new(tokens),
+            in_flight: AtomicU64::new(0),
+            lost: Default::default(),
+            released: Default::default(),
+            write: tokio::sync::Mutex::new(()),
         }
     }
 
