@@ -15,12 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::routing::post;
-use axum::Router;
+use common::fair::*;
 use common::redis_server::RedisServer;
 use common::*;
-use futures_util::StreamExt;
 use http::{HeaderName, StatusCode};
 use tower_tenant_tokens::redis::{RedisTokenTracker, RedisTokenTrackerBuilder};
 use tower_tenant_tokens::{SharedBudget, TenantTokenLayer};
@@ -28,9 +25,6 @@ use tower_tenant_tokens::{SharedBudget, TenantTokenLayer};
 /// The tests here run one at a time: they time streams and waits against each other.
 static MEASURING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Every streamed request asks for this many tokens; the upstream takes `UPSTREAM`.
-const TOKENS: u64 = 400;
-const UPSTREAM: u64 = 1_000;
 /// Where the budget's tickets wait, and their deadlines.
 const TICKETS: &str = "budget:{t:upstream}:q:deadlines";
 
@@ -95,34 +89,12 @@ async fn replica_with(
         .connect(url)
         .expect("url");
     let seen = admitted.clone();
-    let router = Router::new()
-        .route(
-            "/stream",
-            post(move |headers: http::HeaderMap| {
-                let tenant = headers["x-tenant-id"].to_str().unwrap().to_owned();
-                seen.lock().unwrap().push((tenant, Instant::now()));
-                async move {
-                    let chunks = futures_util::stream::iter(0..4).then(move |i| async move {
-                        tokio::time::sleep(Duration::from_millis(chunk_ms)).await;
-                        Ok::<_, std::convert::Infallible>(format!("data: {i}\n\n"))
-                    });
-                    Body::from_stream(chunks)
-                }
-            }),
-        )
-        .route(
-            "/hold",
-            post(move || {
-                let body = source.body();
-                async move { body }
-            }),
-        )
-        .layer(adjust(
-            TenantTokenLayer::redis(tenants)
-                .shared_budget(SharedBudget::new("upstream", budget.clone()))
-                .wait_for_capacity(max_wait)
-                .priority_header(HeaderName::from_static("x-priority")),
-        ));
+    let router = routes(chunk_ms, seen, source).layer(adjust(
+        TenantTokenLayer::redis(tenants)
+            .shared_budget(SharedBudget::new("upstream", budget.clone()))
+            .wait_for_capacity(max_wait)
+            .priority_header(HeaderName::from_static("x-priority")),
+    ));
     let replica = Replica {
         server: Arc::new(serve(router).await),
         budget,
@@ -172,38 +144,6 @@ async fn wait_for_tickets(redis: &RedisServer, expected: u64, limit: Duration) {
         );
         tokio::time::sleep(POLL).await;
     }
-}
-
-/// Keeps `loops` requests of `tenant` going on `server` until `stop`, each read to its
-/// end; returns how long each waited for its response head.
-async fn keep_busy(
-    server: Arc<TestServer>,
-    tenant: &'static str,
-    loops: usize,
-    stop: Arc<AtomicBool>,
-) -> Vec<Duration> {
-    let tasks: Vec<_> = (0..loops)
-        .map(|_| {
-            let (server, stop) = (server.clone(), stop.clone());
-            tokio::spawn(async move {
-                let client = pooled_client();
-                let mut waits = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    let sent = Instant::now();
-                    let response = send(&client, metered(&server, "/stream", tenant, TOKENS)).await;
-                    waits.push(sent.elapsed());
-                    let reply = read(response).await;
-                    assert_eq!(reply.status, StatusCode::OK, "{tenant}: {}", reply.text());
-                }
-                waits
-            })
-        })
-        .collect();
-    let mut waits = Vec::new();
-    for task in tasks {
-        waits.extend(task.await.unwrap());
-    }
-    waits
 }
 
 /// Runs `first` (a tenant and how many requests it keeps going) on replica `one` and
@@ -274,11 +214,6 @@ async fn contend(
     (count as f64 / total as f64, waits)
 }
 
-fn median(mut times: Vec<Duration>) -> Duration {
-    times.sort();
-    times[times.len() / 2]
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_light_tenant_on_one_replica_gets_half_of_a_budget_a_heavy_one_saturates_from_another() {
     let _alone = MEASURING.lock().await;
@@ -339,20 +274,6 @@ async fn weights_three_to_one_share_a_budget_three_to_one_across_replicas() {
     wait_for_tickets(&redis, 0, WAIT).await;
 }
 
-/// A request of `tenant` for `tokens` in `class` to `replica`, sent in the background.
-fn spawn_request(
-    replica: &Replica,
-    tenant: &'static str,
-    tokens: u64,
-    class: &'static str,
-) -> tokio::task::JoinHandle<Reply> {
-    let mut request = metered(&replica.server, "/stream", tenant, tokens);
-    request
-        .headers_mut()
-        .insert("x-priority", class.parse().unwrap());
-    tokio::spawn(async move { call(&client(), request).await })
-}
-
 /// Holds the whole upstream with one streaming request on `replica` until the test ends
 /// its stream.
 async fn fill_upstream(replica: &Replica) -> hyper::Response<hyper::body::Incoming> {
@@ -391,10 +312,10 @@ async fn critical_from_one_replica_goes_before_standard_waiting_on_another_and_w
     // Standard requests wait on replica two, then a critical one arrives on replica one.
     let mut waiting = Vec::new();
     for tenant in ["a", "b", "a"] {
-        waiting.push(spawn_request(&two, tenant, 600, "standard"));
+        waiting.push(spawn_request(&two.server, tenant, 600, "standard"));
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
-    waiting.push(spawn_request(&one, "c", 600, "critical"));
+    waiting.push(spawn_request(&one.server, "c", 600, "critical"));
     wait_for_tickets(&redis, 3, WAIT).await; // a's second waits behind its first, here
     assert!(admitted.lock().unwrap().is_empty(), "all wait");
 
@@ -402,7 +323,7 @@ async fn critical_from_one_replica_goes_before_standard_waiting_on_another_and_w
     for replica in [&one, &two] {
         let shed = within(
             "the shed request",
-            spawn_request(replica, "d", 100, "sheddable"),
+            spawn_request(&replica.server, "d", 100, "sheddable"),
         )
         .await
         .unwrap();
@@ -452,12 +373,12 @@ async fn cancelled_and_timed_out_waits_leave_no_ticket_and_no_token() {
 
     let started = Instant::now();
     let timing_out = [
-        spawn_request(&one, "a", 500, "standard"),
-        spawn_request(&two, "b", 500, "standard"),
+        spawn_request(&one.server, "a", 500, "standard"),
+        spawn_request(&two.server, "b", 500, "standard"),
     ];
     let cancelled = [
-        spawn_request(&two, "c", 500, "standard"),
-        spawn_request(&one, "d", 500, "critical"),
+        spawn_request(&two.server, "c", 500, "standard"),
+        spawn_request(&one.server, "d", 500, "critical"),
     ];
     wait_for_tickets(&redis, 4, WAIT).await;
     // Two clients go away while their requests wait.
@@ -491,7 +412,7 @@ async fn cancelled_and_timed_out_waits_leave_no_ticket_and_no_token() {
     for replica in [&one, &two] {
         let after = within(
             "a request after",
-            spawn_request(replica, "e", UPSTREAM, "sheddable"),
+            spawn_request(&replica.server, "e", UPSTREAM, "sheddable"),
         )
         .await
         .unwrap();
@@ -551,9 +472,9 @@ async fn a_tenant_at_its_own_cap_gives_up_its_turn_and_counts_only_what_it_was_s
     assert_eq!(counter(&redis, "capped").await, 400.0);
 
     // Both wait: `capped` for its own cap and the budget, `other` for the budget.
-    let waiting_capped = spawn_request(&one, "capped", 400, "standard");
+    let waiting_capped = spawn_request(&one.server, "capped", 400, "standard");
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let waiting_other = spawn_request(&two, "other", 600, "standard");
+    let waiting_other = spawn_request(&two.server, "other", 600, "standard");
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     // The filler ends: `other` fits the budget and gets in, though `capped` came first,
@@ -607,8 +528,8 @@ async fn waiting_requests_whose_tickets_redis_lost_still_get_in_and_the_order_ho
         let holding = fill_upstream(&one).await;
         let chunks = one_streams.next().await;
         let waiting = [
-            spawn_request(&two, "a", 600, "standard"),
-            spawn_request(&one, "b", 600, "critical"),
+            spawn_request(&two.server, "a", 600, "standard"),
+            spawn_request(&one.server, "b", 600, "critical"),
         ];
         wait_for_tickets(&redis, 2, WAIT).await;
         if round == 0 {
@@ -657,7 +578,7 @@ async fn child_replica_waits_until_killed() {
     .await;
     let waiting: Vec<_> = ["x", "y", "z"]
         .into_iter()
-        .map(|tenant| spawn_request(&child, tenant, 500, "critical"))
+        .map(|tenant| spawn_request(&child.server, tenant, 500, "critical"))
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
     println!("WAITING");
@@ -703,7 +624,7 @@ async fn a_killed_replica_leaves_no_ticket_beyond_one_ttl() {
 
     // A standard request here waits behind them; the holder's stream ends, then the child
     // is killed: its tickets expire within one TTL and the request here gets in.
-    let behind = spawn_request(&survivor, "w", 600, "standard");
+    let behind = spawn_request(&survivor.server, "w", 600, "standard");
     tokio::time::sleep(Duration::from_millis(100)).await;
     drop(chunks);
     assert_eq!(read(holding).await.status, StatusCode::OK);

@@ -9,21 +9,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::routing::post;
-use axum::Router;
+use common::fair::*;
 use common::*;
-use futures_util::StreamExt;
 use http::{HeaderName, StatusCode};
 use tower_tenant_tokens::{SharedBudget, TenantTokenLayer, TenantTokenTracker};
 
 /// The tests here run one at a time: they time streams and waits against each other, and a
 /// neighbour's load would skew them.
 static MEASURING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// Every request asks for this many tokens; the upstream takes `UPSTREAM` at once.
-const TOKENS: u64 = 400;
-const UPSTREAM: u64 = 1_000;
 
 struct App {
     server: Arc<TestServer>,
@@ -45,75 +38,18 @@ async fn app(
     let upstream = Arc::new(TenantTokenTracker::new(UPSTREAM));
     let admitted = Arc::new(Mutex::new(Vec::new()));
     let seen = admitted.clone();
-    let router = Router::new()
-        .route(
-            "/stream",
-            post(move |headers: http::HeaderMap| {
-                let tenant = headers["x-tenant-id"].to_str().unwrap().to_owned();
-                seen.lock().unwrap().push((tenant, Instant::now()));
-                async move {
-                    let chunks = futures_util::stream::iter(0..4).then(move |i| async move {
-                        tokio::time::sleep(Duration::from_millis(chunk_ms)).await;
-                        Ok::<_, std::convert::Infallible>(format!("data: {i}\n\n"))
-                    });
-                    Body::from_stream(chunks)
-                }
-            }),
-        )
-        .route(
-            "/hold",
-            post(move || {
-                let body = source.body();
-                async move { body }
-            }),
-        )
-        .layer(adjust(
-            TenantTokenLayer::new(tenants)
-                .shared_budget(SharedBudget::new("upstream", upstream.clone()))
-                .wait_for_capacity(max_wait)
-                .priority_header(HeaderName::from_static("x-priority")),
-        ));
+    let router = routes(chunk_ms, seen, source).layer(adjust(
+        TenantTokenLayer::new(tenants)
+            .shared_budget(SharedBudget::new("upstream", upstream.clone()))
+            .wait_for_capacity(max_wait)
+            .priority_header(HeaderName::from_static("x-priority")),
+    ));
     let app = App {
         server: Arc::new(serve(router).await),
         upstream,
         admitted,
     };
     (app, streams)
-}
-
-/// Keeps `loops` requests of `tenant` going until `stop`, each read to its end; returns
-/// the tokens served to it and how long each request waited for its response head.
-async fn keep_busy(
-    server: Arc<TestServer>,
-    tenant: &'static str,
-    loops: usize,
-    stop: Arc<AtomicBool>,
-) -> (u64, Vec<Duration>) {
-    let tasks: Vec<_> = (0..loops)
-        .map(|_| {
-            let (server, stop) = (server.clone(), stop.clone());
-            tokio::spawn(async move {
-                let client = pooled_client();
-                let (mut served, mut waits) = (0, Vec::new());
-                while !stop.load(Ordering::Relaxed) {
-                    let sent = Instant::now();
-                    let response = send(&client, metered(&server, "/stream", tenant, TOKENS)).await;
-                    waits.push(sent.elapsed());
-                    let reply = read(response).await;
-                    assert_eq!(reply.status, StatusCode::OK, "{tenant}: {}", reply.text());
-                    served += TOKENS;
-                }
-                (served, waits)
-            })
-        })
-        .collect();
-    let (mut served, mut waits) = (0, Vec::new());
-    for task in tasks {
-        let (tokens, times) = task.await.unwrap();
-        served += tokens;
-        waits.extend(times);
-    }
-    (served, waits)
 }
 
 /// Runs the tenants for `run`, sampling the upstream budget all along; returns each
@@ -149,7 +85,7 @@ async fn contend(
     stop.store(true, Ordering::Relaxed);
     let mut waits = HashMap::new();
     for (tenant, run) in runs {
-        waits.insert(tenant, within("the clients to stop", run).await.unwrap().1);
+        waits.insert(tenant, within("the clients to stop", run).await.unwrap());
     }
     sampler.await.unwrap();
     assert!(
@@ -175,11 +111,6 @@ async fn contend(
             (tenant, (share, waits.remove(tenant).unwrap()))
         })
         .collect()
-}
-
-fn median(mut times: Vec<Duration>) -> Duration {
-    times.sort();
-    times[times.len() / 2]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -221,20 +152,6 @@ async fn fill_upstream(app: &App) -> (hyper::Response<hyper::body::Incoming>, Ht
     (response, client)
 }
 
-/// A request of `tenant` for `tokens` in `class`, sent in the background.
-fn spawn_request(
-    app: &App,
-    tenant: &'static str,
-    tokens: u64,
-    class: &'static str,
-) -> tokio::task::JoinHandle<Reply> {
-    let mut request = metered(&app.server, "/stream", tenant, tokens);
-    request
-        .headers_mut()
-        .insert("x-priority", class.parse().unwrap());
-    tokio::spawn(async move { call(&client(), request).await })
-}
-
 #[tokio::test]
 async fn critical_requests_are_admitted_before_every_waiting_standard_one() {
     let _alone = MEASURING.lock().await;
@@ -244,10 +161,10 @@ async fn critical_requests_are_admitted_before_every_waiting_standard_one() {
 
     let mut waiting = Vec::new();
     for tenant in ["a", "b", "a"] {
-        waiting.push(spawn_request(&app, tenant, 600, "standard"));
+        waiting.push(spawn_request(&app.server, tenant, 600, "standard"));
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
-    waiting.push(spawn_request(&app, "c", 600, "critical"));
+    waiting.push(spawn_request(&app.server, "c", 600, "critical"));
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(
         app.admitted.lock().unwrap().is_empty(),
@@ -282,11 +199,11 @@ async fn sheddable_requests_are_refused_at_once_while_others_wait_and_none_waits
     let chunks = streams.next().await;
 
     let started = Instant::now();
-    let standard = spawn_request(&app, "a", 600, "standard");
+    let standard = spawn_request(&app.server, "a", 600, "standard");
     tokio::time::sleep(Duration::from_millis(50)).await;
     let shed = within(
         "the shed request",
-        spawn_request(&app, "b", 100, "sheddable"),
+        spawn_request(&app.server, "b", 100, "sheddable"),
     )
     .await
     .unwrap();
@@ -308,7 +225,7 @@ async fn sheddable_requests_are_refused_at_once_while_others_wait_and_none_waits
     );
     assert!(app.admitted.lock().unwrap().is_empty());
 
-    let bad = spawn_request(&app, "a", 1, "urgent");
+    let bad = spawn_request(&app.server, "a", 1, "urgent");
     let bad = within("the bad request", bad).await.unwrap();
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
     assert_eq!(bad.error_code(), "invalid_priority");
@@ -319,7 +236,7 @@ async fn sheddable_requests_are_refused_at_once_while_others_wait_and_none_waits
     // Nothing left queued: a request fits at once.
     let after = within(
         "a request after",
-        spawn_request(&app, "b", 1_000, "sheddable"),
+        spawn_request(&app.server, "b", 1_000, "sheddable"),
     )
     .await
     .unwrap();

@@ -30,6 +30,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tower_tenant_tokens::{BoxError, TenantTokenTracker};
 
+pub mod fair;
 pub mod redis_server;
 
 /// The longest any single step of a test may take before the test fails.
