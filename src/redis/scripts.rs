@@ -154,8 +154,8 @@ for op = 0, #KEYS / 2 - 1 do
         found[3] = now + 2 * ttl
         held = want
       else
-        redis.call('HSET', tokens, lease, ARGV[a + 2])
-        held = redis.call('HINCRBY', tokens, '=sum', want)
+        held = held + want
+        redis.call('HSET', tokens, lease, ARGV[a + 2], '=sum', string.format('%d', held))
         redis.call('ZADD', deadlines, now + ttl, lease)
       end
     end
@@ -167,15 +167,18 @@ for op = 0, #KEYS / 2 - 1 do
     out[#out + 1] = status
     out[#out + 1] = held
   else
-    local old = tonumber(redis.call('HGET', tokens, lease))
-    local held = 0
+    local found = redis.call('HMGET', tokens, lease, '=sum')
+    local old = tonumber(found[1])
+    local held = tonumber(found[2]) or 0
     if old then
       redis.call('HDEL', tokens, lease)
       redis.call('ZREM', deadlines, lease)
-      held = redis.call('HINCRBY', tokens, '=sum', -old)
+      held = held - old
     end
     if held == 0 and redis.call('ZCARD', deadlines) == 0 then
       redis.call('DEL', deadlines, tokens)
+    elseif old then
+      redis.call('HSET', tokens, '=sum', string.format('%d', held))
     end
     out[#out + 1] = old and 1 or 0
     out[#out + 1] = held
