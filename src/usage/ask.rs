@@ -179,7 +179,7 @@ enum Edit {
 /// Reads one event's data: a JSON object with `"usage":null` among its members loses that
 /// member; one whose `choices` is empty and whose `usage` is an object is the usage chunk.
 fn edit(data: &[u8]) -> Edit {
-    if memchr::memmem::find(data, b"\"usage\"").is_none() {
+    if super::report::key_searcher().find(data).is_none() {
         return Edit::Keep;
     }
     members(data).unwrap_or(Edit::Keep)

@@ -22,7 +22,7 @@ pub(crate) const WINDOW: usize = 4096;
 const KEY: &[u8] = b"\"usage\"";
 
 /// A searcher for [`KEY`], built once.
-fn key_searcher() -> &'static memmem::Finder<'static> {
+pub(super) fn key_searcher() -> &'static memmem::Finder<'static> {
     static SEARCHER: OnceLock<memmem::Finder<'static>> = OnceLock::new();
     SEARCHER.get_or_init(|| memmem::Finder::new(KEY))
 }
