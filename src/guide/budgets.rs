@@ -179,7 +179,7 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `{t:K}:leases`, `{t:K}:tokens` | sorted set, hash | the budget's leases, as for a tenant (see [replicas](super::replicas)) |
+//! | `{t:K}:tokens` | hash | the budget's leases, as for a tenant (see [replicas](super::replicas)) |
 //! | `{t:K}:q:tickets` | hash | each waiting ticket's class and tenant; how many tickets each tenant has in each class |
 //! | `{t:K}:q:deadlines` | sorted set | each ticket's deadline, on Redis's clock |
 //! | `{t:K}:q:turn:0`, `:1`, `:2` | sorted sets | per class (sheddable, standard, critical): the tenants with tickets, by virtual counter |

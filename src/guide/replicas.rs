@@ -43,11 +43,11 @@
 //!
 //! # Leases, not counters
 //!
-//! A reservation is a lease. Per tenant, Redis keeps a sorted set of lease id → deadline
-//! (taken from Redis's own `TIME`, so replica clocks do not matter) and a hash of lease id
-//! → tokens plus their running sum, both under one hash tag
-//! (`tenant-tokens:{t:<tenant>}:leases` / `:tokens`, the prefix set by `key_prefix`) so a
-//! cluster keeps them in one slot. Short Lua scripts (run by `EVALSHA`, loaded again on
+//! A reservation is a lease. Per tenant, Redis keeps one hash
+//! (`tenant-tokens:{t:<tenant>}:tokens`, the prefix set by `key_prefix`): lease id → its
+//! tokens and deadline (taken from Redis's own `TIME`, so replica clocks do not matter),
+//! plus the running sum and the earliest deadline that may have passed, so that finding
+//! nothing to sweep costs one field. Short Lua scripts (run by `EVALSHA`, loaded again on
 //! `NOSCRIPT`) reserve, resize, renew and release atomically, sweeping leases whose
 //! deadline has passed before anything is refused; a replica sends the reservations and
 //! releases that queue up while its earlier calls are in flight in one call (a batch), so

@@ -162,10 +162,10 @@ fn split(batch: Vec<Op>, one_slot_per_call: bool) -> Vec<Vec<Op>> {
     }
     let mut calls: Vec<Vec<Op>> = Vec::new();
     for op in batch {
-        let tag = hash_tag(&op.lease.keys[0]);
+        let tag = hash_tag(&op.lease.key);
         match calls
             .iter_mut()
-            .find(|call| hash_tag(&call[0].lease.keys[0]) == tag)
+            .find(|call| hash_tag(&call[0].lease.key) == tag)
         {
             Some(call) => call.push(op),
             None => calls.push(vec![op]),
@@ -187,17 +187,11 @@ impl Inner {
         let mut invocation = self.scripts.batch.prepare_invoke();
         invocation.arg(self.ttl_ms());
         for op in batch.iter() {
-            let (kind, tokens, cap) = match op.reserve {
-                Some((tokens, cap)) => ("r", tokens, cap),
-                None => ("x", 0, 0),
+            invocation.key(&*op.lease.key);
+            match op.reserve {
+                Some((tokens, cap)) => invocation.arg("r").arg(&op.lease.id).arg(tokens).arg(cap),
+                None => invocation.arg("x").arg(&op.lease.id),
             };
-            invocation
-                .key(&op.lease.keys[0])
-                .key(&op.lease.keys[1])
-                .arg(kind)
-                .arg(&op.lease.id)
-                .arg(tokens)
-                .arg(cap);
         }
         let mut conn = self.conn.clone();
         let answers: Result<Vec<i64>, Failure> =

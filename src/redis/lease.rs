@@ -17,8 +17,8 @@ pub(super) struct Lease {
     /// The key in this replica's registry of live leases.
     pub(crate) seq: u64,
     pub(crate) tenant: Arc<str>,
-    /// The tenant's sorted set of deadlines and hash of tokens.
-    pub(crate) keys: Arc<[String; 2]>,
+    /// The tenant's hash of leases.
+    pub(crate) key: Arc<str>,
     pub(crate) cap: u64,
     /// Tokens held, as this replica last set them.
     pub(crate) tokens: AtomicU64,
@@ -297,9 +297,8 @@ impl Inner {
         tokens: u64,
         cap: Option<u64>,
     ) -> Result<(i64, u64), Failure> {
-        let mut invocation = self.scripts.resize.key(&lease.keys[0]);
+        let mut invocation = self.scripts.resize.key(&*lease.key);
         invocation
-            .key(&lease.keys[1])
             .arg(&lease.id)
             .arg(tokens)
             .arg(cap.map(|cap| cap.to_string()).unwrap_or_default())

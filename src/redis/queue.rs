@@ -40,18 +40,18 @@ use redis::{Script, ScriptInvocation};
 
 use super::lease::{Lease, RedisReservation};
 use super::list::escape_glob;
-use super::scripts::{PRELUDE, REGISTER_AGAIN};
+use super::scripts::CORE;
 use super::tracker::{Inner, RedisTokenTracker};
 use crate::admit::priority::Priority;
 use crate::admit::queue::Queue;
 use crate::Error;
 
-/// The ticket helpers, after the lease prelude (which has swept the budget's leases).
-/// `KEYS[3]` the tickets, `KEYS[4]` their deadlines, `KEYS[5]` the counters, `KEYS[6..8]`
+/// The ticket helpers, after the lease helpers (`KEYS[1]` the budget's leases).
+/// `KEYS[2]` the tickets, `KEYS[3]` their deadlines, `KEYS[4]` the counters, `KEYS[5..7]`
 /// the turn of each class (sheddable, standard, critical).
 const TICKETS: &str = r"
-local TK, DL, VTC = KEYS[3], KEYS[4], KEYS[5]
-local function turn_key(c) return KEYS[6 + c] end
+local TK, DL, VTC = KEYS[2], KEYS[3], KEYS[4]
+local function turn_key(c) return KEYS[5 + c] end
 local function num(x) return string.format('%.17g', x) end
 local function counter(tenant) return tonumber(redis.call('HGET', VTC, 't:' .. tenant)) or 0 end
 local function drop_ticket(id)
@@ -107,10 +107,10 @@ local function add_ticket(id, c, tenant, ttl)
 end
 local function keep(ttl)
   if redis.call('ZCARD', DL) == 0 then
-    redis.call('DEL', TK, KEYS[6], KEYS[7], KEYS[8])
+    redis.call('DEL', TK, KEYS[5], KEYS[6], KEYS[7])
   else
-    for k = 3, 8 do
-      if k ~= 5 then redis.call('PEXPIRE', KEYS[k], ttl) end
+    for k = 2, 7 do
+      if k ~= 4 then redis.call('PEXPIRE', KEYS[k], ttl) end
     end
   end
   redis.call('PEXPIRE', VTC, math.max(ttl * 20, 600000))
@@ -120,30 +120,8 @@ local function wake(channel)
 end
 ";
 
-/// The budget's lease, reserved as the batch script does (`ARGV`: lease, tokens, cap, ttl;
-/// the prelude has swept the expired leases). Returns `{status, in_flight}`: 1 admitted
-/// (or already held), 0 over the cap, -1 larger than the cap.
-const RESERVE: &str = r"
-local function reserve_lease()
-  local lease, want, cap, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-  local found = redis.call('HMGET', KEYS[2], '=sum', lease)
-  local held = tonumber(found[1]) or 0
-  if found[2] then
-    redis.call('ZADD', KEYS[1], 'XX', now + ttl, lease)
-    tidy(ttl)
-    return {1, held}
-  end
-  if want > cap then tidy(nil) return {-1, held} end
-  if held + want > cap then tidy(nil) return {0, held} end
-  redis.call('HSET', KEYS[2], lease, ARGV[2])
-  held = redis.call('HINCRBY', KEYS[2], '=sum', want)
-  redis.call('ZADD', KEYS[1], now + ttl, lease)
-  tidy(ttl)
-  return {1, held}
-end
-";
-
-/// `ARGV`: lease, tokens, cap, ttl (as `RESERVE`), then ticket, tenant, class,
+/// `ARGV`: lease, tokens, cap, ttl (the budget's lease, reserved as the batch script
+/// does), then ticket, tenant, class,
 /// share (tokens ÷ weight), active (`1` when the tenant runs or waits on this replica),
 /// channel. Returns `{status, in_flight}`: 1 admitted, 0 over the cap and 2 not its turn
 /// (either way it waits with the ticket), 3 shed, -1 larger than the cap.
@@ -169,14 +147,15 @@ else
   if top and class == 0 then keep(ttl) return {3, sum()} end
   if top and top >= class then return queue(2) end
 end
-local answer = reserve_lease()
-if answer[1] == 1 then
+local status, held = reserve(KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]), ttl)
+local answer = {status, held}
+if status == 1 then
   if holding then drop_ticket(ticket) else lift(tenant, active) end
   served(tenant, share)
   wake(channel)
   keep(ttl)
   return answer
-elseif answer[1] == 0 then
+elseif status == 0 then
   return queue(0)
 end
 if holding then drop_ticket(ticket) end
@@ -217,11 +196,7 @@ struct Scripts {
 
 impl Scripts {
     fn new() -> Self {
-        let with_tickets = |body: &str| {
-            Script::new(&format!(
-                "{PRELUDE}{REGISTER_AGAIN}{RESERVE}{TICKETS}{body}"
-            ))
-        };
+        let with_tickets = |body: &str| Script::new(&format!("{CORE}{TICKETS}{body}"));
         Self {
             admit: with_tickets(ADMIT),
             cancel: with_tickets(CANCEL),
@@ -471,7 +446,8 @@ impl Inner {
     /// A script on budget `key`'s leases and queue, its keys given.
     fn on_queue<'a>(&self, script: &'a Script, key: &str) -> ScriptInvocation<'a> {
         let mut invocation = script.prepare_invoke();
-        for name in self.keys(key).iter().chain(&self.queue_keys(key)) {
+        invocation.key(self.key(key));
+        for name in &self.queue_keys(key) {
             invocation.key(name);
         }
         invocation

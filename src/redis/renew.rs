@@ -13,10 +13,10 @@ use super::tracker::Inner;
 impl Inner {
     /// Renews every live lease: one script call per tenant, all in one pipeline.
     async fn renew_all(self: &Arc<Self>) {
-        let mut by_tenant: HashMap<Arc<[String; 2]>, Vec<Arc<Lease>>> = HashMap::new();
+        let mut by_tenant: HashMap<Arc<str>, Vec<Arc<Lease>>> = HashMap::new();
         for lease in self.lock_leases().values() {
             by_tenant
-                .entry(Arc::clone(&lease.keys))
+                .entry(Arc::clone(&lease.key))
                 .or_default()
                 .push(Arc::clone(lease));
         }
@@ -25,12 +25,11 @@ impl Inner {
         }
         let batches: Vec<_> = by_tenant.into_iter().collect();
         let mut pipe = redis::pipe();
-        for (keys, leases) in &batches {
+        for (key, leases) in &batches {
             let mut cmd = redis::cmd("EVALSHA");
             cmd.arg(self.scripts.renew.get_hash())
-                .arg(2)
-                .arg(&keys[0])
-                .arg(&keys[1])
+                .arg(1)
+                .arg(&**key)
                 .arg(self.ttl_ms());
             for lease in leases {
                 cmd.arg(&lease.id).arg(lease.tokens.load(Relaxed));

@@ -89,7 +89,7 @@ impl Inner {
             id: format!("{}:{seq}", self.replica),
             seq,
             tenant: Arc::from(tenant_id),
-            keys: Arc::new(self.keys(tenant_id)),
+            key: self.key(tenant_id).into(),
             cap,
             tokens: AtomicU64::new(tokens),
             in_flight: AtomicU64::new(0),

@@ -1,59 +1,151 @@
 //! The Lua scripts that change a tenant's leases atomically inside Redis.
 //!
-//! Every script works on one tenant's two keys, which share a hash tag (one cluster slot):
-//! `KEYS[1]`, a sorted set of lease id → deadline (milliseconds, Redis's own clock), and
-//! `KEYS[2]`, a hash of lease id → tokens plus the running sum under `=sum` and the keys'
-//! expiry under `=exp` (lease ids never start with `=`). Resizing, renewing and reading the state first sweep the leases whose
-//! deadline has passed; the batch of reservations and releases, the hot path, sweeps a
-//! tenant only before refusing it, so an expired lease never refuses anyone. Scripts end by
-//! deleting the keys when no lease is left or by pushing their expiry past the latest
-//! deadline otherwise; the batch pushes it (to two TTLs) only when a new deadline would
-//! pass the expiry `=exp` records, so most reservations skip it.
+//! Every script works on one tenant's hash, `KEYS[1]` (one key, so one cluster slot):
+//!
+//! - each lease id → `"<tokens>:<deadline>"` (the deadline in milliseconds of Redis's own
+//!   clock);
+//! - `=sum`, the tokens of all its leases (the tenant's tokens in flight);
+//! - `=min`, a time no lease's deadline is earlier than (so nothing can have expired
+//!   before it);
+//! - `=exp`, when the key itself expires.
+//!
+//! Lease ids never start with `=`, and the three `=` fields are there whenever the key is
+//! (so a release tells the last lease by the hash's length).
+//!
+//! Expired leases are swept only where that can change an answer: before a reservation or
+//! a growth is refused, and before the state is read or leases renewed, each time only
+//! once `=min` has passed. A sweep reads the whole hash, drops the expired leases, and
+//! counts `=sum` and `=min` again from what is left, so the common path pays for none.
+//! Expired leases left meanwhile count in the figures returned until then; they never
+//! refuse a request. A deadline moved later leaves `=min` early, which costs at most one
+//! sweep that finds nothing, and that sweep sets `=min` right again.
+//!
+//! The key expires two TTLs after its latest write that needed it, and is deleted with its
+//! last lease; its expiry is pushed only when a new deadline would pass `=exp`, so most
+//! reservations skip it.
 
 use redis::Script;
 
-/// Shared by every script: the clock, the sweep and the tidy-up.
-pub(super) const PRELUDE: &str = r"
-local function now_ms()
+/// Shared by every script: Redis's clock, reading and writing leases, the sweep, and
+/// reserving and releasing one lease.
+pub(super) const CORE: &str = r"
+local now
+do
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local now = now_ms()
-local function sum()
-  return tonumber(redis.call('HGET', KEYS[2], '=sum')) or 0
+local function int(x) return string.format('%d', x) end
+local function tokens_of(entry) return string.match(entry, '^%d+') end
+-- The deadline `now + ttl` as written after a lease's tokens, formatted once a ttl.
+local stamped, stamp = nil, nil
+local function stamp_of(deadline)
+  if deadline ~= stamped then stamped, stamp = deadline, ':' .. int(deadline) end
+  return stamp
 end
-local function sweep(now)
-  local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
-  if #expired == 0 then return end
-  local freed = 0
-  for _, lease in ipairs(expired) do
-    freed = freed + (tonumber(redis.call('HGET', KEYS[2], lease)) or 0)
-    redis.call('HDEL', KEYS[2], lease)
+-- Drops the expired leases and counts the rest again. Returns the tokens in flight and
+-- the earliest deadline left, nil when no lease is left (the key is then deleted).
+local function sweep(key)
+  local all = redis.call('HGETALL', key)
+  local held, min, gone = 0, nil, {}
+  for i = 1, #all, 2 do
+    local lease, entry = all[i], all[i + 1]
+    if string.byte(lease, 1) ~= 61 then
+      local colon = string.find(entry, ':', 1, true)
+      local deadline = colon and tonumber(string.sub(entry, colon + 1)) or 0
+      if deadline <= now then
+        gone[#gone + 1] = lease
+      else
+        held = held + tonumber(string.sub(entry, 1, colon - 1))
+        if not min or deadline < min then min = deadline end
+      end
+    end
   end
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-  redis.call('HINCRBY', KEYS[2], '=sum', -freed)
+  if not min then
+    redis.call('DEL', key)
+    return 0, nil
+  end
+  for i = 1, #gone, 1000 do
+    redis.call('HDEL', key, unpack(gone, i, math.min(i + 999, #gone)))
+  end
+  redis.call('HSET', key, '=sum', int(held), '=min', int(min))
+  return held, min
 end
-local function tidy(ttl)
-  if redis.call('ZCARD', KEYS[1]) == 0 then
-    redis.call('DEL', KEYS[1], KEYS[2])
-  elseif ttl then
-    redis.call('PEXPIRE', KEYS[1], ttl)
-    redis.call('PEXPIRE', KEYS[2], ttl)
-    redis.call('HSET', KEYS[2], '=exp', now + ttl)
+-- Writes `fields` (pairs of lease and entry, then `=sum`), whose latest deadline is
+-- `deadline`, keeping `=min` no later than it and the key alive past it. `exp` and `min`
+-- are the hash's (nil when missing).
+local function write(key, fields, deadline, ttl, exp, min)
+  if not min or deadline < min then
+    fields[#fields + 1] = '=min'
+    fields[#fields + 1] = int(deadline)
+  end
+  local push = not exp or exp < deadline
+  if push then
+    fields[#fields + 1] = '=exp'
+    fields[#fields + 1] = int(deadline + ttl)
+  end
+  redis.call('HSET', key, unpack(fields))
+  if push then redis.call('PEXPIRE', key, 2 * ttl) end
+end
+-- Sets lease `lease` to `tokens` (digits) with its deadline `ttl` from now, the tenant
+-- then holding `held`.
+local function put(key, lease, tokens, held, ttl, exp, min)
+  local deadline = now + ttl
+  local entry = tokens .. stamp_of(deadline)
+  if exp and exp >= deadline and min and min <= deadline then
+    redis.call('HSET', key, lease, entry, '=sum', int(held))
+  else
+    write(key, {lease, entry, '=sum', int(held)}, deadline, ttl, exp, min)
   end
 end
-sweep(now)
-";
-
-/// Registers lease `lease` again with `tokens`, whatever the cap: Redis lost it (a restart
-/// without persistence, a flush, a failover to a lagging replica, or an expiry while its
-/// replica was cut off), but its replica still holds it and the work is running.
-pub(super) const REGISTER_AGAIN: &str = r"
-local function register_again(lease, tokens, ttl)
-  redis.call('HSET', KEYS[2], lease, tokens)
-  redis.call('HINCRBY', KEYS[2], '=sum', tokens)
-  redis.call('ZADD', KEYS[1], now + ttl, lease)
+-- Reserves `tokens` (digits) for `lease` under `cap`. Returns the status (1 admitted, or
+-- already held: a retry of the same lease id admits once and pushes its deadline; 0 over
+-- the cap; -1 larger than the cap) and the tokens in flight.
+local function reserve(key, lease, tokens, cap, ttl)
+  local want = tonumber(tokens)
+  local found = redis.call('HMGET', key, '=sum', lease, '=exp', '=min')
+  local held, exp, min = tonumber(found[1]) or 0, tonumber(found[3]), tonumber(found[4])
+  if found[2] then
+    put(key, lease, tokens_of(found[2]), held, ttl, exp, min)
+    return 1, held
+  end
+  if want > cap then return -1, held end
+  if held + want > cap and min and min <= now then
+    held, min = sweep(key)
+    if not min then exp = nil end
+  end
+  if held + want > cap then return 0, held end
+  held = held + want
+  put(key, lease, tokens, held, ttl, exp, min)
+  return 1, held
 end
+-- Releases `lease`. Returns 1 if it was there (releasing is idempotent), and the tokens in
+-- flight after it.
+local function release(key, lease)
+  local found = redis.call('HMGET', key, lease, '=sum')
+  local held = tonumber(found[2]) or 0
+  if not found[1] then return 0, held end
+  held = held - tonumber(tokens_of(found[1]))
+  if held <= 0 and redis.call('HLEN', key) <= 4 then
+    redis.call('DEL', key)
+    return 1, 0
+  end
+  redis.call('HDEL', key, lease)
+  redis.call('HSET', key, '=sum', int(held))
+  return 1, held
+end
+-- Reads the `=` fields and `lease` (optional), sweeping first once `=min` has passed.
+-- Returns the tokens in flight, the lease's entry, `=exp` and `=min`.
+local function look(key, lease)
+  local fields = {'=sum', '=exp', '=min', lease}
+  local found = redis.call('HMGET', key, unpack(fields))
+  local min = tonumber(found[3])
+  if min and min <= now then
+    sweep(key)
+    found = redis.call('HMGET', key, unpack(fields))
+  end
+  return tonumber(found[1]) or 0, found[4], tonumber(found[2]), tonumber(found[3])
+end
+local function sum() return tonumber(redis.call('HGET', KEYS[1], '=sum')) or 0 end
 ";
 
 /// `ARGV`: lease, tokens, cap (empty: unchecked growth), ttl, the tokens the lease holds
@@ -61,21 +153,24 @@ end
 /// cap (the tokens unchanged); `registered_again` 1 when the lease had been lost and was
 /// registered again with the tokens it holds now first.
 const RESIZE: &str = r"
-local lease, tokens, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4])
+local key, lease, tokens, ttl = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[4])
 local cap = tonumber(ARGV[3])
-local old = tonumber(redis.call('HGET', KEYS[2], lease))
-local again = 0
-if not old then
-  old = tonumber(ARGV[5])
-  register_again(lease, old, ttl)
+local held, entry, exp, min = look(key, lease)
+local old, again = ARGV[5], 0
+if entry then
+  old = tokens_of(entry)
+else
+  -- Redis lost the lease (a restart without persistence, a flush, a failover to a
+  -- lagging replica, or an expiry while this replica was cut off), but the work is
+  -- running: it is registered again with the tokens it holds, whatever the cap.
+  put(key, lease, old, held + tonumber(old), ttl, exp, min)
+  held, entry, exp, min = look(key, lease)
   again = 1
 end
-local held = sum()
-if cap and tokens > old and held - old + tokens > cap then tidy(ttl) return {0, held, again} end
-redis.call('HSET', KEYS[2], lease, ARGV[2])
-held = redis.call('HINCRBY', KEYS[2], '=sum', tokens - old)
-redis.call('ZADD', KEYS[1], 'XX', now + ttl, lease)
-tidy(ttl)
+local grow = tonumber(tokens) - tonumber(old)
+if cap and grow > 0 and held + grow > cap then return {0, held, again} end
+held = held + grow
+put(key, lease, tokens, held, ttl, exp, min)
 return {1, held, again}
 ";
 
@@ -83,114 +178,58 @@ return {1, held, again}
 /// lease; one Redis no longer has (expired, or lost with the server's data) is registered
 /// again with its tokens, whatever the cap. Returns `{in_flight, {ids registered again}}`.
 const RENEW: &str = r"
-local ttl = tonumber(ARGV[1])
-local again = {}
-for i = 2, #ARGV, 2 do
-  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
-    redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[i])
-  else
-    register_again(ARGV[i], tonumber(ARGV[i + 1]), ttl)
-    again[#again + 1] = ARGV[i]
+local key, ttl = KEYS[1], tonumber(ARGV[1])
+local held, _, exp, min = look(key, nil)
+local leases = {}
+for i = 2, #ARGV, 2 do leases[#leases + 1] = ARGV[i] end
+if #leases == 0 then return {held, {}} end
+local entries = redis.call('HMGET', key, unpack(leases))
+local fields, again = {}, {}
+for i, lease in ipairs(leases) do
+  local tokens = entries[i] and tokens_of(entries[i])
+  if not tokens then
+    tokens = ARGV[2 * i + 1]
+    held = held + tonumber(tokens)
+    again[#again + 1] = lease
   end
+  fields[#fields + 1] = lease
+  fields[#fields + 1] = tokens .. stamp_of(now + ttl)
 end
-tidy(ttl)
-return {sum(), again}
+fields[#fields + 1] = '=sum'
+fields[#fields + 1] = int(held)
+write(key, fields, now + ttl, ttl, exp, min)
+return {held, again}
 ";
 
-/// Reservations and releases in one call, each on its own tenant's keys: `KEYS` are the
-/// pairs of keys, one pair an operation, and `ARGV` the ttl, then four values an operation:
-/// `r` (reserve) or `x` (release), the lease, its tokens and the cap (both ignored by a
-/// release). Returns two numbers an operation, in order: for a reservation its status (1
-/// admitted, or already held: a retry of the same lease id admits once; 0 over the cap;
-/// -1 larger than the cap) and the tenant's tokens in flight; for a release 1 if the lease
-/// was there (releasing is idempotent) and the tokens in flight after it.
-///
-/// It sweeps a tenant's expired leases only where that can change an answer: before a
-/// reservation is refused (and only when the earliest deadline has passed), so the common
-/// path pays for no sweep. Expired leases left meanwhile still count in the figure
-/// returned until a refusal, a renewal or a look at the state sweeps them; they never
-/// refuse a request. A release deletes the keys when the last lease goes. Standalone: it
-/// needs none of the prelude.
+/// Reservations and releases in one call, each on its own tenant's hash: `KEYS` are the
+/// hashes, one an operation, and `ARGV` the ttl, then for each operation `r` (reserve),
+/// the lease, its tokens and the cap, or `x` (release) and the lease. Returns two numbers
+/// an operation, in order: for a reservation its status and the tenant's tokens in flight
+/// (see `reserve`), for a release 1 if the lease was there and the tokens in flight after
+/// it.
 const BATCH: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
-local out = {}
-local function sweep(deadlines, tokens, held)
-  local first = redis.call('ZRANGE', deadlines, 0, 0, 'WITHSCORES')
-  if not first[2] or tonumber(first[2]) > now then return held end
-  local expired = redis.call('ZRANGEBYSCORE', deadlines, '-inf', now)
-  local freed = 0
-  for _, gone in ipairs(expired) do
-    freed = freed + (tonumber(redis.call('HGET', tokens, gone)) or 0)
-    redis.call('HDEL', tokens, gone)
-  end
-  redis.call('ZREMRANGEBYSCORE', deadlines, '-inf', now)
-  return redis.call('HINCRBY', tokens, '=sum', -freed)
-end
-for op = 0, #KEYS / 2 - 1 do
-  local deadlines, tokens = KEYS[2 * op + 1], KEYS[2 * op + 2]
-  local a = 4 * op + 2
-  local lease = ARGV[a + 1]
+local out, a = {}, 2
+for op = 1, #KEYS do
+  local status, held
   if ARGV[a] == 'r' then
-    local want, cap = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-    local found = redis.call('HMGET', tokens, '=sum', lease, '=exp')
-    local held = tonumber(found[1]) or 0
-    local status = 1
-    if found[2] then
-      redis.call('ZADD', deadlines, 'XX', now + ttl, lease)
-    elseif want > cap then
-      status = -1
-    else
-      if held + want > cap then held = sweep(deadlines, tokens, held) end
-      if held + want > cap then
-        status = 0
-      elseif not found[1] then
-        -- The tenant's first lease: its keys are made here, each field in one call.
-        redis.call('HSET', tokens, lease, ARGV[a + 2], '=sum', ARGV[a + 2], '=exp', now + 2 * ttl)
-        redis.call('ZADD', deadlines, now + ttl, lease)
-        redis.call('PEXPIRE', deadlines, 2 * ttl)
-        redis.call('PEXPIRE', tokens, 2 * ttl)
-        found[3] = now + 2 * ttl
-        held = want
-      else
-        held = held + want
-        redis.call('HSET', tokens, lease, ARGV[a + 2], '=sum', string.format('%d', held))
-        redis.call('ZADD', deadlines, now + ttl, lease)
-      end
-    end
-    if status == 1 and (tonumber(found[3]) or 0) < now + ttl then
-      redis.call('PEXPIRE', deadlines, 2 * ttl)
-      redis.call('PEXPIRE', tokens, 2 * ttl)
-      redis.call('HSET', tokens, '=exp', now + 2 * ttl)
-    end
-    out[#out + 1] = status
-    out[#out + 1] = held
+    status, held = reserve(KEYS[op], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3]), ttl)
+    a = a + 4
   else
-    local found = redis.call('HMGET', tokens, lease, '=sum')
-    local old = tonumber(found[1])
-    local held = tonumber(found[2]) or 0
-    if old then
-      redis.call('HDEL', tokens, lease)
-      redis.call('ZREM', deadlines, lease)
-      held = held - old
-    end
-    if held == 0 and redis.call('ZCARD', deadlines) == 0 then
-      redis.call('DEL', deadlines, tokens)
-    elseif old then
-      redis.call('HSET', tokens, '=sum', string.format('%d', held))
-    end
-    out[#out + 1] = old and 1 or 0
-    out[#out + 1] = held
+    status, held = release(KEYS[op], ARGV[a + 1])
+    a = a + 2
   end
+  out[#out + 1] = status
+  out[#out + 1] = held
 end
 return out
 ";
 
 /// No `ARGV`. Returns `{in_flight, leases}` after the sweep.
 const STATE: &str = r"
-tidy(nil)
-return {sum(), redis.call('ZCARD', KEYS[1])}
+local held = look(KEYS[1], nil)
+local fields = redis.call('HLEN', KEYS[1])
+return {held, math.max(fields - 3, 0)}
 ";
 
 /// The scripts, hashed once; `redis::Script` loads one again when the server answers
@@ -204,9 +243,9 @@ pub(crate) struct Scripts {
 
 impl Scripts {
     pub(crate) fn new() -> Self {
-        let script = |body: &str| Script::new(&format!("{PRELUDE}{REGISTER_AGAIN}{body}"));
+        let script = |body: &str| Script::new(&format!("{CORE}{body}"));
         Self {
-            batch: Script::new(BATCH),
+            batch: script(BATCH),
             resize: script(RESIZE),
             renew: script(RENEW),
             state: script(STATE),

@@ -113,13 +113,15 @@ pub(super) struct Counters {
 ///
 /// # In Redis
 ///
-/// Per tenant, two keys under one hash tag (so a cluster keeps them in one slot):
-/// `{prefix}{t:<tenant>}:leases`, a sorted set of lease id → deadline, and
-/// `{prefix}{t:<tenant>}:tokens`, a hash of lease id → tokens and the running sum. Short Lua
-/// scripts reserve, resize, renew and release atomically, sweeping the leases whose
-/// deadline has passed before anything is refused. Reservations and releases queued
-/// together go in one script call (a batch), so a busy replica pays Redis's cost of a
-/// script call once for many requests. Both keys expire when their last lease does.
+/// Per tenant, one hash, `{prefix}{t:<tenant>}:tokens`: lease id → its tokens and deadline,
+/// plus the running sum and a bound on the earliest deadline. Short Lua scripts reserve,
+/// resize, renew and release atomically, sweeping the leases whose deadline has passed
+/// before anything is refused. Reservations and releases queued together go in one script
+/// call (a batch), so a busy replica pays Redis's cost of a script call once for many
+/// requests. The key is deleted with its last lease, and expires after it otherwise.
+///
+/// The layout changed in 0.2 (it had a sorted set of deadlines beside the hash): replicas
+/// of 0.1 and of 0.2 must not share a `key_prefix`, so roll out with a new one.
 ///
 /// Reserving is idempotent per lease id, so a reserve that timed out is released by id;
 /// releasing is idempotent; a lease Redis lost while this replica still holds it
@@ -247,9 +249,7 @@ impl RedisTokenTracker {
     /// [`Error::BackendUnavailable`] when Redis could not be asked.
     pub async fn in_flight(&self, tenant_id: &str) -> Result<u64, Error> {
         let inner = &self.inner;
-        let keys = inner.keys(tenant_id);
-        let mut invocation = inner.scripts.state.key(&keys[0]);
-        invocation.key(&keys[1]);
+        let invocation = inner.scripts.state.key(inner.key(tenant_id));
         let mut conn = inner.conn.clone();
         let (tokens, _leases): (u64, u64) = inner
             .timed(invocation.invoke_async(&mut conn))
@@ -308,12 +308,9 @@ impl Inner {
         clamp(cap)
     }
 
-    pub(super) fn keys(&self, tenant_id: &str) -> [String; 2] {
-        let prefix = &self.prefix;
-        [
-            format!("{prefix}{{t:{tenant_id}}}:leases"),
-            format!("{prefix}{{t:{tenant_id}}}:tokens"),
-        ]
+    /// The hash of `tenant_id`'s leases (see [`scripts`](super::scripts)).
+    pub(super) fn key(&self, tenant_id: &str) -> String {
+        format!("{}{{t:{tenant_id}}}:tokens", self.prefix)
     }
 
     /// Whether each script call must keep to one hash slot's keys (a Redis Cluster).
