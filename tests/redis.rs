@@ -155,8 +155,8 @@ async fn two_replicas_never_exceed_the_shared_cap() {
         replicas.iter().all(|replica| replica.live_leases() == 0)
     })
     .await;
-    // Nothing left behind: both keys go with the last lease.
-    assert_eq!(redis.command("DBSIZE"), ":0");
+    // Nothing left behind but the tenant's idle hash, which expires.
+    assert_eq!(redis.leftover_keys(), 0);
 }
 
 /// An app on `tracker` whose `/stream` handler streams a body the test drives (after
@@ -440,7 +440,7 @@ async fn renewal_registers_again_a_lease_that_expired_while_its_work_runs() {
     assert_eq!(lease.tokens(), 700);
     drop(lease);
     wait_for_shared(&tracker, "acme", 0, WAIT).await;
-    assert_eq!(redis.command("DBSIZE").trim(), ":0", "no key left behind");
+    assert_eq!(redis.leftover_keys(), 0, "no key left behind");
 }
 
 #[tokio::test]
@@ -739,7 +739,7 @@ async fn a_reservation_that_timed_out_leaves_nothing_behind() {
     assert_eq!(stall.join().expect("stall"), "+OK");
     // The late reservation was applied, then taken back by lease id.
     wait_for_shared(&observer, "acme", 0, WAIT).await;
-    assert_eq!(redis.command("DBSIZE"), ":0");
+    assert_eq!(redis.leftover_keys(), 0);
 }
 
 #[tokio::test]
@@ -789,7 +789,7 @@ async fn a_request_cancelled_while_redis_decides_leaves_nothing_behind() {
     assert_eq!(stall.join().expect("stall"), "+OK");
     // Redis applied the reservation after the stall; its release by id follows it.
     wait_for_shared(&observer, "acme", 0, WAIT).await;
-    assert_eq!(redis.command("DBSIZE"), ":0");
+    assert_eq!(redis.leftover_keys(), 0);
     assert_eq!(tracker.live_leases(), 0);
 }
 
@@ -990,11 +990,11 @@ async fn a_reservation_outliving_its_tracker_is_still_released() {
     drop(tracker);
     drop(reservations); // the last handles on the tracker
     let deadline = Instant::now() + Duration::from_secs(2);
-    while redis.command("DBSIZE") != ":0" {
+    while redis.leftover_keys() != 0 {
         assert!(
             Instant::now() < deadline,
             "leases left behind: {} keys",
-            redis.command("DBSIZE")
+            redis.leftover_keys()
         );
         tokio::time::sleep(POLL).await;
     }

@@ -1,5 +1,7 @@
 //! Listing the tenants with work in flight across every replica, for an admin page.
 
+use std::collections::HashSet;
+
 use super::tracker::RedisTokenTracker;
 use crate::Error;
 
@@ -12,7 +14,8 @@ impl RedisTokenTracker {
     ///
     /// It walks this tracker's keys with `SCAN` (a step of a thousand keys at a time, so
     /// Redis is never blocked for long; on a cluster, every master in turn) and asks for
-    /// each tenant's count: one round trip per tenant found, so keep `limit` to what a page
+    /// each tenant's count: one round trip per tenant found (tenants idle for less than two
+    /// lease TTLs included, as their keys are still there), so keep `limit` to what a page
     /// shows.
     ///
     /// # Errors
@@ -28,8 +31,9 @@ impl RedisTokenTracker {
             .timed(inner.conn.masters())
             .await
             .map_err(unavailable)?;
-        let mut tenants = Vec::new();
-        for node in &masters {
+        let mut seen = HashSet::new();
+        let mut listed = Vec::new();
+        'masters: for node in &masters {
             let mut cursor = 0_u64;
             loop {
                 let mut scan = redis::cmd("SCAN");
@@ -46,28 +50,27 @@ impl RedisTokenTracker {
                     let tenant = key.strip_prefix(inner.prefix.as_str())?;
                     Some(tenant.strip_prefix(head)?.strip_suffix(tail)?.to_owned())
                 });
-                tenants.extend(found);
+                for tenant in found {
+                    if !seen.insert(tenant.clone()) {
+                        continue; // SCAN may return a key twice
+                    }
+                    // A tenant's key outlives its last lease for a while: only those with
+                    // tokens in flight are listed.
+                    let in_flight = self.in_flight(&tenant).await?;
+                    if in_flight > 0 {
+                        listed.push((tenant, in_flight));
+                        if listed.len() >= limit {
+                            break 'masters;
+                        }
+                    }
+                }
                 cursor = next;
-                if cursor == 0 || tenants.len() >= limit {
+                if cursor == 0 {
                     break;
                 }
             }
-            if tenants.len() >= limit {
-                break;
-            }
         }
-        tenants.sort();
-        tenants.dedup();
-        let mut listed = Vec::new();
-        for tenant in tenants {
-            if listed.len() == limit {
-                break;
-            }
-            let in_flight = self.in_flight(&tenant).await?;
-            if in_flight > 0 {
-                listed.push((tenant, in_flight));
-            }
-        }
+        listed.sort();
         Ok(listed)
     }
 }

@@ -5,12 +5,15 @@
 //! - each lease id → `"<tokens>:<deadline>"` (the deadline in milliseconds of Redis's own
 //!   clock);
 //! - `=sum`, the tokens of all its leases (the tenant's tokens in flight);
-//! - `=min`, a time no lease's deadline is earlier than (so nothing can have expired
-//!   before it);
+//! - `=min`, the earliest deadline (so nothing can have expired before it): set with the
+//!   key's first lease and by every sweep, renewal and resize, but neither read nor written
+//!   by a reservation, the hot path. Replicas that share a prefix with different lease
+//!   TTLs may so leave a shorter-lived lease before `=min`, swept at most the difference
+//!   between the TTLs late;
 //! - `=exp`, when the key itself expires.
 //!
 //! Lease ids never start with `=`, and the three `=` fields are there whenever the key is
-//! (so a release tells the last lease by the hash's length).
+//! (so the hash's length tells how many leases it holds).
 //!
 //! Expired leases are swept only where that can change an answer: before a reservation or
 //! a growth is refused, and before the state is read or leases renewed, each time only
@@ -20,9 +23,11 @@
 //! refuse a request. A deadline moved later leaves `=min` early, which costs at most one
 //! sweep that finds nothing, and that sweep sets `=min` right again.
 //!
-//! The key expires two TTLs after its latest write that needed it, and is deleted with its
-//! last lease; its expiry is pushed only when a new deadline would pass `=exp`, so most
-//! reservations skip it.
+//! The key expires two TTLs after its latest write that needed it; its expiry is pushed
+//! only when a new deadline would pass `=exp`, so most reservations skip it. It outlives
+//! its last lease until then, holding `=sum` 0, rather than being deleted with it: making
+//! and deleting a tenant's key costs Redis more than the reservation itself, and a tenant
+//! whose requests come one at a time would pay for both on every request.
 
 use redis::Script;
 
@@ -34,13 +39,17 @@ do
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+-- Formatting a number costs more than most commands, so each is formatted once.
 local function int(x) return string.format('%d', x) end
 local function tokens_of(entry) return string.match(entry, '^%d+') end
--- The deadline `now + ttl` as written after a lease's tokens, formatted once a ttl.
-local stamped, stamp = nil, nil
-local function stamp_of(deadline)
-  if deadline ~= stamped then stamped, stamp = deadline, ':' .. int(deadline) end
-  return stamp
+-- A deadline `now + ttl` formatted: alone, after a lease's tokens, and the key's expiry
+-- `ttl` after it (`=exp`, and `life` from now).
+local dated, digits, stamp, expiry, life = nil, nil, nil, nil, nil
+local function date(deadline, ttl)
+  if deadline ~= dated then
+    dated, digits = deadline, int(deadline)
+    stamp, expiry, life = ':' .. digits, int(deadline + ttl), int(2 * ttl)
+  end
 end
 -- Drops the expired leases and counts the rest again. Returns the tokens in flight and
 -- the earliest deadline left, nil when no lease is left (the key is then deleted).
@@ -74,24 +83,26 @@ end
 -- `deadline`, keeping `=min` no later than it and the key alive past it. `exp` and `min`
 -- are the hash's (nil when missing).
 local function write(key, fields, deadline, ttl, exp, min)
-  if not min or deadline < min then
+  date(deadline, ttl)
+  if min == nil or (min and deadline < min) then
     fields[#fields + 1] = '=min'
-    fields[#fields + 1] = int(deadline)
+    fields[#fields + 1] = digits
   end
   local push = not exp or exp < deadline
   if push then
     fields[#fields + 1] = '=exp'
-    fields[#fields + 1] = int(deadline + ttl)
+    fields[#fields + 1] = expiry
   end
   redis.call('HSET', key, unpack(fields))
-  if push then redis.call('PEXPIRE', key, 2 * ttl) end
+  if push then redis.call('PEXPIRE', key, life) end
 end
 -- Sets lease `lease` to `tokens` (digits) with its deadline `ttl` from now, the tenant
--- then holding `held`.
+-- then holding `held`. `min` false: not read, and left as it is.
 local function put(key, lease, tokens, held, ttl, exp, min)
   local deadline = now + ttl
-  local entry = tokens .. stamp_of(deadline)
-  if exp and exp >= deadline and min and min <= deadline then
+  date(deadline, ttl)
+  local entry = tokens .. stamp
+  if exp and exp >= deadline and (min == false or (min and min <= deadline)) then
     redis.call('HSET', key, lease, entry, '=sum', int(held))
   else
     write(key, {lease, entry, '=sum', int(held)}, deadline, ttl, exp, min)
@@ -102,16 +113,22 @@ end
 -- the cap; -1 larger than the cap) and the tokens in flight.
 local function reserve(key, lease, tokens, cap, ttl)
   local want = tonumber(tokens)
-  local found = redis.call('HMGET', key, '=sum', lease, '=exp', '=min')
-  local held, exp, min = tonumber(found[1]) or 0, tonumber(found[3]), tonumber(found[4])
+  local found = redis.call('HMGET', key, '=sum', lease, '=exp')
+  local held, exp = tonumber(found[1]) or 0, tonumber(found[3])
+  -- `=min` is read only where a sweep could change the answer.
+  local min = nil
+  if found[1] then min = false end
   if found[2] then
     put(key, lease, tokens_of(found[2]), held, ttl, exp, min)
     return 1, held
   end
   if want > cap then return -1, held end
-  if held + want > cap and min and min <= now then
-    held, min = sweep(key)
-    if not min then exp = nil end
+  if held + want > cap and found[1] then
+    min = tonumber(redis.call('HGET', key, '=min'))
+    if min and min <= now then
+      held, min = sweep(key)
+      if not min then exp = nil end
+    end
   end
   if held + want > cap then return 0, held end
   held = held + want
@@ -121,17 +138,10 @@ end
 -- Releases `lease`. Returns 1 if it was there (releasing is idempotent), and the tokens in
 -- flight after it.
 local function release(key, lease)
-  local found = redis.call('HMGET', key, lease, '=sum')
-  local held = tonumber(found[2]) or 0
-  if not found[1] then return 0, held end
-  held = held - tonumber(tokens_of(found[1]))
-  if held <= 0 and redis.call('HLEN', key) <= 4 then
-    redis.call('DEL', key)
-    return 1, 0
-  end
+  local entry = redis.call('HGET', key, lease)
+  if not entry then return 0, tonumber(redis.call('HGET', key, '=sum')) or 0 end
   redis.call('HDEL', key, lease)
-  redis.call('HSET', key, '=sum', int(held))
-  return 1, held
+  return 1, redis.call('HINCRBY', key, '=sum', '-' .. tokens_of(entry))
 end
 -- Reads the `=` fields and `lease` (optional), sweeping first once `=min` has passed.
 -- Returns the tokens in flight, the lease's entry, `=exp` and `=min`.
@@ -193,7 +203,8 @@ for i, lease in ipairs(leases) do
     again[#again + 1] = lease
   end
   fields[#fields + 1] = lease
-  fields[#fields + 1] = tokens .. stamp_of(now + ttl)
+  date(now + ttl, ttl)
+  fields[#fields + 1] = tokens .. stamp
 end
 fields[#fields + 1] = '=sum'
 fields[#fields + 1] = int(held)

@@ -118,7 +118,9 @@ pub(super) struct Counters {
 /// resize, renew and release atomically, sweeping the leases whose deadline has passed
 /// before anything is refused. Reservations and releases queued together go in one script
 /// call (a batch), so a busy replica pays Redis's cost of a script call once for many
-/// requests. The key is deleted with its last lease, and expires after it otherwise.
+/// requests. The key expires at most two TTLs after its last lease (it is kept until then,
+/// so that a tenant's next request finds it: making and deleting it would cost Redis more
+/// than the reservation).
 ///
 /// The layout changed in 0.2 (it had a sorted set of deadlines beside the hash): replicas
 /// of 0.1 and of 0.2 must not share a `key_prefix`, so roll out with a new one.

@@ -65,6 +65,26 @@ impl RedisServer {
         Self::command_on(self.port, line)
     }
 
+    /// Keys left besides idle tenants' lease hashes: a tenant's hash outlives its last lease
+    /// (holding no lease and `=sum` 0) until it expires, and anything else should be gone
+    /// once everything ends.
+    pub fn leftover_keys(&self) -> u64 {
+        let script = "local n = 0 \
+            for _, key in ipairs(redis.call('KEYS', '*')) do \
+              local idle = string.sub(key, -7) == ':tokens' \
+                and redis.call('TYPE', key).ok == 'hash' \
+                and redis.call('HLEN', key) == 3 \
+                and redis.call('HGET', key, '=sum') == '0' \
+              if not idle then n = n + 1 end \
+            end \
+            return n";
+        let reply = self.command(&format!("EVAL \"{script}\" 0"));
+        reply
+            .strip_prefix(':')
+            .and_then(|count| count.parse().ok())
+            .unwrap_or_else(|| panic!("counting keys: {reply}"))
+    }
+
     /// [`command`](Self::command) to the server on `port`, from any thread.
     pub fn command_on(port: u16, line: &str) -> String {
         let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to redis");
