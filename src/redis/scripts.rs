@@ -5,19 +5,16 @@
 //! - each lease id → `"<tokens>:<deadline>"` (the deadline in milliseconds of Redis's own
 //!   clock);
 //! - `=sum`, the tokens of all its leases (the tenant's tokens in flight);
-//! - `=min`, the earliest deadline (so nothing can have expired before it): set with the
-//!   key's first lease and by every sweep, renewal and resize, but neither read nor written
-//!   by a reservation, the hot path. Replicas that share a prefix with different lease
-//!   TTLs may so leave a shorter-lived lease before `=min`, swept at most the difference
-//!   between the TTLs late;
+//! - `=min`, a time no lease's deadline is earlier than (so nothing can have expired
+//!   before it);
 //! - `=exp`, when the key itself expires.
 //!
 //! Lease ids never start with `=`, and the three `=` fields are there whenever the key is
 //! (so the hash's length tells how many leases it holds).
 //!
-//! Expired leases are swept only where that can change an answer: before a reservation or
-//! a growth is refused, and before the state is read or leases renewed, each time only
-//! once `=min` has passed. A sweep reads the whole hash, drops the expired leases, and
+//! Expired leases are swept only where that can change an answer: before a reservation is
+//! refused, and before a lease is resized or renewed or the state read, each time only once
+//! `=min` has passed. A sweep reads the whole hash, drops the expired leases, and
 //! counts `=sum` and `=min` again from what is left, so the common path pays for none.
 //! Expired leases left meanwhile count in the figures returned until then; they never
 //! refuse a request. A deadline moved later leaves `=min` early, which costs at most one
@@ -84,7 +81,7 @@ end
 -- are the hash's (nil when missing).
 local function write(key, fields, deadline, ttl, exp, min)
   date(deadline, ttl)
-  if min == nil or (min and deadline < min) then
+  if not min or deadline < min then
     fields[#fields + 1] = '=min'
     fields[#fields + 1] = digits
   end
@@ -97,12 +94,12 @@ local function write(key, fields, deadline, ttl, exp, min)
   if push then redis.call('PEXPIRE', key, life) end
 end
 -- Sets lease `lease` to `tokens` (digits) with its deadline `ttl` from now, the tenant
--- then holding `held`. `min` false: not read, and left as it is.
+-- then holding `held`.
 local function put(key, lease, tokens, held, ttl, exp, min)
   local deadline = now + ttl
   date(deadline, ttl)
   local entry = tokens .. stamp
-  if exp and exp >= deadline and (min == false or (min and min <= deadline)) then
+  if exp and exp >= deadline and min and min <= deadline then
     redis.call('HSET', key, lease, entry, '=sum', int(held))
   else
     write(key, {lease, entry, '=sum', int(held)}, deadline, ttl, exp, min)
@@ -113,22 +110,16 @@ end
 -- the cap; -1 larger than the cap) and the tokens in flight.
 local function reserve(key, lease, tokens, cap, ttl)
   local want = tonumber(tokens)
-  local found = redis.call('HMGET', key, '=sum', lease, '=exp')
-  local held, exp = tonumber(found[1]) or 0, tonumber(found[3])
-  -- `=min` is read only where a sweep could change the answer.
-  local min = nil
-  if found[1] then min = false end
+  local found = redis.call('HMGET', key, '=sum', lease, '=exp', '=min')
+  local held, exp, min = tonumber(found[1]) or 0, tonumber(found[3]), tonumber(found[4])
   if found[2] then
     put(key, lease, tokens_of(found[2]), held, ttl, exp, min)
     return 1, held
   end
   if want > cap then return -1, held end
-  if held + want > cap and found[1] then
-    min = tonumber(redis.call('HGET', key, '=min'))
-    if min and min <= now then
-      held, min = sweep(key)
-      if not min then exp = nil end
-    end
+  if held + want > cap and min and min <= now then
+    held, min = sweep(key)
+    if not min then exp = nil end
   end
   if held + want > cap then return 0, held end
   held = held + want
