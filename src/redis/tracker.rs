@@ -122,8 +122,8 @@ pub(super) struct Counters {
 /// so that a tenant's next request finds it: making and deleting it would cost Redis more
 /// than the reservation).
 ///
-/// The layout changed in 0.2 (it had a sorted set of deadlines beside the hash): replicas
-/// of 0.1 and of 0.2 must not share a `key_prefix`, so roll out with a new one.
+/// The first cut kept a sorted set of deadlines beside the hash: replicas of the first cut
+/// and of this version must not share a `key_prefix`, so roll out with a new one.
 ///
 /// Reserving is idempotent per lease id, so a reserve that timed out is released by id;
 /// releasing is idempotent; a lease Redis lost while this replica still holds it
