@@ -51,8 +51,11 @@
 //! `NOSCRIPT`) reserve, resize, renew and release atomically, sweeping leases whose
 //! deadline has passed before anything is refused; a replica sends the reservations and
 //! releases that queue up while its earlier calls are in flight in one call (a batch), so
-//! under load Redis runs one script for many requests. Each replica renews the deadlines of all its live leases in
-//! one pipelined round trip every `redis::DEFAULT_RENEW_EVERY`, with leases living
+//! under load Redis runs one script for many requests. A tenant's hash stays after its
+//! last lease, holding 0, until it expires (at most two TTLs later), since making and
+//! deleting it would cost Redis more than the reservation. Each replica renews the
+//! deadlines of all its live leases in one pipelined round trip every
+//! `redis::DEFAULT_RENEW_EVERY`, with leases living
 //! `redis::DEFAULT_LEASE_TTL` unless renewed (both configurable: `renew_every`,
 //! `lease_ttl`), for as long as the request or its stream lives. So:
 //!
