@@ -10,10 +10,7 @@
 //! were queued, and Redis runs one connection's calls in order, so the release of an
 //! unanswered reservation does not overtake it (should the connection be remade between
 //! the two, the reservation's lease would expire after its TTL). Releases nobody waits
-//! for are answered here: a failure is counted and logged. They are sent on their own only
-//! when no call is in flight, and otherwise ride with the next operation someone waits
-//! for, so that a reservation does not wait for a call slot taken by releases (their
-//! tokens stay counted a round trip longer at most). On a Redis Cluster a call holds
+//! for are answered here: a failure is counted and logged. On a Redis Cluster a call holds
 //! one tenant's operations only (a script's keys must share a slot).
 
 use std::future::Future;
@@ -129,9 +126,7 @@ pub(super) async fn send_forever(mut queue: mpsc::UnboundedReceiver<Op>, shared:
                     Poll::Pending => break,
                 }
             }
-            // Releases alone wait for an empty line (see the module notes).
-            let urgent = batch.iter().any(|op| op.answer.is_some());
-            if !batch.is_empty() && (urgent || calls.is_empty()) {
+            if !batch.is_empty() {
                 let Some(shared) = shared.upgrade() else {
                     return Poll::Ready(());
                 };
