@@ -874,7 +874,7 @@ async fn the_tenants_in_flight_across_replicas_are_listed() {
         connect(builder(1_000), &redis),
         connect(builder(1_000), &redis),
     );
-    let held = vec![
+    let mut held = vec![
         first.reserve("acme", 300).await.unwrap(),
         second.reserve("acme", 200).await.unwrap(),
         second.reserve("globex", 50).await.unwrap(),
@@ -899,9 +899,17 @@ async fn the_tenants_in_flight_across_replicas_are_listed() {
         [("acme".to_owned(), 1)]
     );
 
+    let last = held.pop().expect("in*itech's");
     for reservation in held {
         reservation.release().await;
     }
+    // The idle tenants' hashes stay until they expire; they are not listed, nor do they
+    // take the place of one that holds tokens.
+    assert_eq!(
+        first.tenants_in_flight(1).await.unwrap(),
+        [("in*itech".to_owned(), 7)]
+    );
+    last.release().await;
     assert!(first.tenants_in_flight(100).await.unwrap().is_empty());
 }
 

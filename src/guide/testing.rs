@@ -36,7 +36,8 @@
 //! `tests/redis.rs` runs against real `redis-server`s, each test its own server:
 //!
 //! - two replicas under many concurrent workers never exceed the cap (Redis's count sampled
-//!   as it runs, and what the workers hold) and end at 0 with no keys left;
+//!   as it runs, and what the workers hold) and end at 0 with no lease left (a tenant's
+//!   idle hash stays until it expires);
 //! - two replicas behind the layer over real HTTP share one cap (429 from the other
 //!   replica, reconciliation both ways);
 //! - a replica process killed with `SIGKILL` while holding most of a cap: its lease stays
@@ -60,12 +61,13 @@
 //!
 //! - forty tenants spread over the three masters, each held to its cap by two trackers,
 //!   renewed past the TTL with nothing lost, listed by `tenants_in_flight` across masters,
-//!   raced by concurrent workers without exceeding a cap, and no key left on any master;
+//!   raced by concurrent workers without exceeding a cap, and no lease left on any master;
 //! - a shared budget on another master than its tenants stays all or nothing both ways;
 //! - requests waiting for a budget on two replicas keep one order (a critical one first),
 //!   their tickets on the budget's master, and nothing but the counters is left;
 //! - the master SIGKILLed while two streams are held, one of which the replica lacks (it
-//!   was deleted there, as a lagging replica would miss it): the Sentinel promotes the
+//!   was deleted there, with the master's writes paused, as a lagging replica would miss
+//!   it): the Sentinel promotes the
 //!   replica, the tracker follows, the missing lease is registered again, nothing is over
 //!   a cap one renewal period after the promotion, and nothing is left once released. With
 //!   `--nocapture` it prints the timeline (kill → promoted → answering → registered again).
@@ -75,7 +77,8 @@
 //! (some for seconds) and disconnecting, Redis flushed, then restarted empty, then the child
 //! SIGKILLed. The work running, as the handlers count it, never exceeds a cap outside one
 //! renewal period (plus the short streams' length) after each fault, and once everything
-//! ends no token and no key is left. It fails if lost leases are not registered again.
+//! ends no token is left, and no key once the tenants' idle hashes have expired (two TTLs
+//! at most). It fails if lost leases are not registered again.
 //!
 //! `tests/fair_redis.rs` checks the one fair order across replicas for a budget in Redis,
 //! each replica its own layer and server on one `redis-server`: a tenant keeping two
