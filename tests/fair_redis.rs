@@ -68,6 +68,18 @@ async fn replica(
     replica_with(url, chunk_ms, max_wait, ttl, admitted, |layer| layer).await
 }
 
+/// A [`replica`] whose upstream answers at once, waiting up to 10 s, with 1 s leases.
+async fn instant_replica(url: &str, admitted: &Admitted) -> (Replica, Streams) {
+    replica(
+        url,
+        0,
+        Duration::from_secs(10),
+        Duration::from_secs(1),
+        admitted,
+    )
+    .await
+}
+
 /// [`replica`] with its layer adjusted by `adjust`.
 async fn replica_with(
     url: &str,
@@ -290,22 +302,8 @@ async fn critical_from_one_replica_goes_before_standard_waiting_on_another_and_w
         "critical_from_one_replica_goes_before_standard_waiting_on_another_and_wakes_at_once"
     );
     let admitted = Admitted::default();
-    let (one, mut one_streams) = replica(
-        &redis.url(),
-        0,
-        Duration::from_secs(10),
-        Duration::from_secs(1),
-        &admitted,
-    )
-    .await;
-    let (two, _two_streams) = replica(
-        &redis.url(),
-        0,
-        Duration::from_secs(10),
-        Duration::from_secs(1),
-        &admitted,
-    )
-    .await;
+    let (one, mut one_streams) = instant_replica(&redis.url(), &admitted).await;
+    let (two, _two_streams) = instant_replica(&redis.url(), &admitted).await;
     let holding = fill_upstream(&one).await;
     let chunks = one_streams.next().await;
 
@@ -444,22 +442,8 @@ async fn a_tenant_at_its_own_cap_gives_up_its_turn_and_counts_only_what_it_was_s
         "a_tenant_at_its_own_cap_gives_up_its_turn_and_counts_only_what_it_was_served"
     );
     let admitted = Admitted::default();
-    let (one, mut one_streams) = replica(
-        &redis.url(),
-        0,
-        Duration::from_secs(10),
-        Duration::from_secs(1),
-        &admitted,
-    )
-    .await;
-    let (two, mut two_streams) = replica(
-        &redis.url(),
-        0,
-        Duration::from_secs(10),
-        Duration::from_secs(1),
-        &admitted,
-    )
-    .await;
+    let (one, mut one_streams) = instant_replica(&redis.url(), &admitted).await;
+    let (two, mut two_streams) = instant_replica(&redis.url(), &admitted).await;
     let client = client();
     // `capped` holds its whole cap (400) on replica one, `filler` the rest of the budget on
     // replica two.
@@ -591,14 +575,7 @@ async fn a_killed_replica_leaves_no_ticket_beyond_one_ttl() {
     let _alone = MEASURING.lock().await;
     let redis = redis_or_skip!("a_killed_replica_leaves_no_ticket_beyond_one_ttl");
     let admitted = Admitted::default();
-    let (survivor, mut streams) = replica(
-        &redis.url(),
-        0,
-        Duration::from_secs(10),
-        Duration::from_secs(1),
-        &admitted,
-    )
-    .await;
+    let (survivor, mut streams) = instant_replica(&redis.url(), &admitted).await;
     let holding = fill_upstream(&survivor).await;
     let chunks = streams.next().await;
     let mut child = Command::new(std::env::current_exe().expect("test binary"))

@@ -9,8 +9,7 @@
 //!   before it);
 //! - `=exp`, when the key itself expires.
 //!
-//! Lease ids never start with `=`, and the three `=` fields are there whenever the key is
-//! (so the hash's length tells how many leases it holds).
+//! Lease ids never start with `=`, and the three `=` fields are there whenever the key is.
 //!
 //! Expired leases are swept only where that can change an answer: before a reservation is
 //! refused, and before a lease is resized or renewed or the state read, each time only once
@@ -227,11 +226,9 @@ end
 return out
 ";
 
-/// No `ARGV`. Returns `{in_flight, leases}` after the sweep.
+/// No `ARGV`. Returns the tokens in flight, after the sweep.
 const STATE: &str = r"
-local held = look(KEYS[1], nil)
-local fields = redis.call('HLEN', KEYS[1])
-return {held, math.max(fields - 3, 0)}
+return (look(KEYS[1], nil))
 ";
 
 /// The scripts, hashed once; `redis::Script` loads one again when the server answers

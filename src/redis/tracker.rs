@@ -253,7 +253,7 @@ impl RedisTokenTracker {
         let inner = &self.inner;
         let invocation = inner.scripts.state.key(inner.key(tenant_id));
         let mut conn = inner.conn.clone();
-        let (tokens, _leases): (u64, u64) = inner
+        let tokens: u64 = inner
             .timed(invocation.invoke_async(&mut conn))
             .await
             .map_err(|failure| failure.unavailable())?;
