@@ -50,6 +50,7 @@ use crate::Error;
 /// `KEYS[2]` the tickets, `KEYS[3]` their deadlines, `KEYS[4]` the counters, `KEYS[5..7]`
 /// the turn of each class (sheddable, standard, critical).
 const TICKETS: &str = r"
+tick()
 local TK, DL, VTC = KEYS[2], KEYS[3], KEYS[4]
 local function turn_key(c) return KEYS[5 + c] end
 local function num(x) return string.format('%.17g', x) end

@@ -30,8 +30,10 @@ use redis::Script;
 /// Shared by every script: Redis's clock, reading and writing leases, the sweep, and
 /// reserving and releasing one lease.
 pub(super) const CORE: &str = r"
+-- Redis's clock in milliseconds, read by `tick` before anything uses it: asking costs as
+-- much as a reservation's commands, and a batch of releases alone never needs it.
 local now
-do
+local function tick()
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
@@ -153,6 +155,7 @@ local function sum() return tonumber(redis.call('HGET', KEYS[1], '=sum')) or 0 e
 /// cap (the tokens unchanged); `registered_again` 1 when the lease had been lost and was
 /// registered again with the tokens it holds now first.
 const RESIZE: &str = r"
+tick()
 local key, lease, tokens, ttl = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[4])
 local cap = tonumber(ARGV[3])
 local held, entry, exp, min = look(key, lease)
@@ -178,6 +181,7 @@ return {1, held, again}
 /// lease; one Redis no longer has (expired, or lost with the server's data) is registered
 /// again with its tokens, whatever the cap. Returns `{in_flight, {ids registered again}}`.
 const RENEW: &str = r"
+tick()
 local key, ttl = KEYS[1], tonumber(ARGV[1])
 local held, _, exp, min = look(key, nil)
 local leases = {}
@@ -214,6 +218,7 @@ local out, a = {}, 2
 for op = 1, #KEYS do
   local status, held
   if ARGV[a] == 'r' then
+    if not now then tick() end
     status, held = reserve(KEYS[op], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3]), ttl)
     a = a + 4
   else
@@ -228,6 +233,7 @@ return out
 
 /// No `ARGV`. Returns the tokens in flight, after the sweep.
 const STATE: &str = r"
+tick()
 return (look(KEYS[1], nil))
 ";
 
