@@ -26,7 +26,11 @@
 //! layer adds at that load next to the bare round trip's at the same load (the machine's
 //! own tail). `REDIS_BENCH_WORKERS` sets the runtime's worker threads (default 1, leaving
 //! the other core to Redis, as a gateway and its Redis would not share cores in
-//! production; 2 shows the cost of oversubscribing).
+//! production; 2 shows the cost of oversubscribing). `REDIS_BENCH_CLOSED_ROUNDS` sets how
+//! many times the closed-loop rounds run (default 2; 0 runs the open loop alone). Each
+//! round prints the share of the machine's CPU time its hypervisor took meanwhile (the
+//! `stolen` column, Linux's steal time): a round the host starved tells little of the
+//! layer, and its tail least of all.
 
 #[path = "../tests/common/redis_server.rs"]
 #[allow(dead_code)] // the tests' helper; the bench needs only part of it
@@ -60,6 +64,9 @@ struct Round {
     /// Requests refused (429, 413) and unanswered (503, or Redis's error), of `requests`.
     refused: usize,
     unavailable: usize,
+    /// The share of the machine's CPU time its hypervisor gave to others during the round
+    /// (Linux's steal time), when known: a round the host starved says little of the layer.
+    stolen: Option<f64>,
 }
 
 /// How one request ended: under overload the layer answers 503 (fail closed) or 429, and
@@ -72,7 +79,12 @@ enum Outcome {
 }
 
 impl Round {
-    fn count(name: String, elapsed: Duration, timed: Vec<(Duration, Outcome)>) -> Self {
+    fn count(
+        name: String,
+        elapsed: Duration,
+        timed: Vec<(Duration, Outcome)>,
+        stolen: Option<f64>,
+    ) -> Self {
         let count = |outcome| timed.iter().filter(|(_, o)| *o == outcome).count();
         let (refused, unavailable) = (count(Outcome::Refused), count(Outcome::Unavailable));
         Round {
@@ -82,6 +94,7 @@ impl Round {
             latencies: timed.into_iter().map(|(latency, _)| latency).collect(),
             refused,
             unavailable,
+            stolen,
         }
     }
 }
@@ -105,6 +118,7 @@ where
     F: Fn(usize, usize, usize) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = Outcome> + Send,
 {
+    let cpu = CpuTimes::now();
     let started = Instant::now();
     let deadline = started + Duration::from_secs(secs);
     let mut tasks = Vec::new();
@@ -128,7 +142,7 @@ where
     for task in tasks {
         timed.extend(task.await.expect("worker"));
     }
-    Round::count(name.to_owned(), started.elapsed(), timed)
+    Round::count(name.to_owned(), started.elapsed(), timed, cpu.stolen())
 }
 
 /// `request(i)` sent at `rate` per second, each started when due by a pacing thread
@@ -141,6 +155,7 @@ where
     Fut: Future<Output = Outcome> + Send + 'static,
 {
     let runtime = tokio::runtime::Handle::current();
+    let cpu = CpuTimes::now();
     let sender = std::thread::spawn(move || {
         let period = Duration::from_secs(1) / rate.max(1) as u32;
         let started = Instant::now();
@@ -170,9 +185,20 @@ where
         from_sent.push((sent, outcome));
         from_due.push((due, outcome));
     }
+    let stolen = cpu.stolen();
     [
-        Round::count(format!("{name}, open loop, from send"), elapsed, from_sent),
-        Round::count(format!("{name}, open loop, from due"), elapsed, from_due),
+        Round::count(
+            format!("{name}, open loop, from send"),
+            elapsed,
+            from_sent,
+            stolen,
+        ),
+        Round::count(
+            format!("{name}, open loop, from due"),
+            elapsed,
+            from_due,
+            stolen,
+        ),
     ]
 }
 
@@ -244,7 +270,8 @@ async fn run(redis: &RedisServer, secs: u64) {
 
     let mut rounds = Vec::new();
     // Interleaved twice, so a slow spell of the machine does not land on one variant only.
-    for _ in 0..2 {
+    let closed_rounds: usize = env_or("REDIS_BENCH_CLOSED_ROUNDS", 2);
+    for _ in 0..closed_rounds {
         let s = services.clone();
         rounds.push(
             round(
@@ -324,11 +351,11 @@ async fn run(redis: &RedisServer, secs: u64) {
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
     println!(
         "\ntwo replicas, {WORKERS} concurrent requests each (closed loop), {secs} s per round, \
-         2 rounds each; then open loop at {rate} requests/s; {workers} runtime worker(s)"
+         {closed_rounds} rounds each; then open loop at {rate} requests/s; {workers} runtime worker(s)"
     );
     println!(
-        "{:<40} {:>12} {:>10} {:>10} {:>10} {:>9} {:>9}",
-        "variant", "requests/s", "p50 µs", "p99 µs", "p99.9 µs", "refused", "503"
+        "{:<40} {:>12} {:>10} {:>10} {:>10} {:>9} {:>9} {:>8}",
+        "variant", "requests/s", "p50 µs", "p99 µs", "p99.9 µs", "refused", "503", "stolen"
     );
     let mut saturates = None;
     for mut r in rounds {
@@ -336,8 +363,11 @@ async fn run(redis: &RedisServer, secs: u64) {
         if r.name.starts_with("layer (") {
             saturates = Some(saturates.unwrap_or(0.0_f64).max(r.per_second()));
         }
+        let stolen = r
+            .stolen
+            .map_or("-".to_owned(), |share| format!("{:.1}%", share * 100.0));
         println!(
-            "{:<40} {:>12.0} {:>10} {:>10} {:>10} {:>9} {:>9}",
+            "{:<40} {:>12.0} {:>10} {:>10} {:>10} {:>9} {:>9} {:>8}",
             r.name,
             r.per_second(),
             p50.as_micros(),
@@ -345,6 +375,7 @@ async fn run(redis: &RedisServer, secs: u64) {
             p999.as_micros(),
             r.refused,
             r.unavailable,
+            stolen,
         );
     }
     if let Some(most) = saturates {
@@ -361,6 +392,33 @@ async fn run(redis: &RedisServer, secs: u64) {
         "\nreplica 0: admitted {}, refused {}, unavailable {}, failed releases {}",
         stats.admitted, stats.refused, stats.unavailable, stats.failed_releases
     );
+}
+
+/// The machine's CPU time so far, all of it and the part its hypervisor gave to others
+/// (`/proc/stat`'s steal), where Linux tells.
+struct CpuTimes(Option<(u64, u64)>);
+
+impl CpuTimes {
+    fn now() -> Self {
+        let stat = std::fs::read_to_string("/proc/stat").ok();
+        let line = stat.as_deref().and_then(|stat| stat.lines().next());
+        let ticks: Option<Vec<u64>> = line.map(|line| {
+            let fields = line.split_whitespace().skip(1).take(8);
+            fields.filter_map(|field| field.parse().ok()).collect()
+        });
+        CpuTimes(
+            ticks
+                .filter(|ticks| ticks.len() == 8)
+                .map(|ticks| (ticks.iter().sum(), ticks[7])),
+        )
+    }
+
+    /// The share stolen since `self`.
+    fn stolen(&self) -> Option<f64> {
+        let ((total, steal), (total_now, steal_now)) = (self.0?, CpuTimes::now().0?);
+        let elapsed = total_now.checked_sub(total).filter(|&ticks| ticks > 0)?;
+        Some(steal_now.saturating_sub(steal) as f64 / elapsed as f64)
+    }
 }
 
 /// One round trip.
