@@ -50,7 +50,6 @@ use crate::Error;
 /// `KEYS[2]` the tickets, `KEYS[3]` their deadlines, `KEYS[4]` the counters, `KEYS[5..7]`
 /// the turn of each class (sheddable, standard, critical).
 const TICKETS: &str = r"
-tick()
 local TK, DL, VTC = KEYS[2], KEYS[3], KEYS[4]
 local function turn_key(c) return KEYS[5 + c] end
 local function num(x) return string.format('%.17g', x) end
@@ -66,7 +65,7 @@ local function drop_ticket(id)
   end
   return true
 end
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', DL, '-inf', now)) do drop_ticket(id) end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', DL, '-inf', clock())) do drop_ticket(id) end
 local function first_class()
   for c = 2, 0, -1 do
     if redis.call('ZCARD', turn_key(c)) > 0 then return c end
@@ -104,7 +103,7 @@ local function add_ticket(id, c, tenant, ttl)
   if redis.call('HINCRBY', TK, '=' .. info, 1) == 1 then
     redis.call('ZADD', turn_key(c), counter(tenant), tenant)
   end
-  redis.call('ZADD', DL, now + ttl, id)
+  redis.call('ZADD', DL, clock() + ttl, id)
 end
 local function keep(ttl)
   if redis.call('ZCARD', DL) == 0 then
@@ -176,7 +175,7 @@ return dropped and 1 or 0
 /// `ARGV`: ttl, then ticket ids. Pushes back the deadline of each ticket still there.
 const RENEW: &str = r"
 local ttl = tonumber(ARGV[1])
-for i = 2, #ARGV do redis.call('ZADD', DL, 'XX', now + ttl, ARGV[i]) end
+for i = 2, #ARGV do redis.call('ZADD', DL, 'XX', clock() + ttl, ARGV[i]) end
 keep(ttl)
 return 0
 ";

@@ -30,12 +30,16 @@ use redis::Script;
 /// Shared by every script: Redis's clock, reading and writing leases, the sweep, and
 /// reserving and releasing one lease.
 pub(super) const CORE: &str = r"
--- Redis's clock in milliseconds, read by `tick` before anything uses it: asking costs as
--- much as a reservation's commands, and a batch of releases alone never needs it.
+-- Redis's clock in milliseconds, asked once a call and only when something needs it:
+-- asking costs as much as a reservation's commands, and a batch of releases alone never
+-- needs it.
 local now
-local function tick()
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function clock()
+  if not now then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return now
 end
 -- Formatting a number costs more than most commands, so each is formatted once.
 local function int(x) return string.format('%d', x) end
@@ -53,13 +57,13 @@ end
 -- the earliest deadline left, nil when no lease is left (the key is then deleted).
 local function sweep(key)
   local all = redis.call('HGETALL', key)
-  local held, min, gone = 0, nil, {}
+  local held, min, gone, time = 0, nil, {}, clock()
   for i = 1, #all, 2 do
     local lease, entry = all[i], all[i + 1]
     if string.byte(lease, 1) ~= 61 then
       local colon = string.find(entry, ':', 1, true)
       local deadline = colon and tonumber(string.sub(entry, colon + 1)) or 0
-      if deadline <= now then
+      if deadline <= time then
         gone[#gone + 1] = lease
       else
         held = held + tonumber(string.sub(entry, 1, colon - 1))
@@ -97,7 +101,7 @@ end
 -- Sets lease `lease` to `tokens` (digits) with its deadline `ttl` from now, the tenant
 -- then holding `held`.
 local function put(key, lease, tokens, held, ttl, exp, min)
-  local deadline = now + ttl
+  local deadline = clock() + ttl
   date(deadline, ttl)
   local entry = tokens .. stamp
   if exp and exp >= deadline and min and min <= deadline then
@@ -118,7 +122,7 @@ local function reserve(key, lease, tokens, cap, ttl)
     return 1, held
   end
   if want > cap then return -1, held end
-  if held + want > cap and min and min <= now then
+  if held + want > cap and min and min <= clock() then
     held, min = sweep(key)
     if not min then exp = nil end
   end
@@ -141,7 +145,7 @@ local function look(key, lease)
   local fields = {'=sum', '=exp', '=min', lease}
   local found = redis.call('HMGET', key, unpack(fields))
   local min = tonumber(found[3])
-  if min and min <= now then
+  if min and min <= clock() then
     sweep(key)
     found = redis.call('HMGET', key, unpack(fields))
   end
@@ -155,7 +159,6 @@ local function sum() return tonumber(redis.call('HGET', KEYS[1], '=sum')) or 0 e
 /// cap (the tokens unchanged); `registered_again` 1 when the lease had been lost and was
 /// registered again with the tokens it holds now first.
 const RESIZE: &str = r"
-tick()
 local key, lease, tokens, ttl = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[4])
 local cap = tonumber(ARGV[3])
 local held, entry, exp, min = look(key, lease)
@@ -181,7 +184,6 @@ return {1, held, again}
 /// lease; one Redis no longer has (expired, or lost with the server's data) is registered
 /// again with its tokens, whatever the cap. Returns `{in_flight, {ids registered again}}`.
 const RENEW: &str = r"
-tick()
 local key, ttl = KEYS[1], tonumber(ARGV[1])
 local held, _, exp, min = look(key, nil)
 local leases = {}
@@ -197,12 +199,12 @@ for i, lease in ipairs(leases) do
     again[#again + 1] = lease
   end
   fields[#fields + 1] = lease
-  date(now + ttl, ttl)
+  date(clock() + ttl, ttl)
   fields[#fields + 1] = tokens .. stamp
 end
 fields[#fields + 1] = '=sum'
 fields[#fields + 1] = int(held)
-write(key, fields, now + ttl, ttl, exp, min)
+write(key, fields, clock() + ttl, ttl, exp, min)
 return {held, again}
 ";
 
@@ -218,7 +220,6 @@ local out, a = {}, 2
 for op = 1, #KEYS do
   local status, held
   if ARGV[a] == 'r' then
-    if not now then tick() end
     status, held = reserve(KEYS[op], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3]), ttl)
     a = a + 4
   else
@@ -233,7 +234,6 @@ return out
 
 /// No `ARGV`. Returns the tokens in flight, after the sweep.
 const STATE: &str = r"
-tick()
 return (look(KEYS[1], nil))
 ";
 
