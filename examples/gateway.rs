@@ -51,8 +51,10 @@
 //! With `--redis URL` (build with `--features redis`) the cap is kept in Redis and shared by
 //! every gateway started with the same URL: run two on different `--addr`s and a tenant's
 //! cap holds across both. `--redis-down closed|open|share:N` picks what happens while Redis
-//! is unreachable (503, admit uncounted, or a 1/N share of the cap in memory). With
-//! `--upstream-cap` and `--wait-ms` too, the requests waiting for the upstream on every
+//! is unreachable (503, admit uncounted, or a 1/N share of the cap in memory), and
+//! `--redis-headroom PCT` lets each gateway admit a busy tenant's requests without a round
+//! trip, from headroom of PCT % of its cap held in Redis. With `--upstream-cap` and
+//! `--wait-ms` too, the requests waiting for the upstream on every
 //! gateway are served in one fair order kept in Redis.
 //!
 //! ```text
@@ -116,6 +118,9 @@ usage: cargo run --example gateway -- [OPTIONS]
                         following failovers
   --redis-down POLICY   while Redis is unreachable: closed (503, default), open (admit
                         uncounted) or share:N (a 1/N share of each cap, in memory)
+  --redis-headroom PCT  admit a busy tenant's requests without a round trip, from
+                        headroom of PCT % of its cap held in Redis (default 0: off;
+                        at most 50)
   --upstream-cap TOKENS a cap all tenants share (the upstream's capacity; with --redis,
                         shared by every replica too), next to each
                         tenant's own
@@ -349,9 +354,10 @@ fn ledger(options: &Options) -> Result<Ledger, String> {
                 _ => return Err(format!("--redis-down: unknown policy `{share}`")),
             },
         };
-        redis
-            .connect(RedisTokenTracker::builder(options.cap).on_unavailable(policy))
-            .map(Ledger::Redis)
+        let builder = RedisTokenTracker::builder(options.cap)
+            .on_unavailable(policy)
+            .local_headroom(options.redis_headroom);
+        redis.connect(builder).map(Ledger::Redis)
     }
     #[cfg(not(feature = "redis"))]
     Err(format!(
@@ -601,6 +607,7 @@ struct Options {
     token_delay: Duration,
     redis: Option<RedisAt>,
     redis_down: String,
+    redis_headroom: u8,
     upstream_cap: Option<u64>,
     wait: Option<Duration>,
     weights: HashMap<String, u32>,
@@ -619,6 +626,7 @@ impl Options {
             token_delay: Duration::from_millis(25),
             redis: None,
             redis_down: "closed".to_owned(),
+            redis_headroom: 0,
             upstream_cap: None,
             wait: None,
             weights: HashMap::new(),
@@ -644,6 +652,10 @@ impl Options {
                 "--redis-sentinel" => sentinels = Some(list(&value::<String>(&flag, &mut args)?)),
                 "--sentinel-master" => sentinel_master = Some(value(&flag, &mut args)?),
                 "--redis-down" => options.redis_down = value(&flag, &mut args)?,
+                "--redis-headroom" => match value(&flag, &mut args)? {
+                    percent @ 0..=50 => options.redis_headroom = percent,
+                    other => return Err(format!("--redis-headroom {other}: at most 50")),
+                },
                 "--upstream-cap" => options.upstream_cap = Some(value(&flag, &mut args)?),
                 "--wait-ms" => {
                     options.wait = Some(Duration::from_millis(value(&flag, &mut args)?));

@@ -62,12 +62,13 @@ impl Ledger {
             }
             #[cfg(feature = "redis")]
             Ledger::Redis(tracker) => {
+                if let Some(drawn) = tracker.reserve_locally(tenant, tokens) {
+                    return Step::Now(Ok(Reservation::Redis(drawn)));
+                }
                 let (tracker, tenant) = (tracker.clone(), tenant.to_owned());
                 Step::Later(Box::pin(async move {
-                    tracker
-                        .reserve(&tenant, tokens)
-                        .await
-                        .map(Reservation::Redis)
+                    let reservation = tracker.reserve_in_redis(&tenant, tokens).await;
+                    reservation.map(Reservation::Redis)
                 }))
             }
         }

@@ -21,7 +21,9 @@ use common::redis_server::RedisServer;
 use common::*;
 use http::StatusCode;
 use tower::{Layer, ServiceExt};
-use tower_tenant_tokens::redis::{FailurePolicy, RedisTokenTracker, RedisTokenTrackerBuilder};
+use tower_tenant_tokens::redis::{
+    FailurePolicy, RedisReservation, RedisTokenTracker, RedisTokenTrackerBuilder,
+};
 use tower_tenant_tokens::{
     Error, OpenAiEstimator, RequestBody, ReservationHandle, ShadowMode, SharedBudget,
     TenantTokenLayer,
@@ -1003,6 +1005,216 @@ async fn a_reservation_outliving_its_tracker_is_still_released() {
             Instant::now() < deadline,
             "leases left behind: {} keys",
             redis.leftover_keys()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Reserves `tokens` on `tracker` until a reservation is drawn from its headroom (the
+/// first ask Redis while the headroom is made in the background), and returns it.
+async fn drawn(tracker: &RedisTokenTracker, tenant: &str, tokens: u64) -> RedisReservation {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let reservation = tracker.reserve(tenant, tokens).await.expect("admitted");
+        if reservation.is_drawn_from_headroom() {
+            return reservation;
+        }
+        drop(reservation);
+        assert!(Instant::now() < deadline, "nothing drawn from headroom");
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headroom_admits_without_redis_and_the_shared_cap_still_holds() {
+    let redis = redis_or_skip!("headroom_admits_without_redis_and_the_shared_cap_still_holds");
+    const CAP: u64 = 1_000;
+    const STEP: u64 = CAP / 10;
+    let replicas = [
+        connect(builder(CAP).local_headroom(10), &redis),
+        connect(builder(CAP).local_headroom(10), &redis),
+    ];
+    let mut held = vec![
+        drawn(&replicas[0], "acme", 10).await,
+        drawn(&replicas[1], "acme", 10).await,
+    ];
+    // Both replicas reserve until both are refused three times in a row (a refused
+    // headroom gives back what it does not use meanwhile).
+    let mut streaks = [0; 2];
+    for _ in 0..1_000 {
+        for (replica, streak) in replicas.iter().zip(streaks.iter_mut()) {
+            match replica.reserve("acme", 10).await {
+                Ok(reservation) => {
+                    held.push(reservation);
+                    *streak = 0;
+                }
+                Err(Error::TenantOverloaded { in_flight, cap, .. }) => {
+                    assert_eq!(cap, CAP);
+                    assert!(in_flight + 10 > CAP, "refused at {in_flight} though it fit");
+                    *streak += 1;
+                }
+                Err(other) => panic!("unexpected refusal: {other}"),
+            }
+        }
+        let counted = in_flight(&replicas[0], "acme").await;
+        assert!(counted <= CAP, "redis counts {counted} over the cap {CAP}");
+        if streaks.iter().all(|streak| *streak >= 3) {
+            break;
+        }
+        if streaks.iter().any(|streak| *streak > 0) {
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+    }
+    assert!(streaks.iter().all(|streak| *streak >= 3), "never refused");
+    let admitted: u64 = held.iter().map(RedisReservation::tokens).sum();
+    assert!(admitted <= CAP, "{admitted} admitted over the cap {CAP}");
+    assert!(
+        admitted >= CAP - STEP,
+        "refused at {admitted}: more than one other replica's headroom unused"
+    );
+    for replica in &replicas {
+        let stats = replica.stats();
+        assert!(stats.admitted_locally > 0, "{stats:?}");
+        assert!(stats.admitted > 0, "{stats:?}");
+        assert_eq!((stats.lost_leases, stats.failed_releases), (0, 0));
+    }
+    assert!(held.iter().any(|r| r.is_drawn_from_headroom()));
+    assert!(held.iter().all(RedisReservation::is_shared));
+
+    // Once nothing is held, the headroom goes within two renewal periods.
+    drop(held);
+    wait_for_shared(&replicas[0], "acme", 0, WAIT).await;
+    wait_until("no live leases", || {
+        replicas.iter().all(|replica| replica.live_leases() == 0)
+    })
+    .await;
+    assert_eq!(redis.leftover_keys(), 0);
+}
+
+#[tokio::test]
+async fn a_reservation_drawn_from_headroom_resizes_in_redis() {
+    let redis = redis_or_skip!("a_reservation_drawn_from_headroom_resizes_in_redis");
+    let tracker = connect(builder(1_000).local_headroom(10), &redis);
+    let observer = connect(builder(1_000), &redis);
+    let mut reservation = drawn(&tracker, "acme", 10).await;
+
+    // Unchecked growth past the headroom is counted in Redis in the background.
+    assert_eq!(reservation.resize(600), 600);
+    wait_until_counted(&observer, "acme", 600..=700).await;
+    // Checked growth asks Redis for what the headroom lacks.
+    let refused = reservation.try_resize(1_001).await;
+    assert!(
+        matches!(refused, Err(Error::TenantOverloaded { cap: 1_000, .. })),
+        "{refused:?}"
+    );
+    assert_eq!(reservation.tokens(), 600);
+    reservation
+        .try_resize(900)
+        .await
+        .expect("fits under the cap");
+    assert_eq!(reservation.tokens(), 900);
+    assert!(in_flight(&observer, "acme").await >= 900);
+    // Something else of the tenant's is refused meanwhile, on either replica.
+    let other = observer.reserve("acme", 200).await;
+    assert!(
+        matches!(other, Err(Error::TenantOverloaded { .. })),
+        "{other:?}"
+    );
+
+    reservation.release().await;
+    wait_for_shared(&observer, "acme", 0, WAIT).await;
+    assert_eq!(tracker.live_leases(), 0);
+}
+
+#[tokio::test]
+async fn a_flushed_redis_counts_headroom_again_within_one_renewal_period() {
+    let redis = redis_or_skip!("a_flushed_redis_counts_headroom_again_within_one_renewal_period");
+    let tracker = connect(builder(1_000).local_headroom(10), &redis);
+    let observer = connect(builder(1_000), &redis);
+    let reservation = drawn(&tracker, "acme", 50).await;
+    assert!(in_flight(&observer, "acme").await >= 50);
+
+    assert_eq!(redis.command("FLUSHALL").trim(), "+OK");
+    let flushed = Instant::now();
+    wait_until_counted(&observer, "acme", 50..=1_000).await;
+    let window = flushed.elapsed();
+    assert!(
+        window < Duration::from_millis(250 + 500),
+        "counted again after {window:?}: more than one renewal period"
+    );
+    assert!(reservation.is_lost());
+    assert_eq!(tracker.stats().lost_leases, 1);
+
+    drop(reservation);
+    wait_for_shared(&observer, "acme", 0, WAIT).await;
+}
+
+#[tokio::test]
+async fn dropping_a_tracker_releases_its_headroom() {
+    let redis = redis_or_skip!("dropping_a_tracker_releases_its_headroom");
+    // Expiry cannot be what cleans up.
+    let builder = || builder(1_000).lease_ttl(Duration::from_secs(60));
+    let tracker = connect(builder().local_headroom(10), &redis);
+    let observer = connect(builder(), &redis);
+    drop(drawn(&tracker, "acme", 10).await);
+    assert!(
+        in_flight(&observer, "acme").await > 0,
+        "the headroom is held"
+    );
+    drop(tracker);
+    wait_for_shared(&observer, "acme", 0, WAIT).await;
+}
+
+#[tokio::test]
+async fn the_layer_admits_from_headroom_and_refuses_at_the_cap_over_http() {
+    let redis = redis_or_skip!("the_layer_admits_from_headroom_and_refuses_at_the_cap_over_http");
+    let tracker = connect(builder(1_000).local_headroom(10), &redis);
+    let observer = connect(builder(1_000), &redis);
+    let (server, mut streams) = replica_server(&tracker).await;
+    let client = client();
+    for used in 0..50 {
+        // Each grows its reservation a little within the headroom, or in Redis.
+        let mut request = metered(&server, "/usage", "acme", 20);
+        request.headers_mut().insert("x-used", (20 + used).into());
+        assert_eq!(call(&client, request).await.text(), "ok");
+    }
+    assert!(
+        tracker.stats().admitted_locally > 0,
+        "{:?}",
+        tracker.stats()
+    );
+
+    let streaming = send(&client, metered(&server, "/stream", "acme", 850)).await;
+    assert_eq!(streaming.status(), StatusCode::OK);
+    let chunks = streams.next().await;
+    let refused = call(&client, metered(&server, "/stream", "acme", 200)).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    let over = observer.reserve("acme", 200).await;
+    assert!(
+        matches!(over, Err(Error::TenantOverloaded { .. })),
+        "{over:?}"
+    );
+
+    drop(chunks);
+    assert_eq!(read(streaming).await.status, StatusCode::OK);
+    wait_for_shared(&observer, "acme", 0, WAIT).await;
+}
+
+/// Polls Redis's count of `tenant` until it is within `range`.
+async fn wait_until_counted(
+    tracker: &RedisTokenTracker,
+    tenant: &str,
+    range: std::ops::RangeInclusive<u64>,
+) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let now = in_flight(tracker, tenant).await;
+        if range.contains(&now) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{tenant} counts {now}, not {range:?}"
         );
         tokio::time::sleep(POLL).await;
     }

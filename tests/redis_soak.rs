@@ -4,6 +4,9 @@
 //! running never exceeds a tenant's cap outside the documented re-registration window
 //! after each fault, and when everything ends no token and no key is left.
 //!
+//! One of the two replicas admits from headroom it holds in Redis (`local_headroom`), the
+//! other asks Redis for every request.
+//!
 //! `TTT_REDIS_SOAK_SECS` sets the length (default 20 s, as in CI).
 
 mod common;
@@ -58,9 +61,13 @@ impl Drop for Counted {
     }
 }
 
-/// A replica: `/stream` streams five chunks, `x-chunk-ms` apart.
-async fn replica(url: &str, running: Running) -> TestServer {
-    let tracker = builder().connect(url).expect("a redis url");
+/// A replica admitting from `headroom` % of each cap held ahead (0: none), and its tracker:
+/// `/stream` streams five chunks, `x-chunk-ms` apart.
+async fn replica(url: &str, running: Running, headroom: u8) -> (TestServer, RedisTokenTracker) {
+    let tracker = builder()
+        .local_headroom(headroom)
+        .connect(url)
+        .expect("a redis url");
     let app = Router::new()
         .route(
             "/stream",
@@ -93,8 +100,8 @@ async fn replica(url: &str, running: Running) -> TestServer {
                 }
             }),
         )
-        .layer(TenantTokenLayer::redis(tracker));
-    serve(app).await
+        .layer(TenantTokenLayer::redis(tracker.clone()));
+    (serve(app).await, tracker)
 }
 
 #[tokio::test]
@@ -150,10 +157,10 @@ async fn replicas_hold_the_cap_through_a_flush_a_restart_and_a_killed_replica() 
     let run = Duration::from_secs(secs);
     let url = redis.url();
     let running: Running = Arc::new(Default::default());
-    let replicas = Arc::new([
-        replica(&url, running.clone()).await,
-        replica(&url, running.clone()).await,
-    ]);
+    // One replica asks Redis for every request, the other admits from headroom.
+    let (first, _) = replica(&url, running.clone(), 0).await;
+    let (second, with_headroom) = replica(&url, running.clone(), 10).await;
+    let replicas = Arc::new([first, second]);
     let observer = builder().connect(url.as_str()).expect("url");
 
     let child = Command::new(std::env::current_exe().expect("test binary"))
@@ -298,13 +305,15 @@ async fn replicas_hold_the_cap_through_a_flush_a_restart_and_a_killed_replica() 
     }
 
     let [admitted, refused, unavailable] = *counts.lock().unwrap();
+    let from_headroom = with_headroom.stats().admitted_locally;
     eprintln!(
-        "redis soak, {secs} s: {admitted} admitted, {refused} refused, {unavailable} \
-         unavailable; {samples} samples, {over_inside} over a cap inside a fault's window, \
-         {} outside",
+        "redis soak, {secs} s: {admitted} admitted ({from_headroom} from headroom), {refused} \
+         refused, {unavailable} unavailable; {samples} samples, {over_inside} over a cap \
+         inside a fault's window, {} outside",
         over_outside.len()
     );
     assert!(admitted > 100, "too little traffic to judge: {admitted}");
+    assert!(from_headroom > 0, "the headroom was never drawn from");
     assert!(
         over_outside.is_empty(),
         "over a cap outside the windows: {over_outside:?}"

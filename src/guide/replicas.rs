@@ -91,6 +91,60 @@
 //! and cap. A lease released while it was being registered again is released once more,
 //! so nothing stays behind.
 //!
+//! # Headroom: admitting without a round trip
+//!
+//! Every request asks Redis once by default, so its latency includes a round trip and a
+//! busy gateway's throughput is bounded by its Redis. `local_headroom(percent)` trades a
+//! little precision for neither: each replica holds, per tenant it is serving, one more
+//! lease in Redis of about `percent` % of the tenant's cap above what its requests use,
+//! and admits that tenant's requests from it at once, in memory. A background task per
+//! tenant keeps the headroom topped up (growth checked against the cap in Redis, like any
+//! reservation) and gives back what goes unused.
+//!
+//! ```rust,no_run
+//! # #[cfg(feature = "redis")]
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use tower_tenant_tokens::redis::RedisTokenTracker;
+//! use tower_tenant_tokens::TenantTokenLayer;
+//!
+//! let tracker = RedisTokenTracker::builder(200_000)
+//!     .local_headroom(5)                                    // 5 % of each cap per replica
+//!     .connect("redis://127.0.0.1:6379")?;
+//! let layer = TenantTokenLayer::redis(tracker.clone());
+//! let reservation = tracker.reserve("acme", 2_000).await?;  // from headroom, once it is held
+//! assert!(reservation.is_shared());
+//! # let _ = (layer, reservation.is_drawn_from_headroom());
+//! # Ok(())
+//! # }
+//! # fn main() {}
+//! ```
+//!
+//! What holds, and what changes:
+//!
+//! - **The cap holds across replicas as before.** A headroom is a lease like any other:
+//!   counted against the cap, renewed with the others, registered again if Redis loses
+//!   it, and expiring if its replica dies, so a crash still heals within one TTL.
+//! - **A tenant can be refused a little early.** Unused headroom counts as in flight, so
+//!   a request may be refused while up to `percent` % of the cap per other replica sits
+//!   unused there (and `in_flight`, `tenants_in_flight` and the rate-limit headers count
+//!   headroom as in flight). Near the cap this shrinks on its own: when a replica's
+//!   headroom cannot grow, that replica gives back what it does not use, for a short
+//!   while asks Redis per request as without headroom, then tries again.
+//! - **Requests larger than a headroom's step ask Redis**, one lease each, as do
+//!   unchecked reservations (shadow mode) and requests admitted in a budget's fair order.
+//!   A tracker whose budgets have had requests waiting in that order keeps no headroom,
+//!   since every release must reach Redis to wake them.
+//! - **A quiet tenant's headroom goes** at the second renewal after its last request, once
+//!   nothing drawn from it is held; dropping the tracker's last handle releases the rest.
+//! - **A headroom admits only while Redis is known to hold it**: for half a TTL after the
+//!   call that last set or renewed its lease was sent (the lease lives a whole TTL from
+//!   then, on Redis's clock). So it keeps admitting through a short Redis outage, within
+//!   what Redis counted before it. If Redis lost the lease meanwhile (below), what was
+//!   admitted from it is uncounted until the next renewal registers it again, like any
+//!   lost lease: the overcommit window grows by what the headroom held, not longer.
+//! - `RedisReservation::is_drawn_from_headroom` tells which reservations came from it, and
+//!   `stats().admitted_locally` counts them.
+//!
 //! # Caps: configure replicas alike
 //!
 //! Caps come from each replica's own settings (the default and `cap_fn`), passed to Redis

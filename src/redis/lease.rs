@@ -5,6 +5,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
+use super::headroom::Drawn;
 use super::tracker::{clamp, Failure, Inner};
 use crate::reservation::Pending;
 use crate::{Error, TokenReservation};
@@ -51,6 +52,8 @@ enum Kind {
         lease: Arc<Lease>,
         inner: Arc<Inner>,
     },
+    /// Drawn from this replica's headroom, a lease in Redis it shares with others.
+    Drawn(Arc<Drawn>),
     /// Counted against this replica's share of the cap, Redis being unreachable.
     Local(TokenReservation),
     /// Admitted without being counted, Redis being unreachable.
@@ -64,6 +67,13 @@ impl RedisReservation {
         Self {
             tenant: Arc::clone(&lease.tenant),
             kind: Kind::Lease { lease, inner },
+        }
+    }
+
+    pub(super) fn drawn(drawn: Arc<Drawn>) -> Self {
+        Self {
+            tenant: Arc::clone(&drawn.headroom.lease.tenant),
+            kind: Kind::Drawn(drawn),
         }
     }
 
@@ -90,10 +100,13 @@ impl RedisReservation {
         Arc::clone(&self.tenant)
     }
 
-    /// The lease's id in Redis, when the reservation is counted there.
+    /// The lease's id in Redis, when the reservation is counted there. A reservation drawn
+    /// from this replica's [headroom](super::RedisTokenTrackerBuilder::local_headroom)
+    /// shares the headroom's lease with the others drawn from it.
     pub fn lease_id(&self) -> Option<&str> {
         match &self.kind {
             Kind::Lease { lease, .. } => Some(&lease.id),
+            Kind::Drawn(drawn) => Some(&drawn.headroom.lease.id),
             _ => None,
         }
     }
@@ -101,7 +114,13 @@ impl RedisReservation {
     /// Whether the reservation is counted in Redis, against the cap all replicas share.
     /// `false` when the failure policy admitted it without Redis.
     pub fn is_shared(&self) -> bool {
-        matches!(self.kind, Kind::Lease { .. })
+        matches!(self.kind, Kind::Lease { .. } | Kind::Drawn(_))
+    }
+
+    /// Whether the reservation was admitted from this replica's
+    /// [headroom](super::RedisTokenTrackerBuilder::local_headroom), without a round trip.
+    pub fn is_drawn_from_headroom(&self) -> bool {
+        matches!(self.kind, Kind::Drawn(_))
     }
 
     /// Whether Redis lost the lease at least once: the server restarted without its data
@@ -112,6 +131,7 @@ impl RedisReservation {
     pub fn is_lost(&self) -> bool {
         match &self.kind {
             Kind::Lease { lease, .. } => lease.lost.load(Relaxed),
+            Kind::Drawn(drawn) => drawn.headroom.lease.lost.load(Relaxed),
             _ => false,
         }
     }
@@ -120,6 +140,7 @@ impl RedisReservation {
     pub fn tokens(&self) -> u64 {
         match &self.kind {
             Kind::Lease { lease, .. } => lease.tokens.load(Relaxed),
+            Kind::Drawn(drawn) => drawn.tokens.load(Relaxed),
             Kind::Local(reservation) => reservation.tokens(),
             Kind::Uncounted { tokens } => *tokens,
             Kind::Done => 0,
@@ -138,6 +159,11 @@ impl RedisReservation {
                 let tokens = clamp(tokens);
                 lease.tokens.store(tokens, Relaxed);
                 inner.write_tokens(lease);
+                tokens
+            }
+            Kind::Drawn(drawn) => {
+                let tokens = clamp(tokens);
+                drawn.inner.resize_drawn(drawn, tokens);
                 tokens
             }
             Kind::Local(reservation) => reservation.resize(tokens),
@@ -159,6 +185,7 @@ impl RedisReservation {
     pub async fn try_resize(&mut self, tokens: u64) -> Result<(), Error> {
         match &mut self.kind {
             Kind::Lease { lease, inner } => inner.try_resize(lease, tokens).await,
+            Kind::Drawn(drawn) => drawn.inner.try_resize_drawn(drawn, tokens).await,
             Kind::Local(reservation) => reservation.try_resize(tokens),
             Kind::Uncounted { tokens: held } => {
                 *held = tokens;
@@ -171,9 +198,13 @@ impl RedisReservation {
     /// Releases the tokens now and waits until Redis has been told. Dropping the
     /// reservation does the same in a background task.
     pub async fn release(mut self) {
-        if let Kind::Lease { lease, inner } = std::mem::replace(&mut self.kind, Kind::Done) {
-            inner.forget(&lease);
-            inner.release(&lease).await;
+        match std::mem::replace(&mut self.kind, Kind::Done) {
+            Kind::Lease { lease, inner } => {
+                inner.forget(&lease);
+                inner.release(&lease).await;
+            }
+            Kind::Drawn(drawn) => drawn.inner.give_back(&drawn),
+            _ => {}
         }
     }
 
@@ -181,10 +212,8 @@ impl RedisReservation {
     /// reservation included.
     pub(crate) fn limits(&self) -> Option<(u64, u64)> {
         match &self.kind {
-            Kind::Lease { lease, .. } => Some((
-                lease.cap,
-                lease.cap.saturating_sub(lease.in_flight.load(Relaxed)),
-            )),
+            Kind::Lease { lease, .. } => Some(lease.limits()),
+            Kind::Drawn(drawn) => Some(drawn.headroom.lease.limits()),
             Kind::Local(reservation) => Some(reservation.limits()),
             Kind::Uncounted { .. } | Kind::Done => None,
         }
@@ -197,6 +226,13 @@ impl RedisReservation {
             Kind::Lease { .. } => {
                 self.resize(tokens);
                 Some(Ok(()))
+            }
+            Kind::Drawn(drawn) => {
+                let tokens = clamp(tokens);
+                drawn
+                    .inner
+                    .try_resize_drawn_now(drawn, tokens)
+                    .then_some(Ok(()))
             }
             Kind::Local(reservation) => Some(reservation.try_resize(tokens)),
             Kind::Uncounted { tokens: held } => {
@@ -215,6 +251,10 @@ impl RedisReservation {
                 let (lease, inner) = (Arc::clone(lease), Arc::clone(inner));
                 Box::pin(async move { inner.try_resize(&lease, tokens).await })
             }
+            Kind::Drawn(drawn) => {
+                let drawn = Arc::clone(drawn);
+                Box::pin(async move { drawn.inner.try_resize_drawn(&drawn, tokens).await })
+            }
             _ => Box::pin(std::future::ready(Ok(()))),
         }
     }
@@ -222,10 +262,22 @@ impl RedisReservation {
 
 impl Drop for RedisReservation {
     fn drop(&mut self) {
-        if let Kind::Lease { lease, inner } = std::mem::replace(&mut self.kind, Kind::Done) {
-            inner.forget(&lease);
-            inner.release_later(lease);
+        match std::mem::replace(&mut self.kind, Kind::Done) {
+            Kind::Lease { lease, inner } => {
+                inner.forget(&lease);
+                inner.release_later(lease);
+            }
+            Kind::Drawn(drawn) => drawn.inner.give_back(&drawn),
+            _ => {}
         }
+    }
+}
+
+impl Lease {
+    /// The tenant's cap and what was left of it when Redis last answered.
+    fn limits(&self) -> (u64, u64) {
+        let in_flight = self.in_flight.load(Relaxed);
+        (self.cap, self.cap.saturating_sub(in_flight))
     }
 }
 
@@ -291,7 +343,7 @@ impl Inner {
 
     /// Sets a lease's tokens in Redis (growth checked against `cap`, if given), first
     /// registering it again if Redis lost it. Returns `{status, in_flight}`.
-    async fn resize_call(
+    pub(super) async fn resize_call(
         self: &Arc<Self>,
         lease: &Arc<Lease>,
         tokens: u64,

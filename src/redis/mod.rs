@@ -5,6 +5,7 @@
 mod batch;
 mod breaker;
 mod conn;
+mod headroom;
 mod lease;
 mod list;
 mod queue;

@@ -254,7 +254,7 @@ pub(crate) struct Fair {
     subscribe: Subscribe,
     scripts: OnceLock<Scripts>,
     /// Set once a lease was admitted through a queue: releases then wake waiters.
-    in_use: AtomicBool,
+    pub(super) in_use: AtomicBool,
     next_ticket: AtomicU64,
     /// Tickets this replica holds in Redis (id → budget key), renewed with the leases.
     tickets: Mutex<HashMap<String, Arc<str>>>,

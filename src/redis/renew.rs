@@ -38,6 +38,7 @@ impl Inner {
         }
         let budget = (self.renew_every / 2).max(self.timeout);
         let mut conn = self.conn.clone();
+        let sent = std::time::Instant::now();
         // Per tenant: the tokens in flight, then the ids of the leases registered again.
         let mut answer: Result<Vec<(u64, Vec<String>)>, RedisError> =
             match tokio::time::timeout(budget, pipe.query_async(&mut conn)).await {
@@ -68,6 +69,8 @@ impl Inner {
                         lease.in_flight.store(*in_flight, Relaxed);
                     }
                 }
+                let renewed: Vec<&Arc<Lease>> = batches.iter().flat_map(|(_, l)| l).collect();
+                self.headroom_renewed(&renewed, sent);
                 tracing::trace!(tenants = batches.len(), "renewed leases");
             }
             Err(error) => tracing::warn!(%error, "could not renew leases in redis"),
@@ -85,6 +88,7 @@ pub(super) async fn renew_forever(shared: Weak<Inner>, every: Duration) {
         let Some(shared) = shared.upgrade() else {
             return;
         };
+        shared.let_go_idle_headroom();
         shared.renew_all().await;
         shared.renew_tickets().await;
     }

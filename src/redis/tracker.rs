@@ -12,6 +12,7 @@ use redis::{IntoConnectionInfo, RedisError};
 use super::batch::{self, Batches};
 use super::breaker::Breaker;
 use super::conn::Conn;
+use super::headroom::Headroom;
 use super::lease::{Lease, RedisReservation};
 use super::queue::Subscribe;
 use super::renew;
@@ -62,8 +63,11 @@ pub enum FailurePolicy {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RedisTrackerStats {
-    /// Reservations Redis admitted.
+    /// Reservations Redis admitted, one lease each.
     pub admitted: u64,
+    /// Reservations admitted from this replica's
+    /// [headroom](RedisTokenTrackerBuilder::local_headroom), without a round trip.
+    pub admitted_locally: u64,
     /// Reservations Redis refused (over the cap).
     pub refused: u64,
     /// Requests the failure policy answered because Redis could not be asked.
@@ -79,6 +83,7 @@ pub struct RedisTrackerStats {
 #[derive(Default)]
 pub(super) struct Counters {
     pub(super) admitted: AtomicU64,
+    pub(super) admitted_locally: AtomicU64,
     pub(super) refused: AtomicU64,
     pub(super) unavailable: AtomicU64,
     pub(super) lost_leases: AtomicU64,
@@ -165,6 +170,10 @@ pub(crate) struct Inner {
     pub(super) local: Option<Arc<TenantTokenTracker>>,
     /// Live leases, for renewal.
     pub(super) leases: Mutex<HashMap<u64, Arc<Lease>>>,
+    /// The share of a tenant's cap each headroom keeps unused, in percent; 0: none.
+    pub(super) headroom_share: u8,
+    /// This replica's headroom per tenant it is serving.
+    pub(super) headroom: Mutex<HashMap<Arc<str>, Arc<Headroom>>>,
     pub(super) runtime: tokio::runtime::Handle,
     pub(super) counters: Counters,
     /// The fair queues of the budgets this tracker counts, and where it hears wake-ups.
@@ -211,11 +220,14 @@ impl RedisTokenTracker {
             breaker_threshold: 3,
             breaker_cooldown: Duration::from_secs(1),
             prefix: "tenant-tokens:".to_owned(),
+            headroom_share: 0,
         }
     }
 
     /// Reserves `tokens` for `tenant_id` if they fit under its cap next to what every
-    /// replica has in flight.
+    /// replica has in flight: from this replica's headroom at once, when it has one with
+    /// room (see [`local_headroom`](RedisTokenTrackerBuilder::local_headroom)), otherwise
+    /// with a lease of its own, in one round trip.
     ///
     /// # Errors
     ///
@@ -223,6 +235,23 @@ impl RedisTokenTracker {
     /// [`TenantTokenTracker::reserve`]; [`Error::BackendUnavailable`] when Redis could not
     /// be asked and the policy is [`FailurePolicy::FailClosed`].
     pub async fn reserve(&self, tenant_id: &str, tokens: u64) -> Result<RedisReservation, Error> {
+        match self.reserve_locally(tenant_id, tokens) {
+            Some(reservation) => Ok(reservation),
+            None => self.reserve_in_redis(tenant_id, tokens).await,
+        }
+    }
+
+    /// Admits from this replica's headroom, when it has room: `None` means ask Redis.
+    pub(crate) fn reserve_locally(&self, tenant_id: &str, tokens: u64) -> Option<RedisReservation> {
+        self.inner.admit_locally(tenant_id, tokens)
+    }
+
+    /// Reserves with a lease of its own in Redis.
+    pub(crate) async fn reserve_in_redis(
+        &self,
+        tenant_id: &str,
+        tokens: u64,
+    ) -> Result<RedisReservation, Error> {
         Inner::reserve(&self.inner, tenant_id, tokens, true).await
     }
 
@@ -270,6 +299,7 @@ impl RedisTokenTracker {
         let c = &self.inner.counters;
         RedisTrackerStats {
             admitted: c.admitted.load(Relaxed),
+            admitted_locally: c.admitted_locally.load(Relaxed),
             refused: c.refused.load(Relaxed),
             unavailable: c.unavailable.load(Relaxed),
             lost_leases: c.lost_leases.load(Relaxed),
@@ -277,7 +307,7 @@ impl RedisTokenTracker {
         }
     }
 
-    /// Leases this replica holds now (and renews).
+    /// Leases this replica holds now (and renews), its headroom's included.
     pub fn live_leases(&self) -> usize {
         self.inner.lock_leases().len()
     }
@@ -327,6 +357,12 @@ impl Inner {
     pub(super) fn lock_leases(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Lease>>> {
         self.leases.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    pub(super) fn lock_headroom(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Headroom>>> {
+        self.headroom.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl fmt::Debug for RedisTokenTracker {
@@ -356,6 +392,7 @@ pub struct RedisTokenTrackerBuilder {
     breaker_threshold: u32,
     breaker_cooldown: Duration,
     prefix: String,
+    headroom_share: u8,
 }
 
 impl RedisTokenTrackerBuilder {
@@ -401,6 +438,29 @@ impl RedisTokenTrackerBuilder {
     pub fn circuit_breaker(mut self, failures: u32, cooldown: Duration) -> Self {
         self.breaker_threshold = failures;
         self.breaker_cooldown = cooldown;
+        self
+    }
+
+    /// Lets each replica admit a busy tenant's requests without a round trip to Redis,
+    /// from headroom it holds there: a lease of its own per tenant it is serving, kept at
+    /// about `percent` % of the tenant's cap above what its requests use (default 0: off;
+    /// at most 50).
+    ///
+    /// The cap holds across replicas as before, since every headroom is a lease counted
+    /// against it, renewed, and expiring when its replica dies. What changes is how early
+    /// a tenant can be refused: unused headroom counts as in flight, so a request can be
+    /// refused while up to `percent` % of the cap per other replica sits unused in their
+    /// headroom. When a headroom cannot grow, the tenant is near its cap: that replica
+    /// gives back what it does not use for a short while and asks Redis per request, and a
+    /// replica whose tenant goes quiet lets its headroom go within two renewal periods.
+    /// See the [guide](crate::guide::replicas) for the trade in full.
+    ///
+    /// Requests too large for a headroom, unchecked reservations (shadow mode), and
+    /// requests waiting in a budget's order across replicas always ask Redis; a tracker
+    /// whose budgets have requests waiting in that order keeps no headroom, since every
+    /// release must reach Redis to wake them.
+    pub fn local_headroom(mut self, percent: u8) -> Self {
+        self.headroom_share = percent.min(50);
         self
     }
 
@@ -525,6 +585,8 @@ impl RedisTokenTrackerBuilder {
             breaker: Breaker::new(self.breaker_threshold, self.breaker_cooldown),
             local,
             leases: Mutex::new(HashMap::new()),
+            headroom_share: self.headroom_share,
+            headroom: Mutex::new(HashMap::new()),
             runtime: runtime.clone(),
             counters: Counters::default(),
             fair: super::queue::Fair::new(wake),
@@ -547,6 +609,7 @@ impl fmt::Debug for RedisTokenTrackerBuilder {
             .field("call_timeout", &self.timeout)
             .field("policy", &self.policy)
             .field("prefix", &self.prefix)
+            .field("local_headroom", &self.headroom_share)
             .finish_non_exhaustive()
     }
 }
