@@ -1010,21 +1010,6 @@ async fn a_reservation_outliving_its_tracker_is_still_released() {
     }
 }
 
-/// Reserves `tokens` on `tracker` until a reservation is drawn from its headroom (the
-/// first ask Redis while the headroom is made in the background), and returns it.
-async fn drawn(tracker: &RedisTokenTracker, tenant: &str, tokens: u64) -> RedisReservation {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let reservation = tracker.reserve(tenant, tokens).await.expect("admitted");
-        if reservation.is_drawn_from_headroom() {
-            return reservation;
-        }
-        drop(reservation);
-        assert!(Instant::now() < deadline, "nothing drawn from headroom");
-        tokio::time::sleep(POLL).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headroom_admits_without_redis_and_the_shared_cap_still_holds() {
     let redis = redis_or_skip!("headroom_admits_without_redis_and_the_shared_cap_still_holds");

@@ -436,6 +436,30 @@ async fn a_three_master_cluster_holds_every_cap_and_leaves_nothing_behind() {
         assert!(*max > 0);
     }
 
+    // Headroom on a cluster: each tenant's its own lease on its own master, counted there,
+    // and released when the tracker goes.
+    let with_headroom = builder(CAP)
+        .local_headroom(20)
+        .connect_cluster(cluster.urls())
+        .expect("urls");
+    let roomy: Vec<String> = (0..6).map(|n| format!("roomy-{n}")).collect();
+    let mut drawn_here = Vec::new();
+    for tenant in &roomy {
+        drawn_here.push(drawn(&with_headroom, tenant, 50).await);
+        let counted = tracker.in_flight(tenant).await.unwrap();
+        assert!((50..=CAP).contains(&counted), "{tenant} counts {counted}");
+    }
+    let masters: BTreeSet<u16> = roomy
+        .iter()
+        .map(|t| cluster.owner(&tenant_key(t)))
+        .collect();
+    assert!(masters.len() > 1, "the headrooms are on one master only");
+    drop(drawn_here);
+    drop(with_headroom);
+    for tenant in &roomy {
+        wait_shared(&tracker, tenant, 0).await;
+    }
+
     // Released: nothing left on any master.
     for reservation in held {
         reservation.release().await;

@@ -411,3 +411,23 @@ pub fn runner(cases: u32) -> proptest::test_runner::TestRunner {
         ..proptest::test_runner::Config::default()
     })
 }
+
+/// Reserves `tokens` on `tracker` until a reservation is drawn from its headroom (the
+/// first ask Redis while the headroom is made in the background), and returns it.
+#[cfg(feature = "redis")]
+pub async fn drawn(
+    tracker: &tower_tenant_tokens::redis::RedisTokenTracker,
+    tenant: &str,
+    tokens: u64,
+) -> tower_tenant_tokens::redis::RedisReservation {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let reservation = tracker.reserve(tenant, tokens).await.expect("admitted");
+        if reservation.is_drawn_from_headroom() {
+            return reservation;
+        }
+        drop(reservation);
+        assert!(Instant::now() < deadline, "nothing drawn from headroom");
+        tokio::time::sleep(POLL).await;
+    }
+}
