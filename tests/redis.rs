@@ -1185,6 +1185,44 @@ async fn the_layer_admits_from_headroom_and_refuses_at_the_cap_over_http() {
     wait_for_shared(&observer, "acme", 0, WAIT).await;
 }
 
+#[tokio::test]
+async fn a_changed_cap_drains_the_headroom_made_under_the_old_one() {
+    let redis = redis_or_skip!("a_changed_cap_drains_the_headroom_made_under_the_old_one");
+    let cap = Arc::new(AtomicU64::new(1_000));
+    let caps = cap.clone();
+    let tracker = connect(
+        builder(1_000)
+            .cap_fn(move |_| Some(caps.load(SeqCst)))
+            .local_headroom(10),
+        &redis,
+    );
+    let observer = connect(builder(1_000), &redis);
+    let held = drawn(&tracker, "acme", 10).await;
+    assert!(
+        in_flight(&observer, "acme").await > 10,
+        "the headroom is held"
+    );
+
+    cap.store(500, SeqCst);
+    // Asked in Redis under the new cap; the old headroom gives back what it does not use.
+    let next = tracker.reserve("acme", 10).await.expect("fits");
+    assert!(!next.is_drawn_from_headroom());
+    wait_until_counted(&observer, "acme", 20..=20).await;
+    let refused = tracker.reserve("acme", 481).await;
+    assert!(
+        matches!(refused, Err(Error::TenantOverloaded { cap: 500, .. })),
+        "{refused:?}"
+    );
+
+    // Once drained and let go, a headroom is made under the new cap.
+    drop((held, next));
+    let again = drawn(&tracker, "acme", 10).await;
+    let counted = in_flight(&observer, "acme").await;
+    assert!(counted <= 10 + 2 * 50, "{counted} held under a cap of 500");
+    drop(again);
+    wait_for_shared(&observer, "acme", 0, WAIT).await;
+}
+
 /// Polls Redis's count of `tenant` until it is within `range`.
 async fn wait_until_counted(
     tracker: &RedisTokenTracker,

@@ -18,7 +18,9 @@
 //!   it neither grows nor keeps anything unused, so it gives back what it does not use and
 //!   requests ask Redis one by one, exactly as without headroom;
 //! - it is let go at a renewal when nothing was admitted from it since the previous one
-//!   and nothing drawn from it is still held.
+//!   and nothing drawn from it is still held;
+//! - when the tenant's cap changes, it admits nothing more, gives back what it does not
+//!   use, and is let go once drained; the tenant's next headroom is made under the new cap.
 //!
 //! A headroom admits only while its lease is known to be in Redis: for half a TTL after
 //! the call that last set or renewed it was sent, since the lease lives a whole TTL from
@@ -62,11 +64,14 @@ struct State {
     touched: bool,
     /// Let go: it admits nothing more.
     retired: bool,
+    /// The tenant's cap changed since it was made: it admits nothing more, gives back what
+    /// is unused, and is let go once nothing drawn from it is held.
+    draining: bool,
 }
 
 impl State {
     fn is_valid(&self, now: Instant) -> bool {
-        !self.retired && self.valid_until.is_some_and(|until| now < until)
+        !self.retired && !self.draining && self.valid_until.is_some_and(|until| now < until)
     }
 
     fn is_tight(&self, now: Instant) -> bool {
@@ -84,7 +89,7 @@ impl State {
             return Some((self.used, false));
         }
         let unused = self.held - self.used;
-        if self.is_tight(now) {
+        if self.is_tight(now) || self.draining {
             return (unused > 0).then_some((self.used, false));
         }
         let refresh = self.created && !self.is_valid(now);
@@ -152,13 +157,20 @@ impl Inner {
     }
 
     /// `tenant`'s headroom, made (empty) if it has none; `None` when a request of `tokens`
-    /// is larger than a step, so never admitted from it (nor keeping it for nothing).
+    /// is larger than a step, so never admitted from it (nor keeping it for nothing), and
+    /// when the tenant's cap changed since its headroom was made (that one drains).
     fn headroom_of(self: &Arc<Self>, tenant: &str, tokens: u64) -> Option<Arc<Headroom>> {
+        let cap = self.cap(tenant);
         let mut all = self.lock_headroom();
         if let Some(headroom) = all.get(tenant) {
+            if headroom.lease.cap != cap {
+                let headroom = Arc::clone(headroom);
+                drop(all);
+                self.drain(&headroom);
+                return None;
+            }
             return (tokens <= headroom.step).then(|| Arc::clone(headroom));
         }
-        let cap = self.cap(tenant);
         let share = u64::from(self.headroom_share);
         let step = cap / 100 * share + cap % 100 * share / 100;
         if step == 0 || tokens > step {
@@ -173,6 +185,21 @@ impl Inner {
         });
         all.insert(Arc::clone(&headroom.lease.tenant), Arc::clone(&headroom));
         Some(headroom)
+    }
+
+    /// Stops `headroom` admitting, and gives back what it does not use.
+    fn drain(self: &Arc<Self>, headroom: &Arc<Headroom>) {
+        let adjust = {
+            let mut state = headroom.lock();
+            if state.draining {
+                return;
+            }
+            state.draining = true;
+            self.wants_adjusting(headroom, &mut state, Instant::now())
+        };
+        if adjust {
+            self.adjust_later(headroom);
+        }
     }
 
     /// Whether `headroom` needs its task started now (and marks it started).
@@ -371,7 +398,7 @@ impl Inner {
         let mut idle = Vec::new();
         self.lock_headroom().retain(|_, headroom| {
             let mut state = headroom.lock();
-            let keep = state.touched || state.used > 0 || state.adjusting;
+            let keep = (state.touched && !state.draining) || state.used > 0 || state.adjusting;
             state.touched = false;
             if !keep {
                 state.retired = true;

@@ -16,7 +16,8 @@ impl RedisTokenTracker {
     /// Redis is never blocked for long; on a cluster, every master in turn) and asks for
     /// each tenant's count: one round trip per tenant found (tenants idle for less than two
     /// lease TTLs included, as their keys are still there), so keep `limit` to what a page
-    /// shows.
+    /// shows. Replicas' [headroom](crate::redis::RedisTokenTrackerBuilder::local_headroom)
+    /// counts as in flight, used or not.
     ///
     /// # Errors
     ///

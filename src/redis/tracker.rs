@@ -273,7 +273,9 @@ impl RedisTokenTracker {
         Inner::reserve(&self.inner, tenant_id, tokens, false).await
     }
 
-    /// Tokens `tenant_id` has in flight across every replica now, as Redis counts them.
+    /// Tokens `tenant_id` has in flight across every replica now, as Redis counts them
+    /// (replicas' [headroom](RedisTokenTrackerBuilder::local_headroom) included, used or
+    /// not).
     ///
     /// # Errors
     ///
