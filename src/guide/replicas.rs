@@ -136,6 +136,9 @@
 //!   since every release must reach Redis to wake them.
 //! - **A quiet tenant's headroom goes** at the second renewal after its last request, once
 //!   nothing drawn from it is held; dropping the tracker's last handle releases the rest.
+//!   When `cap_fn` changes a tenant's cap, the headroom made under the old cap stops
+//!   admitting, gives back what it does not use and goes once drained; the next one is
+//!   made under the new cap.
 //! - **A headroom admits only while Redis is known to hold it**: for half a TTL after the
 //!   call that last set or renewed its lease was sent (the lease lives a whole TTL from
 //!   then, on Redis's clock). So it keeps admitting through a short Redis outage, within
