@@ -363,22 +363,21 @@ async fn run(redis: &RedisServer, secs: u64) {
         rounds.push(round("PING", secs, move |replica, _, _| ping(c[replica].clone())).await);
     }
     let rate: u64 = env_or("REDIS_BENCH_RATE", 20_000);
-    settle(&trackers).await;
-    let s = services.clone();
-    rounds.extend(
-        paced("layer", rate, secs, move |i| {
-            through_layer(s[i % 2].clone(), tenant(i, i / 2))
-        })
-        .await,
-    );
-    settle(&trackers).await;
-    let s = headroom_services.clone();
-    rounds.extend(
-        paced("layer with headroom", rate, secs, move |i| {
-            through_layer(s[i % 2].clone(), tenant(i, i / 2))
-        })
-        .await,
-    );
+    let open_loops = [
+        ("layer", &services),
+        ("layer with headroom", &headroom_services),
+    ];
+    for (name, services) in open_loops {
+        settle(&trackers).await;
+        settle(&with_headroom).await;
+        let s = Arc::clone(services);
+        rounds.extend(
+            paced(name, rate, secs, move |i| {
+                through_layer(s[i % 2].clone(), tenant(i, i / 2))
+            })
+            .await,
+        );
+    }
     settle(&with_headroom).await;
     let c = conns.clone();
     rounds.extend(paced("PING", rate, secs, move |i| ping(c[i % 2].clone())).await);

@@ -74,6 +74,15 @@ impl State {
         !self.retired && !self.draining && self.valid_until.is_some_and(|until| now < until)
     }
 
+    /// Redis set `lease` to `held` tokens, the tenant then holding `in_flight`: it may admit
+    /// from them until `valid_until`.
+    fn set(&mut self, lease: &Lease, held: u64, in_flight: u64, valid_until: Instant) {
+        lease.in_flight.store(in_flight, Relaxed);
+        lease.tokens.store(held, Relaxed);
+        self.held = held;
+        self.valid_until = Some(valid_until);
+    }
+
     fn is_tight(&self, now: Instant) -> bool {
         self.tight_until.is_some_and(|until| now < until)
     }
@@ -250,10 +259,7 @@ impl Inner {
             let mut state = headroom.lock();
             match answer {
                 Ok((1, in_flight)) => {
-                    lease.in_flight.store(in_flight, Relaxed);
-                    lease.tokens.store(to, Relaxed);
-                    state.held = to;
-                    state.valid_until = Some(sent + self.ttl / 2);
+                    state.set(lease, to, in_flight, sent + self.ttl / 2);
                     if !created {
                         state.created = true;
                         self.lock_leases().insert(lease.seq, Arc::clone(lease));
@@ -357,10 +363,7 @@ impl Inner {
         let mut state = headroom.lock();
         match answer {
             Ok((1, in_flight)) => {
-                lease.in_flight.store(in_flight, Relaxed);
-                lease.tokens.store(to, Relaxed);
-                state.held = to;
-                state.valid_until = Some(sent + self.ttl / 2);
+                state.set(lease, to, in_flight, sent + self.ttl / 2);
                 if !drawn.released.load(Relaxed) {
                     let before = drawn.tokens.swap(tokens, Relaxed);
                     state.used = state.used - before + tokens;
