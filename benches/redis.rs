@@ -13,19 +13,26 @@
 //!   Redis (`local_headroom`, a tenth of each cap), so most requests make no round trip.
 //!   The caps here are far above what the requests use, where headroom helps most; near a
 //!   cap, requests ask Redis one by one as in `layer`.
+//! - `layer near the cap` and `layer with headroom near the cap`: the same two on
+//!   `NEAR_TENANTS` tenants, each request held `NEAR_HOLD` by the inner service, so the
+//!   requests in flight pass the tenants' caps: part of them are refused (429, the
+//!   `refused` column), and the headrooms are mostly giving back what they do not use.
+//!   What counts there is `admitted/s`, which early refusals lower.
 //! - `tracker`: `RedisTokenTracker::reserve` then `release().await`, timed per reserve.
 //! - `naive INCRBY/DECRBY`: the counter design this crate replaces (increment, check,
 //!   decrement on refusal or release; no leases, so a crash leaks): two round trips.
 //! - `PING`: one round trip, the floor of anything that asks Redis.
 //!
-//! Every variant runs `WORKERS` concurrent requests per replica over 64 tenants with caps
-//! no request reaches, so every request is admitted unless the pair is overloaded: then
+//! Every variant runs `WORKERS` concurrent requests per replica; but for those near the
+//! cap, over 64 tenants with caps no request reaches, so every request is admitted unless
+//! the pair is overloaded: then
 //! the layer answers 503 (the tracker fails closed once a call passes its timeout) and the
 //! bench counts those (`503` column) instead of stopping, and says where the pair
 //! saturates.
 //! These closed-loop rounds give the most requests per second the pair sustains; at that
 //! rate requests mostly wait in queues, so their latency is Little's law, not the layer.
-//! Last, the `layer` requests and then `PING`s are sent open-loop at a fixed
+//! Last, the `layer` requests (per request, then with headroom) and then `PING`s are sent
+//! open-loop at a fixed
 //! `REDIS_BENCH_RATE` per second for the pair (default 20,000), which gives the latency the
 //! layer adds at that load next to the bare round trip's at the same load (the machine's
 //! own tail). `REDIS_BENCH_WORKERS` sets the runtime's worker threads (default 1, leaving
@@ -63,6 +70,12 @@ const LEASE_TTL: Duration = Duration::from_secs(3);
 const HEADROOM: u8 = 10;
 const LAYER: &str = "layer (reserve, call, release)";
 const HEADROOM_LAYER: &str = "layer with headroom (same)";
+/// Near the cap: every request on a few tenants, whose caps the requests in flight pass.
+const NEAR_TENANTS: usize = 4;
+const NEAR_CAP: u64 = 1_500;
+/// How long the upstream holds a request near the cap: 16 requests of 100 tokens per
+/// tenant in flight pass its cap.
+const NEAR_HOLD: Duration = Duration::from_millis(2);
 
 struct Round {
     name: String,
@@ -248,6 +261,15 @@ async fn answer(
     Ok(Response::new(Empty::new()))
 }
 
+/// Answers after `NEAR_HOLD`, so that requests near the cap overlap (answered at once
+/// from headroom, they would not).
+async fn answer_after_hold(
+    request: Request<RequestBody<Empty<Bytes>>>,
+) -> Result<Response<Empty<Bytes>>, Infallible> {
+    tokio::time::sleep(NEAR_HOLD).await;
+    answer(request).await
+}
+
 fn main() {
     let secs: u64 = env_or("REDIS_BENCH_SECS", 5);
     let Some(redis) = RedisServer::start("benches/redis.rs") else {
@@ -287,6 +309,24 @@ async fn run(redis: &RedisServer, secs: u64) {
     };
     let services = layered(&trackers);
     let headroom_services = layered(&with_headroom);
+    // Near the cap, each on its own keys: per request, and with headroom.
+    let near_cap = |headroom: u8| -> Arc<Vec<_>> {
+        let layer = |_| {
+            let tracker = RedisTokenTracker::builder(NEAR_CAP)
+                .lease_ttl(LEASE_TTL)
+                .renew_every(LEASE_TTL / 3)
+                .local_headroom(headroom)
+                .key_prefix(format!("near-{headroom}:"))
+                .connect(redis.url())
+                .expect("url");
+            TenantTokenLayer::redis(tracker).layer(tower::service_fn(answer_after_hold))
+        };
+        Arc::new((0..2).map(layer).collect())
+    };
+    let near = [
+        ("layer near the cap", near_cap(0)),
+        ("layer with headroom near the cap", near_cap(HEADROOM)),
+    ];
     let conns: Arc<Vec<ConnectionManager>> =
         Arc::new(vec![connection(redis).await, connection(redis).await]);
 
@@ -308,6 +348,16 @@ async fn run(redis: &RedisServer, secs: u64) {
             })
             .await,
         );
+        for (name, services) in &near {
+            let s = services.clone();
+            rounds.push(
+                round(name, secs, move |replica, worker, i| {
+                    let tenant = format!("near-{}", (worker + i) % NEAR_TENANTS);
+                    through_layer(s[replica].clone(), tenant)
+                })
+                .await,
+            );
+        }
         let t = trackers.clone();
         rounds.push(
             round(
@@ -388,8 +438,16 @@ async fn run(redis: &RedisServer, secs: u64) {
          {closed_rounds} rounds each; then open loop at {rate} requests/s; {workers} runtime worker(s)"
     );
     println!(
-        "{:<40} {:>12} {:>10} {:>10} {:>10} {:>9} {:>9} {:>8}",
-        "variant", "requests/s", "p50 µs", "p99 µs", "p99.9 µs", "refused", "503", "stolen"
+        "{:<40} {:>12} {:>12} {:>10} {:>10} {:>10} {:>9} {:>9} {:>8}",
+        "variant",
+        "requests/s",
+        "admitted/s",
+        "p50 µs",
+        "p99 µs",
+        "p99.9 µs",
+        "refused",
+        "503",
+        "stolen"
     );
     let mut saturates = None;
     let (mut ratios, mut versus_naive) = (Vec::new(), Vec::new());
@@ -411,10 +469,12 @@ async fn run(redis: &RedisServer, secs: u64) {
         let stolen = r
             .stolen
             .map_or("-".to_owned(), |share| format!("{:.1}%", share * 100.0));
+        let admitted = (r.requests - r.refused - r.unavailable) as f64;
         println!(
-            "{:<40} {:>12.0} {:>10} {:>10} {:>10} {:>9} {:>9} {:>8}",
+            "{:<40} {:>12.0} {:>12.0} {:>10} {:>10} {:>10} {:>9} {:>9} {:>8}",
             r.name,
             r.per_second(),
+            admitted / r.elapsed.as_secs_f64(),
             p50.as_micros(),
             p99.as_micros(),
             p999.as_micros(),
