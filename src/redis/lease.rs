@@ -37,7 +37,9 @@ pub(super) struct Lease {
 /// [`RedisTokenTracker`](super::RedisTokenTracker); released when dropped.
 ///
 /// Usually a lease in Redis, renewed in the background while it lives, released by a
-/// spawned task when dropped (or at once with [`release`](Self::release)). When Redis could
+/// spawned task when dropped (or at once with [`release`](Self::release)); or, with
+/// [`local_headroom`](super::RedisTokenTrackerBuilder::local_headroom), a share of the
+/// lease this replica holds as headroom, given back to it when dropped. When Redis could
 /// not be asked, the tracker's [`FailurePolicy`](super::FailurePolicy) decides what it is
 /// instead: a reservation against this replica's share of the cap, or nothing counted at
 /// all ([`is_shared`](Self::is_shared) tells).
@@ -196,7 +198,8 @@ impl RedisReservation {
     }
 
     /// Releases the tokens now and waits until Redis has been told. Dropping the
-    /// reservation does the same in a background task.
+    /// reservation does the same in a background task. A reservation drawn from headroom
+    /// goes back to it at once, with nothing to tell Redis.
     pub async fn release(mut self) {
         match std::mem::replace(&mut self.kind, Kind::Done) {
             Kind::Lease { lease, inner } => {
