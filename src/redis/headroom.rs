@@ -170,15 +170,13 @@ impl Inner {
     /// when the tenant's cap changed since its headroom was made (that one drains).
     fn headroom_of(self: &Arc<Self>, tenant: &str, tokens: u64) -> Option<Arc<Headroom>> {
         let cap = self.cap(tenant);
-        let mut all = self.lock_headroom();
-        if let Some(headroom) = all.get(tenant) {
+        let known = self.read_headroom().get(tenant).map(Arc::clone);
+        if let Some(headroom) = known {
             if headroom.lease.cap != cap {
-                let headroom = Arc::clone(headroom);
-                drop(all);
                 self.drain(&headroom);
                 return None;
             }
-            return (tokens <= headroom.step).then(|| Arc::clone(headroom));
+            return (tokens <= headroom.step).then_some(headroom);
         }
         let share = u64::from(self.headroom_share);
         let step = cap / 100 * share + cap % 100 * share / 100;
@@ -192,8 +190,12 @@ impl Inner {
             step,
             state: Mutex::default(),
         });
-        all.insert(Arc::clone(&headroom.lease.tenant), Arc::clone(&headroom));
-        Some(headroom)
+        // Another request may have made one meanwhile: the first one made stays.
+        let mut all = self.write_headroom();
+        let kept = all
+            .entry(Arc::clone(&headroom.lease.tenant))
+            .or_insert(headroom);
+        Some(Arc::clone(kept))
     }
 
     /// Stops `headroom` admitting, and gives back what it does not use.
@@ -342,11 +344,12 @@ impl Inner {
         let headroom = &drawn.headroom;
         let lease = &headroom.lease;
         let _order = lease.write.lock().await;
-        let (to, grow) = {
+        let (to, grow, created) = {
             let state = headroom.lock();
             let grow = tokens.saturating_sub(drawn.tokens.load(Relaxed));
             // Never below what it holds: the rest may be drawn meanwhile.
-            (state.held.max(state.used.saturating_add(grow)), grow)
+            let to = state.held.max(state.used.saturating_add(grow));
+            (to, grow, state.created)
         };
         let overloaded = |in_flight| Error::TenantOverloaded {
             tenant_id: lease.tenant.to_string(),
@@ -354,7 +357,6 @@ impl Inner {
             in_flight,
             cap: lease.cap,
         };
-        let created = headroom.lock().created;
         if !created {
             return Err(overloaded(lease.in_flight.load(Relaxed)));
         }
@@ -399,7 +401,7 @@ impl Inner {
     /// drawn from holds, releasing their leases. Run at each renewal.
     pub(super) fn let_go_idle_headroom(self: &Arc<Self>) {
         let mut idle = Vec::new();
-        self.lock_headroom().retain(|_, headroom| {
+        self.write_headroom().retain(|_, headroom| {
             let mut state = headroom.lock();
             let keep = (state.touched && !state.draining) || state.used > 0 || state.adjusting;
             state.touched = false;
@@ -416,7 +418,7 @@ impl Inner {
 
     /// Releases a retired headroom's lease, and forgets the headroom.
     fn let_go(self: &Arc<Self>, headroom: &Arc<Headroom>) {
-        let mut all = self.lock_headroom();
+        let mut all = self.write_headroom();
         if all
             .get(&headroom.lease.tenant)
             .is_some_and(|known| Arc::ptr_eq(known, headroom))
@@ -431,7 +433,7 @@ impl Inner {
     /// The headrooms whose leases a renewal sent at `sent` pushed back may admit for
     /// another half TTL.
     pub(super) fn headroom_renewed(&self, renewed: &[&Arc<Lease>], sent: Instant) {
-        let all = self.lock_headroom();
+        let all = self.read_headroom();
         for lease in renewed {
             if let Some(headroom) = all.get(&lease.tenant) {
                 if Arc::ptr_eq(&headroom.lease, lease) {

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use redis::{IntoConnectionInfo, RedisError};
@@ -173,7 +173,7 @@ pub(crate) struct Inner {
     /// The share of a tenant's cap each headroom keeps unused, in percent; 0: none.
     pub(super) headroom_share: u8,
     /// This replica's headroom per tenant it is serving.
-    pub(super) headroom: Mutex<HashMap<Arc<str>, Arc<Headroom>>>,
+    pub(super) headroom: RwLock<HashMap<Arc<str>, Arc<Headroom>>>,
     pub(super) runtime: tokio::runtime::Handle,
     pub(super) counters: Counters,
     /// The fair queues of the budgets this tracker counts, and where it hears wake-ups.
@@ -360,10 +360,16 @@ impl Inner {
         self.leases.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub(super) fn lock_headroom(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Headroom>>> {
-        self.headroom.lock().unwrap_or_else(PoisonError::into_inner)
+    /// This replica's headrooms, to look one up (every request that may draw from one).
+    pub(super) fn read_headroom(&self) -> RwLockReadGuard<'_, HashMap<Arc<str>, Arc<Headroom>>> {
+        self.headroom.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// This replica's headrooms, to add or remove one.
+    pub(super) fn write_headroom(&self) -> RwLockWriteGuard<'_, HashMap<Arc<str>, Arc<Headroom>>> {
+        self.headroom
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -588,7 +594,7 @@ impl RedisTokenTrackerBuilder {
             local,
             leases: Mutex::new(HashMap::new()),
             headroom_share: self.headroom_share,
-            headroom: Mutex::new(HashMap::new()),
+            headroom: RwLock::new(HashMap::new()),
             runtime: runtime.clone(),
             counters: Counters::default(),
             fair: super::queue::Fair::new(wake),
