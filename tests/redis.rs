@@ -1010,6 +1010,30 @@ async fn a_reservation_outliving_its_tracker_is_still_released() {
     }
 }
 
+/// A lease resized to nothing is released like any other, and does not take the batch it
+/// is sent in down with it.
+#[tokio::test]
+async fn a_lease_resized_to_nothing_is_released() {
+    let redis = redis_or_skip!("a_lease_resized_to_nothing_is_released");
+    let tracker = connect(builder(1_000), &redis);
+    let mut emptied = tracker.reserve("acme", 100).await.expect("fits");
+    emptied.resize(0);
+    wait_for_shared(&tracker, "acme", 0, WAIT).await;
+    let other = tracker.reserve("acme", 300).await.expect("fits");
+    emptied.release().await;
+    assert_eq!(tracker.stats().failed_releases, 0, "{:?}", tracker.stats());
+    assert_eq!(tracker.live_leases(), 1);
+    assert_eq!(in_flight(&tracker, "acme").await, 300);
+    other.release().await;
+    wait_for_shared(&tracker, "acme", 0, WAIT).await;
+    assert_eq!(tracker.stats().failed_releases, 0, "{:?}", tracker.stats());
+    assert_eq!(
+        redis.command("HLEN tenant-tokens:{t:acme}:tokens").trim(),
+        ":3",
+        "only the `=` fields left"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headroom_admits_without_redis_and_the_shared_cap_still_holds() {
     let redis = redis_or_skip!("headroom_admits_without_redis_and_the_shared_cap_still_holds");

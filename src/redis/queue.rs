@@ -135,7 +135,7 @@ local function queue(status)
     add_ticket(ticket, class, tenant, ttl)
   end
   keep(ttl)
-  return {status, sum()}
+  return {status, sum_of(KEYS[1])}
 end
 if holding then
   local top = first_class()
@@ -144,7 +144,7 @@ if holding then
   end
 else
   local top = first_class()
-  if top and class == 0 then keep(ttl) return {3, sum()} end
+  if top and class == 0 then keep(ttl) return {3, sum_of(KEYS[1])} end
   if top and top >= class then return queue(2) end
 end
 local status, held = reserve(KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]), ttl)

@@ -44,6 +44,7 @@ end
 -- Formatting a number costs more than most commands, so each is formatted once.
 local function int(x) return string.format('%d', x) end
 local function tokens_of(entry) return string.match(entry, '^%d+') end
+local function sum_of(key) return tonumber(redis.call('HGET', key, '=sum')) or 0 end
 -- A deadline `now + ttl` formatted: alone, after a lease's tokens, and the key's expiry
 -- `ttl` after it (`=exp`, and `life` from now).
 local dated, digits, stamp, expiry, life = nil, nil, nil, nil, nil
@@ -132,12 +133,15 @@ local function reserve(key, lease, tokens, cap, ttl)
   return 1, held
 end
 -- Releases `lease`. Returns 1 if it was there (releasing is idempotent), and the tokens in
--- flight after it.
+-- flight after it. A lease of 0 tokens leaves the sum as it is (Redis refuses `-0` as an
+-- increment).
 local function release(key, lease)
   local entry = redis.call('HGET', key, lease)
-  if not entry then return 0, tonumber(redis.call('HGET', key, '=sum')) or 0 end
+  if not entry then return 0, sum_of(key) end
   redis.call('HDEL', key, lease)
-  return 1, redis.call('HINCRBY', key, '=sum', '-' .. tokens_of(entry))
+  local tokens = tokens_of(entry)
+  if tokens == '0' then return 1, sum_of(key) end
+  return 1, redis.call('HINCRBY', key, '=sum', '-' .. tokens)
 end
 -- Reads the `=` fields and `lease` (optional), sweeping first once `=min` has passed.
 -- Returns the tokens in flight, the lease's entry, `=exp` and `=min`.
@@ -151,7 +155,7 @@ local function look(key, lease)
   end
   return tonumber(found[1]) or 0, found[4], tonumber(found[2]), tonumber(found[3])
 end
-local function sum() return tonumber(redis.call('HGET', KEYS[1], '=sum')) or 0 end
+
 ";
 
 /// `ARGV`: lease, tokens, cap (empty: unchecked growth), ttl, the tokens the lease holds
