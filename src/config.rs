@@ -38,6 +38,8 @@ pub(crate) struct Config {
     pub(crate) ask_usage: bool,
     /// Learned output allowances, for requests without an output limit.
     pub(crate) adaptive: Option<Arc<crate::usage::Adaptive>>,
+    /// Prompt estimates calibrated per model.
+    pub(crate) calibration: Option<Arc<crate::usage::Calibration>>,
     /// The `Retry-After` of a 429 when it is not derived from hold times.
     pub(crate) retry_after: Duration,
     /// Builds refusal responses instead of the default JSON.
@@ -77,11 +79,18 @@ impl Config {
             read_usage: false,
             ask_usage: false,
             adaptive: None,
+            calibration: None,
             retry_after: Duration::from_secs(1),
             on_rejection: None,
             options: None,
             metrics: Arc::default(),
         }
+    }
+
+    /// What the estimate of a request by `tenant` uses of what the layer has learned.
+    pub(crate) fn learned<'a>(&'a self, tenant: &'a str) -> crate::usage::Learned<'a> {
+        let output = self.adaptive.as_deref();
+        crate::usage::Learned::new(output, self.calibration.as_deref(), tenant)
     }
 
     /// The rarely used options, created on first use.

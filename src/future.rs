@@ -15,7 +15,7 @@ use tower_service::Service;
 use crate::admit::priority::Priority;
 use crate::admit::Admission;
 use crate::config::{Config, LimitHeaders};
-use crate::extract::BodyEstimate;
+use crate::extract::{BodyEstimate, Estimated};
 use crate::headers::{
     limit_field, policy_field, RATELIMIT, RATELIMIT_POLICY, X_RATELIMIT_LIMIT_TOKENS,
     X_RATELIMIT_REMAINING_TOKENS,
@@ -107,6 +107,8 @@ pub(crate) struct Call<S> {
     learn: Option<Learn>,
     /// The layer asked the request for its stream's usage.
     asked: bool,
+    /// What the estimator found in the body, until the response's reader takes it.
+    estimated: Option<Estimated>,
 }
 
 impl<S> Call<S> {
@@ -118,6 +120,7 @@ impl<S> Call<S> {
             prompt: 0,
             learn: None,
             asked: false,
+            estimated: None,
         }
     }
 
@@ -181,6 +184,7 @@ impl<S> Call<S> {
             prompt,
             learn,
             asked,
+            estimated: _,
         } = self;
         if let Some(handle) = guard.handle() {
             parts.extensions.insert(handle);
@@ -346,27 +350,28 @@ where
                     } = *reading.take().expect("checked above");
                     let bytes = buffer.freeze();
                     let config = &call.config;
-                    let adaptive = config.adaptive.as_deref();
-                    let estimated = outcome.and_then(|()| match adaptive {
-                        None => estimate.estimate(&call.parts, &bytes, config.wants_model()),
-                        Some(adaptive) => {
-                            let cap = adaptive.caps_explicit_limits();
-                            estimate.estimate_learning(&call.parts, &bytes, true, cap, |model| {
-                                adaptive.allowance(&tenant, model.unwrap_or(""))
-                            })
-                        }
+                    let learned = config.learned(&tenant);
+                    let estimated = outcome.and_then(|()| {
+                        let model = config.wants_model() || config.ask_usage;
+                        estimate.estimate_learning(&call.parts, &bytes, model, &learned)
                     });
                     let admission = match estimated {
                         Ok(estimated) => {
                             call.prompt = estimated.prompt;
-                            if estimated.unlimited
-                                || adaptive.is_some_and(|a| a.caps_explicit_limits())
-                            {
-                                call.learn = learn(config, &tenant, estimated.model.as_deref());
-                            }
                             let model = estimated.model.as_deref();
                             let keys = config.budget_keys(&call.parts, Some(&bytes), model);
-                            config.admit(&tenant, estimated.tokens, keys, class)
+                            let tokens = match estimated.unlimited {
+                                true => config.fit_guess(
+                                    &tenant,
+                                    &keys,
+                                    estimated.prompt,
+                                    estimated.tokens,
+                                ),
+                                false => estimated.tokens,
+                            };
+                            let admission = config.admit(&tenant, tokens, keys, class);
+                            call.estimated = Some(estimated);
+                            admission
                         }
                         Err(error) => Step::Now(Err(error)),
                     };
@@ -374,6 +379,9 @@ where
                         true => call.ask_usage(bytes),
                         false => bytes,
                     };
+                    if let Some(estimated) = call.estimated.take() {
+                        call.learn = learn(&call.config, &tenant, estimated, call.asked);
+                    }
                     call.decide(RequestBody::buffered(bytes), admission)
                 }
                 StateProj::Admitting { pending, call } => {
@@ -396,20 +404,30 @@ where
     }
 }
 
-/// Where the output of a request by `tenant` to `model` without an output limit is
-/// learned from, when the layer learns allowances.
+/// What the response of a request by `tenant`, `estimated` so, teaches: its output (a
+/// request without an output limit, or any with `cap_explicit_limits`, on a layer that
+/// learns allowances), its prompt's size (a layer that calibrates prompts), and whether
+/// a stream `asked` for its usage reported it. `None` when there is nothing to learn.
 #[cfg(feature = "openai")]
-fn learn(config: &Config, tenant: &str, model: Option<&str>) -> Option<Learn> {
-    let table = config.adaptive.clone()?;
+fn learn(config: &Config, tenant: &str, estimated: Estimated, asked: bool) -> Option<Learn> {
+    let output = config
+        .adaptive
+        .as_ref()
+        .filter(|adaptive| estimated.unlimited || adaptive.caps_explicit_limits());
+    let output = output.map(|table| (Arc::clone(table), tenant.to_owned()));
+    let prompt = config.calibration.clone().zip(estimated.features);
+    if output.is_none() && prompt.is_none() && !asked {
+        return None;
+    }
     Some(Learn {
-        table,
-        tenant: tenant.to_owned(),
-        model: model.unwrap_or("").to_owned(),
+        model: estimated.model.unwrap_or_default(),
+        output,
+        prompt,
     })
 }
 
 #[cfg(not(feature = "openai"))]
-fn learn(_config: &Config, _tenant: &str, _model: Option<&str>) -> Option<Learn> {
+fn learn(_config: &Config, _tenant: &str, _estimated: Estimated, _asked: bool) -> Option<Learn> {
     None
 }
 

@@ -266,6 +266,25 @@ impl TenantTokenLayer {
         })
     }
 
+    /// Calibrates prompt estimates per model from the prompt tokens upstreams report, in
+    /// `calibration` (see [`PromptCalibration`](crate::PromptCalibration)); turns
+    /// [`read_usage`](Self::read_usage) on, which reads the reports.
+    ///
+    /// Only an [`OpenAiEstimator`](crate::OpenAiEstimator)'s estimates use it: once a
+    /// model has reported a few prompts, a request to it reserves the prompt its text is
+    /// predicted to take there rather than its bytes divided by
+    /// [`bytes_per_token`](crate::OpenAiEstimator::bytes_per_token). Every response that
+    /// reports its prompt tokens is learned from, cut short or not. Keep `calibration` to
+    /// show what it learned ([`snapshot`](crate::PromptCalibration::snapshot)); one table
+    /// may serve several layers. Off by default.
+    #[cfg(feature = "openai")]
+    pub fn calibrate_prompts(self, calibration: Arc<crate::PromptCalibration>) -> Self {
+        self.with(|config| {
+            config.read_usage = true;
+            config.calibration = Some(calibration);
+        })
+    }
+
     /// Whether admitted responses carry `x-ratelimit-limit-tokens` (the tenant's cap) and
     /// `x-ratelimit-remaining-tokens` (what is left of it as the response starts, this
     /// request's reservation included), as OpenAI's API sends them (default: no). Headers
@@ -433,6 +452,7 @@ impl fmt::Debug for TenantTokenLayer {
             .field("read_usage", &config.read_usage)
             .field("ask_stream_usage", &config.ask_usage)
             .field("adaptive_output", &config.adaptive)
+            .field("calibrate_prompts", &config.calibration)
             .field("shadow", &options.map(|o| &o.shadow))
             .field("budgets", &options.map(|o| &o.budgets))
             .field(

@@ -135,7 +135,7 @@ pub use self::tracker::{
     TenantScope, TenantTokenState, TenantTokenTracker, TenantTokenTrackerBuilder, TokenReservation,
 };
 #[cfg(feature = "openai")]
-pub use self::usage::{AdaptiveOutput, LearnedOutput};
+pub use self::usage::{AdaptiveOutput, CalibratedModel, LearnedOutput, PromptCalibration};
 
 /// The error type bodies are converted into, as across tower and hyper.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

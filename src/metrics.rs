@@ -10,6 +10,7 @@
 //! | `tenant_tokens_reserved` | histogram | — | tokens reserved per admitted request (the estimate) |
 //! | `tenant_tokens_usage_ratio` | histogram | `route` (with [`metrics_route`](crate::TenantTokenLayer::metrics_route)) | on release, tokens held at the end ÷ the estimate, for requests whose reservation was resized (by a handler, or by the layer reading usage, [`read_usage`](crate::TenantTokenLayer::read_usage)) |
 //! | `tenant_tokens_streams_outran_total` | counter | `route` (as above) | event streams whose output outran their reservation, which the layer grew as they went ([`read_usage`](crate::TenantTokenLayer::read_usage)) |
+//! | `tenant_tokens_stream_usage_missing_total` | counter | `route` (as above) | event streams the layer asked for their usage ([`ask_stream_usage`](crate::TenantTokenLayer::ask_stream_usage)) that ended without reporting it: the upstream ignores `stream_options.include_usage`, and such streams settle on the text counted |
 //! | `tenant_tokens_output_allowance` | gauge | `tenant`, `model` | the output allowance learned for requests without an output limit ([`adaptive_output`](crate::TenantTokenLayer::adaptive_output)), as last learned; only with tenant labels, for tenants with their own label and the first [`MODEL_LABELS`] models seen |
 //! | `tenant_tokens_waiting` | gauge | `class` (`critical`, `standard`, `sheddable`) | requests waiting for capacity now ([`wait_for_capacity`](crate::TenantTokenLayer::wait_for_capacity)) |
 //! | `tenant_tokens_wait_seconds` | histogram | `class` | how long each waiting request waited, until admitted or refused |
@@ -28,6 +29,7 @@ use std::sync::{Mutex, PoisonError};
 
 use metrics::{counter, gauge, histogram, Gauge, Label};
 
+use crate::reservation::Told;
 use crate::Priority;
 
 /// The counter of requests by outcome.
@@ -41,6 +43,8 @@ pub const USAGE_RATIO: &str = "tenant_tokens_usage_ratio";
 
 /// The counter of event streams that outran their reservation.
 pub const STREAMS_OUTRAN: &str = "tenant_tokens_streams_outran_total";
+/// The counter of event streams asked for their usage that ended without reporting it.
+pub const STREAM_USAGE_MISSING: &str = "tenant_tokens_stream_usage_missing_total";
 /// The gauge of learned output allowances.
 pub const OUTPUT_ALLOWANCE: &str = "tenant_tokens_output_allowance";
 /// How many models (named by request bodies, so chosen by clients) get a learned
@@ -222,8 +226,17 @@ impl Tag {
         }
     }
 
+    /// Records what the usage reader found.
+    pub(crate) fn tell(&self, told: Told<'_>) {
+        match told {
+            Told::Outran => self.outran(),
+            Told::Learned { model, tokens } => self.learned(model, tokens),
+            Told::UsageMissing => self.usage_missing(),
+        }
+    }
+
     /// The response outran its reservation.
-    pub(crate) fn outran(&self) {
+    fn outran(&self) {
         match self.estimate_labels() {
             None => counter!(STREAMS_OUTRAN).increment(1),
             Some(labels) => counter!(STREAMS_OUTRAN, labels).increment(1),
@@ -244,8 +257,16 @@ impl Tag {
         Some(labels)
     }
 
+    /// An event stream the layer asked for its usage ended without reporting any.
+    fn usage_missing(&self) {
+        match self.estimate_labels() {
+            None => counter!(STREAM_USAGE_MISSING).increment(1),
+            Some(labels) => counter!(STREAM_USAGE_MISSING, labels).increment(1),
+        }
+    }
+
     /// The output allowance learned for this tenant and `model` is now `tokens`.
-    pub(crate) fn learned(&self, model: &str, tokens: u64) {
+    fn learned(&self, model: &str, tokens: u64) {
         let labelled = self
             .labels
             .iter()

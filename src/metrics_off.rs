@@ -41,8 +41,5 @@ impl Tag {
     pub(crate) fn released(&self, _tokens: u64) {}
 
     #[inline(always)]
-    pub(crate) fn outran(&self) {}
-
-    #[inline(always)]
-    pub(crate) fn learned(&self, _model: &str, _tokens: u64) {}
+    pub(crate) fn tell(&self, _told: crate::reservation::Told<'_>) {}
 }

@@ -91,14 +91,24 @@ impl Ledger {
         }
     }
 
+    /// The cap that applies to `tenant` (from this replica's settings, for Redis).
+    pub(crate) fn cap(&self, tenant: &str) -> u64 {
+        match self {
+            Ledger::Local(tracker) => tracker.cap(tenant),
+            #[cfg(feature = "redis")]
+            Ledger::Redis(tracker) => tracker.cap(tenant),
+        }
+    }
+
     /// The cap of `tenant` and what it has in flight here, for a refusal made without
     /// the ledger's own answer (a full queue). Redis is not asked: `0` in flight.
     pub(crate) fn overloaded(&self, tenant: &str, tokens: u64) -> Error {
-        let (in_flight, cap) = match self {
-            Ledger::Local(tracker) => (tracker.in_flight(tenant), tracker.cap(tenant)),
+        let in_flight = match self {
+            Ledger::Local(tracker) => tracker.in_flight(tenant),
             #[cfg(feature = "redis")]
-            Ledger::Redis(tracker) => (0, tracker.cap(tenant)),
+            Ledger::Redis(_) => 0,
         };
+        let cap = self.cap(tenant);
         Error::TenantOverloaded {
             tenant_id: tenant.to_owned(),
             requested: tokens,
@@ -116,6 +126,18 @@ fn all(growths: Vec<Pending<()>>) -> Pending<()> {
         }
         Ok(())
     })
+}
+
+/// What the usage reader tells the metrics recorder about a reservation.
+#[cfg_attr(not(feature = "openai"), allow(dead_code))]
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Told<'a> {
+    /// The response outran its reservation, which grew as it went.
+    Outran,
+    /// The output allowance learned for the tenant and `model` is now `tokens`.
+    Learned { model: &'a str, tokens: u64 },
+    /// A stream asked for its usage ended without reporting it.
+    UsageMissing,
 }
 
 /// A reservation in the ledger it came from.
@@ -382,27 +404,14 @@ impl Guard {
         }
     }
 
-    /// Tells the metrics recorder the response outran its estimate.
+    /// Tells the metrics recorder what the usage reader found about this reservation.
     #[cfg_attr(not(feature = "openai"), allow(dead_code))]
-    pub(crate) fn outran(&self) {
+    pub(crate) fn tell(&self, told: Told<'_>) {
         match self {
-            Guard::Owned(held) => held.tag.outran(),
+            Guard::Owned(held) => held.tag.tell(told),
             Guard::Shared(handle) => {
                 if let Some(held) = handle.lock().as_ref() {
-                    held.tag.outran();
-                }
-            }
-        }
-    }
-
-    /// Tells the metrics recorder the output allowance learned for this tenant and `model`.
-    #[cfg_attr(not(feature = "openai"), allow(dead_code))]
-    pub(crate) fn learned(&self, model: &str, tokens: u64) {
-        match self {
-            Guard::Owned(held) => held.tag.learned(model, tokens),
-            Guard::Shared(handle) => {
-                if let Some(held) = handle.lock().as_ref() {
-                    held.tag.learned(model, tokens);
+                    held.tag.tell(told);
                 }
             }
         }

@@ -16,19 +16,31 @@ pub(crate) enum Learn {}
 #[derive(Debug)]
 pub(crate) enum Adaptive {}
 
+/// Never made: nothing is calibrated without the feature.
+#[derive(Debug)]
+pub(crate) enum Calibration {}
+
+/// Never made: no prompt is looked into without the feature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Features {}
+
+/// Nothing is learned without the feature.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct Learned<'a>(std::marker::PhantomData<&'a ()>);
+
+impl<'a> Learned<'a> {
+    pub(crate) fn new(
+        _output: Option<&'a Adaptive>,
+        _prompts: Option<&'a Calibration>,
+        _tenant: &'a str,
+    ) -> Self {
+        Learned(std::marker::PhantomData)
+    }
+}
+
 /// Nothing is asked without the feature.
 pub(crate) fn ask(_body: &[u8]) -> Option<bytes::Bytes> {
     None
-}
-
-impl Adaptive {
-    pub(crate) fn allowance(&self, _tenant: &str, _model: &str) -> Option<u64> {
-        match *self {}
-    }
-
-    pub(crate) fn caps_explicit_limits(&self) -> bool {
-        match *self {}
-    }
 }
 
 impl Tap {

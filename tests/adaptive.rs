@@ -275,3 +275,115 @@ async fn explicit_limits_are_capped_at_the_learned_allowance_only_when_asked() {
         settled(&tracker, "acme").await;
     }
 }
+
+#[tokio::test]
+async fn a_guessed_allowance_never_locks_a_tenant_out() {
+    // A cap smaller than the estimator's default output allowance (1,024).
+    let tracker = Arc::new(TenantTokenTracker::new(600));
+    let learned = Arc::new(AdaptiveOutput::new());
+    let output = Arc::new(AtomicU64::new(3_000));
+    let (server, mut streams) = app(layer(&tracker, &learned), output.clone()).await;
+    let client = client();
+
+    // Nothing learned yet: the default is cut to the cap, and the request admitted.
+    let response = send(&client, chat(&server, "acme", true)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let sender = streams.next().await;
+    assert_eq!(tracker.in_flight("acme"), 600);
+    drop(sender);
+    assert_eq!(next_data(&mut response.into_body()).await, None);
+    // An explicit limit that can never fit is still the client's to fix.
+    let reply = call(&client, limited_chat(&server, "acme", false, Some(1_000))).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        reply.text()
+    );
+
+    // Ten long answers teach an allowance far above the cap; every request is admitted.
+    answers(&client, &server, "acme", 10).await;
+    let allowance = learned.allowance("acme", "m").expect("learned");
+    assert!(allowance > 600, "allowance {allowance}");
+    let response = send(&client, chat(&server, "acme", true)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let sender = streams.next().await;
+    assert_eq!(tracker.in_flight("acme"), 600);
+    drop(sender);
+    assert_eq!(next_data(&mut response.into_body()).await, None);
+
+    // The answers shorten: still admitted, so the allowance comes down.
+    output.store(20, Ordering::Relaxed);
+    let mut came_down = None;
+    for i in 1..=40 {
+        answers(&client, &server, "acme", 1).await;
+        if learned.allowance("acme", "m") == Some(64) {
+            came_down = Some(i);
+            break;
+        }
+    }
+    let came_down = came_down.expect("the allowance came down within 40 answers");
+    println!("an allowance of {allowance} came down to 64 after {came_down} short answers");
+    assert!(streams_held(&client, &server, &mut streams, "acme").await >= 8);
+    settled(&tracker, "acme").await;
+}
+
+#[tokio::test]
+async fn a_guess_is_cut_to_the_smallest_budget_too() {
+    let tracker = Arc::new(TenantTokenTracker::new(10_000));
+    let upstream = Arc::new(TenantTokenTracker::new(300));
+    let learned = Arc::new(AdaptiveOutput::new());
+    let layer = layer(&tracker, &learned).shared_budget(tower_tenant_tokens::SharedBudget::new(
+        "upstream",
+        upstream.clone(),
+    ));
+    let (server, mut streams) = app(layer, Arc::new(16.into())).await;
+    let client = client();
+    let response = send(&client, chat(&server, "acme", true)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let sender = streams.next().await;
+    assert_eq!(tracker.in_flight("acme"), 300);
+    assert_eq!(upstream.in_flight("upstream"), 300);
+    drop(sender);
+    assert_eq!(next_data(&mut response.into_body()).await, None);
+    let reply = call(&client, limited_chat(&server, "acme", false, Some(400))).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        reply.text()
+    );
+    settled(&tracker, "acme").await;
+}
+
+#[tokio::test]
+async fn a_stream_read_to_its_end_marker_teaches_though_the_client_hangs_up() {
+    let tracker = Arc::new(TenantTokenTracker::new(100_000));
+    let learned = Arc::new(AdaptiveOutput::new());
+    let (server, mut streams) = app(layer(&tracker, &learned), Arc::new(16.into())).await;
+    let client = client();
+    // As an SDK does: read up to `[DONE]`, then close the connection without waiting for
+    // the end of the body. The upstream has not ended it yet.
+    let ends = [
+        "data: [DONE]\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\": \"stop\"}]}\n\n",
+    ];
+    let mut senders = Vec::new();
+    for i in 0..10 {
+        let response = send(&client, chat(&server, "acme", true)).await;
+        let sender = streams.next().await;
+        let mut body = response.into_body();
+        let data = chunk(&"abcd".repeat(100));
+        sender.send(data.clone()).unwrap();
+        assert_eq!(next_data(&mut body).await, Some(data));
+        let end = Bytes::from_static(ends[i % 2].as_bytes());
+        sender.send(end.clone()).unwrap();
+        assert_eq!(next_data(&mut body).await, Some(end));
+        drop(body);
+        settled(&tracker, "acme").await;
+        senders.push(sender); // the upstream's side stays open
+    }
+    let snapshot = learned.snapshot();
+    assert_eq!(snapshot[0].samples, 10, "every stream taught: {snapshot:?}");
+    assert_eq!(learned.allowance("acme", "m"), Some(125));
+}

@@ -34,7 +34,8 @@ fn sample(series: &str) -> Option<f64> {
 }
 
 /// An app whose `/chat` handler reconciles to `x-used` (when sent), whose `/ok` handler
-/// answers at once, and whose `/hold` handler streams until the test ends the stream.
+/// answers at once, and whose `/hold` handler streams events until the test ends the
+/// stream.
 async fn app(layer: TenantTokenLayer) -> (TestServer, Streams) {
     let (source, streams) = streams();
     let app = Router::new()
@@ -54,7 +55,7 @@ async fn app(layer: TenantTokenLayer) -> (TestServer, Streams) {
             "/hold",
             post(move || {
                 let body = source.body();
-                async move { body }
+                async move { ([(http::header::CONTENT_TYPE, "text/event-stream")], body) }
             }),
         )
         .layer(layer.reservation_handle(true));
@@ -273,4 +274,39 @@ async fn streams_that_outrun_their_estimate_and_learned_allowances_are_recorded(
         sample(r#"tenant_tokens_output_allowance{tenant="m-usage",model="m"}"#),
         Some(2_565.0)
     );
+}
+
+#[tokio::test]
+async fn a_complete_stream_that_reports_no_usage_settles_on_what_was_counted() {
+    recorder();
+    let tracker = Arc::new(TenantTokenTracker::new(10_000));
+    let layer = TenantTokenLayer::new(tracker.clone())
+        .estimator(tower_tenant_tokens::OpenAiEstimator::new())
+        .ask_stream_usage(true)
+        .metrics_tenant_labels(TenantLabels::All);
+    let (server, mut streams) = app(layer).await;
+    let client = client();
+    // "user" + "Say hello." (14 bytes, 4 tokens) and a limit of 1,000.
+    let body = r#"{"model":"m","stream":true,"max_tokens":1000,
+                   "messages":[{"role":"user","content":"Say hello."}]}"#;
+    let request = http::Request::post(server.url("/hold"))
+        .header("x-tenant-id", "m-unreported")
+        .header("content-type", "application/json")
+        .body(full(body))
+        .unwrap();
+    let response = send(&client, request).await;
+    let chunks = streams.next().await;
+    assert_eq!(tracker.in_flight("m-unreported"), 1_004);
+    // 400 bytes of text (100 tokens), the end, and no usage although it was asked for.
+    let event =
+        serde_json::json!({"choices": [{"index": 0, "delta": {"content": "abcd".repeat(100)}}]});
+    chunks.send(format!("data: {event}\n\n").into()).unwrap();
+    chunks.send("data: [DONE]\n\n".into()).unwrap();
+    drop(chunks);
+    assert_eq!(read(response).await.status, StatusCode::OK);
+    wait_until("the release", || tracker.in_flight("m-unreported") == 0).await;
+    let ratio = sample(r#"tenant_tokens_usage_ratio_sum{tenant="m-unreported"}"#);
+    assert_eq!(ratio, Some(104.0 / 1_004.0), "settled on 4 + 100 of 1,004");
+    let missing = r#"tenant_tokens_stream_usage_missing_total{tenant="m-unreported"}"#;
+    assert_eq!(sample(missing), Some(1.0));
 }

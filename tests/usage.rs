@@ -105,6 +105,13 @@ async fn growth_past_the_cap_is_allowed_and_counted_as_overcommit() {
         "admitted work is never refused"
     );
     assert_eq!(tracker.tenant_state("acme").unwrap().overcommits, 1);
+    // Growing further past the cap is the same request: still one.
+    for _ in 0..5 {
+        chunks.send(chunk(&"x".repeat(400))).unwrap();
+        next_data(&mut body).await.unwrap();
+    }
+    assert_eq!(tracker.in_flight("acme"), 1_000);
+    assert_eq!(tracker.tenant_state("acme").unwrap().overcommits, 1);
     // Over the cap now: the next request waits its turn.
     let refused = call(&client, metered(&server, "/json", "acme", 1)).await;
     assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);

@@ -265,6 +265,12 @@ impl BudgetKeys {
         Step::Now(Ok(held))
     }
 
+    /// The smallest cap among the budgets the request draws from, if it draws from any.
+    pub(crate) fn smallest_cap(&self) -> Option<u64> {
+        let keys = self.0.as_deref().unwrap_or_default();
+        keys.iter().map(|(ledger, key)| ledger.cap(key)).min()
+    }
+
     /// Whether the request draws from the budget keyed `key`.
     pub(crate) fn contains(&self, key: &str) -> bool {
         let keys = self.0.as_deref().unwrap_or_default();

@@ -5,6 +5,7 @@ use std::borrow::Cow;
 use http::request::Parts;
 use http::{Extensions, HeaderMap};
 
+use super::budget::BudgetKeys;
 use super::priority::Priority;
 use crate::config::Config;
 use crate::extract::{
@@ -88,6 +89,27 @@ impl Config {
             EstimatePlan::Ready(tokens) => self.reserve(tenant, tokens, class),
             EstimatePlan::Body(body) => Plan::ReadBody(tenant, body, class),
         }
+    }
+
+    /// The estimate of a request whose output allowance is a guess (the estimator's
+    /// default, or one learned from earlier answers) rather than a limit the client set:
+    /// `tokens`, its output part cut to what the smallest cap it is charged to (the
+    /// tenant's, or a shared budget's under `keys`) can hold next to its `prompt`.
+    ///
+    /// So a guess never makes a request unadmittable: at worst it waits for the whole cap.
+    /// Only what the client sent can be too large (413): its prompt, or an explicit
+    /// `max_tokens`. A response that produces more than its reservation grows it as it
+    /// streams, as any other does.
+    pub(crate) fn fit_guess(
+        &self,
+        tenant: &str,
+        keys: &BudgetKeys,
+        prompt: u64,
+        tokens: u64,
+    ) -> u64 {
+        let cap = self.ledger.cap(tenant);
+        let cap = keys.smallest_cap().map_or(cap, |budget| budget.min(cap));
+        tokens.min(cap.max(prompt))
     }
 
     /// The tenant to charge, given the one the request names, if any: `None` lets the

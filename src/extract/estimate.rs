@@ -10,6 +10,7 @@ use http::request::Parts;
 use super::headers::Found;
 #[cfg(feature = "openai")]
 use super::openai::OpenAiEstimator;
+use crate::usage::{Features, Learned};
 use crate::Error;
 
 type EstimateFn = dyn Fn(&Parts) -> Result<Option<u64>, EstimateError> + Send + Sync;
@@ -207,33 +208,23 @@ pub(crate) struct Estimated {
     pub(crate) model: Option<String>,
     /// The request set no output limit (an [`OpenAiEstimator`]'s estimate).
     pub(crate) unlimited: bool,
+    /// What the prompt is made of, when the layer calibrates prompts (an
+    /// [`OpenAiEstimator`]'s estimate).
+    pub(crate) features: Option<Features>,
 }
 
 impl BodyEstimate {
     /// The estimate, and with `want_model` the model an [`OpenAiEstimator`] found in the
-    /// same pass over the body (see [`Estimated::model`]). Without `want_model` nothing
-    /// more is done than for the estimate alone.
-    #[cfg_attr(not(feature = "openai"), allow(unused_variables))]
-    pub(crate) fn estimate(
-        &self,
-        parts: &Parts,
-        body: &Bytes,
-        want_model: bool,
-    ) -> Result<Estimated, Error> {
-        self.estimate_learning(parts, body, want_model, false, |_| None)
-    }
-
-    /// [`estimate`](Self::estimate), an [`OpenAiEstimator`]'s allowance for a request
-    /// without an output limit being what `learned` says for the model (if anything), and
-    /// with `cap_explicit` an explicit limit's being at most that.
+    /// same pass over the body (see [`Estimated::model`]); an [`OpenAiEstimator`]'s uses
+    /// what the layer has `learned` (allowances, calibrated prompts). Without `want_model`
+    /// or anything learned, nothing more is done than for the estimate alone.
     #[cfg_attr(not(feature = "openai"), allow(unused_variables))]
     pub(crate) fn estimate_learning(
         &self,
         parts: &Parts,
         body: &Bytes,
         want_model: bool,
-        cap_explicit: bool,
-        learned: impl FnOnce(Option<&str>) -> Option<u64>,
+        learned: &Learned<'_>,
     ) -> Result<Estimated, Error> {
         match &self.reader {
             Reader::Fn(f) => Ok(Estimated {
@@ -241,16 +232,17 @@ impl BodyEstimate {
                 prompt: 0,
                 model: None,
                 unlimited: false,
+                features: None,
             }),
             #[cfg(feature = "openai")]
             Reader::OpenAi(estimator) => {
-                let (estimate, model, unlimited) =
-                    estimator.estimate_learning(body, want_model, cap_explicit, learned)?;
+                let walked = estimator.estimate_learning(body, want_model, learned)?;
                 Ok(Estimated {
-                    tokens: estimate.total(),
-                    prompt: estimate.prompt_tokens,
-                    model,
-                    unlimited,
+                    tokens: walked.estimate.total(),
+                    prompt: walked.estimate.prompt_tokens,
+                    model: walked.model,
+                    unlimited: walked.unlimited,
+                    features: walked.features,
                 })
             }
         }
@@ -419,7 +411,7 @@ mod tests {
         let body = Bytes::from_static(br#"{"model":"m","max_tokens":5,"messages":["abcd"]}"#);
         let found = |estimator: Estimator, want_model: bool| {
             body_estimate(estimator)
-                .estimate(&parts, &body, want_model)
+                .estimate_learning(&parts, &body, want_model, &Learned::default())
                 .unwrap()
         };
         let from_fn = || Estimator::from_body_fn(1024, |_, body| Ok(body.len() as u64));
@@ -430,6 +422,7 @@ mod tests {
                 prompt: 0,
                 model: None,
                 unlimited: false,
+                features: None,
             }
         );
         #[cfg(feature = "openai")]
@@ -442,12 +435,13 @@ mod tests {
                     prompt: 1,
                     model: Some("m".to_owned()),
                     unlimited: false,
+                    features: None,
                 }
             );
             assert_eq!(found(openai(), false).model, None);
             assert_eq!(
                 body_estimate(openai())
-                    .estimate(&parts, &body, false)
+                    .estimate_learning(&parts, &body, false, &Learned::default())
                     .unwrap()
                     .tokens,
                 6

@@ -13,7 +13,7 @@ pub use self::estimate::{EstimateError, Estimator, MissingEstimate};
 pub use self::openai::{OpenAiEstimate, OpenAiEstimator};
 pub use self::tenant::{MissingTenant, TenantSource};
 
-pub(crate) use self::estimate::{header_estimate, BodyEstimate, Plan};
+pub(crate) use self::estimate::{header_estimate, BodyEstimate, Estimated, Plan};
 pub(crate) use self::headers::{find_pair, Found};
 #[cfg(feature = "openai")]
 pub(crate) use self::openai::json_model;

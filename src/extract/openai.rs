@@ -2,6 +2,7 @@
 
 use super::estimate::{EstimateError, Estimator};
 use super::json_scan::{read_number, Malformed, Number, Scanner, Str};
+use crate::usage::{Features, Learned, PromptFeatures};
 
 /// Estimates OpenAI-style requests (`/v1/chat/completions`, `/v1/completions`,
 /// `/v1/responses`, `/v1/embeddings`) from their JSON body.
@@ -112,22 +113,28 @@ impl OpenAiEstimator {
         body: &[u8],
         want_model: bool,
     ) -> Result<(OpenAiEstimate, Option<String>), EstimateError> {
-        self.estimate_learning(body, want_model, false, |_| None)
-            .map(|(estimate, model, _)| (estimate, model))
+        self.estimate_learning(body, want_model, &Learned::default())
+            .map(|walked| (walked.estimate, walked.model))
     }
 
-    /// [`estimate_with_model`](Self::estimate_with_model), the output allowance of a
-    /// request without an output limit being what `learned` says for the model found (if
-    /// anything; the default otherwise), and with `cap_explicit` an explicit limit being
-    /// at most that. Also says whether the request set no limit.
+    /// [`estimate_with_model`](Self::estimate_with_model), using what the layer `learned`:
+    /// the output allowance of a request without an output limit is the one learned for
+    /// its tenant and the model found (if any; the default otherwise), and with
+    /// [`cap_explicit_limits`](crate::AdaptiveOutput::cap_explicit_limits) an explicit
+    /// limit is at most that; the prompt is calibrated for the model, once it is. Also
+    /// says whether the request set no limit, and what its text is made of when prompts
+    /// are calibrated.
     pub(super) fn estimate_learning(
         &self,
         body: &[u8],
         want_model: bool,
-        cap_explicit: bool,
-        learned: impl FnOnce(Option<&str>) -> Option<u64>,
-    ) -> Result<(OpenAiEstimate, Option<String>, bool), EstimateError> {
-        let mut tally = Tally::default();
+        learned: &Learned<'_>,
+    ) -> Result<Walked, EstimateError> {
+        let mut tally = Tally {
+            features: learned.prompts.map(|_| PromptFeatures::default()),
+            ..Tally::default()
+        };
+        let want_model = want_model || learned.output.is_some() || learned.prompts.is_some();
         match walk_request(body, &mut tally, want_model) {
             Ok(()) => {}
             Err(Refusal::Malformed(error)) => {
@@ -140,22 +147,44 @@ impl OpenAiEstimator {
             Model::Unseen | Model::Unreadable => None,
         };
         let unlimited = tally.output.is_none();
+        let named = model.as_deref().unwrap_or("");
+        let allowance = || {
+            let (table, tenant) = learned.output?;
+            table.allowance(tenant, named)
+        };
+        let cap_explicit = learned
+            .output
+            .is_some_and(|(table, _)| table.caps_explicit_limits());
+        let by_bytes = tally.text_bytes.div_ceil(self.bytes_per_token);
+        let text = match (learned.prompts, &tally.features) {
+            (Some(prompts), Some(features)) => prompts
+                .prompt(named, features, by_bytes)
+                .unwrap_or(by_bytes),
+            _ => by_bytes,
+        };
         let estimate = OpenAiEstimate {
-            prompt_tokens: tally
-                .text_bytes
-                .div_ceil(self.bytes_per_token)
-                .saturating_add(tally.token_ids),
+            prompt_tokens: text.saturating_add(tally.token_ids),
             output_tokens: match tally.output {
                 Some(tokens) if tally.output_null => tokens.max(self.default_output_tokens),
                 Some(tokens) if cap_explicit => {
-                    learned(model.as_deref()).map_or(tokens, |learned| learned.min(tokens))
+                    allowance().map_or(tokens, |learned| learned.min(tokens))
                 }
                 Some(tokens) => tokens,
-                None => learned(model.as_deref()).unwrap_or(self.default_output_tokens),
+                None => allowance().unwrap_or(self.default_output_tokens),
             }
             .saturating_mul(tally.choices.unwrap_or(1).max(1)),
         };
-        Ok((estimate, model, unlimited))
+        let features = tally.features.map(|text| Features {
+            text,
+            token_ids: tally.token_ids,
+            bytes_per_token: self.bytes_per_token,
+        });
+        Ok(Walked {
+            estimate,
+            model,
+            unlimited,
+            features,
+        })
     }
 
     /// Not public API: the estimate and the model found in the same pass, for the
@@ -199,9 +228,22 @@ impl From<OpenAiEstimator> for Estimator {
     }
 }
 
+/// What [`OpenAiEstimator::estimate_learning`] found in a body.
+pub(crate) struct Walked {
+    pub(crate) estimate: OpenAiEstimate,
+    /// The model, when asked for (or needed by what was learned).
+    pub(crate) model: Option<String>,
+    /// The request set no output limit: its allowance is a guess.
+    pub(crate) unlimited: bool,
+    /// What the prompt is made of, when prompts are calibrated.
+    pub(crate) features: Option<Features>,
+}
+
 /// What the walk over a body has counted so far.
 #[derive(Default)]
 struct Tally {
+    /// What the text is made of, when prompts are calibrated.
+    features: Option<PromptFeatures>,
     /// UTF-8 bytes of the prompt's text (decoded, `data:` URLs left out).
     text_bytes: u64,
     /// Integers under the text fields: prompts given as token ids.
@@ -406,6 +448,9 @@ fn text_value(json: &mut Scanner<'_>, tally: &mut Tally) -> Result<(), Malformed
                 let text = json.string()?;
                 if !is_data_url(&text) {
                     tally.text_bytes = tally.text_bytes.saturating_add(text.decoded_len as u64);
+                    if let Some(features) = &mut tally.features {
+                        features.add(&text);
+                    }
                 }
             }
             Some(open @ (b'[' | b'{')) => {

@@ -103,7 +103,16 @@ impl Entry {
     /// fewer only where the counter would pass `u64::MAX`.
     pub(crate) fn admit_unchecked(&self, tokens: u64) -> u64 {
         self.live.fetch_add(1, Relaxed);
-        self.grow(tokens)
+        let (added, over) = self.grow(tokens);
+        if over {
+            self.count_overcommit();
+        }
+        added
+    }
+
+    /// Counts one more reservation that took `in_flight` past the cap.
+    pub(crate) fn count_overcommit(&self) {
+        self.overcommits.fetch_add(1, Relaxed);
     }
 
     /// Marks the entry as seen again after its first request.
@@ -113,9 +122,10 @@ impl Entry {
         }
     }
 
-    /// Grows `in_flight` by up to `delta` without a cap check and returns how much it grew:
-    /// less than `delta` only when the counter would pass `u64::MAX`.
-    pub(crate) fn grow(&self, delta: u64) -> u64 {
+    /// Grows `in_flight` by up to `delta` without a cap check and returns how much it grew
+    /// (less than `delta` only when the counter would pass `u64::MAX`), and whether it is
+    /// now past the cap.
+    pub(crate) fn grow(&self, delta: u64) -> (u64, bool) {
         let previous = self
             .in_flight
             .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_add(delta)))
@@ -123,10 +133,7 @@ impl Entry {
         let added = delta.min(u64::MAX - previous);
         let now = previous + added;
         self.raise_high_water(now);
-        if now > self.cap.load(Relaxed) {
-            self.overcommits.fetch_add(1, Relaxed);
-        }
-        added
+        (added, added > 0 && now > self.cap.load(Relaxed))
     }
 
     /// Grows `in_flight` by `delta` only if the total stays within the cap.

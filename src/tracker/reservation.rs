@@ -29,11 +29,17 @@ use crate::Error;
 pub struct TokenReservation {
     entry: Arc<Entry>,
     tokens: u64,
+    /// A resize has taken the tenant past its cap: counted once per reservation.
+    overcommitted: bool,
 }
 
 impl TokenReservation {
     pub(crate) fn new(entry: Arc<Entry>, tokens: u64) -> Self {
-        Self { entry, tokens }
+        Self {
+            entry,
+            tokens,
+            overcommitted: false,
+        }
     }
 
     /// The tenant this reservation is charged to.
@@ -64,7 +70,12 @@ impl TokenReservation {
     /// that bound cut the growth short.
     pub fn resize(&mut self, tokens: u64) -> u64 {
         if tokens > self.tokens {
-            self.tokens += self.entry.grow(tokens - self.tokens);
+            let (added, over) = self.entry.grow(tokens - self.tokens);
+            self.tokens += added;
+            if over && !self.overcommitted {
+                self.overcommitted = true;
+                self.entry.count_overcommit();
+            }
         } else if tokens < self.tokens {
             self.entry.shrink(self.tokens - tokens);
             self.tokens = tokens;

@@ -16,8 +16,10 @@ pub struct TenantTokenState {
     pub cap: u64,
     /// How many reservations are alive.
     pub reservations: u64,
-    /// How many times a [`resize`](crate::TokenReservation::resize) of admitted work pushed
-    /// `in_flight` above `cap`. Such growth is allowed (the work is already running) and
-    /// counted here so that it is never invisible.
+    /// How many reservations took `in_flight` above `cap`: admitted work that grew past it
+    /// ([`resize`](crate::TokenReservation::resize)), or work admitted whatever the cap
+    /// (shadow mode). Such growth is allowed (the work is already running) and counted
+    /// here so that it is never invisible; a reservation counts once, however many times
+    /// it grows (a stream growing as it goes is one).
     pub overcommits: u64,
 }

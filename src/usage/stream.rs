@@ -34,6 +34,9 @@ pub(crate) struct Lines {
     skipping: bool,
     /// Decoded bytes of delta text so far.
     pub(crate) text_bytes: u64,
+    /// The stream has said it is complete (see [`is_end`]): whatever the transport does
+    /// after that, the answer is whole.
+    pub(crate) complete: bool,
 }
 
 impl Lines {
@@ -84,7 +87,47 @@ impl Lines {
         if data.first() == Some(&b'{') {
             self.text_bytes = self.text_bytes.saturating_add(delta_text(data));
         }
+        self.complete |= is_end(data);
     }
+}
+
+/// Whether one event's data says the stream is complete: OpenAI's `[DONE]`, a chat
+/// chunk with a `finish_reason` other than `null`, Anthropic's `message_stop`, the
+/// Responses API's `response.completed`.
+///
+/// As for deltas, a quoted `"finish_reason"` followed by `:` is a key wherever it stands,
+/// and a quoted `"message_stop"` or `"response.completed"` is a whole JSON string (a quote
+/// inside a string is escaped): the event is not parsed.
+fn is_end(data: &[u8]) -> bool {
+    if data.first() != Some(&b'{') {
+        return data == b"[DONE]";
+    }
+    let searchers = end_searchers();
+    if let Some(at) = searchers.finish_reason.find(data) {
+        let mut json = Scanner::new(&data[at + FINISH_REASON.len()..]);
+        if json.colon().is_ok() && !matches!(json.peek(), Some(b'n') | None) {
+            return true;
+        }
+    }
+    searchers.message_stop.find(data).is_some() || searchers.completed.find(data).is_some()
+}
+
+const FINISH_REASON: &[u8] = b"\"finish_reason\"";
+
+/// Searchers for what ends a stream, built once.
+struct EndSearchers {
+    finish_reason: memmem::Finder<'static>,
+    message_stop: memmem::Finder<'static>,
+    completed: memmem::Finder<'static>,
+}
+
+fn end_searchers() -> &'static EndSearchers {
+    static SEARCHERS: OnceLock<EndSearchers> = OnceLock::new();
+    SEARCHERS.get_or_init(|| EndSearchers {
+        finish_reason: memmem::Finder::new(FINISH_REASON),
+        message_stop: memmem::Finder::new(b"\"message_stop\""),
+        completed: memmem::Finder::new(b"\"response.completed\""),
+    })
 }
 
 /// The decoded bytes of delta text in one event.
@@ -202,6 +245,38 @@ mod tests {
                 expected,
                 "pieces of {size}"
             );
+        }
+    }
+
+    fn completes(stream: &str) -> bool {
+        (1..=stream.len()).all(|size| {
+            let mut lines = Lines::default();
+            stream
+                .as_bytes()
+                .chunks(size)
+                .for_each(|piece| lines.feed(piece));
+            lines.complete
+        })
+    }
+
+    #[test]
+    fn a_stream_is_complete_at_its_end_marker_in_any_split() {
+        let chunk =
+            "data: {\"choices\":[{\"delta\":{\"content\":\"a\"},\"finish_reason\": null}]}\n\n";
+        assert!(!completes(chunk));
+        assert!(!completes(
+            "data: {\"delta\":\"the text says \\\"message_stop\\\"\"}\n\n"
+        ));
+        assert!(!completes("data: [DONE]")); // no end of line yet
+        for end in [
+            "data: [DONE]\n\n",
+            "data: [DONE]\r\n",
+            "data: {\"choices\":[{\"delta\":{},\"finish_reason\": \"stop\"}]}\n",
+            "data: {\"choices\":[{\"finish_reason\":\"length\",\"delta\":{}}]}\n",
+            "event: message_stop\ndata: {\"type\": \"message_stop\"}\n\n",
+            "data: {\"type\":\"response.completed\",\"response\":{}}\n",
+        ] {
+            assert!(completes(&format!("{chunk}{end}")), "{end:?}");
         }
     }
 

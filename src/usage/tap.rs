@@ -5,13 +5,15 @@ use bytes::{Buf, Bytes};
 use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
 use http::HeaderMap;
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use super::ask::Strip;
+use super::calibrate::{Features, PromptCalibration};
 use super::learn::AdaptiveOutput;
 use super::report::Finder;
 use super::stream::Lines;
-use crate::reservation::Guard;
+use crate::reservation::{Guard, Told};
 
 /// Output text bytes counted as one token while no usage has been reported.
 const BYTES_PER_TOKEN: u64 = 4;
@@ -37,16 +39,44 @@ pub(crate) struct Tap {
     learn: Option<Learn>,
     /// The layer asked the request for its stream's usage (`ask_stream_usage`).
     asked: bool,
+    /// The body ended (not dropped, not failed).
+    ended: bool,
     /// What asking added is taken out of the stream (a stream the layer asked).
     strip: Option<Strip>,
 }
 
-/// Where a response's output is learned from: the table, and the request's tenant and
-/// model.
+/// What a response teaches beyond its own reservation: the request's model, and where
+/// its output and its prompt's size are learned.
 pub(crate) struct Learn {
-    pub(crate) table: Arc<AdaptiveOutput>,
-    pub(crate) tenant: String,
+    /// The model the request named ("" for none).
     pub(crate) model: String,
+    /// The output allowances and the request's tenant, when its output is learned from
+    /// (a request without an output limit, on a layer that learns allowances).
+    pub(crate) output: Option<(Arc<AdaptiveOutput>, String)>,
+    /// The prompt calibrations and what the prompt was made of, on a layer that
+    /// calibrates prompts.
+    pub(crate) prompt: Option<(Arc<PromptCalibration>, Features)>,
+}
+
+/// The models whose missing stream usage was warned about, in this process.
+static WARNED: Mutex<Option<HashSet<Box<str>>>> = Mutex::new(None);
+
+/// How many models are warned about at most: names come from request bodies.
+const WARNED_MODELS: usize = 1_000;
+
+/// Warns, once per model, that an upstream asked for a stream's usage did not report it.
+#[cold]
+fn warn_usage_missing(model: &str) {
+    let mut warned = WARNED.lock().unwrap_or_else(PoisonError::into_inner);
+    let warned = warned.get_or_insert_with(HashSet::new);
+    if warned.len() >= WARNED_MODELS || !warned.insert(Box::from(model)) {
+        return;
+    }
+    tracing::warn!(
+        model,
+        "the upstream reported no usage in a stream asked for it (stream_options.include_usage); \
+         such streams settle on the text counted (warned once per model)"
+    );
 }
 
 impl Tap {
@@ -69,6 +99,7 @@ impl Tap {
             outran: false,
             learn,
             asked,
+            ended: false,
             strip: None,
         }))
     }
@@ -161,35 +192,73 @@ impl Tap {
                 guard.resize(produced);
                 if !self.outran && self.lines.is_some() {
                     self.outran = true;
-                    guard.outran();
+                    guard.tell(Told::Outran);
                 }
             }
         }
     }
 
-    /// The response ended: its output is learned from (when it is known and the layer
-    /// learns), then as [`finish`](Self::finish).
+    /// The body ended: the response is complete, whatever its content said.
     pub(crate) fn end(&mut self) {
-        if let Some(learn) = self.learn.take() {
-            let counted = self.lines.as_ref().and_then(|lines| {
-                (lines.text_bytes > 0).then(|| lines.text_bytes.div_ceil(BYTES_PER_TOKEN))
-            });
-            if let Some(output) = self.usage.reported.output.or(counted) {
-                let allowance = learn.table.record(&learn.tenant, &learn.model, output);
-                if let (Some(guard), Some(allowance)) = (&self.guard, allowance) {
-                    guard.learned(&learn.model, allowance);
-                }
-            }
-        }
+        self.ended = true;
         self.finish();
     }
 
-    /// Resizes the reservation to the reported usage, if any, and releases it.
+    /// Settles and releases the reservation, once: the response ended, failed, or was
+    /// dropped.
+    ///
+    /// A response is complete when its body ended or, for a stream, once it carried its
+    /// end marker (an SDK may hang up right after `[DONE]` without reading the end of
+    /// the body). A complete response teaches its output; any that reported its prompt
+    /// teaches the prompt's size. The reservation settles on the reported usage; a
+    /// complete stream that reported none settles on what was counted (the estimate's
+    /// prompt and the text streamed), down as well as up. One cut short keeps what it
+    /// holds until the release.
     pub(crate) fn finish(&mut self) {
-        if let Some(mut guard) = self.guard.take() {
-            if let Some(total) = self.usage.reported.total() {
+        let Some(mut guard) = self.guard.take() else {
+            return;
+        };
+        let complete = self.ended || self.lines.as_ref().is_some_and(|lines| lines.complete);
+        let reported = self.usage.reported;
+        if let Some(learn) = self.learn.take() {
+            self.teach(&learn, complete, &guard);
+            if complete && self.asked && reported.total().is_none() {
+                warn_usage_missing(&learn.model);
+            }
+        }
+        match reported.total() {
+            Some(total) => {
                 guard.resize(total);
             }
+            None if complete && self.lines.is_some() => {
+                if self.asked {
+                    guard.tell(Told::UsageMissing);
+                }
+                guard.resize(self.produced());
+            }
+            None => {}
+        }
+    }
+
+    /// Learns from the response what `learn` says: its output when it is `complete` (as
+    /// reported, else as counted), its prompt's size when reported.
+    fn teach(&self, learn: &Learn, complete: bool, guard: &Guard) {
+        let reported = &self.usage.reported;
+        if let (Some((table, tenant)), true) = (&learn.output, complete) {
+            let counted = self.lines.as_ref().and_then(|lines| {
+                (lines.text_bytes > 0).then(|| lines.text_bytes.div_ceil(BYTES_PER_TOKEN))
+            });
+            if let Some(output) = reported.output.or(counted) {
+                if let Some(allowance) = table.record(tenant, &learn.model, output) {
+                    guard.tell(Told::Learned {
+                        model: &learn.model,
+                        tokens: allowance,
+                    });
+                }
+            }
+        }
+        if let (Some((table, features)), Some(input)) = (&learn.prompt, reported.input) {
+            table.record(&learn.model, features, input);
         }
     }
 
