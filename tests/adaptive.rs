@@ -123,6 +123,24 @@ async fn streams_held(
     count
 }
 
+/// What one stream by `tenant` (nothing else in flight) holds while it runs; then ends it.
+async fn held_by_a_stream(
+    client: &HttpClient,
+    server: &TestServer,
+    streams: &mut Streams,
+    tracker: &TenantTokenTracker,
+    tenant: &str,
+) -> u64 {
+    let response = send(client, chat(server, tenant, true)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let sender = streams.next().await;
+    let held = tracker.in_flight(tenant);
+    drop(sender);
+    assert_eq!(next_data(&mut response.into_body()).await, None);
+    assert_eq!(tracker.in_flight(tenant), 0);
+    held
+}
+
 /// Waits for `tenant` to have nothing in flight.
 async fn settled(tracker: &TenantTokenTracker, tenant: &str) {
     for _ in 0..500 {
@@ -143,12 +161,8 @@ async fn a_tenants_allowance_is_learned_from_its_outputs_and_follows_them() {
     let client = client();
 
     // Before anything is learned: the fixed default, 3 streams under a 4,096 cap.
-    let response = send(&client, chat(&server, "acme", true)).await;
-    let sender = streams.next().await;
-    assert_eq!(tracker.in_flight("acme"), PROMPT + 1_024);
-    drop(sender);
-    assert_eq!(next_data(&mut response.into_body()).await, None);
-    assert_eq!(tracker.in_flight("acme"), 0);
+    let held = held_by_a_stream(&client, &server, &mut streams, &tracker, "acme").await;
+    assert_eq!(held, PROMPT + 1_024);
     assert_eq!(
         streams_held(&client, &server, &mut streams, "fresh").await,
         3
@@ -286,12 +300,8 @@ async fn a_guessed_allowance_never_locks_a_tenant_out() {
     let client = client();
 
     // Nothing learned yet: the default is cut to the cap, and the request admitted.
-    let response = send(&client, chat(&server, "acme", true)).await;
-    assert_eq!(response.status(), StatusCode::OK);
-    let sender = streams.next().await;
-    assert_eq!(tracker.in_flight("acme"), 600);
-    drop(sender);
-    assert_eq!(next_data(&mut response.into_body()).await, None);
+    let held = held_by_a_stream(&client, &server, &mut streams, &tracker, "acme").await;
+    assert_eq!(held, 600);
     // An explicit limit that can never fit is still the client's to fix.
     let reply = call(&client, limited_chat(&server, "acme", false, Some(1_000))).await;
     assert_eq!(
@@ -305,12 +315,8 @@ async fn a_guessed_allowance_never_locks_a_tenant_out() {
     answers(&client, &server, "acme", 10).await;
     let allowance = learned.allowance("acme", "m").expect("learned");
     assert!(allowance > 600, "allowance {allowance}");
-    let response = send(&client, chat(&server, "acme", true)).await;
-    assert_eq!(response.status(), StatusCode::OK);
-    let sender = streams.next().await;
-    assert_eq!(tracker.in_flight("acme"), 600);
-    drop(sender);
-    assert_eq!(next_data(&mut response.into_body()).await, None);
+    let held = held_by_a_stream(&client, &server, &mut streams, &tracker, "acme").await;
+    assert_eq!(held, 600);
 
     // The answers shorten: still admitted, so the allowance comes down.
     output.store(20, Ordering::Relaxed);
@@ -346,6 +352,7 @@ async fn a_guess_is_cut_to_the_smallest_budget_too() {
     assert_eq!(upstream.in_flight("upstream"), 300);
     drop(sender);
     assert_eq!(next_data(&mut response.into_body()).await, None);
+    assert_eq!(upstream.in_flight("upstream"), 0);
     let reply = call(&client, limited_chat(&server, "acme", false, Some(400))).await;
     assert_eq!(
         reply.status,

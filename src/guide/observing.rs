@@ -4,8 +4,9 @@
 //!
 //! [`TenantTokenTracker::snapshot`](crate::TenantTokenTracker::snapshot) lists every
 //! tracked tenant with its [`TenantTokenState`](crate::TenantTokenState): tokens in flight,
-//! the high-water mark, the cap, live reservations, and `overcommits` (how often
-//! reconciliation grew a tenant past its cap). [`in_flight`](crate::TenantTokenTracker::in_flight)
+//! the high-water mark, the cap, live reservations, and `overcommits` (how many
+//! requests grew the tenant past its cap as they ran: one per request, however often it
+//! grew). [`in_flight`](crate::TenantTokenTracker::in_flight)
 //! and [`tenant_state`](crate::TenantTokenTracker::tenant_state) ask about one tenant. The
 //! `gateway` example serves the snapshot at `/admin/tenants`.
 //!

@@ -92,6 +92,13 @@
 //! sooner than one that needs all of it. It is an estimate, not a promise, and the fixed
 //! value is sent until a reservation has ended, and for refusals other than 429.
 //!
+//! Why the fixed second stays the default, though streams hold capacity for seconds: it
+//! costs nothing per request, and it is never wrong by much in the direction that hurts.
+//! A client that comes back too early gets another 429 and its retry budget runs out
+//! sooner (the OpenAI SDKs retry twice by default); one told to wait too long idles while
+//! capacity is free. For LLM streams that run for seconds, turn
+//! `retry_after_from_in_flight` on, as the `gateway` example does.
+//!
 //! # Waiting instead of an immediate 429
 //!
 //! [`wait_for_capacity(max_wait)`](crate::TenantTokenLayer::wait_for_capacity) lets a

@@ -54,8 +54,11 @@ pub(crate) struct Features {
     pub(crate) bytes_per_token: u64,
 }
 
+/// The class of a byte that continues a character: no count of its own.
+const CONTINUES: u8 = u8::MAX;
+
 /// The class of each byte of text: 0–3 the ASCII classes, 4 the first byte of a
-/// character beyond ASCII, 5 a byte that continues one (not counted).
+/// character beyond ASCII, [`CONTINUES`] a byte that continues one (not counted).
 const CLASS: [u8; 256] = {
     let mut table = [3u8; 256];
     let mut byte = 0;
@@ -70,7 +73,7 @@ const CLASS: [u8; 256] = {
         } else if b < 0x80 {
             3
         } else if b < 0xc0 {
-            5
+            CONTINUES
         } else {
             4
         };
@@ -125,6 +128,7 @@ impl PromptFeatures {
         }
     }
 
+    /// Counts one character of `class` (nothing for [`CONTINUES`]).
     #[inline]
     fn count(&mut self, class: u8) {
         if let Some(count) = self.counts.get_mut(usize::from(class)) {

@@ -1,0 +1,180 @@
+//! Prompt estimates calibrated per model (`TenantTokenLayer::calibrate_prompts`), over real
+//! HTTP: an upstream with a tokenizer of its own reports each prompt's size, and after a
+//! few requests of a kind a new prompt of that kind is estimated within a quarter of it.
+#![cfg(feature = "openai")]
+
+mod common;
+
+use std::sync::Arc;
+
+use axum::routing::post;
+use axum::Router;
+use bytes::Bytes;
+use common::*;
+use http::header::CONTENT_TYPE;
+use http::{Request, StatusCode};
+use serde_json::{json, Value};
+use tower_tenant_tokens::{
+    OpenAiEstimator, PromptCalibration, TenantTokenLayer, TenantTokenTracker,
+};
+
+const CAP: u64 = 1_000_000;
+const MAX_TOKENS: u64 = 10;
+
+/// The upstream's tokenizer: a token per 4.5 letters, per digit, per punctuation mark and
+/// per character beyond ASCII, white space free, 4 tokens a message and 2 more.
+fn tokens(messages: &[Value]) -> u64 {
+    let mut total = 2.0;
+    for message in messages {
+        total += 4.0;
+        for text in [&message["role"], &message["content"]] {
+            for c in text.as_str().unwrap_or("").chars() {
+                total += match c {
+                    c if c.is_ascii_alphabetic() => 1.0 / 4.5,
+                    c if c.is_ascii_whitespace() => 0.0,
+                    _ => 1.0,
+                };
+            }
+        }
+    }
+    total.round() as u64
+}
+
+async fn app(layer: TenantTokenLayer) -> TestServer {
+    let upstream = post(|body: Bytes| async move {
+        let request: Value = serde_json::from_slice(&body).unwrap();
+        let prompt = tokens(request["messages"].as_array().unwrap());
+        axum::Json(json!({
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": 1,
+                "total_tokens": prompt + 1},
+        }))
+    });
+    let app = Router::new()
+        .route("/v1/chat/completions", upstream)
+        .layer(layer.openai_ratelimit_headers(true));
+    serve(app).await
+}
+
+fn layer(tracker: &Arc<TenantTokenTracker>) -> TenantTokenLayer {
+    TenantTokenLayer::new(tracker.clone()).estimator(OpenAiEstimator::new())
+}
+
+/// Sends one prompt by a tenant of its own; returns what the layer estimated for the
+/// prompt (read from `x-ratelimit-remaining-tokens`: nothing else is in flight) and what
+/// the upstream counted.
+async fn estimate(
+    client: &HttpClient,
+    server: &TestServer,
+    tenant: &str,
+    text: &str,
+) -> (u64, u64) {
+    let messages = json!([{"role": "user", "content": text}]);
+    let body = json!({"model": "m", "max_tokens": MAX_TOKENS, "messages": messages});
+    let request = Request::post(server.url("/v1/chat/completions"))
+        .header("x-tenant-id", tenant)
+        .header(CONTENT_TYPE, "application/json")
+        .body(full(body.to_string()))
+        .unwrap();
+    let reply = call(client, request).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let remaining: u64 = reply
+        .header("x-ratelimit-remaining-tokens")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let reported = reply.json()["usage"]["prompt_tokens"].as_u64().unwrap();
+    (CAP - remaining - MAX_TOKENS, reported)
+}
+
+/// Prompts of five kinds, `i` telling them apart.
+fn kinds() -> [(&'static str, fn(usize) -> String); 5] {
+    [
+        ("english", |i| {
+            let words = [
+                "the",
+                "report",
+                "shows",
+                "that",
+                "our",
+                "quarterly",
+                "revenue",
+            ];
+            (0..12 + i * 3)
+                .map(|w| words[(w * 7 + i) % words.len()])
+                .collect::<Vec<_>>()
+                .join(" ")
+        }),
+        ("code", |i| {
+            format!(
+                "def f{i}(x):\n    if x > {i}:\n        return [x * 2, x - 1]\n    return None\n"
+            )
+            .repeat(1 + i % 3)
+        }),
+        ("digits", |i| {
+            (0..40 + 9 * i)
+                .map(|d| char::from(b'0' + (d * 7 % 10) as u8))
+                .collect()
+        }),
+        ("json", |i| {
+            json!({"id": i, "name": format!("item-{i}"), "tags": ["a", "b", "c"], "ok": i % 2 == 0})
+                .to_string()
+                .repeat(1 + i % 4)
+        }),
+        ("chinese", |i| {
+            "数据分析报告显示收入增长"
+                .chars()
+                .cycle()
+                .skip(i)
+                .take(10 + 4 * i)
+                .collect()
+        }),
+    ]
+}
+
+#[tokio::test]
+async fn each_kind_of_prompt_is_estimated_within_a_quarter_after_ten_requests() {
+    let tracker = Arc::new(TenantTokenTracker::new(CAP));
+    let calibration = Arc::new(PromptCalibration::new());
+    let server = app(layer(&tracker).calibrate_prompts(calibration.clone())).await;
+    let client = client();
+    let mut request = 0;
+    for (kind, prompt) in kinds() {
+        for i in 0..10 {
+            request += 1;
+            estimate(&client, &server, &format!("t{request}"), &prompt(i)).await;
+        }
+        request += 1;
+        let (estimated, reported) =
+            estimate(&client, &server, &format!("t{request}"), &prompt(20)).await;
+        let error = (estimated as f64 - reported as f64) / reported as f64;
+        println!(
+            "{kind}: estimated {estimated}, the upstream counted {reported} ({:+.0} %)",
+            error * 100.0
+        );
+        assert!(
+            error.abs() <= 0.25,
+            "{kind}: estimated {estimated}, the upstream counted {reported}"
+        );
+    }
+    let snapshot = calibration.snapshot();
+    assert_eq!((snapshot[0].model.as_str(), snapshot[0].samples), ("m", 55));
+}
+
+#[tokio::test]
+async fn without_calibration_the_estimate_is_the_byte_rule() {
+    let tracker = Arc::new(TenantTokenTracker::new(CAP));
+    let server = app(layer(&tracker).read_usage(true)).await;
+    let client = client();
+    let digits = "1234567890".repeat(20);
+    for i in 0..10 {
+        estimate(&client, &server, &format!("u{i}"), &digits).await;
+    }
+    // "user" and 200 digits: 204 bytes, 51 tokens; the upstream counts 208.
+    assert_eq!(
+        estimate(&client, &server, "u-last", &digits).await,
+        (51, 208)
+    );
+}
