@@ -76,7 +76,9 @@
 //!
 //! OpenAI's client SDKs work unchanged: base URL `http://127.0.0.1:3000/v1`, any API key,
 //! and the `x-tenant-id` header as a default header. A 429 from the layer is their
-//! rate-limit error, retried after `Retry-After`.
+//! rate-limit error, retried after `Retry-After`. Every metered response says the tenant's
+//! cap and what is left of it in `x-ratelimit-limit-tokens` and
+//! `x-ratelimit-remaining-tokens`, as OpenAI's API does.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -193,6 +195,9 @@ async fn main() {
         .tenant_header(HeaderName::from_static("x-tenant-id"))
         .estimator(OpenAiEstimator::new())
         .read_usage(true) // the reservations follow the usage the upstream reports
+        // Admitted responses say the tenant's cap and what is left, as OpenAI's API does
+        // (refusals over the cap say it whether or not this is on).
+        .openai_ratelimit_headers(true)
         // Streams that did not ask for their usage are asked, and the answer to that is
         // taken out of the stream again: each settles on the usage the upstream reports.
         .ask_stream_usage(options.ask_usage);
