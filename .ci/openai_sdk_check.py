@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Checks that the official OpenAI Python SDK works unchanged against examples/gateway.rs.
+"""Checks that the official OpenAI Python SDK works unchanged against examples/gateway/main.rs.
 
 Start the gateway (any --cap of 100 or more; --chunks and --token-delay-ms such that an
 answer takes 0.2 s or more, as the defaults' 0.4 s do), then run:

@@ -1,9 +1,10 @@
 //! An OpenAI-compatible LLM gateway that caps the tokens each tenant has in flight.
 //!
-//! Everything runs in this one process: an in-memory [`TenantTokenTracker`], the
-//! [`TenantTokenLayer`] in front of `/v1`, and a mock upstream model that answers with
+//! By default everything runs in this one process: an in-memory [`TenantTokenTracker`],
+//! the [`TenantTokenLayer`] in front of `/v1`, and a mock upstream model that answers with
 //! `--chunks` tokens, one every `--token-delay-ms` (streamed as server-sent events when the
-//! request says `"stream": true`). Each request reserves its estimate, the prompt plus its
+//! request says `"stream": true`). With `--upstream` the gateway forwards to a real model
+//! server instead (see below). Each request reserves its estimate, the prompt plus its
 //! `max_tokens`, until its response has been sent; each tenant may have
 //! `--cap` tokens (default 4,096) reserved at once. The layer reads the usage the upstream
 //! reports ([`read_usage`](TenantTokenLayer::read_usage)): a stream that runs past its
@@ -76,7 +77,36 @@
 //!
 //! OpenAI's client SDKs work unchanged: base URL `http://127.0.0.1:3000/v1`, any API key,
 //! and the `x-tenant-id` header as a default header. A 429 from the layer is their
-//! rate-limit error, retried after `Retry-After`.
+//! rate-limit error, retried after `Retry-After`. Every metered response says the tenant's
+//! cap and what is left of it in `x-ratelimit-limit-tokens` and
+//! `x-ratelimit-remaining-tokens`, as OpenAI's API does.
+//!
+//! # In front of your model server
+//!
+//! `--upstream` takes the base URL an OpenAI SDK would use for your server, and the gateway
+//! forwards to it (`proxy.rs` beside this file: pooled connections, bodies streamed both
+//! ways, server-sent events passed on as they arrive):
+//!
+//! ```text
+//! vllm serve Qwen/Qwen2.5-0.5B-Instruct --port 8000 &       # or any OpenAI-compatible server
+//! cargo run --example gateway -- --upstream http://127.0.0.1:8000/v1
+//! curl -s 127.0.0.1:3000/v1/models                         # unmetered: no tenant needed
+//! curl -sN 127.0.0.1:3000/v1/chat/completions -H 'x-tenant-id: acme' \
+//!   -d '{"model":"Qwen/Qwen2.5-0.5B-Instruct","stream":true,"messages":[{"role":"user","content":"Hi!"}]}'
+//!
+//! # an upstream started with an API key (vllm serve … --api-key KEY): the key stays on the
+//! # gateway, and clients' own Authorization and x-api-key are not forwarded
+//! UPSTREAM_KEY=KEY cargo run --example gateway -- --upstream http://10.0.0.5:8000/v1 \
+//!   --upstream-key-env UPSTREAM_KEY
+//! ```
+//!
+//! Metered (behind the layer): `POST /v1/chat/completions`, `/v1/completions`,
+//! `/v1/responses`, `/v1/embeddings` and Anthropic's `/v1/messages`; `GET /v1/models` passes
+//! unmetered. An upstream that cannot be reached gets 502, one that sends no response head
+//! within `--upstream-timeout` seconds 504, as OpenAI-style JSON errors; the reservation
+//! is released either way. The upstream is plain `http` (HTTP/1.1, or HTTP/2 with prior
+//! knowledge with `--upstream-http2`): an `https` one needs a TLS connector, which the
+//! example leaves out, and is refused at start-up.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -100,13 +130,26 @@ use tower_tenant_tokens::{
     TenantTokenTracker,
 };
 
+mod proxy;
+
 const USAGE: &str = "\
-An OpenAI-compatible gateway with a mock upstream, capping each tenant's tokens in flight.
+An OpenAI-compatible gateway capping each tenant's tokens in flight, in front of a mock
+upstream or of your model server (--upstream).
 
 usage: cargo run --example gateway -- [OPTIONS]
 
   --addr ADDR           address to listen on (default 127.0.0.1:3000)
   --cap TOKENS          tokens each tenant may have in flight (default 4096)
+  --upstream BASE_URL   forward to this OpenAI-compatible server instead of the mock, e.g.
+                        http://127.0.0.1:8000/v1 (the base URL an OpenAI SDK would use;
+                        plain http only: https needs a TLS connector)
+  --upstream-key-env VAR
+                        send the upstream `Authorization: Bearer $VAR` (read at start-up),
+                        and not the clients' own Authorization or x-api-key
+  --upstream-timeout SECS
+                        wait this long for the upstream's response head, then 504
+                        (default 600; a stream may run longer)
+  --upstream-http2      speak HTTP/2 to the upstream (prior knowledge; default HTTP/1.1)
   --chunks N            tokens in each mock answer, one chunk each when streamed (default 16)
   --token-delay-ms MS   time the mock upstream takes per token (default 25)
   --redis URL           share the caps with every gateway on this Redis, e.g.
@@ -181,6 +224,13 @@ async fn main() {
             std::process::exit(2);
         }
     };
+    let proxy = match upstream(&options) {
+        Ok(proxy) => proxy,
+        Err(error) => {
+            eprintln!("error: {error}");
+            std::process::exit(2);
+        }
+    };
     let layer = match &ledger {
         Ledger::Memory(tracker) => TenantTokenLayer::new(tracker.clone()),
         #[cfg(feature = "redis")]
@@ -193,6 +243,9 @@ async fn main() {
         .tenant_header(HeaderName::from_static("x-tenant-id"))
         .estimator(OpenAiEstimator::new())
         .read_usage(true) // the reservations follow the usage the upstream reports
+        // Admitted responses say the tenant's cap and what is left, as OpenAI's API does
+        // (refusals over the cap say it whether or not this is on).
+        .openai_ratelimit_headers(true)
         // Streams that did not ask for their usage are asked, and the answer to that is
         // taken out of the stream again: each settles on the usage the upstream reports.
         .ask_stream_usage(options.ask_usage);
@@ -243,13 +296,21 @@ async fn main() {
         token_delay: options.token_delay,
         learned,
     };
-    let app = Router::new()
-        .route("/v1/chat/completions", post(chat_completions))
-        .route_layer(limits) // only the routes above: /admin needs no tenant
-        .route("/admin/tenants", get(tenants))
-        .route("/admin/tenants/{tenant}", get(tenant))
-        .route("/admin/estimates", get(estimates))
-        .with_state(state);
+    let answering = options.upstream.as_deref().unwrap_or("the mock upstream");
+    let v1 = match proxy {
+        Some(proxy) => proxy::router(proxy, limits),
+        None => Router::new()
+            .route("/v1/chat/completions", post(chat_completions))
+            .route_layer(limits) // only the routes above: /admin needs no tenant
+            .with_state(state.clone()),
+    };
+    let app = v1.merge(
+        Router::new()
+            .route("/admin/tenants", get(tenants))
+            .route("/admin/tenants/{tenant}", get(tenant))
+            .route("/admin/estimates", get(estimates))
+            .with_state(state),
+    );
     #[cfg(feature = "metrics")]
     let app = {
         let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -265,7 +326,7 @@ async fn main() {
             std::process::exit(1)
         });
     tracing::info!(
-        "listening, cap {} tokens ({}), OpenAI base URL http://{addr}/v1",
+        "listening, cap {} tokens ({}), OpenAI base URL http://{addr}/v1, answering from {answering}",
         options.cap,
         options
             .redis
@@ -334,6 +395,25 @@ async fn chat_completions(
         (CACHE_CONTROL, "no-cache"),
     ];
     (headers, body).into_response()
+}
+
+/// The proxy to the upstream `--upstream` names, if it names one.
+fn upstream(options: &Options) -> Result<Option<proxy::Proxy>, String> {
+    let Some(base_url) = &options.upstream else {
+        return Ok(None);
+    };
+    // Read once: a key that is missing fails here rather than on the first request.
+    let key = match &options.upstream_key_env {
+        Some(var) => match std::env::var(var) {
+            Ok(key) if !key.is_empty() => Some(key),
+            _ => return Err(format!("--upstream-key-env {var}: ${var} is not set")),
+        },
+        None => None,
+    };
+    let timeout = options.upstream_timeout;
+    proxy::Proxy::new(base_url, key.as_deref(), timeout, options.upstream_http2)
+        .map(Some)
+        .map_err(|error| format!("--upstream {error}"))
 }
 
 /// The ledger `options` ask for.
@@ -605,6 +685,10 @@ struct Options {
     cap: u64,
     chunks: u32,
     token_delay: Duration,
+    upstream: Option<String>,
+    upstream_key_env: Option<String>,
+    upstream_timeout: Duration,
+    upstream_http2: bool,
     redis: Option<RedisAt>,
     redis_down: String,
     redis_headroom: u8,
@@ -624,6 +708,10 @@ impl Options {
             cap: 4096,
             chunks: 16,
             token_delay: Duration::from_millis(25),
+            upstream: None,
+            upstream_key_env: None,
+            upstream_timeout: Duration::from_secs(600),
+            upstream_http2: false,
             redis: None,
             redis_down: "closed".to_owned(),
             redis_headroom: 0,
@@ -644,6 +732,12 @@ impl Options {
                 "--token-delay-ms" => {
                     options.token_delay = Duration::from_millis(value(&flag, &mut args)?);
                 }
+                "--upstream" => options.upstream = Some(value(&flag, &mut args)?),
+                "--upstream-key-env" => options.upstream_key_env = Some(value(&flag, &mut args)?),
+                "--upstream-timeout" => {
+                    options.upstream_timeout = Duration::from_secs(value(&flag, &mut args)?);
+                }
+                "--upstream-http2" => options.upstream_http2 = true,
                 "--redis" => options.redis = Some(RedisAt::Single(value(&flag, &mut args)?)),
                 "--redis-cluster" => {
                     let nodes = list(&value::<String>(&flag, &mut args)?);
@@ -683,6 +777,11 @@ impl Options {
             (None, None) => {}
             (Some(_), None) => return Err("--redis-sentinel needs --sentinel-master".into()),
             (None, Some(_)) => return Err("--sentinel-master needs --redis-sentinel".into()),
+        }
+        if options.upstream.is_none()
+            && (options.upstream_key_env.is_some() || options.upstream_http2)
+        {
+            return Err("--upstream-key-env and --upstream-http2 need --upstream".into());
         }
         Ok(Some(options))
     }
