@@ -17,7 +17,13 @@
 //! the client sees it.
 //! A request without `max_tokens` reserves the output that tenant's requests to that model
 //! really produced ([`adaptive_output`](TenantTokenLayer::adaptive_output); 1,024 until 8
-//! are known, or always with `--no-adaptive`).
+//! are known, or always with `--no-adaptive`), never more than the cap can hold. A prompt
+//! reserves what its text costs at its model, learned from the prompt tokens the upstream
+//! reports ([`calibrate_prompts`](TenantTokenLayer::calibrate_prompts); 4 bytes a token
+//! until a model has reported a few, or always with `--no-calibrate`). A 429's
+//! `Retry-After` follows how long reservations are held
+//! ([`retry_after_from_in_flight`](TenantTokenLayer::retry_after_from_in_flight), at most
+//! 30 s).
 //!
 //! ```text
 //! cargo run --example gateway                 # listens on 127.0.0.1:3000
@@ -126,8 +132,8 @@ use axum::{Json, Router};
 use futures_util::{stream, StreamExt};
 use serde_json::{json, Value};
 use tower_tenant_tokens::{
-    AdaptiveOutput, BudgetLedger, OpenAiEstimator, ShadowMode, SharedBudget, TenantTokenLayer,
-    TenantTokenTracker,
+    AdaptiveOutput, BudgetLedger, OpenAiEstimator, PromptCalibration, ShadowMode, SharedBudget,
+    TenantTokenLayer, TenantTokenTracker,
 };
 
 mod proxy;
@@ -177,6 +183,8 @@ usage: cargo run --example gateway -- [OPTIONS]
   --no-adaptive         reserve the fixed 1,024 output tokens for requests without
                         max_tokens, instead of what each tenant's requests to the model
                         really produce (GET /admin/estimates shows what was learned)
+  --no-calibrate        estimate prompts at 4 bytes a token, instead of learning what each
+                        model's prompts cost from the prompt tokens it reports
   --no-ask-usage        forward streams as they come, instead of asking those that did
                         not say for stream_options.include_usage (and taking the usage
                         chunk out before the client sees it)
@@ -190,6 +198,7 @@ struct AppState {
     chunks: u32,
     token_delay: Duration,
     learned: Arc<AdaptiveOutput>,
+    calibration: Arc<PromptCalibration>,
 }
 
 /// Where the caps are counted.
@@ -285,6 +294,15 @@ async fn main() {
     if options.adaptive {
         limits = limits.adaptive_output(learned.clone());
     }
+    // Prompts are estimated from what their text costs at each model, learned from the
+    // prompt tokens the upstream reports, not at a fixed 4 bytes a token.
+    let calibration = Arc::new(PromptCalibration::new());
+    if options.calibrate {
+        limits = limits.calibrate_prompts(calibration.clone());
+    }
+    // Streams hold their tokens for seconds: a refused client is told to come back after
+    // about as long as what it waits for is held, not after the layer's fixed second.
+    limits = limits.retry_after_from_in_flight(Duration::from_secs(30));
     // Tenant labels on the metrics, for the first 100 tenants: ids here come from a header
     // anyone can set, so the series must be bounded.
     #[cfg(feature = "metrics")]
@@ -295,6 +313,7 @@ async fn main() {
         chunks: options.chunks,
         token_delay: options.token_delay,
         learned,
+        calibration,
     };
     let answering = options.upstream.as_deref().unwrap_or("the mock upstream");
     let v1 = match proxy {
@@ -564,7 +583,13 @@ async fn estimates(State(state): State<AppState>) -> Json<Value> {
             })
         })
         .collect();
-    Json(json!({ "estimates": learned }))
+    let prompts: Vec<Value> = state
+        .calibration
+        .snapshot()
+        .into_iter()
+        .map(|calibrated| json!({ "model": calibrated.model, "samples": calibrated.samples }))
+        .collect();
+    Json(json!({ "estimates": learned, "prompts": prompts }))
 }
 
 /// The mock upstream's answer to one chat request.
@@ -697,6 +722,7 @@ struct Options {
     weights: HashMap<String, u32>,
     shadow: bool,
     adaptive: bool,
+    calibrate: bool,
     ask_usage: bool,
 }
 
@@ -720,6 +746,7 @@ impl Options {
             weights: HashMap::new(),
             shadow: false,
             adaptive: true,
+            calibrate: true,
             ask_usage: true,
         };
         let (mut sentinels, mut sentinel_master) = (None, None);
@@ -766,6 +793,7 @@ impl Options {
                 }
                 "--shadow" => options.shadow = true,
                 "--no-adaptive" => options.adaptive = false,
+                "--no-calibrate" => options.calibrate = false,
                 "--no-ask-usage" => options.ask_usage = false,
                 _ => return Err(format!("unknown argument `{flag}`")),
             }

@@ -156,8 +156,9 @@ impl PromptFeatures {
 /// `prompt_tokens` (or `input_tokens`) each response reports and learns, per model, what
 /// a prompt's letters, digits, white space, punctuation, other characters and strings
 /// cost there; a later prompt to that model is estimated from what its text is made of.
-/// Until a model has reported [`warmup`](Self::warmup) prompts, and for prompts
-/// given as token ids (counted one token each), the byte rule applies.
+/// Until a model has reported [`warmup`](Self::warmup) prompts, and for a body without
+/// any prompt text, the byte rule applies; prompts given as token ids count one token
+/// each, as always.
 ///
 /// A calibrated prompt is never less than a quarter of the byte rule's, nor more than
 /// eight times it plus 256 tokens: a fit thrown off by odd traffic stays within reach of
@@ -262,7 +263,8 @@ impl PromptCalibration {
         models.clock += 1;
         let fit = models.fits.get_mut(model)?;
         fit.used = models.clock;
-        if fit.samples < self.warmup {
+        // A body with no prompt text (no message at all) has nothing to calibrate.
+        if fit.samples < self.warmup || features.counts[5] == 0 {
             return None;
         }
         let inputs = features.inputs();
