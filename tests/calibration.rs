@@ -178,3 +178,100 @@ async fn without_calibration_the_estimate_is_the_byte_rule() {
         (51, 207)
     );
 }
+
+/// Prompts sent to llama.cpp's server (Gemma 3 270M, its `gemma` chat format), each with
+/// the `prompt_tokens` it reported: `.ci/real_upstream.sh` measures the same live.
+const RECORDED: &str = include_str!("data/gemma3_prompt_tokens.jsonl");
+
+#[tokio::test]
+async fn recorded_prompts_of_a_real_model_are_estimated_within_a_quarter_after_ten_of_a_kind() {
+    let recorded: Vec<Value> = RECORDED
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let counted: std::collections::HashMap<String, u64> = recorded
+        .iter()
+        .map(|row| {
+            (
+                row["body"].to_string(),
+                row["prompt_tokens"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    // The upstream answers what the real one reported for the same body.
+    let upstream = post(move |body: Bytes| {
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        let prompt = counted[&body.to_string()];
+        async move {
+            axum::Json(json!({
+                "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                    "finish_reason": "length"}],
+                "usage": {"prompt_tokens": prompt, "completion_tokens": 1,
+                    "total_tokens": prompt + 1},
+            }))
+        }
+    });
+    let tracker = Arc::new(TenantTokenTracker::new(CAP));
+    let calibration = Arc::new(PromptCalibration::new());
+    let layer = layer(&tracker)
+        .calibrate_prompts(calibration)
+        .openai_ratelimit_headers(true);
+    let server = serve(
+        Router::new()
+            .route("/v1/chat/completions", upstream)
+            .layer(layer),
+    )
+    .await;
+    let client = client();
+    let send = |tenant: String, body: &Value| {
+        let request = Request::post(server.url("/v1/chat/completions"))
+            .header("x-tenant-id", tenant)
+            .header(CONTENT_TYPE, "application/json")
+            .body(full(body.to_string()))
+            .unwrap();
+        call(&client, request)
+    };
+    let mut worst = Vec::new();
+    for kind in ["english", "code", "digits", "json", "chinese"] {
+        let rows: Vec<&Value> = recorded.iter().filter(|row| row["kind"] == kind).collect();
+        let (mut errors, mut by_bytes) = (Vec::new(), Vec::new());
+        for (i, row) in rows.iter().enumerate() {
+            let reply = send(format!("{kind}-{i}"), &row["body"]).await;
+            assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+            if i < 10 {
+                continue; // the ten it learns from
+            }
+            let remaining: u64 = reply
+                .header("x-ratelimit-remaining-tokens")
+                .unwrap()
+                .parse()
+                .unwrap();
+            let estimated = (CAP - remaining - row["body"]["max_tokens"].as_u64().unwrap()) as f64;
+            let reported = row["prompt_tokens"].as_f64().unwrap();
+            errors.push((estimated - reported) / reported);
+            let bytes: usize = row["body"]["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["role"].as_str().unwrap().len() + m["content"].as_str().unwrap().len())
+                .sum();
+            by_bytes.push((bytes.div_ceil(4) as f64 - reported) / reported);
+        }
+        let max = |errors: &[f64]| errors.iter().fold(0.0f64, |max, e| max.max(e.abs()));
+        println!(
+            "{kind}: {} new prompts within {:.0} % (bytes / 4: within {:.0} %)",
+            errors.len(),
+            max(&errors) * 100.0,
+            max(&by_bytes) * 100.0
+        );
+        worst.push((kind, max(&errors)));
+    }
+    for (kind, error) in worst {
+        assert!(
+            error <= 0.25,
+            "{kind}: a new prompt off by {:.0} %",
+            error * 100.0
+        );
+    }
+}

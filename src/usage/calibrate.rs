@@ -2,21 +2,23 @@
 //!
 //! A tokenizer does not count bytes: English words take a token for four or five
 //! letters, every digit may be a token of its own, code and JSON spend tokens on
-//! punctuation, a CJK character takes about one, and a chat template adds a few tokens
-//! per message. So the estimate is a weighted sum of what the prompt's text is made of:
+//! punctuation and indentation, a CJK character takes about one, and a chat template adds
+//! a few tokens per message. So the estimate is a weighted sum of what the prompt's text
+//! is made of:
 //!
 //! ```text
-//! prompt ≈ w₁·letters + w₂·digits + w₃·spaces + w₄·punctuation + w₅·other characters
-//!          + w₆·strings + w₇
+//! prompt ≈ w₁·letters + w₂·digits + w₃·spaces + w₄·runs of spaces + w₅·punctuation
+//!          + w₆·runs of punctuation + w₇·other characters + w₈·strings + w₉
 //! ```
 //!
-//! (ASCII letters, digits, white space and punctuation; characters beyond ASCII; the
-//! number of text strings, which stands for the per-message overhead; and a constant for
-//! the template's own). Each model's weights are fitted to the `prompt_tokens` its
-//! responses report, by least squares over its recent requests (each older request
-//! weighing a little less), held towards the byte rule where the requests seen so far
-//! say nothing: a model that has only seen English keeps `bytes_per_token` for digits
-//! until it sees some.
+//! (ASCII letters, digits, white space and punctuation, and the unbroken runs the latter
+//! two make, since a tokenizer often takes an indentation or a `": "` as one piece;
+//! characters beyond ASCII; the number of text strings, which stands for the per-message
+//! overhead; and a constant for the template's own). Each model's weights are fitted to
+//! the `prompt_tokens` its responses report, by least squares over its recent requests
+//! (each older request weighing a little less), held towards the byte rule where the
+//! requests seen so far say nothing: a model that has only seen English keeps
+//! `bytes_per_token` for digits until it sees some.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -24,8 +26,11 @@ use std::sync::Mutex;
 
 use crate::extract::json_scan::Str;
 
-/// How many weights a model's fit has.
-const WEIGHTS: usize = 7;
+/// How many counts [`PromptFeatures`] keeps.
+const COUNTS: usize = 8;
+
+/// How many weights a model's fit has: one per count, and the constant.
+const WEIGHTS: usize = COUNTS + 1;
 
 /// How much a request's weight in the fit shrinks with each newer request of its model.
 const FADE: f64 = 0.99;
@@ -34,12 +39,27 @@ const FADE: f64 = 0.99;
 /// requests seen decide wherever they say anything.
 const PRIOR: f64 = 1.0;
 
-/// What a prompt's text is made of: counts of its characters by class, and of its
-/// strings. Counted from the decoded text as the estimator walks the body.
+// Where each count is in `PromptFeatures::counts`: a class of character is the index of
+// its count, and the runs of spaces and of punctuation follow their characters'.
+const LETTER: u8 = 0;
+const DIGIT: u8 = 1;
+const SPACE: u8 = 2;
+const PUNCT: u8 = 4;
+const OTHER: u8 = 6;
+const STRINGS: usize = 7;
+
+/// The class of a byte that continues a character beyond ASCII: no count of its own.
+const CONTINUES: u8 = u8::MAX;
+
+/// What a prompt's text is made of: counts of its characters by class, of the runs they
+/// make, and of its strings. Counted from the decoded text as the estimator walks the body.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct PromptFeatures {
-    /// Letters, digits, white space, punctuation (all ASCII), other characters, strings.
-    counts: [u32; 6],
+    /// Letters, digits, white space, runs of white space, punctuation, runs of
+    /// punctuation (all ASCII), other characters, strings.
+    counts: [u32; COUNTS],
+    /// The class of the character before, in the string being counted.
+    previous: u8,
 }
 
 /// What a prompt is made of, to calibrate its model's estimates with once the upstream
@@ -54,28 +74,24 @@ pub(crate) struct Features {
     pub(crate) bytes_per_token: u64,
 }
 
-/// The class of a byte that continues a character: no count of its own.
-const CONTINUES: u8 = u8::MAX;
-
-/// The class of each byte of text: 0–3 the ASCII classes, 4 the first byte of a
-/// character beyond ASCII, [`CONTINUES`] a byte that continues one (not counted).
+/// The class of each byte of text: its character's, or [`CONTINUES`].
 const CLASS: [u8; 256] = {
-    let mut table = [3u8; 256];
+    let mut table = [PUNCT; 256];
     let mut byte = 0;
     while byte < 256 {
         let b = byte as u8;
         table[byte] = if b.is_ascii_alphabetic() {
-            0
+            LETTER
         } else if b.is_ascii_digit() {
-            1
+            DIGIT
         } else if b.is_ascii_whitespace() || b == 0x0b {
-            2
+            SPACE
         } else if b < 0x80 {
-            3
+            PUNCT
         } else if b < 0xc0 {
             CONTINUES
         } else {
-            4
+            OTHER
         };
         byte += 1;
     }
@@ -85,7 +101,8 @@ const CLASS: [u8; 256] = {
 impl PromptFeatures {
     /// Counts one string of prompt text.
     pub(crate) fn add(&mut self, text: &Str<'_>) {
-        self.counts[5] = self.counts[5].saturating_add(1);
+        self.counts[STRINGS] = self.counts[STRINGS].saturating_add(1);
+        self.previous = CONTINUES;
         let raw = text.raw;
         if raw.len() == text.decoded_len {
             // No escapes: the raw bytes are the text.
@@ -112,28 +129,35 @@ impl PromptFeatures {
                     match unit {
                         0..=0x7f => self.count(CLASS[usize::from(unit)]),
                         0xdc00..=0xdfff => {}
-                        _ => self.count(4),
+                        _ => self.count(OTHER),
                     }
                     i += 6;
                 }
                 Some(b'n' | b't' | b'r' | b'b' | b'f') => {
-                    self.count(2);
+                    self.count(SPACE);
                     i += 2;
                 }
                 _ => {
-                    self.count(3);
+                    self.count(PUNCT);
                     i += 2;
                 }
             }
         }
     }
 
-    /// Counts one character of `class` (nothing for [`CONTINUES`]).
+    /// Counts one character of `class` (nothing for [`CONTINUES`]), and a new run when it
+    /// starts one of white space or punctuation.
     #[inline]
     fn count(&mut self, class: u8) {
-        if let Some(count) = self.counts.get_mut(usize::from(class)) {
-            *count = count.saturating_add(1);
+        if class == CONTINUES {
+            return;
         }
+        let at = usize::from(class);
+        self.counts[at] = self.counts[at].saturating_add(1);
+        if (class == SPACE || class == PUNCT) && class != self.previous {
+            self.counts[at + 1] = self.counts[at + 1].saturating_add(1);
+        }
+        self.previous = class;
     }
 
     /// The features as the fit's inputs, the constant last.
@@ -214,8 +238,9 @@ pub struct CalibratedModel {
     pub model: String,
     /// Prompts whose reported size it has learned from.
     pub samples: u64,
-    /// Tokens per ASCII letter, digit, white space and punctuation character, per other
-    /// character, per text string, and the constant, in that order.
+    /// Tokens per ASCII letter, digit, white space character, run of white space,
+    /// punctuation character, run of punctuation, other character, text string, and the
+    /// constant, in that order.
     pub weights: [f64; WEIGHTS],
 }
 
@@ -264,7 +289,7 @@ impl PromptCalibration {
         let fit = models.fits.get_mut(model)?;
         fit.used = models.clock;
         // A body with no prompt text (no message at all) has nothing to calibrate.
-        if fit.samples < self.warmup || features.counts[5] == 0 {
+        if fit.samples < self.warmup || features.counts[STRINGS] == 0 {
             return None;
         }
         let inputs = features.inputs();
@@ -339,18 +364,10 @@ impl PromptCalibration {
 }
 
 /// The byte rule's weights: a token per `bytes_per_token` bytes (a character beyond
-/// ASCII taken as three bytes), nothing per string, no constant.
+/// ASCII taken as three bytes), nothing per run or string, no constant.
 fn byte_rule(bytes_per_token: u64) -> [f64; WEIGHTS] {
-    let per_byte = 1.0 / bytes_per_token.max(1) as f64;
-    [
-        per_byte,
-        per_byte,
-        per_byte,
-        per_byte,
-        3.0 * per_byte,
-        0.0,
-        0.0,
-    ]
+    let b = 1.0 / bytes_per_token.max(1) as f64;
+    [b, b, b, 0.0, b, 0.0, 3.0 * b, 0.0, 0.0]
 }
 
 impl Fit {
@@ -449,12 +466,12 @@ mod tests {
     #[test]
     fn counts_characters_by_class_through_escapes() {
         let counted = features(&["ab 12,\n", "é漢\u{1F680}\"\u{1}"]);
-        assert_eq!(counted.counts, [2, 2, 2, 3, 3, 2]);
+        assert_eq!(counted.counts, [2, 2, 2, 2, 3, 2, 3, 2]);
         let escaped = r#""a\u0062\n\t\u00e9\ud83d\ude80\"""#;
         let mut scanner = Scanner::new(escaped.as_bytes());
         let mut counted = PromptFeatures::default();
         counted.add(&scanner.string().unwrap());
-        assert_eq!(counted.counts, [2, 0, 2, 1, 2, 1]);
+        assert_eq!(counted.counts, [2, 0, 2, 1, 1, 1, 2, 1]);
     }
 
     /// A made-up tokenizer: words of letters at 4.5 letters a token, a token per digit
