@@ -263,5 +263,5 @@
 //! # fn main() {}
 //! ```
 //!
-//! How all this is tested against real `redis-server`s is in
-//! [testing](super::testing#redis).
+//! How all this is tested against real `redis-server`s is in the repository's
+//! `CONTRIBUTING.md`.
