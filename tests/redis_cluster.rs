@@ -1023,3 +1023,176 @@ impl Sentinelled {
         }
     }
 }
+
+/// Whether a client other than the Sentinels, the link to a master and the `redis-cli`
+/// asking is connected to
+/// the server on `port`: the tracker, once it found its way there.
+fn tracker_connected(port: u16) -> bool {
+    cli(port, &["CLIENT", "LIST"]).lines().any(|client| {
+        client.contains(" flags=N ")
+            && !client.contains(" name=sentinel")
+            && !client.contains(" cmd=client")
+    })
+}
+
+/// The scenario as a gateway meets it, with the default lease settings (renewal every
+/// 10 s): a stream of 800 on a cap of 1,000, the replica lacking its lease, the master
+/// killed, the replica promoted. With `requests`, a contender asks for 800 every 100 ms
+/// throughout; without, nothing but the tracker itself talks to Redis. Either way the
+/// stream is counted again within moments of the promotion, and then a second 800 is
+/// refused. Returns promotion → the tracker connected to the new master → the lease
+/// registered again.
+async fn sentinel_failover_with_default_leases(test: &str, requests: bool) -> Option<String> {
+    if !tools_or_skip(test) {
+        return None;
+    }
+    let mut redis = tokio::task::spawn_blocking(Sentinelled::start)
+        .await
+        .unwrap();
+    const CAP: u64 = 1_000;
+    let sentinel_url = format!("redis://127.0.0.1:{}", redis.sentinel);
+    let tracker = RedisTokenTracker::builder(CAP)
+        .connect_sentinel([sentinel_url.as_str()], MASTER_NAME)
+        .expect("a sentinel url");
+    let stream = tracker.reserve("acme", 800).await.expect("fits");
+    wait_for("replication", WAIT, || {
+        cli(redis.replica, &["HGET", &tenant_key("acme"), "=sum"]) == "800"
+    });
+    assert!(
+        !tracker_connected(redis.replica),
+        "{}",
+        cli(redis.replica, &["CLIENT", "LIST"])
+    );
+
+    let admitted = Arc::new(Mutex::new(Vec::<Instant>::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let contender = requests.then(|| {
+        let (tracker, admitted, stop) = (tracker.clone(), admitted.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(SeqCst) {
+                if let Ok(reservation) = tracker.reserve("acme", 800).await {
+                    admitted.lock().unwrap().push(Instant::now());
+                    reservation.release().await;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    });
+
+    // The replica lags: it never got the stream's lease.
+    assert_eq!(
+        cli(redis.master, &["CLIENT", "PAUSE", "60000", "WRITE"]),
+        "OK"
+    );
+    assert_eq!(cli(redis.replica, &["DEL", &tenant_key("acme")]), "1");
+    // When the Sentinel announces the promotion, as the tracker may hear it.
+    let announced = {
+        let client = redis::Client::open(sentinel_url.as_str()).expect("url");
+        let mut pubsub = client.get_async_pubsub().await.expect("subscribe");
+        pubsub.subscribe("+switch-master").await.expect("subscribe");
+        tokio::spawn(async move {
+            let mut messages = pubsub.into_on_message();
+            futures_util::StreamExt::next(&mut messages).await;
+            Instant::now()
+        })
+    };
+    redis.master_process.kill();
+    let (sentinel, replica) = (redis.sentinel, redis.replica);
+    let named = tokio::task::spawn_blocking(move || {
+        let probe = Sentinelled::probe(sentinel);
+        wait_for(
+            "the sentinel to promote the replica",
+            Duration::from_secs(20),
+            || probe() == Some(replica),
+        );
+        Instant::now()
+    });
+    let connected = tokio::task::spawn_blocking(move || {
+        wait_for(
+            "the tracker to connect to the new master",
+            Duration::from_secs(30),
+            || tracker_connected(replica),
+        );
+        Instant::now()
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !stream.is_lost() {
+        assert!(
+            Instant::now() < deadline,
+            "the lost lease was never registered again"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let registered = Instant::now();
+    named.await.unwrap();
+    let (promoted, connected) = (announced.await.unwrap(), connected.await.unwrap());
+    let after = |at: Instant| {
+        at.saturating_duration_since(promoted).as_millis() as i128
+            - promoted.saturating_duration_since(at).as_millis() as i128
+    };
+    let window = registered.saturating_duration_since(promoted);
+    assert!(
+        window <= Duration::from_secs(3),
+        "counted again {window:?} after the promotion"
+    );
+
+    // Counted again: nothing more fits, whoever asks.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, SeqCst);
+    if let Some(contender) = contender {
+        contender.await.unwrap();
+    }
+    let late: Vec<_> = admitted
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|at| **at > registered + Duration::from_millis(100))
+        .map(|at| at.duration_since(registered))
+        .collect();
+    assert!(late.is_empty(), "admitted over the cap after: {late:?}");
+    assert_eq!(tracker.in_flight("acme").await.unwrap(), 800);
+    assert_eq!(
+        cli(redis.replica, &["HGET", &tenant_key("acme"), "=sum"]),
+        "800"
+    );
+    match tracker.reserve("acme", 800).await {
+        Err(Error::TenantOverloaded { in_flight, .. }) => assert_eq!(in_flight, 800),
+        other => panic!("expected a refusal over the cap, got {other:?}"),
+    }
+    let in_window = admitted
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|at| **at > promoted && **at <= registered)
+        .count();
+    stream.release().await;
+    wait_for("no key left behind", WAIT, || {
+        leftover_keys(redis.replica) == 0
+    });
+    let figures = format!(
+        "promotion → tracker connected {} ms → stream counted again {} ms \
+         (admissions of 800 in the window: {in_window})",
+        after(connected),
+        after(registered),
+    );
+    println!("sentinel failover, default leases, requests {requests}: {figures}");
+    Some(figures)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_default_leases_a_sentinel_failover_counts_the_stream_again_within_moments() {
+    sentinel_failover_with_default_leases(
+        "with_default_leases_a_sentinel_failover_counts_the_stream_again_within_moments",
+        true,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_default_leases_an_idle_replica_follows_a_sentinel_failover() {
+    sentinel_failover_with_default_leases(
+        "with_default_leases_an_idle_replica_follows_a_sentinel_failover",
+        false,
+    )
+    .await;
+}

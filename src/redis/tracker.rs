@@ -349,7 +349,7 @@ impl Inner {
 
     /// Whether each script call must keep to one hash slot's keys (a Redis Cluster).
     pub(super) fn one_slot_per_call(&self) -> bool {
-        matches!(self.conn, Conn::Cluster(_))
+        self.conn.is_cluster()
     }
 
     pub(super) fn ttl_ms(&self) -> u64 {
@@ -603,6 +603,7 @@ impl RedisTokenTrackerBuilder {
         runtime.spawn(renew::renew_forever(
             Arc::downgrade(&inner),
             self.renew_every,
+            Arc::clone(&inner.conn.events),
         ));
         RedisTokenTracker { inner }
     }
