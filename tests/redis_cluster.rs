@@ -194,65 +194,101 @@ fn wait_for(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
     }
 }
 
-/// Three masters, no replicas, every slot assigned.
+/// Three masters, every slot assigned; with replicas, one replica each, listed after the
+/// masters in `ports`.
 struct Cluster {
     ports: Vec<u16>,
-    _servers: Vec<Process>,
+    servers: Vec<Process>,
     _scratch: Scratch,
 }
 
 impl Cluster {
     fn start() -> Cluster {
+        Cluster::start_with(false)
+    }
+
+    /// With `replicas`, each master has one, writable (so a test can make it lag behind
+    /// its master), and a master is failed over one second after it stops answering.
+    fn start_with(replicas: bool) -> Cluster {
         let scratch = Scratch::new("cluster");
-        let ports: Vec<u16> = (0..3).map(|_| free_cluster_port()).collect();
+        let nodes = if replicas { 6 } else { 3 };
+        let ports: Vec<u16> = (0..nodes).map(|_| free_cluster_port()).collect();
         let dir = scratch.0.to_str().expect("a UTF-8 temp dir").to_owned();
         let servers = ports
             .iter()
             .map(|port| {
                 let (port_arg, conf) = (port.to_string(), format!("nodes-{port}.conf"));
-                start_server(
-                    *port,
-                    &[
-                        "--port",
-                        &port_arg,
-                        "--bind",
-                        "127.0.0.1",
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        &conf,
-                        "--dir",
-                        &dir,
-                        "--save",
-                        "",
-                        "--appendonly",
+                let mut args = vec![
+                    "--port",
+                    &port_arg,
+                    "--bind",
+                    "127.0.0.1",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    &conf,
+                    "--dir",
+                    &dir,
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--loglevel",
+                    "warning",
+                ];
+                if replicas {
+                    args.extend([
+                        "--cluster-node-timeout",
+                        "1000",
+                        "--replica-read-only",
                         "no",
-                        "--loglevel",
-                        "warning",
-                    ],
-                )
+                        "--repl-diskless-sync-delay",
+                        "0",
+                    ]);
+                }
+                start_server(*port, &args)
             })
             .collect();
-        let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let mut create = Command::new("redis-cli");
-        create.args(["--cluster", "create"]).args(&nodes).args([
+        create.args(["--cluster", "create"]).args(&addresses).args([
             "--cluster-replicas",
-            "0",
+            if replicas { "1" } else { "0" },
             "--cluster-yes",
         ]);
         let (created, output) = run(create);
         assert!(created, "redis-cli --cluster create failed: {output}");
+        let known = format!("cluster_known_nodes:{nodes}");
         for port in &ports {
-            wait_for("cluster_state:ok", Duration::from_secs(10), || {
+            wait_for("cluster_state:ok", Duration::from_secs(20), || {
                 let info = cli(*port, &["CLUSTER", "INFO"]);
-                info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3")
+                info.contains("cluster_state:ok") && info.contains(&known)
             });
         }
-        Cluster {
+        let mut cluster = Cluster {
             ports,
-            _servers: servers,
+            servers,
             _scratch: scratch,
+        };
+        if replicas {
+            // Masters first, in the order of `ports`, then their replicas.
+            let mut masters = Vec::new();
+            let mut replicas = Vec::new();
+            for (port, server) in cluster.ports.iter().zip(cluster.servers.drain(..)) {
+                if cli(*port, &["ROLE"]).starts_with("master") {
+                    masters.push((*port, server));
+                } else {
+                    replicas.push((*port, server));
+                }
+            }
+            for (port, _) in &replicas {
+                wait_for("the replica to sync", Duration::from_secs(20), || {
+                    cli(*port, &["INFO", "replication"]).contains("master_link_status:up")
+                });
+            }
+            (cluster.ports, cluster.servers) = masters.into_iter().chain(replicas).unzip();
         }
+        cluster
     }
 
     fn urls(&self) -> Vec<String> {
@@ -264,10 +300,15 @@ impl Cluster {
 
     /// The port of the master serving `key`'s slot.
     fn owner(&self, key: &str) -> u16 {
-        let slot: u16 = cli(self.ports[0], &["CLUSTER", "KEYSLOT", key])
+        Self::owner_by(self.ports[0], key).expect("a master serves every slot")
+    }
+
+    /// The port of the master serving `key`'s slot, as the node on `port` knows it.
+    fn owner_by(port: u16, key: &str) -> Option<u16> {
+        let slot: u16 = cli(port, &["CLUSTER", "KEYSLOT", key])
             .parse()
             .expect("a slot");
-        let nodes = cli(self.ports[0], &["CLUSTER", "NODES"]);
+        let nodes = cli(port, &["CLUSTER", "NODES"]);
         for line in nodes.lines() {
             let fields: Vec<&str> = line.split_whitespace().collect();
             let port = fields[1]
@@ -280,11 +321,11 @@ impl Cluster {
                 let (start, end) = range.split_once('-').unwrap_or((range, range));
                 let (start, end): (u16, u16) = (start.parse().unwrap(), end.parse().unwrap());
                 if (start..=end).contains(&slot) {
-                    return port;
+                    return Some(port);
                 }
             }
         }
-        panic!("no master serves slot {slot}")
+        None
     }
 
     /// Keys on each master besides idle tenants' lease hashes (see [`leftover_keys`]).
@@ -1195,4 +1236,143 @@ async fn with_default_leases_an_idle_replica_follows_a_sentinel_failover() {
         false,
     )
     .await;
+}
+
+impl Cluster {
+    /// The port of `master`'s replica, once the node on `port` knows it.
+    fn replica_of(port: u16, master: u16) -> u16 {
+        let mut found = None;
+        wait_for(
+            "the master's replica to be known",
+            Duration::from_secs(10),
+            || {
+                found = Self::known_replica_of(port, master);
+                found.is_some()
+            },
+        );
+        found.expect("found")
+    }
+
+    fn known_replica_of(port: u16, master: u16) -> Option<u16> {
+        let nodes = cli(port, &["CLUSTER", "NODES"]);
+        let lines: Vec<Vec<&str>> = nodes
+            .lines()
+            .map(|line| line.split_whitespace().collect())
+            .collect();
+        let port_of = |fields: &[&str]| -> u16 {
+            fields[1]
+                .split('@')
+                .next()
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| p.parse().ok())
+                .expect("host:port@bus")
+        };
+        let id = lines
+            .iter()
+            .find(|fields| port_of(fields) == master)
+            .map(|fields| fields[0])?;
+        lines
+            .iter()
+            .find(|fields| fields[2].contains("slave") && fields[3] == id)
+            .map(|fields| port_of(fields))
+    }
+}
+
+/// `HGET key field` on a cluster replica (which answers reads once told `READONLY`).
+fn read_on_replica(port: u16, key: &str, field: &str) -> Option<String> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("url");
+    let mut conn = client.get_connection().expect("connect");
+    redis::cmd("READONLY")
+        .query::<()>(&mut conn)
+        .expect("READONLY");
+    redis::cmd("HGET")
+        .arg(key)
+        .arg(field)
+        .query(&mut conn)
+        .expect("HGET")
+}
+
+/// A master of a three-master cluster (one replica each) killed while a stream is held on
+/// a tenant of its slots, its replica lacking the stream's lease, with the default lease
+/// settings: once the cluster has promoted the replica (a `cluster-node-timeout` of one
+/// second here), the stream is counted again within moments, on the new master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_default_leases_a_cluster_failover_counts_the_stream_again_within_moments() {
+    let test = "with_default_leases_a_cluster_failover_counts_the_stream_again_within_moments";
+    if !tools_or_skip(test) {
+        return;
+    }
+    const NODE_TIMEOUT: Duration = Duration::from_millis(1_000);
+    const CAP: u64 = 1_000;
+    let started = Instant::now();
+    let mut cluster = tokio::task::spawn_blocking(|| Cluster::start_with(true))
+        .await
+        .unwrap();
+    let ready = started.elapsed();
+    let tracker = RedisTokenTracker::builder(CAP)
+        .connect_cluster(cluster.urls())
+        .expect("cluster urls");
+    let key = tenant_key("acme");
+    let master = cluster.owner(&key);
+    let index = cluster.ports.iter().position(|p| *p == master).unwrap();
+    let survivor = cluster.ports[(index + 1) % 3];
+    let replica = Cluster::replica_of(survivor, master);
+
+    let stream = tracker.reserve("acme", 800).await.expect("fits");
+    wait_for("replication", WAIT, || {
+        read_on_replica(replica, &key, "=sum").as_deref() == Some("800")
+    });
+    // The replica lags: it never got the stream's lease.
+    assert_eq!(cli(master, &["CLIENT", "PAUSE", "60000", "WRITE"]), "OK");
+    assert_eq!(cli(replica, &["FLUSHALL"]), "OK");
+    assert_eq!(read_on_replica(replica, &key, "=sum"), None);
+
+    cluster.servers[index].kill();
+    let killed = Instant::now();
+    let promoted = tokio::task::spawn_blocking({
+        let key = key.clone();
+        move || {
+            wait_for(
+                "the cluster to promote the replica",
+                Duration::from_secs(20),
+                || Cluster::owner_by(survivor, &key) == Some(replica),
+            );
+            Instant::now()
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !stream.is_lost() {
+        assert!(
+            Instant::now() < deadline,
+            "the lost lease was never registered again"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let registered = Instant::now();
+    let promoted = promoted.await.unwrap();
+    // How long the cluster takes to promote the replica is its own affair (the node
+    // timeout, then an election); the tracker's part is what follows.
+    let since_promotion = registered.saturating_duration_since(promoted);
+    assert!(
+        since_promotion <= Duration::from_secs(2),
+        "counted again {since_promotion:?} after the promotion was seen"
+    );
+    assert_eq!(tracker.in_flight("acme").await.unwrap(), 800);
+    assert_eq!(cli(replica, &["HGET", &key, "=sum"]), "800");
+    match tracker.reserve("acme", 800).await {
+        Err(Error::TenantOverloaded { in_flight, .. }) => assert_eq!(in_flight, 800),
+        other => panic!("expected a refusal over the cap, got {other:?}"),
+    }
+    stream.release().await;
+    wait_for("no key left behind", WAIT, || leftover_keys(replica) == 0);
+    let ms = |at: Instant| at.duration_since(killed).as_millis();
+    println!(
+        "cluster failover (ready in {ready:?}, cluster-node-timeout {NODE_TIMEOUT:?}), \
+         default leases: master killed → replica promoted {} ms → stream counted again {} ms \
+         ({} ms after the promotion was seen); whole test {:?}",
+        ms(promoted),
+        ms(registered),
+        since_promotion.as_millis(),
+        started.elapsed()
+    );
 }

@@ -50,7 +50,10 @@
 //!   leaves nothing behind (both fail if the release by id is taken out);
 //! - the OpenAI body estimator in front of Redis;
 //! - a Redis that loses its data (`FLUSHALL`, a restart) counts the running work again
-//!   within one renewal period; a lease that expired while its work ran is registered again;
+//!   within one renewal period; with the default lease settings, a server restarted empty
+//!   counts it again within moments of answering, whether or not requests come, and a
+//!   replica holding no lease sends nothing; a lease that expired while its work ran is
+//!   registered again;
 //! - a shared budget in Redis holds across replicas, all or nothing with the tenant's lease;
 //! - waiting on one replica for capacity another releases; the tenants listed across
 //!   replicas.
@@ -70,7 +73,14 @@
 //!   it): the Sentinel promotes the
 //!   replica, the tracker follows, the missing lease is registered again, nothing is over
 //!   a cap one renewal period after the promotion, and nothing is left once released. With
-//!   `--nocapture` it prints the timeline (kill → promoted → answering → registered again).
+//!   `--nocapture` it prints the timeline (kill → promoted → answering → registered again);
+//! - the same failover with the default lease settings and a stream of 800 on a cap of
+//!   1,000, with a contender asking for 800 throughout and with no request at all: the
+//!   stream is counted again within moments of the Sentinel's announcement, then a second
+//!   800 is refused;
+//! - a cluster with one replica per master, a master SIGKILLed while a stream is held on
+//!   one of its slots and its replica lacking the lease: once the cluster promotes the
+//!   replica, the stream is counted again within moments, on the new master.
 //!
 //! `tests/redis_soak.rs` soaks the Redis path under faults (20 s, `TTT_REDIS_SOAK_SECS` for
 //! longer): two replicas over real HTTP and a third in a child process, clients streaming

@@ -35,8 +35,9 @@ pub(super) struct Conn {
 enum Kind {
     /// One server, reconnected by redis-rs's connection manager.
     Single(ConnectionManager),
-    /// A Redis Cluster: each command goes to the master of its key's slot.
-    Cluster(ClusterConnection),
+    /// A Redis Cluster: each command goes to the master of its key's slot. Beside it, the
+    /// masters and their slots as last checked.
+    Cluster(ClusterConnection, Arc<Mutex<Option<Vec<SlotRange>>>>),
     /// The master the Sentinels name, asked again after a connection error.
     Sentinel(Arc<SentinelMaster>),
 }
@@ -68,7 +69,10 @@ impl Conn {
             .build()?;
         let config = redis::cluster::ClusterConfig::new().set_connection_timeout(CONNECT_TIMEOUT);
         let cluster = client.get_pending_async_connection_with_config(config);
-        Ok(Conn::of(Kind::Cluster(cluster), Arc::default()))
+        Ok(Conn::of(
+            Kind::Cluster(cluster, Arc::default()),
+            Arc::default(),
+        ))
     }
 
     /// The master the Sentinels at `sentinels` know as `master_name`, looked up on first
@@ -113,7 +117,7 @@ impl Conn {
 
     /// Whether this is a Redis Cluster.
     pub(super) fn is_cluster(&self) -> bool {
-        matches!(self.kind, Kind::Cluster(_))
+        matches!(self.kind, Kind::Cluster(..))
     }
 
     /// The master the Sentinels name, when they do.
@@ -124,28 +128,52 @@ impl Conn {
         }
     }
 
-    /// One `PING` to every server the tracker writes to (each master of a cluster).
-    pub(super) async fn ping(&self) -> RedisResult<()> {
-        match &self.kind {
-            Kind::Cluster(cluster) => {
-                let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
-                let answer = cluster
+    /// Checks that the connection works: a `PING` to the server, or on a cluster, the
+    /// slots' masters (`CLUSTER SLOTS`, from any node) and a `PING` to each. A slot that
+    /// moved to another master since the last check (a promoted replica, a resharding)
+    /// is told as a new connection: that master may lack leases of this replica.
+    pub(super) async fn check(&self) -> RedisResult<()> {
+        let Kind::Cluster(cluster, known) = &self.kind else {
+            return redis::cmd("PING").query_async(&mut self.clone()).await;
+        };
+        let answer = async {
+            let random = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
+            let mut slots = redis::cmd("CLUSTER");
+            slots.arg("SLOTS");
+            let slots = slot_masters(cluster.clone().route_command(slots, random).await?)?;
+            let moved = {
+                let mut known = known.lock().unwrap_or_else(PoisonError::into_inner);
+                let moved = known.as_ref().is_some_and(|known| *known != slots);
+                *known = Some(slots.clone());
+                moved
+            };
+            if moved {
+                tracing::info!("redis cluster slots moved to other masters");
+                self.events.reconnected();
+            }
+            // The cluster client skips masters it has no connection to when it sends to
+            // them all: each is asked by its address instead.
+            let masters: std::collections::BTreeSet<(String, u16)> = slots
+                .into_iter()
+                .map(|range| (range.host, range.port))
+                .collect();
+            for (host, port) in masters {
+                let routing =
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+                cluster
                     .clone()
                     .route_command(redis::cmd("PING"), routing)
-                    .await;
-                if let Err(error) = &answer {
-                    self.events.saw(error);
-                }
-                answer.map(drop)
+                    .await?;
             }
-            _ => redis::cmd("PING").query_async(&mut self.clone()).await,
-        }
+            Ok(())
+        };
+        self.events.watch(answer).await
     }
 
     /// The servers a `SCAN` must walk to see every key: each master of a cluster, or
     /// the one server.
     pub(super) async fn masters(&self) -> RedisResult<Vec<Node>> {
-        let Kind::Cluster(cluster) = &self.kind else {
+        let Kind::Cluster(cluster, _) = &self.kind else {
             return Ok(vec![Node::Any]);
         };
         // Every master answers, each under its address.
@@ -187,7 +215,7 @@ impl Conn {
         cmd: Cmd,
     ) -> RedisResult<T> {
         match (&self.kind, node) {
-            (Kind::Cluster(cluster), Node::At { host, port }) => {
+            (Kind::Cluster(cluster, _), Node::At { host, port }) => {
                 let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
                     host: host.clone(),
                     port: *port,
@@ -197,6 +225,43 @@ impl Conn {
             _ => cmd.query_async(&mut self.clone()).await,
         }
     }
+}
+
+/// Slots `start..=end`, served by the master at `host:port`.
+#[derive(Clone, PartialEq, Eq)]
+pub(super) struct SlotRange {
+    start: i64,
+    end: i64,
+    host: String,
+    port: u16,
+}
+
+/// The slot ranges of a `CLUSTER SLOTS` answer and their masters, in slot order.
+fn slot_masters(answer: Value) -> RedisResult<Vec<SlotRange>> {
+    let unexpected =
+        || RedisError::from((ErrorKind::Client, "an unexpected answer to CLUSTER SLOTS"));
+    let entries: Vec<Vec<Value>> = from_value(answer)?;
+    let mut ranges = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let mut fields = entry.into_iter();
+        let (Some(start), Some(end), Some(master)) = (fields.next(), fields.next(), fields.next())
+        else {
+            return Err(unexpected());
+        };
+        let master: Vec<Value> = from_value(master)?;
+        let mut master = master.into_iter();
+        let (Some(host), Some(port)) = (master.next(), master.next()) else {
+            return Err(unexpected());
+        };
+        ranges.push(SlotRange {
+            start: from_value(start)?,
+            end: from_value(end)?,
+            host: from_value(host)?,
+            port: from_value(port)?,
+        });
+    }
+    ranges.sort_by_key(|range| range.start);
+    Ok(ranges)
 }
 
 /// One server of those [`Conn::masters`] lists.
@@ -216,7 +281,7 @@ impl ConnectionLike for Conn {
         let Conn { kind, events } = self;
         let call = match kind {
             Kind::Single(conn) => conn.req_packed_command(cmd),
-            Kind::Cluster(conn) => conn.req_packed_command(cmd),
+            Kind::Cluster(conn, _) => conn.req_packed_command(cmd),
             Kind::Sentinel(master) => {
                 let master = Arc::clone(master);
                 Box::pin(async move {
@@ -238,7 +303,7 @@ impl ConnectionLike for Conn {
         let Conn { kind, events } = self;
         let call = match kind {
             Kind::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
-            Kind::Cluster(conn) => {
+            Kind::Cluster(conn, _) => {
                 let whole = !pipeline.is_transaction() && offset == 0 && count == pipeline.len();
                 if whole {
                     Box::pin(by_slot(conn.clone(), pipeline))
@@ -263,7 +328,7 @@ impl ConnectionLike for Conn {
     fn get_db(&self) -> i64 {
         match &self.kind {
             Kind::Single(conn) => conn.get_db(),
-            Kind::Cluster(conn) => conn.get_db(),
+            Kind::Cluster(conn, _) => conn.get_db(),
             Kind::Sentinel(_) => 0,
         }
     }

@@ -34,6 +34,11 @@ enum Renewal {
 }
 
 impl Inner {
+    /// How long a renewal, or a check, may take.
+    fn renewal_budget(&self) -> Duration {
+        (self.renew_every / 2).max(self.timeout)
+    }
+
     /// Renews every live lease: one script call per tenant, all in one pipeline.
     async fn renew_all(self: &Arc<Self>, retrying: bool) -> Renewal {
         let mut by_tenant: HashMap<Arc<str>, Vec<Arc<Lease>>> = HashMap::new();
@@ -59,7 +64,7 @@ impl Inner {
             }
             pipe.add_command(cmd);
         }
-        let budget = (self.renew_every / 2).max(self.timeout);
+        let budget = self.renewal_budget();
         let mut conn = self.conn.clone();
         let sent = std::time::Instant::now();
         // Per tenant: the tokens in flight, then the ids of the leases registered again.
@@ -99,6 +104,8 @@ impl Inner {
                 }
                 let renewed: Vec<&Arc<Lease>> = batches.iter().flat_map(|(_, l)| l).collect();
                 self.headroom_renewed(&renewed, sent);
+                // Redis answers: requests need not wait for the breaker's probe.
+                self.breaker.success();
                 if retrying {
                     tracing::info!(tenants = batches.len(), "renewed leases again");
                 } else {
@@ -117,13 +124,21 @@ impl Inner {
         }
     }
 
-    /// Whether the connection answers a `PING` (every master's, on a cluster).
+    /// Whether the connection passes its [check](super::conn::Conn::check), given as long
+    /// as a renewal.
     async fn answers(&self) -> bool {
-        match self.timed(self.conn.ping()).await {
-            Ok(()) => true,
-            Err(failure) => {
-                tracing::warn!(%failure, "redis did not answer a health check; renewing as \
+        match tokio::time::timeout(self.renewal_budget(), self.conn.check()).await {
+            Ok(Ok(())) => true,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "redis did not answer a health check; renewing as \
                     soon as it does");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "a health check of redis timed out; renewing as soon as it \
+                    answers"
+                );
                 false
             }
         }
