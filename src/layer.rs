@@ -235,7 +235,11 @@ impl TenantTokenLayer {
     /// stream passes unchanged.
     ///
     /// Use it in front of upstreams that speak OpenAI's Chat Completions (those that
-    /// reject unknown fields would refuse `stream_options`). Streams are passed on a whole
+    /// reject unknown fields would refuse `stream_options`), on the Chat Completions and
+    /// Completions routes only: the Responses API and Anthropic's Messages API refuse the
+    /// field, so give their routes a clone of the layer with this off (clones share the
+    /// tracker and everything learned). An upstream that ignores the option is counted on
+    /// the text its streams carry, and logged once per model. Streams are passed on a whole
     /// line at a time: a line split across frames waits for its end (up to 64 KiB; a
     /// longer line passes unchanged as it comes).
     #[cfg(feature = "openai")]

@@ -260,9 +260,12 @@
 //!
 //! Each is compiled in CI, listens on 127.0.0.1 and lists curl lines to try in its header.
 //!
-//! - `cargo run --example gateway`: an OpenAI-compatible chat endpoint with a mock
-//!   upstream; `--features redis -- --redis URL` shares the cap through Redis,
-//!   `--features metrics` serves `/metrics`.
+//! - `cargo run --example gateway`: an OpenAI-compatible endpoint with a mock upstream,
+//!   or with `-- --upstream BASE_URL` a proxy in front of your model server (chat
+//!   completions, completions, responses, embeddings and `/v1/messages` metered,
+//!   `/v1/models` passed through; `examples/gateway/proxy.rs` is the part to copy);
+//!   `--features redis -- --redis URL` shares the cap through Redis, `--features metrics`
+//!   serves `/metrics`.
 //! - `cargo run --example hyper_server`: the layer on a plain hyper server (hyper-util, no
 //!   axum).
 //! - `cargo run --example per_route`: different estimators on different routes. Chat (the
