@@ -1152,7 +1152,10 @@ async fn a_flushed_redis_counts_headroom_again_within_one_renewal_period() {
         window < Duration::from_millis(250 + 500),
         "counted again after {window:?}: more than one renewal period"
     );
-    wait_until("the lost lease counted", || tracker.stats().lost_leases == 1).await;
+    wait_until("the lost lease counted", || {
+        tracker.stats().lost_leases == 1
+    })
+    .await;
     assert!(reservation.is_lost());
 
     drop(reservation);

@@ -104,8 +104,12 @@ impl Inner {
                 }
                 let renewed: Vec<&Arc<Lease>> = batches.iter().flat_map(|(_, l)| l).collect();
                 self.headroom_renewed(&renewed, sent);
-                // Redis answers: requests need not wait for the breaker's probe.
-                self.breaker.success();
+                // Redis answers as a request's call must: that is what the breaker's
+                // probe would find, so requests need not wait for it. A slower answer
+                // proves nothing of the kind under load.
+                if sent.elapsed() <= self.timeout {
+                    self.breaker.success();
+                }
                 if retrying {
                     tracing::info!(tenants = batches.len(), "renewed leases again");
                 } else {
