@@ -101,7 +101,8 @@
 //!   Sentinel's `+switch-master` and looks the master up again when its master moves;
 //! - **nothing at all**: between renewals, a health check every second (a `PING`; on a
 //!   cluster, `CLUSTER SLOTS` from any node and a `PING` to each master) finds a restarted
-//!   server or a dead master even when no request comes.
+//!   server, a dead master or a moved slot even when no request comes (with `renew_every`
+//!   of a second or less, the renewals themselves do this).
 //!
 //! A replica that holds no lease does none of this: no health check, no subscription, no
 //! retry; only the renewal task's periodic wake-up, which sends nothing. A `FLUSHALL` on a
