@@ -128,8 +128,9 @@ fn all(growths: Vec<Pending<()>>) -> Pending<()> {
     })
 }
 
-/// What the usage reader tells the metrics recorder about a reservation.
-#[cfg_attr(not(feature = "openai"), allow(dead_code))]
+/// What the usage reader tells the metrics recorder about a reservation. (Made only with
+/// the `openai` feature, read only with `metrics`.)
+#[cfg_attr(not(all(feature = "openai", feature = "metrics")), allow(dead_code))]
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Told<'a> {
     /// The response outran its reservation, which grew as it went.

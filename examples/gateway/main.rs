@@ -128,6 +128,7 @@ use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use axum::http::{HeaderMap, HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use futures_util::{stream, StreamExt};
 use serde_json::{json, Value};
@@ -356,6 +357,13 @@ async fn main() {
         "try: curl -s {addr}/v1/chat/completions -H 'x-tenant-id: acme' \
          -d '{{\"model\":\"m\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hi!\"}}]}}'"
     );
+    // Streamed events are small writes: without TCP_NODELAY each waits for the client's
+    // delayed ack (tens of milliseconds an event).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::warn!(%error, "could not set TCP_NODELAY");
+        }
+    });
     if let Err(error) = axum::serve(listener, app).await {
         eprintln!("error: {error}");
         std::process::exit(1);

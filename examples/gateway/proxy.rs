@@ -132,9 +132,12 @@ impl Proxy {
             }
             None => None,
         };
+        // A stream's events are small writes: sent at once, not held for the peer's ack.
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
             .http2_only(http2)
-            .build_http();
+            .build(connector);
         Ok(Self {
             client,
             authority,

@@ -1,4 +1,4 @@
-//! Guarantees, and how they are checked.
+//! Guarantees: what holds whatever happens to a request.
 //!
 //! # Guarantees
 //!
@@ -32,43 +32,5 @@
 //! [`ReservationHandle`](crate::ReservationHandle) in the request extensions). Lock
 //! poisoning cannot leak tokens: no code under those locks can panic half-way.
 //!
-//! # How they are checked
-//!
-//! Beyond the integration tests through real HTTP (see [testing](super::testing)), the
-//! four guarantees are checked five ways, all in CI:
-//!
-//! - **Interleavings** (`tests/shuttle.rs`, run with
-//!   `RUSTFLAGS="--cfg tower_tenant_tokens_shuttle" cargo test --release --test shuttle`):
-//!   the tracker built on [shuttle](https://docs.rs/shuttle)'s primitives, explored under
-//!   many random and PCT schedules per scenario: concurrent reservations never exceed the
-//!   cap and end at zero, an eviction racing an admission never creates a second entry for
-//!   a tenant, a sweep never evicts a tenant with work in flight, resizes racing
-//!   reservations release exactly. It found one real bug (a release racing a sweep could
-//!   leave the idle cache one over its bound), now fixed.
-//! - **Properties** (`tests/properties.rs`, proptest): random sequences of reserve /
-//!   resize / try_resize / release / set_cap / remove_cap steps against a model, with
-//!   evictions: after every step each tenant's in-flight equals the sum of its live
-//!   reservations, refusals are exactly the documented ones, and everything ends at zero
-//!   within the idle bound. It found two bugs, now fixed (a resize to the same size counted
-//!   as an overcommit; a repeated `n` counted at its last value).
-//! - **Arbitrary input** (`tests/fuzz_inputs.rs`, proptest): tenant and estimate headers of
-//!   arbitrary bytes (controls, `0x80`–`0xFF`, very long values, signs, exponents, huge
-//!   numbers) and bodies (arbitrary bytes, mutated chat bodies, deeply nested generated
-//!   JSON, bodies around the limit, chunked or not), each answered with the documented
-//!   status and JSON error code, nothing reserved, the inner service never reached on a
-//!   refusal; plus generated bodies checked against the estimator's written rules. No
-//!   panic, no leak. The OpenAI estimator is also checked against the serde-based walk it
-//!   replaced on generated, mutated and truncated bodies
-//!   (`tests/estimator_differential.rs`), and on a fixed corpus
-//!   (`tests/estimator_corpus.rs`).
-//! - **Soak** (`tests/soak.rs`, `SOAK_SECS` sets its length): many concurrent clients over
-//!   real HTTP on steady tenants plus a spray of one-off ids, with streaming and immediate
-//!   answers and injected faults (client disconnects mid-stream, cancels before the
-//!   response, handler panics before answering and mid-stream, timeouts outside and inside
-//!   the layer, body errors mid-stream). In-flight is sampled against every cap while it
-//!   runs; at the end nothing is leaked. The counts of one long run are in the repository's
-//!   `benches/README.md`.
-//! - **Memory** (`tests/allocations.rs`, a counting allocator): a reserve and release for a
-//!   known tenant allocate nothing, and a million requests through the layer, each with a
-//!   random tenant id, leave nothing held afterwards but the idle cache, within its bound;
-//!   the concurrency tests do the same through HTTP with large bursts of ids.
+//! How each is checked (interleavings under shuttle, properties, arbitrary input, soaks,
+//! allocation counts) is in the repository's `CONTRIBUTING.md`.

@@ -18,10 +18,10 @@
 //!   rate-limit headers, shadow mode, logs.
 //! - [`replicas`]: several replicas, one cap in Redis: leases, failure policies, what to
 //!   configure alike.
-//! - [`guarantees`]: what holds whatever happens to a request, and how each guarantee is
-//!   checked.
+//! - [`guarantees`]: what holds whatever happens to a request.
 //! - [`decisions`]: decisions worth knowing, with the reasons for them.
-//! - [`testing`]: the test suite and what CI runs.
+//!
+//! How the crate is tested, and what CI runs, is in the repository's `CONTRIBUTING.md`.
 //!
 //! Measured figures (overhead, throughput, memory, a soak run) are kept out of the docs,
 //! where they would go stale; they are in the repository's `benches/README.md`, with the
@@ -35,4 +35,3 @@ pub mod integrating;
 pub mod observing;
 pub mod refusals;
 pub mod replicas;
-pub mod testing;

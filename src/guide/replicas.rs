@@ -130,8 +130,10 @@
 //! one within about a second of the promotion. A renewal that cannot go through within
 //! half a renewal period (a server that stopped answering without closing its
 //! connections) is retried the same way. After the window a second request that does not
-//! fit is refused again. The excess is visible: Redis's count of the tenant
-//! (`RedisTokenTracker::in_flight`) is over the cap and refuses new work until it is below,
+//! fit is refused again.
+//!
+//! The excess is visible: Redis's count of the tenant (`RedisTokenTracker::in_flight`) is
+//! over the cap and refuses new work until it is below,
 //! `RedisReservation::is_lost` is true for each lease registered again,
 //! `stats().lost_leases` counts them, and each is logged at `warn` with the tenant's count
 //! and cap. A lease released while it was being registered again is released once more,
@@ -312,5 +314,5 @@
 //! # fn main() {}
 //! ```
 //!
-//! How all this is tested against real `redis-server`s is in
-//! [testing](super::testing#redis).
+//! How all this is tested against real `redis-server`s is in the repository's
+//! `CONTRIBUTING.md`.
