@@ -1152,7 +1152,10 @@ async fn a_flushed_redis_counts_headroom_again_within_one_renewal_period() {
         window < Duration::from_millis(250 + 500),
         "counted again after {window:?}: more than one renewal period"
     );
-    wait_until("the lost lease counted", || tracker.stats().lost_leases == 1).await;
+    wait_until("the lost lease counted", || {
+        tracker.stats().lost_leases == 1
+    })
+    .await;
     assert!(reservation.is_lost());
 
     drop(reservation);
@@ -1266,4 +1269,90 @@ async fn wait_until_counted(
         );
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// Calls of `command` the server has answered (its `INFO commandstats`).
+fn calls_of(redis: &RedisServer, command: &str) -> u64 {
+    let client = redis::Client::open(redis.url()).expect("url");
+    let mut conn = client.get_connection().expect("connect");
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut conn)
+        .expect("INFO");
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits until `lost_leases` reaches `count`; when it did.
+async fn registered_again(tracker: &RedisTokenTracker, count: u64, limit: Duration) -> Instant {
+    let deadline = Instant::now() + limit;
+    while tracker.stats().lost_leases < count {
+        assert!(
+            Instant::now() < deadline,
+            "the lost lease was not registered again within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Instant::now()
+}
+
+/// With the default lease settings (renewal every 10 s), a server restarted empty while
+/// nothing asks it anything: once quickly, once after an outage longer than the retry's
+/// longest pause. The stream is counted again within moments of the server answering,
+/// not at the next renewal; and a replica holding no lease sends nothing at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_default_leases_a_restarted_empty_redis_counts_a_stream_again_within_moments() {
+    let mut redis = redis_or_skip!(
+        "with_default_leases_a_restarted_empty_redis_counts_a_stream_again_within_moments"
+    );
+    const CAP: u64 = 1_000;
+    let tracker = RedisTokenTracker::builder(CAP)
+        .connect(redis.url())
+        .expect("a valid redis url");
+    let stream = tracker.reserve("acme", 800).await.expect("fits");
+    // Held and idle: the connection is checked now and then.
+    let pings = calls_of(&redis, "ping");
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert!(
+        calls_of(&redis, "ping") >= pings + 2,
+        "no health check while a lease is held"
+    );
+
+    let mut figures = Vec::new();
+    for (round, outage) in [Duration::ZERO, Duration::from_millis(2_500)]
+        .into_iter()
+        .enumerate()
+    {
+        redis.kill();
+        tokio::time::sleep(outage).await;
+        redis.restart(); // empty, and answering when this returns
+        let answers = Instant::now();
+        let registered = registered_again(&tracker, round as u64 + 1, WAIT * 2).await;
+        let window = registered - answers;
+        assert!(
+            window <= Duration::from_secs(2),
+            "counted again {window:?} after redis answered"
+        );
+        assert_eq!(in_flight(&tracker, "acme").await, 800);
+        assert!(matches!(
+            tracker.reserve("acme", 800).await,
+            Err(Error::TenantOverloaded { in_flight: 800, .. })
+        ));
+        figures.push(format!(
+            "outage {outage:?}: counted again {window:?} after it answered"
+        ));
+    }
+    assert!(stream.is_lost());
+
+    // Nothing held: nothing sent, however long it waits.
+    stream.release().await;
+    wait_for_shared(&tracker, "acme", 0, WAIT).await;
+    let (pings, scripts) = (calls_of(&redis, "ping"), calls_of(&redis, "evalsha"));
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(calls_of(&redis, "ping"), pings, "a health check while idle");
+    assert_eq!(calls_of(&redis, "evalsha"), scripts, "a renewal while idle");
+    println!("single server restarted empty: {}", figures.join("; "));
 }

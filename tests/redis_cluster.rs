@@ -194,65 +194,101 @@ fn wait_for(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
     }
 }
 
-/// Three masters, no replicas, every slot assigned.
+/// Three masters, every slot assigned; with replicas, one replica each, listed after the
+/// masters in `ports`.
 struct Cluster {
     ports: Vec<u16>,
-    _servers: Vec<Process>,
+    servers: Vec<Process>,
     _scratch: Scratch,
 }
 
 impl Cluster {
     fn start() -> Cluster {
+        Cluster::start_with(false)
+    }
+
+    /// With `replicas`, each master has one, writable (so a test can make it lag behind
+    /// its master), and a master is failed over one second after it stops answering.
+    fn start_with(replicas: bool) -> Cluster {
         let scratch = Scratch::new("cluster");
-        let ports: Vec<u16> = (0..3).map(|_| free_cluster_port()).collect();
+        let nodes = if replicas { 6 } else { 3 };
+        let ports: Vec<u16> = (0..nodes).map(|_| free_cluster_port()).collect();
         let dir = scratch.0.to_str().expect("a UTF-8 temp dir").to_owned();
         let servers = ports
             .iter()
             .map(|port| {
                 let (port_arg, conf) = (port.to_string(), format!("nodes-{port}.conf"));
-                start_server(
-                    *port,
-                    &[
-                        "--port",
-                        &port_arg,
-                        "--bind",
-                        "127.0.0.1",
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        &conf,
-                        "--dir",
-                        &dir,
-                        "--save",
-                        "",
-                        "--appendonly",
+                let mut args = vec![
+                    "--port",
+                    &port_arg,
+                    "--bind",
+                    "127.0.0.1",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    &conf,
+                    "--dir",
+                    &dir,
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--loglevel",
+                    "warning",
+                ];
+                if replicas {
+                    args.extend([
+                        "--cluster-node-timeout",
+                        "1000",
+                        "--replica-read-only",
                         "no",
-                        "--loglevel",
-                        "warning",
-                    ],
-                )
+                        "--repl-diskless-sync-delay",
+                        "0",
+                    ]);
+                }
+                start_server(*port, &args)
             })
             .collect();
-        let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let mut create = Command::new("redis-cli");
-        create.args(["--cluster", "create"]).args(&nodes).args([
+        create.args(["--cluster", "create"]).args(&addresses).args([
             "--cluster-replicas",
-            "0",
+            if replicas { "1" } else { "0" },
             "--cluster-yes",
         ]);
         let (created, output) = run(create);
         assert!(created, "redis-cli --cluster create failed: {output}");
+        let known = format!("cluster_known_nodes:{nodes}");
         for port in &ports {
-            wait_for("cluster_state:ok", Duration::from_secs(10), || {
+            wait_for("cluster_state:ok", Duration::from_secs(20), || {
                 let info = cli(*port, &["CLUSTER", "INFO"]);
-                info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3")
+                info.contains("cluster_state:ok") && info.contains(&known)
             });
         }
-        Cluster {
+        let mut cluster = Cluster {
             ports,
-            _servers: servers,
+            servers,
             _scratch: scratch,
+        };
+        if replicas {
+            // Masters first, in the order of `ports`, then their replicas.
+            let mut masters = Vec::new();
+            let mut replicas = Vec::new();
+            for (port, server) in cluster.ports.iter().zip(cluster.servers.drain(..)) {
+                if cli(*port, &["ROLE"]).starts_with("master") {
+                    masters.push((*port, server));
+                } else {
+                    replicas.push((*port, server));
+                }
+            }
+            for (port, _) in &replicas {
+                wait_for("the replica to sync", Duration::from_secs(20), || {
+                    cli(*port, &["INFO", "replication"]).contains("master_link_status:up")
+                });
+            }
+            (cluster.ports, cluster.servers) = masters.into_iter().chain(replicas).unzip();
         }
+        cluster
     }
 
     fn urls(&self) -> Vec<String> {
@@ -264,10 +300,15 @@ impl Cluster {
 
     /// The port of the master serving `key`'s slot.
     fn owner(&self, key: &str) -> u16 {
-        let slot: u16 = cli(self.ports[0], &["CLUSTER", "KEYSLOT", key])
+        Self::owner_by(self.ports[0], key).expect("a master serves every slot")
+    }
+
+    /// The port of the master serving `key`'s slot, as the node on `port` knows it.
+    fn owner_by(port: u16, key: &str) -> Option<u16> {
+        let slot: u16 = cli(port, &["CLUSTER", "KEYSLOT", key])
             .parse()
             .expect("a slot");
-        let nodes = cli(self.ports[0], &["CLUSTER", "NODES"]);
+        let nodes = cli(port, &["CLUSTER", "NODES"]);
         for line in nodes.lines() {
             let fields: Vec<&str> = line.split_whitespace().collect();
             let port = fields[1]
@@ -280,11 +321,11 @@ impl Cluster {
                 let (start, end) = range.split_once('-').unwrap_or((range, range));
                 let (start, end): (u16, u16) = (start.parse().unwrap(), end.parse().unwrap());
                 if (start..=end).contains(&slot) {
-                    return port;
+                    return Some(port);
                 }
             }
         }
-        panic!("no master serves slot {slot}")
+        None
     }
 
     /// Keys on each master besides idle tenants' lease hashes (see [`leftover_keys`]).
@@ -1022,4 +1063,316 @@ impl Sentinelled {
             reply.lines().nth(1)?.trim().parse().ok()
         }
     }
+}
+
+/// Whether a client other than the Sentinels, the link to a master and the `redis-cli`
+/// asking is connected to
+/// the server on `port`: the tracker, once it found its way there.
+fn tracker_connected(port: u16) -> bool {
+    cli(port, &["CLIENT", "LIST"]).lines().any(|client| {
+        client.contains(" flags=N ")
+            && !client.contains(" name=sentinel")
+            && !client.contains(" cmd=client")
+    })
+}
+
+/// The scenario as a gateway meets it, with the default lease settings (renewal every
+/// 10 s): a stream of 800 on a cap of 1,000, the replica lacking its lease, the master
+/// killed, the replica promoted. With `requests`, a contender asks for 800 every 100 ms
+/// throughout; without, nothing but the tracker itself talks to Redis. Either way the
+/// stream is counted again within moments of the promotion, and then a second 800 is
+/// refused. Returns promotion → the tracker connected to the new master → the lease
+/// registered again.
+async fn sentinel_failover_with_default_leases(test: &str, requests: bool) -> Option<String> {
+    if !tools_or_skip(test) {
+        return None;
+    }
+    let mut redis = tokio::task::spawn_blocking(Sentinelled::start)
+        .await
+        .unwrap();
+    const CAP: u64 = 1_000;
+    let sentinel_url = format!("redis://127.0.0.1:{}", redis.sentinel);
+    let tracker = RedisTokenTracker::builder(CAP)
+        .connect_sentinel([sentinel_url.as_str()], MASTER_NAME)
+        .expect("a sentinel url");
+    let stream = tracker.reserve("acme", 800).await.expect("fits");
+    wait_for("replication", WAIT, || {
+        cli(redis.replica, &["HGET", &tenant_key("acme"), "=sum"]) == "800"
+    });
+    assert!(
+        !tracker_connected(redis.replica),
+        "{}",
+        cli(redis.replica, &["CLIENT", "LIST"])
+    );
+
+    let admitted = Arc::new(Mutex::new(Vec::<Instant>::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let contender = requests.then(|| {
+        let (tracker, admitted, stop) = (tracker.clone(), admitted.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(SeqCst) {
+                if let Ok(reservation) = tracker.reserve("acme", 800).await {
+                    admitted.lock().unwrap().push(Instant::now());
+                    reservation.release().await;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    });
+
+    // The replica lags: it never got the stream's lease.
+    assert_eq!(
+        cli(redis.master, &["CLIENT", "PAUSE", "60000", "WRITE"]),
+        "OK"
+    );
+    assert_eq!(cli(redis.replica, &["DEL", &tenant_key("acme")]), "1");
+    // When the Sentinel announces the promotion, as the tracker may hear it.
+    let announced = {
+        let client = redis::Client::open(sentinel_url.as_str()).expect("url");
+        let mut pubsub = client.get_async_pubsub().await.expect("subscribe");
+        pubsub.subscribe("+switch-master").await.expect("subscribe");
+        tokio::spawn(async move {
+            let mut messages = pubsub.into_on_message();
+            futures_util::StreamExt::next(&mut messages).await;
+            Instant::now()
+        })
+    };
+    redis.master_process.kill();
+    let (sentinel, replica) = (redis.sentinel, redis.replica);
+    let named = tokio::task::spawn_blocking(move || {
+        let probe = Sentinelled::probe(sentinel);
+        wait_for(
+            "the sentinel to promote the replica",
+            Duration::from_secs(20),
+            || probe() == Some(replica),
+        );
+        Instant::now()
+    });
+    let connected = tokio::task::spawn_blocking(move || {
+        wait_for(
+            "the tracker to connect to the new master",
+            Duration::from_secs(30),
+            || tracker_connected(replica),
+        );
+        Instant::now()
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !stream.is_lost() {
+        assert!(
+            Instant::now() < deadline,
+            "the lost lease was never registered again"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let registered = Instant::now();
+    named.await.unwrap();
+    let (promoted, connected) = (announced.await.unwrap(), connected.await.unwrap());
+    let after = |at: Instant| {
+        at.saturating_duration_since(promoted).as_millis() as i128
+            - promoted.saturating_duration_since(at).as_millis() as i128
+    };
+    let window = registered.saturating_duration_since(promoted);
+    assert!(
+        window <= Duration::from_secs(3),
+        "counted again {window:?} after the promotion"
+    );
+
+    // Counted again: nothing more fits, whoever asks.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, SeqCst);
+    if let Some(contender) = contender {
+        contender.await.unwrap();
+    }
+    let late: Vec<_> = admitted
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|at| **at > registered + Duration::from_millis(100))
+        .map(|at| at.duration_since(registered))
+        .collect();
+    assert!(late.is_empty(), "admitted over the cap after: {late:?}");
+    assert_eq!(tracker.in_flight("acme").await.unwrap(), 800);
+    assert_eq!(
+        cli(redis.replica, &["HGET", &tenant_key("acme"), "=sum"]),
+        "800"
+    );
+    match tracker.reserve("acme", 800).await {
+        Err(Error::TenantOverloaded { in_flight, .. }) => assert_eq!(in_flight, 800),
+        other => panic!("expected a refusal over the cap, got {other:?}"),
+    }
+    let in_window = admitted
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|at| **at > promoted && **at <= registered)
+        .count();
+    stream.release().await;
+    wait_for("no key left behind", WAIT, || {
+        leftover_keys(redis.replica) == 0
+    });
+    let figures = format!(
+        "promotion → tracker connected {} ms → stream counted again {} ms \
+         (admissions of 800 in the window: {in_window})",
+        after(connected),
+        after(registered),
+    );
+    println!("sentinel failover, default leases, requests {requests}: {figures}");
+    Some(figures)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_default_leases_a_sentinel_failover_counts_the_stream_again_within_moments() {
+    sentinel_failover_with_default_leases(
+        "with_default_leases_a_sentinel_failover_counts_the_stream_again_within_moments",
+        true,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_default_leases_an_idle_replica_follows_a_sentinel_failover() {
+    sentinel_failover_with_default_leases(
+        "with_default_leases_an_idle_replica_follows_a_sentinel_failover",
+        false,
+    )
+    .await;
+}
+
+impl Cluster {
+    /// The port of `master`'s replica, once the node on `port` knows it.
+    fn replica_of(port: u16, master: u16) -> u16 {
+        let mut found = None;
+        wait_for(
+            "the master's replica to be known",
+            Duration::from_secs(10),
+            || {
+                found = Self::known_replica_of(port, master);
+                found.is_some()
+            },
+        );
+        found.expect("found")
+    }
+
+    fn known_replica_of(port: u16, master: u16) -> Option<u16> {
+        let nodes = cli(port, &["CLUSTER", "NODES"]);
+        let lines: Vec<Vec<&str>> = nodes
+            .lines()
+            .map(|line| line.split_whitespace().collect())
+            .collect();
+        let port_of = |fields: &[&str]| -> u16 {
+            fields[1]
+                .split('@')
+                .next()
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| p.parse().ok())
+                .expect("host:port@bus")
+        };
+        let id = lines
+            .iter()
+            .find(|fields| port_of(fields) == master)
+            .map(|fields| fields[0])?;
+        lines
+            .iter()
+            .find(|fields| fields[2].contains("slave") && fields[3] == id)
+            .map(|fields| port_of(fields))
+    }
+}
+
+/// `HGET key field` on a cluster replica (which answers reads once told `READONLY`).
+fn read_on_replica(port: u16, key: &str, field: &str) -> Option<String> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("url");
+    let mut conn = client.get_connection().expect("connect");
+    redis::cmd("READONLY")
+        .query::<()>(&mut conn)
+        .expect("READONLY");
+    redis::cmd("HGET")
+        .arg(key)
+        .arg(field)
+        .query(&mut conn)
+        .expect("HGET")
+}
+
+/// A master of a three-master cluster (one replica each) killed while a stream is held on
+/// a tenant of its slots, its replica lacking the stream's lease, with the default lease
+/// settings: once the cluster has promoted the replica (a `cluster-node-timeout` of one
+/// second here), the stream is counted again within moments, on the new master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_default_leases_a_cluster_failover_counts_the_stream_again_within_moments() {
+    let test = "with_default_leases_a_cluster_failover_counts_the_stream_again_within_moments";
+    if !tools_or_skip(test) {
+        return;
+    }
+    const NODE_TIMEOUT: Duration = Duration::from_millis(1_000);
+    const CAP: u64 = 1_000;
+    let started = Instant::now();
+    let mut cluster = tokio::task::spawn_blocking(|| Cluster::start_with(true))
+        .await
+        .unwrap();
+    let ready = started.elapsed();
+    let tracker = RedisTokenTracker::builder(CAP)
+        .connect_cluster(cluster.urls())
+        .expect("cluster urls");
+    let key = tenant_key("acme");
+    let master = cluster.owner(&key);
+    let index = cluster.ports.iter().position(|p| *p == master).unwrap();
+    let survivor = cluster.ports[(index + 1) % 3];
+    let replica = Cluster::replica_of(survivor, master);
+
+    let stream = tracker.reserve("acme", 800).await.expect("fits");
+    wait_for("replication", WAIT, || {
+        read_on_replica(replica, &key, "=sum").as_deref() == Some("800")
+    });
+    // The replica lags: it never got the stream's lease.
+    assert_eq!(cli(master, &["CLIENT", "PAUSE", "60000", "WRITE"]), "OK");
+    assert_eq!(cli(replica, &["FLUSHALL"]), "OK");
+    assert_eq!(read_on_replica(replica, &key, "=sum"), None);
+
+    cluster.servers[index].kill();
+    let killed = Instant::now();
+    let promoted = tokio::task::spawn_blocking({
+        let key = key.clone();
+        move || {
+            wait_for(
+                "the cluster to promote the replica",
+                Duration::from_secs(20),
+                || Cluster::owner_by(survivor, &key) == Some(replica),
+            );
+            Instant::now()
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !stream.is_lost() {
+        assert!(
+            Instant::now() < deadline,
+            "the lost lease was never registered again"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let registered = Instant::now();
+    let promoted = promoted.await.unwrap();
+    // How long the cluster takes to promote the replica is its own affair (the node
+    // timeout, then an election); the tracker's part is what follows.
+    let since_promotion = registered.saturating_duration_since(promoted);
+    assert!(
+        since_promotion <= Duration::from_secs(2),
+        "counted again {since_promotion:?} after the promotion was seen"
+    );
+    assert_eq!(tracker.in_flight("acme").await.unwrap(), 800);
+    assert_eq!(cli(replica, &["HGET", &key, "=sum"]), "800");
+    match tracker.reserve("acme", 800).await {
+        Err(Error::TenantOverloaded { in_flight, .. }) => assert_eq!(in_flight, 800),
+        other => panic!("expected a refusal over the cap, got {other:?}"),
+    }
+    stream.release().await;
+    wait_for("no key left behind", WAIT, || leftover_keys(replica) == 0);
+    let ms = |at: Instant| at.duration_since(killed).as_millis();
+    println!(
+        "cluster failover (ready in {ready:?}, cluster-node-timeout {NODE_TIMEOUT:?}), \
+         default leases: master killed → replica promoted {} ms → stream counted again {} ms \
+         ({} ms after the promotion was seen); whole test {:?}",
+        ms(promoted),
+        ms(registered),
+        since_promotion.as_millis(),
+        started.elapsed()
+    );
 }

@@ -98,8 +98,9 @@
 //!   reservation and checked there against all replicas' leases: configure replicas alike.
 //! - **Leases, not counters**: a crashed replica's tokens come back when its leases expire,
 //!   with nobody resetting anything; a lease Redis lost while its work still runs (a
-//!   restart, a flush, a failover, a partition longer than the TTL) is registered again
-//!   within one renewal period, whatever the cap: an overcommit that is visible and ends
+//!   restart, a flush, a failover, a partition longer than the TTL) is registered again,
+//!   whatever the cap, within one renewal period, and within moments of the reconnection
+//!   after a restart or a failover: an overcommit that is visible and ends
 //!   with the work beats a ledger that forgets running work and admits twice the cap.
 //! - **Growing a Redis lease within its cap needs
 //!   [`try_resize_async`](crate::ReservationHandle::try_resize_async)**: the sync

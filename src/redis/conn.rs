@@ -2,7 +2,7 @@
 //! names. The tracker talks to all three alike, through `redis::aio::ConnectionLike`.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -10,22 +10,34 @@ use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo};
 use redis::sentinel::{SentinelClient, SentinelServerType};
+
+use super::watch::Events;
 use redis::{
-    AsyncConnectionConfig, Cmd, ErrorKind, FromRedisValue, IntoConnectionInfo, Pipeline,
-    RedisError, RedisFuture, RedisResult, ServerErrorKind, Value,
+    AsyncConnectionConfig, Cmd, ConnectionInfo, ErrorKind, FromRedisValue, IntoConnectionInfo,
+    Pipeline, RedisError, RedisFuture, RedisResult, ServerErrorKind, Value,
 };
 
 /// How long connecting to one server may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A connection the tracker clones freely: each kind multiplexes one set of sockets
-/// between its clones and remakes them when they break.
+/// between its clones and remakes them when they break. Every call that finds the
+/// connection broken, and every new master found through the Sentinels, is told to
+/// [`events`](Self::events), so the renewal task registers lost leases again as soon as
+/// the connection works, not a renewal period later.
 #[derive(Clone)]
-pub(super) enum Conn {
+pub(super) struct Conn {
+    kind: Kind,
+    pub(super) events: Arc<Events>,
+}
+
+#[derive(Clone)]
+enum Kind {
     /// One server, reconnected by redis-rs's connection manager.
     Single(ConnectionManager),
-    /// A Redis Cluster: each command goes to the master of its key's slot.
-    Cluster(ClusterConnection),
+    /// A Redis Cluster: each command goes to the master of its key's slot. Beside it, the
+    /// masters and their slots as last checked.
+    Cluster(ClusterConnection, Arc<Mutex<Option<Vec<SlotRange>>>>),
     /// The master the Sentinels name, asked again after a connection error.
     Sentinel(Arc<SentinelMaster>),
 }
@@ -38,9 +50,8 @@ impl Conn {
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
-        Ok(Conn::Single(ConnectionManager::new_lazy_with_config(
-            client, config,
-        )?))
+        let manager = ConnectionManager::new_lazy_with_config(client, config)?;
+        Ok(Conn::of(Kind::Single(manager), Arc::default()))
     }
 
     /// A cluster reached first through `nodes` (any of its nodes; the rest are found),
@@ -57,8 +68,10 @@ impl Conn {
             .max_retry_wait(500)
             .build()?;
         let config = redis::cluster::ClusterConfig::new().set_connection_timeout(CONNECT_TIMEOUT);
-        Ok(Conn::Cluster(
-            client.get_pending_async_connection_with_config(config),
+        let cluster = client.get_pending_async_connection_with_config(config);
+        Ok(Conn::of(
+            Kind::Cluster(cluster, Arc::default()),
+            Arc::default(),
         ))
     }
 
@@ -79,23 +92,88 @@ impl Conn {
             .map(IntoConnectionInfo::into_connection_info)
             .collect::<RedisResult<Vec<_>>>()?;
         let client = SentinelClient::build(
-            sentinels,
+            sentinels.clone(),
             master_name.to_owned(),
             None,
             SentinelServerType::Master,
         )?;
-        Ok(Conn::Sentinel(Arc::new(SentinelMaster {
+        let events = Arc::<Events>::default();
+        let master = SentinelMaster {
             lookup: tokio::sync::Mutex::new(client),
             current: Mutex::new(Current::default()),
             generations: AtomicU64::new(0),
             config: AsyncConnectionConfig::new().set_connection_timeout(Some(CONNECT_TIMEOUT)),
-        })))
+            sentinels,
+            name: master_name.to_owned(),
+            watching: AtomicBool::new(false),
+            events: Arc::clone(&events),
+        };
+        Ok(Conn::of(Kind::Sentinel(Arc::new(master)), events))
+    }
+
+    fn of(kind: Kind, events: Arc<Events>) -> Self {
+        Conn { kind, events }
+    }
+
+    /// Whether this is a Redis Cluster.
+    pub(super) fn is_cluster(&self) -> bool {
+        matches!(self.kind, Kind::Cluster(..))
+    }
+
+    /// The master the Sentinels name, when they do.
+    pub(super) fn sentinel_master(&self) -> Option<&Arc<SentinelMaster>> {
+        match &self.kind {
+            Kind::Sentinel(master) => Some(master),
+            _ => None,
+        }
+    }
+
+    /// Checks that the connection works: a `PING` to the server, or on a cluster, the
+    /// slots' masters (`CLUSTER SLOTS`, from any node) and a `PING` to each. A slot that
+    /// moved to another master since the last check (a promoted replica, a resharding)
+    /// is told as a new connection: that master may lack leases of this replica.
+    pub(super) async fn check(&self) -> RedisResult<()> {
+        let Kind::Cluster(cluster, known) = &self.kind else {
+            return redis::cmd("PING").query_async(&mut self.clone()).await;
+        };
+        let answer = async {
+            let random = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
+            let mut slots = redis::cmd("CLUSTER");
+            slots.arg("SLOTS");
+            let slots = slot_masters(cluster.clone().route_command(slots, random).await?)?;
+            let moved = {
+                let mut known = known.lock().unwrap_or_else(PoisonError::into_inner);
+                let moved = known.as_ref().is_some_and(|known| *known != slots);
+                *known = Some(slots.clone());
+                moved
+            };
+            if moved {
+                tracing::info!("redis cluster slots moved to other masters");
+                self.events.reconnected();
+            }
+            // The cluster client skips masters it has no connection to when it sends to
+            // them all: each is asked by its address instead.
+            let masters: std::collections::BTreeSet<(String, u16)> = slots
+                .into_iter()
+                .map(|range| (range.host, range.port))
+                .collect();
+            for (host, port) in masters {
+                let routing =
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+                cluster
+                    .clone()
+                    .route_command(redis::cmd("PING"), routing)
+                    .await?;
+            }
+            Ok(())
+        };
+        self.events.watch(answer).await
     }
 
     /// The servers a `SCAN` must walk to see every key: each master of a cluster, or
     /// the one server.
     pub(super) async fn masters(&self) -> RedisResult<Vec<Node>> {
-        let Conn::Cluster(cluster) = self else {
+        let Kind::Cluster(cluster, _) = &self.kind else {
             return Ok(vec![Node::Any]);
         };
         // Every master answers, each under its address.
@@ -136,8 +214,8 @@ impl Conn {
         node: &Node,
         cmd: Cmd,
     ) -> RedisResult<T> {
-        match (self, node) {
-            (Conn::Cluster(cluster), Node::At { host, port }) => {
+        match (&self.kind, node) {
+            (Kind::Cluster(cluster, _), Node::At { host, port }) => {
                 let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
                     host: host.clone(),
                     port: *port,
@@ -147,6 +225,43 @@ impl Conn {
             _ => cmd.query_async(&mut self.clone()).await,
         }
     }
+}
+
+/// Slots `start..=end`, served by the master at `host:port`.
+#[derive(Clone, PartialEq, Eq)]
+pub(super) struct SlotRange {
+    start: i64,
+    end: i64,
+    host: String,
+    port: u16,
+}
+
+/// The slot ranges of a `CLUSTER SLOTS` answer and their masters, in slot order.
+fn slot_masters(answer: Value) -> RedisResult<Vec<SlotRange>> {
+    let unexpected =
+        || RedisError::from((ErrorKind::Client, "an unexpected answer to CLUSTER SLOTS"));
+    let entries: Vec<Vec<Value>> = from_value(answer)?;
+    let mut ranges = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let mut fields = entry.into_iter();
+        let (Some(start), Some(end), Some(master)) = (fields.next(), fields.next(), fields.next())
+        else {
+            return Err(unexpected());
+        };
+        let master: Vec<Value> = from_value(master)?;
+        let mut master = master.into_iter();
+        let (Some(host), Some(port)) = (master.next(), master.next()) else {
+            return Err(unexpected());
+        };
+        ranges.push(SlotRange {
+            start: from_value(start)?,
+            end: from_value(end)?,
+            host: from_value(host)?,
+            port: from_value(port)?,
+        });
+    }
+    ranges.sort_by_key(|range| range.start);
+    Ok(ranges)
 }
 
 /// One server of those [`Conn::masters`] lists.
@@ -163,10 +278,11 @@ fn from_value<T: FromRedisValue>(value: Value) -> RedisResult<T> {
 
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Conn::Single(conn) => conn.req_packed_command(cmd),
-            Conn::Cluster(conn) => conn.req_packed_command(cmd),
-            Conn::Sentinel(master) => {
+        let Conn { kind, events } = self;
+        let call = match kind {
+            Kind::Single(conn) => conn.req_packed_command(cmd),
+            Kind::Cluster(conn, _) => conn.req_packed_command(cmd),
+            Kind::Sentinel(master) => {
                 let master = Arc::clone(master);
                 Box::pin(async move {
                     master
@@ -174,7 +290,8 @@ impl ConnectionLike for Conn {
                         .await
                 })
             }
-        }
+        };
+        Box::pin(events.watch(call))
     }
 
     fn req_packed_commands<'a>(
@@ -183,9 +300,10 @@ impl ConnectionLike for Conn {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Conn::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(conn) => {
+        let Conn { kind, events } = self;
+        let call = match kind {
+            Kind::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Kind::Cluster(conn, _) => {
                 let whole = !pipeline.is_transaction() && offset == 0 && count == pipeline.len();
                 if whole {
                     Box::pin(by_slot(conn.clone(), pipeline))
@@ -193,7 +311,7 @@ impl ConnectionLike for Conn {
                     conn.req_packed_commands(pipeline, offset, count)
                 }
             }
-            Conn::Sentinel(master) => {
+            Kind::Sentinel(master) => {
                 let master = Arc::clone(master);
                 Box::pin(async move {
                     master
@@ -203,14 +321,15 @@ impl ConnectionLike for Conn {
                         .await
                 })
             }
-        }
+        };
+        Box::pin(events.watch(call))
     }
 
     fn get_db(&self) -> i64 {
-        match self {
-            Conn::Single(conn) => conn.get_db(),
-            Conn::Cluster(conn) => conn.get_db(),
-            Conn::Sentinel(_) => 0,
+        match &self.kind {
+            Kind::Single(conn) => conn.get_db(),
+            Kind::Cluster(conn, _) => conn.get_db(),
+            Kind::Sentinel(_) => 0,
         }
     }
 }
@@ -320,6 +439,12 @@ pub(super) struct SentinelMaster {
     current: Mutex<Current>,
     generations: AtomicU64,
     config: AsyncConnectionConfig,
+    /// The Sentinels and the master's name, to hear of failovers from them.
+    pub(super) sentinels: Vec<ConnectionInfo>,
+    pub(super) name: String,
+    /// Whether a task listens for the Sentinels' `+switch-master`.
+    pub(super) watching: AtomicBool,
+    events: Arc<Events>,
 }
 
 #[derive(Default)]
@@ -388,7 +513,18 @@ impl SentinelMaster {
         }
         current.conn = Some((address, conn.clone(), generation));
         current.recheck = false;
+        drop(current);
+        if generation > 1 {
+            // A master that may lack leases this replica holds.
+            self.events.reconnected();
+        }
         Ok((conn, generation))
+    }
+
+    /// The Sentinels announced a new master, or may have while nobody listened: the next
+    /// call asks them which it is.
+    pub(super) fn in_doubt(&self) {
+        self.lock().recheck = true;
     }
 
     fn fresh(&self) -> Option<(MultiplexedConnection, u64)> {

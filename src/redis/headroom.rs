@@ -264,7 +264,7 @@ impl Inner {
                     state.set(lease, to, in_flight, sent + self.ttl / 2);
                     if !created {
                         state.created = true;
-                        self.lock_leases().insert(lease.seq, Arc::clone(lease));
+                        self.hold(lease);
                     }
                     if !state.is_valid(Instant::now()) {
                         // Half a TTL is shorter than the call took: calling again at once

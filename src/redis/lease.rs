@@ -128,8 +128,9 @@ impl RedisReservation {
     /// Whether Redis lost the lease at least once: the server restarted without its data
     /// or was flushed, a failover promoted a replica that lacked it, or this replica could
     /// not renew it for a whole TTL. The work is still running, so this replica registered
-    /// it again, whatever the cap, at the next renewal (or resize): it is counted again
-    /// within one renewal period of the loss.
+    /// it again, whatever the cap, at the next renewal (or resize): at once after a
+    /// reconnection, a failover the replica noticed or a failed renewal that goes through
+    /// again, and within one renewal period of the loss otherwise.
     pub fn is_lost(&self) -> bool {
         match &self.kind {
             Kind::Lease { lease, .. } => lease.lost.load(Relaxed),

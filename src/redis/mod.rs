@@ -13,6 +13,7 @@ mod renew;
 mod reserve;
 mod scripts;
 mod tracker;
+mod watch;
 
 pub use self::lease::RedisReservation;
 pub(crate) use self::queue::Turn;

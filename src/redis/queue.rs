@@ -508,7 +508,7 @@ impl Inner {
                 this.fair.in_use.store(true, Relaxed);
                 this.counters.admitted.fetch_add(1, Relaxed);
                 lease.in_flight.store(in_flight, Relaxed);
-                this.lock_leases().insert(lease.seq, Arc::clone(&lease));
+                this.hold(&lease);
                 Ok(RedisReservation::lease(lease, Arc::clone(this)))
             }
             0 | 2 => {

@@ -74,7 +74,7 @@ pub struct RedisTrackerStats {
     pub unavailable: u64,
     /// Leases Redis had lost while this replica still held them (a restart without the
     /// data, a flush, a failover, or this replica cut off for longer than the TTL), each
-    /// registered again at the next renewal or resize.
+    /// registered again at the next renewal or resize (at once after a reconnection).
     pub lost_leases: u64,
     /// Releases Redis could not be told of; those leases expire after their TTL instead.
     pub failed_releases: u64,
@@ -133,7 +133,16 @@ pub(super) struct Counters {
 /// Reserving is idempotent per lease id, so a reserve that timed out is released by id;
 /// releasing is idempotent; a lease Redis lost while this replica still holds it
 /// (restart, flush, failover, a partition longer than the TTL) is registered again at the
-/// next renewal, whatever the cap (see `RedisReservation::is_lost`). Caps come
+/// next renewal, whatever the cap (see `RedisReservation::is_lost`).
+///
+/// While it holds leases, the tracker does not wait a renewal period to find out that Redis
+/// may have lost some: a failed renewal is retried after a short backoff, a new connection
+/// (a new master, a cluster slot served by another master, a server restarted) is renewed
+/// on at once, the connection is checked between renewals, and behind Sentinels it hears
+/// their `+switch-master`. Holding no lease, it sends nothing between periods. The
+/// [guide](crate::guide::replicas#when-redis-loses-leases) has the window as measured.
+///
+/// Caps come
 /// from this replica's settings (the default and the cap function) and are checked in
 /// Redis against every replica's leases: configure every replica alike.
 ///
@@ -349,7 +358,7 @@ impl Inner {
 
     /// Whether each script call must keep to one hash slot's keys (a Redis Cluster).
     pub(super) fn one_slot_per_call(&self) -> bool {
-        matches!(self.conn, Conn::Cluster(_))
+        self.conn.is_cluster()
     }
 
     pub(super) fn ttl_ms(&self) -> u64 {
@@ -508,8 +517,10 @@ impl RedisTokenTrackerBuilder {
     /// [`tenants_in_flight`](RedisTokenTracker::tenants_in_flight) walks every master.
     ///
     /// Returns at once: the cluster is connected in the background, and the slot map is
-    /// refreshed when the cluster answers `MOVED` (a failover or a resharding). Must be
-    /// called within a tokio runtime.
+    /// refreshed when the cluster answers `MOVED` (a failover or a resharding). While it
+    /// holds leases, the tracker also checks between renewals which master serves each
+    /// slot, and renews at once when one moved, registering again the leases a promoted
+    /// replica lacked. Must be called within a tokio runtime.
     ///
     /// # Errors
     ///
@@ -533,11 +544,13 @@ impl RedisTokenTrackerBuilder {
     ///
     /// The master is looked up on first use, by asking the Sentinels in turn (and checking
     /// that the server named is a master), and looked up again after a connection error, a
-    /// `READONLY` answer (the server was demoted), or a call that ran out of
-    /// [`call_timeout`](Self::call_timeout): after a failover the tracker follows the
-    /// promoted replica, and leases the promoted replica lacked are registered again at the
-    /// next renewal (see [`RedisReservation::is_lost`]). Until the Sentinels have promoted
-    /// a replica, calls fail and the failure policy answers.
+    /// `READONLY` answer (the server was demoted), a call that ran out of
+    /// [`call_timeout`](Self::call_timeout), or, while leases are held, a Sentinel's
+    /// `+switch-master` announcing a new master (the tracker subscribes to every Sentinel
+    /// then): after a failover the tracker follows the promoted replica, and registers
+    /// again at once the leases the promoted replica lacked (see
+    /// [`RedisReservation::is_lost`]). Until the Sentinels have promoted a replica, calls
+    /// fail and the failure policy answers.
     ///
     /// The master is reached without credentials, on database 0. Must be called within a
     /// tokio runtime.
@@ -603,6 +616,7 @@ impl RedisTokenTrackerBuilder {
         runtime.spawn(renew::renew_forever(
             Arc::downgrade(&inner),
             self.renew_every,
+            Arc::clone(&inner.conn.events),
         ));
         RedisTokenTracker { inner }
     }
