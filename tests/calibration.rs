@@ -89,8 +89,11 @@ async fn estimate(
     (CAP - remaining - MAX_TOKENS, reported)
 }
 
+/// Makes the `i`th prompt of a kind.
+type Prompt = fn(usize) -> String;
+
 /// Prompts of five kinds, `i` telling them apart.
-fn kinds() -> [(&'static str, fn(usize) -> String); 5] {
+fn kinds() -> [(&'static str, Prompt); 5] {
     [
         ("english", |i| {
             let words = [
