@@ -99,20 +99,16 @@ impl Entry {
     }
 
     /// Adds `tokens` to `in_flight` whatever the cap, and counts one more live reservation
-    /// (under the shard's read lock, as [`admit`](Self::admit)). Returns the tokens added:
-    /// fewer only where the counter would pass `u64::MAX`.
+    /// (under the shard's read lock, as [`admit`](Self::admit)), and an overcommit if that
+    /// leaves it over the cap. Returns the tokens added: fewer only where the counter would
+    /// pass `u64::MAX`.
     pub(crate) fn admit_unchecked(&self, tokens: u64) -> u64 {
         self.live.fetch_add(1, Relaxed);
-        let (added, over) = self.grow(tokens);
-        if over {
-            self.count_overcommit();
+        let (added, _, now) = self.add(tokens);
+        if added > 0 && now > self.cap.load(Relaxed) {
+            self.overcommits.fetch_add(1, Relaxed);
         }
         added
-    }
-
-    /// Counts one more reservation that took `in_flight` past the cap.
-    pub(crate) fn count_overcommit(&self) {
-        self.overcommits.fetch_add(1, Relaxed);
     }
 
     /// Marks the entry as seen again after its first request.
@@ -122,10 +118,22 @@ impl Entry {
         }
     }
 
-    /// Grows `in_flight` by up to `delta` without a cap check and returns how much it grew
-    /// (less than `delta` only when the counter would pass `u64::MAX`), and whether it is
-    /// now past the cap.
-    pub(crate) fn grow(&self, delta: u64) -> (u64, bool) {
+    /// Grows `in_flight` by up to `delta` without a cap check and returns how much it grew:
+    /// less than `delta` only when the counter would pass `u64::MAX`. Growth that takes
+    /// `in_flight` from within the cap to above it counts an overcommit; growing further
+    /// while above does not, so a stream that keeps growing past the cap counts once.
+    pub(crate) fn grow(&self, delta: u64) -> u64 {
+        let (added, previous, now) = self.add(delta);
+        let cap = self.cap.load(Relaxed);
+        if previous <= cap && now > cap {
+            self.overcommits.fetch_add(1, Relaxed);
+        }
+        added
+    }
+
+    /// Adds up to `delta` to `in_flight`, saturating; returns what was added, and
+    /// `in_flight` before and after.
+    fn add(&self, delta: u64) -> (u64, u64, u64) {
         let previous = self
             .in_flight
             .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_add(delta)))
@@ -133,7 +141,7 @@ impl Entry {
         let added = delta.min(u64::MAX - previous);
         let now = previous + added;
         self.raise_high_water(now);
-        (added, added > 0 && now > self.cap.load(Relaxed))
+        (added, previous, now)
     }
 
     /// Grows `in_flight` by `delta` only if the total stays within the cap.

@@ -29,17 +29,11 @@ use crate::Error;
 pub struct TokenReservation {
     entry: Arc<Entry>,
     tokens: u64,
-    /// A resize has taken the tenant past its cap: counted once per reservation.
-    overcommitted: bool,
 }
 
 impl TokenReservation {
     pub(crate) fn new(entry: Arc<Entry>, tokens: u64) -> Self {
-        Self {
-            entry,
-            tokens,
-            overcommitted: false,
-        }
+        Self { entry, tokens }
     }
 
     /// The tenant this reservation is charged to.
@@ -70,12 +64,7 @@ impl TokenReservation {
     /// that bound cut the growth short.
     pub fn resize(&mut self, tokens: u64) -> u64 {
         if tokens > self.tokens {
-            let (added, over) = self.entry.grow(tokens - self.tokens);
-            self.tokens += added;
-            if over && !self.overcommitted {
-                self.overcommitted = true;
-                self.entry.count_overcommit();
-            }
+            self.tokens += self.entry.grow(tokens - self.tokens);
         } else if tokens < self.tokens {
             self.entry.shrink(self.tokens - tokens);
             self.tokens = tokens;

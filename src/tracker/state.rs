@@ -16,10 +16,11 @@ pub struct TenantTokenState {
     pub cap: u64,
     /// How many reservations are alive.
     pub reservations: u64,
-    /// How many reservations took `in_flight` above `cap`: admitted work that grew past it
-    /// ([`resize`](crate::TokenReservation::resize)), or work admitted whatever the cap
-    /// (shadow mode). Such growth is allowed (the work is already running) and counted
-    /// here so that it is never invisible; a reservation counts once, however many times
-    /// it grows (a stream growing as it goes is one).
+    /// How many times admitted work took `in_flight` above `cap`: growth of a running
+    /// request ([`resize`](crate::TokenReservation::resize)) that crossed it, or a request
+    /// admitted over it (shadow mode). Such work is allowed (it is already running) and
+    /// counted here so that it is never invisible. Growth while already above the cap does
+    /// not count again: a stream that keeps growing past the cap counts once, not once a
+    /// chunk.
     pub overcommits: u64,
 }
