@@ -5,8 +5,8 @@
 //! [`TenantTokenTracker::snapshot`](crate::TenantTokenTracker::snapshot) lists every
 //! tracked tenant with its [`TenantTokenState`](crate::TenantTokenState): tokens in flight,
 //! the high-water mark, the cap, live reservations, and `overcommits` (how many
-//! requests grew the tenant past its cap as they ran: one per request, however often it
-//! grew). [`in_flight`](crate::TenantTokenTracker::in_flight)
+//! times running work grew the tenant from within its cap to above it: a stream that
+//! keeps growing past it counts once). [`in_flight`](crate::TenantTokenTracker::in_flight)
 //! and [`tenant_state`](crate::TenantTokenTracker::tenant_state) ask about one tenant. The
 //! `gateway` example serves the snapshot at `/admin/tenants`.
 //!
