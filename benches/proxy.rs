@@ -57,6 +57,8 @@
 
 #[path = "../examples/gateway/proxy.rs"]
 mod proxy;
+#[path = "common/steal.rs"]
+mod steal;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -78,6 +80,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use steal::CpuTimes;
 use tokio::net::TcpListener;
 use tower_tenant_tokens::{
     AdaptiveOutput, OpenAiEstimator, PromptCalibration, TenantTokenLayer, TenantTokenTracker,
@@ -639,33 +642,6 @@ fn criterion_benches(c: &mut Criterion, bench: &Arc<Bench>) {
             });
         }
         group.finish();
-    }
-}
-
-/// The machine's CPU time so far, all of it and the part its hypervisor gave to others
-/// (`/proc/stat`'s steal), where Linux tells.
-struct CpuTimes(Option<(u64, u64)>);
-
-impl CpuTimes {
-    fn now() -> Self {
-        let stat = std::fs::read_to_string("/proc/stat").ok();
-        let ticks: Option<Vec<u64>> = stat.as_deref().and_then(|stat| {
-            let line = stat.lines().next()?;
-            let fields = line.split_whitespace().skip(1).take(8);
-            Some(fields.filter_map(|field| field.parse().ok()).collect())
-        });
-        CpuTimes(
-            ticks
-                .filter(|ticks| ticks.len() == 8)
-                .map(|ticks| (ticks.iter().sum(), ticks[7])),
-        )
-    }
-
-    /// The share stolen since `self`.
-    fn stolen(&self) -> Option<f64> {
-        let ((total, steal), (total_now, steal_now)) = (self.0?, CpuTimes::now().0?);
-        let elapsed = total_now.checked_sub(total).filter(|&ticks| ticks > 0)?;
-        Some(steal_now.saturating_sub(steal) as f64 / elapsed as f64)
     }
 }
 

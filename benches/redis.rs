@@ -46,6 +46,8 @@
 #[path = "../tests/common/redis_server.rs"]
 #[allow(dead_code)] // the tests' helper; the bench needs only part of it
 mod redis_server;
+#[path = "common/steal.rs"]
+mod steal;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -57,6 +59,7 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Empty};
 use redis::aio::ConnectionManager;
 use redis_server::RedisServer;
+use steal::CpuTimes;
 use tower::{Layer, Service, ServiceExt};
 use tower_tenant_tokens::redis::RedisTokenTracker;
 use tower_tenant_tokens::{RequestBody, TenantTokenLayer};
@@ -510,33 +513,6 @@ async fn run(redis: &RedisServer, secs: u64) {
             stats.unavailable,
             stats.failed_releases
         );
-    }
-}
-
-/// The machine's CPU time so far, all of it and the part its hypervisor gave to others
-/// (`/proc/stat`'s steal), where Linux tells.
-struct CpuTimes(Option<(u64, u64)>);
-
-impl CpuTimes {
-    fn now() -> Self {
-        let stat = std::fs::read_to_string("/proc/stat").ok();
-        let line = stat.as_deref().and_then(|stat| stat.lines().next());
-        let ticks: Option<Vec<u64>> = line.map(|line| {
-            let fields = line.split_whitespace().skip(1).take(8);
-            fields.filter_map(|field| field.parse().ok()).collect()
-        });
-        CpuTimes(
-            ticks
-                .filter(|ticks| ticks.len() == 8)
-                .map(|ticks| (ticks.iter().sum(), ticks[7])),
-        )
-    }
-
-    /// The share stolen since `self`.
-    fn stolen(&self) -> Option<f64> {
-        let ((total, steal), (total_now, steal_now)) = (self.0?, CpuTimes::now().0?);
-        let elapsed = total_now.checked_sub(total).filter(|&ticks| ticks > 0)?;
-        Some(steal_now.saturating_sub(steal) as f64 / elapsed as f64)
     }
 }
 
