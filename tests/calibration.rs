@@ -40,22 +40,33 @@ fn tokens(messages: &[Value]) -> u64 {
     total.round() as u64
 }
 
-async fn app(layer: TenantTokenLayer) -> TestServer {
-    let upstream = post(|body: Bytes| async move {
-        let request: Value = serde_json::from_slice(&body).unwrap();
-        let prompt = tokens(request["messages"].as_array().unwrap());
-        axum::Json(json!({
-            "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
-                "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": prompt, "completion_tokens": 1,
-                "total_tokens": prompt + 1},
-        }))
+/// An upstream behind `layer` whose answers report the prompt tokens `count` finds in the
+/// request body.
+async fn app<F>(layer: TenantTokenLayer, count: F) -> TestServer
+where
+    F: Fn(&Value) -> u64 + Clone + Send + Sync + 'static,
+{
+    let upstream = post(move |body: Bytes| {
+        let prompt = count(&serde_json::from_slice(&body).unwrap());
+        async move {
+            axum::Json(json!({
+                "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                    "finish_reason": "length"}],
+                "usage": {"prompt_tokens": prompt, "completion_tokens": 1,
+                    "total_tokens": prompt + 1},
+            }))
+        }
     });
     let app = Router::new()
         .route("/v1/chat/completions", upstream)
         .layer(layer.openai_ratelimit_headers(true));
     serve(app).await
+}
+
+/// The upstream's tokenizer, over a request body.
+fn count(request: &Value) -> u64 {
+    tokens(request["messages"].as_array().unwrap())
 }
 
 fn layer(tracker: &Arc<TenantTokenTracker>) -> TenantTokenLayer {
@@ -141,7 +152,11 @@ fn kinds() -> [(&'static str, Prompt); 5] {
 async fn each_kind_of_prompt_is_estimated_within_a_quarter_after_ten_requests() {
     let tracker = Arc::new(TenantTokenTracker::new(CAP));
     let calibration = Arc::new(PromptCalibration::new());
-    let server = app(layer(&tracker).calibrate_prompts(calibration.clone())).await;
+    let server = app(
+        layer(&tracker).calibrate_prompts(calibration.clone()),
+        count,
+    )
+    .await;
     let client = client();
     let mut request = 0;
     for (kind, prompt) in kinds() {
@@ -169,7 +184,7 @@ async fn each_kind_of_prompt_is_estimated_within_a_quarter_after_ten_requests() 
 #[tokio::test]
 async fn without_calibration_the_estimate_is_the_byte_rule() {
     let tracker = Arc::new(TenantTokenTracker::new(CAP));
-    let server = app(layer(&tracker).read_usage(true)).await;
+    let server = app(layer(&tracker).read_usage(true), count).await;
     let client = client();
     let digits = "1234567890".repeat(20);
     for i in 0..10 {
@@ -202,30 +217,11 @@ async fn recorded_prompts_of_a_real_model_are_estimated_within_a_quarter_after_t
         })
         .collect();
     // The upstream answers what the real one reported for the same body.
-    let upstream = post(move |body: Bytes| {
-        let body: Value = serde_json::from_slice(&body).unwrap();
-        let prompt = counted[&body.to_string()];
-        async move {
-            axum::Json(json!({
-                "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
-                    "finish_reason": "length"}],
-                "usage": {"prompt_tokens": prompt, "completion_tokens": 1,
-                    "total_tokens": prompt + 1},
-            }))
-        }
-    });
     let tracker = Arc::new(TenantTokenTracker::new(CAP));
     let calibration = Arc::new(PromptCalibration::new());
-    let layer = layer(&tracker)
-        .calibrate_prompts(calibration)
-        .openai_ratelimit_headers(true);
-    let server = serve(
-        Router::new()
-            .route("/v1/chat/completions", upstream)
-            .layer(layer),
-    )
-    .await;
+    let layer = layer(&tracker).calibrate_prompts(calibration);
+    let counted = Arc::new(counted);
+    let server = app(layer, move |body: &Value| counted[&body.to_string()]).await;
     let client = client();
     let send = |tenant: String, body: &Value| {
         let request = Request::post(server.url("/v1/chat/completions"))
