@@ -107,8 +107,6 @@ pub(crate) struct Call<S> {
     learn: Option<Learn>,
     /// The layer asked the request for its stream's usage.
     asked: bool,
-    /// What the estimator found in the body, until the response's reader takes it.
-    estimated: Option<Estimated>,
 }
 
 impl<S> Call<S> {
@@ -120,7 +118,6 @@ impl<S> Call<S> {
             prompt: 0,
             learn: None,
             asked: false,
-            estimated: None,
         }
     }
 
@@ -184,7 +181,6 @@ impl<S> Call<S> {
             prompt,
             learn,
             asked,
-            estimated: _,
         } = self;
         if let Some(handle) = guard.handle() {
             parts.extensions.insert(handle);
@@ -355,7 +351,7 @@ where
                         let model = config.wants_model() || config.ask_usage;
                         estimate.estimate_learning(&call.parts, &bytes, model, &learned)
                     });
-                    let admission = match estimated {
+                    let (admission, estimated) = match estimated {
                         Ok(estimated) => {
                             call.prompt = estimated.prompt;
                             let model = estimated.model.as_deref();
@@ -369,17 +365,15 @@ where
                                 ),
                                 false => estimated.tokens,
                             };
-                            let admission = config.admit(&tenant, tokens, keys, class);
-                            call.estimated = Some(estimated);
-                            admission
+                            (config.admit(&tenant, tokens, keys, class), Some(estimated))
                         }
-                        Err(error) => Step::Now(Err(error)),
+                        Err(error) => (Step::Now(Err(error)), None),
                     };
                     let bytes = match config.ask_usage {
                         true => call.ask_usage(bytes),
                         false => bytes,
                     };
-                    if let Some(estimated) = call.estimated.take() {
+                    if let Some(estimated) = estimated {
                         call.learn = learn(&call.config, &tenant, estimated, call.asked);
                     }
                     call.decide(RequestBody::buffered(bytes), admission)
