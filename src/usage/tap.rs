@@ -219,19 +219,17 @@ impl Tap {
             return;
         };
         let complete = self.ended || self.lines.as_ref().is_some_and(|lines| lines.complete);
-        let reported = self.usage.reported;
-        if let Some(learn) = self.learn.take() {
-            self.teach(&learn, complete, &guard);
-            if complete && self.asked && reported.total().is_none() {
-                warn_usage_missing(&learn.model);
-            }
+        let learn = self.learn.take();
+        if let Some(learn) = &learn {
+            self.teach(learn, complete, &guard);
         }
-        match reported.total() {
+        match self.usage.reported.total() {
             Some(total) => {
                 guard.resize(total);
             }
             None if complete && self.lines.is_some() => {
                 if self.asked {
+                    warn_usage_missing(learn.as_ref().map_or("", |learn| &learn.model));
                     guard.tell(Told::UsageMissing);
                 }
                 guard.resize(self.produced());
