@@ -24,7 +24,7 @@ use axum::routing::post;
 use axum::Router;
 use common::*;
 use http::StatusCode;
-use tower_tenant_tokens::redis::{RedisTokenTracker, RedisTokenTrackerBuilder};
+use tower_tenant_tokens::redis::{RedisReservation, RedisTokenTracker, RedisTokenTrackerBuilder};
 use tower_tenant_tokens::{Error, SharedBudget, TenantTokenLayer};
 
 // ---------------------------------------------------------------------------------------
@@ -1068,6 +1068,19 @@ impl Sentinelled {
 /// Whether a client other than the Sentinels, the link to a master and the `redis-cli`
 /// asking is connected to
 /// the server on `port`: the tracker, once it found its way there.
+/// When `reservation`'s lease, which Redis lost, is registered again (within 30 s).
+async fn registered_again(reservation: &RedisReservation) -> Instant {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !reservation.is_lost() {
+        assert!(
+            Instant::now() < deadline,
+            "the lost lease was never registered again"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Instant::now()
+}
+
 fn tracker_connected(port: u16) -> bool {
     cli(port, &["CLIENT", "LIST"]).lines().any(|client| {
         client.contains(" flags=N ")
@@ -1156,15 +1169,7 @@ async fn sentinel_failover_with_default_leases(test: &str, requests: bool) -> Op
         );
         Instant::now()
     });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !stream.is_lost() {
-        assert!(
-            Instant::now() < deadline,
-            "the lost lease was never registered again"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let registered = Instant::now();
+    let registered = registered_again(&stream).await;
     named.await.unwrap();
     let (promoted, connected) = (announced.await.unwrap(), connected.await.unwrap());
     let after = |at: Instant| {
@@ -1340,15 +1345,7 @@ async fn with_default_leases_a_cluster_failover_counts_the_stream_again_within_m
             Instant::now()
         }
     });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !stream.is_lost() {
-        assert!(
-            Instant::now() < deadline,
-            "the lost lease was never registered again"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let registered = Instant::now();
+    let registered = registered_again(&stream).await;
     let promoted = promoted.await.unwrap();
     // How long the cluster takes to promote the replica is its own affair (the node
     // timeout, then an election); the tracker's part is what follows.
