@@ -958,20 +958,7 @@ async fn a_sentinel_failover_is_followed_and_lost_leases_are_registered_again() 
     // The master dies; the Sentinel promotes the replica; the tracker follows.
     let killed = Instant::now();
     redis.master_process.kill();
-    let promoted = tokio::task::spawn_blocking({
-        let (sentinel, replica) = (redis.sentinel, redis.replica);
-        move || {
-            let probe = Sentinelled::probe(sentinel);
-            wait_for(
-                "the sentinel to promote the replica",
-                Duration::from_secs(20),
-                || probe() == Some(replica),
-            );
-            Instant::now()
-        }
-    })
-    .await
-    .unwrap();
+    let promoted = promotion(&redis).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while tracker.stats().lost_leases == 0 || !lagged_stream.is_lost() {
         assert!(
@@ -1068,6 +1055,21 @@ impl Sentinelled {
 /// Whether a client other than the Sentinels, the link to a master and the `redis-cli`
 /// asking is connected to
 /// the server on `port`: the tracker, once it found its way there.
+/// When the Sentinel names `redis`'s replica as the master (within 20 s), on a blocking
+/// task of its own.
+fn promotion(redis: &Sentinelled) -> tokio::task::JoinHandle<Instant> {
+    let (sentinel, replica) = (redis.sentinel, redis.replica);
+    tokio::task::spawn_blocking(move || {
+        let probe = Sentinelled::probe(sentinel);
+        wait_for(
+            "the sentinel to promote the replica",
+            Duration::from_secs(20),
+            || probe() == Some(replica),
+        );
+        Instant::now()
+    })
+}
+
 /// When `reservation`'s lease, which Redis lost, is registered again (within 30 s).
 async fn registered_again(reservation: &RedisReservation) -> Instant {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -1151,16 +1153,8 @@ async fn sentinel_failover_with_default_leases(test: &str, requests: bool) -> Op
         })
     };
     redis.master_process.kill();
-    let (sentinel, replica) = (redis.sentinel, redis.replica);
-    let named = tokio::task::spawn_blocking(move || {
-        let probe = Sentinelled::probe(sentinel);
-        wait_for(
-            "the sentinel to promote the replica",
-            Duration::from_secs(20),
-            || probe() == Some(replica),
-        );
-        Instant::now()
-    });
+    let replica = redis.replica;
+    let named = promotion(&redis);
     let connected = tokio::task::spawn_blocking(move || {
         wait_for(
             "the tracker to connect to the new master",
