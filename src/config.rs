@@ -8,8 +8,8 @@ use http::Response;
 
 use crate::admit::Options;
 use crate::extract::{Estimator, MissingEstimate, MissingTenant, TenantSource};
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
-use crate::reservation::Ledger;
 use crate::Rejection;
 
 pub(crate) type RejectFn = dyn Fn(&Rejection) -> Response<Bytes> + Send + Sync;
@@ -37,9 +37,9 @@ pub(crate) struct Config {
     /// Whether streamed requests are asked for their usage (`ask_stream_usage`).
     pub(crate) ask_usage: bool,
     /// Learned output allowances, for requests without an output limit.
-    pub(crate) adaptive: Option<Arc<crate::usage::Adaptive>>,
+    pub(crate) adaptive: Option<Arc<crate::openai::Adaptive>>,
     /// Prompt estimates calibrated per model.
-    pub(crate) calibration: Option<Arc<crate::usage::Calibration>>,
+    pub(crate) calibration: Option<Arc<crate::openai::Calibration>>,
     /// The `Retry-After` of a 429 when it is not derived from hold times.
     pub(crate) retry_after: Duration,
     /// Builds refusal responses instead of the default JSON.
@@ -88,9 +88,9 @@ impl Config {
     }
 
     /// What the estimate of a request by `tenant` uses of what the layer has learned.
-    pub(crate) fn learned<'a>(&'a self, tenant: &'a str) -> crate::usage::Learned<'a> {
+    pub(crate) fn learned<'a>(&'a self, tenant: &'a str) -> crate::openai::Learned<'a> {
         let output = self.adaptive.as_deref();
-        crate::usage::Learned::new(output, self.calibration.as_deref(), tenant)
+        crate::openai::Learned::new(output, self.calibration.as_deref(), tenant)
     }
 
     /// The rarely used options, created on first use.

@@ -15,13 +15,14 @@ use tower_service::Service;
 use crate::admit::priority::Priority;
 use crate::admit::Admission;
 use crate::config::{Config, LimitHeaders};
-use crate::extract::{BodyEstimate, Estimated};
+use crate::extract::BodyEstimate;
 use crate::headers::{
     limit_field, policy_field, RATELIMIT, RATELIMIT_POLICY, X_RATELIMIT_LIMIT_TOKENS,
     X_RATELIMIT_REMAINING_TOKENS,
 };
-use crate::reservation::{Guard, Pending, Step};
-use crate::usage::{Learn, Tap};
+use crate::openai::{Learn, Tap};
+use crate::reservation::Guard;
+use crate::step::{Pending, Step};
 use crate::{BoxError, Error, RequestBody, ResponseBody};
 
 pin_project! {
@@ -125,7 +126,7 @@ impl<S> Call<S> {
     /// did not say (with its `Content-Length` made to match), else `body`.
     #[cold]
     fn ask_usage(&mut self, body: Bytes) -> Bytes {
-        let Some(asked) = crate::usage::ask(&body) else {
+        let Some(asked) = crate::openai::ask(&body) else {
             return body;
         };
         if self
@@ -374,7 +375,11 @@ where
                         false => bytes,
                     };
                     if let Some(estimated) = estimated {
-                        call.learn = learn(&call.config, &tenant, estimated, call.asked);
+                        let config = &call.config;
+                        let (adaptive, calibration) =
+                            (config.adaptive.as_ref(), config.calibration.as_ref());
+                        call.learn =
+                            Learn::new(adaptive, calibration, &tenant, estimated, call.asked);
                     }
                     call.decide(RequestBody::buffered(bytes), admission)
                 }
@@ -396,33 +401,6 @@ where
             state.set(next);
         }
     }
-}
-
-/// What the response of a request by `tenant`, `estimated` so, teaches: its output (a
-/// request without an output limit, or any with `cap_explicit_limits`, on a layer that
-/// learns allowances), its prompt's size (a layer that calibrates prompts), and whether
-/// a stream `asked` for its usage reported it. `None` when there is nothing to learn.
-#[cfg(feature = "openai")]
-fn learn(config: &Config, tenant: &str, estimated: Estimated, asked: bool) -> Option<Learn> {
-    let output = config
-        .adaptive
-        .as_ref()
-        .filter(|adaptive| estimated.unlimited || adaptive.caps_explicit_limits());
-    let output = output.map(|table| (Arc::clone(table), tenant.to_owned()));
-    let prompt = config.calibration.clone().zip(estimated.features);
-    if output.is_none() && prompt.is_none() && !asked {
-        return None;
-    }
-    Some(Learn {
-        model: estimated.model.unwrap_or_default(),
-        output,
-        prompt,
-    })
-}
-
-#[cfg(not(feature = "openai"))]
-fn learn(_config: &Config, _tenant: &str, _estimated: Estimated, _asked: bool) -> Option<Learn> {
-    None
 }
 
 /// The response of a call whose usage is read: its body read by `tap`, unless it is one

@@ -12,7 +12,7 @@ use tower_layer::Layer;
 use crate::admit::queue::Queue;
 use crate::config::Config;
 use crate::extract::{Estimator, MissingEstimate, MissingTenant, TenantSource};
-use crate::reservation::Ledger;
+use crate::ledger::Ledger;
 use crate::{Rejection, ShadowMode, SharedBudget, TenantTokenService, TenantTokenTracker};
 
 /// Caps the tokens each tenant has in flight, in front of any HTTP service.
@@ -55,19 +55,7 @@ impl TenantTokenLayer {
 
     /// A layer counting against `tracker`, with the defaults above.
     pub fn new(tracker: Arc<TenantTokenTracker>) -> Self {
-        Self::with_ledger(Ledger::Local(tracker))
-    }
-
-    /// A layer counting against `tracker`, in Redis, shared with every replica; with the
-    /// same defaults and settings as [`new`](Self::new).
-    ///
-    /// Each metered request waits for one round trip to Redis before the inner service is
-    /// called. Refusals are the same as in memory, plus `503` with `Retry-After` when Redis
-    /// cannot be asked and the tracker's [`FailurePolicy`](crate::redis::FailurePolicy) is to fail
-    /// closed.
-    #[cfg(feature = "redis")]
-    pub fn redis(tracker: crate::redis::RedisTokenTracker) -> Self {
-        Self::with_ledger(Ledger::Redis(tracker))
+        Self::with_ledger(Ledger::from(tracker))
     }
 
     fn with_ledger(ledger: Ledger) -> Self {
@@ -79,20 +67,7 @@ impl TenantTokenLayer {
     /// The in-memory tracker this layer counts against; `None` for a layer counting in
     /// Redis.
     pub fn tracker(&self) -> Option<&Arc<TenantTokenTracker>> {
-        match &self.config.ledger {
-            Ledger::Local(tracker) => Some(tracker),
-            #[cfg(feature = "redis")]
-            Ledger::Redis(_) => None,
-        }
-    }
-
-    /// The Redis tracker this layer counts against; `None` for a layer counting in memory.
-    #[cfg(feature = "redis")]
-    pub fn redis_tracker(&self) -> Option<&crate::redis::RedisTokenTracker> {
-        match &self.config.ledger {
-            Ledger::Local(_) => None,
-            Ledger::Redis(tracker) => Some(tracker),
-        }
+        self.config.ledger.local()
     }
 
     /// Takes the tenant from header `name` (see [`TenantSource::header`]).
@@ -185,108 +160,6 @@ impl TenantTokenLayer {
     /// every guarantee are the same either way.
     pub fn reservation_handle(self, enabled: bool) -> Self {
         self.with(|config| config.reservation_handle = enabled)
-    }
-
-    /// Whether the layer reads the usage the upstream reports in each admitted response
-    /// (default: no), keeping the reservation true to what the response costs:
-    ///
-    /// - as the body streams, the reservation grows whenever what the response has
-    ///   produced (the prompt plus the output so far: reported usage where the stream
-    ///   carries it, else the decoded text of its deltas at 4 bytes a token) passes what
-    ///   it holds. Admitted work is never refused; growth past the cap is allowed and
-    ///   shows in [`TenantTokenState::overcommits`](crate::TenantTokenState::overcommits).
-    ///   So what is in flight never falls below what has been produced;
-    /// - when the response ends (or the client goes away, or the body fails) after the
-    ///   upstream reported usage, the reservation is resized to the reported total just
-    ///   before it is released, so the release (and the `metrics` usage ratio) is exact.
-    ///
-    /// It reads JSON answers and server-sent event streams that are not compressed, in the
-    /// formats of OpenAI's Chat Completions (`usage`, and the final chunk a stream carries
-    /// with `stream_options.include_usage`), OpenAI's Responses API (`usage`, the
-    /// `response.completed` event) and Anthropic's Messages API (`message_start` and
-    /// `message_delta` usage). Every byte passes through unchanged (unless
-    /// [`ask_stream_usage`](Self::ask_stream_usage) is on); usage that is garbage
-    /// or missing is ignored, never an error to the client. What it keeps per response is
-    /// bounded: a usage object of up to 4 KiB, and the unfinished tail of one
-    /// server-sent event line of up to 64 KiB (a longer line is not counted). With an
-    /// [`OpenAiEstimator`](crate::OpenAiEstimator), the estimate's prompt part is the
-    /// prompt above until usage says otherwise; with other estimators the prompt counts
-    /// as 0, so live growth starts when the output alone passes the estimate.
-    ///
-    /// Off, the layer does not look at response bodies at all.
-    #[cfg(feature = "openai")]
-    pub fn read_usage(self, enabled: bool) -> Self {
-        self.with(|config| config.read_usage = enabled)
-    }
-
-    /// Whether the layer asks streamed chat completions for their usage (default: no);
-    /// turns [`read_usage`](Self::read_usage) on.
-    ///
-    /// A streamed request (`"stream": true`) whose body the layer reads (an
-    /// [`OpenAiEstimator`](crate::OpenAiEstimator)) and that did not say whether it wants
-    /// usage (no `stream_options.include_usage`) is forwarded with
-    /// `"stream_options":{"include_usage":true}` added (and its `Content-Length` made to
-    /// match), so the upstream reports the stream's usage and the reservation settles on
-    /// it, as LiteLLM does. What that adds to the answer, the `"usage":null` member of
-    /// each chunk and the last chunk carrying the usage, is taken out of the stream before
-    /// it reaches the client, which receives the stream it would have received without
-    /// the option (its `Content-Length`, if any, is dropped: the stream is shorter).
-    /// A request that chose for itself, either way, is forwarded as it came, and its
-    /// stream passes unchanged.
-    ///
-    /// Use it in front of upstreams that speak OpenAI's Chat Completions (those that
-    /// reject unknown fields would refuse `stream_options`), on the Chat Completions and
-    /// Completions routes only: the Responses API and Anthropic's Messages API refuse the
-    /// field, so give their routes a clone of the layer with this off (clones share the
-    /// tracker and everything learned). An upstream that ignores the option is counted on
-    /// the text its streams carry, and logged once per model. Streams are passed on a whole
-    /// line at a time: a line split across frames waits for its end (up to 64 KiB; a
-    /// longer line passes unchanged as it comes).
-    #[cfg(feature = "openai")]
-    pub fn ask_stream_usage(self, enabled: bool) -> Self {
-        self.with(|config| {
-            config.ask_usage = enabled;
-            config.read_usage |= enabled;
-        })
-    }
-
-    /// Learns the output allowance of requests that set no `max_tokens`-like limit from
-    /// what such requests produced, per tenant and model, in `learned` (see
-    /// [`AdaptiveOutput`](crate::AdaptiveOutput)); turns
-    /// [`read_usage`](Self::read_usage) on, which measures the outputs.
-    ///
-    /// Only an [`OpenAiEstimator`](crate::OpenAiEstimator)'s estimates use it: for a
-    /// request without an output limit, the allowance is the learned one for its tenant
-    /// and model once enough outputs are known, the estimator's
-    /// [`default_output_tokens`](crate::OpenAiEstimator::default_output_tokens) until then.
-    /// A response that ends normally is learned from; one cut short (an error, a client
-    /// gone) is not. Keep `learned` to show what it learned
-    /// ([`snapshot`](crate::AdaptiveOutput::snapshot)); one table may serve several layers.
-    #[cfg(feature = "openai")]
-    pub fn adaptive_output(self, learned: Arc<crate::AdaptiveOutput>) -> Self {
-        self.with(|config| {
-            config.read_usage = true;
-            config.adaptive = Some(learned);
-        })
-    }
-
-    /// Calibrates prompt estimates per model from the prompt tokens upstreams report, in
-    /// `calibration` (see [`PromptCalibration`](crate::PromptCalibration)); turns
-    /// [`read_usage`](Self::read_usage) on, which reads the reports.
-    ///
-    /// Only an [`OpenAiEstimator`](crate::OpenAiEstimator)'s estimates use it: once a
-    /// model has reported a few prompts, a request to it reserves the prompt its text is
-    /// predicted to take there rather than its bytes divided by
-    /// [`bytes_per_token`](crate::OpenAiEstimator::bytes_per_token). Every response that
-    /// reports its prompt tokens is learned from, cut short or not. Keep `calibration` to
-    /// show what it learned ([`snapshot`](crate::PromptCalibration::snapshot)); one table
-    /// may serve several layers. Off by default.
-    #[cfg(feature = "openai")]
-    pub fn calibrate_prompts(self, calibration: Arc<crate::PromptCalibration>) -> Self {
-        self.with(|config| {
-            config.read_usage = true;
-            config.calibration = Some(calibration);
-        })
     }
 
     /// Whether admitted responses carry `x-ratelimit-limit-tokens` (the tenant's cap) and
@@ -405,10 +278,140 @@ impl TenantTokenLayer {
         })
     }
 
+    fn with(mut self, change: impl FnOnce(&mut Config)) -> Self {
+        change(Arc::make_mut(&mut self.config));
+        self
+    }
+}
+
+#[cfg(feature = "redis")]
+impl TenantTokenLayer {
+    /// A layer counting against `tracker`, in Redis, shared with every replica; with the
+    /// same defaults and settings as [`new`](Self::new).
+    ///
+    /// Each metered request waits for one round trip to Redis before the inner service is
+    /// called. Refusals are the same as in memory, plus `503` with `Retry-After` when Redis
+    /// cannot be asked and the tracker's [`FailurePolicy`](crate::redis::FailurePolicy) is to fail
+    /// closed.
+    pub fn redis(tracker: crate::redis::RedisTokenTracker) -> Self {
+        Self::with_ledger(Ledger::from(tracker))
+    }
+
+    /// The Redis tracker this layer counts against; `None` for a layer counting in memory.
+    pub fn redis_tracker(&self) -> Option<&crate::redis::RedisTokenTracker> {
+        match &self.config.ledger {
+            Ledger::Local(_) => None,
+            Ledger::Redis(tracker) => Some(tracker),
+        }
+    }
+}
+
+#[cfg(feature = "openai")]
+impl TenantTokenLayer {
+    /// Whether the layer reads the usage the upstream reports in each admitted response
+    /// (default: no), keeping the reservation true to what the response costs:
+    ///
+    /// - as the body streams, the reservation grows whenever what the response has
+    ///   produced (the prompt plus the output so far: reported usage where the stream
+    ///   carries it, else the decoded text of its deltas at 4 bytes a token) passes what
+    ///   it holds. Admitted work is never refused; growth past the cap is allowed and
+    ///   shows in [`TenantTokenState::overcommits`](crate::TenantTokenState::overcommits).
+    ///   So what is in flight never falls below what has been produced;
+    /// - when the response ends (or the client goes away, or the body fails) after the
+    ///   upstream reported usage, the reservation is resized to the reported total just
+    ///   before it is released, so the release (and the `metrics` usage ratio) is exact.
+    ///
+    /// It reads JSON answers and server-sent event streams that are not compressed, in the
+    /// formats of OpenAI's Chat Completions (`usage`, and the final chunk a stream carries
+    /// with `stream_options.include_usage`), OpenAI's Responses API (`usage`, the
+    /// `response.completed` event) and Anthropic's Messages API (`message_start` and
+    /// `message_delta` usage). Every byte passes through unchanged (unless
+    /// [`ask_stream_usage`](Self::ask_stream_usage) is on); usage that is garbage
+    /// or missing is ignored, never an error to the client. What it keeps per response is
+    /// bounded: a usage object of up to 4 KiB, and the unfinished tail of one
+    /// server-sent event line of up to 64 KiB (a longer line is not counted). With an
+    /// [`OpenAiEstimator`](crate::OpenAiEstimator), the estimate's prompt part is the
+    /// prompt above until usage says otherwise; with other estimators the prompt counts
+    /// as 0, so live growth starts when the output alone passes the estimate.
+    ///
+    /// Off, the layer does not look at response bodies at all.
+    pub fn read_usage(self, enabled: bool) -> Self {
+        self.with(|config| config.read_usage = enabled)
+    }
+
+    /// Whether the layer asks streamed chat completions for their usage (default: no);
+    /// turns [`read_usage`](Self::read_usage) on.
+    ///
+    /// A streamed request (`"stream": true`) whose body the layer reads (an
+    /// [`OpenAiEstimator`](crate::OpenAiEstimator)) and that did not say whether it wants
+    /// usage (no `stream_options.include_usage`) is forwarded with
+    /// `"stream_options":{"include_usage":true}` added (and its `Content-Length` made to
+    /// match), so the upstream reports the stream's usage and the reservation settles on
+    /// it, as LiteLLM does. What that adds to the answer, the `"usage":null` member of
+    /// each chunk and the last chunk carrying the usage, is taken out of the stream before
+    /// it reaches the client, which receives the stream it would have received without
+    /// the option (its `Content-Length`, if any, is dropped: the stream is shorter).
+    /// A request that chose for itself, either way, is forwarded as it came, and its
+    /// stream passes unchanged.
+    ///
+    /// Use it in front of upstreams that speak OpenAI's Chat Completions (those that
+    /// reject unknown fields would refuse `stream_options`), on the Chat Completions and
+    /// Completions routes only: the Responses API and Anthropic's Messages API refuse the
+    /// field, so give their routes a clone of the layer with this off (clones share the
+    /// tracker and everything learned). An upstream that ignores the option is counted on
+    /// the text its streams carry, and logged once per model. Streams are passed on a whole
+    /// line at a time: a line split across frames waits for its end (up to 64 KiB; a
+    /// longer line passes unchanged as it comes).
+    pub fn ask_stream_usage(self, enabled: bool) -> Self {
+        self.with(|config| {
+            config.ask_usage = enabled;
+            config.read_usage |= enabled;
+        })
+    }
+
+    /// Learns the output allowance of requests that set no `max_tokens`-like limit from
+    /// what such requests produced, per tenant and model, in `learned` (see
+    /// [`AdaptiveOutput`](crate::AdaptiveOutput)); turns
+    /// [`read_usage`](Self::read_usage) on, which measures the outputs.
+    ///
+    /// Only an [`OpenAiEstimator`](crate::OpenAiEstimator)'s estimates use it: for a
+    /// request without an output limit, the allowance is the learned one for its tenant
+    /// and model once enough outputs are known, the estimator's
+    /// [`default_output_tokens`](crate::OpenAiEstimator::default_output_tokens) until then.
+    /// A response that ends normally is learned from; one cut short (an error, a client
+    /// gone) is not. Keep `learned` to show what it learned
+    /// ([`snapshot`](crate::AdaptiveOutput::snapshot)); one table may serve several layers.
+    pub fn adaptive_output(self, learned: Arc<crate::AdaptiveOutput>) -> Self {
+        self.with(|config| {
+            config.read_usage = true;
+            config.adaptive = Some(learned);
+        })
+    }
+
+    /// Calibrates prompt estimates per model from the prompt tokens upstreams report, in
+    /// `calibration` (see [`PromptCalibration`](crate::PromptCalibration)); turns
+    /// [`read_usage`](Self::read_usage) on, which reads the reports.
+    ///
+    /// Only an [`OpenAiEstimator`](crate::OpenAiEstimator)'s estimates use it: once a
+    /// model has reported a few prompts, a request to it reserves the prompt its text is
+    /// predicted to take there rather than its bytes divided by
+    /// [`bytes_per_token`](crate::OpenAiEstimator::bytes_per_token). Every response that
+    /// reports its prompt tokens is learned from, cut short or not. Keep `calibration` to
+    /// show what it learned ([`snapshot`](crate::PromptCalibration::snapshot)); one table
+    /// may serve several layers. Off by default.
+    pub fn calibrate_prompts(self, calibration: Arc<crate::PromptCalibration>) -> Self {
+        self.with(|config| {
+            config.read_usage = true;
+            config.calibration = Some(calibration);
+        })
+    }
+}
+
+#[cfg(feature = "metrics")]
+impl TenantTokenLayer {
     /// Whether the layer's metrics carry a `tenant` label, and for how many tenants
     /// (default [`TenantLabels::Off`](crate::metrics::TenantLabels::Off); see the
     /// [`metrics`](crate::metrics) module for what is recorded).
-    #[cfg(feature = "metrics")]
     pub fn metrics_tenant_labels(self, labels: crate::metrics::TenantLabels) -> Self {
         self.with(|config| config.metrics = Arc::new(config.metrics.with_labels(labels)))
     }
@@ -417,14 +420,8 @@ impl TenantTokenLayer {
     /// actual to estimated tokens and the streams that outran their estimate (default:
     /// none). Give each route's layer its own name (`"chat"`, `"embeddings"`, …) to see
     /// where the estimates are off; the names are yours, so the series stay bounded.
-    #[cfg(feature = "metrics")]
     pub fn metrics_route(self, route: &'static str) -> Self {
         self.with(|config| config.metrics = Arc::new(config.metrics.with_route(route)))
-    }
-
-    fn with(mut self, change: impl FnOnce(&mut Config)) -> Self {
-        change(Arc::make_mut(&mut self.config));
-        self
     }
 }
 

@@ -99,24 +99,29 @@ mod future;
 pub mod guide;
 pub mod headers;
 mod layer;
+mod ledger;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 #[cfg(not(feature = "metrics"))]
 #[path = "metrics_off.rs"]
 mod metrics;
+#[cfg(feature = "openai")]
+mod openai;
+#[cfg(not(feature = "openai"))]
+#[path = "openai_off.rs"]
+mod openai;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(not(feature = "redis"))]
+#[path = "redis_off.rs"]
+mod redis;
 mod reject;
 mod reservation;
 mod retry_after;
 mod service;
+mod step;
 mod sync;
 mod tracker;
-#[cfg(feature = "openai")]
-mod usage;
-#[cfg(not(feature = "openai"))]
-#[path = "usage_off.rs"]
-mod usage;
 
 pub use self::admit::budget::{BudgetLedger, SharedBudget};
 pub use self::admit::priority::{Priority, PrioritySource};
@@ -124,18 +129,19 @@ pub use self::admit::shadow::ShadowMode;
 pub use self::body::{RequestBody, ResponseBody};
 pub use self::error::Error;
 pub use self::extract::{EstimateError, Estimator, MissingEstimate, MissingTenant, TenantSource};
-#[cfg(feature = "openai")]
-pub use self::extract::{OpenAiEstimate, OpenAiEstimator};
 pub use self::future::ResponseFuture;
 pub use self::layer::TenantTokenLayer;
+#[cfg(feature = "openai")]
+pub use self::openai::{
+    AdaptiveOutput, CalibratedModel, LearnedOutput, OpenAiEstimate, OpenAiEstimator,
+    PromptCalibration,
+};
 pub use self::reject::Rejection;
 pub use self::reservation::ReservationHandle;
 pub use self::service::TenantTokenService;
 pub use self::tracker::{
     TenantScope, TenantTokenState, TenantTokenTracker, TenantTokenTrackerBuilder, TokenReservation,
 };
-#[cfg(feature = "openai")]
-pub use self::usage::{AdaptiveOutput, CalibratedModel, LearnedOutput, PromptCalibration};
 
 /// The error type bodies are converted into, as across tower and hyper.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -29,7 +29,6 @@ use std::sync::{Mutex, PoisonError};
 
 use metrics::{counter, gauge, histogram, Gauge, Label};
 
-use crate::reservation::Told;
 use crate::Priority;
 
 /// The counter of requests by outcome.
@@ -50,9 +49,6 @@ pub const OUTPUT_ALLOWANCE: &str = "tenant_tokens_output_allowance";
 /// How many models (named by request bodies, so chosen by clients) get a learned
 /// allowance gauge; later ones get none.
 pub const MODEL_LABELS: usize = 32;
-
-/// The models labelled so far, in this process.
-static MODELS: Mutex<Option<HashSet<Box<str>>>> = Mutex::new(None);
 
 /// The label given to tenants beyond the bound of [`TenantLabels::Bounded`].
 pub const OTHER_TENANTS: &str = "other";
@@ -209,7 +205,8 @@ impl Metrics {
 #[derive(Debug)]
 pub(crate) struct Tag {
     in_flight: Gauge,
-    labels: Vec<Label>,
+    /// The tenant's label, if any.
+    pub(crate) labels: Vec<Label>,
     route: Option<&'static str>,
     estimate: u64,
     reconciled: bool,
@@ -226,26 +223,9 @@ impl Tag {
         }
     }
 
-    /// Records what the usage reader found.
-    pub(crate) fn tell(&self, told: Told<'_>) {
-        match told {
-            Told::Outran => self.outran(),
-            Told::Learned { model, tokens } => self.learned(model, tokens),
-            Told::UsageMissing => self.usage_missing(),
-        }
-    }
-
-    /// The response outran its reservation.
-    fn outran(&self) {
-        match self.estimate_labels() {
-            None => counter!(STREAMS_OUTRAN).increment(1),
-            Some(labels) => counter!(STREAMS_OUTRAN, labels).increment(1),
-        }
-    }
-
     /// The labels of the series about the estimate's accuracy: the tenant's and the
     /// route's; `None` when there are none (static keys, nothing allocated).
-    fn estimate_labels(&self) -> Option<Vec<Label>> {
+    pub(crate) fn estimate_labels(&self) -> Option<Vec<Label>> {
         if self.labels.is_empty() && self.route.is_none() {
             return None;
         }
@@ -255,38 +235,6 @@ impl Tag {
                 .map(|route| Label::from_static_parts("route", route)),
         );
         Some(labels)
-    }
-
-    /// An event stream the layer asked for its usage ended without reporting any.
-    fn usage_missing(&self) {
-        match self.estimate_labels() {
-            None => counter!(STREAM_USAGE_MISSING).increment(1),
-            Some(labels) => counter!(STREAM_USAGE_MISSING, labels).increment(1),
-        }
-    }
-
-    /// The output allowance learned for this tenant and `model` is now `tokens`.
-    fn learned(&self, model: &str, tokens: u64) {
-        let labelled = self
-            .labels
-            .iter()
-            .any(|label| label.key() == "tenant" && label.value() != OTHER_TENANTS);
-        if !labelled {
-            return;
-        }
-        {
-            let mut models = MODELS.lock().unwrap_or_else(PoisonError::into_inner);
-            let models = models.get_or_insert_with(HashSet::new);
-            if !models.contains(model) {
-                if models.len() >= MODEL_LABELS {
-                    return;
-                }
-                models.insert(model.into());
-            }
-        }
-        let mut labels = self.labels.clone();
-        labels.push(Label::new("model", model.to_owned()));
-        gauge!(OUTPUT_ALLOWANCE, labels).set(tokens as f64);
     }
 
     /// The reservation ended holding `tokens`.

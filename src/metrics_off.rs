@@ -39,7 +39,4 @@ impl Tag {
 
     #[inline(always)]
     pub(crate) fn released(&self, _tokens: u64) {}
-
-    #[inline(always)]
-    pub(crate) fn tell(&self, _told: crate::reservation::Told<'_>) {}
 }

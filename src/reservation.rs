@@ -1,122 +1,16 @@
 //! A request's reservation: made in the ledger, held by one guard until the response has
-//! ended, seen by handlers through the handle. The one place where a reservation in
-//! memory and one in Redis part ways.
+//! ended, seen by handlers through the handle.
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::admit::budget::budget_error;
 use crate::admit::queue::Wake;
+use crate::ledger::{Reservation, Resize, TenantName};
 use crate::metrics::Tag;
 use crate::retry_after::HoldClock;
-use crate::tracker::entry::Entry;
-use crate::{Error, TenantTokenTracker, TokenReservation};
-
-/// An answer that needs a wait (for Redis, or for capacity).
-pub(crate) type Pending<T> = Pin<Box<dyn Future<Output = Result<T, Error>> + Send>>;
-
-/// An answer known now, or one to wait for.
-pub(crate) enum Step<T> {
-    Now(Result<T, Error>),
-    Later(Pending<T>),
-}
-
-impl<T: Send + 'static> Step<T> {
-    /// The answer, waiting for it if need be.
-    pub(crate) async fn resolve(self) -> Result<T, Error> {
-        match self {
-            Step::Now(answer) => answer,
-            Step::Later(pending) => pending.await,
-        }
-    }
-
-    /// Turns the answer, once known, into another.
-    #[inline]
-    pub(crate) fn map<U>(self, f: impl FnOnce(T) -> U + Send + 'static) -> Step<U> {
-        match self {
-            Step::Now(answer) => Step::Now(answer.map(f)),
-            Step::Later(pending) => Step::Later(Box::pin(async move { pending.await.map(f) })),
-        }
-    }
-}
-
-/// Where reservations are counted.
-#[derive(Clone)]
-pub(crate) enum Ledger {
-    /// In this process: answered at once.
-    Local(Arc<TenantTokenTracker>),
-    /// In Redis, shared by every replica: one round trip.
-    #[cfg(feature = "redis")]
-    Redis(crate::redis::RedisTokenTracker),
-}
-
-impl Ledger {
-    /// Reserves `tokens` for `tenant` against its cap.
-    #[inline]
-    pub(crate) fn reserve(&self, tenant: &str, tokens: u64) -> Step<Reservation> {
-        match self {
-            Ledger::Local(tracker) => {
-                Step::Now(tracker.reserve_id(tenant, tokens).map(Reservation::Local))
-            }
-            #[cfg(feature = "redis")]
-            Ledger::Redis(tracker) => {
-                if let Some(drawn) = tracker.reserve_locally(tenant, tokens) {
-                    return Step::Now(Ok(Reservation::Redis(drawn)));
-                }
-                let (tracker, tenant) = (tracker.clone(), tenant.to_owned());
-                Step::Later(Box::pin(async move {
-                    let reservation = tracker.reserve_in_redis(&tenant, tokens).await;
-                    reservation.map(Reservation::Redis)
-                }))
-            }
-        }
-    }
-
-    /// Reserves `tokens` for `tenant` whatever its cap (shadow mode).
-    pub(crate) fn reserve_unchecked(&self, tenant: &str, tokens: u64) -> Step<Reservation> {
-        match self {
-            Ledger::Local(tracker) => Step::Now(Ok(Reservation::Local(
-                tracker.reserve_unchecked(tenant, tokens),
-            ))),
-            #[cfg(feature = "redis")]
-            Ledger::Redis(tracker) => {
-                let (tracker, tenant) = (tracker.clone(), tenant.to_owned());
-                Step::Later(Box::pin(async move {
-                    let reservation = tracker.reserve_unchecked(&tenant, tokens).await;
-                    reservation.map(Reservation::Redis)
-                }))
-            }
-        }
-    }
-
-    /// The cap that applies to `tenant` (from this replica's settings, for Redis).
-    pub(crate) fn cap(&self, tenant: &str) -> u64 {
-        match self {
-            Ledger::Local(tracker) => tracker.cap(tenant),
-            #[cfg(feature = "redis")]
-            Ledger::Redis(tracker) => tracker.cap(tenant),
-        }
-    }
-
-    /// The cap of `tenant` and what it has in flight here, for a refusal made without
-    /// the ledger's own answer (a full queue). Redis is not asked: `0` in flight.
-    pub(crate) fn overloaded(&self, tenant: &str, tokens: u64) -> Error {
-        let in_flight = match self {
-            Ledger::Local(tracker) => tracker.in_flight(tenant),
-            #[cfg(feature = "redis")]
-            Ledger::Redis(_) => 0,
-        };
-        let cap = self.cap(tenant);
-        Error::TenantOverloaded {
-            tenant_id: tenant.to_owned(),
-            requested: tokens,
-            in_flight,
-            cap,
-        }
-    }
-}
+use crate::step::Pending;
+use crate::Error;
 
 /// Waits for every growth in turn; the first refusal stands.
 fn all(growths: Vec<Pending<()>>) -> Pending<()> {
@@ -128,89 +22,6 @@ fn all(growths: Vec<Pending<()>>) -> Pending<()> {
     })
 }
 
-/// What the usage reader tells the metrics recorder about a reservation. (Made only with
-/// the `openai` feature, read only with `metrics`.)
-#[cfg_attr(not(all(feature = "openai", feature = "metrics")), allow(dead_code))]
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Told<'a> {
-    /// The response outran its reservation, which grew as it went.
-    Outran,
-    /// The output allowance learned for the tenant and `model` is now `tokens`.
-    Learned { model: &'a str, tokens: u64 },
-    /// A stream asked for its usage ended without reporting it.
-    UsageMissing,
-}
-
-/// A reservation in the ledger it came from.
-pub(crate) enum Reservation {
-    Local(TokenReservation),
-    #[cfg(feature = "redis")]
-    Redis(crate::redis::RedisReservation),
-}
-
-/// The outcome of a resize that checks growth against the cap.
-#[cfg_attr(not(feature = "redis"), allow(dead_code))]
-enum Resize {
-    Done(Result<(), Error>),
-    /// The growth is checked in Redis: wait for it without holding any lock.
-    Later(Pending<()>),
-}
-
-impl Reservation {
-    pub(crate) fn tenant_id(&self) -> &str {
-        match self {
-            Reservation::Local(reservation) => reservation.tenant_id(),
-            #[cfg(feature = "redis")]
-            Reservation::Redis(reservation) => reservation.tenant_id(),
-        }
-    }
-
-    /// The tenant, for a handle that outlives the reservation.
-    fn tenant(&self) -> Tenant {
-        match self {
-            Reservation::Local(reservation) => Tenant::Entry(reservation.entry()),
-            #[cfg(feature = "redis")]
-            Reservation::Redis(reservation) => Tenant::Name(reservation.tenant()),
-        }
-    }
-
-    pub(crate) fn tokens(&self) -> u64 {
-        match self {
-            Reservation::Local(reservation) => reservation.tokens(),
-            #[cfg(feature = "redis")]
-            Reservation::Redis(reservation) => reservation.tokens(),
-        }
-    }
-
-    fn resize(&mut self, tokens: u64) -> u64 {
-        match self {
-            Reservation::Local(reservation) => reservation.resize(tokens),
-            #[cfg(feature = "redis")]
-            Reservation::Redis(reservation) => reservation.resize(tokens),
-        }
-    }
-
-    fn try_resize(&mut self, tokens: u64) -> Resize {
-        match self {
-            Reservation::Local(reservation) => Resize::Done(reservation.try_resize(tokens)),
-            #[cfg(feature = "redis")]
-            Reservation::Redis(reservation) => match reservation.try_resize_now(tokens) {
-                Some(done) => Resize::Done(done),
-                None => Resize::Later(reservation.growth(tokens)),
-            },
-        }
-    }
-
-    /// The tenant's cap and what is left of it now; `None` when unknown.
-    fn limits(&self) -> Option<(u64, u64)> {
-        match self {
-            Reservation::Local(reservation) => Some(reservation.limits()),
-            #[cfg(feature = "redis")]
-            Reservation::Redis(reservation) => reservation.limits(),
-        }
-    }
-}
-
 /// An admitted request's reservation, with what rides along with it until it ends.
 pub(crate) struct Held {
     reservation: Reservation,
@@ -218,7 +29,7 @@ pub(crate) struct Held {
     /// moved from the response future into the body).
     riders: Option<Box<Riders>>,
     /// What the metrics recorder was told of it.
-    tag: Tag,
+    pub(crate) tag: Tag,
 }
 
 /// Dropped after the tenant's reservation, in this order.
@@ -259,7 +70,7 @@ impl Held {
         }
     }
 
-    fn resize(&mut self, tokens: u64) -> u64 {
+    pub(crate) fn resize(&mut self, tokens: u64) -> u64 {
         let before = self.tokens();
         let now = self.reservation.resize(tokens);
         for budget in self.budgets() {
@@ -387,37 +198,6 @@ impl Guard {
         }
     }
 
-    /// Tokens held now; 0 once released (through a handle).
-    #[cfg_attr(not(feature = "openai"), allow(dead_code))]
-    pub(crate) fn tokens(&self) -> u64 {
-        match self {
-            Guard::Owned(held) => held.tokens(),
-            Guard::Shared(handle) => handle.tokens(),
-        }
-    }
-
-    /// Sets the tokens held, growth unchecked, as [`ReservationHandle::resize`] does.
-    #[cfg_attr(not(feature = "openai"), allow(dead_code))]
-    pub(crate) fn resize(&mut self, tokens: u64) -> u64 {
-        match self {
-            Guard::Owned(held) => held.resize(tokens),
-            Guard::Shared(handle) => handle.resize(tokens),
-        }
-    }
-
-    /// Tells the metrics recorder what the usage reader found about this reservation.
-    #[cfg_attr(not(feature = "openai"), allow(dead_code))]
-    pub(crate) fn tell(&self, told: Told<'_>) {
-        match self {
-            Guard::Owned(held) => held.tag.tell(told),
-            Guard::Shared(handle) => {
-                if let Some(held) = handle.lock().as_ref() {
-                    held.tag.tell(told);
-                }
-            }
-        }
-    }
-
     /// The handle for the request's extensions, if the reservation is shared.
     pub(crate) fn handle(&self) -> Option<ReservationHandle> {
         match self {
@@ -476,26 +256,15 @@ pub struct ReservationHandle {
 /// What the handles of one request and its guard share: one allocation per request.
 struct Shared {
     /// Names the tenant even after the release; holds no tokens.
-    tenant: Tenant,
+    tenant: TenantName,
     /// The reservation until the response ends, then `None`.
     slot: Mutex<Option<Held>>,
-}
-
-/// The tenant's name, kept without a copy where the ledger has one.
-#[derive(Clone)]
-enum Tenant {
-    Entry(crate::sync::Arc<Entry>),
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    Name(Arc<str>),
 }
 
 impl ReservationHandle {
     /// The tenant the reservation is charged to.
     pub fn tenant_id(&self) -> &str {
-        match &self.shared.tenant {
-            Tenant::Entry(entry) => &entry.id,
-            Tenant::Name(name) => name,
-        }
+        &self.shared.tenant
     }
 
     /// Tokens held now; 0 once released.
@@ -508,7 +277,7 @@ impl ReservationHandle {
         self.lock().is_none()
     }
 
-    /// Sets the tokens held, up or down, as [`TokenReservation::resize`] does (growth past
+    /// Sets the tokens held, up or down, as [`TokenReservation::resize`](crate::TokenReservation::resize) does (growth past
     /// the cap is allowed and counted). Returns what is held now; 0 once released.
     ///
     /// With a Redis tracker (feature `redis`) the new amount counts here at once and
@@ -518,7 +287,7 @@ impl ReservationHandle {
     }
 
     /// Sets the tokens held, growing only within the cap, as
-    /// [`TokenReservation::try_resize`] does. Does nothing once released.
+    /// [`TokenReservation::try_resize`](crate::TokenReservation::try_resize) does. Does nothing once released.
     ///
     /// # Errors
     ///
@@ -574,7 +343,7 @@ impl ReservationHandle {
 
     /// No code holding this lock can leave the reservation half-changed, so poisoning is
     /// ignored rather than allowed to leak tokens.
-    fn lock(&self) -> MutexGuard<'_, Option<Held>> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Option<Held>> {
         self.shared
             .slot
             .lock()

@@ -13,7 +13,8 @@ use crate::admit::plan::Plan;
 use crate::admit::Admission;
 use crate::config::{Config, LimitHeaders};
 use crate::future::{Call, Holding, ReadingBody, ResponseFuture};
-use crate::reservation::{Guard, Step};
+use crate::reservation::Guard;
+use crate::step::Step;
 use crate::{BoxError, RequestBody, ResponseBody};
 
 /// Caps the tokens each tenant has in flight in front of `S`; made by

@@ -6,11 +6,16 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::request::Parts;
 
+use super::priority::Priority;
+use super::queue::Queue;
 use super::Turn;
-use crate::reservation::{Ledger, Reservation, Step};
+use crate::ledger::{Ledger, Reservation};
+use crate::step::Step;
 use crate::{Error, TenantTokenTracker};
 
-type KeyFn = dyn Fn(&Parts, Option<&Bytes>) -> Option<String> + Send + Sync;
+/// Finds a request's key from its head, its body when the estimator read it, and the
+/// model the estimator found there.
+type KeyFn = dyn Fn(&Parts, Option<&Bytes>, Option<&str>) -> Option<String> + Send + Sync;
 
 /// A cap all tenants share, such as the upstream provider's capacity, or one per model,
 /// that each request draws from next to its tenant's own cap
@@ -58,34 +63,32 @@ pub struct BudgetLedger(Ledger);
 
 impl From<Arc<TenantTokenTracker>> for BudgetLedger {
     fn from(tracker: Arc<TenantTokenTracker>) -> Self {
-        BudgetLedger(Ledger::Local(tracker))
+        BudgetLedger(Ledger::from(tracker))
     }
 }
 
-#[cfg(feature = "redis")]
+/// A Redis tracker (feature `redis`). Without the feature the type cannot be made, and
+/// this impl is neither public nor compiled into anything.
 impl From<crate::redis::RedisTokenTracker> for BudgetLedger {
     fn from(tracker: crate::redis::RedisTokenTracker) -> Self {
-        BudgetLedger(Ledger::Redis(tracker))
+        BudgetLedger(Ledger::from(tracker))
     }
 }
 
 impl fmt::Debug for BudgetLedger {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.0 {
-            Ledger::Local(tracker) => f.debug_tuple("Local").field(tracker).finish(),
-            #[cfg(feature = "redis")]
-            Ledger::Redis(tracker) => f.debug_tuple("Redis").field(tracker).finish(),
-        }
+        self.0.fmt(f)
     }
 }
 
 #[derive(Clone)]
 enum Key {
     Fixed(Arc<str>),
-    /// The model the estimator found in its pass over the body (`per_model`).
-    #[cfg(feature = "openai")]
-    Model,
-    Fn(Arc<KeyFn>),
+    Fn {
+        find: Arc<KeyFn>,
+        /// Whether it keys by the model, which the estimator is then asked for.
+        by_model: bool,
+    },
 }
 
 impl SharedBudget {
@@ -123,70 +126,38 @@ impl SharedBudget {
     where
         F: Fn(&Parts, Option<&Bytes>) -> Option<String> + Send + Sync + 'static,
     {
-        Self {
-            ledger: ledger.into().0,
-            key: Key::Fn(Arc::new(f)),
-        }
+        let find = move |parts: &Parts, body: Option<&Bytes>, _: Option<&str>| f(parts, body);
+        Self::with_key_fn(ledger, Arc::new(find), false)
     }
 
-    /// One budget per model, keyed by the top-level `"model"` string of an OpenAI-style
-    /// JSON body. The body must have been read by the layer's estimator: an
-    /// [`OpenAiEstimator`](crate::OpenAiEstimator) finds the model in the same pass that
-    /// estimates; after an [`Estimator::from_body_fn`](crate::Estimator::from_body_fn)
-    /// the body is scanned once more for its model alone. Requests without a body or a
-    /// model do not draw from it.
-    ///
-    /// The name comes from the client, so it is bounded: a name longer than
-    /// [`MAX_MODEL_KEY_LEN`](Self::MAX_MODEL_KEY_LEN) bytes draws from the budget of its
-    /// first `MAX_MODEL_KEY_LEN` bytes (a client cannot escape a budget with a long name, nor
-    /// store megabytes of key). The tracker's idle bound limits how many keys it keeps.
-    #[cfg(feature = "openai")]
-    pub fn per_model(ledger: impl Into<BudgetLedger>) -> Self {
+    /// A budget keyed by `find`, which is given the model when `by_model`.
+    pub(crate) fn with_key_fn(
+        ledger: impl Into<BudgetLedger>,
+        find: Arc<KeyFn>,
+        by_model: bool,
+    ) -> Self {
         Self {
             ledger: ledger.into().0,
-            key: Key::Model,
+            key: Key::Fn { find, by_model },
         }
     }
 
     /// The ledger of this budget's keys, when it counts in this process.
     pub fn tracker(&self) -> Option<&Arc<TenantTokenTracker>> {
-        match &self.ledger {
-            Ledger::Local(tracker) => Some(tracker),
-            #[cfg(feature = "redis")]
-            Ledger::Redis(_) => None,
-        }
+        self.ledger.local()
     }
 
     /// The key this request draws from, if any; `model` is the one the estimator found.
-    #[cfg_attr(not(feature = "openai"), allow(unused_variables))]
     fn key(&self, parts: &Parts, body: Option<&Bytes>, model: Option<&str>) -> Option<String> {
         match &self.key {
             Key::Fixed(name) => Some(name.to_string()),
-            Key::Fn(f) => f(parts, body),
-            #[cfg(feature = "openai")]
-            Key::Model => {
-                let mut model = match model {
-                    Some(model) => model.to_owned(),
-                    None => crate::extract::json_model(body?)?,
-                };
-                if model.len() > Self::MAX_MODEL_KEY_LEN {
-                    let mut end = Self::MAX_MODEL_KEY_LEN;
-                    while !model.is_char_boundary(end) {
-                        end -= 1;
-                    }
-                    model.truncate(end);
-                }
-                Some(model)
-            }
+            Key::Fn { find, .. } => find(parts, body, model),
         }
     }
 
     /// Whether this budget is keyed by the model, which the estimator is then asked for.
     fn by_model(&self) -> bool {
-        #[cfg(feature = "openai")]
-        return matches!(self.key, Key::Model);
-        #[cfg(not(feature = "openai"))]
-        false
+        matches!(self.key, Key::Fn { by_model: true, .. })
     }
 }
 
@@ -194,9 +165,10 @@ impl fmt::Debug for SharedBudget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let key = match &self.key {
             Key::Fixed(name) => name.to_string(),
-            Key::Fn(_) => "<per request>".to_owned(),
-            #[cfg(feature = "openai")]
-            Key::Model => "<model>".to_owned(),
+            Key::Fn {
+                by_model: false, ..
+            } => "<per request>".to_owned(),
+            Key::Fn { by_model: true, .. } => "<model>".to_owned(),
         };
         f.debug_struct("SharedBudget")
             .field("key", &key)
@@ -277,12 +249,18 @@ impl BudgetKeys {
         keys.iter().any(|(_, drawn)| drawn == key)
     }
 
-    /// Whether a budget it draws from counts in Redis.
-    #[cfg(feature = "redis")]
-    pub(crate) fn in_redis(&self) -> bool {
+    /// A place in the order kept across replicas by the first budget it draws from that
+    /// keeps one (a budget in Redis); `None` when none does.
+    pub(crate) fn turn(
+        &self,
+        tenant: &str,
+        class: Priority,
+        weight: u32,
+        queue: &Arc<Queue>,
+    ) -> Option<Turn> {
         let keys = self.0.as_deref().unwrap_or_default();
         keys.iter()
-            .any(|(ledger, _)| matches!(ledger, Ledger::Redis(_)))
+            .find_map(|(ledger, _)| ledger.turn(tenant, class, weight, queue))
     }
 
     #[inline]
@@ -291,9 +269,8 @@ impl BudgetKeys {
     }
 }
 
-/// Reserves `tokens` under `key` in `ledger`: in `turn` when the ledger is in Redis and
-/// the request has a place in its order; whatever the cap when `unchecked`.
-#[cfg_attr(not(feature = "redis"), allow(unused_variables))]
+/// Reserves `tokens` under `key` in `ledger`: in `turn` when the ledger keeps an order
+/// across replicas and the request has a place in it; whatever the cap when `unchecked`.
 fn reserve_key(
     ledger: &Ledger,
     key: &str,
@@ -301,18 +278,10 @@ fn reserve_key(
     unchecked: bool,
     turn: Option<&Turn>,
 ) -> Step<Reservation> {
-    if unchecked {
-        return ledger.reserve_unchecked(key, tokens);
+    match unchecked {
+        true => ledger.reserve_unchecked(key, tokens),
+        false => ledger.reserve_in_turn(key, tokens, turn),
     }
-    #[cfg(feature = "redis")]
-    if let (Ledger::Redis(tracker), Some(turn)) = (ledger, turn) {
-        let (tracker, key, turn) = (tracker.clone(), key.to_owned(), Arc::clone(turn));
-        return Step::Later(Box::pin(async move {
-            let reserved = tracker.reserve_in_turn(&key, tokens, &turn).await;
-            reserved.map(Reservation::Redis)
-        }));
-    }
-    ledger.reserve(key, tokens)
 }
 
 /// A tracker's refusal of a budget's key, as the budget's refusal.

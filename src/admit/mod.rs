@@ -34,8 +34,10 @@ use self::budget::BudgetKeys;
 use self::priority::{Priority, PrioritySource};
 use self::queue::{Arrival, Queue, Wake, RECHECK};
 use crate::config::Config;
-use crate::reservation::{Guard, Held, Reservation, Riders, Step};
+use crate::ledger::Reservation;
+use crate::reservation::{Guard, Held, Riders};
 use crate::retry_after::{HoldClock, HoldTimes};
+use crate::step::Step;
 use crate::{Error, ShadowMode, SharedBudget};
 
 /// The options few layers use; see [`Config::options`].
@@ -134,7 +136,6 @@ impl Config {
 
     /// The request's place in the order Redis keeps for the budgets it draws from there,
     /// when it may wait and draws from one.
-    #[cfg_attr(not(feature = "redis"), allow(unused_variables))]
     fn turn(
         &self,
         tenant: &str,
@@ -142,19 +143,13 @@ impl Config {
         keys: &BudgetKeys,
         queue: &Arc<Queue>,
     ) -> Option<Turn> {
-        #[cfg(feature = "redis")]
-        if keys.in_redis() {
-            let options = self.options.as_deref()?;
-            let weight = options.weight.as_ref().map_or(1, |weight| weight(tenant));
-            let turn = crate::redis::Turn::new(tenant, class, weight, Arc::clone(queue));
-            return Some(Arc::new(turn));
-        }
-        None
+        let options = self.options.as_deref()?;
+        let weight = options.weight.as_ref().map_or(1, |weight| weight(tenant));
+        keys.turn(tenant, class, weight, queue)
     }
 
     /// Steps 2 to 4: the budgets, the tenant's reservation, what rides along.
     #[inline]
-    #[cfg_attr(not(feature = "redis"), allow(unused_variables))]
     fn try_admit(
         self: &Arc<Self>,
         tenant: &str,
@@ -176,7 +171,6 @@ impl Config {
                 }
             };
         };
-        #[cfg(feature = "redis")]
         if let Some(turn) = turn {
             return self.try_admit_in_turn(tenant, tokens, keys, turn);
         }
@@ -214,7 +208,6 @@ impl Config {
     /// the tenant's reservation first, then the budgets in its turn. A request over its
     /// tenant's cap so never takes the budgets' turn, nor counts tokens it was not served,
     /// nor wakes the others by giving back a budget it could not use.
-    #[cfg(feature = "redis")]
     fn try_admit_in_turn(
         self: &Arc<Self>,
         tenant: &str,
@@ -464,25 +457,15 @@ impl Drop for Waiting<'_> {
 
 /// A waiting request's place in the order Redis keeps, across replicas, for the budgets
 /// in Redis it draws from.
-#[cfg(feature = "redis")]
 pub(crate) type Turn = Arc<crate::redis::Turn>;
-/// Without Redis there is no such order.
-#[cfg(not(feature = "redis"))]
-pub(crate) type Turn = std::convert::Infallible;
 
 /// Whether `error` is the refusal of a budget that orders its waiters in Redis.
-#[cfg_attr(not(feature = "redis"), allow(unused_variables))]
 fn orders(turn: Option<&Turn>, error: &Error) -> bool {
-    #[cfg(feature = "redis")]
-    return turn.is_some_and(|turn| turn.orders(error));
-    #[cfg(not(feature = "redis"))]
-    false
+    turn.is_some_and(|turn| turn.orders(error))
 }
 
 /// Gives up the places held in Redis's order.
-#[cfg_attr(not(feature = "redis"), allow(unused_variables))]
 fn give_up(turn: Option<&Turn>) {
-    #[cfg(feature = "redis")]
     if let Some(turn) = turn {
         turn.give_up();
     }

@@ -8,9 +8,7 @@ use http::header::{HeaderMap, HeaderName, CONTENT_LENGTH};
 use http::request::Parts;
 
 use super::headers::Found;
-#[cfg(feature = "openai")]
-use super::openai::OpenAiEstimator;
-use crate::usage::{Features, Learned};
+use crate::openai::{Features, Learned, OpenAiEstimator};
 use crate::Error;
 
 type EstimateFn = dyn Fn(&Parts) -> Result<Option<u64>, EstimateError> + Send + Sync;
@@ -90,18 +88,6 @@ impl Estimator {
         }
     }
 
-    /// The [`OpenAiEstimator`] (what `From<OpenAiEstimator>` makes): a body estimate that
-    /// can find the request's model in the same pass.
-    #[cfg(feature = "openai")]
-    pub(super) fn openai(estimator: OpenAiEstimator) -> Self {
-        Self {
-            kind: Kind::Body(BodyEstimate {
-                limit: estimator.body_limit,
-                reader: Reader::OpenAi(estimator),
-            }),
-        }
-    }
-
     /// Decides how to estimate this request: now from its head, or after reading its body.
     pub(crate) fn plan(&self, parts: &Parts) -> Plan {
         let estimate = match &self.kind {
@@ -162,9 +148,20 @@ impl fmt::Debug for Estimator {
             Kind::Fn(_) => f.write_str("Fn"),
             Kind::Body(body) => match &body.reader {
                 Reader::Fn(_) => f.debug_struct("Body").field("limit", &body.limit).finish(),
-                #[cfg(feature = "openai")]
                 Reader::OpenAi(estimator) => f.debug_tuple("OpenAi").field(estimator).finish(),
             },
+        }
+    }
+}
+
+/// A body estimate that can find the request's model in the same pass.
+impl From<OpenAiEstimator> for Estimator {
+    fn from(estimator: OpenAiEstimator) -> Self {
+        Self {
+            kind: Kind::Body(BodyEstimate {
+                limit: estimator.limit(),
+                reader: Reader::OpenAi(estimator),
+            }),
         }
     }
 }
@@ -190,7 +187,6 @@ enum Reader {
     /// A function of the user's ([`Estimator::from_body_fn`]).
     Fn(Arc<BodyFn>),
     /// The [`OpenAiEstimator`], which can also find the model.
-    #[cfg(feature = "openai")]
     OpenAi(OpenAiEstimator),
 }
 
@@ -202,7 +198,7 @@ pub(crate) struct Estimated {
     /// The part of `tokens` that is the prompt, when the estimator tells it apart (an
     /// [`OpenAiEstimator`]); 0 otherwise.
     pub(crate) prompt: u64,
-    /// The top-level `"model"` string, as [`json_model`](super::json_model) finds it; only
+    /// The top-level `"model"` string, as the [`OpenAiEstimator`] finds it; only
     /// when asked for and the body was read by an [`OpenAiEstimator`]. `None` otherwise:
     /// a user's function finds no model, and `json_model` can be asked instead.
     pub(crate) model: Option<String>,
@@ -218,7 +214,6 @@ impl BodyEstimate {
     /// same pass over the body (see [`Estimated::model`]); an [`OpenAiEstimator`]'s uses
     /// what the layer has `learned` (allowances, calibrated prompts). Without `want_model`
     /// or anything learned, nothing more is done than for the estimate alone.
-    #[cfg_attr(not(feature = "openai"), allow(unused_variables))]
     pub(crate) fn estimate_learning(
         &self,
         parts: &Parts,
@@ -234,17 +229,7 @@ impl BodyEstimate {
                 unlimited: false,
                 features: None,
             }),
-            #[cfg(feature = "openai")]
-            Reader::OpenAi(estimator) => {
-                let walked = estimator.estimate_learning(body, want_model, learned)?;
-                Ok(Estimated {
-                    tokens: walked.estimate.total(),
-                    prompt: walked.estimate.prompt_tokens,
-                    model: walked.model,
-                    unlimited: walked.unlimited,
-                    features: walked.features,
-                })
-            }
+            Reader::OpenAi(estimator) => estimator.estimated(body, want_model, learned),
         }
     }
 }
@@ -406,7 +391,7 @@ mod tests {
     }
 
     #[test]
-    fn only_the_openai_estimator_finds_the_model_and_only_when_asked() {
+    fn a_body_function_finds_no_model_even_when_asked() {
         let (parts, ()) = http::Request::new(()).into_parts();
         let body = Bytes::from_static(br#"{"model":"m","max_tokens":5,"messages":["abcd"]}"#);
         let found = |estimator: Estimator, want_model: bool| {
@@ -425,27 +410,5 @@ mod tests {
                 features: None,
             }
         );
-        #[cfg(feature = "openai")]
-        {
-            let openai = || Estimator::from(OpenAiEstimator::new());
-            assert_eq!(
-                found(openai(), true),
-                Estimated {
-                    tokens: 6,
-                    prompt: 1,
-                    model: Some("m".to_owned()),
-                    unlimited: false,
-                    features: None,
-                }
-            );
-            assert_eq!(found(openai(), false).model, None);
-            assert_eq!(
-                body_estimate(openai())
-                    .estimate_learning(&parts, &body, false, &Learned::default())
-                    .unwrap()
-                    .tokens,
-                6
-            );
-        }
     }
 }

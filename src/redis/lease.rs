@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::headroom::Drawn;
 use super::tracker::{clamp, Failure, Inner};
-use crate::reservation::Pending;
+use crate::step::Pending;
 use crate::{Error, TokenReservation};
 
 /// One lease, as this replica knows it. The registry of live leases (renewed in the

@@ -7,6 +7,7 @@ mod breaker;
 mod conn;
 mod headroom;
 mod lease;
+mod ledger;
 mod list;
 mod queue;
 mod renew;

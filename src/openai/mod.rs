@@ -1,8 +1,12 @@
-//! Reading the usage upstreams report in their responses (feature `openai`).
+//! OpenAI-style JSON (feature `openai`): estimating requests from their bodies, and
+//! reading the usage upstreams report in their responses.
 
 mod ask;
 mod calibrate;
+mod estimate;
+pub(crate) mod json_scan;
 mod learn;
+mod metrics;
 mod report;
 mod stream;
 mod tap;
@@ -10,6 +14,7 @@ mod tap;
 pub(crate) use self::ask::ask;
 pub use self::calibrate::{CalibratedModel, PromptCalibration};
 pub(crate) use self::calibrate::{Features, PromptFeatures};
+pub use self::estimate::{OpenAiEstimate, OpenAiEstimator};
 pub use self::learn::{AdaptiveOutput, LearnedOutput};
 pub(crate) use self::tap::{Learn, Tap};
 

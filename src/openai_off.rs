@@ -1,9 +1,33 @@
-//! Without the `openai` feature no response is read for usage. The same names as the
-//! `usage` module's, so that no shared file needs a `cfg`.
+//! Without the `openai` feature no body is estimated as OpenAI-style JSON and no
+//! response is read for usage. The same names as the `openai` module's, as types that
+//! cannot be made, so that no shared file needs a `cfg`.
+
+use std::sync::Arc;
 
 use bytes::Buf;
 
+use crate::extract::Estimated;
 use crate::reservation::Guard;
+use crate::Error;
+
+/// Never made: there is no OpenAI-style estimator without the feature.
+#[derive(Debug, Clone)]
+pub(crate) enum OpenAiEstimator {}
+
+impl OpenAiEstimator {
+    pub(crate) fn limit(&self) -> usize {
+        match *self {}
+    }
+
+    pub(crate) fn estimated(
+        &self,
+        _body: &[u8],
+        _want_model: bool,
+        _learned: &Learned<'_>,
+    ) -> Result<Estimated, Error> {
+        match *self {}
+    }
+}
 
 /// Never made: no layer reads usage without the feature.
 #[derive(Debug)]
@@ -11,6 +35,19 @@ pub(crate) enum Tap {}
 
 /// Never made: nothing is learned without the feature.
 pub(crate) enum Learn {}
+
+impl Learn {
+    /// Nothing to learn without the feature.
+    pub(crate) fn new(
+        _adaptive: Option<&Arc<Adaptive>>,
+        _calibration: Option<&Arc<Calibration>>,
+        _tenant: &str,
+        _estimated: Estimated,
+        _asked: bool,
+    ) -> Option<Self> {
+        None
+    }
+}
 
 /// Never made: nothing is learned without the feature.
 #[derive(Debug)]

@@ -1,8 +1,14 @@
 //! Estimating an OpenAI-style request from its JSON body.
 
-use super::estimate::{EstimateError, Estimator};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::request::Parts;
+
 use super::json_scan::{read_number, Malformed, Number, Scanner, Str};
-use crate::usage::{Features, Learned, PromptFeatures};
+use super::{Features, Learned, PromptFeatures};
+use crate::extract::Estimated;
+use crate::{BudgetLedger, Error, EstimateError, SharedBudget};
 
 /// Estimates OpenAI-style requests (`/v1/chat/completions`, `/v1/completions`,
 /// `/v1/responses`, `/v1/embeddings`) from their JSON body.
@@ -124,7 +130,7 @@ impl OpenAiEstimator {
     /// limit is at most that; the prompt is calibrated for the model, once it is. Also
     /// says whether the request set no limit, and what its text is made of when prompts
     /// are calibrated.
-    pub(super) fn estimate_learning(
+    fn estimate_learning(
         &self,
         body: &[u8],
         want_model: bool,
@@ -222,9 +228,28 @@ impl OpenAiEstimate {
     }
 }
 
-impl From<OpenAiEstimator> for Estimator {
-    fn from(estimator: OpenAiEstimator) -> Self {
-        Estimator::openai(estimator)
+/// What the layer's body estimate asks of the estimator.
+impl OpenAiEstimator {
+    /// The most body it reads.
+    pub(crate) fn limit(&self) -> usize {
+        self.body_limit
+    }
+
+    /// The estimate of a body, as [`estimate_learning`](Self::estimate_learning) makes it.
+    pub(crate) fn estimated(
+        &self,
+        body: &[u8],
+        want_model: bool,
+        learned: &Learned<'_>,
+    ) -> Result<Estimated, Error> {
+        let walked = self.estimate_learning(body, want_model, learned)?;
+        Ok(Estimated {
+            tokens: walked.estimate.total(),
+            prompt: walked.estimate.prompt_tokens,
+            model: walked.model,
+            unlimited: walked.unlimited,
+            features: walked.features,
+        })
     }
 }
 
@@ -583,6 +608,38 @@ fn count(json: &mut Scanner<'_>, name: &'static str) -> Result<Option<u64>, Refu
     }
 }
 
+/// A budget per model: the model is what this estimator finds in a body.
+impl SharedBudget {
+    /// One budget per model, keyed by the top-level `"model"` string of an OpenAI-style
+    /// JSON body. The body must have been read by the layer's estimator: an
+    /// [`OpenAiEstimator`](crate::OpenAiEstimator) finds the model in the same pass that
+    /// estimates; after an [`Estimator::from_body_fn`](crate::Estimator::from_body_fn)
+    /// the body is scanned once more for its model alone. Requests without a body or a
+    /// model do not draw from it.
+    ///
+    /// The name comes from the client, so it is bounded: a name longer than
+    /// [`MAX_MODEL_KEY_LEN`](Self::MAX_MODEL_KEY_LEN) bytes draws from the budget of its
+    /// first `MAX_MODEL_KEY_LEN` bytes (a client cannot escape a budget with a long name, nor
+    /// store megabytes of key). The tracker's idle bound limits how many keys it keeps.
+    pub fn per_model(ledger: impl Into<BudgetLedger>) -> Self {
+        let find = |_: &Parts, body: Option<&Bytes>, model: Option<&str>| {
+            let mut model = match model {
+                Some(model) => model.to_owned(),
+                None => json_model(body?)?,
+            };
+            if model.len() > Self::MAX_MODEL_KEY_LEN {
+                let mut end = Self::MAX_MODEL_KEY_LEN;
+                while !model.is_char_boundary(end) {
+                    end -= 1;
+                }
+                model.truncate(end);
+            }
+            Some(model)
+        };
+        Self::with_key_fn(ledger, Arc::new(find), true)
+    }
+}
+
 /// The top-level `"model"` of a JSON request body, if it is a string: what an OpenAI-style
 /// request names its model with. A pass over the body that reads the model and skips
 /// everything else (for bodies an [`OpenAiEstimator`] did not read: it finds the model in
@@ -629,6 +686,35 @@ fn model_value(json: &mut Scanner<'_>) -> Result<Option<String>, Malformed> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The estimate of `body` by a layer's [`OpenAiEstimator`], as admission asks for it.
+    fn layer_estimate(body: &Bytes, want_model: bool) -> Estimated {
+        let (parts, ()) = http::Request::new(()).into_parts();
+        let estimator = crate::Estimator::from(OpenAiEstimator::new());
+        let crate::extract::Plan::Body(estimate) = estimator.plan(&parts) else {
+            unreachable!("the OpenAI estimator reads the body")
+        };
+        estimate
+            .estimate_learning(&parts, body, want_model, &Learned::default())
+            .unwrap()
+    }
+
+    #[test]
+    fn the_layer_finds_the_model_in_the_estimate_s_pass_only_when_asked() {
+        let body = Bytes::from_static(br#"{"model":"m","max_tokens":5,"messages":["abcd"]}"#);
+        assert_eq!(
+            layer_estimate(&body, true),
+            Estimated {
+                tokens: 6,
+                prompt: 1,
+                model: Some("m".to_owned()),
+                unlimited: false,
+                features: None,
+            }
+        );
+        assert_eq!(layer_estimate(&body, false).model, None);
+        assert_eq!(layer_estimate(&body, false).tokens, 6);
+    }
 
     /// The model of `body` from the estimating pass, when it estimates.
     fn estimating(body: &[u8]) -> Result<Option<String>, EstimateError> {

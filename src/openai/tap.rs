@@ -13,7 +13,9 @@ use super::calibrate::{Features, PromptCalibration};
 use super::learn::AdaptiveOutput;
 use super::report::Finder;
 use super::stream::Lines;
-use crate::reservation::{Guard, Told};
+use crate::extract::Estimated;
+use crate::metrics::Tag;
+use crate::reservation::Guard;
 
 /// Output text bytes counted as one token while no usage has been reported.
 const BYTES_PER_TOKEN: u64 = 4;
@@ -56,6 +58,53 @@ pub(crate) struct Learn {
     /// The prompt calibrations and what the prompt was made of, on a layer that
     /// calibrates prompts.
     pub(crate) prompt: Option<(Arc<PromptCalibration>, Features)>,
+}
+
+impl Learn {
+    /// What the response of a request by `tenant`, `estimated` so, teaches: its output (a
+    /// request without an output limit, or any with `cap_explicit_limits`, on a layer
+    /// that learns allowances in `adaptive`), its prompt's size (a layer that calibrates
+    /// prompts in `calibration`), and whether a stream `asked` for its usage reported it.
+    /// `None` when there is nothing to learn.
+    pub(crate) fn new(
+        adaptive: Option<&Arc<AdaptiveOutput>>,
+        calibration: Option<&Arc<PromptCalibration>>,
+        tenant: &str,
+        estimated: Estimated,
+        asked: bool,
+    ) -> Option<Self> {
+        let output =
+            adaptive.filter(|adaptive| estimated.unlimited || adaptive.caps_explicit_limits());
+        let output = output.map(|table| (Arc::clone(table), tenant.to_owned()));
+        let prompt = calibration.cloned().zip(estimated.features);
+        if output.is_none() && prompt.is_none() && !asked {
+            return None;
+        }
+        Some(Learn {
+            model: estimated.model.unwrap_or_default(),
+            output,
+            prompt,
+        })
+    }
+}
+
+/// What the reader changes of the reservation it holds.
+impl Guard {
+    /// Tokens held now; 0 once released (through a handle).
+    pub(crate) fn tokens(&self) -> u64 {
+        match self {
+            Guard::Owned(held) => held.tokens(),
+            Guard::Shared(handle) => handle.tokens(),
+        }
+    }
+
+    /// Sets the tokens held, growth unchecked, as [`ReservationHandle::resize`] does.
+    pub(crate) fn resize(&mut self, tokens: u64) -> u64 {
+        match self {
+            Guard::Owned(held) => held.resize(tokens),
+            Guard::Shared(handle) => handle.resize(tokens),
+        }
+    }
 }
 
 /// The models whose missing stream usage was warned about, in this process.
@@ -192,7 +241,7 @@ impl Tap {
                 guard.resize(produced);
                 if !self.outran && self.lines.is_some() {
                     self.outran = true;
-                    guard.tell(Told::Outran);
+                    guard.tell(Tag::outran);
                 }
             }
         }
@@ -230,7 +279,7 @@ impl Tap {
             None if complete && self.lines.is_some() => {
                 if self.asked {
                     warn_usage_missing(learn.as_ref().map_or("", |learn| &learn.model));
-                    guard.tell(Told::UsageMissing);
+                    guard.tell(Tag::usage_missing);
                 }
                 guard.resize(self.produced());
             }
@@ -248,10 +297,7 @@ impl Tap {
             });
             if let Some(output) = reported.output.or(counted) {
                 if let Some(allowance) = table.record(tenant, &learn.model, output) {
-                    guard.tell(Told::Learned {
-                        model: &learn.model,
-                        tokens: allowance,
-                    });
+                    guard.tell(|tag| tag.learned(&learn.model, allowance));
                 }
             }
         }

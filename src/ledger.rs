@@ -1,0 +1,224 @@
+//! The ledger boundary: where a tenant's (or a budget key's) tokens are counted.
+//!
+//! Two ledgers implement it: a [`TenantTokenTracker`] in this process, which answers at
+//! once, and a Redis tracker shared by every replica (feature `redis`), which may need a
+//! round trip. Every part of admission reserves, resizes and releases through [`Ledger`]
+//! and [`Reservation`], and this file is the one place that names both.
+//!
+//! The boundary is an enum rather than a trait object: there are two ledgers, both known
+//! when the crate is compiled, and an enum keeps a reservation in memory unboxed and its
+//! calls inlined, which the plain path's cost depends on. Without the `redis` feature the
+//! Redis variant holds a type that cannot be made (see `redis_off.rs`), so that no `cfg`
+//! is needed here and the compiler removes the arm.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::admit::priority::Priority;
+use crate::admit::queue::Queue;
+use crate::redis::{RedisReservation, RedisTokenTracker, Turn};
+use crate::step::{Pending, Step};
+use crate::tracker::entry::Entry;
+use crate::{Error, TenantTokenTracker, TokenReservation};
+
+/// Where reservations are counted.
+#[derive(Clone)]
+pub(crate) enum Ledger {
+    /// In this process: answered at once.
+    Local(Arc<TenantTokenTracker>),
+    /// In Redis, shared by every replica: one round trip.
+    Redis(RedisTokenTracker),
+}
+
+impl Ledger {
+    /// Reserves `tokens` for `tenant` against its cap.
+    #[inline]
+    pub(crate) fn reserve(&self, tenant: &str, tokens: u64) -> Step<Reservation> {
+        match self {
+            Ledger::Local(tracker) => {
+                Step::Now(tracker.reserve_id(tenant, tokens).map(Reservation::Local))
+            }
+            Ledger::Redis(tracker) => tracker.reserve_step(tenant, tokens, Reservation::Redis),
+        }
+    }
+
+    /// Reserves `tokens` for `tenant` whatever its cap (shadow mode).
+    pub(crate) fn reserve_unchecked(&self, tenant: &str, tokens: u64) -> Step<Reservation> {
+        match self {
+            Ledger::Local(tracker) => Step::Now(Ok(Reservation::Local(
+                tracker.reserve_unchecked(tenant, tokens),
+            ))),
+            Ledger::Redis(tracker) => {
+                tracker.reserve_unchecked_step(tenant, tokens, Reservation::Redis)
+            }
+        }
+    }
+
+    /// Reserves `tokens` for `key` in `turn`: in the order the ledger keeps across
+    /// replicas for the requests waiting for it, when it keeps one and the request has a
+    /// place in it; as [`reserve`](Self::reserve) otherwise.
+    pub(crate) fn reserve_in_turn(
+        &self,
+        key: &str,
+        tokens: u64,
+        turn: Option<&Arc<Turn>>,
+    ) -> Step<Reservation> {
+        match (self, turn) {
+            (Ledger::Redis(tracker), Some(turn)) => {
+                tracker.reserve_in_turn_step(key, tokens, turn, Reservation::Redis)
+            }
+            _ => self.reserve(key, tokens),
+        }
+    }
+
+    /// A place in the order this ledger keeps across replicas for the requests waiting
+    /// for it; `None` for a ledger in this process, whose waiting requests are ordered by
+    /// the process's own queue.
+    pub(crate) fn turn(
+        &self,
+        tenant: &str,
+        class: Priority,
+        weight: u32,
+        queue: &Arc<Queue>,
+    ) -> Option<Arc<Turn>> {
+        match self {
+            Ledger::Local(_) => None,
+            Ledger::Redis(tracker) => Some(tracker.turn(tenant, class, weight, queue)),
+        }
+    }
+
+    /// The cap that applies to `tenant` (from this replica's settings, for Redis).
+    pub(crate) fn cap(&self, tenant: &str) -> u64 {
+        match self {
+            Ledger::Local(tracker) => tracker.cap(tenant),
+            Ledger::Redis(tracker) => tracker.cap(tenant),
+        }
+    }
+
+    /// The tracker, when the ledger is in this process.
+    pub(crate) fn local(&self) -> Option<&Arc<TenantTokenTracker>> {
+        match self {
+            Ledger::Local(tracker) => Some(tracker),
+            Ledger::Redis(_) => None,
+        }
+    }
+
+    /// The cap of `tenant` and what it has in flight here, for a refusal made without
+    /// the ledger's own answer (a full queue). Redis is not asked: `0` in flight.
+    pub(crate) fn overloaded(&self, tenant: &str, tokens: u64) -> Error {
+        let in_flight = match self {
+            Ledger::Local(tracker) => tracker.in_flight(tenant),
+            Ledger::Redis(_) => 0,
+        };
+        let cap = self.cap(tenant);
+        Error::TenantOverloaded {
+            tenant_id: tenant.to_owned(),
+            requested: tokens,
+            in_flight,
+            cap,
+        }
+    }
+}
+
+impl From<Arc<TenantTokenTracker>> for Ledger {
+    fn from(tracker: Arc<TenantTokenTracker>) -> Self {
+        Ledger::Local(tracker)
+    }
+}
+
+impl From<RedisTokenTracker> for Ledger {
+    fn from(tracker: RedisTokenTracker) -> Self {
+        Ledger::Redis(tracker)
+    }
+}
+
+impl fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ledger::Local(tracker) => f.debug_tuple("Local").field(tracker).finish(),
+            Ledger::Redis(tracker) => f.debug_tuple("Redis").field(tracker).finish(),
+        }
+    }
+}
+
+/// A reservation in the ledger it came from.
+pub(crate) enum Reservation {
+    Local(TokenReservation),
+    Redis(RedisReservation),
+}
+
+/// The outcome of a resize that checks growth against the cap.
+pub(crate) enum Resize {
+    Done(Result<(), Error>),
+    /// The growth is checked in Redis: wait for it without holding any lock.
+    Later(Pending<()>),
+}
+
+/// The tenant's name, kept without a copy where the ledger has one.
+#[derive(Clone)]
+pub(crate) enum TenantName {
+    Entry(crate::sync::Arc<Entry>),
+    Shared(Arc<str>),
+}
+
+impl std::ops::Deref for TenantName {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        match self {
+            TenantName::Entry(entry) => &entry.id,
+            TenantName::Shared(name) => name,
+        }
+    }
+}
+
+impl Reservation {
+    pub(crate) fn tenant_id(&self) -> &str {
+        match self {
+            Reservation::Local(reservation) => reservation.tenant_id(),
+            Reservation::Redis(reservation) => reservation.tenant_id(),
+        }
+    }
+
+    /// The tenant, for a handle that outlives the reservation.
+    pub(crate) fn tenant(&self) -> TenantName {
+        match self {
+            Reservation::Local(reservation) => TenantName::Entry(reservation.entry()),
+            Reservation::Redis(reservation) => TenantName::Shared(reservation.tenant()),
+        }
+    }
+
+    pub(crate) fn tokens(&self) -> u64 {
+        match self {
+            Reservation::Local(reservation) => reservation.tokens(),
+            Reservation::Redis(reservation) => reservation.tokens(),
+        }
+    }
+
+    /// Sets the tokens held, growth unchecked; returns what is held now.
+    pub(crate) fn resize(&mut self, tokens: u64) -> u64 {
+        match self {
+            Reservation::Local(reservation) => reservation.resize(tokens),
+            Reservation::Redis(reservation) => reservation.resize(tokens),
+        }
+    }
+
+    /// Sets the tokens held, growing only within the cap.
+    pub(crate) fn try_resize(&mut self, tokens: u64) -> Resize {
+        match self {
+            Reservation::Local(reservation) => Resize::Done(reservation.try_resize(tokens)),
+            Reservation::Redis(reservation) => match reservation.try_resize_now(tokens) {
+                Some(done) => Resize::Done(done),
+                None => Resize::Later(reservation.growth(tokens)),
+            },
+        }
+    }
+
+    /// The tenant's cap and what is left of it now; `None` when unknown.
+    pub(crate) fn limits(&self) -> Option<(u64, u64)> {
+        match self {
+            Reservation::Local(reservation) => Some(reservation.limits()),
+            Reservation::Redis(reservation) => reservation.limits(),
+        }
+    }
+}
