@@ -61,8 +61,9 @@ use redis::aio::ConnectionManager;
 use redis_server::RedisServer;
 use steal::CpuTimes;
 use tower::{Layer, Service, ServiceExt};
+use tower_tenant_tokens::body::RequestBody;
 use tower_tenant_tokens::redis::RedisTokenTracker;
-use tower_tenant_tokens::{RequestBody, TenantTokenLayer};
+use tower_tenant_tokens::TenantTokenLayer;
 
 const WORKERS: usize = 32;
 const TENANTS: usize = 64;
@@ -235,7 +236,7 @@ async fn through_layer<S>(service: S, tenant: String) -> Outcome
 where
     S: Service<
         Request<Empty<Bytes>>,
-        Response = Response<tower_tenant_tokens::ResponseBody<Empty<Bytes>>>,
+        Response = Response<tower_tenant_tokens::body::ResponseBody<Empty<Bytes>>>,
     >,
     S::Error: std::fmt::Debug,
 {

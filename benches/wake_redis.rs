@@ -25,8 +25,9 @@ use http::{Request, Response};
 use http_body_util::{Empty, Full};
 use redis_server::RedisServer;
 use tower::{Layer, Service, ServiceExt};
+use tower_tenant_tokens::body::RequestBody;
 use tower_tenant_tokens::redis::RedisTokenTracker;
-use tower_tenant_tokens::{RequestBody, SharedBudget, TenantTokenLayer, TenantTokenTracker};
+use tower_tenant_tokens::{SharedBudget, TenantTokenLayer, TenantTokenTracker};
 
 fn main() {
     let rounds: usize = std::env::var("WAKE_BENCH_ROUNDS")

@@ -33,7 +33,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tower::ServiceBuilder;
-use tower_tenant_tokens::{RequestBody, ReservationHandle, TenantTokenLayer, TenantTokenTracker};
+use tower_tenant_tokens::body::RequestBody;
+use tower_tenant_tokens::{ReservationHandle, TenantTokenLayer, TenantTokenTracker};
 
 /// The inner service: admitted requests only, with their reservation in the extensions.
 async fn handle(

@@ -14,6 +14,7 @@ use tower_service::Service;
 
 use crate::admit::priority::Priority;
 use crate::admit::Admission;
+use crate::body::{RequestBody, ResponseBody};
 use crate::config::{Config, LimitHeaders};
 use crate::extract::BodyEstimate;
 use crate::headers::{
@@ -23,7 +24,7 @@ use crate::headers::{
 use crate::openai::{Learn, Tap};
 use crate::reservation::Guard;
 use crate::step::{Pending, Step};
-use crate::{BoxError, Error, RequestBody, ResponseBody};
+use crate::{BoxError, Error};
 
 pin_project! {
     /// The future of [`TenantTokenService`](crate::TenantTokenService)'s response.

@@ -91,11 +91,11 @@
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 mod admit;
-mod body;
+pub mod body;
 mod config;
 mod error;
 mod extract;
-mod future;
+pub mod future;
 pub mod guide;
 pub mod headers;
 mod layer;
@@ -126,10 +126,8 @@ mod tracker;
 pub use self::admit::budget::{BudgetLedger, SharedBudget};
 pub use self::admit::priority::{Priority, PrioritySource};
 pub use self::admit::shadow::ShadowMode;
-pub use self::body::{RequestBody, ResponseBody};
 pub use self::error::Error;
 pub use self::extract::{EstimateError, Estimator, MissingEstimate, MissingTenant, TenantSource};
-pub use self::future::ResponseFuture;
 pub use self::layer::TenantTokenLayer;
 #[cfg(feature = "openai")]
 pub use self::openai::{

@@ -11,11 +11,12 @@ use tower_service::Service;
 
 use crate::admit::plan::Plan;
 use crate::admit::Admission;
+use crate::body::{RequestBody, ResponseBody};
 use crate::config::{Config, LimitHeaders};
 use crate::future::{Call, Holding, ReadingBody, ResponseFuture};
 use crate::reservation::Guard;
 use crate::step::Step;
-use crate::{BoxError, RequestBody, ResponseBody};
+use crate::BoxError;
 
 /// Caps the tokens each tenant has in flight in front of `S`; made by
 /// [`TenantTokenLayer`](crate::TenantTokenLayer).

@@ -23,7 +23,8 @@ use futures_util::task::noop_waker_ref;
 use http::{Request, Response};
 use http_body_util::Empty;
 use tower::{service_fn, Layer, Service};
-use tower_tenant_tokens::{Error, RequestBody, TenantScope, TenantTokenLayer, TenantTokenTracker};
+use tower_tenant_tokens::body::RequestBody;
+use tower_tenant_tokens::{Error, TenantScope, TenantTokenLayer, TenantTokenTracker};
 
 // ---------------------------------------------------------------------------------------
 // The counting allocator

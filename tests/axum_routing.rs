@@ -20,9 +20,11 @@ use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tower::{Layer, ServiceExt};
+use tower_tenant_tokens::body::{RequestBody, ResponseBody};
+use tower_tenant_tokens::future::ResponseFuture;
 use tower_tenant_tokens::{
-    Estimator, MissingTenant, OpenAiEstimator, RequestBody, ReservationHandle, ResponseBody,
-    ResponseFuture, TenantScope, TenantTokenLayer, TenantTokenService, TenantTokenTracker,
+    Estimator, MissingTenant, OpenAiEstimator, ReservationHandle, TenantScope, TenantTokenLayer,
+    TenantTokenService, TenantTokenTracker,
 };
 
 fn tracker(cap: u64) -> Arc<TenantTokenTracker> {

@@ -19,7 +19,8 @@ use futures_util::StreamExt;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use tower::{Layer, ServiceExt};
-use tower_tenant_tokens::{RequestBody, TenantTokenLayer, TenantTokenTracker};
+use tower_tenant_tokens::body::RequestBody;
+use tower_tenant_tokens::{TenantTokenLayer, TenantTokenTracker};
 
 const TENANTS: usize = 5;
 const REQUESTS: usize = 300;
@@ -188,7 +189,7 @@ fn direct_service(
     tracker: &Arc<TenantTokenTracker>,
 ) -> impl tower::Service<
     Request<TestBody>,
-    Response = Response<tower_tenant_tokens::ResponseBody<TestBody>>,
+    Response = Response<tower_tenant_tokens::body::ResponseBody<TestBody>>,
     Error = Infallible,
     Future = impl Send,
 > + Clone

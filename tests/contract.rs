@@ -25,9 +25,8 @@ use tokio::sync::mpsc;
 use tokio_test::{assert_pending, assert_ready, assert_ready_err, assert_ready_ok, task};
 use tower::limit::ConcurrencyLimitLayer;
 use tower::Layer;
-use tower_tenant_tokens::{
-    Estimator, RequestBody, ResponseBody, TenantTokenLayer, TenantTokenService, TenantTokenTracker,
-};
+use tower_tenant_tokens::body::{RequestBody, ResponseBody};
+use tower_tenant_tokens::{Estimator, TenantTokenLayer, TenantTokenService, TenantTokenTracker};
 use tower_test::mock;
 
 /// What the inner (mock) service receives: the client's request with its body wrapped.

@@ -493,7 +493,7 @@ async fn refused_body_estimates_give_the_inner_services_readiness_back() {
     // reads, so a refusal must give the permit back or every later request waits forever.
     use http_body_util::Full;
     use tower::{Service, ServiceBuilder, ServiceExt};
-    use tower_tenant_tokens::RequestBody;
+    use tower_tenant_tokens::body::RequestBody;
 
     let tracker = Arc::new(TenantTokenTracker::new(100_000));
     let calls = Calls::default();

@@ -31,7 +31,8 @@ use proptest::test_runner::TestCaseError;
 use tally::{Raw, Tally};
 use tokio::runtime::Runtime;
 use tower::{Layer, Service, ServiceExt};
-use tower_tenant_tokens::{RequestBody, ResponseBody, TenantTokenLayer, TenantTokenTracker};
+use tower_tenant_tokens::body::{RequestBody, ResponseBody};
+use tower_tenant_tokens::{TenantTokenLayer, TenantTokenTracker};
 
 // ---------------------------------------------------------------------------------------
 // Shared plumbing

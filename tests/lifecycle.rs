@@ -21,8 +21,9 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use tokio::sync::mpsc;
 use tower::{Layer, Service, ServiceExt};
+use tower_tenant_tokens::body::RequestBody;
 use tower_tenant_tokens::{
-    OpenAiEstimator, RequestBody, ReservationHandle, TenantTokenLayer, TenantTokenTracker,
+    OpenAiEstimator, ReservationHandle, TenantTokenLayer, TenantTokenTracker,
 };
 
 fn tracker(cap: u64) -> Arc<TenantTokenTracker> {

@@ -21,12 +21,12 @@ use common::redis_server::RedisServer;
 use common::*;
 use http::StatusCode;
 use tower::{Layer, ServiceExt};
+use tower_tenant_tokens::body::RequestBody;
 use tower_tenant_tokens::redis::{
     FailurePolicy, RedisReservation, RedisTokenTracker, RedisTokenTrackerBuilder,
 };
 use tower_tenant_tokens::{
-    Error, OpenAiEstimator, RequestBody, ReservationHandle, ShadowMode, SharedBudget,
-    TenantTokenLayer,
+    Error, OpenAiEstimator, ReservationHandle, ShadowMode, SharedBudget, TenantTokenLayer,
 };
 
 /// Starts this test's server, or returns from the test where none is installed.

@@ -12,7 +12,8 @@ use axum::{Extension, Router};
 use common::*;
 use http::StatusCode;
 use tower::{Layer, ServiceExt};
-use tower_tenant_tokens::{RequestBody, ReservationHandle, TenantTokenLayer, TenantTokenTracker};
+use tower_tenant_tokens::body::RequestBody;
+use tower_tenant_tokens::{ReservationHandle, TenantTokenLayer, TenantTokenTracker};
 
 struct App {
     server: TestServer,

@@ -28,7 +28,7 @@
 //!   hide it.
 //! - **Header tenants are validated; extension and function tenants are trusted** (your
 //!   code produced them), except that an empty id counts as missing.
-//! - **The inner service sees [`RequestBody<B>`](crate::RequestBody)** (the client's body
+//! - **The inner service sees [`RequestBody<B>`](crate::body::RequestBody)** (the client's body
 //!   streaming through, or the bytes the body estimator read) and must be `Clone` (a ready
 //!   clone makes the call once the body has been read, as tower's buffering services do).
 //!   axum's routers accept any body.

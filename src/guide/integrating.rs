@@ -109,7 +109,7 @@
 //! [`Unmetered`](crate::MissingEstimate::Unmetered). An estimate that is present but
 //! unusable is always refused with 400.
 //!
-//! The inner service sees a [`RequestBody<B>`](crate::RequestBody): the client's body
+//! The inner service sees a [`RequestBody<B>`](crate::body::RequestBody): the client's body
 //! streaming through, or the bytes a body estimator has already read. It must be `Clone`
 //! (a ready clone makes the call once the body has been read, as tower's buffering services
 //! do); axum's routers accept any body and are `Clone`.
