@@ -9,8 +9,8 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use pin_project_lite::pin_project;
 
-use crate::openai::Tap;
 use crate::reservation::Guard;
+use crate::usage::Tap;
 
 pin_project! {
     /// The body of a response from [`TenantTokenService`](crate::TenantTokenService).

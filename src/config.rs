@@ -37,9 +37,9 @@ pub(crate) struct Config {
     /// Whether streamed requests are asked for their usage (`ask_stream_usage`).
     pub(crate) ask_usage: bool,
     /// Learned output allowances, for requests without an output limit.
-    pub(crate) adaptive: Option<Arc<crate::openai::Adaptive>>,
+    pub(crate) adaptive: Option<Arc<crate::extract::openai::Adaptive>>,
     /// Prompt estimates calibrated per model.
-    pub(crate) calibration: Option<Arc<crate::openai::Calibration>>,
+    pub(crate) calibration: Option<Arc<crate::extract::openai::Calibration>>,
     /// The `Retry-After` of a 429 when it is not derived from hold times.
     pub(crate) retry_after: Duration,
     /// Builds refusal responses instead of the default JSON.
@@ -88,9 +88,9 @@ impl Config {
     }
 
     /// What the estimate of a request by `tenant` uses of what the layer has learned.
-    pub(crate) fn learned<'a>(&'a self, tenant: &'a str) -> crate::openai::Learned<'a> {
+    pub(crate) fn learned<'a>(&'a self, tenant: &'a str) -> crate::extract::openai::Learned<'a> {
         let output = self.adaptive.as_deref();
-        crate::openai::Learned::new(output, self.calibration.as_deref(), tenant)
+        crate::extract::openai::Learned::new(output, self.calibration.as_deref(), tenant)
     }
 
     /// The rarely used options, created on first use.

@@ -105,11 +105,6 @@ pub mod metrics;
 #[cfg(not(feature = "metrics"))]
 #[path = "metrics_off.rs"]
 mod metrics;
-#[cfg(feature = "openai")]
-mod openai;
-#[cfg(not(feature = "openai"))]
-#[path = "openai_off.rs"]
-mod openai;
 #[cfg(feature = "redis")]
 pub mod redis;
 #[cfg(not(feature = "redis"))]
@@ -122,18 +117,23 @@ mod service;
 mod step;
 mod sync;
 mod tracker;
+#[cfg(feature = "openai")]
+mod usage;
+#[cfg(not(feature = "openai"))]
+#[path = "usage_off.rs"]
+mod usage;
 
 pub use self::admit::budget::{BudgetLedger, SharedBudget};
 pub use self::admit::priority::{Priority, PrioritySource};
 pub use self::admit::shadow::ShadowMode;
 pub use self::error::Error;
-pub use self::extract::{EstimateError, Estimator, MissingEstimate, MissingTenant, TenantSource};
-pub use self::layer::TenantTokenLayer;
 #[cfg(feature = "openai")]
-pub use self::openai::{
+pub use self::extract::openai::{
     AdaptiveOutput, CalibratedModel, LearnedOutput, OpenAiEstimate, OpenAiEstimator,
     PromptCalibration,
 };
+pub use self::extract::{EstimateError, Estimator, MissingEstimate, MissingTenant, TenantSource};
+pub use self::layer::TenantTokenLayer;
 pub use self::reject::Rejection;
 pub use self::reservation::ReservationHandle;
 pub use self::service::TenantTokenService;

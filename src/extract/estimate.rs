@@ -8,7 +8,7 @@ use http::header::{HeaderMap, HeaderName, CONTENT_LENGTH};
 use http::request::Parts;
 
 use super::headers::Found;
-use crate::openai::{Features, Learned, OpenAiEstimator};
+use super::openai::{Features, Learned, OpenAiEstimator};
 use crate::Error;
 
 type EstimateFn = dyn Fn(&Parts) -> Result<Option<u64>, EstimateError> + Send + Sync;

@@ -2,6 +2,11 @@
 
 mod estimate;
 mod headers;
+#[cfg(feature = "openai")]
+pub(crate) mod openai;
+#[cfg(not(feature = "openai"))]
+#[path = "openai_off.rs"]
+pub(crate) mod openai;
 mod tenant;
 
 pub use self::estimate::{EstimateError, Estimator, MissingEstimate};

@@ -1,22 +1,16 @@
-//! OpenAI-style JSON (feature `openai`): estimating requests from their bodies, and
-//! reading the usage upstreams report in their responses.
+//! Estimating OpenAI-style JSON bodies (feature `openai`): the estimator, the JSON scanner
+//! it and the usage reader share, and what the layer learns from reported usage to
+//! estimate better (output allowances, prompt calibrations).
 
-mod ask;
 mod calibrate;
 mod estimate;
 pub(crate) mod json_scan;
 mod learn;
-mod metrics;
-mod report;
-mod stream;
-mod tap;
 
-pub(crate) use self::ask::ask;
 pub use self::calibrate::{CalibratedModel, PromptCalibration};
 pub(crate) use self::calibrate::{Features, PromptFeatures};
 pub use self::estimate::{OpenAiEstimate, OpenAiEstimator};
 pub use self::learn::{AdaptiveOutput, LearnedOutput};
-pub(crate) use self::tap::{Learn, Tap};
 
 /// The learned allowances, by the name shared code uses with or without the feature.
 pub(crate) type Adaptive = AdaptiveOutput;

@@ -9,7 +9,7 @@
 use bytes::{Bytes, BytesMut};
 
 use super::stream::LINE;
-use crate::openai::json_scan::{Malformed, Scanner};
+use crate::extract::openai::json_scan::{Malformed, Scanner};
 
 /// The body to forward in place of `body`, when `body` is a streamed request that did not
 /// say whether it wants usage: `stream` is `true` and `stream_options` is absent, or an

@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Mutex;
 
-use crate::openai::json_scan::Str;
+use crate::extract::openai::json_scan::Str;
 
 /// How many counts [`PromptFeatures`] keeps.
 const COUNTS: usize = 8;
@@ -451,7 +451,7 @@ impl fmt::Debug for PromptCalibration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::openai::json_scan::Scanner;
+    use crate::extract::openai::json_scan::Scanner;
 
     fn features(texts: &[&str]) -> PromptFeatures {
         let mut features = PromptFeatures::default();

@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 
 use memchr::memmem;
 
-use crate::openai::json_scan::{read_number, Number, Scanner, Str};
+use crate::extract::openai::json_scan::{read_number, Number, Scanner, Str};
 
 /// The longest usage object read, in bytes; a longer one is passed over.
 pub(crate) const WINDOW: usize = 4096;
@@ -251,7 +251,9 @@ fn read_usage(object: &[u8]) -> Option<Reported> {
 }
 
 /// A whole, non-negative count; anything else is skipped (`None`).
-fn count(json: &mut Scanner<'_>) -> Result<Option<u64>, crate::openai::json_scan::Malformed> {
+fn count(
+    json: &mut Scanner<'_>,
+) -> Result<Option<u64>, crate::extract::openai::json_scan::Malformed> {
     match json.peek() {
         Some(b'0'..=b'9') => Ok(match read_number(json.number()?) {
             Some(Number::Unsigned(tokens)) => Some(tokens),
@@ -263,7 +265,7 @@ fn count(json: &mut Scanner<'_>) -> Result<Option<u64>, crate::openai::json_scan
 
 /// Walks one JSON object, handing each key (as written) to `field` with the scanner at
 /// its value, which `field` must read.
-pub(crate) fn walk_object<'a, E: From<crate::openai::json_scan::Malformed>>(
+pub(crate) fn walk_object<'a, E: From<crate::extract::openai::json_scan::Malformed>>(
     json: &mut Scanner<'a>,
     mut field: impl FnMut(&mut Scanner<'a>, Str<'a>) -> Result<(), E>,
 ) -> Result<(), E> {

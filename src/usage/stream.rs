@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 
 use memchr::memmem;
 
-use crate::openai::json_scan::{Malformed, Scanner};
+use crate::extract::openai::json_scan::{Malformed, Scanner};
 
 use super::report::walk_object;
 

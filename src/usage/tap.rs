@@ -9,10 +9,9 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::ask::Strip;
-use super::calibrate::{Features, PromptCalibration};
-use super::learn::AdaptiveOutput;
 use super::report::Finder;
 use super::stream::Lines;
+use crate::extract::openai::{AdaptiveOutput, Features, PromptCalibration};
 use crate::extract::Estimated;
 use crate::metrics::Tag;
 use crate::reservation::Guard;
