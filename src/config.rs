@@ -1,16 +1,21 @@
 //! The layer's settings, shared by every service it makes.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::request::Parts;
 use http::Response;
 
-use crate::admit::Options;
+use crate::budget::BudgetKeys;
+use crate::extract::PrioritySource;
 use crate::extract::{Estimator, MissingEstimate, MissingTenant, TenantSource};
+use crate::fair::Queue;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
-use crate::Rejection;
+use crate::retry_after::HoldTimes;
+use crate::{Rejection, ShadowMode, SharedBudget};
 
 pub(crate) type RejectFn = dyn Fn(&Rejection) -> Response<Bytes> + Send + Sync;
 
@@ -97,4 +102,48 @@ impl Config {
     pub(crate) fn options_mut(&mut self) -> &mut Options {
         self.options.get_or_insert_with(Box::default)
     }
+
+    /// The budget keys a request draws from: none without budgets. `body` is the body the
+    /// estimator read, `model` the model it found there.
+    #[inline]
+    pub(crate) fn budget_keys(
+        &self,
+        parts: &Parts,
+        body: Option<&Bytes>,
+        model: Option<&str>,
+    ) -> BudgetKeys {
+        match self.options.as_deref() {
+            Some(options) if !options.budgets.is_empty() => {
+                BudgetKeys::find(&options.budgets, parts, body, model)
+            }
+            _ => BudgetKeys::default(),
+        }
+    }
+
+    /// Whether a budget is keyed by the model the estimator finds in the body.
+    pub(crate) fn wants_model(&self) -> bool {
+        let options = self.options.as_deref();
+        options.is_some_and(|options| options.budgets.iter().any(SharedBudget::by_model))
+    }
 }
+
+/// The options few layers use; see [`Config::options`].
+#[derive(Clone, Default)]
+pub(crate) struct Options {
+    pub(crate) shadow: ShadowMode,
+    /// Requests admitted in shadow mode that would have been refused, counted across
+    /// every service the layer (and its clones) made.
+    pub(crate) shadowed: Arc<AtomicU64>,
+    /// Caps shared by every tenant that requests draw from too.
+    pub(crate) budgets: Vec<SharedBudget>,
+    /// Where requests over a cap wait for capacity, when they may.
+    pub(crate) queue: Option<Arc<Queue>>,
+    /// Hold times and the longest `Retry-After` to derive from them, when switched on.
+    pub(crate) hold_times: Option<(Arc<HoldTimes>, Duration)>,
+    /// Where a request's priority class comes from; every request is `Standard` without.
+    pub(crate) priority: Option<PrioritySource>,
+    /// Each tenant's weight in the fair share of a budget; 1 without.
+    pub(crate) weight: Option<Arc<WeightFn>>,
+}
+
+pub(crate) type WeightFn = dyn Fn(&str) -> u32 + Send + Sync;

@@ -12,11 +12,12 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use crate::admit::priority::Priority;
-use crate::admit::Admission;
+use crate::admit::plan::fit_guess;
+use crate::admit::{admit, reject, Admission};
 use crate::body::{RequestBody, ResponseBody};
 use crate::config::{Config, LimitHeaders};
 use crate::extract::BodyEstimate;
+use crate::fair::Priority;
 use crate::headers::{
     limit_field, policy_field, RATELIMIT, RATELIMIT_POLICY, X_RATELIMIT_LIMIT_TOKENS,
     X_RATELIMIT_REMAINING_TOKENS,
@@ -154,7 +155,7 @@ impl<S> Call<S> {
                 call: Some(Box::new((self, body, guard))),
             },
             Step::Now(Err(error)) => State::Rejected {
-                response: Some(Box::new(self.config.reject(error))),
+                response: Some(Box::new(reject(&self.config, error))),
             },
             Step::Later(pending) => {
                 // Waiting holds none of the inner service's readiness: a clone is polled
@@ -359,7 +360,8 @@ where
                             let model = estimated.model.as_deref();
                             let keys = config.budget_keys(&call.parts, Some(&bytes), model);
                             let tokens = match estimated.unlimited {
-                                true => config.fit_guess(
+                                true => fit_guess(
+                                    config,
                                     &tenant,
                                     &keys,
                                     estimated.prompt,
@@ -367,7 +369,7 @@ where
                                 ),
                                 false => estimated.tokens,
                             };
-                            (config.admit(&tenant, tokens, keys, class), Some(estimated))
+                            (admit(config, &tenant, tokens, keys, class), Some(estimated))
                         }
                         Err(error) => (Step::Now(Err(error)), None),
                     };

@@ -9,9 +9,9 @@ use http::header::HeaderName;
 use http::Response;
 use tower_layer::Layer;
 
-use crate::admit::queue::Queue;
 use crate::config::Config;
 use crate::extract::{Estimator, MissingEstimate, MissingTenant, TenantSource};
+use crate::fair::Queue;
 use crate::ledger::Ledger;
 use crate::{Rejection, ShadowMode, SharedBudget, TenantTokenService, TenantTokenTracker};
 

@@ -14,12 +14,16 @@
 use std::fmt;
 use std::sync::Arc;
 
-use crate::admit::priority::Priority;
-use crate::admit::queue::Queue;
-use crate::redis::{RedisReservation, RedisTokenTracker, Turn};
+use crate::fair::Priority;
+use crate::fair::Queue;
+use crate::redis::{RedisReservation, RedisTokenTracker};
 use crate::step::{Pending, Step};
 use crate::tracker::entry::Entry;
 use crate::{Error, TenantTokenTracker, TokenReservation};
+
+/// A waiting request's place in the order Redis keeps, across replicas, for the budgets
+/// in Redis it draws from.
+pub(crate) type Turn = Arc<crate::redis::Turn>;
 
 /// Where reservations are counted.
 #[derive(Clone)]
@@ -61,7 +65,7 @@ impl Ledger {
         &self,
         key: &str,
         tokens: u64,
-        turn: Option<&Arc<Turn>>,
+        turn: Option<&Turn>,
     ) -> Step<Reservation> {
         match (self, turn) {
             (Ledger::Redis(tracker), Some(turn)) => {
@@ -80,7 +84,7 @@ impl Ledger {
         class: Priority,
         weight: u32,
         queue: &Arc<Queue>,
-    ) -> Option<Arc<Turn>> {
+    ) -> Option<Turn> {
         match self {
             Ledger::Local(_) => None,
             Ledger::Redis(tracker) => Some(tracker.turn(tenant, class, weight, queue)),

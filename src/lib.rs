@@ -92,9 +92,11 @@
 
 mod admit;
 pub mod body;
+mod budget;
 mod config;
 mod error;
 mod extract;
+mod fair;
 pub mod future;
 pub mod guide;
 pub mod headers;
@@ -114,6 +116,7 @@ mod reject;
 mod reservation;
 mod retry_after;
 mod service;
+mod shadow;
 mod step;
 mod sync;
 mod tracker;
@@ -123,20 +126,22 @@ mod usage;
 #[path = "usage_off.rs"]
 mod usage;
 
-pub use self::admit::budget::{BudgetLedger, SharedBudget};
-pub use self::admit::priority::{Priority, PrioritySource};
-pub use self::admit::shadow::ShadowMode;
+pub use self::budget::{BudgetLedger, SharedBudget};
 pub use self::error::Error;
 #[cfg(feature = "openai")]
 pub use self::extract::openai::{
     AdaptiveOutput, CalibratedModel, LearnedOutput, OpenAiEstimate, OpenAiEstimator,
     PromptCalibration,
 };
-pub use self::extract::{EstimateError, Estimator, MissingEstimate, MissingTenant, TenantSource};
+pub use self::extract::{
+    EstimateError, Estimator, MissingEstimate, MissingTenant, PrioritySource, TenantSource,
+};
+pub use self::fair::Priority;
 pub use self::layer::TenantTokenLayer;
 pub use self::reject::Rejection;
 pub use self::reservation::ReservationHandle;
 pub use self::service::TenantTokenService;
+pub use self::shadow::ShadowMode;
 pub use self::tracker::{
     TenantScope, TenantTokenState, TenantTokenTracker, TenantTokenTrackerBuilder, TokenReservation,
 };

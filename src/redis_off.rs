@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use crate::admit::priority::Priority;
-use crate::admit::queue::Queue;
+use crate::fair::Priority;
+use crate::fair::Queue;
 use crate::step::{Pending, Step};
 use crate::Error;
 

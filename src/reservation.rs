@@ -4,8 +4,8 @@
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use crate::admit::budget::budget_error;
-use crate::admit::queue::Wake;
+use crate::budget::budget_error;
+use crate::fair::Wake;
 use crate::ledger::{Reservation, Resize, TenantName};
 use crate::metrics::Tag;
 use crate::retry_after::HoldClock;

@@ -9,8 +9,8 @@ use http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
-use crate::admit::plan::Plan;
-use crate::admit::Admission;
+use crate::admit::plan::{plan, plan_in_place, Plan};
+use crate::admit::{admit, reject, Admission};
 use crate::body::{RequestBody, ResponseBody};
 use crate::config::{Config, LimitHeaders};
 use crate::future::{Call, Holding, ReadingBody, ResponseFuture};
@@ -75,20 +75,17 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let (tenant, tokens, class) = match self
-            .config
-            .plan_in_place(request.headers(), request.extensions())
-        {
-            Some(Plan::Reserve(tenant, tokens, class)) => (tenant, tokens, class),
-            Some(Plan::Unmetered) => return self.forward(request, None),
-            Some(Plan::Refuse(error)) => {
-                return ResponseFuture::rejected(self.config.reject(error))
-            }
-            Some(Plan::ReadBody(..)) | None => return self.call_parts(request),
-        };
-        let admission = self
-            .config
-            .admit(&tenant, tokens, Default::default(), class);
+        let config = &self.config;
+        let (tenant, tokens, class) =
+            match plan_in_place(config, request.headers(), request.extensions()) {
+                Some(Plan::Reserve(tenant, tokens, class)) => (tenant, tokens, class),
+                Some(Plan::Unmetered) => return self.forward(request, None),
+                Some(Plan::Refuse(error)) => {
+                    return ResponseFuture::rejected(reject(&self.config, error))
+                }
+                Some(Plan::ReadBody(..)) | None => return self.call_parts(request),
+            };
+        let admission = admit(config, &tenant, tokens, Default::default(), class);
         self.admitted(request, admission)
     }
 }
@@ -104,10 +101,10 @@ impl<S> TenantTokenService<S> {
     {
         let config = &self.config;
         let (parts, body) = request.into_parts();
-        let (tenant, tokens, class) = match config.plan(&parts) {
+        let (tenant, tokens, class) = match plan(config, &parts) {
             Plan::Reserve(tenant, tokens, class) => (tenant, tokens, class),
             Plan::Unmetered => return self.forward(Request::from_parts(parts, body), None),
-            Plan::Refuse(error) => return ResponseFuture::rejected(config.reject(error)),
+            Plan::Refuse(error) => return ResponseFuture::rejected(reject(config, error)),
             Plan::ReadBody(tenant, estimate, class) => {
                 let tenant = tenant.into_owned();
                 let call = Call::new(parts, self.take_ready(), Arc::clone(&self.config));
@@ -116,7 +113,7 @@ impl<S> TenantTokenService<S> {
             }
         };
         let keys = config.budget_keys(&parts, None, None);
-        let admission = config.admit(&tenant, tokens, keys, class);
+        let admission = admit(config, &tenant, tokens, keys, class);
         drop(tenant);
         self.admitted(Request::from_parts(parts, body), admission)
     }
@@ -139,7 +136,7 @@ impl<S> TenantTokenService<S> {
                 }
                 self.forward(request, Some(guard))
             }
-            Step::Now(Err(error)) => ResponseFuture::rejected(self.config.reject(error)),
+            Step::Now(Err(error)) => ResponseFuture::rejected(reject(&self.config, error)),
             Step::Later(pending) => {
                 let (parts, body) = request.into_parts();
                 // The ready service is given back (dropped): a request that waits must not

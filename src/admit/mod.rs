@@ -20,407 +20,404 @@
 //! budget admits it in its turn among the requests waiting on every replica, and a request
 //! over its tenant's cap must not take that turn (see `redis::queue`).
 
-pub(crate) mod budget;
 pub(crate) mod plan;
-pub(crate) mod priority;
-pub(crate) mod queue;
-pub(crate) mod shadow;
+mod refuse;
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+pub(crate) use self::refuse::reject;
+
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Duration;
 
-use self::budget::BudgetKeys;
-use self::priority::{Priority, PrioritySource};
-use self::queue::{Arrival, Queue, Wake, RECHECK};
-use crate::config::Config;
+use crate::budget::BudgetKeys;
+use crate::config::{Config, Options};
+use crate::fair::{Arrival, Priority, Queue, Wake, RECHECK};
 use crate::ledger::Reservation;
+use crate::ledger::Turn;
 use crate::reservation::{Guard, Held, Riders};
-use crate::retry_after::{HoldClock, HoldTimes};
+use crate::retry_after::HoldClock;
 use crate::step::Step;
-use crate::{Error, ShadowMode, SharedBudget};
-
-/// The options few layers use; see [`Config::options`].
-#[derive(Clone, Default)]
-pub(crate) struct Options {
-    pub(crate) shadow: ShadowMode,
-    /// Requests admitted in shadow mode that would have been refused, counted across
-    /// every service the layer (and its clones) made.
-    pub(crate) shadowed: Arc<AtomicU64>,
-    /// Caps shared by every tenant that requests draw from too.
-    pub(crate) budgets: Vec<SharedBudget>,
-    /// Where requests over a cap wait for capacity, when they may.
-    pub(crate) queue: Option<Arc<Queue>>,
-    /// Hold times and the longest `Retry-After` to derive from them, when switched on.
-    pub(crate) hold_times: Option<(Arc<HoldTimes>, Duration)>,
-    /// Where a request's priority class comes from; every request is `Standard` without.
-    pub(crate) priority: Option<PrioritySource>,
-    /// Each tenant's weight in the fair share of a budget; 1 without.
-    pub(crate) weight: Option<Arc<WeightFn>>,
-}
-
-pub(crate) type WeightFn = dyn Fn(&str) -> u32 + Send + Sync;
+use crate::{Error, ShadowMode};
 
 /// The outcome of admitting a request: the guard holding its reservation, or why not.
 pub(crate) type Admission = Step<Guard>;
 
-impl Config {
-    /// Admits `tokens` for `tenant` in `class`, drawing from the budgets under `keys`.
-    #[inline]
-    pub(crate) fn admit(
-        self: &Arc<Self>,
-        tenant: &str,
-        tokens: u64,
-        keys: BudgetKeys,
-        class: Priority,
-    ) -> Admission {
-        let queue = self
-            .options
-            .as_ref()
-            .and_then(|options| options.queue.as_ref());
-        if let Some(queue) = queue {
-            return self.admit_or_wait(tenant, tokens, keys, class, queue);
-        }
-        let with_handle = self.reservation_handle;
-        match self.try_admit(tenant, tokens, &keys, None) {
-            Step::Now(admitted) => Step::Now(admitted.map(|held| Guard::new(held, with_handle))),
-            Step::Later(pending) => {
-                Step::Later(pending).map(move |held| Guard::new(held, with_handle))
-            }
-        }
+/// Admits `tokens` for `tenant` in `class`, drawing from the budgets under `keys`.
+#[inline]
+pub(crate) fn admit(
+    config: &Arc<Config>,
+    tenant: &str,
+    tokens: u64,
+    keys: BudgetKeys,
+    class: Priority,
+) -> Admission {
+    let queue = config
+        .options
+        .as_ref()
+        .and_then(|options| options.queue.as_ref());
+    if let Some(queue) = queue {
+        return admit_or_wait(config, tenant, tokens, keys, class, queue);
     }
-
-    /// [`admit`](Self::admit) in a layer that lets requests wait.
-    fn admit_or_wait(
-        self: &Arc<Self>,
-        tenant: &str,
-        tokens: u64,
-        keys: BudgetKeys,
-        class: Priority,
-        queue: &Arc<Queue>,
-    ) -> Admission {
-        match queue.arrival(tenant, class, &keys) {
-            Arrival::Go => {}
-            Arrival::Queue => return self.wait(tenant, tokens, keys, class, None, None),
-            Arrival::Shed(budget) => {
-                return Step::Now(Err(Error::Shed {
-                    tenant_id: tenant.to_owned(),
-                    budget: budget.into(),
-                }))
-            }
-        }
-        let turn = self.turn(tenant, class, &keys, queue);
-        let with_handle = self.reservation_handle;
-        match self.try_admit(tenant, tokens, &keys, turn.as_ref()) {
-            Step::Now(Err(error)) if may_wait(&error) => {
-                self.wait(tenant, tokens, keys, class, Some(error), turn)
-            }
-            Step::Now(admitted) => Step::Now(admitted.map(|held| Guard::new(held, with_handle))),
-            Step::Later(pending) => {
-                // Redis answers later; a refusal there may still turn into a wait.
-                let (config, tenant) = (Arc::clone(self), tenant.to_owned());
-                Step::Later(Box::pin(async move {
-                    match pending.await {
-                        Err(error) if may_wait(&error) => {
-                            config
-                                .wait(&tenant, tokens, keys, class, Some(error), turn)
-                                .resolve()
-                                .await
-                        }
-                        admitted => admitted.map(|held| Guard::new(held, with_handle)),
-                    }
-                }))
-            }
-        }
-    }
-
-    /// The request's place in the order Redis keeps for the budgets it draws from there,
-    /// when it may wait and draws from one.
-    fn turn(
-        &self,
-        tenant: &str,
-        class: Priority,
-        keys: &BudgetKeys,
-        queue: &Arc<Queue>,
-    ) -> Option<Turn> {
-        let options = self.options.as_deref()?;
-        let weight = options.weight.as_ref().map_or(1, |weight| weight(tenant));
-        keys.turn(tenant, class, weight, queue)
-    }
-
-    /// Steps 2 to 4: the budgets, the tenant's reservation, what rides along.
-    #[inline]
-    fn try_admit(
-        self: &Arc<Self>,
-        tenant: &str,
-        tokens: u64,
-        keys: &BudgetKeys,
-        turn: Option<&Turn>,
-    ) -> Step<Held> {
-        let Some(options) = self.options.as_deref() else {
-            // A plain layer: the ledger's answer is all there is.
-            return match self.ledger.reserve(tenant, tokens) {
-                Step::Now(reserved) => {
-                    Step::Now(reserved.map(|reservation| self.record(reservation, None, None)))
-                }
-                Step::Later(pending) => {
-                    let config = Arc::clone(self);
-                    Step::Later(Box::pin(async move {
-                        Ok(config.record(pending.await?, None, None))
-                    }))
-                }
-            };
-        };
-        if let Some(turn) = turn {
-            return self.try_admit_in_turn(tenant, tokens, keys, turn);
-        }
-        let (budgets, shadowed) = match options.draw(tenant, tokens, keys, None) {
-            Step::Now(Ok(drawn)) => drawn,
-            Step::Now(Err(error)) => return Step::Now(Err(error)),
-            Step::Later(drawing) => {
-                // A budget in Redis: the tenant's reservation once the budgets are held.
-                let (config, tenant) = (Arc::clone(self), tenant.to_owned());
-                return Step::Later(Box::pin(async move {
-                    let (budgets, shadowed) = drawing.await?;
-                    let options = config.options.as_deref().expect("checked above");
-                    let reserved = config.reserve_or_shadow(&tenant, tokens, &options.shadow);
-                    let (reservation, refused) = reserved.resolve().await?;
-                    Ok(config.hold(options, reservation, budgets, refused.or(shadowed)))
-                }));
-            }
-        };
-        match self.reserve_or_shadow(tenant, tokens, &options.shadow) {
-            Step::Now(reserved) => Step::Now(reserved.map(|(reservation, refused)| {
-                self.hold(options, reservation, budgets, refused.or(shadowed))
-            })),
-            Step::Later(pending) => {
-                let config = Arc::clone(self);
-                Step::Later(Box::pin(async move {
-                    let (reservation, refused) = pending.await?;
-                    let options = config.options.as_deref().expect("checked above");
-                    Ok(config.hold(options, reservation, budgets, refused.or(shadowed)))
-                }))
-            }
-        }
-    }
-
-    /// Steps 2 to 4 for a request with a place in the order Redis keeps for its budgets:
-    /// the tenant's reservation first, then the budgets in its turn. A request over its
-    /// tenant's cap so never takes the budgets' turn, nor counts tokens it was not served,
-    /// nor wakes the others by giving back a budget it could not use.
-    fn try_admit_in_turn(
-        self: &Arc<Self>,
-        tenant: &str,
-        tokens: u64,
-        keys: &BudgetKeys,
-        turn: &Turn,
-    ) -> Step<Held> {
-        let (config, tenant, keys) = (Arc::clone(self), tenant.to_owned(), keys.clone());
-        let turn = turn.clone();
-        Step::Later(Box::pin(async move {
-            let options = config
-                .options
-                .as_deref()
-                .expect("a turn comes with options");
-            let reserved = config.reserve_or_shadow(&tenant, tokens, &options.shadow);
-            let (reservation, refused) = reserved.resolve().await?;
-            // Refused here, the tenant's reservation is dropped: released at once.
-            let drawn = options.draw(&tenant, tokens, &keys, Some(&turn));
-            let (budgets, shadowed) = drawn.resolve().await?;
-            Ok(config.hold(options, reservation, budgets, refused.or(shadowed)))
-        }))
-    }
-
-    /// Reserves `tokens` for `tenant` in the ledger. A refusal that `shadow` covers is
-    /// reserved regardless, and handed back beside the reservation.
-    fn reserve_or_shadow(
-        &self,
-        tenant: &str,
-        tokens: u64,
-        shadow: &ShadowMode,
-    ) -> Step<(Reservation, Option<Error>)> {
-        match self.ledger.reserve(tenant, tokens) {
-            Step::Now(Ok(reservation)) => Step::Now(Ok((reservation, None))),
-            Step::Now(Err(error)) if shadow.covers(tenant, &error) => self
-                .ledger
-                .reserve_unchecked(tenant, tokens)
-                .map(|reservation| (reservation, Some(error))),
-            Step::Now(Err(error)) => Step::Now(Err(error)),
-            Step::Later(pending) => {
-                let (ledger, tenant, shadow) =
-                    (self.ledger.clone(), tenant.to_owned(), shadow.clone());
-                Step::Later(Box::pin(async move {
-                    match pending.await {
-                        Ok(reservation) => Ok((reservation, None)),
-                        Err(error) if shadow.covers(&tenant, &error) => {
-                            let reservation = ledger.reserve_unchecked(&tenant, tokens);
-                            Ok((reservation.resolve().await?, Some(error)))
-                        }
-                        Err(error) => Err(error),
-                    }
-                }))
-            }
-        }
-    }
-
-    /// A reservation the ledger granted, with what rides along with it; `shadowed` is the
-    /// refusal shadow mode overrode, if it did.
-    fn hold(
-        &self,
-        options: &Options,
-        reservation: Reservation,
-        budgets: Vec<Reservation>,
-        shadowed: Option<Error>,
-    ) -> Held {
-        let wake = options.queue.as_ref().map(|queue| {
-            // What the fair share of the budgets counts.
-            let counted = (!budgets.is_empty()).then(|| {
-                let tenant = reservation.tenant_id();
-                let weight = options.weight.as_ref().map_or(1, |weight| weight(tenant));
-                queue.served(tenant, reservation.tokens(), weight);
-                self.metrics.budget_served(tenant, reservation.tokens());
-                Box::from(tenant)
-            });
-            Wake {
-                queue: Arc::clone(queue),
-                counted,
-            }
-        });
-        let riders = Riders {
-            budgets,
-            clock: options
-                .hold_times
-                .as_ref()
-                .map(|(times, _)| HoldClock::start(times)),
-            wake,
-        };
-        if let Some(error) = &shadowed {
-            options.shadowed.fetch_add(1, Relaxed);
-            tracing::info!(
-                tenant = error.tenant_id(),
-                code = error.code(),
-                shadow = true,
-                "shadow: would refuse ({error}); admitted"
-            );
-        }
-        self.record(reservation, Some(Box::new(riders)), shadowed.as_ref())
-    }
-
-    /// Logs the admission, and tells the metrics recorder.
-    #[inline]
-    fn record(
-        &self,
-        reservation: Reservation,
-        riders: Option<Box<Riders>>,
-        shadowed: Option<&Error>,
-    ) -> Held {
-        let (tenant, tokens) = (reservation.tenant_id(), reservation.tokens());
-        tracing::debug!(tenant, tokens, "admitted token reservation");
-        let tag = match shadowed {
-            Some(error) => self.metrics.shadowed(tenant, tokens, error.code()),
-            None => self.metrics.admitted(tenant, tokens),
-        };
-        Held::new(reservation, riders, tag)
-    }
-
-    /// Waits in the queue until it is the request's turn and it fits, or its time is up
-    /// (then the last refusal stands). Dropping the future leaves the queue and holds
-    /// nothing.
-    fn wait(
-        self: &Arc<Self>,
-        tenant: &str,
-        tokens: u64,
-        keys: BudgetKeys,
-        class: Priority,
-        refused: Option<Error>,
-        turn: Option<Turn>,
-    ) -> Admission {
-        let (config, tenant) = (Arc::clone(self), tenant.to_owned());
-        Step::Later(Box::pin(async move {
-            let queue = config.options.as_ref().and_then(|o| o.queue.clone());
-            let queue = queue.expect("only called with a queue");
-            let turn = turn.or_else(|| config.turn(&tenant, class, &keys, &queue));
-            // A budget in Redis orders its waiting requests there, across replicas.
-            let here = refused
-                .as_ref()
-                .filter(|error| !orders(turn.as_ref(), error));
-            let Some(ticket) = queue.enqueue(&tenant, class, here) else {
-                // The queue is full: refused at once.
-                return Err(refused.unwrap_or_else(|| config.ledger.overloaded(&tenant, tokens)));
-            };
-            let started = tokio::time::Instant::now();
-            let deadline = started + queue.max_wait;
-            let _waiting = Waiting::start(&config.metrics, class, started);
-            let mut refused = refused;
-            loop {
-                if ticket.may_try(&keys) {
-                    let tried = config.try_admit(&tenant, tokens, &keys, turn.as_ref());
-                    match tried.resolve().await {
-                        Ok(held) => {
-                            drop(ticket); // the next in line may fit too: it is woken
-                            tracing::debug!(tenant, tokens, "admitted after waiting");
-                            return Ok(Guard::new(held, config.reservation_handle));
-                        }
-                        Err(error) if may_wait(&error) => {
-                            let ordered = orders(turn.as_ref(), &error);
-                            if !ordered {
-                                // Waiting for something else (its tenant's cap): no place
-                                // held in Redis's order meanwhile.
-                                give_up(turn.as_ref());
-                            }
-                            ticket.refused(&error, ordered);
-                            refused = Some(error);
-                        }
-                        Err(error) => return Err(error),
-                    }
-                } else {
-                    // Others go first here: no place held in Redis's order meanwhile.
-                    give_up(turn.as_ref());
-                }
-                let now = tokio::time::Instant::now();
-                if now >= deadline {
-                    return Err(
-                        refused.unwrap_or_else(|| config.ledger.overloaded(&tenant, tokens))
-                    );
-                }
-                ticket.wait(RECHECK.min(deadline - now)).await;
-            }
-        }))
+    let with_handle = config.reservation_handle;
+    match try_admit(config, tenant, tokens, &keys, None) {
+        Step::Now(admitted) => Step::Now(admitted.map(|held| Guard::new(held, with_handle))),
+        Step::Later(pending) => Step::Later(pending).map(move |held| Guard::new(held, with_handle)),
     }
 }
 
-impl Options {
-    /// Reserves in every budget the request draws from, with the refusal shadow mode
-    /// overrode, if it did.
-    fn draw(
-        &self,
-        tenant: &str,
-        tokens: u64,
-        keys: &BudgetKeys,
-        turn: Option<&Turn>,
-    ) -> Step<(Vec<Reservation>, Option<Error>)> {
-        if keys.is_empty() {
-            return Step::Now(Ok((Vec::new(), None)));
+/// [`admit`](Self::admit) in a layer that lets requests wait.
+fn admit_or_wait(
+    config: &Arc<Config>,
+    tenant: &str,
+    tokens: u64,
+    keys: BudgetKeys,
+    class: Priority,
+    queue: &Arc<Queue>,
+) -> Admission {
+    match queue.arrival(tenant, class, &keys) {
+        Arrival::Go => {}
+        Arrival::Queue => return wait(config, tenant, tokens, keys, class, None, None),
+        Arrival::Shed(budget) => {
+            return Step::Now(Err(Error::Shed {
+                tenant_id: tenant.to_owned(),
+                budget: budget.into(),
+            }))
         }
-        match keys.reserve(tokens, false, turn) {
-            Step::Now(Ok(budgets)) => Step::Now(Ok((budgets, None))),
-            Step::Now(Err(error)) if self.shadow.covers(tenant, &error) => keys
-                .reserve(tokens, true, None)
-                .map(|budgets| (budgets, Some(error))),
-            Step::Now(Err(error)) => Step::Now(Err(error)),
-            Step::Later(pending) => {
-                let (shadow, tenant, keys) = (self.shadow.clone(), tenant.to_owned(), keys.clone());
-                Step::Later(Box::pin(async move {
-                    match pending.await {
-                        Ok(budgets) => Ok((budgets, None)),
-                        Err(error) if shadow.covers(&tenant, &error) => {
-                            let budgets = keys.reserve(tokens, true, None).resolve().await?;
-                            Ok((budgets, Some(error)))
-                        }
-                        Err(error) => Err(error),
+    }
+    let turn = turn_for(config, tenant, class, &keys, queue);
+    let with_handle = config.reservation_handle;
+    match try_admit(config, tenant, tokens, &keys, turn.as_ref()) {
+        Step::Now(Err(error)) if may_wait(&error) => {
+            wait(config, tenant, tokens, keys, class, Some(error), turn)
+        }
+        Step::Now(admitted) => Step::Now(admitted.map(|held| Guard::new(held, with_handle))),
+        Step::Later(pending) => {
+            // Redis answers later; a refusal there may still turn into a wait.
+            let (config, tenant) = (Arc::clone(config), tenant.to_owned());
+            Step::Later(Box::pin(async move {
+                let config = &config;
+                match pending.await {
+                    Err(error) if may_wait(&error) => {
+                        wait(config, &tenant, tokens, keys, class, Some(error), turn)
+                            .resolve()
+                            .await
                     }
+                    admitted => admitted.map(|held| Guard::new(held, with_handle)),
+                }
+            }))
+        }
+    }
+}
+
+/// The request's place in the order Redis keeps for the budgets it draws from there,
+/// when it may wait and draws from one.
+fn turn_for(
+    config: &Config,
+    tenant: &str,
+    class: Priority,
+    keys: &BudgetKeys,
+    queue: &Arc<Queue>,
+) -> Option<Turn> {
+    let options = config.options.as_deref()?;
+    let weight = options.weight.as_ref().map_or(1, |weight| weight(tenant));
+    keys.turn(tenant, class, weight, queue)
+}
+
+/// Steps 2 to 4: the budgets, the tenant's reservation, what rides along.
+#[inline]
+fn try_admit(
+    config: &Arc<Config>,
+    tenant: &str,
+    tokens: u64,
+    keys: &BudgetKeys,
+    turn: Option<&Turn>,
+) -> Step<Held> {
+    let Some(options) = config.options.as_deref() else {
+        // A plain layer: the ledger's answer is all there is.
+        return match config.ledger.reserve(tenant, tokens) {
+            Step::Now(reserved) => {
+                Step::Now(reserved.map(|reservation| record(config, reservation, None, None)))
+            }
+            Step::Later(pending) => {
+                let config = Arc::clone(config);
+                Step::Later(Box::pin(async move {
+                    let config = &config;
+                    Ok(record(config, pending.await?, None, None))
                 }))
             }
+        };
+    };
+    if let Some(turn) = turn {
+        return try_admit_in_turn(config, tenant, tokens, keys, turn);
+    }
+    let (budgets, shadowed) = match draw(options, tenant, tokens, keys, None) {
+        Step::Now(Ok(drawn)) => drawn,
+        Step::Now(Err(error)) => return Step::Now(Err(error)),
+        Step::Later(drawing) => {
+            // A budget in Redis: the tenant's reservation once the budgets are held.
+            let (config, tenant) = (Arc::clone(config), tenant.to_owned());
+            return Step::Later(Box::pin(async move {
+                let config = &config;
+                let (budgets, shadowed) = drawing.await?;
+                let options = config.options.as_deref().expect("checked above");
+                let reserved = reserve_or_shadow(config, &tenant, tokens, &options.shadow);
+                let (reservation, refused) = reserved.resolve().await?;
+                Ok(hold(
+                    config,
+                    options,
+                    reservation,
+                    budgets,
+                    refused.or(shadowed),
+                ))
+            }));
+        }
+    };
+    match reserve_or_shadow(config, tenant, tokens, &options.shadow) {
+        Step::Now(reserved) => Step::Now(reserved.map(|(reservation, refused)| {
+            hold(config, options, reservation, budgets, refused.or(shadowed))
+        })),
+        Step::Later(pending) => {
+            let config = Arc::clone(config);
+            Step::Later(Box::pin(async move {
+                let config = &config;
+                let (reservation, refused) = pending.await?;
+                let options = config.options.as_deref().expect("checked above");
+                Ok(hold(
+                    config,
+                    options,
+                    reservation,
+                    budgets,
+                    refused.or(shadowed),
+                ))
+            }))
+        }
+    }
+}
+
+/// Steps 2 to 4 for a request with a place in the order Redis keeps for its budgets:
+/// the tenant's reservation first, then the budgets in its turn. A request over its
+/// tenant's cap so never takes the budgets' turn, nor counts tokens it was not served,
+/// nor wakes the others by giving back a budget it could not use.
+fn try_admit_in_turn(
+    config: &Arc<Config>,
+    tenant: &str,
+    tokens: u64,
+    keys: &BudgetKeys,
+    turn: &Turn,
+) -> Step<Held> {
+    let (config, tenant, keys) = (Arc::clone(config), tenant.to_owned(), keys.clone());
+    let turn = turn.clone();
+    Step::Later(Box::pin(async move {
+        let config = &config;
+        let options = config
+            .options
+            .as_deref()
+            .expect("a turn comes with options");
+        let reserved = reserve_or_shadow(config, &tenant, tokens, &options.shadow);
+        let (reservation, refused) = reserved.resolve().await?;
+        // Refused here, the tenant's reservation is dropped: released at once.
+        let drawn = draw(options, &tenant, tokens, &keys, Some(&turn));
+        let (budgets, shadowed) = drawn.resolve().await?;
+        Ok(hold(
+            config,
+            options,
+            reservation,
+            budgets,
+            refused.or(shadowed),
+        ))
+    }))
+}
+
+/// Reserves `tokens` for `tenant` in the ledger. A refusal that `shadow` covers is
+/// reserved regardless, and handed back beside the reservation.
+fn reserve_or_shadow(
+    config: &Config,
+    tenant: &str,
+    tokens: u64,
+    shadow: &ShadowMode,
+) -> Step<(Reservation, Option<Error>)> {
+    match config.ledger.reserve(tenant, tokens) {
+        Step::Now(Ok(reservation)) => Step::Now(Ok((reservation, None))),
+        Step::Now(Err(error)) if shadow.covers(tenant, &error) => config
+            .ledger
+            .reserve_unchecked(tenant, tokens)
+            .map(|reservation| (reservation, Some(error))),
+        Step::Now(Err(error)) => Step::Now(Err(error)),
+        Step::Later(pending) => {
+            let (ledger, tenant, shadow) =
+                (config.ledger.clone(), tenant.to_owned(), shadow.clone());
+            Step::Later(Box::pin(async move {
+                match pending.await {
+                    Ok(reservation) => Ok((reservation, None)),
+                    Err(error) if shadow.covers(&tenant, &error) => {
+                        let reservation = ledger.reserve_unchecked(&tenant, tokens);
+                        Ok((reservation.resolve().await?, Some(error)))
+                    }
+                    Err(error) => Err(error),
+                }
+            }))
+        }
+    }
+}
+
+/// A reservation the ledger granted, with what rides along with it; `shadowed` is the
+/// refusal shadow mode overrode, if it did.
+fn hold(
+    config: &Config,
+    options: &Options,
+    reservation: Reservation,
+    budgets: Vec<Reservation>,
+    shadowed: Option<Error>,
+) -> Held {
+    let wake = options.queue.as_ref().map(|queue| {
+        // What the fair share of the budgets counts.
+        let counted = (!budgets.is_empty()).then(|| {
+            let tenant = reservation.tenant_id();
+            let weight = options.weight.as_ref().map_or(1, |weight| weight(tenant));
+            queue.served(tenant, reservation.tokens(), weight);
+            config.metrics.budget_served(tenant, reservation.tokens());
+            Box::from(tenant)
+        });
+        Wake {
+            queue: Arc::clone(queue),
+            counted,
+        }
+    });
+    let riders = Riders {
+        budgets,
+        clock: options
+            .hold_times
+            .as_ref()
+            .map(|(times, _)| HoldClock::start(times)),
+        wake,
+    };
+    if let Some(error) = &shadowed {
+        options.shadowed.fetch_add(1, Relaxed);
+        tracing::info!(
+            tenant = error.tenant_id(),
+            code = error.code(),
+            shadow = true,
+            "shadow: would refuse ({error}); admitted"
+        );
+    }
+    record(
+        config,
+        reservation,
+        Some(Box::new(riders)),
+        shadowed.as_ref(),
+    )
+}
+
+/// Logs the admission, and tells the metrics recorder.
+#[inline]
+fn record(
+    config: &Config,
+    reservation: Reservation,
+    riders: Option<Box<Riders>>,
+    shadowed: Option<&Error>,
+) -> Held {
+    let (tenant, tokens) = (reservation.tenant_id(), reservation.tokens());
+    tracing::debug!(tenant, tokens, "admitted token reservation");
+    let tag = match shadowed {
+        Some(error) => config.metrics.shadowed(tenant, tokens, error.code()),
+        None => config.metrics.admitted(tenant, tokens),
+    };
+    Held::new(reservation, riders, tag)
+}
+
+/// Waits in the queue until it is the request's turn and it fits, or its time is up
+/// (then the last refusal stands). Dropping the future leaves the queue and holds
+/// nothing.
+fn wait(
+    config: &Arc<Config>,
+    tenant: &str,
+    tokens: u64,
+    keys: BudgetKeys,
+    class: Priority,
+    refused: Option<Error>,
+    turn: Option<Turn>,
+) -> Admission {
+    let (config, tenant) = (Arc::clone(config), tenant.to_owned());
+    Step::Later(Box::pin(async move {
+        let config = &config;
+        let queue = config.options.as_ref().and_then(|o| o.queue.clone());
+        let queue = queue.expect("only called with a queue");
+        let turn = turn.or_else(|| turn_for(config, &tenant, class, &keys, &queue));
+        // A budget in Redis orders its waiting requests there, across replicas.
+        let here = refused
+            .as_ref()
+            .filter(|error| !orders(turn.as_ref(), error));
+        let Some(ticket) = queue.enqueue(&tenant, class, here) else {
+            // The queue is full: refused at once.
+            return Err(refused.unwrap_or_else(|| config.ledger.overloaded(&tenant, tokens)));
+        };
+        let started = tokio::time::Instant::now();
+        let deadline = started + queue.max_wait;
+        let _waiting = Waiting::start(&config.metrics, class, started);
+        let mut refused = refused;
+        loop {
+            if ticket.may_try(&keys) {
+                let tried = try_admit(config, &tenant, tokens, &keys, turn.as_ref());
+                match tried.resolve().await {
+                    Ok(held) => {
+                        drop(ticket); // the next in line may fit too: it is woken
+                        tracing::debug!(tenant, tokens, "admitted after waiting");
+                        return Ok(Guard::new(held, config.reservation_handle));
+                    }
+                    Err(error) if may_wait(&error) => {
+                        let ordered = orders(turn.as_ref(), &error);
+                        if !ordered {
+                            // Waiting for something else (its tenant's cap): no place
+                            // held in Redis's order meanwhile.
+                            give_up(turn.as_ref());
+                        }
+                        ticket.refused(&error, ordered);
+                        refused = Some(error);
+                    }
+                    Err(error) => return Err(error),
+                }
+            } else {
+                // Others go first here: no place held in Redis's order meanwhile.
+                give_up(turn.as_ref());
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(refused.unwrap_or_else(|| config.ledger.overloaded(&tenant, tokens)));
+            }
+            ticket.wait(RECHECK.min(deadline - now)).await;
+        }
+    }))
+}
+
+/// Reserves in every budget the request draws from, with the refusal shadow mode
+/// overrode, if it did.
+fn draw(
+    options: &Options,
+    tenant: &str,
+    tokens: u64,
+    keys: &BudgetKeys,
+    turn: Option<&Turn>,
+) -> Step<(Vec<Reservation>, Option<Error>)> {
+    if keys.is_empty() {
+        return Step::Now(Ok((Vec::new(), None)));
+    }
+    match keys.reserve(tokens, false, turn) {
+        Step::Now(Ok(budgets)) => Step::Now(Ok((budgets, None))),
+        Step::Now(Err(error)) if options.shadow.covers(tenant, &error) => keys
+            .reserve(tokens, true, None)
+            .map(|budgets| (budgets, Some(error))),
+        Step::Now(Err(error)) => Step::Now(Err(error)),
+        Step::Later(pending) => {
+            let (shadow, tenant, keys) = (options.shadow.clone(), tenant.to_owned(), keys.clone());
+            Step::Later(Box::pin(async move {
+                match pending.await {
+                    Ok(budgets) => Ok((budgets, None)),
+                    Err(error) if shadow.covers(&tenant, &error) => {
+                        let budgets = keys.reserve(tokens, true, None).resolve().await?;
+                        Ok((budgets, Some(error)))
+                    }
+                    Err(error) => Err(error),
+                }
+            }))
         }
     }
 }
@@ -454,10 +451,6 @@ impl Drop for Waiting<'_> {
         self.metrics.waited(self.class, waited);
     }
 }
-
-/// A waiting request's place in the order Redis keeps, across replicas, for the budgets
-/// in Redis it draws from.
-pub(crate) type Turn = Arc<crate::redis::Turn>;
 
 /// Whether `error` is the refusal of a budget that orders its waiters in Redis.
 fn orders(turn: Option<&Turn>, error: &Error) -> bool {

@@ -7,11 +7,13 @@ pub(crate) mod openai;
 #[cfg(not(feature = "openai"))]
 #[path = "openai_off.rs"]
 pub(crate) mod openai;
+mod priority;
 mod tenant;
 
 pub use self::estimate::{EstimateError, Estimator, MissingEstimate};
+pub use self::priority::PrioritySource;
 pub use self::tenant::{MissingTenant, TenantSource};
 
 pub(crate) use self::estimate::{header_estimate, BodyEstimate, Estimated, Plan};
-pub(crate) use self::headers::{find_pair, Found};
+pub(crate) use self::headers::find_pair;
 pub(crate) use self::tenant::header_tenant;

@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use super::{RedisReservation, RedisTokenTracker, Turn};
-use crate::admit::priority::Priority;
-use crate::admit::queue::Queue;
+use crate::fair::Priority;
+use crate::fair::Queue;
 use crate::step::Step;
 
 impl RedisTokenTracker {

@@ -42,8 +42,8 @@ use super::lease::{Lease, RedisReservation};
 use super::list::escape_glob;
 use super::scripts::CORE;
 use super::tracker::{Inner, RedisTokenTracker};
-use crate::admit::priority::Priority;
-use crate::admit::queue::Queue;
+use crate::fair::Priority;
+use crate::fair::Queue;
 use crate::Error;
 
 /// The ticket helpers, after the lease helpers (`KEYS[1]` the budget's leases).

@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use super::budget::BudgetKeys;
 use super::priority::Priority;
 use crate::Error;
 
@@ -28,6 +27,12 @@ pub(crate) const RECHECK: Duration = Duration::from_millis(50);
 
 /// How many tenants' counters are kept at most while none of their requests wait.
 const KEEP_IDLE_COUNTERS: usize = 4_096;
+
+/// The shared budgets a request draws from, as the queue asks about them.
+pub(crate) trait Draws {
+    /// Whether the request draws from the budget keyed `key`.
+    fn draws_from(&self, key: &str) -> bool;
+}
 
 /// The requests waiting for capacity, and every tenant's virtual token counter.
 #[derive(Debug)]
@@ -97,7 +102,7 @@ impl Queue {
     /// served), nor while a request of its class or a higher one waits for a budget it
     /// draws from. A sheddable request is refused instead while anyone waits for one.
     #[inline]
-    pub(crate) fn arrival(&self, tenant: &str, class: Priority, keys: &BudgetKeys) -> Arrival {
+    pub(crate) fn arrival(&self, tenant: &str, class: Priority, keys: &impl Draws) -> Arrival {
         if self.queued.load(Relaxed) == 0 {
             return Arrival::Go;
         }
@@ -111,7 +116,7 @@ impl Queue {
             let Some(budget) = waiter.budget.as_deref() else {
                 continue;
             };
-            if !keys.contains(budget) {
+            if !keys.draws_from(budget) {
                 continue;
             }
             if class == Priority::Sheddable {
@@ -275,7 +280,7 @@ impl Ticket {
     /// every budget it draws from that others wait for, it comes first among the tenants'
     /// first requests waiting for that budget (by class, then the least served, then the
     /// earliest).
-    pub(crate) fn may_try(&self, keys: &BudgetKeys) -> bool {
+    pub(crate) fn may_try(&self, keys: &impl Draws) -> bool {
         let state = self.queue.lock();
         let Some(own) = state.tenants.get(&*self.tenant) else {
             return false;
@@ -295,7 +300,7 @@ impl Ticket {
             let Some(budget) = head.budget.as_deref() else {
                 continue;
             };
-            if keys.contains(budget) && greater(rank(head, other.served), mine) {
+            if keys.draws_from(budget) && greater(rank(head, other.served), mine) {
                 return false;
             }
         }

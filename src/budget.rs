@@ -6,9 +6,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::request::Parts;
 
-use super::priority::Priority;
-use super::queue::Queue;
-use super::Turn;
+use crate::fair::{Draws, Priority, Queue};
+use crate::ledger::Turn;
 use crate::ledger::{Ledger, Reservation};
 use crate::step::Step;
 use crate::{Error, TenantTokenTracker};
@@ -156,7 +155,7 @@ impl SharedBudget {
     }
 
     /// Whether this budget is keyed by the model, which the estimator is then asked for.
-    fn by_model(&self) -> bool {
+    pub(crate) fn by_model(&self) -> bool {
         matches!(self.key, Key::Fn { by_model: true, .. })
     }
 }
@@ -184,7 +183,7 @@ pub(crate) struct BudgetKeys(Option<Vec<(Ledger, String)>>);
 
 impl BudgetKeys {
     #[inline]
-    fn find(
+    pub(crate) fn find(
         budgets: &[SharedBudget],
         parts: &Parts,
         body: Option<&Bytes>,
@@ -243,12 +242,6 @@ impl BudgetKeys {
         keys.iter().map(|(ledger, key)| ledger.cap(key)).min()
     }
 
-    /// Whether the request draws from the budget keyed `key`.
-    pub(crate) fn contains(&self, key: &str) -> bool {
-        let keys = self.0.as_deref().unwrap_or_default();
-        keys.iter().any(|(_, drawn)| drawn == key)
-    }
-
     /// A place in the order kept across replicas by the first budget it draws from that
     /// keeps one (a budget in Redis); `None` when none does.
     pub(crate) fn turn(
@@ -266,6 +259,13 @@ impl BudgetKeys {
     #[inline]
     pub(crate) fn is_empty(&self) -> bool {
         self.0.as_ref().map_or(true, Vec::is_empty)
+    }
+}
+
+impl Draws for BudgetKeys {
+    fn draws_from(&self, key: &str) -> bool {
+        let keys = self.0.as_deref().unwrap_or_default();
+        keys.iter().any(|(_, drawn)| drawn == key)
     }
 }
 
@@ -304,30 +304,5 @@ pub(crate) fn budget_error(budget: &str, error: Error) -> Error {
             cap,
         },
         other => other,
-    }
-}
-
-impl crate::config::Config {
-    /// The budget keys a request draws from: none without budgets. `body` is the body the
-    /// estimator read, `model` the model it found there.
-    #[inline]
-    pub(crate) fn budget_keys(
-        &self,
-        parts: &Parts,
-        body: Option<&Bytes>,
-        model: Option<&str>,
-    ) -> BudgetKeys {
-        match self.options.as_deref() {
-            Some(options) if !options.budgets.is_empty() => {
-                BudgetKeys::find(&options.budgets, parts, body, model)
-            }
-            _ => BudgetKeys::default(),
-        }
-    }
-
-    /// Whether a budget is keyed by the model the estimator finds in the body.
-    pub(crate) fn wants_model(&self) -> bool {
-        let options = self.options.as_deref();
-        options.is_some_and(|options| options.budgets.iter().any(SharedBudget::by_model))
     }
 }
