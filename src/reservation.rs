@@ -54,10 +54,6 @@ impl Held {
         }
     }
 
-    pub(crate) fn tenant_id(&self) -> &str {
-        self.reservation.tenant_id()
-    }
-
     pub(crate) fn tokens(&self) -> u64 {
         self.reservation.tokens()
     }
@@ -147,15 +143,6 @@ impl Held {
         let now = self.tokens();
         self.tag.resized(before, now);
     }
-
-    #[inline]
-    fn log_release(&self) {
-        tracing::debug!(
-            tenant = self.tenant_id(),
-            tokens = self.tokens(),
-            "released token reservation"
-        );
-    }
 }
 
 impl Drop for Held {
@@ -209,15 +196,11 @@ impl Guard {
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        match self {
-            // Released right after this, when the field is dropped.
-            Guard::Owned(held) => held.log_release(),
-            // Released here, while the handle may live on in a handler's hands.
-            Guard::Shared(handle) => {
-                if let Some(held) = handle.lock().take() {
-                    held.log_release();
-                }
-            }
+        // Owned, it is released right after this, when the field is dropped; shared, it
+        // is released here, while the handle may live on in a handler's hands.
+        if let Guard::Shared(handle) = self {
+            let held = handle.lock().take();
+            drop(held);
         }
     }
 }

@@ -316,7 +316,6 @@ fn record(
     shadowed: Option<&Error>,
 ) -> Held {
     let (tenant, tokens) = (reservation.tenant_id(), reservation.tokens());
-    tracing::debug!(tenant, tokens, "admitted token reservation");
     let tag = match shadowed {
         Some(error) => config.metrics.shadowed(tenant, tokens, error.code()),
         None => config.metrics.admitted(tenant, tokens),

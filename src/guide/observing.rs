@@ -128,6 +128,8 @@
 //! # Logs
 //!
 //! The layer logs through `tracing`: refusals at `info` (tenant, tokens, in flight, cap),
-//! admissions and releases at `debug`. With Redis, the circuit breaker opening and closing
+//! and a request admitted after waiting at `debug`. Admissions and releases are not logged
+//! one by one: even a disabled log line costs every request, and the metrics count them
+//! (tower-http's `TraceLayer` logs each request, if you want that). With Redis, the circuit breaker opening and closing
 //! is logged at `warn` and each request answered by the failure policy at `debug` (see
 //! [replicas](super::replicas#when-redis-is-unreachable)).
