@@ -10,7 +10,6 @@ use http_body_util::Full;
 use pin_project_lite::pin_project;
 
 use crate::reservation::Guard;
-use crate::usage::Tap;
 
 pin_project! {
     /// The body of a response from [`TenantTokenService`](crate::TenantTokenService).
@@ -34,7 +33,6 @@ pin_project! {
     #[project = KindProj]
     enum Kind<B> {
         Inner { #[pin] body: B, guard: Option<Guard> },
-        Tapped { #[pin] body: B, tap: Box<Tap> },
         Rejected { data: Option<Bytes> },
     }
 }
@@ -43,13 +41,6 @@ impl<B> ResponseBody<B> {
     pub(crate) fn inner(body: B, guard: Option<Guard>) -> Self {
         Self {
             kind: Kind::Inner { body, guard },
-        }
-    }
-
-    /// A body whose usage `tap` reads; `tap` holds the reservation.
-    pub(crate) fn tapped(body: B, tap: Box<Tap>) -> Self {
-        Self {
-            kind: Kind::Tapped { body, tap },
         }
     }
 
@@ -74,68 +65,76 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         match self.project().kind.project() {
-            KindProj::Inner { mut body, guard } => {
-                let frame = ready!(body.as_mut().poll_frame(cx));
-                // A consumer that knows the length (Content-Length) stops polling after the
-                // last frame, so "end of stream" is checked after each frame too.
-                if !matches!(frame, Some(Ok(_))) || body.is_end_stream() {
-                    guard.take();
-                }
-                Poll::Ready(frame)
-            }
-            KindProj::Tapped { mut body, tap } if tap.strips() => loop {
-                if !tap.holds() {
-                    return Poll::Ready(None); // ended: the rest went with the last frame
-                }
-                let (data, ended) = match ready!(body.as_mut().poll_frame(cx)) {
-                    Some(Ok(frame)) => match frame.into_data() {
-                        Ok(mut data) => {
-                            let data = data.copy_to_bytes(data.remaining());
-                            (tap.pass(data), body.is_end_stream())
+            KindProj::Inner { mut body, guard } => match guard {
+                Some(reading) if reading.strips() => loop {
+                    let Some(reading) = guard.as_mut() else {
+                        return Poll::Ready(None); // ended: the rest went with the last frame
+                    };
+                    let (data, ended) = match ready!(body.as_mut().poll_frame(cx)) {
+                        Some(Ok(frame)) => match frame.into_data() {
+                            Ok(mut data) => {
+                                let data = data.copy_to_bytes(data.remaining());
+                                (reading.pass(data), body.is_end_stream())
+                            }
+                            Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                        },
+                        Some(Err(error)) => {
+                            guard.take(); // settled on what is known, and released
+                            return Poll::Ready(Some(Err(error)));
                         }
-                        Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
-                    },
-                    Some(Err(error)) => {
-                        tap.finish();
-                        return Poll::Ready(Some(Err(error)));
+                        None => (Bytes::new(), true),
+                    };
+                    let data = match ended {
+                        true => {
+                            let rest = reading.rest();
+                            reading.end();
+                            guard.take();
+                            if rest.is_empty() {
+                                data
+                            } else {
+                                [data, rest].concat().into()
+                            }
+                        }
+                        false => data,
+                    };
+                    if !data.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(data.into()))));
                     }
-                    None => (Bytes::new(), true),
-                };
-                let data = match ended {
-                    true => {
-                        let rest = tap.rest();
-                        tap.end();
-                        if rest.is_empty() {
-                            data
-                        } else {
-                            [data, rest].concat().into()
+                    if ended {
+                        return Poll::Ready(None);
+                    }
+                },
+                Some(reading) if reading.reads() => {
+                    let frame = ready!(body.as_mut().poll_frame(cx));
+                    match &frame {
+                        Some(Ok(frame)) => {
+                            if let Some(data) = frame.data_ref() {
+                                reading.read(data);
+                            }
+                            if body.is_end_stream() {
+                                reading.end();
+                                guard.take();
+                            }
+                        }
+                        Some(Err(_)) => drop(guard.take()),
+                        None => {
+                            reading.end();
+                            guard.take();
                         }
                     }
-                    false => data,
-                };
-                if !data.is_empty() {
-                    return Poll::Ready(Some(Ok(Frame::data(data.into()))));
+                    Poll::Ready(frame)
                 }
-                if ended {
-                    return Poll::Ready(None);
+                _ => {
+                    let frame = ready!(body.as_mut().poll_frame(cx));
+                    // A consumer that knows the length (Content-Length) stops polling
+                    // after the last frame, so "end of stream" is checked after each
+                    // frame too.
+                    if !matches!(frame, Some(Ok(_))) || body.is_end_stream() {
+                        guard.take();
+                    }
+                    Poll::Ready(frame)
                 }
             },
-            KindProj::Tapped { mut body, tap } => {
-                let frame = ready!(body.as_mut().poll_frame(cx));
-                match &frame {
-                    Some(Ok(frame)) => {
-                        if let Some(data) = frame.data_ref() {
-                            tap.read(data);
-                        }
-                        if body.is_end_stream() {
-                            tap.end();
-                        }
-                    }
-                    Some(Err(_)) => tap.finish(),
-                    None => tap.end(),
-                }
-                Poll::Ready(frame)
-            }
             KindProj::Rejected { data } => {
                 Poll::Ready(data.take().map(|d| Ok(Frame::data(d.into()))))
             }
@@ -144,16 +143,17 @@ where
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Tapped { tap, .. } if tap.strips() => !tap.holds(),
-            Kind::Inner { body, .. } | Kind::Tapped { body, .. } => body.is_end_stream(),
+            // An edited stream ends when it says so, once what it held back has gone.
+            Kind::Inner { guard: Some(g), .. } if g.strips() => false,
+            Kind::Inner { body, .. } => body.is_end_stream(),
             Kind::Rejected { data } => data.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Tapped { tap, .. } if tap.strips() => SizeHint::default(),
-            Kind::Inner { body, .. } | Kind::Tapped { body, .. } => body.size_hint(),
+            Kind::Inner { guard: Some(g), .. } if g.strips() => SizeHint::default(),
+            Kind::Inner { body, .. } => body.size_hint(),
             Kind::Rejected { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
@@ -167,11 +167,7 @@ impl<B> std::fmt::Debug for ResponseBody<B> {
             Kind::Inner { guard, .. } => f
                 .debug_struct("ResponseBody::Inner")
                 .field("holds_reservation", &guard.is_some())
-                .finish(),
-            Kind::Tapped { tap, .. } => f
-                .debug_struct("ResponseBody::Inner")
-                .field("holds_reservation", &tap.holds())
-                .field("reads_usage", &true)
+                .field("reads_usage", &guard.as_ref().is_some_and(Guard::reads))
                 .finish(),
             Kind::Rejected { .. } => f.write_str("ResponseBody::Rejected"),
         }

@@ -46,7 +46,7 @@ pin_project! {
     enum State<F, S, B> {
         /// Admitted (or unmetered): the inner call, holding the reservation until the
         /// response, which takes it over.
-        Inner { #[pin] future: F, guard: Holding, headers: LimitHeaders },
+        Inner { #[pin] future: F, guard: Option<Guard>, headers: LimitHeaders },
         /// Refused before reaching the inner service. (Boxed, like the others, to keep the
         /// future small: it is moved on every admitted request.)
         Rejected { response: Option<Box<Response<Bytes>>> },
@@ -62,39 +62,13 @@ pin_project! {
     }
 }
 
-/// What an admitted call holds until its response takes it over. (No larger than an
-/// `Option<Guard>`: the reader's variant fits in the guard's spare room, so reading usage
-/// costs the common future nothing in size, and its one state polls the inner future in
-/// one place.)
-pub(crate) enum Holding {
-    /// The reservation.
-    Guard(Guard),
-    /// The reservation, inside the reader of the response's usage (a layer that reads
-    /// usage).
-    Tap(Box<Tap>),
-    /// Nothing (an unmetered request).
-    Nothing,
-}
-
-impl Holding {
-    /// The tenant's cap and what is left of it now, as [`Guard::limits`].
-    fn limits(&self) -> Option<(u64, u64)> {
-        match self {
-            Holding::Guard(guard) => guard.limits(),
-            Holding::Tap(tap) => tap.limits(),
-            Holding::Nothing => None,
-        }
-    }
-
-    /// The reservation inside a reader, for a request whose estimate has `prompt` tokens
-    /// of prompt; kept out of the common path.
-    #[cold]
-    #[inline(never)]
-    pub(crate) fn tap(guard: Guard, prompt: u64, learn: Option<Learn>, asked: bool) -> Self {
-        match Tap::new(guard, prompt, learn, asked) {
-            Ok(tap) => Holding::Tap(tap),
-            Err(guard) => Holding::Guard(guard),
-        }
+/// Attaches to `guard` a reader of the response's usage, for a request whose estimate
+/// has `prompt` tokens of prompt; kept out of the common path.
+#[cold]
+#[inline(never)]
+pub(crate) fn read_usage(guard: &mut Guard, prompt: u64, learn: Option<Learn>, asked: bool) {
+    if let Some(reader) = Tap::new(prompt, learn, asked) {
+        guard.attach(reader);
     }
 }
 
@@ -188,13 +162,13 @@ impl<S> Call<S> {
         if let Some(handle) = guard.handle() {
             parts.extensions.insert(handle);
         }
-        let guard = match config.read_usage {
-            false => Holding::Guard(guard),
-            true => Holding::tap(guard, prompt, learn, asked),
-        };
+        let mut guard = guard;
+        if config.read_usage {
+            read_usage(&mut guard, prompt, learn, asked);
+        }
         State::Inner {
             future: service.call(Request::from_parts(parts, body)),
-            guard,
+            guard: Some(guard),
             headers: config.limit_headers,
         }
     }
@@ -232,15 +206,6 @@ where
 {
     #[inline(always)]
     pub(crate) fn inner(future: S::Future, guard: Option<Guard>, headers: LimitHeaders) -> Self {
-        let guard = match guard {
-            Some(guard) => Holding::Guard(guard),
-            None => Holding::Nothing,
-        };
-        Self::holding(future, guard, headers)
-    }
-
-    #[inline(always)]
-    pub(crate) fn holding(future: S::Future, guard: Holding, headers: LimitHeaders) -> Self {
         Self {
             state: State::Inner {
                 future,
@@ -298,19 +263,20 @@ where
                     headers,
                 } => {
                     let result = ready!(future.poll(cx));
-                    let guard = std::mem::replace(guard, Holding::Nothing);
+                    let guard = guard.take();
                     let mut response = result?; // an inner error releases here
                     if headers.any() {
-                        if let Some(limits) = guard.limits() {
+                        if let Some(limits) = guard.as_ref().and_then(Guard::limits) {
                             add_limit_headers(response.headers_mut(), *headers, limits);
                         }
                     }
                     let guard = match guard {
                         // No body to wait for (HEAD, 204, empty).
                         _ if response.body().is_end_stream() => None,
-                        Holding::Guard(guard) => Some(guard),
-                        Holding::Nothing => None,
-                        Holding::Tap(tap) => return Poll::Ready(Ok(tapped(response, tap))),
+                        Some(guard) if guard.reads() => {
+                            return Poll::Ready(Ok(read(response, guard)))
+                        }
+                        guard => guard,
                     };
                     return Poll::Ready(Ok(response.map(|body| ResponseBody::inner(body, guard))));
                 }
@@ -406,20 +372,14 @@ where
     }
 }
 
-/// The response of a call whose usage is read: its body read by `tap`, unless it is one
-/// the reader cannot read.
+/// The response of a call whose usage is read: its body read by the reader attached to
+/// `guard`, unless it is one the reader cannot read.
 #[inline(never)]
-fn tapped<B>(response: Response<B>, tap: Box<Tap>) -> Response<ResponseBody<B>> {
-    match tap.start(response.headers()) {
-        Ok(tap) => {
-            let mut response = response;
-            if tap.strips() {
-                response.headers_mut().remove(http::header::CONTENT_LENGTH);
-            }
-            response.map(|body| ResponseBody::tapped(body, tap))
-        }
-        Err(guard) => response.map(|body| ResponseBody::inner(body, guard)),
+fn read<B>(mut response: Response<B>, mut guard: Guard) -> Response<ResponseBody<B>> {
+    if guard.start_reading(response.headers()) {
+        response.headers_mut().remove(http::header::CONTENT_LENGTH);
     }
+    response.map(|body| ResponseBody::inner(body, Some(guard)))
 }
 
 /// The cap and what is left of it, on an admitted response, where the inner service has

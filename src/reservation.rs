@@ -10,6 +10,7 @@ use crate::ledger::{Reservation, Resize, TenantName};
 use crate::metrics::Tag;
 use crate::retry_after::HoldClock;
 use crate::step::Pending;
+use crate::usage::Tap;
 use crate::Error;
 
 /// Waits for every growth in turn; the first refusal stands.
@@ -22,54 +23,232 @@ fn all(growths: Vec<Pending<()>>) -> Pending<()> {
     })
 }
 
-/// An admitted request's reservation, with what rides along with it until it ends.
-pub(crate) struct Held {
-    reservation: Reservation,
-    /// What only some layers use, boxed so that a plain reservation stays small (it is
-    /// moved from the response future into the body).
-    riders: Option<Box<Riders>>,
-    /// What the metrics recorder was told of it.
-    pub(crate) tag: Tag,
+/// Owns an admitted request's reservation on the layer's side and releases it when
+/// dropped, with what is attached to it.
+///
+/// Shared with a [`ReservationHandle`] when the layer hands one to the request (one small
+/// allocation, whose slot holds the guard `Owned`), owned outright when it does not.
+pub(crate) enum Guard {
+    Owned {
+        reservation: Reservation,
+        /// What only some layers attach, boxed so that a plain guard stays small (it is
+        /// moved from the response future into the body).
+        attached: Option<Box<Attached>>,
+        /// What the metrics recorder was told of it.
+        tag: Tag,
+    },
+    Shared(ReservationHandle),
 }
 
-/// Dropped after the tenant's reservation, in this order.
+/// What some layers attach to a reservation; dropped after it, in this order.
 #[derive(Default)]
-pub(crate) struct Riders {
+pub(crate) struct Attached {
     /// The shared budgets' reservations, resized and released with the tenant's.
     pub(crate) budgets: Vec<Reservation>,
     /// Times the reservation, for a `Retry-After` derived from hold times.
     pub(crate) clock: Option<HoldClock>,
+    /// Reads the usage the response reports, and settles the reservation on it before
+    /// the release (`read_usage`).
+    pub(crate) reader: Option<Tap>,
     /// Wakes the tenant's first waiting request; last, so it runs once the tokens are back.
     #[allow(dead_code)] // only dropped
     pub(crate) wake: Option<Wake>,
 }
 
-impl Held {
+/// An owned guard's reservation, borrowed field by field, so that a reader attached to
+/// it can change it.
+pub(crate) struct Reserved<'a> {
+    reservation: &'a mut Reservation,
+    budgets: &'a mut [Reservation],
+    /// What the metrics recorder was told of it.
+    pub(crate) tag: &'a mut Tag,
+}
+
+impl Guard {
     #[inline]
-    pub(crate) fn new(reservation: Reservation, riders: Option<Box<Riders>>, tag: Tag) -> Self {
-        Self {
+    pub(crate) fn new(
+        reservation: Reservation,
+        attached: Option<Box<Attached>>,
+        tag: Tag,
+        with_handle: bool,
+    ) -> Self {
+        if !with_handle {
+            return Guard::Owned {
+                reservation,
+                attached,
+                tag,
+            };
+        }
+        let tenant = reservation.tenant();
+        let owned = Guard::Owned {
             reservation,
-            riders,
+            attached,
             tag,
+        };
+        Guard::Shared(ReservationHandle {
+            shared: Arc::new(Shared {
+                tenant,
+                slot: Mutex::new(Some(owned)),
+            }),
+        })
+    }
+
+    /// `f` on the reservation and the reader attached to it, if any; `None` once released
+    /// (through a handle).
+    pub(crate) fn with<T>(
+        &mut self,
+        f: impl FnOnce(&mut Reserved<'_>, Option<&mut Tap>) -> T,
+    ) -> Option<T> {
+        match self {
+            Guard::Owned {
+                reservation,
+                attached,
+                tag,
+            } => {
+                let (budgets, reader) = match attached.as_deref_mut() {
+                    Some(Attached {
+                        budgets, reader, ..
+                    }) => (&mut budgets[..], reader.as_mut()),
+                    None => (&mut [][..], None),
+                };
+                let mut reserved = Reserved {
+                    reservation,
+                    budgets,
+                    tag,
+                };
+                Some(f(&mut reserved, reader))
+            }
+            Guard::Shared(handle) => handle.lock().as_mut()?.with(f),
         }
     }
 
+    /// The tenant's cap and what is left of it now; `None` once released or unknown.
+    pub(crate) fn limits(&self) -> Option<(u64, u64)> {
+        match self {
+            Guard::Owned { reservation, .. } => reservation.limits(),
+            Guard::Shared(handle) => handle.lock().as_ref()?.limits(),
+        }
+    }
+
+    /// Tokens held now; 0 once released (through a handle).
+    pub(crate) fn tokens(&self) -> u64 {
+        match self {
+            Guard::Owned { reservation, .. } => reservation.tokens(),
+            Guard::Shared(handle) => handle.lock().as_ref().map_or(0, Guard::tokens),
+        }
+    }
+
+    /// Whether a reader is attached (the layer reads usage and the response is one it
+    /// reads).
+    #[inline]
+    pub(crate) fn reads(&self) -> bool {
+        match self {
+            Guard::Owned { attached, .. } => attached.as_ref().is_some_and(|a| a.reader.is_some()),
+            Guard::Shared(handle) => handle.lock().as_ref().is_some_and(Guard::reads),
+        }
+    }
+
+    /// Whether the attached reader edits the stream as it passes (see [`Tap::pass`]).
+    #[inline]
+    pub(crate) fn strips(&self) -> bool {
+        match self {
+            Guard::Owned { attached, .. } => attached
+                .as_ref()
+                .and_then(|a| a.reader.as_ref())
+                .is_some_and(Tap::strips),
+            Guard::Shared(handle) => handle.lock().as_ref().is_some_and(Guard::strips),
+        }
+    }
+
+    /// Attaches a reader of the response's usage.
+    pub(crate) fn attach(&mut self, reader: Tap) {
+        match self {
+            Guard::Owned { attached, .. } => {
+                attached.get_or_insert_with(Box::default).reader = Some(reader);
+            }
+            Guard::Shared(handle) => {
+                if let Some(guard) = handle.lock().as_mut() {
+                    guard.attach(reader);
+                }
+            }
+        }
+    }
+
+    /// Starts reading a response with `headers`: the reader stays attached if it reads
+    /// such a body, and is detached otherwise, the reservation left as it is. Whether it
+    /// edits the stream.
+    pub(crate) fn start_reading(&mut self, headers: &http::HeaderMap) -> bool {
+        match self {
+            Guard::Owned {
+                attached: Some(attached),
+                ..
+            } => {
+                let Some(reader) = &mut attached.reader else {
+                    return false;
+                };
+                if reader.start(headers) {
+                    return reader.strips();
+                }
+                attached.reader = None;
+                false
+            }
+            Guard::Owned { .. } => false,
+            Guard::Shared(handle) => {
+                let mut slot = handle.lock();
+                slot.as_mut()
+                    .is_some_and(|guard| guard.start_reading(headers))
+            }
+        }
+    }
+
+    /// The reader reads one data frame.
+    pub(crate) fn read(&mut self, data: &impl bytes::Buf) {
+        self.with(|held, reader| reader.map(|reader| reader.read(data, held)));
+    }
+
+    /// The reader reads one data frame and returns what to pass on of it.
+    pub(crate) fn pass(&mut self, data: bytes::Bytes) -> bytes::Bytes {
+        let mut data = Some(data);
+        let passed = self.with(|held, reader| {
+            let data = data.take().unwrap_or_default();
+            match reader {
+                Some(reader) => reader.pass(data, held),
+                None => data,
+            }
+        });
+        passed.or(data).unwrap_or_default()
+    }
+
+    /// What an edited stream still holds back when it ends.
+    pub(crate) fn rest(&mut self) -> bytes::Bytes {
+        let rest = self.with(|_, reader| reader.map(Tap::rest));
+        rest.flatten().unwrap_or_default()
+    }
+
+    /// The body ended: the reader settles the reservation on a complete response.
+    pub(crate) fn end(&mut self) {
+        self.with(|held, reader| reader.map(|reader| reader.end(held)));
+    }
+
+    /// The handle for the request's extensions, if the reservation is shared.
+    pub(crate) fn handle(&self) -> Option<ReservationHandle> {
+        match self {
+            Guard::Owned { .. } => None,
+            Guard::Shared(handle) => Some(handle.clone()),
+        }
+    }
+}
+
+impl Reserved<'_> {
     pub(crate) fn tokens(&self) -> u64 {
         self.reservation.tokens()
     }
 
-    /// The shared budgets' reservations (none for most layers).
-    fn budgets(&mut self) -> &mut [Reservation] {
-        match &mut self.riders {
-            Some(riders) => &mut riders.budgets,
-            None => &mut [],
-        }
-    }
-
+    /// Sets the tokens held, growth unchecked, as [`ReservationHandle::resize`] does.
     pub(crate) fn resize(&mut self, tokens: u64) -> u64 {
         let before = self.tokens();
         let now = self.reservation.resize(tokens);
-        for budget in self.budgets() {
+        for budget in self.budgets.iter_mut() {
             budget.resize(now);
         }
         self.resized(before);
@@ -87,8 +266,8 @@ impl Held {
             return Resize::Done(Ok(()));
         }
         let mut later = Vec::new();
-        for i in 0..self.budgets().len() {
-            let budget = &mut self.budgets()[i];
+        for i in 0..self.budgets.len() {
+            let budget = &mut self.budgets[i];
             match budget.try_resize(tokens) {
                 Resize::Done(Ok(())) => {}
                 Resize::Done(Err(error)) => {
@@ -130,7 +309,7 @@ impl Held {
             if self.reservation.tokens() > before {
                 self.reservation.resize(before);
             }
-            for budget in self.budgets() {
+            for budget in self.budgets.iter_mut() {
                 if budget.tokens() > before {
                     budget.resize(before);
                 }
@@ -145,62 +324,36 @@ impl Held {
     }
 }
 
-impl Drop for Held {
-    fn drop(&mut self) {
-        if let Some(clock) = self.riders.as_ref().and_then(|r| r.clock.as_ref()) {
-            clock.stop();
-        }
-        self.tag.released(self.tokens());
-    }
-}
-
-/// Owns a request's reservation on the layer's side and releases it when dropped.
-///
-/// Shared with a [`ReservationHandle`] when the layer hands one to the request (one small
-/// allocation), owned outright when it does not.
-pub(crate) enum Guard {
-    Owned(Held),
-    Shared(ReservationHandle),
-}
-
-impl Guard {
-    #[inline]
-    pub(crate) fn new(held: Held, with_handle: bool) -> Self {
-        if !with_handle {
-            return Guard::Owned(held);
-        }
-        Guard::Shared(ReservationHandle {
-            shared: Arc::new(Shared {
-                tenant: held.reservation.tenant(),
-                slot: Mutex::new(Some(held)),
-            }),
-        })
-    }
-
-    /// The tenant's cap and what is left of it now; `None` once released or unknown.
-    pub(crate) fn limits(&self) -> Option<(u64, u64)> {
-        match self {
-            Guard::Owned(held) => held.reservation.limits(),
-            Guard::Shared(handle) => handle.lock().as_ref()?.reservation.limits(),
-        }
-    }
-
-    /// The handle for the request's extensions, if the reservation is shared.
-    pub(crate) fn handle(&self) -> Option<ReservationHandle> {
-        match self {
-            Guard::Owned(_) => None,
-            Guard::Shared(handle) => Some(handle.clone()),
-        }
-    }
-}
-
 impl Drop for Guard {
     fn drop(&mut self) {
-        // Owned, it is released right after this, when the field is dropped; shared, it
-        // is released here, while the handle may live on in a handler's hands.
         if let Guard::Shared(handle) = self {
-            let held = handle.lock().take();
-            drop(held);
+            // Released here, while the handle may live on in a handler's hands.
+            let owned = handle.lock().take();
+            drop(owned);
+            return;
+        }
+        // A reader settles the reservation first. It is released right after this, when
+        // the fields are dropped.
+        if let Guard::Owned {
+            attached: Some(_), ..
+        } = self
+        {
+            self.with(|reserved, reader| {
+                if let Some(reader) = reader {
+                    reader.finish(reserved);
+                }
+            });
+        }
+        if let Guard::Owned {
+            reservation,
+            attached,
+            tag,
+        } = self
+        {
+            if let Some(clock) = attached.as_ref().and_then(|a| a.clock.as_ref()) {
+                clock.stop();
+            }
+            tag.released(reservation.tokens());
         }
     }
 }
@@ -240,8 +393,8 @@ pub struct ReservationHandle {
 struct Shared {
     /// Names the tenant even after the release; holds no tokens.
     tenant: TenantName,
-    /// The reservation until the response ends, then `None`.
-    slot: Mutex<Option<Held>>,
+    /// The reservation, owned, until the response ends; then `None`.
+    slot: Mutex<Option<Guard>>,
 }
 
 impl ReservationHandle {
@@ -252,7 +405,7 @@ impl ReservationHandle {
 
     /// Tokens held now; 0 once released.
     pub fn tokens(&self) -> u64 {
-        self.lock().as_ref().map_or(0, Held::tokens)
+        self.lock().as_ref().map_or(0, Guard::tokens)
     }
 
     /// Whether the reservation has been released (its response ended).
@@ -266,7 +419,11 @@ impl ReservationHandle {
     /// With a Redis tracker (feature `redis`) the new amount counts here at once and
     /// reaches Redis in the background (see `RedisReservation::resize`).
     pub fn resize(&self, tokens: u64) -> u64 {
-        self.lock().as_mut().map_or(0, |held| held.resize(tokens))
+        let mut slot = self.lock();
+        let resized = slot
+            .as_mut()
+            .and_then(|guard| guard.with(|held, _| held.resize(tokens)));
+        resized.unwrap_or(0)
     }
 
     /// Sets the tokens held, growing only within the cap, as
@@ -279,21 +436,24 @@ impl ReservationHandle {
     /// [`Error::BackendUnavailable`]; use [`try_resize_async`](Self::try_resize_async).
     pub fn try_resize(&self, tokens: u64) -> Result<(), Error> {
         let mut slot = self.lock();
-        let Some(held) = slot.as_mut() else {
+        let Some(guard) = slot.as_mut() else {
             return Ok(());
         };
-        let before = held.tokens();
-        match held.try_resize(tokens) {
-            Resize::Done(done) => done,
-            Resize::Later(_) => {
-                held.settle_growth(before, false);
-                Err(Error::BackendUnavailable {
-                    reason: "growing a redis lease within its cap needs \
-                             ReservationHandle::try_resize_async"
-                        .to_owned(),
-                })
+        let tried = guard.with(|held, _| {
+            let before = held.tokens();
+            match held.try_resize(tokens) {
+                Resize::Done(done) => done,
+                Resize::Later(_) => {
+                    held.settle_growth(before, false);
+                    Err(Error::BackendUnavailable {
+                        reason: "growing a redis lease within its cap needs \
+                                 ReservationHandle::try_resize_async"
+                            .to_owned(),
+                    })
+                }
             }
-        }
+        });
+        tried.unwrap_or(Ok(()))
     }
 
     /// [`try_resize`](Self::try_resize) for every tracker: with a Redis tracker (feature
@@ -306,27 +466,28 @@ impl ReservationHandle {
     /// [`Error::BackendUnavailable`] when Redis could not be asked.
     pub async fn try_resize_async(&self, tokens: u64) -> Result<(), Error> {
         // The lock is not held across the wait: the lease orders its own writes.
-        let (growth, before) = {
+        let tried = {
             let mut slot = self.lock();
-            let Some(held) = slot.as_mut() else {
+            let Some(guard) = slot.as_mut() else {
                 return Ok(());
             };
-            let before = held.tokens();
-            match held.try_resize(tokens) {
-                Resize::Done(done) => return done,
-                Resize::Later(growth) => (growth, before),
-            }
+            guard.with(|held, _| (held.tokens(), held.try_resize(tokens)))
+        };
+        let (before, growth) = match tried {
+            None => return Ok(()),
+            Some((_, Resize::Done(done))) => return done,
+            Some((before, Resize::Later(growth))) => (before, growth),
         };
         let grown = growth.await;
-        if let Some(held) = self.lock().as_mut() {
-            held.settle_growth(before, grown.is_ok());
+        if let Some(guard) = self.lock().as_mut() {
+            guard.with(|held, _| held.settle_growth(before, grown.is_ok()));
         }
         grown
     }
 
     /// No code holding this lock can leave the reservation half-changed, so poisoning is
     /// ignored rather than allowed to leak tokens.
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Option<Held>> {
+    fn lock(&self) -> MutexGuard<'_, Option<Guard>> {
         self.shared
             .slot
             .lock()

@@ -13,7 +13,7 @@ use crate::admit::plan::{plan, plan_in_place, Plan};
 use crate::admit::{admit, reject, Admission};
 use crate::body::{RequestBody, ResponseBody};
 use crate::config::{Config, LimitHeaders};
-use crate::future::{Call, Holding, ReadingBody, ResponseFuture};
+use crate::future::{read_usage, Call, ReadingBody, ResponseFuture};
 use crate::reservation::Guard;
 use crate::step::Step;
 use crate::BoxError;
@@ -191,14 +191,14 @@ impl<S> TenantTokenService<S> {
     {
         let (headers, guard) = match guard {
             // The estimate came from headers: no prompt part is known.
-            Some(guard) => (
-                self.config.limit_headers,
-                Holding::tap(guard, 0, None, false),
-            ),
-            None => (LimitHeaders::default(), Holding::Nothing),
+            Some(mut guard) => {
+                read_usage(&mut guard, 0, None, false);
+                (self.config.limit_headers, Some(guard))
+            }
+            None => (LimitHeaders::default(), None),
         };
         let future = self.inner.call(request.map(RequestBody::streaming));
-        ResponseFuture::holding(future, guard, headers)
+        ResponseFuture::inner(future, guard, headers)
     }
 }
 

@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
-use bytes::Buf;
+use bytes::{Buf, Bytes};
 
 use crate::extract::openai::{Adaptive, Calibration};
 use crate::extract::Estimated;
-use crate::reservation::Guard;
+use crate::reservation::Reserved;
 
 /// Never made: no layer reads usage without the feature.
 #[derive(Debug)]
@@ -35,42 +35,13 @@ pub(crate) fn ask(_body: &[u8]) -> Option<bytes::Bytes> {
 }
 
 impl Tap {
-    /// Gives the guard back: nothing is read without the feature.
+    /// No reader without the feature.
     #[inline(always)]
-    pub(crate) fn new(
-        guard: Guard,
-        _prompt: u64,
-        _learn: Option<Learn>,
-        _asked: bool,
-    ) -> Result<Box<Self>, Guard> {
-        Err(guard)
+    pub(crate) fn new(_prompt: u64, _learn: Option<Learn>, _asked: bool) -> Option<Self> {
+        None
     }
 
-    pub(crate) fn limits(&self) -> Option<(u64, u64)> {
-        match *self {}
-    }
-
-    #[allow(clippy::boxed_local)] // the signature of the `usage` module's
-    pub(crate) fn start(
-        self: Box<Self>,
-        _headers: &http::HeaderMap,
-    ) -> Result<Box<Self>, Option<Guard>> {
-        match *self {}
-    }
-
-    pub(crate) fn read(&mut self, _data: &impl Buf) {
-        match *self {}
-    }
-
-    pub(crate) fn end(&mut self) {
-        match *self {}
-    }
-
-    pub(crate) fn finish(&mut self) {
-        match *self {}
-    }
-
-    pub(crate) fn holds(&self) -> bool {
+    pub(crate) fn start(&mut self, _headers: &http::HeaderMap) -> bool {
         match *self {}
     }
 
@@ -78,11 +49,23 @@ impl Tap {
         match *self {}
     }
 
-    pub(crate) fn pass(&mut self, _data: bytes::Bytes) -> bytes::Bytes {
+    pub(crate) fn read(&mut self, _data: &impl Buf, _held: &mut Reserved<'_>) {
         match *self {}
     }
 
-    pub(crate) fn rest(&mut self) -> bytes::Bytes {
+    pub(crate) fn pass(&mut self, _data: Bytes, _held: &mut Reserved<'_>) -> Bytes {
+        match *self {}
+    }
+
+    pub(crate) fn rest(&mut self) -> Bytes {
+        match *self {}
+    }
+
+    pub(crate) fn end(&mut self, _held: &mut Reserved<'_>) {
+        match *self {}
+    }
+
+    pub(crate) fn finish(&mut self, _held: &mut Reserved<'_>) {
         match *self {}
     }
 }

@@ -33,7 +33,7 @@ use crate::config::{Config, Options};
 use crate::fair::{Arrival, Priority, Queue, Wake, RECHECK};
 use crate::ledger::Reservation;
 use crate::ledger::Turn;
-use crate::reservation::{Guard, Held, Riders};
+use crate::reservation::{Attached, Guard};
 use crate::retry_after::HoldClock;
 use crate::step::Step;
 use crate::{Error, ShadowMode};
@@ -57,11 +57,7 @@ pub(crate) fn admit(
     if let Some(queue) = queue {
         return admit_or_wait(config, tenant, tokens, keys, class, queue);
     }
-    let with_handle = config.reservation_handle;
-    match try_admit(config, tenant, tokens, &keys, None) {
-        Step::Now(admitted) => Step::Now(admitted.map(|held| Guard::new(held, with_handle))),
-        Step::Later(pending) => Step::Later(pending).map(move |held| Guard::new(held, with_handle)),
-    }
+    try_admit(config, tenant, tokens, &keys, None)
 }
 
 /// [`admit`](Self::admit) in a layer that lets requests wait.
@@ -84,12 +80,11 @@ fn admit_or_wait(
         }
     }
     let turn = turn_for(config, tenant, class, &keys, queue);
-    let with_handle = config.reservation_handle;
     match try_admit(config, tenant, tokens, &keys, turn.as_ref()) {
         Step::Now(Err(error)) if may_wait(&error) => {
             wait(config, tenant, tokens, keys, class, Some(error), turn)
         }
-        Step::Now(admitted) => Step::Now(admitted.map(|held| Guard::new(held, with_handle))),
+        Step::Now(admitted) => Step::Now(admitted),
         Step::Later(pending) => {
             // Redis answers later; a refusal there may still turn into a wait.
             let (config, tenant) = (Arc::clone(config), tenant.to_owned());
@@ -101,7 +96,7 @@ fn admit_or_wait(
                             .resolve()
                             .await
                     }
-                    admitted => admitted.map(|held| Guard::new(held, with_handle)),
+                    admitted => admitted,
                 }
             }))
         }
@@ -130,7 +125,7 @@ fn try_admit(
     tokens: u64,
     keys: &BudgetKeys,
     turn: Option<&Turn>,
-) -> Step<Held> {
+) -> Step<Guard> {
     let Some(options) = config.options.as_deref() else {
         // A plain layer: the ledger's answer is all there is.
         return match config.ledger.reserve(tenant, tokens) {
@@ -203,7 +198,7 @@ fn try_admit_in_turn(
     tokens: u64,
     keys: &BudgetKeys,
     turn: &Turn,
-) -> Step<Held> {
+) -> Step<Guard> {
     let (config, tenant, keys) = (Arc::clone(config), tenant.to_owned(), keys.clone());
     let turn = turn.clone();
     Step::Later(Box::pin(async move {
@@ -267,7 +262,7 @@ fn hold(
     reservation: Reservation,
     budgets: Vec<Reservation>,
     shadowed: Option<Error>,
-) -> Held {
+) -> Guard {
     let wake = options.queue.as_ref().map(|queue| {
         // What the fair share of the budgets counts.
         let counted = (!budgets.is_empty()).then(|| {
@@ -282,12 +277,13 @@ fn hold(
             counted,
         }
     });
-    let riders = Riders {
+    let attached = Attached {
         budgets,
         clock: options
             .hold_times
             .as_ref()
             .map(|(times, _)| HoldClock::start(times)),
+        reader: None,
         wake,
     };
     if let Some(error) = &shadowed {
@@ -302,7 +298,7 @@ fn hold(
     record(
         config,
         reservation,
-        Some(Box::new(riders)),
+        Some(Box::new(attached)),
         shadowed.as_ref(),
     )
 }
@@ -312,15 +308,15 @@ fn hold(
 fn record(
     config: &Config,
     reservation: Reservation,
-    riders: Option<Box<Riders>>,
+    attached: Option<Box<Attached>>,
     shadowed: Option<&Error>,
-) -> Held {
+) -> Guard {
     let (tenant, tokens) = (reservation.tenant_id(), reservation.tokens());
     let tag = match shadowed {
         Some(error) => config.metrics.shadowed(tenant, tokens, error.code()),
         None => config.metrics.admitted(tenant, tokens),
     };
-    Held::new(reservation, riders, tag)
+    Guard::new(reservation, attached, tag, config.reservation_handle)
 }
 
 /// Waits in the queue until it is the request's turn and it fits, or its time is up
@@ -360,7 +356,7 @@ fn wait(
                     Ok(held) => {
                         drop(ticket); // the next in line may fit too: it is woken
                         tracing::debug!(tenant, tokens, "admitted after waiting");
-                        return Ok(Guard::new(held, config.reservation_handle));
+                        return Ok(held);
                     }
                     Err(error) if may_wait(&error) => {
                         let ordered = orders(turn.as_ref(), &error);

@@ -3,19 +3,12 @@
 //! `metrics` feature.
 
 use crate::metrics::Tag;
-use crate::reservation::Guard;
+use crate::reservation::Reserved;
 
-impl Guard {
-    /// Tells the recorder, through `tell`, what the reader found about this reservation.
+impl Reserved<'_> {
+    /// Tells the metrics recorder, through `tell`, what the reader found about it.
     pub(crate) fn tell(&self, tell: impl FnOnce(&Tag)) {
-        match self {
-            Guard::Owned(held) => tell(&held.tag),
-            Guard::Shared(handle) => {
-                if let Some(held) = handle.lock().as_ref() {
-                    tell(&held.tag);
-                }
-            }
-        }
+        tell(self.tag);
     }
 }
 
@@ -77,16 +70,20 @@ mod recorded {
 }
 
 #[cfg(not(feature = "metrics"))]
-impl Tag {
-    /// Records nothing.
-    #[inline(always)]
-    pub(crate) fn outran(&self) {}
+mod silent {
+    use crate::metrics::Tag;
 
-    /// Records nothing.
-    #[inline(always)]
-    pub(crate) fn usage_missing(&self) {}
+    impl Tag {
+        /// Records nothing.
+        #[inline(always)]
+        pub(crate) fn outran(&self) {}
 
-    /// Records nothing.
-    #[inline(always)]
-    pub(crate) fn learned(&self, _model: &str, _tokens: u64) {}
+        /// Records nothing.
+        #[inline(always)]
+        pub(crate) fn usage_missing(&self) {}
+
+        /// Records nothing.
+        #[inline(always)]
+        pub(crate) fn learned(&self, _model: &str, _tokens: u64) {}
+    }
 }

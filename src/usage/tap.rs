@@ -14,7 +14,7 @@ use super::stream::Lines;
 use crate::extract::openai::{AdaptiveOutput, Features, PromptCalibration};
 use crate::extract::Estimated;
 use crate::metrics::Tag;
-use crate::reservation::Guard;
+use crate::reservation::Reserved;
 
 /// Output text bytes counted as one token while no usage has been reported.
 const BYTES_PER_TOKEN: u64 = 4;
@@ -27,7 +27,6 @@ const BYTES_PER_TOKEN: u64 = 4;
 /// the body ends (or is dropped, or fails) after usage was reported, the reservation is
 /// resized to the reported total just before it is released.
 pub(crate) struct Tap {
-    guard: Option<Guard>,
     /// The estimate's prompt part: what the request costs before any output.
     prompt: u64,
     usage: Finder,
@@ -44,6 +43,8 @@ pub(crate) struct Tap {
     ended: bool,
     /// What asking added is taken out of the stream (a stream the layer asked).
     strip: Option<Strip>,
+    /// The reservation was settled: the response ended, failed, or was dropped.
+    finished: bool,
 }
 
 /// What a response teaches beyond its own reservation: the request's model, and where
@@ -87,25 +88,6 @@ impl Learn {
     }
 }
 
-/// What the reader changes of the reservation it holds.
-impl Guard {
-    /// Tokens held now; 0 once released (through a handle).
-    pub(crate) fn tokens(&self) -> u64 {
-        match self {
-            Guard::Owned(held) => held.tokens(),
-            Guard::Shared(handle) => handle.tokens(),
-        }
-    }
-
-    /// Sets the tokens held, growth unchecked, as [`ReservationHandle::resize`] does.
-    pub(crate) fn resize(&mut self, tokens: u64) -> u64 {
-        match self {
-            Guard::Owned(held) => held.resize(tokens),
-            Guard::Shared(handle) => handle.resize(tokens),
-        }
-    }
-}
-
 /// The models whose missing stream usage was warned about, in this process.
 static WARNED: Mutex<Option<HashSet<Box<str>>>> = Mutex::new(None);
 
@@ -128,19 +110,12 @@ fn warn_usage_missing(model: &str) {
 }
 
 impl Tap {
-    /// A reader holding `guard` for a request whose estimate has `prompt` tokens of
-    /// prompt (0 when the estimate does not say), `asked` when the layer asked the
-    /// request for its stream's usage. Never refused here: the `Err` is the no-op twin's,
-    /// which makes none.
+    /// A reader for a request whose estimate has `prompt` tokens of prompt (0 when the
+    /// estimate does not say), `asked` when the layer asked the request for its stream's
+    /// usage. Always made here: the `None` is the no-op twin's.
     #[inline]
-    pub(crate) fn new(
-        guard: Guard,
-        prompt: u64,
-        learn: Option<Learn>,
-        asked: bool,
-    ) -> Result<Box<Self>, Guard> {
-        Ok(Box::new(Self {
-            guard: Some(guard),
+    pub(crate) fn new(prompt: u64, learn: Option<Learn>, asked: bool) -> Option<Self> {
+        Some(Self {
             prompt,
             usage: Finder::default(),
             lines: None,
@@ -149,33 +124,26 @@ impl Tap {
             asked,
             ended: false,
             strip: None,
-        }))
+            finished: false,
+        })
     }
 
-    /// The tenant's cap and what is left of it now, as [`Guard::limits`].
-    pub(crate) fn limits(&self) -> Option<(u64, u64)> {
-        self.guard.as_ref().and_then(Guard::limits)
-    }
-
-    /// Starts reading a response with these headers, if its body is one this reads (JSON
-    /// or server-sent events, not compressed); if not, gives the reservation back.
-    pub(crate) fn start(
-        mut self: Box<Self>,
-        headers: &HeaderMap,
-    ) -> Result<Box<Self>, Option<Guard>> {
+    /// Starts reading a response with these headers: whether its body is one this reads
+    /// (JSON or server-sent events, not compressed).
+    pub(crate) fn start(&mut self, headers: &HeaderMap) -> bool {
         let encoded = headers
             .get(CONTENT_ENCODING)
             .is_some_and(|value| value.as_bytes() != b"identity");
         let kind = headers.get(CONTENT_TYPE).map(|value| value.as_bytes());
         let stream = match kind {
-            _ if encoded => return Err(self.guard.take()),
+            _ if encoded => return false,
             Some(kind) if kind.starts_with(b"text/event-stream") => true,
             Some(kind) if contains(kind, b"json") => false,
-            _ => return Err(self.guard.take()),
+            _ => return false,
         };
         self.lines = stream.then(Lines::default);
         self.strip = (stream && self.asked).then(Strip::default);
-        Ok(self)
+        true
     }
 
     /// Whether the stream is edited as it passes: see [`pass`](Self::pass).
@@ -185,8 +153,8 @@ impl Tap {
 
     /// Reads one data frame of a stream the layer asked for its usage, and returns what
     /// to pass on of it: the frame without what asking added (possibly nothing yet).
-    pub(crate) fn pass(&mut self, data: Bytes) -> Bytes {
-        self.read(&data);
+    pub(crate) fn pass(&mut self, data: Bytes, held: &mut Reserved<'_>) -> Bytes {
+        self.read(&data, held);
         match &mut self.strip {
             Some(strip) => strip.pass(&data),
             None => data,
@@ -199,7 +167,7 @@ impl Tap {
     }
 
     /// Reads one data frame.
-    pub(crate) fn read(&mut self, data: &impl Buf) {
+    pub(crate) fn read(&mut self, data: &impl Buf, held: &mut Reserved<'_>) {
         let chunk = data.chunk();
         if chunk.len() == data.remaining() {
             self.read_bytes(chunk);
@@ -210,7 +178,7 @@ impl Tap {
                 self.read_bytes(slice);
             }
         }
-        self.keep_up();
+        self.keep_up(held);
     }
 
     fn read_bytes(&mut self, bytes: &[u8]) {
@@ -233,23 +201,21 @@ impl Tap {
     }
 
     /// Grows the reservation to what has been produced, when that is more.
-    fn keep_up(&mut self) {
+    fn keep_up(&mut self, held: &mut Reserved<'_>) {
         let produced = self.produced();
-        if let Some(guard) = &mut self.guard {
-            if produced > guard.tokens() {
-                guard.resize(produced);
-                if !self.outran && self.lines.is_some() {
-                    self.outran = true;
-                    guard.tell(Tag::outran);
-                }
+        if !self.finished && produced > held.tokens() {
+            held.resize(produced);
+            if !self.outran && self.lines.is_some() {
+                self.outran = true;
+                held.tell(Tag::outran);
             }
         }
     }
 
     /// The body ended: the response is complete, whatever its content said.
-    pub(crate) fn end(&mut self) {
+    pub(crate) fn end(&mut self, held: &mut Reserved<'_>) {
         self.ended = true;
-        self.finish();
+        self.finish(held);
     }
 
     /// Settles and releases the reservation, once: the response ended, failed, or was
@@ -262,25 +228,25 @@ impl Tap {
     /// complete stream that reported none settles on what was counted (the estimate's
     /// prompt and the text streamed), down as well as up. One cut short keeps what it
     /// holds until the release.
-    pub(crate) fn finish(&mut self) {
-        let Some(mut guard) = self.guard.take() else {
+    pub(crate) fn finish(&mut self, held: &mut Reserved<'_>) {
+        if std::mem::replace(&mut self.finished, true) {
             return;
-        };
+        }
         let complete = self.ended || self.lines.as_ref().is_some_and(|lines| lines.complete);
         let learn = self.learn.take();
         if let Some(learn) = &learn {
-            self.teach(learn, complete, &guard);
+            self.teach(learn, complete, held);
         }
         match self.usage.reported.total() {
             Some(total) => {
-                guard.resize(total);
+                held.resize(total);
             }
             None if complete && self.lines.is_some() => {
                 if self.asked {
                     warn_usage_missing(learn.as_ref().map_or("", |learn| &learn.model));
-                    guard.tell(Tag::usage_missing);
+                    held.tell(Tag::usage_missing);
                 }
-                guard.resize(self.produced());
+                held.resize(self.produced());
             }
             None => {}
         }
@@ -288,7 +254,7 @@ impl Tap {
 
     /// Learns from the response what `learn` says: its output when it is `complete` (as
     /// reported, else as counted), its prompt's size when reported.
-    fn teach(&self, learn: &Learn, complete: bool, guard: &Guard) {
+    fn teach(&self, learn: &Learn, complete: bool, held: &Reserved<'_>) {
         let reported = &self.usage.reported;
         if let (Some((table, tenant)), true) = (&learn.output, complete) {
             let counted = self.lines.as_ref().and_then(|lines| {
@@ -296,7 +262,7 @@ impl Tap {
             });
             if let Some(output) = reported.output.or(counted) {
                 if let Some(allowance) = table.record(tenant, &learn.model, output) {
-                    guard.tell(|tag| tag.learned(&learn.model, allowance));
+                    held.tell(|tag| tag.learned(&learn.model, allowance));
                 }
             }
         }
@@ -304,25 +270,14 @@ impl Tap {
             table.record(&learn.model, features, input);
         }
     }
-
-    /// Whether it still holds the reservation.
-    pub(crate) fn holds(&self) -> bool {
-        self.guard.is_some()
-    }
 }
 
 impl std::fmt::Debug for Tap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tap")
-            .field("holds_reservation", &self.guard.is_some())
+            .field("finished", &self.finished)
             .field("reported", &self.usage.reported)
             .finish_non_exhaustive()
-    }
-}
-
-impl Drop for Tap {
-    fn drop(&mut self) {
-        self.finish();
     }
 }
 
