@@ -25,13 +25,13 @@ pin_project! {
     /// total at the end.
     pub struct ResponseBody<B> {
         #[pin]
-        kind: Kind<B>,
+        contents: Contents<B>,
     }
 }
 
 pin_project! {
-    #[project = KindProj]
-    enum Kind<B> {
+    #[project = ContentsProj]
+    enum Contents<B> {
         Inner { #[pin] body: B, guard: Option<Guard> },
         Rejected { data: Option<Bytes> },
     }
@@ -40,14 +40,14 @@ pin_project! {
 impl<B> ResponseBody<B> {
     pub(crate) fn inner(body: B, guard: Option<Guard>) -> Self {
         Self {
-            kind: Kind::Inner { body, guard },
+            contents: Contents::Inner { body, guard },
         }
     }
 
     pub(crate) fn rejected(data: Bytes) -> Self {
         let data = (!data.is_empty()).then_some(data);
         Self {
-            kind: Kind::Rejected { data },
+            contents: Contents::Rejected { data },
         }
     }
 }
@@ -64,8 +64,8 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        match self.project().kind.project() {
-            KindProj::Inner { mut body, guard } => match guard {
+        match self.project().contents.project() {
+            ContentsProj::Inner { mut body, guard } => match guard {
                 Some(reading) if reading.strips() => loop {
                     let Some(reading) = guard.as_mut() else {
                         return Poll::Ready(None); // ended: the rest went with the last frame
@@ -135,26 +135,26 @@ where
                     Poll::Ready(frame)
                 }
             },
-            KindProj::Rejected { data } => {
+            ContentsProj::Rejected { data } => {
                 Poll::Ready(data.take().map(|d| Ok(Frame::data(d.into()))))
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.kind {
+        match &self.contents {
             // An edited stream ends when it says so, once what it held back has gone.
-            Kind::Inner { guard: Some(g), .. } if g.strips() => false,
-            Kind::Inner { body, .. } => body.is_end_stream(),
-            Kind::Rejected { data } => data.is_none(),
+            Contents::Inner { guard: Some(g), .. } if g.strips() => false,
+            Contents::Inner { body, .. } => body.is_end_stream(),
+            Contents::Rejected { data } => data.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            Kind::Inner { guard: Some(g), .. } if g.strips() => SizeHint::default(),
-            Kind::Inner { body, .. } => body.size_hint(),
-            Kind::Rejected { data } => {
+        match &self.contents {
+            Contents::Inner { guard: Some(g), .. } if g.strips() => SizeHint::default(),
+            Contents::Inner { body, .. } => body.size_hint(),
+            Contents::Rejected { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
         }
@@ -163,13 +163,13 @@ where
 
 impl<B> std::fmt::Debug for ResponseBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.kind {
-            Kind::Inner { guard, .. } => f
+        match &self.contents {
+            Contents::Inner { guard, .. } => f
                 .debug_struct("ResponseBody::Inner")
                 .field("holds_reservation", &guard.is_some())
                 .field("reads_usage", &guard.as_ref().is_some_and(Guard::reads))
                 .finish(),
-            Kind::Rejected { .. } => f.write_str("ResponseBody::Rejected"),
+            Contents::Rejected { .. } => f.write_str("ResponseBody::Rejected"),
         }
     }
 }
@@ -182,13 +182,13 @@ pin_project! {
     /// service takes `Request<RequestBody<hyper::body::Incoming>>`.
     pub struct RequestBody<B> {
         #[pin]
-        kind: RequestKind<B>,
+        contents: RequestContents<B>,
     }
 }
 
 pin_project! {
-    #[project = RequestKindProj]
-    enum RequestKind<B> {
+    #[project = RequestContentsProj]
+    enum RequestContents<B> {
         Streaming { #[pin] body: B },
         Buffered { #[pin] body: Full<Bytes> },
     }
@@ -197,13 +197,13 @@ pin_project! {
 impl<B> RequestBody<B> {
     pub(crate) fn streaming(body: B) -> Self {
         Self {
-            kind: RequestKind::Streaming { body },
+            contents: RequestContents::Streaming { body },
         }
     }
 
     pub(crate) fn buffered(data: Bytes) -> Self {
         Self {
-            kind: RequestKind::Buffered {
+            contents: RequestContents::Buffered {
                 body: Full::new(data),
             },
         }
@@ -221,9 +221,9 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        match self.project().kind.project() {
-            RequestKindProj::Streaming { body } => body.poll_frame(cx),
-            RequestKindProj::Buffered { body } => {
+        match self.project().contents.project() {
+            RequestContentsProj::Streaming { body } => body.poll_frame(cx),
+            RequestContentsProj::Buffered { body } => {
                 // `Full` cannot fail.
                 body.poll_frame(cx).map_err(|never| match never {})
             }
@@ -231,25 +231,25 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            RequestKind::Streaming { body } => body.is_end_stream(),
-            RequestKind::Buffered { body } => body.is_end_stream(),
+        match &self.contents {
+            RequestContents::Streaming { body } => body.is_end_stream(),
+            RequestContents::Buffered { body } => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            RequestKind::Streaming { body } => body.size_hint(),
-            RequestKind::Buffered { body } => body.size_hint(),
+        match &self.contents {
+            RequestContents::Streaming { body } => body.size_hint(),
+            RequestContents::Buffered { body } => body.size_hint(),
         }
     }
 }
 
 impl<B> std::fmt::Debug for RequestBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.kind {
-            RequestKind::Streaming { .. } => f.write_str("RequestBody::Streaming"),
-            RequestKind::Buffered { body } => f
+        match &self.contents {
+            RequestContents::Streaming { .. } => f.write_str("RequestBody::Streaming"),
+            RequestContents::Buffered { body } => f
                 .debug_struct("RequestBody::Buffered")
                 .field("len", &body.size_hint().exact())
                 .finish(),

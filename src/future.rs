@@ -37,13 +37,13 @@ pin_project! {
         S: Service<Request<RequestBody<B>>>,
     {
         #[pin]
-        state: State<S::Future, S, B>,
+        stage: Stage<S::Future, S, B>,
     }
 }
 
 pin_project! {
-    #[project = StateProj]
-    enum State<F, S, B> {
+    #[project = StageProj]
+    enum Stage<F, S, B> {
         /// Admitted (or unmetered): the inner call, holding the reservation until the
         /// response, which takes it over.
         Inner { #[pin] future: F, guard: Option<Guard>, headers: LimitHeaders },
@@ -120,15 +120,15 @@ impl<S> Call<S> {
     }
 
     /// What to do next with the ledger's answer.
-    fn decide<B>(self, body: RequestBody<B>, admission: Admission) -> State<S::Future, S, B>
+    fn decide<B>(self, body: RequestBody<B>, admission: Admission) -> Stage<S::Future, S, B>
     where
         S: Service<Request<RequestBody<B>>> + Clone,
     {
         match admission {
-            Step::Now(Ok(guard)) => State::Calling {
+            Step::Now(Ok(guard)) => Stage::Calling {
                 call: Some(Box::new((self, body, guard))),
             },
-            Step::Now(Err(error)) => State::Rejected {
+            Step::Now(Err(error)) => Stage::Rejected {
                 response: Some(Box::new(reject(&self.config, error))),
             },
             Step::Later(pending) => {
@@ -138,7 +138,7 @@ impl<S> Call<S> {
                     service: self.service.clone(),
                     ..self
                 };
-                State::Admitting {
+                Stage::Admitting {
                     pending,
                     call: Some(Box::new((call, body))),
                 }
@@ -147,7 +147,7 @@ impl<S> Call<S> {
     }
 
     /// Calls the inner service, holding `guard` until the response takes it over.
-    fn start<B>(self, body: RequestBody<B>, guard: Guard) -> State<S::Future, S, B>
+    fn start<B>(self, body: RequestBody<B>, guard: Guard) -> Stage<S::Future, S, B>
     where
         S: Service<Request<RequestBody<B>>>,
     {
@@ -166,7 +166,7 @@ impl<S> Call<S> {
         if config.read_usage {
             read_usage(&mut guard, prompt, learn, asked);
         }
-        State::Inner {
+        Stage::Inner {
             future: service.call(Request::from_parts(parts, body)),
             guard: Some(guard),
             headers: config.limit_headers,
@@ -207,7 +207,7 @@ where
     #[inline(always)]
     pub(crate) fn inner(future: S::Future, guard: Option<Guard>, headers: LimitHeaders) -> Self {
         Self {
-            state: State::Inner {
+            stage: Stage::Inner {
                 future,
                 guard,
                 headers,
@@ -217,7 +217,7 @@ where
 
     pub(crate) fn rejected(response: Response<Bytes>) -> Self {
         Self {
-            state: State::Rejected {
+            stage: Stage::Rejected {
                 response: Some(Box::new(response)),
             },
         }
@@ -226,7 +226,7 @@ where
     /// A request admitted later: by Redis, or once capacity comes back.
     pub(crate) fn admitting(pending: Pending<Guard>, call: Call<S>, body: RequestBody<B>) -> Self {
         Self {
-            state: State::Admitting {
+            stage: Stage::Admitting {
                 pending,
                 call: Some(Box::new((call, body))),
             },
@@ -236,7 +236,7 @@ where
     /// A request whose body is read before it is estimated.
     pub(crate) fn reading(body: B, reading: ReadingBody<S>) -> Self {
         Self {
-            state: State::Reading {
+            stage: Stage::Reading {
                 body,
                 reading: Some(Box::new(reading)),
             },
@@ -254,10 +254,10 @@ where
     type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut state = self.project().state;
+        let mut state = self.project().stage;
         loop {
             let next = match state.as_mut().project() {
-                StateProj::Inner {
+                StageProj::Inner {
                     future,
                     guard,
                     headers,
@@ -280,11 +280,11 @@ where
                     };
                     return Poll::Ready(Ok(response.map(|body| ResponseBody::inner(body, guard))));
                 }
-                StateProj::Rejected { response } => {
+                StageProj::Rejected { response } => {
                     let response = response.take().expect("polled after completion");
                     return Poll::Ready(Ok((*response).map(ResponseBody::rejected)));
                 }
-                StateProj::Reading { mut body, reading } => {
+                StageProj::Reading { mut body, reading } => {
                     let read = reading.as_mut().expect("polled after completion");
                     let limit = read.estimate.limit;
                     let outcome = loop {
@@ -352,12 +352,12 @@ where
                     }
                     call.decide(RequestBody::buffered(bytes), admission)
                 }
-                StateProj::Admitting { pending, call } => {
+                StageProj::Admitting { pending, call } => {
                     let admitted = ready!(pending.as_mut().poll(cx));
                     let (call, body) = *call.take().expect("polled after completion");
                     call.decide(body, Step::Now(admitted))
                 }
-                StateProj::Calling { call } => {
+                StageProj::Calling { call } => {
                     let service = &mut call.as_mut().expect("polled after completion").0.service;
                     if let Err(error) = ready!(service.poll_ready(cx)) {
                         call.take(); // releases the reservation
@@ -403,12 +403,12 @@ where
     S: Service<Request<RequestBody<B>>>,
 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let state = match &self.state {
-            State::Inner { .. } => "Inner",
-            State::Rejected { .. } => "Rejected",
-            State::Reading { .. } => "Reading",
-            State::Admitting { .. } => "Admitting",
-            State::Calling { .. } => "Calling",
+        let state = match &self.stage {
+            Stage::Inner { .. } => "Inner",
+            Stage::Rejected { .. } => "Rejected",
+            Stage::Reading { .. } => "Reading",
+            Stage::Admitting { .. } => "Admitting",
+            Stage::Calling { .. } => "Calling",
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)

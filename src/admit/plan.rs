@@ -68,7 +68,7 @@ pub(crate) fn plan_in_place<'a>(
         Some((found, name)) => header_estimate(found, name),
         None => config.estimator.in_place(headers)?,
     };
-    Some(reserve(config, tenant, tokens, Priority::Standard))
+    Some(metered(config, tenant, tokens, Priority::Standard))
 }
 
 /// Reads the tenant and the estimate from the request's head, whatever the sources.
@@ -86,7 +86,7 @@ pub(crate) fn plan<'a>(config: &'a Config, parts: &'a Parts) -> Plan<'a> {
         Some(Err(error)) => return Plan::Refuse(error),
     };
     match config.estimator.plan(parts) {
-        EstimatePlan::Ready(tokens) => reserve(config, tenant, tokens, class),
+        EstimatePlan::Ready(tokens) => metered(config, tenant, tokens, class),
         EstimatePlan::Body(body) => Plan::ReadBody(tenant, body, class),
     }
 }
@@ -127,7 +127,7 @@ fn charge<'a>(
 }
 
 /// The plan for `tenant`, given the estimate the request carries, if any.
-fn reserve<'a>(
+fn metered<'a>(
     config: &Config,
     tenant: Cow<'a, str>,
     tokens: Result<Option<u64>, Error>,

@@ -20,11 +20,11 @@ type BodyFn = dyn Fn(&Parts, &Bytes) -> Result<u64, EstimateError> + Send + Sync
 /// through the [`ReservationHandle`](crate::ReservationHandle) in the request extensions.
 #[derive(Clone)]
 pub struct Estimator {
-    kind: Kind,
+    from: EstimateFrom,
 }
 
 #[derive(Clone)]
-enum Kind {
+enum EstimateFrom {
     Header(HeaderName),
     ContentLength { bytes_per_token: u64 },
     Fixed(u64),
@@ -38,7 +38,7 @@ impl Estimator {
     /// refused with 400.
     pub fn header(name: HeaderName) -> Self {
         Self {
-            kind: Kind::Header(name),
+            from: EstimateFrom::Header(name),
         }
     }
 
@@ -47,7 +47,7 @@ impl Estimator {
     /// `Content-Length` (a chunked upload) has no estimate.
     pub fn content_length(bytes_per_token: u64) -> Self {
         Self {
-            kind: Kind::ContentLength {
+            from: EstimateFrom::ContentLength {
                 bytes_per_token: bytes_per_token.max(1),
             },
         }
@@ -56,7 +56,7 @@ impl Estimator {
     /// The same estimate for every request.
     pub fn fixed(tokens: u64) -> Self {
         Self {
-            kind: Kind::Fixed(tokens),
+            from: EstimateFrom::Fixed(tokens),
         }
     }
 
@@ -67,7 +67,7 @@ impl Estimator {
         F: Fn(&Parts) -> Result<Option<u64>, EstimateError> + Send + Sync + 'static,
     {
         Self {
-            kind: Kind::Fn(Arc::new(f)),
+            from: EstimateFrom::Fn(Arc::new(f)),
         }
     }
 
@@ -81,7 +81,7 @@ impl Estimator {
         F: Fn(&Parts, &Bytes) -> Result<u64, EstimateError> + Send + Sync + 'static,
     {
         Self {
-            kind: Kind::Body(BodyEstimate {
+            from: EstimateFrom::Body(BodyEstimate {
                 limit,
                 reader: Reader::Fn(Arc::new(f)),
             }),
@@ -90,14 +90,16 @@ impl Estimator {
 
     /// Decides how to estimate this request: now from its head, or after reading its body.
     pub(crate) fn plan(&self, parts: &Parts) -> Plan {
-        let estimate = match &self.kind {
-            Kind::Header(name) => header_estimate(Found::lookup(&parts.headers, name), name),
-            Kind::ContentLength { bytes_per_token } => {
+        let estimate = match &self.from {
+            EstimateFrom::Header(name) => {
+                header_estimate(Found::lookup(&parts.headers, name), name)
+            }
+            EstimateFrom::ContentLength { bytes_per_token } => {
                 content_estimate(&parts.headers, *bytes_per_token)
             }
-            Kind::Fixed(tokens) => Ok(Some(*tokens)),
-            Kind::Fn(f) => f(parts).map_err(Error::from),
-            Kind::Body(body) => {
+            EstimateFrom::Fixed(tokens) => Ok(Some(*tokens)),
+            EstimateFrom::Fn(f) => f(parts).map_err(Error::from),
+            EstimateFrom::Body(body) => {
                 return match content_length(&parts.headers) {
                     Ok(Some(len)) if len > body.limit as u64 => {
                         Plan::Ready(Err(Error::BodyTooLarge {
@@ -115,8 +117,8 @@ impl Estimator {
     /// may find it together with the tenant's in one walk over the headers.
     #[inline]
     pub(crate) fn header_name(&self) -> Option<&HeaderName> {
-        match &self.kind {
-            Kind::Header(name) => Some(name),
+        match &self.from {
+            EstimateFrom::Header(name) => Some(name),
             _ => None,
         }
     }
@@ -125,28 +127,28 @@ impl Estimator {
     /// `Parts` or its body ([`plan`](Self::plan) then).
     #[inline]
     pub(crate) fn in_place(&self, headers: &HeaderMap) -> Option<Result<Option<u64>, Error>> {
-        match &self.kind {
-            Kind::Header(name) => Some(header_estimate(Found::lookup(headers, name), name)),
-            Kind::ContentLength { bytes_per_token } => {
+        match &self.from {
+            EstimateFrom::Header(name) => Some(header_estimate(Found::lookup(headers, name), name)),
+            EstimateFrom::ContentLength { bytes_per_token } => {
                 Some(content_estimate(headers, *bytes_per_token))
             }
-            Kind::Fixed(tokens) => Some(Ok(Some(*tokens))),
-            Kind::Fn(_) | Kind::Body(_) => None,
+            EstimateFrom::Fixed(tokens) => Some(Ok(Some(*tokens))),
+            EstimateFrom::Fn(_) | EstimateFrom::Body(_) => None,
         }
     }
 }
 
 impl fmt::Debug for Estimator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.kind {
-            Kind::Header(name) => f.debug_tuple("Header").field(name).finish(),
-            Kind::ContentLength { bytes_per_token } => f
+        match &self.from {
+            EstimateFrom::Header(name) => f.debug_tuple("Header").field(name).finish(),
+            EstimateFrom::ContentLength { bytes_per_token } => f
                 .debug_struct("ContentLength")
                 .field("bytes_per_token", bytes_per_token)
                 .finish(),
-            Kind::Fixed(tokens) => f.debug_tuple("Fixed").field(tokens).finish(),
-            Kind::Fn(_) => f.write_str("Fn"),
-            Kind::Body(body) => match &body.reader {
+            EstimateFrom::Fixed(tokens) => f.debug_tuple("Fixed").field(tokens).finish(),
+            EstimateFrom::Fn(_) => f.write_str("Fn"),
+            EstimateFrom::Body(body) => match &body.reader {
                 Reader::Fn(_) => f.debug_struct("Body").field("limit", &body.limit).finish(),
                 Reader::OpenAi(estimator) => f.debug_tuple("OpenAi").field(estimator).finish(),
             },
@@ -158,7 +160,7 @@ impl fmt::Debug for Estimator {
 impl From<OpenAiEstimator> for Estimator {
     fn from(estimator: OpenAiEstimator) -> Self {
         Self {
-            kind: Kind::Body(BodyEstimate {
+            from: EstimateFrom::Body(BodyEstimate {
                 limit: estimator.limit(),
                 reader: Reader::OpenAi(estimator),
             }),
@@ -384,8 +386,8 @@ mod tests {
     use super::*;
 
     fn body_estimate(estimator: Estimator) -> BodyEstimate {
-        match estimator.kind {
-            Kind::Body(body) => body,
+        match estimator.from {
+            EstimateFrom::Body(body) => body,
             _ => unreachable!("not a body estimator"),
         }
     }

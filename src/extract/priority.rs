@@ -14,11 +14,11 @@ type PriorityFn = dyn Fn(&HeaderMap, &Extensions) -> Option<Priority> + Send + S
 /// Where the layer finds a request's [`Priority`]; a request without one is `Standard`.
 #[derive(Clone)]
 pub struct PrioritySource {
-    kind: Kind,
+    from: PriorityFrom,
 }
 
 #[derive(Clone)]
-enum Kind {
+enum PriorityFrom {
     Header(HeaderName),
     Extension,
     Fn(Arc<PriorityFn>),
@@ -29,7 +29,7 @@ impl PrioritySource {
     /// other value, or the header twice, is refused with 400 (`invalid_priority`).
     pub fn header(name: HeaderName) -> Self {
         Self {
-            kind: Kind::Header(name),
+            from: PriorityFrom::Header(name),
         }
     }
 
@@ -37,7 +37,7 @@ impl PrioritySource {
     /// request extensions.
     pub fn extension() -> Self {
         Self {
-            kind: Kind::Extension,
+            from: PriorityFrom::Extension,
         }
     }
 
@@ -47,7 +47,7 @@ impl PrioritySource {
         F: Fn(&HeaderMap, &Extensions) -> Option<Priority> + Send + Sync + 'static,
     {
         Self {
-            kind: Kind::Fn(Arc::new(f)),
+            from: PriorityFrom::Fn(Arc::new(f)),
         }
     }
 
@@ -57,8 +57,8 @@ impl PrioritySource {
         headers: &HeaderMap,
         extensions: &Extensions,
     ) -> Result<Priority, Error> {
-        let found = match &self.kind {
-            Kind::Header(name) => match Found::lookup(headers, name) {
+        let found = match &self.from {
+            PriorityFrom::Header(name) => match Found::lookup(headers, name) {
                 Found::Missing => None,
                 Found::One(value) => {
                     let text = value.to_str().map_err(|_| Error::InvalidPriority {
@@ -72,8 +72,8 @@ impl PrioritySource {
                     })
                 }
             },
-            Kind::Extension => extensions.get::<Priority>().copied(),
-            Kind::Fn(f) => f(headers, extensions),
+            PriorityFrom::Extension => extensions.get::<Priority>().copied(),
+            PriorityFrom::Fn(f) => f(headers, extensions),
         };
         Ok(found.unwrap_or_default())
     }
@@ -81,10 +81,10 @@ impl PrioritySource {
 
 impl fmt::Debug for PrioritySource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.kind {
-            Kind::Header(name) => f.debug_tuple("Header").field(name).finish(),
-            Kind::Extension => f.write_str("Extension"),
-            Kind::Fn(_) => f.write_str("Fn"),
+        match &self.from {
+            PriorityFrom::Header(name) => f.debug_tuple("Header").field(name).finish(),
+            PriorityFrom::Extension => f.write_str("Extension"),
+            PriorityFrom::Fn(_) => f.write_str("Fn"),
         }
     }
 }

@@ -21,11 +21,11 @@ type TenantFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
 /// inserts a [`TenantScope`]) or [`from_fn`](Self::from_fn).
 #[derive(Clone)]
 pub struct TenantSource {
-    kind: Kind,
+    from: TenantFrom,
 }
 
 #[derive(Clone)]
-enum Kind {
+enum TenantFrom {
     Header(HeaderName),
     Extension,
     Fn(Arc<TenantFn>),
@@ -44,7 +44,7 @@ impl TenantSource {
     /// tenant (400) rather than counted under a surprising id.
     pub fn header(name: HeaderName) -> Self {
         Self {
-            kind: Kind::Header(name),
+            from: TenantFrom::Header(name),
         }
     }
 
@@ -52,7 +52,7 @@ impl TenantSource {
     /// extensions. Trusted as it is, except that an empty id counts as missing.
     pub fn extension() -> Self {
         Self {
-            kind: Kind::Extension,
+            from: TenantFrom::Extension,
         }
     }
 
@@ -62,7 +62,7 @@ impl TenantSource {
         F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
     {
         Self {
-            kind: Kind::Fn(Arc::new(f)),
+            from: TenantFrom::Fn(Arc::new(f)),
         }
     }
 
@@ -72,10 +72,12 @@ impl TenantSource {
         parts: &'a Parts,
         max_len: usize,
     ) -> Result<Option<Cow<'a, str>>, Error> {
-        match &self.kind {
-            Kind::Header(name) => header_tenant(Found::lookup(&parts.headers, name), name, max_len),
-            Kind::Extension => Ok(extension_tenant(&parts.extensions)),
-            Kind::Fn(f) => Ok(f(parts).filter(|id| !id.is_empty()).map(Cow::Owned)),
+        match &self.from {
+            TenantFrom::Header(name) => {
+                header_tenant(Found::lookup(&parts.headers, name), name, max_len)
+            }
+            TenantFrom::Extension => Ok(extension_tenant(&parts.extensions)),
+            TenantFrom::Fn(f) => Ok(f(parts).filter(|id| !id.is_empty()).map(Cow::Owned)),
         }
     }
 
@@ -83,8 +85,8 @@ impl TenantSource {
     /// may find it together with the estimate's in one walk over the headers.
     #[inline]
     pub(crate) fn header_name(&self) -> Option<&HeaderName> {
-        match &self.kind {
-            Kind::Header(name) => Some(name),
+        match &self.from {
+            TenantFrom::Header(name) => Some(name),
             _ => None,
         }
     }
@@ -98,10 +100,12 @@ impl TenantSource {
         extensions: &'a Extensions,
         max_len: usize,
     ) -> Option<Result<Option<Cow<'a, str>>, Error>> {
-        match &self.kind {
-            Kind::Header(name) => Some(header_tenant(Found::lookup(headers, name), name, max_len)),
-            Kind::Extension => Some(Ok(extension_tenant(extensions))),
-            Kind::Fn(_) => None,
+        match &self.from {
+            TenantFrom::Header(name) => {
+                Some(header_tenant(Found::lookup(headers, name), name, max_len))
+            }
+            TenantFrom::Extension => Some(Ok(extension_tenant(extensions))),
+            TenantFrom::Fn(_) => None,
         }
     }
 }
@@ -151,10 +155,10 @@ pub(crate) fn header_tenant<'a>(
 
 impl fmt::Debug for TenantSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.kind {
-            Kind::Header(name) => f.debug_tuple("Header").field(name).finish(),
-            Kind::Extension => f.write_str("Extension"),
-            Kind::Fn(_) => f.write_str("Fn"),
+        match &self.from {
+            TenantFrom::Header(name) => f.debug_tuple("Header").field(name).finish(),
+            TenantFrom::Extension => f.write_str("Extension"),
+            TenantFrom::Fn(_) => f.write_str("Fn"),
         }
     }
 }
