@@ -22,9 +22,9 @@ use crate::headers::{
     limit_field, policy_field, RATELIMIT, RATELIMIT_POLICY, X_RATELIMIT_LIMIT_TOKENS,
     X_RATELIMIT_REMAINING_TOKENS,
 };
+use crate::reservation::usage::{Learn, Tap};
 use crate::reservation::Guard;
 use crate::step::{Pending, Step};
-use crate::usage::{Learn, Tap};
 use crate::{BoxError, Error};
 
 pin_project! {
@@ -102,7 +102,7 @@ impl<S> Call<S> {
     /// did not say (with its `Content-Length` made to match), else `body`.
     #[cold]
     fn ask_usage(&mut self, body: Bytes) -> Bytes {
-        let Some(asked) = crate::usage::ask(&body) else {
+        let Some(asked) = crate::reservation::usage::ask(&body) else {
             return body;
         };
         if self

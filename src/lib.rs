@@ -120,11 +120,6 @@ mod shadow;
 mod step;
 mod sync;
 mod tracker;
-#[cfg(feature = "openai")]
-mod usage;
-#[cfg(not(feature = "openai"))]
-#[path = "usage_off.rs"]
-mod usage;
 
 pub use self::budget::{BudgetLedger, SharedBudget};
 pub use self::error::Error;

@@ -1,16 +1,22 @@
 //! A request's reservation: made in the ledger, held by one guard until the response has
 //! ended, seen by handlers through the handle.
 
+#[cfg(feature = "openai")]
+pub(crate) mod usage;
+#[cfg(not(feature = "openai"))]
+#[path = "usage_off.rs"]
+pub(crate) mod usage;
+
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use self::usage::Tap;
 use crate::budget::budget_error;
 use crate::fair::Wake;
 use crate::ledger::{Reservation, Resize, TenantName};
 use crate::metrics::Tag;
 use crate::retry_after::HoldClock;
 use crate::step::Pending;
-use crate::usage::Tap;
 use crate::Error;
 
 /// Waits for every growth in turn; the first refusal stands.
