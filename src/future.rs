@@ -12,8 +12,8 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use crate::admit::plan::fit_guess;
-use crate::admit::{admit, reject, Admission};
+use crate::admit::body::admit_read;
+use crate::admit::{reject, Admission};
 use crate::body::{RequestBody, ResponseBody};
 use crate::config::{Config, LimitHeaders};
 use crate::extract::BodyEstimate;
@@ -22,7 +22,7 @@ use crate::headers::{
     limit_field, policy_field, RATELIMIT, RATELIMIT_POLICY, X_RATELIMIT_LIMIT_TOKENS,
     X_RATELIMIT_REMAINING_TOKENS,
 };
-use crate::reservation::usage::{Learn, Tap};
+use crate::reservation::usage::Tap;
 use crate::reservation::Guard;
 use crate::step::{Pending, Step};
 use crate::{BoxError, Error};
@@ -63,11 +63,12 @@ pin_project! {
 }
 
 /// Attaches to `guard` a reader of the response's usage, for a request whose estimate
-/// has `prompt` tokens of prompt; kept out of the common path.
+/// came from its head (no prompt part is known, nothing is learned); kept out of the
+/// common path.
 #[cold]
 #[inline(never)]
-pub(crate) fn read_usage(guard: &mut Guard, prompt: u64, learn: Option<Learn>, asked: bool) {
-    if let Some(reader) = Tap::new(prompt, learn, asked) {
+pub(crate) fn read_usage(guard: &mut Guard) {
+    if let Some(reader) = Tap::new(0, None, false) {
         guard.attach(reader);
     }
 }
@@ -78,12 +79,8 @@ pub(crate) struct Call<S> {
     parts: Parts,
     service: S,
     config: Arc<Config>,
-    /// The estimate's prompt part, when the estimator tells it apart.
-    prompt: u64,
-    /// Where the response's output is learned from, when the layer learns allowances.
-    learn: Option<Learn>,
-    /// The layer asked the request for its stream's usage.
-    asked: bool,
+    /// The reader of the response's usage, made with the estimate from the body.
+    reader: Option<Tap>,
 }
 
 impl<S> Call<S> {
@@ -92,31 +89,8 @@ impl<S> Call<S> {
             parts,
             service,
             config,
-            prompt: 0,
-            learn: None,
-            asked: false,
+            reader: None,
         }
-    }
-
-    /// The body to forward: `body` asking for its stream's usage, when it is a stream that
-    /// did not say (with its `Content-Length` made to match), else `body`.
-    #[cold]
-    fn ask_usage(&mut self, body: Bytes) -> Bytes {
-        let Some(asked) = crate::reservation::usage::ask(&body) else {
-            return body;
-        };
-        if self
-            .parts
-            .headers
-            .contains_key(http::header::CONTENT_LENGTH)
-        {
-            let length = http::HeaderValue::from(asked.len());
-            self.parts
-                .headers
-                .insert(http::header::CONTENT_LENGTH, length);
-        }
-        self.asked = true;
-        asked
     }
 
     /// What to do next with the ledger's answer.
@@ -155,16 +129,16 @@ impl<S> Call<S> {
             mut parts,
             mut service,
             config,
-            prompt,
-            learn,
-            asked,
+            reader,
         } = self;
         if let Some(handle) = guard.handle() {
             parts.extensions.insert(handle);
         }
         let mut guard = guard;
-        if config.read_usage {
-            read_usage(&mut guard, prompt, learn, asked);
+        match reader {
+            Some(reader) => guard.attach(reader),
+            None if config.read_usage => read_usage(&mut guard),
+            None => {}
         }
         Stage::Inner {
             future: service.call(Request::from_parts(parts, body)),
@@ -313,44 +287,17 @@ where
                         mut call,
                         buffer,
                     } = *reading.take().expect("checked above");
-                    let bytes = buffer.freeze();
-                    let config = &call.config;
-                    let learned = config.learned(&tenant);
-                    let estimated = outcome.and_then(|()| {
-                        let model = config.wants_model() || config.ask_usage;
-                        estimate.estimate_learning(&call.parts, &bytes, model, &learned)
-                    });
-                    let (admission, estimated) = match estimated {
-                        Ok(estimated) => {
-                            call.prompt = estimated.prompt;
-                            let model = estimated.model.as_deref();
-                            let keys = config.budget_keys(&call.parts, Some(&bytes), model);
-                            let tokens = match estimated.unlimited {
-                                true => fit_guess(
-                                    config,
-                                    &tenant,
-                                    &keys,
-                                    estimated.prompt,
-                                    estimated.tokens,
-                                ),
-                                false => estimated.tokens,
-                            };
-                            (admit(config, &tenant, tokens, keys, class), Some(estimated))
-                        }
-                        Err(error) => (Step::Now(Err(error)), None),
-                    };
-                    let bytes = match config.ask_usage {
-                        true => call.ask_usage(bytes),
-                        false => bytes,
-                    };
-                    if let Some(estimated) = estimated {
-                        let config = &call.config;
-                        let (adaptive, calibration) =
-                            (config.adaptive.as_ref(), config.calibration.as_ref());
-                        call.learn =
-                            Learn::new(adaptive, calibration, &tenant, estimated, call.asked);
-                    }
-                    call.decide(RequestBody::buffered(bytes), admission)
+                    let read = outcome.map(|()| buffer.freeze());
+                    let admitted = admit_read(
+                        &call.config,
+                        &tenant,
+                        class,
+                        &estimate,
+                        &mut call.parts,
+                        read,
+                    );
+                    call.reader = admitted.reader;
+                    call.decide(RequestBody::buffered(admitted.body), admitted.admission)
                 }
                 StageProj::Admitting { pending, call } => {
                     let admitted = ready!(pending.as_mut().poll(cx));

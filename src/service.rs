@@ -190,9 +190,8 @@ impl<S> TenantTokenService<S> {
         S: Service<Request<RequestBody<ReqBody>>>,
     {
         let (headers, guard) = match guard {
-            // The estimate came from headers: no prompt part is known.
             Some(mut guard) => {
-                read_usage(&mut guard, 0, None, false);
+                read_usage(&mut guard);
                 (self.config.limit_headers, Some(guard))
             }
             None => (LimitHeaders::default(), None),

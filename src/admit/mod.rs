@@ -20,6 +20,7 @@
 //! budget admits it in its turn among the requests waiting on every replica, and a request
 //! over its tenant's cap must not take that turn (see `redis::queue`).
 
+pub(crate) mod body;
 pub(crate) mod plan;
 mod refuse;
 

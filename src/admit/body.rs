@@ -1,0 +1,96 @@
+//! Admitting a request whose estimate needed its body, once the body is read: the
+//! estimate, the budgets it draws from, the output allowance a guess gets, the admission,
+//! and what its response is to be read for.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::CONTENT_LENGTH;
+use http::request::Parts;
+use http::HeaderValue;
+
+use super::plan::fit_guess;
+use super::{admit, Admission};
+use crate::config::Config;
+use crate::extract::BodyEstimate;
+use crate::fair::Priority;
+use crate::reservation::usage::{ask, Learn, Tap};
+use crate::step::Step;
+use crate::Error;
+
+/// What a request whose body was read becomes.
+pub(crate) struct BodyAdmission {
+    pub(crate) admission: Admission,
+    /// The body to forward: as read, or asking for its stream's usage.
+    pub(crate) body: Bytes,
+    /// The reader of the response's usage, on a layer that reads usage.
+    pub(crate) reader: Option<Tap>,
+}
+
+/// Admits a request of `tenant` in `class` whose body was `read` (or failed to be),
+/// estimated by `estimate`. `parts` is its head, whose `Content-Length` is made to match
+/// a body that asks for its stream's usage.
+pub(crate) fn admit_read(
+    config: &Arc<Config>,
+    tenant: &str,
+    class: Priority,
+    estimate: &BodyEstimate,
+    parts: &mut Parts,
+    read: Result<Bytes, Error>,
+) -> BodyAdmission {
+    let learned = config.learned(tenant);
+    let want_model = config.wants_model() || config.ask_usage;
+    let estimated = match read {
+        Ok(body) => estimate
+            .estimate_learning(parts, &body, want_model, &learned)
+            .map(|estimated| (body, estimated)),
+        Err(error) => Err(error),
+    };
+    let (body, estimated) = match estimated {
+        Ok(read) => read,
+        Err(error) => {
+            return BodyAdmission {
+                admission: Step::Now(Err(error)),
+                body: Bytes::new(),
+                reader: None,
+            }
+        }
+    };
+    let model = estimated.model.as_deref();
+    let keys = config.budget_keys(parts, Some(&body), model);
+    let tokens = match estimated.unlimited {
+        true => fit_guess(config, tenant, &keys, estimated.prompt, estimated.tokens),
+        false => estimated.tokens,
+    };
+    let admission = admit(config, tenant, tokens, keys, class);
+    let (body, asked) = match config.ask_usage {
+        true => ask_usage(parts, body),
+        false => (body, false),
+    };
+    let reader = config.read_usage.then(|| {
+        let (adaptive, calibration) = (config.adaptive.as_ref(), config.calibration.as_ref());
+        let prompt = estimated.prompt;
+        let learn = Learn::new(adaptive, calibration, tenant, estimated, asked);
+        Tap::new(prompt, learn, asked)
+    });
+    BodyAdmission {
+        admission,
+        body,
+        reader: reader.flatten(),
+    }
+}
+
+/// The body to forward, and whether it asks for its stream's usage: `body` asking for it
+/// when it is a stream that did not say (with its `Content-Length` made to match), else
+/// `body`.
+#[cold]
+fn ask_usage(parts: &mut Parts, body: Bytes) -> (Bytes, bool) {
+    let Some(asked) = ask(&body) else {
+        return (body, false);
+    };
+    if parts.headers.contains_key(CONTENT_LENGTH) {
+        let length = HeaderValue::from(asked.len());
+        parts.headers.insert(CONTENT_LENGTH, length);
+    }
+    (asked, true)
+}
