@@ -220,7 +220,7 @@ impl BudgetKeys {
                     // A budget in Redis: the rest in order, after it answers.
                     let rest = keys[at + 1..].to_vec();
                     let (key, turn) = (key.clone(), turn.cloned());
-                    return Step::Later(Box::pin(async move {
+                    return Step::later(async move {
                         held.push(pending.await.map_err(|error| budget_error(&key, error))?);
                         for (ledger, key) in rest {
                             let reserved =
@@ -229,7 +229,7 @@ impl BudgetKeys {
                             held.push(reserved.map_err(|error| budget_error(&key, error))?);
                         }
                         Ok(held)
-                    }));
+                    });
                 }
             }
         }

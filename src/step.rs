@@ -24,12 +24,30 @@ impl<T: Send + 'static> Step<T> {
         }
     }
 
+    /// An answer to wait for, from `future`: the one place a step's future is boxed.
+    pub(crate) fn later(future: impl Future<Output = Result<T, Error>> + Send + 'static) -> Self {
+        Step::Later(Box::pin(future))
+    }
+
+    /// Goes on with `f` once the answer is known, success or refusal: at once when it is
+    /// known now and `f` answers now, after the wait otherwise.
+    #[inline]
+    pub(crate) fn then<U: Send + 'static>(
+        self,
+        f: impl FnOnce(Result<T, Error>) -> Step<U> + Send + 'static,
+    ) -> Step<U> {
+        match self {
+            Step::Now(answer) => f(answer),
+            Step::Later(pending) => Step::later(async move { f(pending.await).resolve().await }),
+        }
+    }
+
     /// Turns the answer, once known, into another.
     #[inline]
-    pub(crate) fn map<U>(self, f: impl FnOnce(T) -> U + Send + 'static) -> Step<U> {
+    pub(crate) fn map<U: Send + 'static>(self, f: impl FnOnce(T) -> U + Send + 'static) -> Step<U> {
         match self {
             Step::Now(answer) => Step::Now(answer.map(f)),
-            Step::Later(pending) => Step::Later(Box::pin(async move { pending.await.map(f) })),
+            Step::Later(pending) => Step::later(async move { pending.await.map(f) }),
         }
     }
 }

@@ -86,20 +86,15 @@ fn admit_or_wait(
             wait(config, tenant, tokens, keys, class, Some(error), turn)
         }
         Step::Now(admitted) => Step::Now(admitted),
-        Step::Later(pending) => {
-            // Redis answers later; a refusal there may still turn into a wait.
+        // Redis answers later; a refusal there may still turn into a wait.
+        later => {
             let (config, tenant) = (Arc::clone(config), tenant.to_owned());
-            Step::Later(Box::pin(async move {
-                let config = &config;
-                match pending.await {
-                    Err(error) if may_wait(&error) => {
-                        wait(config, &tenant, tokens, keys, class, Some(error), turn)
-                            .resolve()
-                            .await
-                    }
-                    admitted => admitted,
+            later.then(move |admitted| match admitted {
+                Err(error) if may_wait(&error) => {
+                    wait(&config, &tenant, tokens, keys, class, Some(error), turn)
                 }
-            }))
+                admitted => Step::Now(admitted),
+            })
         }
     }
 }
@@ -133,12 +128,9 @@ fn try_admit(
             Step::Now(reserved) => {
                 Step::Now(reserved.map(|reservation| record(config, reservation, None, None)))
             }
-            Step::Later(pending) => {
+            later => {
                 let config = Arc::clone(config);
-                Step::Later(Box::pin(async move {
-                    let config = &config;
-                    Ok(record(config, pending.await?, None, None))
-                }))
+                later.map(move |reservation| record(&config, reservation, None, None))
             }
         };
     };
@@ -148,43 +140,34 @@ fn try_admit(
     let (budgets, shadowed) = match draw(options, tenant, tokens, keys, None) {
         Step::Now(Ok(drawn)) => drawn,
         Step::Now(Err(error)) => return Step::Now(Err(error)),
-        Step::Later(drawing) => {
+        drawing => {
             // A budget in Redis: the tenant's reservation once the budgets are held.
             let (config, tenant) = (Arc::clone(config), tenant.to_owned());
-            return Step::Later(Box::pin(async move {
-                let config = &config;
-                let (budgets, shadowed) = drawing.await?;
+            return drawing.then(move |drawn| {
+                let (budgets, shadowed) = match drawn {
+                    Ok(drawn) => drawn,
+                    Err(error) => return Step::Now(Err(error)),
+                };
                 let options = config.options.as_deref().expect("checked above");
-                let reserved = reserve_or_shadow(config, &tenant, tokens, &options.shadow);
-                let (reservation, refused) = reserved.resolve().await?;
-                Ok(hold(
-                    config,
-                    options,
-                    reservation,
-                    budgets,
-                    refused.or(shadowed),
-                ))
-            }));
+                let reserved = reserve_or_shadow(&config, &tenant, tokens, &options.shadow);
+                let config = Arc::clone(&config);
+                reserved.map(move |(reservation, refused)| {
+                    let options = config.options.as_deref().expect("checked above");
+                    hold(&config, options, reservation, budgets, refused.or(shadowed))
+                })
+            });
         }
     };
     match reserve_or_shadow(config, tenant, tokens, &options.shadow) {
         Step::Now(reserved) => Step::Now(reserved.map(|(reservation, refused)| {
             hold(config, options, reservation, budgets, refused.or(shadowed))
         })),
-        Step::Later(pending) => {
+        later => {
             let config = Arc::clone(config);
-            Step::Later(Box::pin(async move {
-                let config = &config;
-                let (reservation, refused) = pending.await?;
+            later.map(move |(reservation, refused)| {
                 let options = config.options.as_deref().expect("checked above");
-                Ok(hold(
-                    config,
-                    options,
-                    reservation,
-                    budgets,
-                    refused.or(shadowed),
-                ))
-            }))
+                hold(&config, options, reservation, budgets, refused.or(shadowed))
+            })
         }
     }
 }
@@ -202,7 +185,7 @@ fn try_admit_in_turn(
 ) -> Step<Guard> {
     let (config, tenant, keys) = (Arc::clone(config), tenant.to_owned(), keys.clone());
     let turn = turn.clone();
-    Step::Later(Box::pin(async move {
+    Step::later(async move {
         let config = &config;
         let options = config
             .options
@@ -220,7 +203,7 @@ fn try_admit_in_turn(
             budgets,
             refused.or(shadowed),
         ))
-    }))
+    })
 }
 
 /// Reserves `tokens` for `tenant` in the ledger. A refusal that `shadow` covers is
@@ -238,19 +221,16 @@ fn reserve_or_shadow(
             .reserve_unchecked(tenant, tokens)
             .map(|reservation| (reservation, Some(error))),
         Step::Now(Err(error)) => Step::Now(Err(error)),
-        Step::Later(pending) => {
+        later => {
             let (ledger, tenant, shadow) =
                 (config.ledger.clone(), tenant.to_owned(), shadow.clone());
-            Step::Later(Box::pin(async move {
-                match pending.await {
-                    Ok(reservation) => Ok((reservation, None)),
-                    Err(error) if shadow.covers(&tenant, &error) => {
-                        let reservation = ledger.reserve_unchecked(&tenant, tokens);
-                        Ok((reservation.resolve().await?, Some(error)))
-                    }
-                    Err(error) => Err(error),
-                }
-            }))
+            later.then(move |reserved| match reserved {
+                Ok(reservation) => Step::Now(Ok((reservation, None))),
+                Err(error) if shadow.covers(&tenant, &error) => ledger
+                    .reserve_unchecked(&tenant, tokens)
+                    .map(|reservation| (reservation, Some(error))),
+                Err(error) => Step::Now(Err(error)),
+            })
         }
     }
 }
@@ -333,7 +313,7 @@ fn wait(
     turn: Option<Turn>,
 ) -> Admission {
     let (config, tenant) = (Arc::clone(config), tenant.to_owned());
-    Step::Later(Box::pin(async move {
+    Step::later(async move {
         let config = &config;
         let queue = config.options.as_ref().and_then(|o| o.queue.clone());
         let queue = queue.expect("only called with a queue");
@@ -381,7 +361,7 @@ fn wait(
             }
             ticket.wait(RECHECK.min(deadline - now)).await;
         }
-    }))
+    })
 }
 
 /// Reserves in every budget the request draws from, with the refusal shadow mode
@@ -402,18 +382,15 @@ fn draw(
             .reserve(tokens, true, None)
             .map(|budgets| (budgets, Some(error))),
         Step::Now(Err(error)) => Step::Now(Err(error)),
-        Step::Later(pending) => {
+        later => {
             let (shadow, tenant, keys) = (options.shadow.clone(), tenant.to_owned(), keys.clone());
-            Step::Later(Box::pin(async move {
-                match pending.await {
-                    Ok(budgets) => Ok((budgets, None)),
-                    Err(error) if shadow.covers(&tenant, &error) => {
-                        let budgets = keys.reserve(tokens, true, None).resolve().await?;
-                        Ok((budgets, Some(error)))
-                    }
-                    Err(error) => Err(error),
-                }
-            }))
+            later.then(move |drawn| match drawn {
+                Ok(budgets) => Step::Now(Ok((budgets, None))),
+                Err(error) if shadow.covers(&tenant, &error) => keys
+                    .reserve(tokens, true, None)
+                    .map(|budgets| (budgets, Some(error))),
+                Err(error) => Step::Now(Err(error)),
+            })
         }
     }
 }

@@ -22,10 +22,10 @@ impl RedisTokenTracker {
             return Step::Now(Ok(wrap(drawn)));
         }
         let (tracker, tenant) = (self.clone(), tenant.to_owned());
-        Step::Later(Box::pin(async move {
+        Step::later(async move {
             let reservation = tracker.reserve_in_redis(&tenant, tokens).await;
             reservation.map(wrap)
-        }))
+        })
     }
 
     /// Reserves `tokens` for `tenant` whatever its cap (shadow mode).
@@ -36,10 +36,10 @@ impl RedisTokenTracker {
         wrap: fn(RedisReservation) -> R,
     ) -> Step<R> {
         let (tracker, tenant) = (self.clone(), tenant.to_owned());
-        Step::Later(Box::pin(async move {
+        Step::later(async move {
             let reservation = tracker.reserve_unchecked(&tenant, tokens).await;
             reservation.map(wrap)
-        }))
+        })
     }
 
     /// Reserves `tokens` of the budget `key` in `turn` (see `queue`).
@@ -51,10 +51,10 @@ impl RedisTokenTracker {
         wrap: fn(RedisReservation) -> R,
     ) -> Step<R> {
         let (tracker, key, turn) = (self.clone(), key.to_owned(), Arc::clone(turn));
-        Step::Later(Box::pin(async move {
+        Step::later(async move {
             let reserved = tracker.reserve_in_turn(&key, tokens, &turn).await;
             reserved.map(wrap)
-        }))
+        })
     }
 
     /// A place in the order this tracker keeps across replicas for the requests of
