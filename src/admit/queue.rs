@@ -61,7 +61,9 @@
 //! a tenant with requests running only on another replica counts as idle there, and
 //! the lift only ever raises it to a level others wait at.
 
+use std::any::Any;
 use std::collections::{HashMap, VecDeque};
+use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -79,6 +81,11 @@ pub(crate) const RECHECK: Duration = Duration::from_millis(50);
 
 /// How many tenants' counters are kept at most while none of their requests wait.
 const KEEP_IDLE_COUNTERS: usize = 4_096;
+
+/// A place held in an order kept elsewhere (a budget's queue in Redis), handed to the
+/// tenant's next request of the same class (rule 3). Dropped untaken, it is given up
+/// there.
+pub(crate) type Place = Box<dyn Any + Send + Sync>;
 
 /// The requests waiting for capacity, and every tenant's virtual token counter.
 #[derive(Debug)]
@@ -129,12 +136,31 @@ struct Tenant {
     /// waits for a budget this queue orders: `None` while that one waits for its
     /// tenant's own cap or for budgets ordered elsewhere, and while nothing waits.
     place: Option<u64>,
+    /// Places in orders kept elsewhere, for its next request.
+    passed: Vec<Passed>,
 }
 
 impl Tenant {
     /// Waiting or running: not idle (rule 6).
     fn is_active(&self) -> bool {
         !self.waiting.is_empty() || self.running != 0
+    }
+}
+
+/// A place passed on, and the waiting request it is for: it is given up if that request
+/// goes without taking it.
+struct Passed {
+    class: Priority,
+    to: u64,
+    place: Place,
+}
+
+impl fmt::Debug for Passed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Passed")
+            .field("class", &self.class)
+            .field("to", &self.to)
+            .finish_non_exhaustive()
     }
 }
 
@@ -305,6 +331,57 @@ impl Queue {
             .is_some_and(Tenant::is_active)
     }
 
+    /// The class of the request waiting behind `tenant`'s first one, which goes next for
+    /// its tenant.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn next_class(&self, tenant: &str) -> Option<Priority> {
+        if self.queued.load(Relaxed) == 0 {
+            return None;
+        }
+        let state = self.lock();
+        state.tenants.get(tenant)?.waiting.get(1).map(|w| w.class)
+    }
+
+    /// Hands `place`, which a request of `tenant` in `class` held, to the tenant's next
+    /// waiting request if it is of that class (rule 3); otherwise `place` is dropped, given
+    /// up. `admitted`: the request passing it is still its tenant's first (it is being
+    /// admitted), so the next is the one behind it.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn pass_on(&self, tenant: &str, class: Priority, place: Place, admitted: bool) {
+        let mut state = self.lock();
+        let Some(own) = state.tenants.get_mut(tenant) else {
+            drop(state);
+            return drop(place);
+        };
+        match own.waiting.get(usize::from(admitted)) {
+            Some(next) if next.class == class => {
+                let to = next.seq;
+                own.passed.push(Passed { class, to, place });
+            }
+            _ => {
+                drop(state);
+                drop(place);
+            }
+        }
+    }
+
+    /// Takes a place passed on to `tenant`'s requests of `class` that `wanted` accepts.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn take_passed(
+        &self,
+        tenant: &str,
+        class: Priority,
+        wanted: impl Fn(&Place) -> bool,
+    ) -> Option<Place> {
+        let mut state = self.lock();
+        let own = state.tenants.get_mut(tenant)?;
+        let at = own
+            .passed
+            .iter()
+            .position(|p| p.class == class && wanted(&p.place))?;
+        Some(own.passed.swap_remove(at).place)
+    }
+
     /// Nothing under this lock can panic half-way, so poisoning is ignored.
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
@@ -395,8 +472,9 @@ impl Ticket {
     /// `elsewhere`: the budget orders its waiting requests itself (in Redis, across
     /// replicas), so this queue does not order them for it.
     pub(crate) fn refused(&self, error: &Error, elsewhere: bool) {
-        let mut state = self.queue.lock();
+        let mut given_up = Vec::new();
         {
+            let mut state = self.queue.lock();
             let State {
                 tenants, next_seq, ..
             } = &mut *state;
@@ -419,15 +497,18 @@ impl Ticket {
                 if place == Some(*next_seq) {
                     *next_seq += 1;
                 }
+                if matches!(error, Error::TenantOverloaded { .. }) {
+                    given_up = std::mem::take(&mut own.passed);
+                }
                 changed |= place != own.place;
                 own.place = place;
             }
             me.budget = budget;
-            if !changed {
-                return;
+            if changed {
+                wake_heads(&state); // the turn may have passed to another
             }
         }
-        wake_heads(&state); // the turn may have passed to another
+        drop(given_up);
     }
 
     /// Waits until woken or `limit` has passed, whichever is first.
@@ -452,8 +533,9 @@ fn goes_before(a: (Priority, f64, u64), b: (Priority, f64, u64)) -> bool {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let mut state = self.queue.lock();
+        let mut given_up = Vec::new();
         {
+            let mut state = self.queue.lock();
             let State {
                 tenants, next_seq, ..
             } = &mut *state;
@@ -461,6 +543,12 @@ impl Drop for Ticket {
                 if let Some(at) = own.waiting.iter().position(|w| w.seq == self.seq) {
                     let gone = own.waiting.remove(at).expect("found above");
                     self.queue.queued.fetch_sub(1, Relaxed);
+                    // A place passed on to it and not taken goes with it.
+                    let (kept, lost) = std::mem::take(&mut own.passed)
+                        .into_iter()
+                        .partition(|passed| passed.to != gone.seq);
+                    own.passed = kept;
+                    given_up = lost;
                     if at == 0 {
                         // Rule 3: the next of its class keeps the place, another takes one.
                         match own.waiting.front() {
@@ -474,8 +562,9 @@ impl Drop for Ticket {
                     }
                 }
             }
+            wake_heads(&state);
         }
-        wake_heads(&state);
+        drop(given_up);
     }
 }
 

@@ -107,13 +107,15 @@ end
 
 -- `ARGV`: lease, tokens, cap, ttl (the budget's lease, reserved as the batch script
 -- does), then ticket, tenant, class, share (tokens ÷ weight), active (`1` when the tenant
--- waits or runs on this replica), channel. Returns `{status, in_flight}`: 1 admitted, 0
--- over the cap and 2 not its turn (either way it waits with the ticket), 3 shed, -1
--- larger than the cap.
+-- waits or runs on this replica), channel, pass (`1` when the next request of the tenant
+-- on this replica is of the same class, so that its ticket stays for that one if this
+-- request is admitted). Returns `{status, in_flight}`: 1 admitted, 4 admitted with the
+-- ticket kept for the next, 0 over the cap and 2 not its turn (either way it waits with
+-- the ticket), 3 shed, -1 larger than the cap.
 local function admit()
   sweep_tickets()
   local ticket, tenant, class, share = ARGV[5], ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
-  local active, ttl, channel = ARGV[9] == '1', tonumber(ARGV[4]), ARGV[10]
+  local active, ttl, channel, pass = ARGV[9] == '1', tonumber(ARGV[4]), ARGV[10], ARGV[11] == '1'
   local holding = redis.call('HGET', TK, ticket)
   local function queue(status)
     if not holding then
@@ -134,7 +136,13 @@ local function admit()
   end
   local status, held = reserve(KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]), ttl)
   if status == 1 then
-    if holding then drop_ticket(ticket) else lift(tenant, active) end
+    if not holding then
+      lift(tenant, active)
+    elseif pass then
+      status = 4
+    else
+      drop_ticket(ticket)
+    end
     served(tenant, share)
     wake(channel)
     keep(ttl)

@@ -21,7 +21,11 @@
 //!
 //! A request holds a ticket while it is its tenant's first waiting request on its replica
 //! and waits for the budget (not for its tenant's own cap). It reserves the budget only
-//! in its turn, and while it is refused for room the turn stays with it. A request without
+//! in its turn, and while it is refused for room the turn stays with it. When it goes
+//! (admitted, cancelled, timed out) and the next request of its tenant on the replica is
+//! of the same class, its ticket is handed to that one rather than given up, by the very
+//! script that admits it when it is admitted: the tenant keeps its place (rule 3) with no
+//! moment out of line in which a tenant behind it could take its turn. A request without
 //! a ticket goes straight to the budget only when no ticket of its class or a higher one
 //! waits; a sheddable one is refused while any ticket waits. Every script first sweeps the
 //! tickets past their deadline.
@@ -218,7 +222,8 @@ impl Turn {
         self.tickets.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The ticket id for `key` in `inner`'s budgets, marked as possibly held.
+    /// The ticket id for `key` in `inner`'s budgets, marked as possibly held: the one
+    /// passed on to this request by the one before it of its tenant, if any.
     fn ticket(&self, inner: &Arc<Inner>, key: &str) -> String {
         let mut places = self.lock();
         let found = places
@@ -227,11 +232,22 @@ impl Turn {
         let place = match found {
             Some(place) => place,
             None => {
-                let seq = inner.fair.next_ticket.fetch_add(1, Relaxed);
+                let passed = self.queue.take_passed(&self.tenant, self.class, |place| {
+                    place
+                        .downcast_ref::<Passed>()
+                        .is_some_and(|passed| passed.is_for(inner, key))
+                });
+                let id = match passed.and_then(|place| place.downcast::<Passed>().ok()) {
+                    Some(mut passed) => passed.take(),
+                    None => {
+                        let seq = inner.fair.next_ticket.fetch_add(1, Relaxed);
+                        format!("{}:q{seq}", inner.replica)
+                    }
+                };
                 places.push(Place {
                     inner: Arc::clone(inner),
                     key: Arc::from(key),
-                    id: format!("{}:q{seq}", inner.replica),
+                    id,
                     held: false,
                 });
                 places.last_mut().expect("just pushed")
@@ -241,27 +257,71 @@ impl Turn {
         place.id.clone()
     }
 
-    /// Records what Redis answered for the ticket of `key`: still held or gone.
-    fn answered(&self, inner: &Arc<Inner>, key: &str, held: bool) {
+    /// Records what Redis answered for the ticket of `key`: still held, gone, or kept for
+    /// the next request of the tenant (`passed`), which this request hands it to.
+    fn answered(&self, inner: &Arc<Inner>, key: &str, held: bool, passed: bool) {
         let mut places = self.lock();
         let found = places
             .iter_mut()
             .find(|place| Arc::ptr_eq(&place.inner, inner) && *place.key == *key);
-        if let Some(place) = found {
-            place.held = held;
-            let mut tickets = inner.fair.lock_tickets();
-            if held {
-                tickets.insert(place.id.clone(), Arc::clone(&place.key));
-            } else {
-                tickets.remove(&place.id);
-            }
+        let Some(place) = found else {
+            return;
+        };
+        place.held = held;
+        if passed {
+            // Still renewed with this replica's tickets until the next request takes it.
+            let ticket = (Arc::clone(inner), Arc::clone(&place.key), place.id.clone());
+            let seq = inner.fair.next_ticket.fetch_add(1, Relaxed);
+            place.id = format!("{}:q{seq}", inner.replica);
+            drop(places);
+            let passed = Box::new(Passed(Some(ticket)));
+            self.queue.pass_on(&self.tenant, self.class, passed, true);
+            return;
+        }
+        let mut tickets = inner.fair.lock_tickets();
+        if held {
+            tickets.insert(place.id.clone(), Arc::clone(&place.key));
+        } else {
+            tickets.remove(&place.id);
         }
     }
 }
 
 impl Drop for Turn {
+    /// The tickets still held pass to the tenant's next request of this class here, or
+    /// are given up. The request has left this process's queue by now (a waiting request
+    /// drops its place there before its turn), so that next request is its tenant's first.
     fn drop(&mut self) {
-        self.give_up();
+        let places = std::mem::take(&mut *self.lock());
+        for place in places.into_iter().filter(|place| place.held) {
+            let passed = Box::new(Passed(Some((place.inner, place.key, place.id))));
+            self.queue.pass_on(&self.tenant, self.class, passed, false);
+        }
+    }
+}
+
+/// A ticket handed from one request of a tenant to its next (see the module notes): the
+/// tracker, budget key and ticket id. Dropped untaken, it is given up in Redis.
+struct Passed(Option<(Arc<Inner>, Arc<str>, String)>);
+
+impl Passed {
+    fn is_for(&self, inner: &Arc<Inner>, key: &str) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|(held_in, held_key, _)| Arc::ptr_eq(held_in, inner) && **held_key == *key)
+    }
+
+    /// The ticket id, taken over: no longer given up when this is dropped.
+    fn take(&mut self) -> String {
+        self.0.take().expect("taken once").2
+    }
+}
+
+impl Drop for Passed {
+    fn drop(&mut self) {
+        if let Some((inner, key, id)) = self.0.take() {
+            inner.cancel_later(&key, &id);
+        }
     }
 }
 
@@ -349,6 +409,9 @@ impl Inner {
         let unanswered = Unanswered(Some((Arc::clone(this), Arc::clone(&lease))));
         let ticket = turn.ticket(this, key);
         let active = turn.queue.is_active(&turn.tenant);
+        // Its ticket stays for the next request of its tenant here if that one is of the
+        // same class (the script keeps it only for a request that holds it).
+        let pass = turn.queue.next_class(&turn.tenant) == Some(turn.class);
         let share = tokens as f64 / f64::from(turn.weight);
         let mut invocation = this.on_queue(&this.fair.scripts().admit, key);
         invocation
@@ -361,7 +424,8 @@ impl Inner {
             .arg(class_digit(turn.class))
             .arg(share.to_string())
             .arg(u8::from(active))
-            .arg(this.channel(key));
+            .arg(this.channel(key))
+            .arg(u8::from(pass));
         let mut conn = this.conn.clone();
         let answer: Result<(i64, u64), _> = this.timed(invocation.invoke_async(&mut conn)).await;
         let (status, in_flight) = match answer {
@@ -375,9 +439,9 @@ impl Inner {
         };
         this.breaker.success();
         let lease = unanswered.answered();
-        turn.answered(this, key, matches!(status, 0 | 2));
+        turn.answered(this, key, matches!(status, 0 | 2), status == 4);
         match status {
-            1 => {
+            1 | 4 => {
                 this.fair.in_use.store(true, Relaxed);
                 this.counters.admitted.fetch_add(1, Relaxed);
                 lease.in_flight.store(in_flight, Relaxed);
