@@ -4,8 +4,10 @@
 //!
 //! # The fair order
 //!
-//! This is the one statement of the rule, for this queue and for the one Redis keeps for
-//! a budget shared by replicas (`redis::queue`). The counters are the virtual token counters of "Fairness in Serving Large Language
+//! This is the one statement of the rule. The queue Redis keeps for a budget shared by
+//! replicas (`redis::queue`) follows it step for step, and `tests/fair_conformance.rs`
+//! runs the same scripts against both and expects the same admissions in the same order.
+//! The counters are the virtual token counters of "Fairness in Serving Large Language
 //! Models" (Sheng et al., OSDI 2024).
 //!
 //! 1. **Class first.** A waiting request of a higher [`Priority`] class goes before every
