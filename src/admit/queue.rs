@@ -345,9 +345,9 @@ impl Queue {
     }
 
     /// Hands `place`, which a request of `tenant` in `class` held, to the tenant's next
-    /// waiting request if it is of that class (rule 3); otherwise `place` is dropped, given
-    /// up. `admitted`: the request passing it is still its tenant's first (it is being
-    /// admitted), so the next is the one behind it.
+    /// waiting request if it is of that class (rule 3), and wakes it to take it; otherwise
+    /// `place` is dropped, given up. `admitted`: the request passing it is still its
+    /// tenant's first (it is being admitted), so the next is the one behind it.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn pass_on(&self, tenant: &str, class: Priority, place: Place, admitted: bool) {
         let mut state = self.lock();
@@ -359,6 +359,7 @@ impl Queue {
             Some(next) if next.class == class => {
                 let to = next.seq;
                 own.passed.push(Passed { class, to, place });
+                wake_heads(&state);
             }
             _ => {
                 drop(state);
@@ -375,6 +376,9 @@ impl Queue {
         class: Priority,
         wanted: impl Fn(&Place) -> bool,
     ) -> Option<Place> {
+        if self.queued.load(Relaxed) == 0 {
+            return None; // places are passed on only to waiting requests
+        }
         let mut state = self.lock();
         let own = state.tenants.get_mut(tenant)?;
         let at = own

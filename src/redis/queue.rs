@@ -223,27 +223,40 @@ impl Turn {
     }
 
     /// The ticket id for `key` in `inner`'s budgets, marked as possibly held: the one
-    /// passed on to this request by the one before it of its tenant, if any.
+    /// handed to this request by the one before it of its tenant, if any. That one may
+    /// arrive after this request took a ticket of its own (the one before it leaves this
+    /// process's queue, which wakes this one, before it hands its ticket over): its own is
+    /// then given up.
     fn ticket(&self, inner: &Arc<Inner>, key: &str) -> String {
+        let passed = self
+            .queue
+            .take_passed(&self.tenant, self.class, |place| {
+                place
+                    .downcast_ref::<Passed>()
+                    .is_some_and(|passed| passed.is_for(inner, key))
+            })
+            .and_then(|place| place.downcast::<Passed>().ok())
+            .map(|mut passed| passed.take());
         let mut places = self.lock();
         let found = places
-            .iter_mut()
-            .find(|place| Arc::ptr_eq(&place.inner, inner) && *place.key == *key);
+            .iter()
+            .position(|place| Arc::ptr_eq(&place.inner, inner) && *place.key == *key);
         let place = match found {
-            Some(place) => place,
-            None => {
-                let passed = self.queue.take_passed(&self.tenant, self.class, |place| {
-                    place
-                        .downcast_ref::<Passed>()
-                        .is_some_and(|passed| passed.is_for(inner, key))
-                });
-                let id = match passed.and_then(|place| place.downcast::<Passed>().ok()) {
-                    Some(mut passed) => passed.take(),
-                    None => {
-                        let seq = inner.fair.next_ticket.fetch_add(1, Relaxed);
-                        format!("{}:q{seq}", inner.replica)
+            Some(at) => {
+                let place = &mut places[at];
+                if let Some(id) = passed {
+                    if place.held {
+                        place.inner.cancel_later(&place.key, &place.id);
                     }
-                };
+                    place.id = id;
+                }
+                place
+            }
+            None => {
+                let id = passed.unwrap_or_else(|| {
+                    let seq = inner.fair.next_ticket.fetch_add(1, Relaxed);
+                    format!("{}:q{seq}", inner.replica)
+                });
                 places.push(Place {
                     inner: Arc::clone(inner),
                     key: Arc::from(key),
