@@ -307,7 +307,7 @@ async fn run(redis: &RedisServer, secs: u64) {
     }));
     let layered = |trackers: &[RedisTokenTracker; 2]| -> Arc<Vec<_>> {
         let layer = |tracker: &RedisTokenTracker| {
-            TenantTokenLayer::redis(tracker.clone()).layer(tower::service_fn(answer))
+            TenantTokenLayer::new(tracker.clone()).layer(tower::service_fn(answer))
         };
         Arc::new(trackers.iter().map(layer).collect())
     };
@@ -323,7 +323,7 @@ async fn run(redis: &RedisServer, secs: u64) {
                 .key_prefix(format!("near-{headroom}:"))
                 .connect(redis.url())
                 .expect("url");
-            TenantTokenLayer::redis(tracker).layer(tower::service_fn(answer_after_hold))
+            TenantTokenLayer::new(tracker).layer(tower::service_fn(answer_after_hold))
         };
         Arc::new((0..2).map(layer).collect())
     };

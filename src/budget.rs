@@ -8,7 +8,7 @@ use http::request::Parts;
 
 use crate::fair::{Draws, Priority, Queue};
 use crate::ledger::Turn;
-use crate::ledger::{Ledger, Reservation};
+use crate::ledger::{Ledger, Reservation, TokenLedger};
 use crate::step::Step;
 use crate::{Error, TenantTokenTracker};
 
@@ -25,7 +25,7 @@ type KeyFn = dyn Fn(&Parts, Option<&Bytes>, Option<&str>) -> Option<String> + Se
 /// process, a [`TenantTokenTracker`] (its snapshot shows what each key has in flight);
 /// shared by every replica, a Redis tracker (feature `redis`; give it its own key prefix,
 /// apart from the tenants'), so that replicas together never draw more than the upstream
-/// takes. See [`BudgetLedger`].
+/// takes. See [`TokenLedger`](crate::TokenLedger).
 ///
 /// A request reserves against its tenant and every budget it draws from, all or nothing:
 /// when one refuses, what the others granted is released at once and the refusal names
@@ -49,37 +49,6 @@ pub struct SharedBudget {
     key: Key,
 }
 
-/// Where a [`SharedBudget`] counts its keys: a [`TenantTokenTracker`] in this process, or
-/// (feature `redis`) a Redis tracker shared by every replica. Made with `From`, so
-/// [`SharedBudget::new`] and its siblings take either.
-///
-/// With Redis, the budget's lease and the tenant's are two leases, each in its own key
-/// (a Redis Cluster may keep them in different slots, on different masters): one is
-/// reserved, then the other, and a refusal of either releases what was granted; a replica
-/// that dies between the two leaves a lease that expires with its TTL, like any other.
-#[derive(Clone)]
-pub struct BudgetLedger(Ledger);
-
-impl From<Arc<TenantTokenTracker>> for BudgetLedger {
-    fn from(tracker: Arc<TenantTokenTracker>) -> Self {
-        BudgetLedger(Ledger::from(tracker))
-    }
-}
-
-/// A Redis tracker (feature `redis`). Without the feature the type cannot be made, and
-/// this impl is neither public nor compiled into anything.
-impl From<crate::redis::RedisTokenTracker> for BudgetLedger {
-    fn from(tracker: crate::redis::RedisTokenTracker) -> Self {
-        BudgetLedger(Ledger::from(tracker))
-    }
-}
-
-impl fmt::Debug for BudgetLedger {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
 #[derive(Clone)]
 enum Key {
     Fixed(Arc<str>),
@@ -96,7 +65,7 @@ impl SharedBudget {
 
     /// One budget, `name`, in `ledger` (a `TenantTokenTracker` in an `Arc`, or a Redis
     /// tracker), that every request draws from.
-    pub fn new(name: impl Into<String>, ledger: impl Into<BudgetLedger>) -> Self {
+    pub fn new(name: impl Into<String>, ledger: impl Into<TokenLedger>) -> Self {
         Self {
             ledger: ledger.into().0,
             key: Key::Fixed(Arc::from(name.into())),
@@ -121,7 +90,7 @@ impl SharedBudget {
     /// });
     /// # let _ = per_model;
     /// ```
-    pub fn keyed<F>(ledger: impl Into<BudgetLedger>, f: F) -> Self
+    pub fn keyed<F>(ledger: impl Into<TokenLedger>, f: F) -> Self
     where
         F: Fn(&Parts, Option<&Bytes>) -> Option<String> + Send + Sync + 'static,
     {
@@ -131,7 +100,7 @@ impl SharedBudget {
 
     /// A budget keyed by `find`, which is given the model when `by_model`.
     pub(crate) fn with_key_fn(
-        ledger: impl Into<BudgetLedger>,
+        ledger: impl Into<TokenLedger>,
         find: Arc<KeyFn>,
         by_model: bool,
     ) -> Self {
@@ -171,7 +140,7 @@ impl fmt::Debug for SharedBudget {
         };
         f.debug_struct("SharedBudget")
             .field("key", &key)
-            .field("ledger", &BudgetLedger(self.ledger.clone()))
+            .field("ledger", &self.ledger)
             .finish()
     }
 }
@@ -266,6 +235,11 @@ impl Draws for BudgetKeys {
     fn draws_from(&self, key: &str) -> bool {
         let keys = self.0.as_deref().unwrap_or_default();
         keys.iter().any(|(_, drawn)| drawn == key)
+    }
+
+    fn ordered_here(&self) -> bool {
+        let keys = self.0.as_deref().unwrap_or_default();
+        !keys.is_empty() && !keys.iter().any(|(ledger, _)| ledger.redis().is_some())
     }
 }
 

@@ -13,7 +13,9 @@ use crate::config::Config;
 use crate::extract::{Estimator, MissingEstimate, MissingTenant, TenantSource};
 use crate::fair::Queue;
 use crate::ledger::Ledger;
-use crate::{Rejection, ShadowMode, SharedBudget, TenantTokenService, TenantTokenTracker};
+use crate::{
+    Rejection, ShadowMode, SharedBudget, TenantTokenService, TenantTokenTracker, TokenLedger,
+};
 
 /// Caps the tokens each tenant has in flight, in front of any HTTP service.
 ///
@@ -53,9 +55,16 @@ impl TenantTokenLayer {
     /// [`wait_for_capacity`](Self::wait_for_capacity); the next is refused at once.
     pub const MAX_WAITING_PER_TENANT: usize = 1_000;
 
-    /// A layer counting against `tracker`, with the defaults above.
-    pub fn new(tracker: Arc<TenantTokenTracker>) -> Self {
-        Self::with_ledger(Ledger::from(tracker))
+    /// A layer counting against `ledger`, with the defaults above: a
+    /// [`TenantTokenTracker`] in an `Arc`, or a Redis tracker shared by every replica
+    /// (feature `redis`, see [`TokenLedger`](crate::TokenLedger)).
+    ///
+    /// With Redis, each metered request waits for one round trip before the inner service
+    /// is called (none while a replica's headroom holds it). Refusals are the same as in
+    /// memory, plus `503` with `Retry-After` when Redis cannot be asked and the tracker's
+    /// failure policy is to fail closed.
+    pub fn new(ledger: impl Into<TokenLedger>) -> Self {
+        Self::with_ledger(ledger.into().0)
     }
 
     fn with_ledger(ledger: Ledger) -> Self {
@@ -192,7 +201,7 @@ impl TenantTokenLayer {
     /// capacity, one per model, …), all or nothing with its tenant's cap; see
     /// [`SharedBudget`]. Call again to add more budgets. A budget counts in this process, or
     /// in Redis for every replica when its ledger is a Redis tracker
-    /// ([`BudgetLedger`](crate::BudgetLedger)).
+    /// ([`TokenLedger`](crate::TokenLedger)).
     pub fn shared_budget(self, budget: SharedBudget) -> Self {
         self.with(|config| config.options_mut().budgets.push(budget))
     }
@@ -281,28 +290,6 @@ impl TenantTokenLayer {
     fn with(mut self, change: impl FnOnce(&mut Config)) -> Self {
         change(Arc::make_mut(&mut self.config));
         self
-    }
-}
-
-#[cfg(feature = "redis")]
-impl TenantTokenLayer {
-    /// A layer counting against `tracker`, in Redis, shared with every replica; with the
-    /// same defaults and settings as [`new`](Self::new).
-    ///
-    /// Each metered request waits for one round trip to Redis before the inner service is
-    /// called. Refusals are the same as in memory, plus `503` with `Retry-After` when Redis
-    /// cannot be asked and the tracker's [`FailurePolicy`](crate::redis::FailurePolicy) is to fail
-    /// closed.
-    pub fn redis(tracker: crate::redis::RedisTokenTracker) -> Self {
-        Self::with_ledger(Ledger::from(tracker))
-    }
-
-    /// The Redis tracker this layer counts against; `None` for a layer counting in memory.
-    pub fn redis_tracker(&self) -> Option<&crate::redis::RedisTokenTracker> {
-        match &self.config.ledger {
-            Ledger::Local(_) => None,
-            Ledger::Redis(tracker) => Some(tracker),
-        }
     }
 }
 

@@ -21,6 +21,33 @@ use crate::step::{Pending, Step};
 use crate::tracker::entry::Entry;
 use crate::{Error, TenantTokenTracker, TokenReservation};
 
+/// Where a layer, or a shared budget, counts tokens: a [`TenantTokenTracker`] in this
+/// process (in an `Arc`), or a Redis tracker shared by every replica (feature `redis`:
+/// `redis::RedisTokenTracker`). Made with `From`, so
+/// [`TenantTokenLayer::new`](crate::TenantTokenLayer::new) and
+/// [`SharedBudget::new`](crate::SharedBudget::new) take either.
+///
+/// With Redis, a shared budget's lease and the tenant's are two leases, each in its own
+/// key (a Redis Cluster may keep them in different slots, on different masters): one is
+/// reserved, then the other, and a refusal of either releases what was granted; a replica
+/// that dies between the two leaves a lease that expires with its TTL, like any other.
+#[derive(Clone, Debug)]
+pub struct TokenLedger(pub(crate) Ledger);
+
+impl From<Arc<TenantTokenTracker>> for TokenLedger {
+    fn from(tracker: Arc<TenantTokenTracker>) -> Self {
+        TokenLedger(Ledger::Local(tracker))
+    }
+}
+
+/// A Redis tracker (feature `redis`). Without the feature the type cannot be made, and
+/// this impl is neither public nor compiled into anything.
+impl From<RedisTokenTracker> for TokenLedger {
+    fn from(tracker: RedisTokenTracker) -> Self {
+        TokenLedger(Ledger::Redis(tracker))
+    }
+}
+
 /// A waiting request's place in the order Redis keeps, across replicas, for the budgets
 /// in Redis it draws from.
 pub(crate) type Turn = Arc<crate::redis::Turn>;
@@ -107,6 +134,14 @@ impl Ledger {
         }
     }
 
+    /// The tracker, when the ledger is in Redis.
+    pub(crate) fn redis(&self) -> Option<&RedisTokenTracker> {
+        match self {
+            Ledger::Local(_) => None,
+            Ledger::Redis(tracker) => Some(tracker),
+        }
+    }
+
     /// The cap of `tenant` and what it has in flight here, for a refusal made without
     /// the ledger's own answer (a full queue). Redis is not asked: `0` in flight.
     pub(crate) fn overloaded(&self, tenant: &str, tokens: u64) -> Error {
@@ -121,18 +156,6 @@ impl Ledger {
             in_flight,
             cap,
         }
-    }
-}
-
-impl From<Arc<TenantTokenTracker>> for Ledger {
-    fn from(tracker: Arc<TenantTokenTracker>) -> Self {
-        Ledger::Local(tracker)
-    }
-}
-
-impl From<RedisTokenTracker> for Ledger {
-    fn from(tracker: RedisTokenTracker) -> Self {
-        Ledger::Redis(tracker)
     }
 }
 

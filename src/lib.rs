@@ -121,7 +121,7 @@ mod step;
 mod sync;
 mod tracker;
 
-pub use self::budget::{BudgetLedger, SharedBudget};
+pub use self::budget::SharedBudget;
 pub use self::error::Error;
 #[cfg(feature = "openai")]
 pub use self::extract::openai::{
@@ -133,6 +133,7 @@ pub use self::extract::{
 };
 pub use self::fair::Priority;
 pub use self::layer::TenantTokenLayer;
+pub use self::ledger::TokenLedger;
 pub use self::reject::Rejection;
 pub use self::reservation::ReservationHandle;
 pub use self::service::TenantTokenService;

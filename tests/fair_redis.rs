@@ -102,7 +102,7 @@ async fn replica_with(
         .expect("url");
     let seen = admitted.clone();
     let router = routes(chunk_ms, seen, source).layer(adjust(
-        TenantTokenLayer::redis(tenants)
+        TenantTokenLayer::new(tenants)
             .shared_budget(SharedBudget::new("upstream", budget.clone()))
             .wait_for_capacity(max_wait)
             .priority_header(HeaderName::from_static("x-priority")),
@@ -416,6 +416,68 @@ async fn cancelled_and_timed_out_waits_leave_no_ticket_and_no_token() {
         .unwrap();
         assert_eq!(after.status, StatusCode::OK);
     }
+    wait_for_budget(&one, 0, WAIT).await;
+}
+
+/// The ids of the tickets waiting for the budget.
+fn ticket_ids(redis: &RedisServer) -> Vec<String> {
+    let client = redis::Client::open(redis.url()).expect("url");
+    let mut conn = client.get_connection().expect("redis");
+    redis::cmd("ZRANGE")
+        .arg(TICKETS)
+        .arg(0)
+        .arg(-1)
+        .query(&mut conn)
+        .expect("redis answers")
+}
+
+#[tokio::test]
+async fn a_tenants_next_request_takes_over_its_ticket_so_the_tenant_never_leaves_the_line() {
+    let _alone = MEASURING.lock().await;
+    let redis = redis_or_skip!(
+        "a_tenants_next_request_takes_over_its_ticket_so_the_tenant_never_leaves_the_line"
+    );
+    let admitted = Admitted::default();
+    let (one, mut one_streams) = instant_replica(&redis.url(), &admitted).await;
+    let holding = fill_upstream(&one).await;
+    let holder_chunks = one_streams.next().await;
+
+    // a's first request waits with a ticket, its second behind it on the same replica.
+    let first = tokio::spawn({
+        let request = metered(&one.server, "/hold", "a", 600);
+        async move { send(&client(), request).await }
+    });
+    wait_for_tickets(&redis, 1, WAIT).await;
+    let ticket = ticket_ids(&redis);
+    let second = spawn_request(&one.server, "a", 600, "standard");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        ticket_ids(&redis),
+        ticket,
+        "the second waits behind the first"
+    );
+
+    // The first gets in: the script that admits it keeps its ticket for the second, so
+    // the tenant is in line all along, with its place; nothing is given up and taken
+    // again a round trip later (while another replica could take its turn).
+    drop(holder_chunks);
+    assert_eq!(read(holding).await.status, StatusCode::OK);
+    let first = within("the first request", first).await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    let first_chunks = one_streams.next().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        ticket_ids(&redis),
+        ticket,
+        "the second holds the first's ticket"
+    );
+    assert!(!second.is_finished());
+
+    drop(first_chunks);
+    assert_eq!(read(first).await.status, StatusCode::OK);
+    let reply = within("the second request", second).await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK);
+    wait_for_tickets(&redis, 0, WAIT).await;
     wait_for_budget(&one, 0, WAIT).await;
 }
 

@@ -199,7 +199,7 @@ async fn replica_server_with(
             ),
         )
         .layer(adjust(
-            TenantTokenLayer::redis(tracker.clone())
+            TenantTokenLayer::new(tracker.clone())
                 .reservation_handle(true)
                 .openai_ratelimit_headers(true),
         ));
@@ -772,7 +772,7 @@ async fn a_request_cancelled_while_redis_decides_leaves_nothing_behind() {
     );
     let observer = connect(builder(1_000), &redis);
     warm_up(&tracker, &observer).await;
-    let service = TenantTokenLayer::redis(tracker.clone()).layer(tower::service_fn(
+    let service = TenantTokenLayer::new(tracker.clone()).layer(tower::service_fn(
         |_: http::Request<RequestBody<String>>| async {
             Ok::<_, std::convert::Infallible>(http::Response::new(String::from("served")))
         },
@@ -810,7 +810,7 @@ async fn the_body_estimator_reserves_in_redis_once_the_body_is_read() {
             ),
         )
         .layer(
-            TenantTokenLayer::redis(tracker.clone())
+            TenantTokenLayer::new(tracker.clone())
                 .reservation_handle(true)
                 .estimator(OpenAiEstimator::new()),
         );
@@ -842,7 +842,7 @@ async fn shadow_mode_admits_over_the_shared_cap_and_counts_it() {
     let redis = redis_or_skip!("shadow_mode_admits_over_the_shared_cap_and_counts_it");
     let tracker = connect(builder(1_000), &redis);
     let held = tracker.reserve("acme", 800).await.expect("admitted");
-    let layer = TenantTokenLayer::redis(tracker.clone()).shadow(ShadowMode::All);
+    let layer = TenantTokenLayer::new(tracker.clone()).shadow(ShadowMode::All);
     let service = layer.clone().layer(tower::service_fn(
         |_: http::Request<RequestBody<String>>| async {
             Ok::<_, std::convert::Infallible>(http::Response::new(String::from("served")))

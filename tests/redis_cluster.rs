@@ -554,7 +554,7 @@ async fn a_budget_on_another_master_stays_all_or_nothing_with_the_tenant() {
             }),
         )
         .layer(
-            TenantTokenLayer::redis(tenants.clone())
+            TenantTokenLayer::new(tenants.clone())
                 .shared_budget(SharedBudget::new("upstream", upstream)),
         );
     let server = serve(app).await;
@@ -629,7 +629,7 @@ async fn waiting_requests_on_two_replicas_keep_one_order_on_the_budgets_master()
                 }),
             )
             .layer(
-                TenantTokenLayer::redis(tenants)
+                TenantTokenLayer::new(tenants)
                     .shared_budget(SharedBudget::new("upstream", upstream))
                     .wait_for_capacity(Duration::from_secs(10))
                     .priority_header(http::HeaderName::from_static("x-priority")),

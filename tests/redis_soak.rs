@@ -113,7 +113,7 @@ async fn replica(url: &str, running: Running, headroom: u8) -> (TestServer, Redi
                 }
             }),
         )
-        .layer(TenantTokenLayer::redis(tracker.clone()));
+        .layer(TenantTokenLayer::new(tracker.clone()));
     (serve(app).await, tracker)
 }
 

@@ -133,8 +133,8 @@ use axum::{Json, Router};
 use futures_util::{stream, StreamExt};
 use serde_json::{json, Value};
 use tower_tenant_tokens::{
-    AdaptiveOutput, BudgetLedger, OpenAiEstimator, PromptCalibration, ShadowMode, SharedBudget,
-    TenantTokenLayer, TenantTokenTracker,
+    AdaptiveOutput, OpenAiEstimator, PromptCalibration, ShadowMode, SharedBudget, TenantTokenLayer,
+    TenantTokenTracker, TokenLedger,
 };
 
 mod proxy;
@@ -244,7 +244,7 @@ async fn main() {
     let layer = match &ledger {
         Ledger::Memory(tracker) => TenantTokenLayer::new(tracker.clone()),
         #[cfg(feature = "redis")]
-        Ledger::Redis(tracker) => TenantTokenLayer::redis(tracker.clone()),
+        Ledger::Redis(tracker) => TenantTokenLayer::new(tracker.clone()),
     };
     // The tenant comes from a header so the demo is easy to drive with curl. Anyone can set
     // a header: in production authenticate first, insert a `TenantScope` into the request
@@ -261,7 +261,7 @@ async fn main() {
         .ask_stream_usage(options.ask_usage);
     if let Some(cap) = options.upstream_cap {
         // One upstream for every replica: with Redis, its budget is counted there too.
-        let upstream: BudgetLedger = match &ledger {
+        let upstream: TokenLedger = match &ledger {
             Ledger::Memory(_) => Arc::new(TenantTokenTracker::new(cap)).into(),
             #[cfg(feature = "redis")]
             Ledger::Redis(_) => {

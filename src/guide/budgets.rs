@@ -112,7 +112,7 @@
 //! A budget counted in a [`TenantTokenTracker`](crate::TenantTokenTracker) is this
 //! process's: three replicas would let three times the upstream's capacity through. Give
 //! the budget a Redis tracker instead (feature `redis`; any constructor takes one, see
-//! [`BudgetLedger`](crate::BudgetLedger)) and every replica draws from the one budget. Give
+//! [`TokenLedger`](crate::TokenLedger)) and every replica draws from the one budget. Give
 //! it its own key prefix, apart from the tenants' tracker, so a budget key never meets a
 //! tenant of the same name:
 //!
@@ -126,7 +126,7 @@
 //! let upstream = RedisTokenTracker::builder(200_000)
 //!     .key_prefix("tenant-tokens-budget:")
 //!     .connect("redis://127.0.0.1:6379")?;
-//! let layer = TenantTokenLayer::redis(tenants)
+//! let layer = TenantTokenLayer::new(tenants)
 //!     .shared_budget(SharedBudget::new("upstream", upstream));
 //! # let _ = layer;
 //! # Ok(()) }
@@ -164,7 +164,7 @@
 //! let upstream = RedisTokenTracker::builder(200_000)
 //!     .key_prefix("tenant-tokens-budget:")
 //!     .connect("redis://127.0.0.1:6379")?;
-//! let layer = TenantTokenLayer::redis(tenants)
+//! let layer = TenantTokenLayer::new(tenants)
 //!     .shared_budget(SharedBudget::new("upstream", upstream))
 //!     .wait_for_capacity(Duration::from_secs(20))         // fair across every replica
 //!     .priority_header(HeaderName::from_static("x-priority"))
@@ -183,7 +183,7 @@
 //! | `{t:K}:q:tickets` | hash | each waiting ticket's class and tenant; how many tickets each tenant has in each class |
 //! | `{t:K}:q:deadlines` | sorted set | each ticket's deadline, on Redis's clock |
 //! | `{t:K}:q:turn:0`, `:1`, `:2` | sorted sets | per class (sheddable, standard, critical): the tenants with tickets, by virtual counter |
-//! | `{t:K}:q:vtc` | hash | each tenant's virtual counter, and the floor where a tenant back from idle starts |
+//! | `{t:K}:q:vtc` | hash | each tenant's virtual counter, and that of the tenant admitted last, where a tenant back from idle starts when none wait |
 //!
 //! One script does what one process's queue does under its lock, atomically: it sweeps the
 //! tickets past their deadline, then decides. A request without a ticket reserves the
@@ -195,7 +195,10 @@
 //! script reserves the budget's lease and counts the tokens in the tenant's counter, so a
 //! request admitted at once costs one round trip, as without waiting. A tenant that starts
 //! waiting with nothing waiting or running on its replica starts at the smallest counter
-//! among the tenants waiting (or at the floor when none wait): idle time banks no credit.
+//! among the tenants waiting (or, when none wait, at the counter of the tenant admitted
+//! last): idle time banks no credit. Equal counters go to the tenant that took its place
+//! in line first, and a tenant's next request keeps that place: the order is the one the
+//! queue of a single process keeps, request for request.
 //!
 //! A request that may wait reserves its tenant's lease first and the budget second: over
 //! its tenant's cap, it never reaches the budget, so it neither takes the budget's turn

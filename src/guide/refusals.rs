@@ -123,8 +123,10 @@
 //! 2. within a class, fairly: each tenant counts the tokens admitted for it from shared
 //!    budgets, divided by its [weight](crate::TenantTokenLayer::tenant_weight), and the
 //!    tenant with the smallest count goes next (the virtual token counter of Sheng et al.,
-//!    "Fairness in Serving Large Language Models", OSDI 2024). A tenant that asks again
-//!    after an idle spell starts at the smallest count among the active tenants: idle time
+//!    "Fairness in Serving Large Language Models", OSDI 2024). Equal counts go to the
+//!    tenant that started waiting first. A tenant that asks again after an idle spell
+//!    (nothing of its waiting or running) starts at the smallest count among the tenants
+//!    waiting, or, when none wait, at the count of the tenant served last: idle time
 //!    banks no credit. Between two tenants that keep requests waiting, the tokens admitted
 //!    differ by at most a few of the largest requests, weighted;
 //! 3. within a tenant, first come first served.

@@ -15,7 +15,7 @@
 //!     .cap_fn(|tenant| tenant.starts_with("ent-").then_some(500_000))
 //!     .on_unavailable(FailurePolicy::LocalShare { replicas: 3 })
 //!     .connect("redis://127.0.0.1:6379")?;                  // lazy: Redis may start later
-//! let layer = TenantTokenLayer::redis(tracker)              // every builder method as before
+//! let layer = TenantTokenLayer::new(tracker)              // every builder method as before
 //!     .estimator(OpenAiEstimator::new());
 //! # let _ = layer;
 //! # Ok(())
@@ -158,7 +158,7 @@
 //! let tracker = RedisTokenTracker::builder(200_000)
 //!     .local_headroom(5)                                    // 5 % of each cap per replica
 //!     .connect("redis://127.0.0.1:6379")?;
-//! let layer = TenantTokenLayer::redis(tracker.clone());
+//! let layer = TenantTokenLayer::new(tracker.clone());
 //! let reservation = tracker.reserve("acme", 2_000).await?;  // from headroom, once it is held
 //! assert!(reservation.is_shared());
 //! # let _ = (layer, reservation.is_drawn_from_headroom());

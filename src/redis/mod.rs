@@ -1,6 +1,6 @@
 //! One cap shared by every replica: the ledger in Redis, with expiring leases (feature
 //! `redis`). Use [`RedisTokenTracker`] with
-//! [`TenantTokenLayer::redis`](crate::TenantTokenLayer::redis).
+//! [`TenantTokenLayer::new`](crate::TenantTokenLayer::new).
 
 mod batch;
 mod breaker;

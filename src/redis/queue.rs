@@ -1,27 +1,34 @@
-//! One fair order across replicas for the requests waiting on a shared budget in Redis.
+//! The fair order of `admit::queue` (its module notes state the rule, "The fair order",
+//! once), kept in Redis for the requests waiting on a shared budget across replicas. The
+//! scripts are in `queue.lua`.
 //!
 //! Per budget key, next to the budget's own leases and under the same hash tag (so a
 //! cluster keeps the budget and its queue in one slot), Redis keeps:
 //!
-//! - `{prefix}{t:<key>}:q:tickets`, a hash: ticket id → its class digit and tenant, and
-//!   under `=<class><tenant>` how many tickets that tenant has waiting in that class (ticket
-//!   ids never start with `=`);
+//! - `{prefix}{t:<key>}:q:tickets`, a hash: ticket id → its class digit and tenant; under
+//!   `=<class><tenant>` how many tickets that tenant has waiting in that class, under
+//!   `=p<class><tenant>` its member in the class's turn, and under `=n` the last place
+//!   given out (ticket ids never start with `=`);
 //! - `{prefix}{t:<key>}:q:deadlines`, a sorted set: ticket id → deadline (Redis's clock),
 //!   pushed back by the renewal of the replica that waits, so a dead replica's tickets
 //!   expire with its leases;
-//! - `{prefix}{t:<key>}:q:turn:<class>`, one sorted set per class: tenant → its virtual
-//!   counter, for the tenants with a ticket of that class;
-//! - `{prefix}{t:<key>}:q:vtc`, a hash: `t:<tenant>` → the tenant's virtual counter
-//!   (tokens admitted from the budget divided by its weight), and `=floor`, the largest
-//!   counter an admitted tenant had before it was served (where a tenant back from idle
-//!   starts when nobody waits).
+//! - `{prefix}{t:<key>}:q:turn:<class>`, one sorted set per class, of the tenants with a
+//!   ticket of that class: member (the tenant's place, 16 hex digits, then its name) →
+//!   its counter, so that the first member is the tenant whose turn it is;
+//! - `{prefix}{t:<key>}:q:vtc`, a hash: `t:<tenant>` → the tenant's counter (tokens
+//!   admitted from the budget divided by its weight), and `=last`, the counter of the
+//!   tenant admitted last.
 //!
-//! The turn is the first tenant of the highest class with tickets (smallest counter). A
-//! request holding a ticket reserves the budget only on its tenant's turn; while it is
-//! refused for room, the turn stays with it, so a large request is not starved. A request
-//! without a ticket goes straight to the budget only when no ticket of its class or a
-//! higher one waits; a sheddable one is refused while any ticket waits. Every script first
-//! sweeps the tickets past their deadline.
+//! A request holds a ticket while it is its tenant's first waiting request on its replica
+//! and waits for the budget (not for its tenant's own cap). It reserves the budget only
+//! in its turn, and while it is refused for room the turn stays with it. When it goes
+//! (admitted, cancelled, timed out) and the next request of its tenant on the replica is
+//! of the same class, its ticket is handed to that one rather than given up, by the very
+//! script that admits it when it is admitted: the tenant keeps its place (rule 3) with no
+//! moment out of line in which a tenant behind it could take its turn. A request without
+//! a ticket goes straight to the budget only when no ticket of its class or a higher one
+//! waits; a sheddable one is refused while any ticket waits. Every script first sweeps the
+//! tickets past their deadline.
 //!
 //! Wake-ups: an admission that leaves tickets waiting and a cancelled ticket publish on
 //! `{prefix}{t:<key>}:q:wake` in their script; a release (sent in the tracker's batches)
@@ -46,139 +53,9 @@ use crate::fair::Priority;
 use crate::fair::Queue;
 use crate::Error;
 
-/// The ticket helpers, after the lease helpers (`KEYS[1]` the budget's leases).
-/// `KEYS[2]` the tickets, `KEYS[3]` their deadlines, `KEYS[4]` the counters, `KEYS[5..7]`
-/// the turn of each class (sheddable, standard, critical).
-const TICKETS: &str = r"
-local TK, DL, VTC = KEYS[2], KEYS[3], KEYS[4]
-local function turn_key(c) return KEYS[5 + c] end
-local function num(x) return string.format('%.17g', x) end
-local function counter(tenant) return tonumber(redis.call('HGET', VTC, 't:' .. tenant)) or 0 end
-local function drop_ticket(id)
-  local info = redis.call('HGET', TK, id)
-  if not info then return false end
-  redis.call('HDEL', TK, id)
-  redis.call('ZREM', DL, id)
-  if redis.call('HINCRBY', TK, '=' .. info, -1) <= 0 then
-    redis.call('HDEL', TK, '=' .. info)
-    redis.call('ZREM', turn_key(tonumber(string.sub(info, 1, 1))), string.sub(info, 2))
-  end
-  return true
-end
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', DL, '-inf', clock())) do drop_ticket(id) end
-local function first_class()
-  for c = 2, 0, -1 do
-    if redis.call('ZCARD', turn_key(c)) > 0 then return c end
-  end
-  return nil
-end
-local function has_tickets(tenant)
-  for c = 0, 2 do
-    if redis.call('ZSCORE', turn_key(c), tenant) then return true end
-  end
-  return false
-end
-local function lift(tenant, active)
-  if active or has_tickets(tenant) then return end
-  local least
-  for c = 0, 2 do
-    local first = redis.call('ZRANGE', turn_key(c), 0, 0, 'WITHSCORES')
-    if first[2] and (not least or tonumber(first[2]) < least) then least = tonumber(first[2]) end
-  end
-  least = least or tonumber(redis.call('HGET', VTC, '=floor')) or 0
-  if least > counter(tenant) then redis.call('HSET', VTC, 't:' .. tenant, num(least)) end
-end
-local function served(tenant, share)
-  local before = counter(tenant)
-  local after = before + share
-  redis.call('HSET', VTC, 't:' .. tenant, num(after))
-  if before > (tonumber(redis.call('HGET', VTC, '=floor')) or 0) then
-    redis.call('HSET', VTC, '=floor', num(before))
-  end
-  for c = 0, 2 do redis.call('ZADD', turn_key(c), 'XX', after, tenant) end
-end
-local function add_ticket(id, c, tenant, ttl)
-  local info = c .. tenant
-  redis.call('HSET', TK, id, info)
-  if redis.call('HINCRBY', TK, '=' .. info, 1) == 1 then
-    redis.call('ZADD', turn_key(c), counter(tenant), tenant)
-  end
-  redis.call('ZADD', DL, clock() + ttl, id)
-end
-local function keep(ttl)
-  if redis.call('ZCARD', DL) == 0 then
-    redis.call('DEL', TK, KEYS[5], KEYS[6], KEYS[7])
-  else
-    for k = 2, 7 do
-      if k ~= 4 then redis.call('PEXPIRE', KEYS[k], ttl) end
-    end
-  end
-  redis.call('PEXPIRE', VTC, math.max(ttl * 20, 600000))
-end
-local function wake(channel)
-  if redis.call('ZCARD', DL) > 0 then redis.call('PUBLISH', channel, '') end
-end
-";
-
-/// `ARGV`: lease, tokens, cap, ttl (the budget's lease, reserved as the batch script
-/// does), then ticket, tenant, class,
-/// share (tokens ÷ weight), active (`1` when the tenant runs or waits on this replica),
-/// channel. Returns `{status, in_flight}`: 1 admitted, 0 over the cap and 2 not its turn
-/// (either way it waits with the ticket), 3 shed, -1 larger than the cap.
-const ADMIT: &str = r"
-local ticket, tenant, class, share = ARGV[5], ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
-local active, ttl, channel = ARGV[9] == '1', tonumber(ARGV[4]), ARGV[10]
-local holding = redis.call('HGET', TK, ticket)
-local function queue(status)
-  if not holding then
-    lift(tenant, active)
-    add_ticket(ticket, class, tenant, ttl)
-  end
-  keep(ttl)
-  return {status, sum_of(KEYS[1])}
-end
-if holding then
-  local top = first_class()
-  if top ~= class or redis.call('ZRANGE', turn_key(class), 0, 0)[1] ~= tenant then
-    return queue(2)
-  end
-else
-  local top = first_class()
-  if top and class == 0 then keep(ttl) return {3, sum_of(KEYS[1])} end
-  if top and top >= class then return queue(2) end
-end
-local status, held = reserve(KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]), ttl)
-local answer = {status, held}
-if status == 1 then
-  if holding then drop_ticket(ticket) else lift(tenant, active) end
-  served(tenant, share)
-  wake(channel)
-  keep(ttl)
-  return answer
-elseif status == 0 then
-  return queue(0)
-end
-if holding then drop_ticket(ticket) end
-keep(ttl)
-return answer
-";
-
-/// `ARGV`: ticket, ttl, channel. Removes the ticket; the others are woken, as the turn may
-/// have passed. Returns 1 if it was there.
-const CANCEL: &str = r"
-local dropped = drop_ticket(ARGV[1])
-if dropped then wake(ARGV[3]) end
-keep(tonumber(ARGV[2]))
-return dropped and 1 or 0
-";
-
-/// `ARGV`: ttl, then ticket ids. Pushes back the deadline of each ticket still there.
-const RENEW: &str = r"
-local ttl = tonumber(ARGV[1])
-for i = 2, #ARGV do redis.call('ZADD', DL, 'XX', clock() + ttl, ARGV[i]) end
-keep(ttl)
-return 0
-";
+/// The fair queue's Lua: helpers and entry points (`admit`, `cancel`, `renew`), after the
+/// lease helpers (`KEYS[1]` the budget's leases).
+const QUEUE: &str = include_str!("queue.lua");
 
 /// `KEYS[1]` the tickets' deadlines; `ARGV`: channel. Wakes the waiters, if any.
 const WAKE: &str = r"
@@ -196,11 +73,11 @@ struct Scripts {
 
 impl Scripts {
     fn new() -> Self {
-        let with_tickets = |body: &str| Script::new(&format!("{CORE}{TICKETS}{body}"));
+        let entry = |name: &str| Script::new(&format!("{CORE}{QUEUE}\nreturn {name}()\n"));
         Self {
-            admit: with_tickets(ADMIT),
-            cancel: with_tickets(CANCEL),
-            renew: with_tickets(RENEW),
+            admit: entry("admit"),
+            cancel: entry("cancel"),
+            renew: entry("renew"),
             wake: Script::new(WAKE),
         }
     }
@@ -345,20 +222,45 @@ impl Turn {
         self.tickets.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The ticket id for `key` in `inner`'s budgets, marked as possibly held.
+    /// The ticket id for `key` in `inner`'s budgets, marked as possibly held: the one
+    /// handed to this request by the one before it of its tenant, if any. That one may
+    /// arrive after this request took a ticket of its own (the one before it leaves this
+    /// process's queue, which wakes this one, before it hands its ticket over): its own is
+    /// then given up.
     fn ticket(&self, inner: &Arc<Inner>, key: &str) -> String {
+        let passed = self
+            .queue
+            .take_passed(&self.tenant, self.class, |place| {
+                place
+                    .downcast_ref::<Passed>()
+                    .is_some_and(|passed| passed.is_for(inner, key))
+            })
+            .and_then(|place| place.downcast::<Passed>().ok())
+            .map(|mut passed| passed.take());
         let mut places = self.lock();
         let found = places
-            .iter_mut()
-            .find(|place| Arc::ptr_eq(&place.inner, inner) && *place.key == *key);
+            .iter()
+            .position(|place| Arc::ptr_eq(&place.inner, inner) && *place.key == *key);
         let place = match found {
-            Some(place) => place,
+            Some(at) => {
+                let place = &mut places[at];
+                if let Some(id) = passed {
+                    if place.held {
+                        place.inner.cancel_later(&place.key, &place.id);
+                    }
+                    place.id = id;
+                }
+                place
+            }
             None => {
-                let seq = inner.fair.next_ticket.fetch_add(1, Relaxed);
+                let id = passed.unwrap_or_else(|| {
+                    let seq = inner.fair.next_ticket.fetch_add(1, Relaxed);
+                    format!("{}:q{seq}", inner.replica)
+                });
                 places.push(Place {
                     inner: Arc::clone(inner),
                     key: Arc::from(key),
-                    id: format!("{}:q{seq}", inner.replica),
+                    id,
                     held: false,
                 });
                 places.last_mut().expect("just pushed")
@@ -368,27 +270,71 @@ impl Turn {
         place.id.clone()
     }
 
-    /// Records what Redis answered for the ticket of `key`: still held or gone.
-    fn answered(&self, inner: &Arc<Inner>, key: &str, held: bool) {
+    /// Records what Redis answered for the ticket of `key`: still held, gone, or kept for
+    /// the next request of the tenant (`passed`), which this request hands it to.
+    fn answered(&self, inner: &Arc<Inner>, key: &str, held: bool, passed: bool) {
         let mut places = self.lock();
         let found = places
             .iter_mut()
             .find(|place| Arc::ptr_eq(&place.inner, inner) && *place.key == *key);
-        if let Some(place) = found {
-            place.held = held;
-            let mut tickets = inner.fair.lock_tickets();
-            if held {
-                tickets.insert(place.id.clone(), Arc::clone(&place.key));
-            } else {
-                tickets.remove(&place.id);
-            }
+        let Some(place) = found else {
+            return;
+        };
+        place.held = held;
+        if passed {
+            // Still renewed with this replica's tickets until the next request takes it.
+            let ticket = (Arc::clone(inner), Arc::clone(&place.key), place.id.clone());
+            let seq = inner.fair.next_ticket.fetch_add(1, Relaxed);
+            place.id = format!("{}:q{seq}", inner.replica);
+            drop(places);
+            let passed = Box::new(Passed(Some(ticket)));
+            self.queue.pass_on(&self.tenant, self.class, passed, true);
+            return;
+        }
+        let mut tickets = inner.fair.lock_tickets();
+        if held {
+            tickets.insert(place.id.clone(), Arc::clone(&place.key));
+        } else {
+            tickets.remove(&place.id);
         }
     }
 }
 
 impl Drop for Turn {
+    /// The tickets still held pass to the tenant's next request of this class here, or
+    /// are given up. The request has left this process's queue by now (a waiting request
+    /// drops its place there before its turn), so that next request is its tenant's first.
     fn drop(&mut self) {
-        self.give_up();
+        let places = std::mem::take(&mut *self.lock());
+        for place in places.into_iter().filter(|place| place.held) {
+            let passed = Box::new(Passed(Some((place.inner, place.key, place.id))));
+            self.queue.pass_on(&self.tenant, self.class, passed, false);
+        }
+    }
+}
+
+/// A ticket handed from one request of a tenant to its next (see the module notes): the
+/// tracker, budget key and ticket id. Dropped untaken, it is given up in Redis.
+struct Passed(Option<(Arc<Inner>, Arc<str>, String)>);
+
+impl Passed {
+    fn is_for(&self, inner: &Arc<Inner>, key: &str) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|(held_in, held_key, _)| Arc::ptr_eq(held_in, inner) && **held_key == *key)
+    }
+
+    /// The ticket id, taken over: no longer given up when this is dropped.
+    fn take(&mut self) -> String {
+        self.0.take().expect("taken once").2
+    }
+}
+
+impl Drop for Passed {
+    fn drop(&mut self) {
+        if let Some((inner, key, id)) = self.0.take() {
+            inner.cancel_later(&key, &id);
+        }
     }
 }
 
@@ -476,6 +422,9 @@ impl Inner {
         let unanswered = Unanswered(Some((Arc::clone(this), Arc::clone(&lease))));
         let ticket = turn.ticket(this, key);
         let active = turn.queue.is_active(&turn.tenant);
+        // Its ticket stays for the next request of its tenant here if that one is of the
+        // same class (the script keeps it only for a request that holds it).
+        let pass = turn.queue.next_class(&turn.tenant) == Some(turn.class);
         let share = tokens as f64 / f64::from(turn.weight);
         let mut invocation = this.on_queue(&this.fair.scripts().admit, key);
         invocation
@@ -488,7 +437,8 @@ impl Inner {
             .arg(class_digit(turn.class))
             .arg(share.to_string())
             .arg(u8::from(active))
-            .arg(this.channel(key));
+            .arg(this.channel(key))
+            .arg(u8::from(pass));
         let mut conn = this.conn.clone();
         let answer: Result<(i64, u64), _> = this.timed(invocation.invoke_async(&mut conn)).await;
         let (status, in_flight) = match answer {
@@ -502,9 +452,9 @@ impl Inner {
         };
         this.breaker.success();
         let lease = unanswered.answered();
-        turn.answered(this, key, matches!(status, 0 | 2));
+        turn.answered(this, key, matches!(status, 0 | 2), status == 4);
         match status {
-            1 => {
+            1 | 4 => {
                 this.fair.in_use.store(true, Relaxed);
                 this.counters.admitted.fetch_add(1, Relaxed);
                 lease.in_flight.store(in_flight, Relaxed);

@@ -99,7 +99,7 @@ pub(super) struct Counters {
 /// and a lease whose replica crashed simply expires: its capacity is back within one
 /// [`lease_ttl`](RedisTokenTrackerBuilder::lease_ttl), with nobody resetting anything.
 ///
-/// Use it in [`TenantTokenLayer::redis`](crate::TenantTokenLayer::redis) in place of a
+/// Use it in [`TenantTokenLayer::new`](crate::TenantTokenLayer::new) in place of a
 /// [`TenantTokenTracker`]; the layer behaves the same, with one round trip to Redis before
 /// the inner service is called. Or reserve directly:
 ///

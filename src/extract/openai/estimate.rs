@@ -8,7 +8,7 @@ use http::request::Parts;
 use super::json_scan::{read_number, Malformed, Number, Scanner, Str};
 use super::{Features, Learned, PromptFeatures};
 use crate::extract::Estimated;
-use crate::{BudgetLedger, Error, EstimateError, SharedBudget};
+use crate::{Error, EstimateError, SharedBudget, TokenLedger};
 
 /// Estimates OpenAI-style requests (`/v1/chat/completions`, `/v1/completions`,
 /// `/v1/responses`, `/v1/embeddings`) from their JSON body.
@@ -621,7 +621,7 @@ impl SharedBudget {
     /// [`MAX_MODEL_KEY_LEN`](Self::MAX_MODEL_KEY_LEN) bytes draws from the budget of its
     /// first `MAX_MODEL_KEY_LEN` bytes (a client cannot escape a budget with a long name, nor
     /// store megabytes of key). The tracker's idle bound limits how many keys it keeps.
-    pub fn per_model(ledger: impl Into<BudgetLedger>) -> Self {
+    pub fn per_model(ledger: impl Into<TokenLedger>) -> Self {
         let find = |_: &Parts, body: Option<&Bytes>, model: Option<&str>| {
             let mut model = match model {
                 Some(model) => model.to_owned(),
