@@ -11,11 +11,12 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo};
 use redis::sentinel::{SentinelClient, SentinelServerType};
 
-use super::watch::Events;
 use redis::{
     AsyncConnectionConfig, Cmd, ConnectionInfo, ErrorKind, FromRedisValue, IntoConnectionInfo,
     Pipeline, RedisError, RedisFuture, RedisResult, ServerErrorKind, Value,
 };
+
+use super::events::Events;
 
 /// How long connecting to one server may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);

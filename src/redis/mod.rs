@@ -5,6 +5,7 @@
 mod batch;
 mod breaker;
 mod conn;
+mod events;
 mod headroom;
 mod lease;
 mod list;

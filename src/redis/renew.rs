@@ -1,5 +1,5 @@
 //! Renewal: every live lease's deadline pushed back, one pipelined round trip per period,
-//! and sooner when Redis may have lost leases (see [`watch`](super::watch)): a failed
+//! and sooner when Redis may have lost leases (see [`events`](super::events)): a failed
 //! renewal is retried after a short backoff, and a new connection is renewed on at once,
 //! registering again in that call the leases the server lacks.
 
@@ -11,9 +11,9 @@ use std::time::Duration;
 use redis::RedisError;
 use tokio::time::Instant;
 
+use super::events::{Events, BROKEN, CHECK, HELD, RECONNECTED};
 use super::lease::Lease;
 use super::tracker::Inner;
-use super::watch::{Events, BROKEN, CHECK, HELD, RECONNECTED};
 
 /// The first pause before a failed renewal is tried again; it doubles up to
 /// [`RETRY_AT_MOST`].
