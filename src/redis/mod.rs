@@ -7,6 +7,7 @@ mod breaker;
 mod conn;
 mod events;
 mod headroom;
+mod keys;
 mod lease;
 mod list;
 mod queue;

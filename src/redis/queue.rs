@@ -38,8 +38,8 @@ use std::time::Duration;
 
 use redis::{Script, ScriptInvocation};
 
+use super::keys::escape_glob;
 use super::lease::{Lease, RedisReservation};
-use super::list::escape_glob;
 use super::scripts::CORE;
 use super::tracker::{Inner, RedisTokenTracker};
 use crate::admit::priority::Priority;
@@ -428,7 +428,7 @@ impl RedisTokenTracker {
 impl Inner {
     /// The keys of budget `key`'s queue: tickets, deadlines, counters, the three turns.
     fn queue_keys(&self, key: &str) -> [String; 6] {
-        let base = format!("{}{{t:{key}}}:q:", self.prefix);
+        let base = format!("{}{{t:{key}}}:q:", self.prefix());
         [
             format!("{base}tickets"),
             format!("{base}deadlines"),
@@ -440,7 +440,7 @@ impl Inner {
     }
 
     fn channel(&self, key: &str) -> String {
-        format!("{}{{t:{key}}}:q:wake", self.prefix)
+        format!("{}{{t:{key}}}:q:wake", self.prefix())
     }
 
     /// A script on budget `key`'s leases and queue, its keys given.
@@ -606,7 +606,7 @@ impl Inner {
             }
         }
         if !self.fair.listening.swap(true, Relaxed) {
-            let pattern = format!("{}{{t:*}}:q:wake", escape_glob(&self.prefix));
+            let pattern = format!("{}{{t:*}}:q:wake", escape_glob(self.prefix()));
             self.runtime
                 .spawn(listen_forever(Arc::downgrade(self), pattern));
         }

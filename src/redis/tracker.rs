@@ -13,6 +13,7 @@ use super::batch::{self, Batches};
 use super::breaker::Breaker;
 use super::conn::Conn;
 use super::headroom::Headroom;
+use super::keys::Keys;
 use super::lease::{Lease, RedisReservation};
 use super::queue::Subscribe;
 use super::renew;
@@ -166,7 +167,7 @@ pub(crate) struct Inner {
     pub(super) scripts: Scripts,
     /// Reservations and releases waiting to be sent together.
     pub(super) batches: Batches,
-    pub(super) prefix: String,
+    pub(super) keys: Keys,
     pub(super) replica: String,
     pub(super) next_lease: AtomicU64,
     pub(super) ttl: Duration,
@@ -351,9 +352,14 @@ impl Inner {
         clamp(cap)
     }
 
-    /// The hash of `tenant_id`'s leases (see [`scripts`](super::scripts)).
+    /// The hash of `tenant_id`'s leases.
     pub(super) fn key(&self, tenant_id: &str) -> String {
-        format!("{}{{t:{tenant_id}}}:tokens", self.prefix)
+        self.keys.tokens(tenant_id)
+    }
+
+    /// What every key starts with.
+    pub(super) fn prefix(&self) -> &str {
+        self.keys.prefix()
     }
 
     /// Whether each script call must keep to one hash slot's keys (a Redis Cluster).
@@ -387,7 +393,7 @@ impl fmt::Debug for RedisTokenTracker {
         let inner = &self.inner;
         f.debug_struct("RedisTokenTracker")
             .field("replica", &inner.replica)
-            .field("prefix", &inner.prefix)
+            .field("prefix", &inner.prefix())
             .field("caps", &inner.caps)
             .field("lease_ttl", &inner.ttl)
             .field("renew_every", &inner.renew_every)
@@ -595,7 +601,7 @@ impl RedisTokenTrackerBuilder {
             conn,
             scripts: Scripts::new(),
             batches,
-            prefix: self.prefix,
+            keys: Keys::new(self.prefix),
             replica: replica_id(),
             next_lease: AtomicU64::new(0),
             ttl: self.ttl,
