@@ -21,8 +21,9 @@ use std::task::Poll;
 use redis::{ErrorKind, RedisError};
 use tokio::sync::{mpsc, oneshot};
 
+use super::call::Failure;
 use super::lease::Lease;
-use super::tracker::{Failure, Inner};
+use super::tracker::Inner;
 
 /// The most operations one script call carries.
 const MAX_BATCH: usize = 64;
@@ -193,7 +194,7 @@ impl Inner {
                 None => invocation.arg("x").arg(&op.lease.id),
             };
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().clone();
         let answers: Result<Vec<i64>, Failure> =
             self.timed(invocation.invoke_async(&mut conn)).await;
         match answers {

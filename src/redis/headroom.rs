@@ -464,8 +464,8 @@ impl Drop for Inner {
         if leases.is_empty() {
             return;
         }
-        let (script, mut conn) = (self.scripts.batch.clone(), self.conn.clone());
-        let (ttl, timeout) = (self.ttl_ms(), self.timeout);
+        let (script, mut conn) = (self.scripts.batch.clone(), self.conn().clone());
+        let (ttl, timeout) = (self.ttl_ms(), self.timeout());
         self.runtime.spawn(async move {
             for lease in leases {
                 let mut invocation = script.prepare_invoke();

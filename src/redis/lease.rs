@@ -5,8 +5,9 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
+use super::call::Failure;
 use super::headroom::Drawn;
-use super::tracker::{clamp, Failure, Inner};
+use super::tracker::{clamp, Inner};
 use crate::reservation::Pending;
 use crate::{Error, TokenReservation};
 
@@ -360,7 +361,7 @@ impl Inner {
             .arg(cap.map(|cap| cap.to_string()).unwrap_or_default())
             .arg(self.ttl_ms())
             .arg(lease.tokens.load(Relaxed));
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().clone();
         let (status, in_flight, again): (i64, u64, i64) =
             self.timed(invocation.invoke_async(&mut conn)).await?;
         if again == 1 {

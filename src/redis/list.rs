@@ -25,10 +25,10 @@ impl RedisTokenTracker {
     pub async fn tenants_in_flight(&self, limit: usize) -> Result<Vec<(String, u64)>, Error> {
         let inner = &self.inner;
         let pattern = inner.keys.all_tokens();
-        let unavailable = |failure: super::tracker::Failure| failure.unavailable();
+        let unavailable = |failure: super::call::Failure| failure.unavailable();
         // One server, or every master of a cluster: each holds its slots' keys.
         let masters = inner
-            .timed(inner.conn.masters())
+            .timed(inner.conn().masters())
             .await
             .map_err(unavailable)?;
         let mut seen = HashSet::new();
@@ -43,7 +43,7 @@ impl RedisTokenTracker {
                     .arg("COUNT")
                     .arg(SCAN_STEP);
                 let (next, keys): (u64, Vec<String>) = inner
-                    .timed(inner.conn.query_on(node, scan))
+                    .timed(inner.conn().query_on(node, scan))
                     .await
                     .map_err(unavailable)?;
                 let found = keys

@@ -4,6 +4,7 @@
 
 mod batch;
 mod breaker;
+mod call;
 mod conn;
 mod events;
 mod headroom;

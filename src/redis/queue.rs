@@ -489,7 +489,7 @@ impl Inner {
             .arg(share.to_string())
             .arg(u8::from(active))
             .arg(this.channel(key));
-        let mut conn = this.conn.clone();
+        let mut conn = this.conn().clone();
         let answer: Result<(i64, u64), _> = this.timed(invocation.invoke_async(&mut conn)).await;
         let (status, in_flight) = match answer {
             Ok(answer) => answer,
@@ -543,7 +543,7 @@ impl Inner {
                 .arg(&id)
                 .arg(this.ttl_ms())
                 .arg(this.channel(&key));
-            let mut conn = this.conn.clone();
+            let mut conn = this.conn().clone();
             let answer: Result<i64, _> = this.timed(invocation.invoke_async(&mut conn)).await;
             if let Err(failure) = answer {
                 tracing::warn!(budget = &*key, ticket = id, %failure,
@@ -564,7 +564,7 @@ impl Inner {
             for id in &ids {
                 invocation.arg(id);
             }
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn().clone();
             let answer: Result<i64, _> = self.timed(invocation.invoke_async(&mut conn)).await;
             if let Err(failure) = answer {
                 tracing::warn!(budget = &*key, %failure, "could not renew waiting tickets");
@@ -582,7 +582,7 @@ impl Inner {
         let script = self.fair.scripts().wake.clone();
         let [_, deadlines, ..] = self.queue_keys(&lease.tenant);
         let channel = self.channel(&lease.tenant);
-        let (mut conn, timeout) = (self.conn.clone(), self.timeout);
+        let (mut conn, timeout) = (self.conn().clone(), self.timeout());
         self.runtime.spawn(async move {
             let mut invocation = script.key(deadlines);
             invocation.arg(channel);

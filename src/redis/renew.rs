@@ -36,7 +36,7 @@ enum Renewal {
 impl Inner {
     /// How long a renewal, or a check, may take.
     fn renewal_budget(&self) -> Duration {
-        (self.renew_every / 2).max(self.timeout)
+        (self.renew_every / 2).max(self.timeout())
     }
 
     /// Renews every live lease: one script call per tenant, all in one pipeline.
@@ -65,7 +65,7 @@ impl Inner {
             pipe.add_command(cmd);
         }
         let budget = self.renewal_budget();
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().clone();
         let sent = std::time::Instant::now();
         // Per tenant: the tokens in flight, then the ids of the leases registered again.
         let mut answer: Result<Vec<(u64, Vec<String>)>, RedisError> =
@@ -107,7 +107,7 @@ impl Inner {
                 // Redis answers as a request's call must: that is what the breaker's
                 // probe would find, so requests need not wait for it. A slower answer
                 // proves nothing of the kind under load.
-                if sent.elapsed() <= self.timeout {
+                if sent.elapsed() <= self.timeout() {
                     self.breaker.success();
                 }
                 if retrying {
@@ -131,7 +131,7 @@ impl Inner {
     /// Whether the connection passes its [check](super::conn::Conn::check), given as long
     /// as a renewal.
     async fn answers(&self) -> bool {
-        match tokio::time::timeout(self.renewal_budget(), self.conn.check()).await {
+        match tokio::time::timeout(self.renewal_budget(), self.conn().check()).await {
             Ok(Ok(())) => true,
             Ok(Err(error)) => {
                 tracing::warn!(%error, "redis did not answer a health check; renewing as \

@@ -11,6 +11,7 @@ use redis::{IntoConnectionInfo, RedisError};
 
 use super::batch::{self, Batches};
 use super::breaker::Breaker;
+use super::call::{Calls, Failure};
 use super::conn::Conn;
 use super::headroom::Headroom;
 use super::keys::Keys;
@@ -163,7 +164,7 @@ pub struct RedisTokenTracker {
 
 /// Everything a tracker's clones, reservations and renewal task share.
 pub(crate) struct Inner {
-    pub(super) conn: Conn,
+    pub(super) calls: Calls,
     pub(super) scripts: Scripts,
     /// Reservations and releases waiting to be sent together.
     pub(super) batches: Batches,
@@ -172,7 +173,6 @@ pub(crate) struct Inner {
     pub(super) next_lease: AtomicU64,
     pub(super) ttl: Duration,
     pub(super) renew_every: Duration,
-    pub(super) timeout: Duration,
     pub(super) policy: FailurePolicy,
     pub(super) caps: Caps,
     pub(super) breaker: Breaker,
@@ -188,34 +188,6 @@ pub(crate) struct Inner {
     pub(super) counters: Counters,
     /// The fair queues of the budgets this tracker counts, and where it hears wake-ups.
     pub(super) fair: super::queue::Fair,
-}
-
-/// Why a call to Redis failed.
-pub(super) enum Failure {
-    TimedOut(Duration),
-    Redis(RedisError),
-}
-
-impl Failure {
-    /// A broken connection, which the connection manager is remaking: worth one retry.
-    pub(super) fn is_connection(&self) -> bool {
-        matches!(self, Failure::Redis(e) if e.is_io_error() || e.is_unrecoverable_error())
-    }
-
-    pub(super) fn unavailable(&self) -> Error {
-        Error::BackendUnavailable {
-            reason: format!("redis: {self}"),
-        }
-    }
-}
-
-impl fmt::Display for Failure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Failure::TimedOut(after) => write!(f, "no answer within {after:?}"),
-            Failure::Redis(error) => error.fmt(f),
-        }
-    }
 }
 
 impl RedisTokenTracker {
@@ -293,7 +265,7 @@ impl RedisTokenTracker {
     pub async fn in_flight(&self, tenant_id: &str) -> Result<u64, Error> {
         let inner = &self.inner;
         let invocation = inner.scripts.state.key(inner.key(tenant_id));
-        let mut conn = inner.conn.clone();
+        let mut conn = inner.conn().clone();
         let tokens: u64 = inner
             .timed(invocation.invoke_async(&mut conn))
             .await
@@ -341,10 +313,17 @@ impl Inner {
         &self,
         call: impl Future<Output = Result<T, RedisError>>,
     ) -> Result<T, Failure> {
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(result) => result.map_err(Failure::Redis),
-            Err(_) => Err(Failure::TimedOut(self.timeout)),
-        }
+        self.calls.timed(call).await
+    }
+
+    /// The connection to call through.
+    pub(super) fn conn(&self) -> &Conn {
+        self.calls.conn()
+    }
+
+    /// How long one call may take.
+    pub(super) fn timeout(&self) -> Duration {
+        self.calls.timeout()
     }
 
     pub(super) fn cap(&self, tenant_id: &str) -> u64 {
@@ -364,7 +343,7 @@ impl Inner {
 
     /// Whether each script call must keep to one hash slot's keys (a Redis Cluster).
     pub(super) fn one_slot_per_call(&self) -> bool {
-        self.conn.is_cluster()
+        self.conn().is_cluster()
     }
 
     pub(super) fn ttl_ms(&self) -> u64 {
@@ -397,7 +376,7 @@ impl fmt::Debug for RedisTokenTracker {
             .field("caps", &inner.caps)
             .field("lease_ttl", &inner.ttl)
             .field("renew_every", &inner.renew_every)
-            .field("call_timeout", &inner.timeout)
+            .field("call_timeout", &inner.timeout())
             .field("policy", &inner.policy)
             .field("live_leases", &self.live_leases())
             .finish_non_exhaustive()
@@ -598,7 +577,7 @@ impl RedisTokenTrackerBuilder {
         };
         let (batches, queue) = Batches::new();
         let inner = Arc::new(Inner {
-            conn,
+            calls: Calls::new(conn, self.timeout),
             scripts: Scripts::new(),
             batches,
             keys: Keys::new(self.prefix),
@@ -606,7 +585,6 @@ impl RedisTokenTrackerBuilder {
             next_lease: AtomicU64::new(0),
             ttl: self.ttl,
             renew_every: self.renew_every,
-            timeout: self.timeout,
             policy: self.policy,
             caps: self.caps,
             breaker: Breaker::new(self.breaker_threshold, self.breaker_cooldown),
@@ -622,7 +600,7 @@ impl RedisTokenTrackerBuilder {
         runtime.spawn(renew::renew_forever(
             Arc::downgrade(&inner),
             self.renew_every,
-            Arc::clone(&inner.conn.events),
+            Arc::clone(&inner.conn().events),
         ));
         RedisTokenTracker { inner }
     }

@@ -25,7 +25,7 @@ impl Inner {
             first
         };
         if first {
-            self.conn.events.held();
+            self.conn().events.held();
             self.watch_sentinels();
         }
     }
@@ -37,7 +37,7 @@ impl Inner {
     /// Listens for the Sentinels' `+switch-master` while leases are held, if the master is
     /// one the Sentinels name.
     fn watch_sentinels(self: &Arc<Self>) {
-        if let Some(master) = self.conn.sentinel_master() {
+        if let Some(master) = self.conn().sentinel_master() {
             if !master.watching.swap(true, Relaxed) {
                 let watch = watch_sentinels(Arc::downgrade(self), Arc::clone(master));
                 self.runtime.spawn(watch);
@@ -98,7 +98,7 @@ async fn watch_sentinels(shared: Weak<Inner>, master: Arc<SentinelMaster>) {
             // A failover announced while the subscription was down went unheard.
             master.in_doubt();
             if let Some(inner) = shared.upgrade() {
-                inner.conn.events.check();
+                inner.conn().events.check();
             }
         }
         subscribed_before = true;
@@ -125,7 +125,7 @@ async fn watch_sentinels(shared: Weak<Inner>, master: Arc<SentinelMaster>) {
                     tracing::info!(switch = payload, "the sentinels announced a new master");
                     master.in_doubt();
                     match shared.upgrade() {
-                        Some(inner) => inner.conn.events.check(),
+                        Some(inner) => inner.conn().events.check(),
                         None => return,
                     }
                 }
