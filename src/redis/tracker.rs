@@ -600,7 +600,7 @@ impl RedisTokenTrackerBuilder {
         runtime.spawn(renew::renew_forever(
             Arc::downgrade(&inner),
             self.renew_every,
-            Arc::clone(&inner.conn().events),
+            Arc::clone(inner.conn().events()),
         ));
         RedisTokenTracker { inner }
     }

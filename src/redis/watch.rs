@@ -2,7 +2,6 @@
 //! a failover is followed at once (see [`events`](super::events)).
 
 use std::pin::Pin;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Weak};
 use std::task::Poll;
 use std::time::Duration;
@@ -25,7 +24,7 @@ impl Inner {
             first
         };
         if first {
-            self.conn().events.held();
+            self.conn().events().held();
             self.watch_sentinels();
         }
     }
@@ -38,7 +37,7 @@ impl Inner {
     /// one the Sentinels name.
     fn watch_sentinels(self: &Arc<Self>) {
         if let Some(master) = self.conn().sentinel_master() {
-            if !master.watching.swap(true, Relaxed) {
+            if master.start_watching() {
                 let watch = watch_sentinels(Arc::downgrade(self), Arc::clone(master));
                 self.runtime.spawn(watch);
             }
@@ -64,14 +63,14 @@ async fn watch_sentinels(shared: Weak<Inner>, master: Arc<SentinelMaster>) {
     let mut subscribed_before = false;
     loop {
         if !holds_leases(&shared) {
-            master.watching.store(false, Relaxed);
+            master.stop_watching();
             // A lease taken just now saw the watch still running: it carries on.
-            if !holds_leases(&shared) || master.watching.swap(true, Relaxed) {
+            if !holds_leases(&shared) || !master.start_watching() {
                 return;
             }
         }
         let mut streams: Vec<Messages> = Vec::new();
-        for sentinel in &master.sentinels {
+        for sentinel in master.sentinels() {
             let subscribed = async {
                 let client = redis::Client::open(sentinel.clone())?;
                 let mut pubsub = client.get_async_pubsub().await?;
@@ -98,7 +97,7 @@ async fn watch_sentinels(shared: Weak<Inner>, master: Arc<SentinelMaster>) {
             // A failover announced while the subscription was down went unheard.
             master.in_doubt();
             if let Some(inner) = shared.upgrade() {
-                inner.conn().events.check();
+                inner.conn().events().check();
             }
         }
         subscribed_before = true;
@@ -119,13 +118,13 @@ async fn watch_sentinels(shared: Weak<Inner>, master: Arc<SentinelMaster>) {
                 Ok(Some(message)) => {
                     let payload: String = message.get_payload().unwrap_or_default();
                     // "<name> <old ip> <old port> <new ip> <new port>"
-                    if payload.split_whitespace().next() != Some(master.name.as_str()) {
+                    if payload.split_whitespace().next() != Some(master.name()) {
                         continue;
                     }
                     tracing::info!(switch = payload, "the sentinels announced a new master");
                     master.in_doubt();
                     match shared.upgrade() {
-                        Some(inner) => inner.conn().events.check(),
+                        Some(inner) => inner.conn().events().check(),
                         None => return,
                     }
                 }
