@@ -30,8 +30,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use super::lease::{clamp, MAX_REDIS_TOKENS};
 use super::lease::{Lease, RedisReservation};
-use super::tracker::{clamp, Inner};
+use super::stats::Count;
+use super::tracker::Inner;
 use crate::Error;
 
 /// How long a headroom whose growth was refused stays tight.
@@ -103,7 +105,7 @@ impl State {
         }
         let refresh = self.created && !self.is_valid(now);
         if unused * 2 < step || unused > 2 * step || refresh {
-            let to = self.used.saturating_add(step).min(super::MAX_REDIS_TOKENS);
+            let to = self.used.saturating_add(step).min(MAX_REDIS_TOKENS);
             return Some((to, to > self.held));
         }
         None
@@ -155,7 +157,7 @@ impl Inner {
         if !fits {
             return None;
         }
-        self.counters.admitted_locally.fetch_add(1, Relaxed);
+        self.counters.add(Count::AdmittedLocally);
         let drawn = Drawn {
             headroom,
             inner: Arc::clone(self),

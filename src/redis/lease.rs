@@ -7,9 +7,18 @@ use std::sync::Arc;
 
 use super::call::Failure;
 use super::headroom::Drawn;
-use super::tracker::{clamp, Inner};
+use super::stats::Count;
+use super::tracker::Inner;
 use crate::reservation::Pending;
 use crate::{Error, TokenReservation};
+
+/// The largest token amount Redis keeps exactly (its Lua numbers are doubles); caps and
+/// estimates above it count as this.
+pub const MAX_REDIS_TOKENS: u64 = (1 << 53) - 1;
+
+pub(super) fn clamp(tokens: u64) -> u64 {
+    tokens.min(MAX_REDIS_TOKENS)
+}
 
 /// One lease, as this replica knows it. The registry of live leases (renewed in the
 /// background) and the reservation that owns it share it.
@@ -401,7 +410,7 @@ impl Inner {
                 self.wake_after_release(lease);
             }
             Err(failure) => {
-                self.counters.failed_releases.fetch_add(1, Relaxed);
+                self.counters.add(Count::FailedRelease);
                 tracing::warn!(
                     tenant = &*lease.tenant,
                     lease = lease.id,
@@ -420,7 +429,7 @@ impl Inner {
         if lease.released.load(Relaxed) {
             return self.release_later(Arc::clone(lease));
         }
-        self.counters.lost_leases.fetch_add(1, Relaxed);
+        self.counters.add(Count::LostLease);
         let overcommitted = in_flight > lease.cap;
         tracing::warn!(
             tenant = &*lease.tenant,

@@ -11,16 +11,20 @@ mod headroom;
 mod keys;
 mod lease;
 mod list;
+mod policy;
 mod queue;
 mod renew;
 mod reserve;
 mod scripts;
+mod stats;
 mod tracker;
 mod watch;
 
-pub use self::lease::RedisReservation;
+pub use self::lease::{RedisReservation, MAX_REDIS_TOKENS};
+pub use self::policy::FailurePolicy;
 pub(crate) use self::queue::Turn;
+pub use self::stats::RedisTrackerStats;
 pub use self::tracker::{
-    FailurePolicy, RedisTokenTracker, RedisTokenTrackerBuilder, RedisTrackerStats,
-    DEFAULT_CALL_TIMEOUT, DEFAULT_LEASE_TTL, DEFAULT_RENEW_EVERY, MAX_REDIS_TOKENS,
+    RedisTokenTracker, RedisTokenTrackerBuilder, DEFAULT_CALL_TIMEOUT, DEFAULT_LEASE_TTL,
+    DEFAULT_RENEW_EVERY,
 };

@@ -41,6 +41,7 @@ use redis::{Script, ScriptInvocation};
 use super::keys::escape_glob;
 use super::lease::{Lease, RedisReservation};
 use super::scripts::CORE;
+use super::stats::Count;
 use super::tracker::{Inner, RedisTokenTracker};
 use crate::admit::priority::Priority;
 use crate::admit::queue::Queue;
@@ -506,13 +507,13 @@ impl Inner {
         match status {
             1 => {
                 this.fair.in_use.store(true, Relaxed);
-                this.counters.admitted.fetch_add(1, Relaxed);
+                this.counters.add(Count::Admitted);
                 lease.in_flight.store(in_flight, Relaxed);
                 this.hold(&lease);
                 Ok(RedisReservation::lease(lease, Arc::clone(this)))
             }
             0 | 2 => {
-                this.counters.refused.fetch_add(1, Relaxed);
+                this.counters.add(Count::Refused);
                 Err(Error::TenantOverloaded {
                     tenant_id: key.to_owned(),
                     requested: tokens,

@@ -3,8 +3,10 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
+use super::lease::{clamp, MAX_REDIS_TOKENS};
 use super::lease::{Lease, RedisReservation};
-use super::tracker::{clamp, FailurePolicy, Inner, MAX_REDIS_TOKENS};
+use super::stats::Count;
+use super::tracker::Inner;
 use crate::Error;
 
 impl Inner {
@@ -59,13 +61,13 @@ impl Inner {
         let lease = pending.answered();
         match status {
             1 => {
-                this.counters.admitted.fetch_add(1, Relaxed);
+                this.counters.add(Count::Admitted);
                 lease.in_flight.store(in_flight, Relaxed);
                 this.hold(&lease);
                 Ok(RedisReservation::lease(lease, Arc::clone(this)))
             }
             0 => {
-                this.counters.refused.fetch_add(1, Relaxed);
+                this.counters.add(Count::Refused);
                 Err(Error::TenantOverloaded {
                     tenant_id: tenant_id.to_owned(),
                     requested: tokens,
@@ -107,30 +109,12 @@ impl Inner {
         checked: bool,
         reason: &str,
     ) -> Result<RedisReservation, Error> {
-        self.counters.unavailable.fetch_add(1, Relaxed);
-        tracing::debug!(tenant = tenant_id, tokens, reason, policy = ?self.policy,
+        self.counters.add(Count::Unavailable);
+        tracing::debug!(tenant = tenant_id, tokens, reason, policy = ?self.fallback.policy(),
             "redis unavailable: the failure policy answers");
-        match (self.policy, &self.local) {
-            (FailurePolicy::FailOpen, _) => Ok(RedisReservation::uncounted(tenant_id, tokens)),
-            (FailurePolicy::LocalShare { .. }, Some(local)) if !checked => Ok(
-                RedisReservation::local(local.reserve_unchecked(tenant_id, tokens)),
-            ),
-            (FailurePolicy::LocalShare { .. }, Some(local)) => {
-                match local.reserve_id(tenant_id, tokens) {
-                    Ok(reservation) => Ok(RedisReservation::local(reservation)),
-                    // Larger than the share, not than the cap: it fits once Redis is back.
-                    Err(Error::RequestTooLarge { cap, .. }) => Err(Error::TenantOverloaded {
-                        tenant_id: tenant_id.to_owned(),
-                        requested: tokens,
-                        in_flight: local.in_flight(tenant_id),
-                        cap,
-                    }),
-                    Err(error) => Err(error),
-                }
-            }
-            _ => Err(Error::BackendUnavailable {
-                reason: format!("redis: {reason}"),
-            }),
+        match self.fallback.admit(tenant_id, tokens, checked, reason)? {
+            Some(reservation) => Ok(RedisReservation::local(reservation)),
+            None => Ok(RedisReservation::uncounted(tenant_id, tokens)),
         }
     }
 }

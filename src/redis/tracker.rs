@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
@@ -15,10 +15,13 @@ use super::call::{Calls, Failure};
 use super::conn::Conn;
 use super::headroom::Headroom;
 use super::keys::Keys;
+use super::lease::clamp;
 use super::lease::{Lease, RedisReservation};
+use super::policy::{FailurePolicy, Fallback};
 use super::queue::Subscribe;
 use super::renew;
 use super::scripts::Scripts;
+use super::stats::{Counters, RedisTrackerStats};
 use crate::tracker::Caps;
 use crate::{Error, TenantTokenTracker};
 
@@ -28,69 +31,6 @@ pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
 pub const DEFAULT_RENEW_EVERY: Duration = Duration::from_secs(10);
 /// How long one call to Redis may take by default before the failure policy answers.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_millis(100);
-
-/// The largest token amount Redis keeps exactly (its Lua numbers are doubles); caps and
-/// estimates above it count as this.
-pub const MAX_REDIS_TOKENS: u64 = (1 << 53) - 1;
-
-pub(crate) fn clamp(tokens: u64) -> u64 {
-    tokens.min(MAX_REDIS_TOKENS)
-}
-
-/// What a [`RedisTokenTracker`] does with a request when Redis cannot be asked (down,
-/// slower than the call timeout, or skipped while the circuit breaker is open).
-///
-/// Every choice is logged: a `warn` when the breaker opens and when Redis answers again,
-/// a `debug` line per request answered by the policy, and the counts in
-/// [`RedisTokenTracker::stats`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum FailurePolicy {
-    /// Refuse: `503 Service Unavailable` with `Retry-After`
-    /// ([`Error::BackendUnavailable`]). Nothing is admitted that the shared cap did not
-    /// see. The default.
-    FailClosed,
-    /// Admit without counting: the caps are off until Redis is back.
-    FailOpen,
-    /// Count against this replica's share of each tenant's cap, `cap / replicas` (at
-    /// least 1 token), in memory: with `replicas` replicas running, the tenant can still
-    /// not exceed its cap in total.
-    LocalShare {
-        /// How many replicas share the cap.
-        replicas: u32,
-    },
-}
-
-/// Counts of what a [`RedisTokenTracker`] did, since it was built.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct RedisTrackerStats {
-    /// Reservations Redis admitted, one lease each.
-    pub admitted: u64,
-    /// Reservations admitted from this replica's
-    /// [headroom](RedisTokenTrackerBuilder::local_headroom), without a round trip.
-    pub admitted_locally: u64,
-    /// Reservations Redis refused (over the cap).
-    pub refused: u64,
-    /// Requests the failure policy answered because Redis could not be asked.
-    pub unavailable: u64,
-    /// Leases Redis had lost while this replica still held them (a restart without the
-    /// data, a flush, a failover, or this replica cut off for longer than the TTL), each
-    /// registered again at the next renewal or resize (at once after a reconnection).
-    pub lost_leases: u64,
-    /// Releases Redis could not be told of; those leases expire after their TTL instead.
-    pub failed_releases: u64,
-}
-
-#[derive(Default)]
-pub(super) struct Counters {
-    pub(super) admitted: AtomicU64,
-    pub(super) admitted_locally: AtomicU64,
-    pub(super) refused: AtomicU64,
-    pub(super) unavailable: AtomicU64,
-    pub(super) lost_leases: AtomicU64,
-    pub(super) failed_releases: AtomicU64,
-}
 
 /// Enforces a per-tenant cap on tokens in flight across every replica, in Redis.
 ///
@@ -173,11 +113,10 @@ pub(crate) struct Inner {
     pub(super) next_lease: AtomicU64,
     pub(super) ttl: Duration,
     pub(super) renew_every: Duration,
-    pub(super) policy: FailurePolicy,
+    /// What answers when Redis cannot be asked.
+    pub(super) fallback: Fallback,
     pub(super) caps: Caps,
     pub(super) breaker: Breaker,
-    /// This replica's share of the caps, for [`FailurePolicy::LocalShare`].
-    pub(super) local: Option<Arc<TenantTokenTracker>>,
     /// Live leases, for renewal.
     pub(super) leases: Mutex<HashMap<u64, Arc<Lease>>>,
     /// The share of a tenant's cap each headroom keeps unused, in percent; 0: none.
@@ -280,15 +219,7 @@ impl RedisTokenTracker {
 
     /// What the tracker has done so far.
     pub fn stats(&self) -> RedisTrackerStats {
-        let c = &self.inner.counters;
-        RedisTrackerStats {
-            admitted: c.admitted.load(Relaxed),
-            admitted_locally: c.admitted_locally.load(Relaxed),
-            refused: c.refused.load(Relaxed),
-            unavailable: c.unavailable.load(Relaxed),
-            lost_leases: c.lost_leases.load(Relaxed),
-            failed_releases: c.failed_releases.load(Relaxed),
-        }
+        self.inner.counters.stats()
     }
 
     /// Leases this replica holds now (and renews), its headroom's included.
@@ -304,7 +235,7 @@ impl RedisTokenTracker {
     /// The in-memory tracker counting this replica's share of the caps, with
     /// [`FailurePolicy::LocalShare`].
     pub fn local_share(&self) -> Option<&Arc<TenantTokenTracker>> {
-        self.inner.local.as_ref()
+        self.inner.fallback.local()
     }
 }
 
@@ -377,7 +308,7 @@ impl fmt::Debug for RedisTokenTracker {
             .field("lease_ttl", &inner.ttl)
             .field("renew_every", &inner.renew_every)
             .field("call_timeout", &inner.timeout())
-            .field("policy", &inner.policy)
+            .field("policy", &inner.fallback.policy())
             .field("live_leases", &self.live_leases())
             .finish_non_exhaustive()
     }
@@ -564,17 +495,6 @@ impl RedisTokenTrackerBuilder {
         runtime: tokio::runtime::Handle,
         wake: Subscribe,
     ) -> RedisTokenTracker {
-        let local = match self.policy {
-            FailurePolicy::LocalShare { replicas } => {
-                let replicas = u64::from(replicas.max(1));
-                let caps = self.caps.clone();
-                let share = move |tenant: &str| Some((clamp(caps.of(tenant)) / replicas).max(1));
-                Some(Arc::new(
-                    TenantTokenTracker::builder(0).cap_fn(share).build(),
-                ))
-            }
-            _ => None,
-        };
         let (batches, queue) = Batches::new();
         let inner = Arc::new(Inner {
             calls: Calls::new(conn, self.timeout),
@@ -585,10 +505,9 @@ impl RedisTokenTrackerBuilder {
             next_lease: AtomicU64::new(0),
             ttl: self.ttl,
             renew_every: self.renew_every,
-            policy: self.policy,
+            fallback: Fallback::new(self.policy, &self.caps),
             caps: self.caps,
             breaker: Breaker::new(self.breaker_threshold, self.breaker_cooldown),
-            local,
             leases: Mutex::new(HashMap::new()),
             headroom_share: self.headroom_share,
             headroom: RwLock::new(HashMap::new()),
