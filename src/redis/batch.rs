@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::call::Failure;
 use super::lease::Lease;
-use super::tracker::Inner;
+use super::shared::Inner;
 
 /// The most operations one script call carries.
 const MAX_BATCH: usize = 64;
@@ -163,10 +163,10 @@ fn split(batch: Vec<Op>, one_slot_per_call: bool) -> Vec<Vec<Op>> {
     }
     let mut calls: Vec<Vec<Op>> = Vec::new();
     for op in batch {
-        let tag = hash_tag(&op.lease.key);
+        let tag = hash_tag(op.lease.key());
         match calls
             .iter_mut()
-            .find(|call| hash_tag(&call[0].lease.key) == tag)
+            .find(|call| hash_tag(call[0].lease.key()) == tag)
         {
             Some(call) => call.push(op),
             None => calls.push(vec![op]),
@@ -185,13 +185,13 @@ fn hash_tag(key: &str) -> &str {
 impl Inner {
     /// Sends `batch` as one script call and answers each of its operations.
     async fn send_batch(&self, mut batch: Vec<Op>) {
-        let mut invocation = self.scripts.batch.prepare_invoke();
+        let mut invocation = self.scripts().batch.prepare_invoke();
         invocation.arg(self.ttl_ms());
         for op in batch.iter() {
-            invocation.key(&*op.lease.key);
+            invocation.key(&**op.lease.key());
             match op.reserve {
-                Some((tokens, cap)) => invocation.arg("r").arg(&op.lease.id).arg(tokens).arg(cap),
-                None => invocation.arg("x").arg(&op.lease.id),
+                Some((tokens, cap)) => invocation.arg("r").arg(op.lease.id()).arg(tokens).arg(cap),
+                None => invocation.arg("x").arg(op.lease.id()),
             };
         }
         let mut conn = self.conn().clone();

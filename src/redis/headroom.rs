@@ -30,10 +30,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::lease::{clamp, MAX_REDIS_TOKENS};
-use super::lease::{Lease, RedisReservation};
+use super::lease::{clamp, Lease, MAX_REDIS_TOKENS};
+use super::reservation::RedisReservation;
+use super::shared::Inner;
 use super::stats::Count;
-use super::tracker::Inner;
 use crate::Error;
 
 /// How long a headroom whose growth was refused stays tight.
@@ -79,8 +79,8 @@ impl State {
     /// Redis set `lease` to `held` tokens, the tenant then holding `in_flight`: it may admit
     /// from them until `valid_until`.
     fn set(&mut self, lease: &Lease, held: u64, in_flight: u64, valid_until: Instant) {
-        lease.in_flight.store(in_flight, Relaxed);
-        lease.tokens.store(held, Relaxed);
+        lease.set_in_flight(in_flight);
+        lease.set_tokens(held);
         self.held = held;
         self.valid_until = Some(valid_until);
     }
@@ -123,6 +123,11 @@ pub(super) struct Drawn {
 }
 
 impl Headroom {
+    /// Whether its lease is in Redis.
+    pub(super) fn is_created(&self) -> bool {
+        self.lock().created
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -137,7 +142,7 @@ impl Inner {
         tenant: &str,
         tokens: u64,
     ) -> Option<RedisReservation> {
-        if self.headroom_share == 0 || self.fair.in_use.load(Relaxed) {
+        if self.headroom_share() == 0 || self.fair().in_use.load(Relaxed) {
             return None;
         }
         let headroom = self.headroom_of(tenant, tokens)?;
@@ -157,7 +162,7 @@ impl Inner {
         if !fits {
             return None;
         }
-        self.counters.add(Count::AdmittedLocally);
+        self.counters().add(Count::AdmittedLocally);
         let drawn = Drawn {
             headroom,
             inner: Arc::clone(self),
@@ -174,19 +179,18 @@ impl Inner {
         let cap = self.cap(tenant);
         let known = self.read_headroom().get(tenant).map(Arc::clone);
         if let Some(headroom) = known {
-            if headroom.lease.cap != cap {
+            if headroom.lease.cap() != cap {
                 self.drain(&headroom);
                 return None;
             }
             return (tokens <= headroom.step).then_some(headroom);
         }
-        let share = u64::from(self.headroom_share);
+        let share = u64::from(self.headroom_share());
         let step = cap / 100 * share + cap % 100 * share / 100;
         if step == 0 || tokens > step {
             return None;
         }
-        let mut lease = self.new_lease(tenant, cap, 0);
-        lease.id.push_str(":headroom");
+        let lease = self.new_lease(tenant, cap, 0).headroom();
         let headroom = Arc::new(Headroom {
             lease: Arc::new(lease),
             step,
@@ -195,7 +199,7 @@ impl Inner {
         // Another request may have made one meanwhile: the first one made stays.
         let mut all = self.write_headroom();
         let kept = all
-            .entry(Arc::clone(&headroom.lease.tenant))
+            .entry(Arc::clone(headroom.lease.tenant()))
             .or_insert(headroom);
         Some(Arc::clone(kept))
     }
@@ -226,7 +230,7 @@ impl Inner {
 
     fn adjust_later(self: &Arc<Self>, headroom: &Arc<Headroom>) {
         let (this, headroom) = (Arc::clone(self), Arc::clone(headroom));
-        self.runtime
+        self.runtime()
             .spawn(async move { this.adjust(&headroom).await });
     }
 
@@ -234,7 +238,7 @@ impl Inner {
     async fn adjust(self: &Arc<Self>, headroom: &Arc<Headroom>) {
         let lease = &headroom.lease;
         loop {
-            let _order = lease.write.lock().await;
+            let _order = lease.order().await;
             let now = Instant::now();
             let (to, checked, created) = {
                 let mut state = headroom.lock();
@@ -245,25 +249,25 @@ impl Inner {
                 if to < state.held {
                     // Given back here first: nothing more is admitted from it meanwhile.
                     state.held = to;
-                    lease.tokens.store(to, Relaxed);
+                    lease.set_tokens(to);
                 }
                 (to, checked, state.created)
             };
             let sent = Instant::now();
-            let cap = lease.cap;
+            let cap = lease.cap();
             let answer = if created {
                 let cap = checked.then_some(cap);
                 self.resize_call(lease, to, cap)
                     .await
                     .map_err(|f| f.to_string())
             } else {
-                let made = self.timed(self.batches.reserve(lease, to, cap)).await;
+                let made = self.timed(self.batches().reserve(lease, to, cap)).await;
                 made.map_err(|failure| failure.to_string())
             };
             let mut state = headroom.lock();
             match answer {
                 Ok((1, in_flight)) => {
-                    state.set(lease, to, in_flight, sent + self.ttl / 2);
+                    state.set(lease, to, in_flight, sent + self.ttl() / 2);
                     if !created {
                         state.created = true;
                         self.hold(lease);
@@ -276,11 +280,11 @@ impl Inner {
                     }
                 }
                 Ok((_, in_flight)) => {
-                    lease.in_flight.store(in_flight, Relaxed);
+                    lease.set_in_flight(in_flight);
                     state.tight_until = Some(Instant::now() + TIGHT_FOR);
                 }
                 Err(failure) => {
-                    tracing::debug!(tenant = &*lease.tenant, %failure,
+                    tracing::debug!(tenant = &**lease.tenant(), %failure,
                         "could not resize a replica's headroom in redis");
                     state.tight_until = Some(Instant::now() + TIGHT_FOR);
                     if !created {
@@ -345,7 +349,7 @@ impl Inner {
         }
         let headroom = &drawn.headroom;
         let lease = &headroom.lease;
-        let _order = lease.write.lock().await;
+        let _order = lease.order().await;
         let (to, grow, created) = {
             let state = headroom.lock();
             let grow = tokens.saturating_sub(drawn.tokens.load(Relaxed));
@@ -354,20 +358,20 @@ impl Inner {
             (to, grow, state.created)
         };
         let overloaded = |in_flight| Error::TenantOverloaded {
-            tenant_id: lease.tenant.to_string(),
+            tenant_id: lease.tenant().to_string(),
             requested: grow,
             in_flight,
-            cap: lease.cap,
+            cap: lease.cap(),
         };
         if !created {
-            return Err(overloaded(lease.in_flight.load(Relaxed)));
+            return Err(overloaded(lease.in_flight()));
         }
         let sent = Instant::now();
-        let answer = self.resize_call(lease, to, Some(lease.cap)).await;
+        let answer = self.resize_call(lease, to, Some(lease.cap())).await;
         let mut state = headroom.lock();
         match answer {
             Ok((1, in_flight)) => {
-                state.set(lease, to, in_flight, sent + self.ttl / 2);
+                state.set(lease, to, in_flight, sent + self.ttl() / 2);
                 if !drawn.released.load(Relaxed) {
                     let before = drawn.tokens.swap(tokens, Relaxed);
                     state.used = state.used - before + tokens;
@@ -375,7 +379,7 @@ impl Inner {
                 Ok(())
             }
             Ok((_, in_flight)) => {
-                lease.in_flight.store(in_flight, Relaxed);
+                lease.set_in_flight(in_flight);
                 Err(overloaded(in_flight))
             }
             Err(failure) => Err(failure.unavailable()),
@@ -422,10 +426,10 @@ impl Inner {
     fn let_go(self: &Arc<Self>, headroom: &Arc<Headroom>) {
         let mut all = self.write_headroom();
         if all
-            .get(&headroom.lease.tenant)
+            .get(headroom.lease.tenant())
             .is_some_and(|known| Arc::ptr_eq(known, headroom))
         {
-            all.remove(&headroom.lease.tenant);
+            all.remove(headroom.lease.tenant());
         }
         drop(all);
         self.forget(&headroom.lease);
@@ -437,50 +441,13 @@ impl Inner {
     pub(super) fn headroom_renewed(&self, renewed: &[&Arc<Lease>], sent: Instant) {
         let all = self.read_headroom();
         for lease in renewed {
-            if let Some(headroom) = all.get(&lease.tenant) {
+            if let Some(headroom) = all.get(lease.tenant()) {
                 if Arc::ptr_eq(&headroom.lease, lease) {
                     let mut state = headroom.lock();
-                    let until = sent + self.ttl / 2;
+                    let until = sent + self.ttl() / 2;
                     state.valid_until = state.valid_until.max(Some(until));
                 }
             }
         }
-    }
-}
-
-impl Drop for Inner {
-    /// The last handle on the tracker is gone (no reservation is drawn from its headroom
-    /// any more, each held one): its headroom leases are released rather than left to
-    /// expire.
-    fn drop(&mut self) {
-        let all = std::mem::take(
-            self.headroom
-                .get_mut()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
-        let leases: Vec<Arc<Lease>> = all
-            .into_values()
-            .filter(|headroom| headroom.lock().created)
-            .map(|headroom| Arc::clone(&headroom.lease))
-            .collect();
-        if leases.is_empty() {
-            return;
-        }
-        let (script, mut conn) = (self.scripts.batch.clone(), self.conn().clone());
-        let (ttl, timeout) = (self.ttl_ms(), self.timeout());
-        self.runtime.spawn(async move {
-            for lease in leases {
-                let mut invocation = script.prepare_invoke();
-                invocation.arg(ttl).key(&*lease.key).arg("x").arg(&lease.id);
-                let released = invocation.invoke_async::<Vec<i64>>(&mut conn);
-                if !matches!(tokio::time::timeout(timeout, released).await, Ok(Ok(_))) {
-                    tracing::debug!(
-                        tenant = &*lease.tenant,
-                        lease = lease.id,
-                        "could not release a headroom lease; it expires after its TTL"
-                    );
-                }
-            }
-        });
     }
 }

@@ -24,7 +24,7 @@ impl RedisTokenTracker {
     /// [`Error::BackendUnavailable`] when Redis could not be asked.
     pub async fn tenants_in_flight(&self, limit: usize) -> Result<Vec<(String, u64)>, Error> {
         let inner = &self.inner;
-        let pattern = inner.keys.all_tokens();
+        let pattern = inner.keys().all_tokens();
         let unavailable = |failure: super::call::Failure| failure.unavailable();
         // One server, or every master of a cluster: each holds its slots' keys.
         let masters = inner
@@ -48,7 +48,7 @@ impl RedisTokenTracker {
                     .map_err(unavailable)?;
                 let found = keys
                     .iter()
-                    .filter_map(|key| inner.keys.tenant_of(key).map(str::to_owned));
+                    .filter_map(|key| inner.keys().tenant_of(key).map(str::to_owned));
                 for tenant in found {
                     if !seen.insert(tenant.clone()) {
                         continue; // SCAN may return a key twice

@@ -14,15 +14,18 @@ mod list;
 mod policy;
 mod queue;
 mod renew;
+mod reservation;
 mod reserve;
 mod scripts;
+mod shared;
 mod stats;
 mod tracker;
 mod watch;
 
-pub use self::lease::{RedisReservation, MAX_REDIS_TOKENS};
+pub use self::lease::MAX_REDIS_TOKENS;
 pub use self::policy::FailurePolicy;
 pub(crate) use self::queue::Turn;
+pub use self::reservation::RedisReservation;
 pub use self::stats::RedisTrackerStats;
 pub use self::tracker::{
     RedisTokenTracker, RedisTokenTrackerBuilder, DEFAULT_CALL_TIMEOUT, DEFAULT_LEASE_TTL,

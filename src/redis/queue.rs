@@ -39,10 +39,12 @@ use std::time::Duration;
 use redis::{Script, ScriptInvocation};
 
 use super::keys::escape_glob;
-use super::lease::{Lease, RedisReservation};
+use super::lease::Lease;
+use super::reservation::RedisReservation;
 use super::scripts::CORE;
+use super::shared::Inner;
 use super::stats::Count;
-use super::tracker::{Inner, RedisTokenTracker};
+use super::tracker::RedisTokenTracker;
 use crate::admit::priority::Priority;
 use crate::admit::queue::Queue;
 use crate::Error;
@@ -337,8 +339,8 @@ impl Turn {
         for place in self.lock().iter_mut().filter(|place| place.held) {
             place.held = false;
             place.inner.cancel_later(&place.key, &place.id);
-            let seq = place.inner.fair.next_ticket.fetch_add(1, Relaxed);
-            place.id = format!("{}:q{seq}", place.inner.replica);
+            let seq = place.inner.fair().next_ticket.fetch_add(1, Relaxed);
+            place.id = format!("{}:q{seq}", place.inner.replica());
         }
     }
 
@@ -355,11 +357,11 @@ impl Turn {
         let place = match found {
             Some(place) => place,
             None => {
-                let seq = inner.fair.next_ticket.fetch_add(1, Relaxed);
+                let seq = inner.fair().next_ticket.fetch_add(1, Relaxed);
                 places.push(Place {
                     inner: Arc::clone(inner),
                     key: Arc::from(key),
-                    id: format!("{}:q{seq}", inner.replica),
+                    id: format!("{}:q{seq}", inner.replica()),
                     held: false,
                 });
                 places.last_mut().expect("just pushed")
@@ -377,7 +379,7 @@ impl Turn {
             .find(|place| Arc::ptr_eq(&place.inner, inner) && *place.key == *key);
         if let Some(place) = found {
             place.held = held;
-            let mut tickets = inner.fair.lock_tickets();
+            let mut tickets = inner.fair().lock_tickets();
             if held {
                 tickets.insert(place.id.clone(), Arc::clone(&place.key));
             } else {
@@ -468,7 +470,7 @@ impl Inner {
                 cap,
             });
         }
-        if !this.breaker.allow() {
+        if !this.breaker().allow() {
             return this.unavailable(key, tokens, true, "circuit open");
         }
         this.listen(&turn.queue);
@@ -478,9 +480,9 @@ impl Inner {
         let ticket = turn.ticket(this, key);
         let active = turn.queue.is_active(&turn.tenant);
         let share = tokens as f64 / f64::from(turn.weight);
-        let mut invocation = this.on_queue(&this.fair.scripts().admit, key);
+        let mut invocation = this.on_queue(&this.fair().scripts().admit, key);
         invocation
-            .arg(&lease.id)
+            .arg(lease.id())
             .arg(tokens)
             .arg(cap)
             .arg(this.ttl_ms())
@@ -496,24 +498,24 @@ impl Inner {
             Ok(answer) => answer,
             Err(failure) => {
                 let reason = failure.to_string();
-                this.breaker.failure(&reason);
+                this.breaker().failure(&reason);
                 drop(unanswered);
                 return this.unavailable(key, tokens, true, &reason);
             }
         };
-        this.breaker.success();
+        this.breaker().success();
         let lease = unanswered.answered();
         turn.answered(this, key, matches!(status, 0 | 2));
         match status {
             1 => {
-                this.fair.in_use.store(true, Relaxed);
-                this.counters.add(Count::Admitted);
-                lease.in_flight.store(in_flight, Relaxed);
+                this.fair().in_use.store(true, Relaxed);
+                this.counters().add(Count::Admitted);
+                lease.set_in_flight(in_flight);
                 this.hold(&lease);
                 Ok(RedisReservation::lease(lease, Arc::clone(this)))
             }
             0 | 2 => {
-                this.counters.add(Count::Refused);
+                this.counters().add(Count::Refused);
                 Err(Error::TenantOverloaded {
                     tenant_id: key.to_owned(),
                     requested: tokens,
@@ -536,10 +538,10 @@ impl Inner {
     /// Gives up ticket `id` of budget `key` in a spawned task; if Redis cannot be told,
     /// the ticket expires with its deadline.
     fn cancel_later(self: &Arc<Self>, key: &Arc<str>, id: &str) {
-        self.fair.lock_tickets().remove(id);
+        self.fair().lock_tickets().remove(id);
         let (this, key, id) = (Arc::clone(self), Arc::clone(key), id.to_owned());
-        self.runtime.spawn(async move {
-            let mut invocation = this.on_queue(&this.fair.scripts().cancel, &key);
+        self.runtime().spawn(async move {
+            let mut invocation = this.on_queue(&this.fair().scripts().cancel, &key);
             invocation
                 .arg(&id)
                 .arg(this.ttl_ms())
@@ -556,11 +558,11 @@ impl Inner {
     /// Pushes back the deadlines of the tickets this replica holds, one call per budget.
     pub(super) async fn renew_tickets(self: &Arc<Self>) {
         let mut by_key: HashMap<Arc<str>, Vec<String>> = HashMap::new();
-        for (id, key) in self.fair.lock_tickets().iter() {
+        for (id, key) in self.fair().lock_tickets().iter() {
             by_key.entry(Arc::clone(key)).or_default().push(id.clone());
         }
         for (key, ids) in by_key {
-            let mut invocation = self.on_queue(&self.fair.scripts().renew, &key);
+            let mut invocation = self.on_queue(&self.fair().scripts().renew, &key);
             invocation.arg(self.ttl_ms());
             for id in &ids {
                 invocation.arg(id);
@@ -577,14 +579,14 @@ impl Inner {
     /// tracker admits leases through a queue and any wait (in a spawned task; should it
     /// fail, the waiters look again on their own).
     pub(super) fn wake_after_release(&self, lease: &Lease) {
-        if !self.fair.in_use.load(Relaxed) {
+        if !self.fair().in_use.load(Relaxed) {
             return;
         }
-        let script = self.fair.scripts().wake.clone();
-        let [_, deadlines, ..] = self.queue_keys(&lease.tenant);
-        let channel = self.channel(&lease.tenant);
+        let script = self.fair().scripts().wake.clone();
+        let [_, deadlines, ..] = self.queue_keys(lease.tenant());
+        let channel = self.channel(lease.tenant());
         let (mut conn, timeout) = (self.conn().clone(), self.timeout());
-        self.runtime.spawn(async move {
+        self.runtime().spawn(async move {
             let mut invocation = script.key(deadlines);
             invocation.arg(channel);
             let woken = tokio::time::timeout(timeout, invocation.invoke_async::<i64>(&mut conn));
@@ -597,7 +599,7 @@ impl Inner {
     /// Wakes `queue` on wake-ups from Redis, and starts listening for them if need be.
     fn listen(self: &Arc<Self>, queue: &Arc<Queue>) {
         {
-            let mut queues = self.fair.lock_queues();
+            let mut queues = self.fair().lock_queues();
             let known = queues
                 .iter()
                 .any(|known| std::ptr::eq(known.as_ptr(), Arc::as_ptr(queue)));
@@ -606,16 +608,16 @@ impl Inner {
                 queues.push(Arc::downgrade(queue));
             }
         }
-        if !self.fair.listening.swap(true, Relaxed) {
+        if !self.fair().listening.swap(true, Relaxed) {
             let pattern = format!("{}{{t:*}}:q:wake", escape_glob(self.prefix()));
-            self.runtime
+            self.runtime()
                 .spawn(listen_forever(Arc::downgrade(self), pattern));
         }
     }
 
     fn wake_queues(&self) {
         let queues: Vec<Arc<Queue>> = self
-            .fair
+            .fair()
             .lock_queues()
             .iter()
             .filter_map(Weak::upgrade)
@@ -636,7 +638,7 @@ async fn listen_forever(shared: Weak<Inner>, pattern: String) {
             return;
         };
         let subscribed = async {
-            let mut pubsub = inner.fair.subscribe.connect().await?;
+            let mut pubsub = inner.fair().subscribe.connect().await?;
             pubsub.psubscribe(&pattern).await?;
             Ok::<_, redis::RedisError>(pubsub)
         };

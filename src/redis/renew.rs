@@ -3,8 +3,7 @@
 //! renewal is retried after a short backoff, and a new connection is renewed on at once,
 //! registering again in that call the leases the server lacks.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering::Relaxed;
+use std::collections::HashSet;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -13,7 +12,7 @@ use tokio::time::Instant;
 
 use super::events::{Events, BROKEN, CHECK, HELD, RECONNECTED};
 use super::lease::Lease;
-use super::tracker::Inner;
+use super::shared::Inner;
 
 /// The first pause before a failed renewal is tried again; it doubles up to
 /// [`RETRY_AT_MOST`].
@@ -36,18 +35,12 @@ enum Renewal {
 impl Inner {
     /// How long a renewal, or a check, may take.
     fn renewal_budget(&self) -> Duration {
-        (self.renew_every / 2).max(self.timeout())
+        (self.renew_every() / 2).max(self.timeout())
     }
 
     /// Renews every live lease: one script call per tenant, all in one pipeline.
     async fn renew_all(self: &Arc<Self>, retrying: bool) -> Renewal {
-        let mut by_tenant: HashMap<Arc<str>, Vec<Arc<Lease>>> = HashMap::new();
-        for lease in self.lock_leases().values() {
-            by_tenant
-                .entry(Arc::clone(&lease.key))
-                .or_default()
-                .push(Arc::clone(lease));
-        }
+        let by_tenant = self.leases().by_key();
         if by_tenant.is_empty() {
             return Renewal::Nothing;
         }
@@ -55,12 +48,12 @@ impl Inner {
         let mut pipe = redis::pipe();
         for (key, leases) in &batches {
             let mut cmd = redis::cmd("EVALSHA");
-            cmd.arg(self.scripts.renew.get_hash())
+            cmd.arg(self.scripts().renew.get_hash())
                 .arg(1)
                 .arg(&**key)
                 .arg(self.ttl_ms());
             for lease in leases {
-                cmd.arg(&lease.id).arg(lease.tokens.load(Relaxed));
+                cmd.arg(lease.id()).arg(lease.tokens());
             }
             pipe.add_command(cmd);
         }
@@ -81,7 +74,7 @@ impl Inner {
         if matches!(&answer, Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
         {
             let reloaded = self
-                .scripts
+                .scripts()
                 .renew
                 .prepare_invoke()
                 .load_async(&mut conn)
@@ -94,12 +87,12 @@ impl Inner {
         match answer {
             Ok(answers) => {
                 for ((_, leases), (in_flight, again)) in batches.iter().zip(&answers) {
-                    let again: HashSet<&String> = again.iter().collect();
-                    for lease in leases.iter().filter(|lease| again.contains(&lease.id)) {
+                    let again: HashSet<&str> = again.iter().map(String::as_str).collect();
+                    for lease in leases.iter().filter(|lease| again.contains(lease.id())) {
                         self.registered_again(lease, *in_flight);
                     }
                     for lease in leases {
-                        lease.in_flight.store(*in_flight, Relaxed);
+                        lease.set_in_flight(*in_flight);
                     }
                 }
                 let renewed: Vec<&Arc<Lease>> = batches.iter().flat_map(|(_, l)| l).collect();
@@ -108,7 +101,7 @@ impl Inner {
                 // probe would find, so requests need not wait for it. A slower answer
                 // proves nothing of the kind under load.
                 if sent.elapsed() <= self.timeout() {
-                    self.breaker.success();
+                    self.breaker().success();
                 }
                 if retrying {
                     tracing::info!(tenants = batches.len(), "renewed leases again");

@@ -1,12 +1,11 @@
 //! Reserving in Redis, and what the failure policy answers when Redis cannot be asked.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
-use super::lease::{clamp, MAX_REDIS_TOKENS};
-use super::lease::{Lease, RedisReservation};
+use super::lease::{clamp, Lease, MAX_REDIS_TOKENS};
+use super::reservation::RedisReservation;
+use super::shared::Inner;
 use super::stats::Count;
-use super::tracker::Inner;
 use crate::Error;
 
 impl Inner {
@@ -28,7 +27,7 @@ impl Inner {
                 cap,
             });
         }
-        if !this.breaker.allow() {
+        if !this.breaker().allow() {
             return this.unavailable(tenant_id, tokens, checked, "circuit open");
         }
         let pending = Unanswered {
@@ -38,7 +37,10 @@ impl Inner {
         let lease = pending.lease.as_ref().expect("just set");
         let mut attempt = 0;
         let answer = loop {
-            match this.timed(this.batches.reserve(lease, tokens, limit)).await {
+            match this
+                .timed(this.batches().reserve(lease, tokens, limit))
+                .await
+            {
                 // A broken connection is retried once, with the same lease id: if the
                 // first attempt did reach Redis, the second admits nothing twice.
                 Err(failure) if attempt == 0 && failure.is_connection() => {
@@ -52,22 +54,22 @@ impl Inner {
             Ok(answer) => answer,
             Err(failure) => {
                 let reason = failure.to_string();
-                this.breaker.failure(&reason);
+                this.breaker().failure(&reason);
                 drop(pending); // it may have landed after all: released by id
                 return this.unavailable(tenant_id, tokens, checked, &reason);
             }
         };
-        this.breaker.success();
+        this.breaker().success();
         let lease = pending.answered();
         match status {
             1 => {
-                this.counters.add(Count::Admitted);
-                lease.in_flight.store(in_flight, Relaxed);
+                this.counters().add(Count::Admitted);
+                lease.set_in_flight(in_flight);
                 this.hold(&lease);
                 Ok(RedisReservation::lease(lease, Arc::clone(this)))
             }
             0 => {
-                this.counters.add(Count::Refused);
+                this.counters().add(Count::Refused);
                 Err(Error::TenantOverloaded {
                     tenant_id: tenant_id.to_owned(),
                     requested: tokens,
@@ -83,24 +85,6 @@ impl Inner {
         }
     }
 
-    /// A new lease of `tokens` for `tenant_id`, whose cap is `cap`, with this replica's next
-    /// id.
-    pub(super) fn new_lease(&self, tenant_id: &str, cap: u64, tokens: u64) -> Lease {
-        let seq = self.next_lease.fetch_add(1, Relaxed);
-        Lease {
-            id: format!("{}:{seq}", self.replica),
-            seq,
-            tenant: Arc::from(tenant_id),
-            key: self.key(tenant_id).into(),
-            cap,
-            tokens: AtomicU64::new(tokens),
-            in_flight: AtomicU64::new(0),
-            lost: Default::default(),
-            released: Default::default(),
-            write: tokio::sync::Mutex::new(()),
-        }
-    }
-
     /// Answers a request Redis could not decide, as the failure policy says.
     pub(super) fn unavailable(
         &self,
@@ -109,10 +93,10 @@ impl Inner {
         checked: bool,
         reason: &str,
     ) -> Result<RedisReservation, Error> {
-        self.counters.add(Count::Unavailable);
-        tracing::debug!(tenant = tenant_id, tokens, reason, policy = ?self.fallback.policy(),
+        self.counters().add(Count::Unavailable);
+        tracing::debug!(tenant = tenant_id, tokens, reason, policy = ?self.fallback().policy(),
             "redis unavailable: the failure policy answers");
-        match self.fallback.admit(tenant_id, tokens, checked, reason)? {
+        match self.fallback().admit(tenant_id, tokens, checked, reason)? {
             Some(reservation) => Ok(RedisReservation::local(reservation)),
             None => Ok(RedisReservation::uncounted(tenant_id, tokens)),
         }

@@ -1,27 +1,19 @@
 //! The tracker, its settings, and what its clones and leases share.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::future::Future;
-use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::{IntoConnectionInfo, RedisError};
 
-use super::batch::{self, Batches};
 use super::breaker::Breaker;
-use super::call::{Calls, Failure};
 use super::conn::Conn;
-use super::headroom::Headroom;
-use super::keys::Keys;
-use super::lease::clamp;
-use super::lease::{Lease, RedisReservation};
-use super::policy::{FailurePolicy, Fallback};
+use super::policy::FailurePolicy;
 use super::queue::Subscribe;
 use super::renew;
-use super::scripts::Scripts;
-use super::stats::{Counters, RedisTrackerStats};
+use super::reservation::RedisReservation;
+use super::shared::{Inner, Settings};
+use super::stats::RedisTrackerStats;
 use crate::tracker::Caps;
 use crate::{Error, TenantTokenTracker};
 
@@ -102,33 +94,6 @@ pub struct RedisTokenTracker {
     pub(super) inner: Arc<Inner>,
 }
 
-/// Everything a tracker's clones, reservations and renewal task share.
-pub(crate) struct Inner {
-    pub(super) calls: Calls,
-    pub(super) scripts: Scripts,
-    /// Reservations and releases waiting to be sent together.
-    pub(super) batches: Batches,
-    pub(super) keys: Keys,
-    pub(super) replica: String,
-    pub(super) next_lease: AtomicU64,
-    pub(super) ttl: Duration,
-    pub(super) renew_every: Duration,
-    /// What answers when Redis cannot be asked.
-    pub(super) fallback: Fallback,
-    pub(super) caps: Caps,
-    pub(super) breaker: Breaker,
-    /// Live leases, for renewal.
-    pub(super) leases: Mutex<HashMap<u64, Arc<Lease>>>,
-    /// The share of a tenant's cap each headroom keeps unused, in percent; 0: none.
-    pub(super) headroom_share: u8,
-    /// This replica's headroom per tenant it is serving.
-    pub(super) headroom: RwLock<HashMap<Arc<str>, Arc<Headroom>>>,
-    pub(super) runtime: tokio::runtime::Handle,
-    pub(super) counters: Counters,
-    /// The fair queues of the budgets this tracker counts, and where it hears wake-ups.
-    pub(super) fair: super::queue::Fair,
-}
-
 impl RedisTokenTracker {
     /// Starts a tracker where every tenant's cap is `default_cap`.
     pub fn builder(default_cap: u64) -> RedisTokenTrackerBuilder {
@@ -203,7 +168,7 @@ impl RedisTokenTracker {
     /// [`Error::BackendUnavailable`] when Redis could not be asked.
     pub async fn in_flight(&self, tenant_id: &str) -> Result<u64, Error> {
         let inner = &self.inner;
-        let invocation = inner.scripts.state.key(inner.key(tenant_id));
+        let invocation = inner.scripts().state.key(inner.key(tenant_id));
         let mut conn = inner.conn().clone();
         let tokens: u64 = inner
             .timed(invocation.invoke_async(&mut conn))
@@ -219,98 +184,29 @@ impl RedisTokenTracker {
 
     /// What the tracker has done so far.
     pub fn stats(&self) -> RedisTrackerStats {
-        self.inner.counters.stats()
+        self.inner.counters().stats()
     }
 
     /// Leases this replica holds now (and renews), its headroom's included.
     pub fn live_leases(&self) -> usize {
-        self.inner.lock_leases().len()
+        self.inner.leases().len()
     }
 
     /// Whether the circuit breaker is skipping Redis now.
     pub fn is_circuit_open(&self) -> bool {
-        self.inner.breaker.is_open()
+        self.inner.breaker().is_open()
     }
 
     /// The in-memory tracker counting this replica's share of the caps, with
     /// [`FailurePolicy::LocalShare`].
     pub fn local_share(&self) -> Option<&Arc<TenantTokenTracker>> {
-        self.inner.fallback.local()
-    }
-}
-
-impl Inner {
-    pub(super) async fn timed<T>(
-        &self,
-        call: impl Future<Output = Result<T, RedisError>>,
-    ) -> Result<T, Failure> {
-        self.calls.timed(call).await
-    }
-
-    /// The connection to call through.
-    pub(super) fn conn(&self) -> &Conn {
-        self.calls.conn()
-    }
-
-    /// How long one call may take.
-    pub(super) fn timeout(&self) -> Duration {
-        self.calls.timeout()
-    }
-
-    pub(super) fn cap(&self, tenant_id: &str) -> u64 {
-        let cap = self.caps.of(tenant_id);
-        clamp(cap)
-    }
-
-    /// The hash of `tenant_id`'s leases.
-    pub(super) fn key(&self, tenant_id: &str) -> String {
-        self.keys.tokens(tenant_id)
-    }
-
-    /// What every key starts with.
-    pub(super) fn prefix(&self) -> &str {
-        self.keys.prefix()
-    }
-
-    /// Whether each script call must keep to one hash slot's keys (a Redis Cluster).
-    pub(super) fn one_slot_per_call(&self) -> bool {
-        self.conn().is_cluster()
-    }
-
-    pub(super) fn ttl_ms(&self) -> u64 {
-        (self.ttl.as_millis() as u64).max(1)
-    }
-
-    pub(super) fn lock_leases(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Lease>>> {
-        self.leases.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// This replica's headrooms, to look one up (every request that may draw from one).
-    pub(super) fn read_headroom(&self) -> RwLockReadGuard<'_, HashMap<Arc<str>, Arc<Headroom>>> {
-        self.headroom.read().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// This replica's headrooms, to add or remove one.
-    pub(super) fn write_headroom(&self) -> RwLockWriteGuard<'_, HashMap<Arc<str>, Arc<Headroom>>> {
-        self.headroom
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.inner.fallback().local()
     }
 }
 
 impl fmt::Debug for RedisTokenTracker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let inner = &self.inner;
-        f.debug_struct("RedisTokenTracker")
-            .field("replica", &inner.replica)
-            .field("prefix", &inner.prefix())
-            .field("caps", &inner.caps)
-            .field("lease_ttl", &inner.ttl)
-            .field("renew_every", &inner.renew_every)
-            .field("call_timeout", &inner.timeout())
-            .field("policy", &inner.fallback.policy())
-            .field("live_leases", &self.live_leases())
-            .finish_non_exhaustive()
+        self.inner.fmt(f)
     }
 }
 
@@ -495,27 +391,17 @@ impl RedisTokenTrackerBuilder {
         runtime: tokio::runtime::Handle,
         wake: Subscribe,
     ) -> RedisTokenTracker {
-        let (batches, queue) = Batches::new();
-        let inner = Arc::new(Inner {
-            calls: Calls::new(conn, self.timeout),
-            scripts: Scripts::new(),
-            batches,
-            keys: Keys::new(self.prefix),
-            replica: replica_id(),
-            next_lease: AtomicU64::new(0),
+        let settings = Settings {
+            caps: self.caps,
             ttl: self.ttl,
             renew_every: self.renew_every,
-            fallback: Fallback::new(self.policy, &self.caps),
-            caps: self.caps,
+            timeout: self.timeout,
+            policy: self.policy,
             breaker: Breaker::new(self.breaker_threshold, self.breaker_cooldown),
-            leases: Mutex::new(HashMap::new()),
+            prefix: self.prefix,
             headroom_share: self.headroom_share,
-            headroom: RwLock::new(HashMap::new()),
-            runtime: runtime.clone(),
-            counters: Counters::default(),
-            fair: super::queue::Fair::new(wake),
-        });
-        runtime.spawn(batch::send_forever(queue, Arc::downgrade(&inner)));
+        };
+        let inner = Inner::new(settings, conn, wake, runtime.clone());
         runtime.spawn(renew::renew_forever(
             Arc::downgrade(&inner),
             self.renew_every,
@@ -548,15 +434,4 @@ fn current_runtime(method: &str) -> Result<tokio::runtime::Handle, RedisError> {
             format!("RedisTokenTrackerBuilder::{method} was called outside one"),
         ))
     })
-}
-
-/// A replica id unlikely to repeat: std's random hasher keys, the process id and the time.
-fn replica_id() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u32(std::process::id());
-    if let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
-        hasher.write_u128(now.as_nanos());
-    }
-    format!("{:016x}", hasher.finish())
 }

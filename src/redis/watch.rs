@@ -8,45 +8,27 @@ use std::time::Duration;
 
 use futures_core::Stream;
 use redis::RedisError;
+use tokio::runtime::Handle;
 
-use super::conn::SentinelMaster;
-use super::lease::Lease;
-use super::tracker::Inner;
+use super::conn::{Conn, SentinelMaster};
+use super::events::Events;
+use super::lease::Leases;
 
-impl Inner {
-    /// Keeps `lease` for renewal. The first lease held starts the checks that notice a
-    /// failover or a restart while the replica is otherwise idle.
-    pub(super) fn hold(self: &Arc<Self>, lease: &Arc<Lease>) {
-        let first = {
-            let mut leases = self.lock_leases();
-            let first = leases.is_empty();
-            leases.insert(lease.seq, Arc::clone(lease));
-            first
-        };
-        if first {
-            self.conn().events().held();
-            self.watch_sentinels();
-        }
-    }
-
-    pub(super) fn holds_leases(&self) -> bool {
-        !self.lock_leases().is_empty()
-    }
-
-    /// Listens for the Sentinels' `+switch-master` while leases are held, if the master is
-    /// one the Sentinels name.
-    fn watch_sentinels(self: &Arc<Self>) {
-        if let Some(master) = self.conn().sentinel_master() {
-            if master.start_watching() {
-                let watch = watch_sentinels(Arc::downgrade(self), Arc::clone(master));
-                self.runtime.spawn(watch);
-            }
+/// Listens for the Sentinels' `+switch-master` while `leases` holds any, if `conn`'s
+/// master is one the Sentinels name and nobody listens yet.
+pub(super) fn watch_sentinels(conn: &Conn, leases: &Arc<Leases>, runtime: &Handle) {
+    if let Some(master) = conn.sentinel_master() {
+        if master.start_watching() {
+            let events = Arc::clone(conn.events());
+            let watch = watch(Arc::downgrade(leases), events, Arc::clone(master));
+            runtime.spawn(watch);
         }
     }
 }
 
-fn holds_leases(shared: &Weak<Inner>) -> bool {
-    shared.upgrade().is_some_and(|inner| inner.holds_leases())
+/// Whether the tracker is there and holds leases.
+fn holds_leases(leases: &Weak<Leases>) -> bool {
+    leases.upgrade().is_some_and(|leases| !leases.is_empty())
 }
 
 type Messages = Pin<Box<dyn Stream<Item = redis::Msg> + Send>>;
@@ -58,14 +40,14 @@ const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// by any of them puts the master in doubt and has the renewal task check it at once.
 /// Returns when no lease is held any more (or the tracker is gone); subscribes again
 /// when a Sentinel's connection breaks.
-async fn watch_sentinels(shared: Weak<Inner>, master: Arc<SentinelMaster>) {
+async fn watch(leases: Weak<Leases>, events: Arc<Events>, master: Arc<SentinelMaster>) {
     let mut pause = Duration::from_millis(100);
     let mut subscribed_before = false;
     loop {
-        if !holds_leases(&shared) {
+        if !holds_leases(&leases) {
             master.stop_watching();
             // A lease taken just now saw the watch still running: it carries on.
-            if !holds_leases(&shared) || !master.start_watching() {
+            if !holds_leases(&leases) || !master.start_watching() {
                 return;
             }
         }
@@ -96,8 +78,8 @@ async fn watch_sentinels(shared: Weak<Inner>, master: Arc<SentinelMaster>) {
         if subscribed_before {
             // A failover announced while the subscription was down went unheard.
             master.in_doubt();
-            if let Some(inner) = shared.upgrade() {
-                inner.conn().events().check();
+            if leases.strong_count() > 0 {
+                events.check();
             }
         }
         subscribed_before = true;
@@ -123,16 +105,16 @@ async fn watch_sentinels(shared: Weak<Inner>, master: Arc<SentinelMaster>) {
                     }
                     tracing::info!(switch = payload, "the sentinels announced a new master");
                     master.in_doubt();
-                    match shared.upgrade() {
-                        Some(inner) => inner.conn().events().check(),
-                        None => return,
+                    if leases.strong_count() == 0 {
+                        return;
                     }
+                    events.check();
                 }
                 Ok(None) => {
                     tokio::time::sleep(pause).await;
                     break;
                 }
-                Err(_) if !holds_leases(&shared) => break,
+                Err(_) if !holds_leases(&leases) => break,
                 Err(_) => {}
             }
         }
