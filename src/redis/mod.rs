@@ -6,6 +6,7 @@ mod batch;
 mod breaker;
 mod call;
 mod conn;
+mod draw;
 mod events;
 mod headroom;
 mod keys;

@@ -2,7 +2,6 @@
 //! resizing and releasing it does.
 
 use std::fmt;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use super::headroom::Drawn;
@@ -33,7 +32,10 @@ enum Kind {
         inner: Arc<Inner>,
     },
     /// Drawn from this replica's headroom, a lease in Redis it shares with others.
-    Drawn(Arc<Drawn>),
+    Drawn {
+        drawn: Arc<Drawn>,
+        inner: Arc<Inner>,
+    },
     /// Counted against this replica's share of the cap, Redis being unreachable.
     Local(TokenReservation),
     /// Admitted without being counted, Redis being unreachable.
@@ -50,10 +52,13 @@ impl RedisReservation {
         }
     }
 
-    pub(super) fn drawn(drawn: Arc<Drawn>) -> Self {
+    pub(super) fn drawn(drawn: Drawn, inner: Arc<Inner>) -> Self {
         Self {
-            tenant: Arc::clone(drawn.headroom.lease.tenant()),
-            kind: Kind::Drawn(drawn),
+            tenant: Arc::clone(drawn.headroom().lease().tenant()),
+            kind: Kind::Drawn {
+                drawn: Arc::new(drawn),
+                inner,
+            },
         }
     }
 
@@ -86,7 +91,7 @@ impl RedisReservation {
     pub fn lease_id(&self) -> Option<&str> {
         match &self.kind {
             Kind::Lease { lease, .. } => Some(lease.id()),
-            Kind::Drawn(drawn) => Some(drawn.headroom.lease.id()),
+            Kind::Drawn { drawn, .. } => Some(drawn.headroom().lease().id()),
             _ => None,
         }
     }
@@ -94,13 +99,13 @@ impl RedisReservation {
     /// Whether the reservation is counted in Redis, against the cap all replicas share.
     /// `false` when the failure policy admitted it without Redis.
     pub fn is_shared(&self) -> bool {
-        matches!(self.kind, Kind::Lease { .. } | Kind::Drawn(_))
+        matches!(self.kind, Kind::Lease { .. } | Kind::Drawn { .. })
     }
 
     /// Whether the reservation was admitted from this replica's
     /// [headroom](super::RedisTokenTrackerBuilder::local_headroom), without a round trip.
     pub fn is_drawn_from_headroom(&self) -> bool {
-        matches!(self.kind, Kind::Drawn(_))
+        matches!(self.kind, Kind::Drawn { .. })
     }
 
     /// Whether Redis lost the lease at least once: the server restarted without its data
@@ -112,7 +117,7 @@ impl RedisReservation {
     pub fn is_lost(&self) -> bool {
         match &self.kind {
             Kind::Lease { lease, .. } => lease.is_lost(),
-            Kind::Drawn(drawn) => drawn.headroom.lease.is_lost(),
+            Kind::Drawn { drawn, .. } => drawn.headroom().lease().is_lost(),
             _ => false,
         }
     }
@@ -121,7 +126,7 @@ impl RedisReservation {
     pub fn tokens(&self) -> u64 {
         match &self.kind {
             Kind::Lease { lease, .. } => lease.tokens(),
-            Kind::Drawn(drawn) => drawn.tokens.load(Relaxed),
+            Kind::Drawn { drawn, .. } => drawn.tokens(),
             Kind::Local(reservation) => reservation.tokens(),
             Kind::Uncounted { tokens } => *tokens,
             Kind::Done => 0,
@@ -142,9 +147,9 @@ impl RedisReservation {
                 inner.write_tokens(lease);
                 tokens
             }
-            Kind::Drawn(drawn) => {
+            Kind::Drawn { drawn, inner } => {
                 let tokens = clamp(tokens);
-                drawn.inner.resize_drawn(drawn, tokens);
+                inner.resize_drawn(drawn, tokens);
                 tokens
             }
             Kind::Local(reservation) => reservation.resize(tokens),
@@ -166,7 +171,7 @@ impl RedisReservation {
     pub async fn try_resize(&mut self, tokens: u64) -> Result<(), Error> {
         match &mut self.kind {
             Kind::Lease { lease, inner } => inner.try_resize(lease, tokens).await,
-            Kind::Drawn(drawn) => drawn.inner.try_resize_drawn(drawn, tokens).await,
+            Kind::Drawn { drawn, inner } => inner.try_resize_drawn(drawn, tokens).await,
             Kind::Local(reservation) => reservation.try_resize(tokens),
             Kind::Uncounted { tokens: held } => {
                 *held = tokens;
@@ -185,7 +190,7 @@ impl RedisReservation {
                 inner.forget(&lease);
                 inner.release(&lease).await;
             }
-            Kind::Drawn(drawn) => drawn.inner.give_back(&drawn),
+            Kind::Drawn { drawn, inner } => inner.give_back(&drawn),
             _ => {}
         }
     }
@@ -195,7 +200,7 @@ impl RedisReservation {
     pub(crate) fn limits(&self) -> Option<(u64, u64)> {
         match &self.kind {
             Kind::Lease { lease, .. } => Some(lease.limits()),
-            Kind::Drawn(drawn) => Some(drawn.headroom.lease.limits()),
+            Kind::Drawn { drawn, .. } => Some(drawn.headroom().lease().limits()),
             Kind::Local(reservation) => Some(reservation.limits()),
             Kind::Uncounted { .. } | Kind::Done => None,
         }
@@ -209,12 +214,9 @@ impl RedisReservation {
                 self.resize(tokens);
                 Some(Ok(()))
             }
-            Kind::Drawn(drawn) => {
+            Kind::Drawn { drawn, .. } => {
                 let tokens = clamp(tokens);
-                drawn
-                    .inner
-                    .try_resize_drawn_now(drawn, tokens)
-                    .then_some(Ok(()))
+                drawn.try_resize_now(tokens).then_some(Ok(()))
             }
             Kind::Local(reservation) => Some(reservation.try_resize(tokens)),
             Kind::Uncounted { tokens: held } => {
@@ -233,9 +235,9 @@ impl RedisReservation {
                 let (lease, inner) = (Arc::clone(lease), Arc::clone(inner));
                 Box::pin(async move { inner.try_resize(&lease, tokens).await })
             }
-            Kind::Drawn(drawn) => {
-                let drawn = Arc::clone(drawn);
-                Box::pin(async move { drawn.inner.try_resize_drawn(&drawn, tokens).await })
+            Kind::Drawn { drawn, inner } => {
+                let (drawn, inner) = (Arc::clone(drawn), Arc::clone(inner));
+                Box::pin(async move { inner.try_resize_drawn(&drawn, tokens).await })
             }
             _ => Box::pin(std::future::ready(Ok(()))),
         }
@@ -249,7 +251,7 @@ impl Drop for RedisReservation {
                 inner.forget(&lease);
                 inner.release_later(lease);
             }
-            Kind::Drawn(drawn) => drawn.inner.give_back(&drawn),
+            Kind::Drawn { drawn, inner } => inner.give_back(&drawn),
             _ => {}
         }
     }

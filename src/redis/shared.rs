@@ -1,10 +1,9 @@
 //! What a tracker's clones, its reservations and its background tasks share: the parts
 //! of the tracker, and the calls that write a lease to Redis.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::RedisError;
@@ -14,7 +13,7 @@ use super::batch::{self, Batches};
 use super::breaker::Breaker;
 use super::call::{Calls, Failure};
 use super::conn::Conn;
-use super::headroom::Headroom;
+use super::headroom::Headrooms;
 use super::keys::Keys;
 use super::lease::{clamp, Lease, Leases};
 use super::policy::{FailurePolicy, Fallback};
@@ -50,10 +49,7 @@ pub(crate) struct Inner {
     fallback: Fallback,
     ttl: Duration,
     renew_every: Duration,
-    /// The share of a tenant's cap each headroom keeps unused, in percent; 0: none.
-    headroom_share: u8,
-    /// This replica's headroom per tenant it is serving.
-    headroom: RwLock<HashMap<Arc<str>, Arc<Headroom>>>,
+    headrooms: Headrooms,
     /// The fair queues of the budgets this tracker counts, and where it hears wake-ups.
     fair: Fair,
     counters: Counters,
@@ -80,8 +76,7 @@ impl Inner {
             caps: settings.caps,
             ttl: settings.ttl,
             renew_every: settings.renew_every,
-            headroom_share: settings.headroom_share,
-            headroom: RwLock::new(HashMap::new()),
+            headrooms: Headrooms::new(settings.headroom_share),
             fair: Fair::new(wake),
             counters: Counters::default(),
             runtime,
@@ -127,6 +122,10 @@ impl Inner {
 
     pub(super) fn leases(&self) -> &Leases {
         &self.leases
+    }
+
+    pub(super) fn headrooms(&self) -> &Headrooms {
+        &self.headrooms
     }
 
     pub(super) fn fallback(&self) -> &Fallback {
@@ -180,22 +179,6 @@ impl Inner {
 
     pub(super) fn renew_every(&self) -> Duration {
         self.renew_every
-    }
-
-    pub(super) fn headroom_share(&self) -> u8 {
-        self.headroom_share
-    }
-
-    /// This replica's headrooms, to look one up (every request that may draw from one).
-    pub(super) fn read_headroom(&self) -> RwLockReadGuard<'_, HashMap<Arc<str>, Arc<Headroom>>> {
-        self.headroom.read().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// This replica's headrooms, to add or remove one.
-    pub(super) fn write_headroom(&self) -> RwLockWriteGuard<'_, HashMap<Arc<str>, Arc<Headroom>>> {
-        self.headroom
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// A new lease of `tokens` for `tenant_id`, whose cap is `cap`, with this replica's next
@@ -363,16 +346,7 @@ impl Drop for Inner {
     /// any more, each held one): its headroom leases are released rather than left to
     /// expire.
     fn drop(&mut self) {
-        let all = std::mem::take(
-            self.headroom
-                .get_mut()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
-        let leases: Vec<Arc<Lease>> = all
-            .into_values()
-            .filter(|headroom| headroom.is_created())
-            .map(|headroom| Arc::clone(&headroom.lease))
-            .collect();
+        let leases = self.headrooms.take_leases();
         if leases.is_empty() {
             return;
         }

@@ -129,7 +129,8 @@ impl RedisTokenTracker {
 
     /// Admits from this replica's headroom, when it has room: `None` means ask Redis.
     pub(crate) fn reserve_locally(&self, tenant_id: &str, tokens: u64) -> Option<RedisReservation> {
-        self.inner.admit_locally(tenant_id, tokens)
+        let drawn = self.inner.admit_locally(tenant_id, tokens)?;
+        Some(RedisReservation::drawn(drawn, Arc::clone(&self.inner)))
     }
 
     /// Reserves with a lease of its own in Redis.
