@@ -1,7 +1,6 @@
 //! Admitting a tenant's requests from this replica's [headroom](super::headroom), and the
 //! task that keeps each headroom the right size in Redis.
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,7 +15,7 @@ impl Inner {
     /// request must ask Redis (no headroom, too little of it, or none yet: one is then
     /// made in the background).
     pub(super) fn admit_locally(self: &Arc<Self>, tenant: &str, tokens: u64) -> Option<Drawn> {
-        if !self.headrooms().is_on() || self.fair().in_use.load(Relaxed) {
+        if !self.headrooms().is_on() || self.fair().in_use() {
             return None;
         }
         let headroom = self.headroom_of(tenant, tokens)?;

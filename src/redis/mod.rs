@@ -8,6 +8,7 @@ mod call;
 mod conn;
 mod draw;
 mod events;
+mod fair;
 mod headroom;
 mod keys;
 mod lease;

@@ -32,7 +32,6 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
@@ -44,7 +43,6 @@ use super::reservation::RedisReservation;
 use super::scripts::CORE;
 use super::shared::Inner;
 use super::stats::Count;
-use super::tracker::RedisTokenTracker;
 use crate::admit::priority::Priority;
 use crate::admit::queue::Queue;
 use crate::Error;
@@ -209,88 +207,11 @@ impl Scripts {
     }
 }
 
-/// Where a tracker hears wake-ups: a server of its own (the one server, or any node of a
-/// cluster, which passes every message to all its nodes), or the master the Sentinels
-/// name.
-pub(crate) enum Subscribe {
-    /// Tried in turn.
-    Nodes(Vec<redis::ConnectionInfo>),
-    /// The Sentinels, and the master's name.
-    Sentinel(Vec<redis::ConnectionInfo>, String),
-}
-
-impl Subscribe {
-    /// A pub/sub connection to a server that hears the budgets' messages.
-    async fn connect(&self) -> redis::RedisResult<redis::aio::PubSub> {
-        match self {
-            Subscribe::Nodes(nodes) => {
-                let mut failed = None;
-                for node in nodes {
-                    match redis::Client::open(node.clone()) {
-                        Ok(client) => match client.get_async_pubsub().await {
-                            Ok(pubsub) => return Ok(pubsub),
-                            Err(error) => failed = Some(error),
-                        },
-                        Err(error) => failed = Some(error),
-                    }
-                }
-                Err(failed.unwrap_or_else(|| {
-                    redis::RedisError::from((redis::ErrorKind::Client, "no node to subscribe on"))
-                }))
-            }
-            Subscribe::Sentinel(sentinels, name) => {
-                let mut sentinel = redis::sentinel::SentinelClient::build(
-                    sentinels.clone(),
-                    name.clone(),
-                    None,
-                    redis::sentinel::SentinelServerType::Master,
-                )?;
-                sentinel.async_get_client().await?.get_async_pubsub().await
-            }
-        }
-    }
-}
-
-/// What a tracker keeps for the fair queues of the budgets it counts: nothing but where to
-/// hear wake-ups until a request first waits on one of them.
-pub(crate) struct Fair {
-    subscribe: Subscribe,
-    scripts: OnceLock<Scripts>,
-    /// Set once a lease was admitted through a queue: releases then wake waiters.
-    pub(super) in_use: AtomicBool,
-    next_ticket: AtomicU64,
-    /// Tickets this replica holds in Redis (id → budget key), renewed with the leases.
-    tickets: Mutex<HashMap<String, Arc<str>>>,
-    /// The queues of this process waiting on this tracker's budgets, woken on a message.
-    queues: Mutex<Vec<Weak<Queue>>>,
-    /// Whether the task listening for wake-ups runs.
-    listening: AtomicBool,
-}
-
-impl Fair {
-    pub(crate) fn new(subscribe: Subscribe) -> Self {
-        Self {
-            subscribe,
-            scripts: OnceLock::new(),
-            in_use: AtomicBool::new(false),
-            next_ticket: AtomicU64::new(0),
-            tickets: Mutex::default(),
-            queues: Mutex::default(),
-            listening: AtomicBool::new(false),
-        }
-    }
-
-    fn scripts(&self) -> &Scripts {
-        self.scripts.get_or_init(Scripts::new)
-    }
-
-    fn lock_tickets(&self) -> MutexGuard<'_, HashMap<String, Arc<str>>> {
-        self.tickets.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn lock_queues(&self) -> MutexGuard<'_, Vec<Weak<Queue>>> {
-        self.queues.lock().unwrap_or_else(PoisonError::into_inner)
-    }
+/// The fair queue's scripts, hashed on first use: once a process, as every tracker's are
+/// the same.
+fn scripts() -> &'static Scripts {
+    static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
+    SCRIPTS.get_or_init(Scripts::new)
 }
 
 /// One waiting request's place in the fair order of the Redis budgets it draws from: its
@@ -339,7 +260,7 @@ impl Turn {
         for place in self.lock().iter_mut().filter(|place| place.held) {
             place.held = false;
             place.inner.cancel_later(&place.key, &place.id);
-            let seq = place.inner.fair().next_ticket.fetch_add(1, Relaxed);
+            let seq = place.inner.fair().next_ticket();
             place.id = format!("{}:q{seq}", place.inner.replica());
         }
     }
@@ -357,7 +278,7 @@ impl Turn {
         let place = match found {
             Some(place) => place,
             None => {
-                let seq = inner.fair().next_ticket.fetch_add(1, Relaxed);
+                let seq = inner.fair().next_ticket();
                 places.push(Place {
                     inner: Arc::clone(inner),
                     key: Arc::from(key),
@@ -414,20 +335,6 @@ fn class_digit(class: Priority) -> u8 {
     }
 }
 
-impl RedisTokenTracker {
-    /// Reserves `tokens` of the budget `key` in its turn: at once if nobody waits ahead,
-    /// otherwise refused with a ticket that keeps the request's place (see the module
-    /// notes).
-    pub(crate) async fn reserve_in_turn(
-        &self,
-        key: &str,
-        tokens: u64,
-        turn: &Arc<Turn>,
-    ) -> Result<RedisReservation, Error> {
-        Inner::reserve_in_turn(&self.inner, key, tokens, turn).await
-    }
-}
-
 impl Inner {
     /// The keys of budget `key`'s queue: tickets, deadlines, counters, the three turns.
     fn queue_keys(&self, key: &str) -> [String; 6] {
@@ -456,7 +363,7 @@ impl Inner {
         invocation
     }
 
-    async fn reserve_in_turn(
+    pub(super) async fn reserve_in_turn(
         this: &Arc<Self>,
         key: &str,
         tokens: u64,
@@ -480,7 +387,7 @@ impl Inner {
         let ticket = turn.ticket(this, key);
         let active = turn.queue.is_active(&turn.tenant);
         let share = tokens as f64 / f64::from(turn.weight);
-        let mut invocation = this.on_queue(&this.fair().scripts().admit, key);
+        let mut invocation = this.on_queue(&scripts().admit, key);
         invocation
             .arg(lease.id())
             .arg(tokens)
@@ -508,7 +415,7 @@ impl Inner {
         turn.answered(this, key, matches!(status, 0 | 2));
         match status {
             1 => {
-                this.fair().in_use.store(true, Relaxed);
+                this.fair().set_in_use();
                 this.counters().add(Count::Admitted);
                 lease.set_in_flight(in_flight);
                 this.hold(&lease);
@@ -541,7 +448,7 @@ impl Inner {
         self.fair().lock_tickets().remove(id);
         let (this, key, id) = (Arc::clone(self), Arc::clone(key), id.to_owned());
         self.runtime().spawn(async move {
-            let mut invocation = this.on_queue(&this.fair().scripts().cancel, &key);
+            let mut invocation = this.on_queue(&scripts().cancel, &key);
             invocation
                 .arg(&id)
                 .arg(this.ttl_ms())
@@ -562,7 +469,7 @@ impl Inner {
             by_key.entry(Arc::clone(key)).or_default().push(id.clone());
         }
         for (key, ids) in by_key {
-            let mut invocation = self.on_queue(&self.fair().scripts().renew, &key);
+            let mut invocation = self.on_queue(&scripts().renew, &key);
             invocation.arg(self.ttl_ms());
             for id in &ids {
                 invocation.arg(id);
@@ -579,10 +486,10 @@ impl Inner {
     /// tracker admits leases through a queue and any wait (in a spawned task; should it
     /// fail, the waiters look again on their own).
     pub(super) fn wake_after_release(&self, lease: &Lease) {
-        if !self.fair().in_use.load(Relaxed) {
+        if !self.fair().in_use() {
             return;
         }
-        let script = self.fair().scripts().wake.clone();
+        let script = scripts().wake.clone();
         let [_, deadlines, ..] = self.queue_keys(lease.tenant());
         let channel = self.channel(lease.tenant());
         let (mut conn, timeout) = (self.conn().clone(), self.timeout());
@@ -608,7 +515,7 @@ impl Inner {
                 queues.push(Arc::downgrade(queue));
             }
         }
-        if !self.fair().listening.swap(true, Relaxed) {
+        if self.fair().start_listening() {
             let pattern = format!("{}{{t:*}}:q:wake", escape_glob(self.prefix()));
             self.runtime()
                 .spawn(listen_forever(Arc::downgrade(self), pattern));
@@ -638,7 +545,7 @@ async fn listen_forever(shared: Weak<Inner>, pattern: String) {
             return;
         };
         let subscribed = async {
-            let mut pubsub = inner.fair().subscribe.connect().await?;
+            let mut pubsub = inner.fair().subscribe().connect().await?;
             pubsub.psubscribe(&pattern).await?;
             Ok::<_, redis::RedisError>(pubsub)
         };

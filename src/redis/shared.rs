@@ -13,11 +13,11 @@ use super::batch::{self, Batches};
 use super::breaker::Breaker;
 use super::call::{Calls, Failure};
 use super::conn::Conn;
+use super::fair::{Fair, Subscribe};
 use super::headroom::Headrooms;
 use super::keys::Keys;
 use super::lease::{clamp, Lease, Leases};
 use super::policy::{FailurePolicy, Fallback};
-use super::queue::{Fair, Subscribe};
 use super::scripts::Scripts;
 use super::stats::{Count, Counters};
 use super::watch::watch_sentinels;
@@ -54,6 +54,9 @@ pub(crate) struct Inner {
     fair: Fair,
     counters: Counters,
     runtime: Handle,
+    /// Wakes the requests waiting in a fair queue once a release went through. The queue
+    /// is built on the leases, so the tracker hands its wake-up in.
+    wake_waiters: fn(&Inner, &Lease),
 }
 
 impl Inner {
@@ -62,6 +65,7 @@ impl Inner {
         settings: Settings,
         conn: Conn,
         wake: Subscribe,
+        wake_waiters: fn(&Inner, &Lease),
         runtime: Handle,
     ) -> Arc<Self> {
         let (batches, queue) = Batches::new();
@@ -80,6 +84,7 @@ impl Inner {
             fair: Fair::new(wake),
             counters: Counters::default(),
             runtime,
+            wake_waiters,
         });
         inner
             .runtime
@@ -304,7 +309,7 @@ impl Inner {
                     lease = lease.id(),
                     "released lease"
                 );
-                self.wake_after_release(lease);
+                (self.wake_waiters)(self, lease);
             }
             Err(failure) => {
                 self.counters.add(Count::FailedRelease);

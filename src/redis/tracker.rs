@@ -8,8 +8,9 @@ use redis::{IntoConnectionInfo, RedisError};
 
 use super::breaker::Breaker;
 use super::conn::Conn;
+use super::fair::Subscribe;
 use super::policy::FailurePolicy;
-use super::queue::Subscribe;
+use super::queue::Turn;
 use super::renew;
 use super::reservation::RedisReservation;
 use super::shared::{Inner, Settings};
@@ -158,6 +159,18 @@ impl RedisTokenTracker {
         tokens: u64,
     ) -> Result<RedisReservation, Error> {
         Inner::reserve(&self.inner, tenant_id, tokens, false).await
+    }
+
+    /// Reserves `tokens` of the budget `key` in its turn: at once if nobody waits ahead,
+    /// otherwise refused with a ticket that keeps the request's place (see
+    /// [`queue`](super::queue)).
+    pub(crate) async fn reserve_in_turn(
+        &self,
+        key: &str,
+        tokens: u64,
+        turn: &Arc<Turn>,
+    ) -> Result<RedisReservation, Error> {
+        Inner::reserve_in_turn(&self.inner, key, tokens, turn).await
     }
 
     /// Tokens `tenant_id` has in flight across every replica now, as Redis counts them
@@ -402,7 +415,13 @@ impl RedisTokenTrackerBuilder {
             prefix: self.prefix,
             headroom_share: self.headroom_share,
         };
-        let inner = Inner::new(settings, conn, wake, runtime.clone());
+        let inner = Inner::new(
+            settings,
+            conn,
+            wake,
+            Inner::wake_after_release,
+            runtime.clone(),
+        );
         runtime.spawn(renew::renew_forever(
             Arc::downgrade(&inner),
             self.renew_every,
