@@ -9,7 +9,7 @@ use std::time::Duration;
 use redis::RedisError;
 use tokio::runtime::Handle;
 
-use super::batch::{self, Batches};
+use super::batch::{self, Batches, Owner};
 use super::breaker::Breaker;
 use super::call::{Calls, Failure};
 use super::conn::Conn;
@@ -86,9 +86,10 @@ impl Inner {
             runtime,
             wake_waiters,
         });
-        inner
-            .runtime
-            .spawn(batch::send_forever(queue, Arc::downgrade(&inner)));
+        let (calls, script) = (inner.calls.clone(), inner.scripts.batch.clone());
+        let tracker = Arc::downgrade(&inner);
+        let batches = batch::send_forever(queue, tracker, calls, script, inner.ttl_ms());
+        inner.runtime.spawn(batches);
         inner
     }
 
@@ -167,11 +168,6 @@ impl Inner {
     /// This replica's id, the first part of each of its lease and ticket ids.
     pub(super) fn replica(&self) -> &str {
         self.leases.replica()
-    }
-
-    /// Whether each script call must keep to one hash slot's keys (a Redis Cluster).
-    pub(super) fn one_slot_per_call(&self) -> bool {
-        self.conn().is_cluster()
     }
 
     pub(super) fn ttl(&self) -> Duration {
@@ -286,7 +282,10 @@ impl Inner {
     /// Releases a lease without waiting (in the next batch). Should the batch task be gone
     /// with its runtime, the lease expires.
     pub(super) fn release_later(self: &Arc<Self>, lease: Arc<Lease>) {
-        if let Err(lease) = self.batches.release_later(lease, Arc::clone(self)) {
+        if let Err(lease) = self
+            .batches
+            .release_later(lease, Arc::clone(self) as Arc<Inner>)
+        {
             tracing::debug!(
                 tenant = &**lease.tenant(),
                 lease = lease.id(),
@@ -297,30 +296,11 @@ impl Inner {
 
     pub(super) async fn release(&self, lease: &Arc<Lease>) {
         let answer = self.timed(self.batches.release(lease)).await;
-        self.released(lease, answer.map_err(|failure| failure.to_string()));
-    }
-
-    /// Counts and logs how a release ended.
-    pub(super) fn released<T, E: fmt::Display>(&self, lease: &Lease, answer: Result<T, E>) {
-        match answer {
-            Ok(_) => {
-                tracing::debug!(
-                    tenant = &**lease.tenant(),
-                    lease = lease.id(),
-                    "released lease"
-                );
-                (self.wake_waiters)(self, lease);
-            }
-            Err(failure) => {
-                self.counters.add(Count::FailedRelease);
-                tracing::warn!(
-                    tenant = &**lease.tenant(),
-                    lease = lease.id(),
-                    %failure,
-                    "could not release a lease in redis; it expires after its TTL"
-                );
-            }
-        }
+        let answer = answer.as_ref().map(drop);
+        self.released(
+            lease,
+            answer.map_err(|failure| failure as &dyn fmt::Display),
+        );
     }
 
     /// Counts and logs a lease Redis had lost and this replica registered again. Should
@@ -343,6 +323,30 @@ impl Inner {
             "redis had lost a lease still held here (restart, flush, failover, or this \
              replica cut off past the TTL); registered it again"
         );
+    }
+}
+
+impl Owner for Inner {
+    fn released(&self, lease: &Lease, answer: Result<(), &dyn fmt::Display>) {
+        match answer {
+            Ok(_) => {
+                tracing::debug!(
+                    tenant = &**lease.tenant(),
+                    lease = lease.id(),
+                    "released lease"
+                );
+                (self.wake_waiters)(self, lease);
+            }
+            Err(failure) => {
+                self.counters.add(Count::FailedRelease);
+                tracing::warn!(
+                    tenant = &**lease.tenant(),
+                    lease = lease.id(),
+                    %failure,
+                    "could not release a lease in redis; it expires after its TTL"
+                );
+            }
+        }
     }
 }
 
