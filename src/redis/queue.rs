@@ -40,6 +40,7 @@ use redis::{Script, ScriptInvocation};
 use super::keys::escape_glob;
 use super::lease::Lease;
 use super::reservation::RedisReservation;
+use super::reserve::Unanswered;
 use super::scripts::CORE;
 use super::shared::Inner;
 use super::stats::Count;
@@ -383,7 +384,7 @@ impl Inner {
         this.listen(&turn.queue);
         let lease = Arc::new(this.new_lease(key, cap, tokens));
         // Released by id should the answer never come (it may have landed).
-        let unanswered = Unanswered(Some((Arc::clone(this), Arc::clone(&lease))));
+        let unanswered = Unanswered::new(this, Arc::clone(&lease));
         let ticket = turn.ticket(this, key);
         let active = turn.queue.is_active(&turn.tenant);
         let share = tokens as f64 / f64::from(turn.weight);
@@ -577,24 +578,6 @@ async fn listen_forever(shared: Weak<Inner>, pattern: String) {
                 Err(_) if shared.strong_count() == 0 => return,
                 Err(_) => {}
             }
-        }
-    }
-}
-
-/// A reservation sent with a ticket and not answered yet; dropped unanswered, the lease is
-/// released by id in case Redis applied it.
-struct Unanswered(Option<(Arc<Inner>, Arc<Lease>)>);
-
-impl Unanswered {
-    fn answered(mut self) -> Arc<Lease> {
-        self.0.take().expect("answered once").1
-    }
-}
-
-impl Drop for Unanswered {
-    fn drop(&mut self) {
-        if let Some((inner, lease)) = self.0.take() {
-            inner.release_later(lease);
         }
     }
 }

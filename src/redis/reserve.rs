@@ -30,11 +30,8 @@ impl Inner {
         if !this.breaker().allow() {
             return this.unavailable(tenant_id, tokens, checked, "circuit open");
         }
-        let pending = Unanswered {
-            shared: this,
-            lease: Some(Arc::new(this.new_lease(tenant_id, cap, tokens))),
-        };
-        let lease = pending.lease.as_ref().expect("just set");
+        let pending = Unanswered::new(this, Arc::new(this.new_lease(tenant_id, cap, tokens)));
+        let lease = pending.lease();
         let mut attempt = 0;
         let answer = loop {
             match this
@@ -107,13 +104,24 @@ impl Inner {
 /// timed out, or the request waiting for it was cancelled), it is released by id in the
 /// background, in case Redis applied it: a cancelled request leaves nothing behind for the
 /// TTL to clean up.
-struct Unanswered<'a> {
-    shared: &'a Arc<Inner>,
+pub(super) struct Unanswered<'a> {
+    tracker: &'a Arc<Inner>,
     lease: Option<Arc<Lease>>,
 }
 
-impl Unanswered<'_> {
-    fn answered(mut self) -> Arc<Lease> {
+impl<'a> Unanswered<'a> {
+    pub(super) fn new(tracker: &'a Arc<Inner>, lease: Arc<Lease>) -> Self {
+        Self {
+            tracker,
+            lease: Some(lease),
+        }
+    }
+
+    pub(super) fn lease(&self) -> &Arc<Lease> {
+        self.lease.as_ref().expect("not answered yet")
+    }
+
+    pub(super) fn answered(mut self) -> Arc<Lease> {
         self.lease.take().expect("answered once")
     }
 }
@@ -121,7 +129,7 @@ impl Unanswered<'_> {
 impl Drop for Unanswered<'_> {
     fn drop(&mut self) {
         if let Some(lease) = self.lease.take() {
-            self.shared.release_later(lease);
+            self.tracker.release_later(lease);
         }
     }
 }
