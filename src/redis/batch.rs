@@ -19,7 +19,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::task::Poll;
 
-use redis::{ErrorKind, RedisError, Script};
+use redis::{ErrorKind, RedisError, Script, ScriptInvocation};
 use tokio::sync::{mpsc, oneshot};
 
 use super::call::{Calls, Failure};
@@ -49,10 +49,10 @@ pub(super) struct Op {
     /// `Some((tokens, cap))` to reserve, `None` to release.
     reserve: Option<(u64, u64)>,
     /// Where the answer goes.
-    then: Then,
+    reply: Reply,
 }
 
-enum Then {
+enum Reply {
     /// To the caller, who waits for it.
     Answer(oneshot::Sender<Answer>),
     /// To the tracker, for a release nobody waits for.
@@ -91,7 +91,7 @@ impl Batches {
         let op = Op {
             lease,
             reserve: None,
-            then: Then::Tell(tracker),
+            reply: Reply::Tell(tracker),
         };
         self.queue.send(op).map_err(|gone| gone.0.lease)
     }
@@ -101,7 +101,7 @@ impl Batches {
         let op = Op {
             lease: Arc::clone(lease),
             reserve,
-            then: Then::Answer(answer),
+            reply: Reply::Answer(answer),
         };
         if self.queue.send(op).is_err() {
             return Err(gone());
@@ -217,11 +217,7 @@ impl Sender {
         let mut invocation = self.script.prepare_invoke();
         invocation.arg(self.ttl_ms);
         for op in batch.iter() {
-            invocation.key(&**op.lease.key());
-            match op.reserve {
-                Some((tokens, cap)) => invocation.arg("r").arg(op.lease.id()).arg(tokens).arg(cap),
-                None => invocation.arg("x").arg(op.lease.id()),
-            };
+            add(&mut invocation, &op.lease, op.reserve);
         }
         let mut conn = self.calls.conn().clone();
         let answers: Result<Vec<i64>, Failure> =
@@ -250,6 +246,29 @@ impl Sender {
     }
 }
 
+/// Adds an operation on `lease` to a call of the batch script: `r`, the lease, its
+/// tokens and the cap to reserve, `x` and the lease to release.
+fn add(invocation: &mut ScriptInvocation<'_>, lease: &Lease, reserve: Option<(u64, u64)>) {
+    invocation.key(&**lease.key());
+    match reserve {
+        Some((tokens, cap)) => invocation.arg("r").arg(lease.id()).arg(tokens).arg(cap),
+        None => invocation.arg("x").arg(lease.id()),
+    };
+}
+
+/// A call of the batch script that releases `lease` alone, for when the tracker's task
+/// is going away with it.
+pub(super) fn release_alone<'s>(
+    script: &'s Script,
+    ttl_ms: u64,
+    lease: &Lease,
+) -> ScriptInvocation<'s> {
+    let mut invocation = script.prepare_invoke();
+    invocation.arg(ttl_ms);
+    add(&mut invocation, lease, None);
+    invocation
+}
+
 fn answer_all(batch: Vec<Op>, error: &RedisError) {
     for op in batch {
         answer_one(op, Err(error.clone()));
@@ -258,11 +277,11 @@ fn answer_all(batch: Vec<Op>, error: &RedisError) {
 
 /// Answers one operation: its waiter, or for a release nobody waits for, its tracker.
 fn answer_one(op: Op, answer: Answer) {
-    match op.then {
-        Then::Answer(waiter) => {
+    match op.reply {
+        Reply::Answer(waiter) => {
             let _ = waiter.send(answer);
         }
-        Then::Tell(tracker) => {
+        Reply::Tell(tracker) => {
             let answer = answer
                 .as_ref()
                 .map(drop)

@@ -235,7 +235,7 @@ impl Conn {
 
 /// Slots `start..=end`, served by the master at `host:port`.
 #[derive(Clone, PartialEq, Eq)]
-pub(super) struct SlotRange {
+struct SlotRange {
     start: i64,
     end: i64,
     host: String,

@@ -21,7 +21,7 @@ const RETRY_AT_MOST: Duration = Duration::from_secs(1);
 /// How often, while leases are held, the connection is checked with a `PING` between
 /// renewals: a server restarted empty, or a master gone, is noticed this soon even when no
 /// request comes.
-pub(super) const CHECK_EVERY: Duration = Duration::from_secs(1);
+const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// How a renewal went.
 #[derive(Clone, Copy, PartialEq, Eq)]

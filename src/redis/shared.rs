@@ -24,20 +24,21 @@ use super::watch::watch_sentinels;
 use crate::tracker::Caps;
 use crate::Error;
 
-/// What a tracker is built from.
+/// What a tracker is built from: its builder's settings.
 pub(super) struct Settings {
     pub(super) caps: Caps,
     pub(super) ttl: Duration,
     pub(super) renew_every: Duration,
     pub(super) timeout: Duration,
     pub(super) policy: FailurePolicy,
-    pub(super) breaker: Breaker,
+    pub(super) breaker_threshold: u32,
+    pub(super) breaker_cooldown: Duration,
     pub(super) prefix: String,
     pub(super) headroom_share: u8,
 }
 
 /// Everything a tracker's clones, reservations and background tasks share.
-pub(crate) struct Inner {
+pub(super) struct Inner {
     calls: Calls,
     breaker: Breaker,
     scripts: Scripts,
@@ -71,7 +72,7 @@ impl Inner {
         let (batches, queue) = Batches::new();
         let inner = Arc::new(Self {
             calls: Calls::new(conn, settings.timeout),
-            breaker: settings.breaker,
+            breaker: Breaker::new(settings.breaker_threshold, settings.breaker_cooldown),
             scripts: Scripts::new(),
             batches,
             keys: Keys::new(settings.prefix),
@@ -93,6 +94,7 @@ impl Inner {
         inner
     }
 
+    /// Awaits `call`, giving up after the call timeout.
     pub(super) async fn timed<T>(
         &self,
         call: impl Future<Output = Result<T, RedisError>>,
@@ -282,10 +284,7 @@ impl Inner {
     /// Releases a lease without waiting (in the next batch). Should the batch task be gone
     /// with its runtime, the lease expires.
     pub(super) fn release_later(self: &Arc<Self>, lease: Arc<Lease>) {
-        if let Err(lease) = self
-            .batches
-            .release_later(lease, Arc::clone(self) as Arc<Inner>)
-        {
+        if let Err(lease) = self.batches.release_later(lease, Arc::clone(self)) {
             tracing::debug!(
                 tenant = &**lease.tenant(),
                 lease = lease.id(),
@@ -363,12 +362,7 @@ impl Drop for Inner {
         let (ttl, timeout) = (self.ttl_ms(), self.timeout());
         self.runtime.spawn(async move {
             for lease in leases {
-                let mut invocation = script.prepare_invoke();
-                invocation
-                    .arg(ttl)
-                    .key(&**lease.key())
-                    .arg("x")
-                    .arg(lease.id());
+                let invocation = batch::release_alone(&script, ttl, &lease);
                 let released = invocation.invoke_async::<Vec<i64>>(&mut conn);
                 if !matches!(tokio::time::timeout(timeout, released).await, Ok(Ok(_))) {
                     tracing::debug!(

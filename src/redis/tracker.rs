@@ -1,4 +1,4 @@
-//! The tracker, its settings, and what its clones and leases share.
+//! The tracker, and its builder.
 
 use std::fmt;
 use std::sync::Arc;
@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use redis::{IntoConnectionInfo, RedisError};
 
-use super::breaker::Breaker;
 use super::conn::Conn;
 use super::fair::Subscribe;
 use super::policy::FailurePolicy;
@@ -99,15 +98,17 @@ impl RedisTokenTracker {
     /// Starts a tracker where every tenant's cap is `default_cap`.
     pub fn builder(default_cap: u64) -> RedisTokenTrackerBuilder {
         RedisTokenTrackerBuilder {
-            caps: Caps::new(default_cap),
-            ttl: DEFAULT_LEASE_TTL,
-            renew_every: DEFAULT_RENEW_EVERY,
-            timeout: DEFAULT_CALL_TIMEOUT,
-            policy: FailurePolicy::FailClosed,
-            breaker_threshold: 3,
-            breaker_cooldown: Duration::from_secs(1),
-            prefix: "tenant-tokens:".to_owned(),
-            headroom_share: 0,
+            settings: Settings {
+                caps: Caps::new(default_cap),
+                ttl: DEFAULT_LEASE_TTL,
+                renew_every: DEFAULT_RENEW_EVERY,
+                timeout: DEFAULT_CALL_TIMEOUT,
+                policy: FailurePolicy::FailClosed,
+                breaker_threshold: 3,
+                breaker_cooldown: Duration::from_secs(1),
+                prefix: "tenant-tokens:".to_owned(),
+                headroom_share: 0,
+            },
         }
     }
 
@@ -146,7 +147,7 @@ impl RedisTokenTracker {
     /// Reserves `tokens` for `tenant_id` in Redis whatever its cap, as
     /// [`TenantTokenTracker::reserve_unchecked`] does in memory: counted like any other
     /// lease, for work that runs regardless (shadow mode). Amounts above
-    /// [`MAX_REDIS_TOKENS`] count as that.
+    /// [`MAX_REDIS_TOKENS`](super::MAX_REDIS_TOKENS) count as that.
     ///
     /// # Errors
     ///
@@ -227,15 +228,7 @@ impl fmt::Debug for RedisTokenTracker {
 /// Settings for a [`RedisTokenTracker`]; start one with [`RedisTokenTracker::builder`].
 #[must_use]
 pub struct RedisTokenTrackerBuilder {
-    caps: Caps,
-    ttl: Duration,
-    renew_every: Duration,
-    timeout: Duration,
-    policy: FailurePolicy,
-    breaker_threshold: u32,
-    breaker_cooldown: Duration,
-    prefix: String,
-    headroom_share: u8,
+    settings: Settings,
 }
 
 impl RedisTokenTrackerBuilder {
@@ -245,42 +238,42 @@ impl RedisTokenTrackerBuilder {
     where
         F: Fn(&str) -> Option<u64> + Send + Sync + 'static,
     {
-        self.caps.set_lookup(cap_fn);
+        self.settings.caps.set_lookup(cap_fn);
         self
     }
 
     /// How long a lease lives unless renewed (default [`DEFAULT_LEASE_TTL`]): how soon a
     /// crashed replica's capacity comes back. At least 1 ms.
     pub fn lease_ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = ttl.max(Duration::from_millis(1));
+        self.settings.ttl = ttl.max(Duration::from_millis(1));
         self
     }
 
     /// How often live leases are renewed (default [`DEFAULT_RENEW_EVERY`]). Keep it well
     /// under the TTL (a third of it by default), so one missed renewal loses nothing.
     pub fn renew_every(mut self, every: Duration) -> Self {
-        self.renew_every = every.max(Duration::from_millis(1));
+        self.settings.renew_every = every.max(Duration::from_millis(1));
         self
     }
 
     /// How long one call to Redis may take before the failure policy answers instead
     /// (default [`DEFAULT_CALL_TIMEOUT`]).
     pub fn call_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.settings.timeout = timeout;
         self
     }
 
     /// What to do when Redis cannot be asked (default [`FailurePolicy::FailClosed`]).
     pub fn on_unavailable(mut self, policy: FailurePolicy) -> Self {
-        self.policy = policy;
+        self.settings.policy = policy;
         self
     }
 
     /// After `failures` failed calls in a row, skip Redis for `cooldown`, then let one call
     /// probe it (default: 3 failures, 1 s).
     pub fn circuit_breaker(mut self, failures: u32, cooldown: Duration) -> Self {
-        self.breaker_threshold = failures;
-        self.breaker_cooldown = cooldown;
+        self.settings.breaker_threshold = failures;
+        self.settings.breaker_cooldown = cooldown;
         self
     }
 
@@ -303,7 +296,7 @@ impl RedisTokenTrackerBuilder {
     /// whose budgets have requests waiting in that order keeps no headroom, since every
     /// release must reach Redis to wake them.
     pub fn local_headroom(mut self, percent: u8) -> Self {
-        self.headroom_share = percent.min(50);
+        self.settings.headroom_share = percent.min(50);
         self
     }
 
@@ -311,7 +304,7 @@ impl RedisTokenTrackerBuilder {
     /// sharing a prefix share caps; give other applications on the same Redis another one.
     /// On a Redis Cluster keep braces out of it: each key's hash tag must be the tenant's.
     pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
+        self.settings.prefix = prefix.into();
         self
     }
 
@@ -405,18 +398,8 @@ impl RedisTokenTrackerBuilder {
         runtime: tokio::runtime::Handle,
         wake: Subscribe,
     ) -> RedisTokenTracker {
-        let settings = Settings {
-            caps: self.caps,
-            ttl: self.ttl,
-            renew_every: self.renew_every,
-            timeout: self.timeout,
-            policy: self.policy,
-            breaker: Breaker::new(self.breaker_threshold, self.breaker_cooldown),
-            prefix: self.prefix,
-            headroom_share: self.headroom_share,
-        };
         let inner = Inner::new(
-            settings,
+            self.settings,
             conn,
             wake,
             Inner::wake_after_release,
@@ -424,7 +407,7 @@ impl RedisTokenTrackerBuilder {
         );
         runtime.spawn(renew::renew_forever(
             Arc::downgrade(&inner),
-            self.renew_every,
+            inner.renew_every(),
             Arc::clone(inner.conn().events()),
         ));
         RedisTokenTracker { inner }
@@ -434,13 +417,13 @@ impl RedisTokenTrackerBuilder {
 impl fmt::Debug for RedisTokenTrackerBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisTokenTrackerBuilder")
-            .field("caps", &self.caps)
-            .field("lease_ttl", &self.ttl)
-            .field("renew_every", &self.renew_every)
-            .field("call_timeout", &self.timeout)
-            .field("policy", &self.policy)
-            .field("prefix", &self.prefix)
-            .field("local_headroom", &self.headroom_share)
+            .field("caps", &self.settings.caps)
+            .field("lease_ttl", &self.settings.ttl)
+            .field("renew_every", &self.settings.renew_every)
+            .field("call_timeout", &self.settings.timeout)
+            .field("policy", &self.settings.policy)
+            .field("prefix", &self.settings.prefix)
+            .field("local_headroom", &self.settings.headroom_share)
             .finish_non_exhaustive()
     }
 }
