@@ -9,6 +9,8 @@ use super::stats::Count;
 use crate::Error;
 
 impl Inner {
+    /// Reserves `tokens` for `tenant_id` with a lease of its own, under the tenant's cap
+    /// when `checked`, whatever it when not (shadow mode).
     pub(super) async fn reserve(
         this: &Arc<Self>,
         tenant_id: &str,

@@ -61,9 +61,6 @@ pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_millis(100);
 /// so that a tenant's next request finds it: making and deleting it would cost Redis more
 /// than the reservation).
 ///
-/// The first cut kept a sorted set of deadlines beside the hash: replicas of the first cut
-/// and of this version must not share a `key_prefix`, so roll out with a new one.
-///
 /// Reserving is idempotent per lease id, so a reserve that timed out is released by id;
 /// releasing is idempotent; a lease Redis lost while this replica still holds it
 /// (restart, flush, failover, a partition longer than the TTL) is registered again at the
@@ -76,9 +73,8 @@ pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_millis(100);
 /// their `+switch-master`. Holding no lease, it sends nothing between periods. The
 /// [guide](crate::guide::replicas#when-redis-loses-leases) has the window as measured.
 ///
-/// Caps come
-/// from this replica's settings (the default and the cap function) and are checked in
-/// Redis against every replica's leases: configure every replica alike.
+/// Caps come from this replica's settings (the default and the cap function) and are
+/// checked in Redis against every replica's leases: configure every replica alike.
 ///
 /// # When Redis is unreachable
 ///
