@@ -160,7 +160,14 @@ pub(super) async fn send_forever(
                 if tracker.strong_count() == 0 {
                     return Poll::Ready(());
                 }
-                for ops in split(std::mem::take(&mut batch), one_slot_per_call) {
+                // One server takes the batch whole; a cluster, one call per slot.
+                let taken = std::mem::take(&mut batch);
+                let (whole, per_slot) = if one_slot_per_call {
+                    (None, split(taken))
+                } else {
+                    (Some(taken), Vec::new())
+                };
+                for ops in whole.into_iter().chain(per_slot) {
                     let sender = Arc::clone(&sender);
                     // Polled once now, which sends it: calls go out in the queue's order.
                     let mut call: Call = Box::pin(async move { sender.send(ops).await });
@@ -184,12 +191,9 @@ pub(super) async fn send_forever(
     .await;
 }
 
-/// The script calls a batch makes: one, or on a cluster one for each tenant's operations
-/// (in order).
-fn split(batch: Vec<Op>, one_slot_per_call: bool) -> Vec<Vec<Op>> {
-    if !one_slot_per_call {
-        return vec![batch];
-    }
+/// The script calls a batch makes on a cluster: one for each tenant's operations (in
+/// order).
+fn split(batch: Vec<Op>) -> Vec<Vec<Op>> {
     let mut calls: Vec<Vec<Op>> = Vec::new();
     for op in batch {
         let tag = hash_tag(op.lease.key());

@@ -67,6 +67,7 @@ impl Headrooms {
 
     /// `tenant`'s headroom (a look-up every request that may draw from one makes, under
     /// the read lock).
+    #[inline]
     pub(super) fn get(&self, tenant: &str) -> Option<Arc<Headroom>> {
         self.read().get(tenant).map(Arc::clone)
     }
@@ -188,6 +189,7 @@ impl Headroom {
 
     /// Takes `tokens` from what it holds unused, if they fit now. Returns whether they did,
     /// and whether its task must start now (see [`Self::next_call`]).
+    #[inline]
     pub(super) fn draw(&self, tokens: u64, now: Instant) -> (bool, bool) {
         let mut state = self.lock();
         state.touched = true;
@@ -300,6 +302,7 @@ pub(super) struct Drawn {
 
 impl Drawn {
     /// `tokens` drawn from `headroom` (see [`Headroom::draw`]).
+    #[inline]
     pub(super) fn new(headroom: Arc<Headroom>, tokens: u64) -> Self {
         Self {
             headroom,

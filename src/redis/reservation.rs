@@ -52,6 +52,7 @@ impl RedisReservation {
         }
     }
 
+    #[inline]
     pub(super) fn drawn(drawn: Drawn, inner: Arc<Inner>) -> Self {
         Self {
             tenant: Arc::clone(drawn.headroom().lease().tenant()),

@@ -95,11 +95,11 @@ impl Inner {
     }
 
     /// Awaits `call`, giving up after the call timeout.
-    pub(super) async fn timed<T>(
-        &self,
-        call: impl Future<Output = Result<T, RedisError>>,
-    ) -> Result<T, Failure> {
-        self.calls.timed(call).await
+    pub(super) fn timed<'a, T: 'a>(
+        &'a self,
+        call: impl Future<Output = Result<T, RedisError>> + 'a,
+    ) -> impl Future<Output = Result<T, Failure>> + 'a {
+        self.calls.timed(call)
     }
 
     /// The connection to call through.
