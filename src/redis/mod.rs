@@ -2,6 +2,11 @@
 //! `redis`). Use [`RedisTokenTracker`] with
 //! [`TenantTokenLayer::redis`](crate::TenantTokenLayer::redis).
 
+// Each file uses only files earlier in this order. The parts, each owning its state:
+// breaker, events, fair, keys, lease, scripts, stats; conn, headroom, policy; call,
+// watch; batch. What a tracker's clones, reservations and tasks share, built of them:
+// shared. What works on that: draw, reservation, reserve, queue, renew. On top: tracker,
+// then list.
 mod batch;
 mod breaker;
 mod call;
