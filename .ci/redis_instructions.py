@@ -2,11 +2,11 @@
 """Instructions Redis spends per request in the batch script, counted by callgrind.
 
 Seconds on a shared 2-core machine swing between runs; instructions do not. This starts
-`redis-server` under `valgrind --tool=callgrind`, loads the batch script exactly as
-`src/redis/scripts.rs` writes it, and sends batches the way a busy replica does: BATCH
-reservations of new leases over 64 tenants, then their releases, ROUNDS times. It runs
-twice (ROUNDS and 4 x ROUNDS) and prints the difference per request (one reservation and
-one release), which leaves out the server's start and stop.
+`redis-server` under `valgrind --tool=callgrind`, loads the batch script as the tracker
+builds it (`src/redis/core.lua`, then `batch.lua`), and sends batches the way a busy
+replica does: BATCH reservations of new leases over 64 tenants, then their releases,
+ROUNDS times. It runs twice (ROUNDS and 4 x ROUNDS) and prints the difference per
+request (one reservation and one release), which leaves out the server's start and stop.
 
     python3 .ci/redis_instructions.py [BATCH=20] [ROUNDS=100]
 
@@ -26,10 +26,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def batch_script():
-    source = open(os.path.join(HERE, "..", "src", "redis", "scripts.rs")).read()
-    core = re.search(r'const CORE: &str = r"\n(.*?)\n";', source, re.S).group(1)
-    batch = re.search(r'const BATCH: &str = r"\n(.*?)\n";', source, re.S).group(1)
-    return core + "\n" + batch
+    lua = os.path.join(HERE, "..", "src", "redis")
+    return "".join(open(os.path.join(lua, name)).read() for name in ("core.lua", "batch.lua"))
 
 
 def encode(*args):

@@ -9,20 +9,21 @@
 //! replica's batches grow with its load. Calls are sent in the order their operations
 //! were queued, and Redis runs one connection's calls in order, so the release of an
 //! unanswered reservation does not overtake it (should the connection be remade between
-//! the two, the reservation's lease would expire after its TTL). Releases nobody waits
-//! for are answered here: a failure is counted and logged. On a Redis Cluster a call holds
-//! one tenant's operations only (a script's keys must share a slot).
+//! the two, the reservation's lease would expire after its TTL). Of a release nobody
+//! waits for, the tracker that queued it is told how it ended. On a Redis Cluster a call
+//! holds one tenant's operations only (a script's keys must share a slot).
 
+use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::task::Poll;
 
-use redis::{ErrorKind, RedisError};
+use redis::{ErrorKind, RedisError, Script, ScriptInvocation};
 use tokio::sync::{mpsc, oneshot};
 
+use super::call::{Calls, Failure};
 use super::lease::Lease;
-use super::tracker::{Failure, Inner};
 
 /// The most operations one script call carries.
 const MAX_BATCH: usize = 64;
@@ -34,16 +35,28 @@ const IN_FLIGHT: usize = 2;
 /// returns them.
 pub(super) type Answer = Result<(i64, u64), RedisError>;
 
+/// The tracker that queued a release nobody waits for: kept until the release is sent
+/// (the reservation that queued it may have held the last handle on the tracker), and
+/// told how it ended.
+pub(super) trait Owner: Send + Sync {
+    /// Counts and logs how the release of `lease` ended.
+    fn released(&self, lease: &Lease, answer: Result<(), &dyn fmt::Display>);
+}
+
 /// One operation waiting for its batch.
 pub(super) struct Op {
     lease: Arc<Lease>,
     /// `Some((tokens, cap))` to reserve, `None` to release.
     reserve: Option<(u64, u64)>,
-    /// Where the answer goes; `None` for a release nobody waits for.
-    answer: Option<oneshot::Sender<Answer>>,
-    /// For a release nobody waits for, its tracker, kept until the release is sent: the
-    /// reservation that queued it may have held the last handle on the tracker.
-    _tracker: Option<Arc<Inner>>,
+    /// Where the answer goes.
+    reply: Reply,
+}
+
+enum Reply {
+    /// To the caller, who waits for it.
+    Answer(oneshot::Sender<Answer>),
+    /// To the tracker, for a release nobody waits for.
+    Tell(Arc<dyn Owner>),
 }
 
 /// The queue of a tracker's operations.
@@ -68,18 +81,17 @@ impl Batches {
         self.send(lease, None).await
     }
 
-    /// Releases `lease` of `tracker` without waiting: a failure is counted and logged when
-    /// the batch is answered. Returns `lease` if the queue's task is gone.
+    /// Releases `lease` of `tracker` without waiting: `tracker` is told how it ended.
+    /// Returns `lease` if the queue's task is gone.
     pub(super) fn release_later(
         &self,
         lease: Arc<Lease>,
-        tracker: Arc<Inner>,
+        tracker: Arc<impl Owner + 'static>,
     ) -> Result<(), Arc<Lease>> {
         let op = Op {
             lease,
             reserve: None,
-            answer: None,
-            _tracker: Some(tracker),
+            reply: Reply::Tell(tracker),
         };
         self.queue.send(op).map_err(|gone| gone.0.lease)
     }
@@ -89,8 +101,7 @@ impl Batches {
         let op = Op {
             lease: Arc::clone(lease),
             reserve,
-            answer: Some(answer),
-            _tracker: None,
+            reply: Reply::Answer(answer),
         };
         if self.queue.send(op).is_err() {
             return Err(gone());
@@ -107,9 +118,28 @@ fn gone() -> RedisError {
 /// A script call in flight.
 type Call = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// Sends a tracker's queued operations in batches until the tracker, and every
-/// reservation it made, is gone.
-pub(super) async fn send_forever(mut queue: mpsc::UnboundedReceiver<Op>, shared: Weak<Inner>) {
+/// Where batches go: the connection, the batch script and the lease TTL.
+struct Sender {
+    calls: Calls,
+    script: Script,
+    ttl_ms: u64,
+}
+
+/// Sends a tracker's queued operations in batches, with `script` through `calls`, until
+/// the tracker, and every reservation it made, is gone.
+pub(super) async fn send_forever(
+    mut queue: mpsc::UnboundedReceiver<Op>,
+    tracker: Weak<impl Owner>,
+    calls: Calls,
+    script: Script,
+    ttl_ms: u64,
+) {
+    let one_slot_per_call = calls.conn().is_cluster();
+    let sender = Arc::new(Sender {
+        calls,
+        script,
+        ttl_ms,
+    });
     let mut calls: Vec<Call> = Vec::with_capacity(IN_FLIGHT);
     let mut batch = Vec::new();
     let mut open = true;
@@ -127,13 +157,20 @@ pub(super) async fn send_forever(mut queue: mpsc::UnboundedReceiver<Op>, shared:
                 }
             }
             if !batch.is_empty() {
-                let Some(shared) = shared.upgrade() else {
+                if tracker.strong_count() == 0 {
                     return Poll::Ready(());
+                }
+                // One server takes the batch whole; a cluster, one call per slot.
+                let taken = std::mem::take(&mut batch);
+                let (whole, per_slot) = if one_slot_per_call {
+                    (None, split(taken))
+                } else {
+                    (Some(taken), Vec::new())
                 };
-                for ops in split(std::mem::take(&mut batch), shared.one_slot_per_call()) {
-                    let shared = Arc::clone(&shared);
+                for ops in whole.into_iter().chain(per_slot) {
+                    let sender = Arc::clone(&sender);
                     // Polled once now, which sends it: calls go out in the queue's order.
-                    let mut call: Call = Box::pin(async move { shared.send_batch(ops).await });
+                    let mut call: Call = Box::pin(async move { sender.send(ops).await });
                     if call.as_mut().poll(cx).is_pending() {
                         calls.push(call);
                     }
@@ -154,18 +191,15 @@ pub(super) async fn send_forever(mut queue: mpsc::UnboundedReceiver<Op>, shared:
     .await;
 }
 
-/// The script calls a batch makes: one, or on a cluster one for each tenant's operations
-/// (in order).
-fn split(batch: Vec<Op>, one_slot_per_call: bool) -> Vec<Vec<Op>> {
-    if !one_slot_per_call {
-        return vec![batch];
-    }
+/// The script calls a batch makes on a cluster: one for each tenant's operations (in
+/// order).
+fn split(batch: Vec<Op>) -> Vec<Vec<Op>> {
     let mut calls: Vec<Vec<Op>> = Vec::new();
     for op in batch {
-        let tag = hash_tag(&op.lease.key);
+        let tag = hash_tag(op.lease.key());
         match calls
             .iter_mut()
-            .find(|call| hash_tag(&call[0].lease.key) == tag)
+            .find(|call| hash_tag(call[0].lease.key()) == tag)
         {
             Some(call) => call.push(op),
             None => calls.push(vec![op]),
@@ -181,26 +215,22 @@ fn hash_tag(key: &str) -> &str {
         .map_or(key, |(tag, _)| tag)
 }
 
-impl Inner {
+impl Sender {
     /// Sends `batch` as one script call and answers each of its operations.
-    async fn send_batch(&self, mut batch: Vec<Op>) {
-        let mut invocation = self.scripts.batch.prepare_invoke();
-        invocation.arg(self.ttl_ms());
+    async fn send(&self, mut batch: Vec<Op>) {
+        let mut invocation = self.script.prepare_invoke();
+        invocation.arg(self.ttl_ms);
         for op in batch.iter() {
-            invocation.key(&*op.lease.key);
-            match op.reserve {
-                Some((tokens, cap)) => invocation.arg("r").arg(&op.lease.id).arg(tokens).arg(cap),
-                None => invocation.arg("x").arg(&op.lease.id),
-            };
+            add(&mut invocation, &op.lease, op.reserve);
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.calls.conn().clone();
         let answers: Result<Vec<i64>, Failure> =
-            self.timed(invocation.invoke_async(&mut conn)).await;
+            self.calls.timed(invocation.invoke_async(&mut conn)).await;
         match answers {
             Ok(answers) if answers.len() == 2 * batch.len() => {
                 for (op, answer) in batch.drain(..).zip(answers.chunks_exact(2)) {
                     let in_flight = u64::try_from(answer[1]).unwrap_or(0);
-                    self.answer(op, Ok((answer[0], in_flight)));
+                    answer_one(op, Ok((answer[0], in_flight)));
                 }
             }
             Ok(_) => {
@@ -208,30 +238,59 @@ impl Inner {
                     ErrorKind::UnexpectedReturnType,
                     "the batch script answered a different number of operations",
                 ));
-                self.answer_all(batch, &error);
+                answer_all(batch, &error);
             }
-            Err(Failure::Redis(error)) => self.answer_all(batch, &error),
+            Err(Failure::Redis(error)) => answer_all(batch, &error),
             Err(Failure::TimedOut(_)) => {
                 // Each operation waits with the same timeout: it is already answered.
                 let error = RedisError::from((ErrorKind::Client, "the batch timed out"));
-                self.answer_all(batch, &error);
+                answer_all(batch, &error);
             }
         }
     }
+}
 
-    fn answer_all(&self, batch: Vec<Op>, error: &RedisError) {
-        for op in batch {
-            self.answer(op, Err(error.clone()));
-        }
+/// Adds an operation on `lease` to a call of the batch script: `r`, the lease, its
+/// tokens and the cap to reserve, `x` and the lease to release.
+fn add(invocation: &mut ScriptInvocation<'_>, lease: &Lease, reserve: Option<(u64, u64)>) {
+    invocation.key(&**lease.key());
+    match reserve {
+        Some((tokens, cap)) => invocation.arg("r").arg(lease.id()).arg(tokens).arg(cap),
+        None => invocation.arg("x").arg(lease.id()),
+    };
+}
+
+/// A call of the batch script that releases `lease` alone, for when the tracker's task
+/// is going away with it.
+pub(super) fn release_alone<'s>(
+    script: &'s Script,
+    ttl_ms: u64,
+    lease: &Lease,
+) -> ScriptInvocation<'s> {
+    let mut invocation = script.prepare_invoke();
+    invocation.arg(ttl_ms);
+    add(&mut invocation, lease, None);
+    invocation
+}
+
+fn answer_all(batch: Vec<Op>, error: &RedisError) {
+    for op in batch {
+        answer_one(op, Err(error.clone()));
     }
+}
 
-    /// Answers one operation: its waiter, or for a release nobody waits for, the log.
-    fn answer(&self, op: Op, answer: Answer) {
-        match op.answer {
-            Some(waiter) => {
-                let _ = waiter.send(answer);
-            }
-            None => self.released(&op.lease, answer),
+/// Answers one operation: its waiter, or for a release nobody waits for, its tracker.
+fn answer_one(op: Op, answer: Answer) {
+    match op.reply {
+        Reply::Answer(waiter) => {
+            let _ = waiter.send(answer);
+        }
+        Reply::Tell(tracker) => {
+            let answer = answer
+                .as_ref()
+                .map(drop)
+                .map_err(|e| e as &dyn fmt::Display);
+            tracker.released(&op.lease, answer);
         }
     }
 }

@@ -11,11 +11,12 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo};
 use redis::sentinel::{SentinelClient, SentinelServerType};
 
-use super::watch::Events;
 use redis::{
     AsyncConnectionConfig, Cmd, ConnectionInfo, ErrorKind, FromRedisValue, IntoConnectionInfo,
     Pipeline, RedisError, RedisFuture, RedisResult, ServerErrorKind, Value,
 };
+
+use super::events::Events;
 
 /// How long connecting to one server may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -28,7 +29,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub(super) struct Conn {
     kind: Kind,
-    pub(super) events: Arc<Events>,
+    events: Arc<Events>,
 }
 
 #[derive(Clone)]
@@ -113,6 +114,11 @@ impl Conn {
 
     fn of(kind: Kind, events: Arc<Events>) -> Self {
         Conn { kind, events }
+    }
+
+    /// What calls through this connection tell the renewal task.
+    pub(super) fn events(&self) -> &Arc<Events> {
+        &self.events
     }
 
     /// Whether this is a Redis Cluster.
@@ -229,7 +235,7 @@ impl Conn {
 
 /// Slots `start..=end`, served by the master at `host:port`.
 #[derive(Clone, PartialEq, Eq)]
-pub(super) struct SlotRange {
+struct SlotRange {
     start: i64,
     end: i64,
     host: String,
@@ -440,10 +446,10 @@ pub(super) struct SentinelMaster {
     generations: AtomicU64,
     config: AsyncConnectionConfig,
     /// The Sentinels and the master's name, to hear of failovers from them.
-    pub(super) sentinels: Vec<ConnectionInfo>,
-    pub(super) name: String,
+    sentinels: Vec<ConnectionInfo>,
+    name: String,
     /// Whether a task listens for the Sentinels' `+switch-master`.
-    pub(super) watching: AtomicBool,
+    watching: AtomicBool,
     events: Arc<Events>,
 }
 
@@ -519,6 +525,27 @@ impl SentinelMaster {
             self.events.reconnected();
         }
         Ok((conn, generation))
+    }
+
+    /// The Sentinels, to subscribe to their announcements.
+    pub(super) fn sentinels(&self) -> &[ConnectionInfo] {
+        &self.sentinels
+    }
+
+    /// The master's name, as the Sentinels announce it.
+    pub(super) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Claims the listening for the Sentinels' `+switch-master`: `false` when a task
+    /// listens already.
+    pub(super) fn start_watching(&self) -> bool {
+        !self.watching.swap(true, Relaxed)
+    }
+
+    /// Gives the listening up, for the next lease held to claim it again.
+    pub(super) fn stop_watching(&self) {
+        self.watching.store(false, Relaxed);
     }
 
     /// The Sentinels announced a new master, or may have while nobody listened: the next

@@ -25,24 +25,362 @@
 //! A headroom admits only while its lease is known to be in Redis: for half a TTL after
 //! the call that last set or renewed it was sent, since the lease lives a whole TTL from
 //! then on Redis's clock.
+//!
+//! Here is what a headroom holds and the rules that size it; admitting from it and the
+//! task's calls to Redis are in [`draw`](super::draw).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
-use super::lease::{Lease, RedisReservation};
-use super::tracker::{clamp, Inner};
-use crate::Error;
+use super::lease::{Lease, MAX_REDIS_TOKENS};
 
 /// How long a headroom whose growth was refused stays tight.
 const TIGHT_FOR: Duration = Duration::from_millis(100);
 
+/// This replica's headrooms, one per tenant it is serving.
+pub(super) struct Headrooms {
+    /// The share of a tenant's cap each keeps unused, in percent; 0: none.
+    share: u8,
+    all: RwLock<HashMap<Arc<str>, Arc<Headroom>>>,
+}
+
+impl Headrooms {
+    pub(super) fn new(share: u8) -> Self {
+        Self {
+            share,
+            all: RwLock::default(),
+        }
+    }
+
+    /// Whether this replica keeps headroom at all.
+    pub(super) fn is_on(&self) -> bool {
+        self.share != 0
+    }
+
+    /// What a headroom keeps unused under a tenant's cap of `cap`.
+    pub(super) fn step(&self, cap: u64) -> u64 {
+        let share = u64::from(self.share);
+        cap / 100 * share + cap % 100 * share / 100
+    }
+
+    /// `tenant`'s headroom (a look-up every request that may draw from one makes, under
+    /// the read lock).
+    #[inline]
+    pub(super) fn get(&self, tenant: &str) -> Option<Arc<Headroom>> {
+        self.read().get(tenant).map(Arc::clone)
+    }
+
+    /// Keeps `headroom` as its tenant's, unless another request made one meanwhile:
+    /// returns the one kept, the first one made.
+    pub(super) fn insert(&self, headroom: Arc<Headroom>) -> Arc<Headroom> {
+        let mut all = self.write();
+        let kept = all
+            .entry(Arc::clone(headroom.lease.tenant()))
+            .or_insert(headroom);
+        Arc::clone(kept)
+    }
+
+    /// Forgets `headroom`, if it is still its tenant's.
+    pub(super) fn remove(&self, headroom: &Arc<Headroom>) {
+        let mut all = self.write();
+        let tenant = headroom.lease.tenant();
+        if all
+            .get(tenant)
+            .is_some_and(|known| Arc::ptr_eq(known, headroom))
+        {
+            all.remove(tenant);
+        }
+    }
+
+    /// Retires and forgets the headrooms nothing asked for since the last call and nothing
+    /// drawn from holds: returns them, for their leases to be released.
+    pub(super) fn retire_idle(&self) -> Vec<Arc<Headroom>> {
+        let mut idle = Vec::new();
+        self.write().retain(|_, headroom| {
+            let mut state = headroom.lock();
+            let keep = (state.touched && !state.draining) || state.used > 0 || state.adjusting;
+            state.touched = false;
+            if !keep {
+                state.retired = true;
+                idle.push(Arc::clone(headroom));
+            }
+            keep
+        });
+        idle
+    }
+
+    /// The headrooms whose leases are among `renewed` may admit until `valid_until`.
+    pub(super) fn renewed(&self, renewed: &[&Arc<Lease>], valid_until: Instant) {
+        let all = self.read();
+        for lease in renewed {
+            if let Some(headroom) = all.get(lease.tenant()) {
+                if Arc::ptr_eq(&headroom.lease, lease) {
+                    let mut state = headroom.lock();
+                    state.valid_until = state.valid_until.max(Some(valid_until));
+                }
+            }
+        }
+    }
+
+    /// Takes every headroom's lease that is in Redis, leaving none.
+    pub(super) fn take_leases(&mut self) -> Vec<Arc<Lease>> {
+        let all = std::mem::take(self.all.get_mut().unwrap_or_else(PoisonError::into_inner));
+        all.into_values()
+            .filter(|headroom| headroom.lock().created)
+            .map(|headroom| Arc::clone(&headroom.lease))
+            .collect()
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, HashMap<Arc<str>, Arc<Headroom>>> {
+        self.all.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, HashMap<Arc<str>, Arc<Headroom>>> {
+        self.all.write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// One tenant's headroom on this replica.
 pub(super) struct Headroom {
-    pub(super) lease: Arc<Lease>,
+    lease: Arc<Lease>,
     /// How much it keeps unused: the configured share of the tenant's cap.
     step: u64,
     state: Mutex<State>,
+}
+
+/// The call a headroom's task makes next: set the lease to `to` tokens, checked against
+/// the cap when `checked`, making the lease first unless it is `created`.
+pub(super) struct Call {
+    pub(super) to: u64,
+    pub(super) checked: bool,
+    pub(super) created: bool,
+}
+
+/// What a headroom's task does once Redis answered.
+pub(super) enum Then {
+    /// Another call, if one is due.
+    Again,
+    /// Nothing more: the headroom is right, or calling again at once would not help.
+    Stop,
+    /// Release its lease and forget it: making it failed, and it may have landed after all.
+    LetGo,
+}
+
+impl Headroom {
+    pub(super) fn new(lease: Lease, step: u64) -> Self {
+        Self {
+            lease: Arc::new(lease),
+            step,
+            state: Mutex::default(),
+        }
+    }
+
+    pub(super) fn lease(&self) -> &Arc<Lease> {
+        &self.lease
+    }
+
+    /// Whether a request of `tokens` may be drawn from it: one larger than a step never is
+    /// (nor keeps it for nothing).
+    pub(super) fn takes(&self, tokens: u64) -> bool {
+        tokens <= self.step
+    }
+
+    /// Takes `tokens` from what it holds unused, if they fit now. Returns whether they did,
+    /// and whether its task must start now (see [`Self::next_call`]).
+    #[inline]
+    pub(super) fn draw(&self, tokens: u64, now: Instant) -> (bool, bool) {
+        let mut state = self.lock();
+        state.touched = true;
+        let fits = state.is_valid(now) && state.used + tokens <= state.held;
+        if fits {
+            state.used += tokens;
+        }
+        (fits, self.wants_adjusting(&mut state, now))
+    }
+
+    /// Stops it admitting, to give back what it does not use (the tenant's cap changed).
+    /// Returns whether its task must start now.
+    pub(super) fn drain(&self) -> bool {
+        let mut state = self.lock();
+        if state.draining {
+            return false;
+        }
+        state.draining = true;
+        self.wants_adjusting(&mut state, Instant::now())
+    }
+
+    /// What its task asks Redis next, or `None` when it is right as it is (the task then
+    /// ends). A shrink counts here at once: nothing more is admitted from what it gives
+    /// back meanwhile.
+    pub(super) fn next_call(&self, now: Instant) -> Option<Call> {
+        let mut state = self.lock();
+        let Some((to, checked)) = state.target(self.step, now) else {
+            state.adjusting = false;
+            return None;
+        };
+        if to < state.held {
+            state.held = to;
+            self.lease.set_tokens(to);
+        }
+        Some(Call {
+            to,
+            checked,
+            created: state.created,
+        })
+    }
+
+    /// Takes in what Redis answered `call` (`{status, in_flight}`, or why it failed): a
+    /// lease set may admit until `valid_until`, and one just made is handed to `hold`.
+    pub(super) fn answered(
+        &self,
+        call: &Call,
+        answer: Result<(i64, u64), String>,
+        valid_until: Instant,
+        hold: impl FnOnce(),
+    ) -> Then {
+        let lease = &self.lease;
+        let mut state = self.lock();
+        match answer {
+            Ok((1, in_flight)) => {
+                state.set(lease, call.to, in_flight, valid_until);
+                if !call.created {
+                    state.created = true;
+                    hold();
+                }
+                if !state.is_valid(Instant::now()) {
+                    // Half a TTL is shorter than the call took: calling again at once
+                    // would not help.
+                    state.adjusting = false;
+                    return Then::Stop;
+                }
+                Then::Again
+            }
+            Ok((_, in_flight)) => {
+                lease.set_in_flight(in_flight);
+                state.tight_until = Some(Instant::now() + TIGHT_FOR);
+                Then::Again
+            }
+            Err(failure) => {
+                tracing::debug!(tenant = &**lease.tenant(), %failure,
+                    "could not resize a replica's headroom in redis");
+                state.tight_until = Some(Instant::now() + TIGHT_FOR);
+                state.adjusting = false;
+                if call.created {
+                    return Then::Stop;
+                }
+                // It may have landed after all: let it go by id, and start afresh.
+                state.retired = true;
+                Then::LetGo
+            }
+        }
+    }
+
+    /// Whether its task needs starting now (and marks it started).
+    fn wants_adjusting(&self, state: &mut State, now: Instant) -> bool {
+        if state.adjusting || state.target(self.step, now).is_none() {
+            return false;
+        }
+        state.adjusting = true;
+        true
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A reservation drawn from a headroom.
+pub(super) struct Drawn {
+    headroom: Arc<Headroom>,
+    /// Changed under the headroom's lock only.
+    tokens: AtomicU64,
+    /// Given back: a growth still on its way must not count.
+    released: AtomicBool,
+}
+
+impl Drawn {
+    /// `tokens` drawn from `headroom` (see [`Headroom::draw`]).
+    #[inline]
+    pub(super) fn new(headroom: Arc<Headroom>, tokens: u64) -> Self {
+        Self {
+            headroom,
+            tokens: AtomicU64::new(tokens),
+            released: AtomicBool::new(false),
+        }
+    }
+
+    pub(super) fn headroom(&self) -> &Arc<Headroom> {
+        &self.headroom
+    }
+
+    pub(super) fn tokens(&self) -> u64 {
+        self.tokens.load(Relaxed)
+    }
+
+    /// Gives what it holds back to its headroom, once. Returns whether the headroom's task
+    /// must start now.
+    pub(super) fn give_back(&self) -> bool {
+        let headroom = &self.headroom;
+        let mut state = headroom.lock();
+        if self.released.swap(true, Relaxed) {
+            return false;
+        }
+        state.used -= self.tokens.swap(0, Relaxed);
+        headroom.wants_adjusting(&mut state, Instant::now())
+    }
+
+    /// Sets what it holds to `tokens`, unchecked (as any resize): growth past the headroom
+    /// is the task's to write to Redis. Returns whether the task must start now.
+    pub(super) fn resize(&self, tokens: u64) -> bool {
+        let headroom = &self.headroom;
+        let mut state = headroom.lock();
+        if self.released.load(Relaxed) {
+            return false;
+        }
+        let before = self.tokens.swap(tokens, Relaxed);
+        state.used = state.used - before + tokens;
+        headroom.wants_adjusting(&mut state, Instant::now())
+    }
+
+    /// Takes a growth to `tokens` (or a shrink) from what its headroom has unused, if it
+    /// can without Redis; returns whether it did.
+    pub(super) fn try_resize_now(&self, tokens: u64) -> bool {
+        let mut state = self.headroom.lock();
+        if self.released.load(Relaxed) {
+            return true;
+        }
+        let before = self.tokens.load(Relaxed);
+        let fits = tokens <= before
+            || (state.is_valid(Instant::now()) && state.used - before + tokens <= state.held);
+        if fits {
+            self.tokens.store(tokens, Relaxed);
+            state.used = state.used - before + tokens;
+        }
+        fits
+    }
+
+    /// For a growth to `tokens` through Redis: what the headroom's lease must hold then
+    /// (never less than it holds: the rest may be drawn meanwhile), the growth, and
+    /// whether the lease is in Redis at all.
+    pub(super) fn growth(&self, tokens: u64) -> (u64, u64, bool) {
+        let state = self.headroom.lock();
+        let grow = tokens.saturating_sub(self.tokens.load(Relaxed));
+        let to = state.held.max(state.used.saturating_add(grow));
+        (to, grow, state.created)
+    }
+
+    /// Redis set the headroom's lease to `to` tokens, the tenant then holding `in_flight`,
+    /// for a growth to `tokens`: it holds them, unless given back meanwhile.
+    pub(super) fn grown(&self, to: u64, tokens: u64, in_flight: u64, valid_until: Instant) {
+        let mut state = self.headroom.lock();
+        state.set(&self.headroom.lease, to, in_flight, valid_until);
+        if !self.released.load(Relaxed) {
+            let before = self.tokens.swap(tokens, Relaxed);
+            state.used = state.used - before + tokens;
+        }
+    }
 }
 
 #[derive(Default)]
@@ -77,8 +415,8 @@ impl State {
     /// Redis set `lease` to `held` tokens, the tenant then holding `in_flight`: it may admit
     /// from them until `valid_until`.
     fn set(&mut self, lease: &Lease, held: u64, in_flight: u64, valid_until: Instant) {
-        lease.in_flight.store(in_flight, Relaxed);
-        lease.tokens.store(held, Relaxed);
+        lease.set_in_flight(in_flight);
+        lease.set_tokens(held);
         self.held = held;
         self.valid_until = Some(valid_until);
     }
@@ -103,382 +441,9 @@ impl State {
         }
         let refresh = self.created && !self.is_valid(now);
         if unused * 2 < step || unused > 2 * step || refresh {
-            let to = self.used.saturating_add(step).min(super::MAX_REDIS_TOKENS);
+            let to = self.used.saturating_add(step).min(MAX_REDIS_TOKENS);
             return Some((to, to > self.held));
         }
         None
-    }
-}
-
-/// A reservation drawn from a headroom.
-pub(super) struct Drawn {
-    pub(super) headroom: Arc<Headroom>,
-    pub(super) inner: Arc<Inner>,
-    /// Changed under the headroom's lock only.
-    pub(super) tokens: AtomicU64,
-    /// Given back: a growth still on its way must not count.
-    released: AtomicBool,
-}
-
-impl Headroom {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-impl Inner {
-    /// Admits `tokens` for `tenant` from this replica's headroom, or `None` when the
-    /// request must ask Redis (no headroom, too little of it, or none yet: one is then
-    /// made in the background).
-    pub(super) fn admit_locally(
-        self: &Arc<Self>,
-        tenant: &str,
-        tokens: u64,
-    ) -> Option<RedisReservation> {
-        if self.headroom_share == 0 || self.fair.in_use.load(Relaxed) {
-            return None;
-        }
-        let headroom = self.headroom_of(tenant, tokens)?;
-        let now = Instant::now();
-        let (fits, adjust) = {
-            let mut state = headroom.lock();
-            state.touched = true;
-            let fits = state.is_valid(now) && state.used + tokens <= state.held;
-            if fits {
-                state.used += tokens;
-            }
-            (fits, self.wants_adjusting(&headroom, &mut state, now))
-        };
-        if adjust {
-            self.adjust_later(&headroom);
-        }
-        if !fits {
-            return None;
-        }
-        self.counters.admitted_locally.fetch_add(1, Relaxed);
-        let drawn = Drawn {
-            headroom,
-            inner: Arc::clone(self),
-            tokens: AtomicU64::new(tokens),
-            released: AtomicBool::new(false),
-        };
-        Some(RedisReservation::drawn(Arc::new(drawn)))
-    }
-
-    /// `tenant`'s headroom, made (empty) if it has none; `None` when a request of `tokens`
-    /// is larger than a step, so never admitted from it (nor keeping it for nothing), and
-    /// when the tenant's cap changed since its headroom was made (that one drains).
-    fn headroom_of(self: &Arc<Self>, tenant: &str, tokens: u64) -> Option<Arc<Headroom>> {
-        let cap = self.cap(tenant);
-        let known = self.read_headroom().get(tenant).map(Arc::clone);
-        if let Some(headroom) = known {
-            if headroom.lease.cap != cap {
-                self.drain(&headroom);
-                return None;
-            }
-            return (tokens <= headroom.step).then_some(headroom);
-        }
-        let share = u64::from(self.headroom_share);
-        let step = cap / 100 * share + cap % 100 * share / 100;
-        if step == 0 || tokens > step {
-            return None;
-        }
-        let mut lease = self.new_lease(tenant, cap, 0);
-        lease.id.push_str(":headroom");
-        let headroom = Arc::new(Headroom {
-            lease: Arc::new(lease),
-            step,
-            state: Mutex::default(),
-        });
-        // Another request may have made one meanwhile: the first one made stays.
-        let mut all = self.write_headroom();
-        let kept = all
-            .entry(Arc::clone(&headroom.lease.tenant))
-            .or_insert(headroom);
-        Some(Arc::clone(kept))
-    }
-
-    /// Stops `headroom` admitting, and gives back what it does not use.
-    fn drain(self: &Arc<Self>, headroom: &Arc<Headroom>) {
-        let adjust = {
-            let mut state = headroom.lock();
-            if state.draining {
-                return;
-            }
-            state.draining = true;
-            self.wants_adjusting(headroom, &mut state, Instant::now())
-        };
-        if adjust {
-            self.adjust_later(headroom);
-        }
-    }
-
-    /// Whether `headroom` needs its task started now (and marks it started).
-    fn wants_adjusting(&self, headroom: &Headroom, state: &mut State, now: Instant) -> bool {
-        if state.adjusting || state.target(headroom.step, now).is_none() {
-            return false;
-        }
-        state.adjusting = true;
-        true
-    }
-
-    fn adjust_later(self: &Arc<Self>, headroom: &Arc<Headroom>) {
-        let (this, headroom) = (Arc::clone(self), Arc::clone(headroom));
-        self.runtime
-            .spawn(async move { this.adjust(&headroom).await });
-    }
-
-    /// Brings `headroom` to its target, one call at a time, until it is there.
-    async fn adjust(self: &Arc<Self>, headroom: &Arc<Headroom>) {
-        let lease = &headroom.lease;
-        loop {
-            let _order = lease.write.lock().await;
-            let now = Instant::now();
-            let (to, checked, created) = {
-                let mut state = headroom.lock();
-                let Some((to, checked)) = state.target(headroom.step, now) else {
-                    state.adjusting = false;
-                    return;
-                };
-                if to < state.held {
-                    // Given back here first: nothing more is admitted from it meanwhile.
-                    state.held = to;
-                    lease.tokens.store(to, Relaxed);
-                }
-                (to, checked, state.created)
-            };
-            let sent = Instant::now();
-            let cap = lease.cap;
-            let answer = if created {
-                let cap = checked.then_some(cap);
-                self.resize_call(lease, to, cap)
-                    .await
-                    .map_err(|f| f.to_string())
-            } else {
-                let made = self.timed(self.batches.reserve(lease, to, cap)).await;
-                made.map_err(|failure| failure.to_string())
-            };
-            let mut state = headroom.lock();
-            match answer {
-                Ok((1, in_flight)) => {
-                    state.set(lease, to, in_flight, sent + self.ttl / 2);
-                    if !created {
-                        state.created = true;
-                        self.hold(lease);
-                    }
-                    if !state.is_valid(Instant::now()) {
-                        // Half a TTL is shorter than the call took: calling again at once
-                        // would not help.
-                        state.adjusting = false;
-                        return;
-                    }
-                }
-                Ok((_, in_flight)) => {
-                    lease.in_flight.store(in_flight, Relaxed);
-                    state.tight_until = Some(Instant::now() + TIGHT_FOR);
-                }
-                Err(failure) => {
-                    tracing::debug!(tenant = &*lease.tenant, %failure,
-                        "could not resize a replica's headroom in redis");
-                    state.tight_until = Some(Instant::now() + TIGHT_FOR);
-                    if !created {
-                        // It may have landed after all: let it go by id, and start afresh.
-                        state.retired = true;
-                        state.adjusting = false;
-                        drop(state);
-                        self.let_go(headroom);
-                        return;
-                    }
-                    state.adjusting = false;
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Gives back what `drawn` holds to its headroom.
-    pub(super) fn give_back(self: &Arc<Self>, drawn: &Drawn) {
-        let headroom = &drawn.headroom;
-        let adjust = {
-            let mut state = headroom.lock();
-            if drawn.released.swap(true, Relaxed) {
-                return;
-            }
-            state.used -= drawn.tokens.swap(0, Relaxed);
-            self.wants_adjusting(headroom, &mut state, Instant::now())
-        };
-        if adjust {
-            self.adjust_later(headroom);
-        }
-    }
-
-    /// Sets what `drawn` holds to `tokens`, unchecked (as any resize): growth past the
-    /// headroom is written to Redis in the background.
-    pub(super) fn resize_drawn(self: &Arc<Self>, drawn: &Drawn, tokens: u64) {
-        let headroom = &drawn.headroom;
-        let adjust = {
-            let mut state = headroom.lock();
-            if drawn.released.load(Relaxed) {
-                return;
-            }
-            let before = drawn.tokens.swap(tokens, Relaxed);
-            state.used = state.used - before + tokens;
-            self.wants_adjusting(headroom, &mut state, Instant::now())
-        };
-        if adjust {
-            self.adjust_later(headroom);
-        }
-    }
-
-    /// Grows what `drawn` holds to `tokens` if it fits under the cap: from what the
-    /// headroom has unused, or else by growing its lease in Redis, checked.
-    pub(super) async fn try_resize_drawn(
-        self: &Arc<Self>,
-        drawn: &Drawn,
-        tokens: u64,
-    ) -> Result<(), Error> {
-        let tokens = clamp(tokens);
-        if self.try_resize_drawn_now(drawn, tokens) {
-            return Ok(());
-        }
-        let headroom = &drawn.headroom;
-        let lease = &headroom.lease;
-        let _order = lease.write.lock().await;
-        let (to, grow, created) = {
-            let state = headroom.lock();
-            let grow = tokens.saturating_sub(drawn.tokens.load(Relaxed));
-            // Never below what it holds: the rest may be drawn meanwhile.
-            let to = state.held.max(state.used.saturating_add(grow));
-            (to, grow, state.created)
-        };
-        let overloaded = |in_flight| Error::TenantOverloaded {
-            tenant_id: lease.tenant.to_string(),
-            requested: grow,
-            in_flight,
-            cap: lease.cap,
-        };
-        if !created {
-            return Err(overloaded(lease.in_flight.load(Relaxed)));
-        }
-        let sent = Instant::now();
-        let answer = self.resize_call(lease, to, Some(lease.cap)).await;
-        let mut state = headroom.lock();
-        match answer {
-            Ok((1, in_flight)) => {
-                state.set(lease, to, in_flight, sent + self.ttl / 2);
-                if !drawn.released.load(Relaxed) {
-                    let before = drawn.tokens.swap(tokens, Relaxed);
-                    state.used = state.used - before + tokens;
-                }
-                Ok(())
-            }
-            Ok((_, in_flight)) => {
-                lease.in_flight.store(in_flight, Relaxed);
-                Err(overloaded(in_flight))
-            }
-            Err(failure) => Err(failure.unavailable()),
-        }
-    }
-
-    /// Takes a growth of `drawn` (or a shrink) from what its headroom has unused, if it
-    /// can without Redis.
-    pub(super) fn try_resize_drawn_now(&self, drawn: &Drawn, tokens: u64) -> bool {
-        let mut state = drawn.headroom.lock();
-        if drawn.released.load(Relaxed) {
-            return true;
-        }
-        let before = drawn.tokens.load(Relaxed);
-        let fits = tokens <= before
-            || (state.is_valid(Instant::now()) && state.used - before + tokens <= state.held);
-        if fits {
-            drawn.tokens.store(tokens, Relaxed);
-            state.used = state.used - before + tokens;
-        }
-        fits
-    }
-
-    /// Lets go of the headrooms nothing asked for since the last renewal and nothing
-    /// drawn from holds, releasing their leases. Run at each renewal.
-    pub(super) fn let_go_idle_headroom(self: &Arc<Self>) {
-        let mut idle = Vec::new();
-        self.write_headroom().retain(|_, headroom| {
-            let mut state = headroom.lock();
-            let keep = (state.touched && !state.draining) || state.used > 0 || state.adjusting;
-            state.touched = false;
-            if !keep {
-                state.retired = true;
-                idle.push(Arc::clone(headroom));
-            }
-            keep
-        });
-        for headroom in idle {
-            self.let_go(&headroom);
-        }
-    }
-
-    /// Releases a retired headroom's lease, and forgets the headroom.
-    fn let_go(self: &Arc<Self>, headroom: &Arc<Headroom>) {
-        let mut all = self.write_headroom();
-        if all
-            .get(&headroom.lease.tenant)
-            .is_some_and(|known| Arc::ptr_eq(known, headroom))
-        {
-            all.remove(&headroom.lease.tenant);
-        }
-        drop(all);
-        self.forget(&headroom.lease);
-        self.release_later(Arc::clone(&headroom.lease));
-    }
-
-    /// The headrooms whose leases a renewal sent at `sent` pushed back may admit for
-    /// another half TTL.
-    pub(super) fn headroom_renewed(&self, renewed: &[&Arc<Lease>], sent: Instant) {
-        let all = self.read_headroom();
-        for lease in renewed {
-            if let Some(headroom) = all.get(&lease.tenant) {
-                if Arc::ptr_eq(&headroom.lease, lease) {
-                    let mut state = headroom.lock();
-                    let until = sent + self.ttl / 2;
-                    state.valid_until = state.valid_until.max(Some(until));
-                }
-            }
-        }
-    }
-}
-
-impl Drop for Inner {
-    /// The last handle on the tracker is gone (no reservation is drawn from its headroom
-    /// any more, each held one): its headroom leases are released rather than left to
-    /// expire.
-    fn drop(&mut self) {
-        let all = std::mem::take(
-            self.headroom
-                .get_mut()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
-        let leases: Vec<Arc<Lease>> = all
-            .into_values()
-            .filter(|headroom| headroom.lock().created)
-            .map(|headroom| Arc::clone(&headroom.lease))
-            .collect();
-        if leases.is_empty() {
-            return;
-        }
-        let (script, mut conn) = (self.scripts.batch.clone(), self.conn.clone());
-        let (ttl, timeout) = (self.ttl_ms(), self.timeout);
-        self.runtime.spawn(async move {
-            for lease in leases {
-                let mut invocation = script.prepare_invoke();
-                invocation.arg(ttl).key(&*lease.key).arg("x").arg(&lease.id);
-                let released = invocation.invoke_async::<Vec<i64>>(&mut conn);
-                if !matches!(tokio::time::timeout(timeout, released).await, Ok(Ok(_))) {
-                    tracing::debug!(
-                        tenant = &*lease.tenant,
-                        lease = lease.id,
-                        "could not release a headroom lease; it expires after its TTL"
-                    );
-                }
-            }
-        });
     }
 }

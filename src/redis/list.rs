@@ -24,12 +24,11 @@ impl RedisTokenTracker {
     /// [`Error::BackendUnavailable`] when Redis could not be asked.
     pub async fn tenants_in_flight(&self, limit: usize) -> Result<Vec<(String, u64)>, Error> {
         let inner = &self.inner;
-        let (head, tail) = ("{t:", "}:tokens");
-        let pattern = format!("{}{head}*{tail}", escape_glob(&inner.prefix));
-        let unavailable = |failure: super::tracker::Failure| failure.unavailable();
+        let pattern = inner.keys().all_tokens();
+        let unavailable = |failure: super::call::Failure| failure.unavailable();
         // One server, or every master of a cluster: each holds its slots' keys.
         let masters = inner
-            .timed(inner.conn.masters())
+            .timed(inner.conn().masters())
             .await
             .map_err(unavailable)?;
         let mut seen = HashSet::new();
@@ -44,13 +43,12 @@ impl RedisTokenTracker {
                     .arg("COUNT")
                     .arg(SCAN_STEP);
                 let (next, keys): (u64, Vec<String>) = inner
-                    .timed(inner.conn.query_on(node, scan))
+                    .timed(inner.conn().query_on(node, scan))
                     .await
                     .map_err(unavailable)?;
-                let found = keys.iter().filter_map(|key| {
-                    let tenant = key.strip_prefix(inner.prefix.as_str())?;
-                    Some(tenant.strip_prefix(head)?.strip_suffix(tail)?.to_owned())
-                });
+                let found = keys
+                    .iter()
+                    .filter_map(|key| inner.keys().tenant_of(key).map(str::to_owned));
                 for tenant in found {
                     if !seen.insert(tenant.clone()) {
                         continue; // SCAN may return a key twice
@@ -74,17 +72,4 @@ impl RedisTokenTracker {
         listed.sort();
         Ok(listed)
     }
-}
-
-/// `text` with the characters a glob pattern (`SCAN`'s, a pattern subscription's) treats
-/// specially escaped.
-pub(super) fn escape_glob(text: &str) -> String {
-    let mut escaped = String::with_capacity(text.len());
-    for c in text.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            escaped.push('\\');
-        }
-        escaped.push(c);
-    }
-    escaped
 }

@@ -39,18 +39,19 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
 use redis::{Script, ScriptInvocation};
 
-use super::lease::{Lease, RedisReservation};
-use super::list::escape_glob;
+use super::keys::escape_glob;
+use super::lease::Lease;
+use super::reservation::RedisReservation;
+use super::reserve::Unanswered;
 use super::scripts::CORE;
-use super::tracker::{Inner, RedisTokenTracker};
-use crate::fair::Priority;
-use crate::fair::Queue;
+use super::shared::Inner;
+use super::stats::Count;
+use crate::fair::{Priority, Queue};
 use crate::Error;
 
 /// The fair queue's Lua: helpers and entry points (`admit`, `cancel`, `renew`), after the
@@ -83,88 +84,11 @@ impl Scripts {
     }
 }
 
-/// Where a tracker hears wake-ups: a server of its own (the one server, or any node of a
-/// cluster, which passes every message to all its nodes), or the master the Sentinels
-/// name.
-pub(crate) enum Subscribe {
-    /// Tried in turn.
-    Nodes(Vec<redis::ConnectionInfo>),
-    /// The Sentinels, and the master's name.
-    Sentinel(Vec<redis::ConnectionInfo>, String),
-}
-
-impl Subscribe {
-    /// A pub/sub connection to a server that hears the budgets' messages.
-    async fn connect(&self) -> redis::RedisResult<redis::aio::PubSub> {
-        match self {
-            Subscribe::Nodes(nodes) => {
-                let mut failed = None;
-                for node in nodes {
-                    match redis::Client::open(node.clone()) {
-                        Ok(client) => match client.get_async_pubsub().await {
-                            Ok(pubsub) => return Ok(pubsub),
-                            Err(error) => failed = Some(error),
-                        },
-                        Err(error) => failed = Some(error),
-                    }
-                }
-                Err(failed.unwrap_or_else(|| {
-                    redis::RedisError::from((redis::ErrorKind::Client, "no node to subscribe on"))
-                }))
-            }
-            Subscribe::Sentinel(sentinels, name) => {
-                let mut sentinel = redis::sentinel::SentinelClient::build(
-                    sentinels.clone(),
-                    name.clone(),
-                    None,
-                    redis::sentinel::SentinelServerType::Master,
-                )?;
-                sentinel.async_get_client().await?.get_async_pubsub().await
-            }
-        }
-    }
-}
-
-/// What a tracker keeps for the fair queues of the budgets it counts: nothing but where to
-/// hear wake-ups until a request first waits on one of them.
-pub(crate) struct Fair {
-    subscribe: Subscribe,
-    scripts: OnceLock<Scripts>,
-    /// Set once a lease was admitted through a queue: releases then wake waiters.
-    pub(super) in_use: AtomicBool,
-    next_ticket: AtomicU64,
-    /// Tickets this replica holds in Redis (id → budget key), renewed with the leases.
-    tickets: Mutex<HashMap<String, Arc<str>>>,
-    /// The queues of this process waiting on this tracker's budgets, woken on a message.
-    queues: Mutex<Vec<Weak<Queue>>>,
-    /// Whether the task listening for wake-ups runs.
-    listening: AtomicBool,
-}
-
-impl Fair {
-    pub(crate) fn new(subscribe: Subscribe) -> Self {
-        Self {
-            subscribe,
-            scripts: OnceLock::new(),
-            in_use: AtomicBool::new(false),
-            next_ticket: AtomicU64::new(0),
-            tickets: Mutex::default(),
-            queues: Mutex::default(),
-            listening: AtomicBool::new(false),
-        }
-    }
-
-    fn scripts(&self) -> &Scripts {
-        self.scripts.get_or_init(Scripts::new)
-    }
-
-    fn lock_tickets(&self) -> MutexGuard<'_, HashMap<String, Arc<str>>> {
-        self.tickets.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn lock_queues(&self) -> MutexGuard<'_, Vec<Weak<Queue>>> {
-        self.queues.lock().unwrap_or_else(PoisonError::into_inner)
-    }
+/// The fair queue's scripts, hashed on first use: once a process, as every tracker's are
+/// the same.
+fn scripts() -> &'static Scripts {
+    static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
+    SCRIPTS.get_or_init(Scripts::new)
 }
 
 /// One waiting request's place in the fair order of the Redis budgets it draws from: its
@@ -213,8 +137,8 @@ impl Turn {
         for place in self.lock().iter_mut().filter(|place| place.held) {
             place.held = false;
             place.inner.cancel_later(&place.key, &place.id);
-            let seq = place.inner.fair.next_ticket.fetch_add(1, Relaxed);
-            place.id = format!("{}:q{seq}", place.inner.replica);
+            let seq = place.inner.fair().next_ticket();
+            place.id = format!("{}:q{seq}", place.inner.replica());
         }
     }
 
@@ -254,8 +178,8 @@ impl Turn {
             }
             None => {
                 let id = passed.unwrap_or_else(|| {
-                    let seq = inner.fair.next_ticket.fetch_add(1, Relaxed);
-                    format!("{}:q{seq}", inner.replica)
+                    let seq = inner.fair().next_ticket();
+                    format!("{}:q{seq}", inner.replica())
                 });
                 places.push(Place {
                     inner: Arc::clone(inner),
@@ -284,14 +208,14 @@ impl Turn {
         if passed {
             // Still renewed with this replica's tickets until the next request takes it.
             let ticket = (Arc::clone(inner), Arc::clone(&place.key), place.id.clone());
-            let seq = inner.fair.next_ticket.fetch_add(1, Relaxed);
-            place.id = format!("{}:q{seq}", inner.replica);
+            let seq = inner.fair().next_ticket();
+            place.id = format!("{}:q{seq}", inner.replica());
             drop(places);
             let passed = Box::new(Passed(Some(ticket)));
             self.queue.pass_on(&self.tenant, self.class, passed, true);
             return;
         }
-        let mut tickets = inner.fair.lock_tickets();
+        let mut tickets = inner.fair().lock_tickets();
         if held {
             tickets.insert(place.id.clone(), Arc::clone(&place.key));
         } else {
@@ -357,24 +281,10 @@ fn class_digit(class: Priority) -> u8 {
     }
 }
 
-impl RedisTokenTracker {
-    /// Reserves `tokens` of the budget `key` in its turn: at once if nobody waits ahead,
-    /// otherwise refused with a ticket that keeps the request's place (see the module
-    /// notes).
-    pub(crate) async fn reserve_in_turn(
-        &self,
-        key: &str,
-        tokens: u64,
-        turn: &Arc<Turn>,
-    ) -> Result<RedisReservation, Error> {
-        Inner::reserve_in_turn(&self.inner, key, tokens, turn).await
-    }
-}
-
 impl Inner {
     /// The keys of budget `key`'s queue: tickets, deadlines, counters, the three turns.
     fn queue_keys(&self, key: &str) -> [String; 6] {
-        let base = format!("{}{{t:{key}}}:q:", self.prefix);
+        let base = format!("{}{{t:{key}}}:q:", self.prefix());
         [
             format!("{base}tickets"),
             format!("{base}deadlines"),
@@ -386,7 +296,7 @@ impl Inner {
     }
 
     fn channel(&self, key: &str) -> String {
-        format!("{}{{t:{key}}}:q:wake", self.prefix)
+        format!("{}{{t:{key}}}:q:wake", self.prefix())
     }
 
     /// A script on budget `key`'s leases and queue, its keys given.
@@ -399,7 +309,7 @@ impl Inner {
         invocation
     }
 
-    async fn reserve_in_turn(
+    pub(super) async fn reserve_in_turn(
         this: &Arc<Self>,
         key: &str,
         tokens: u64,
@@ -413,22 +323,22 @@ impl Inner {
                 cap,
             });
         }
-        if !this.breaker.allow() {
+        if !this.breaker().allow() {
             return this.unavailable(key, tokens, true, "circuit open");
         }
         this.listen(&turn.queue);
         let lease = Arc::new(this.new_lease(key, cap, tokens));
         // Released by id should the answer never come (it may have landed).
-        let unanswered = Unanswered(Some((Arc::clone(this), Arc::clone(&lease))));
+        let unanswered = Unanswered::new(this, Arc::clone(&lease));
         let ticket = turn.ticket(this, key);
         let active = turn.queue.is_active(&turn.tenant);
         // Its ticket stays for the next request of its tenant here if that one is of the
         // same class (the script keeps it only for a request that holds it).
         let pass = turn.queue.next_class(&turn.tenant) == Some(turn.class);
         let share = tokens as f64 / f64::from(turn.weight);
-        let mut invocation = this.on_queue(&this.fair.scripts().admit, key);
+        let mut invocation = this.on_queue(&scripts().admit, key);
         invocation
-            .arg(&lease.id)
+            .arg(lease.id())
             .arg(tokens)
             .arg(cap)
             .arg(this.ttl_ms())
@@ -439,30 +349,30 @@ impl Inner {
             .arg(u8::from(active))
             .arg(this.channel(key))
             .arg(u8::from(pass));
-        let mut conn = this.conn.clone();
+        let mut conn = this.conn().clone();
         let answer: Result<(i64, u64), _> = this.timed(invocation.invoke_async(&mut conn)).await;
         let (status, in_flight) = match answer {
             Ok(answer) => answer,
             Err(failure) => {
                 let reason = failure.to_string();
-                this.breaker.failure(&reason);
+                this.breaker().failure(&reason);
                 drop(unanswered);
                 return this.unavailable(key, tokens, true, &reason);
             }
         };
-        this.breaker.success();
+        this.breaker().success();
         let lease = unanswered.answered();
         turn.answered(this, key, matches!(status, 0 | 2), status == 4);
         match status {
             1 | 4 => {
-                this.fair.in_use.store(true, Relaxed);
-                this.counters.admitted.fetch_add(1, Relaxed);
-                lease.in_flight.store(in_flight, Relaxed);
+                this.fair().set_in_use();
+                this.counters().add(Count::Admitted);
+                lease.set_in_flight(in_flight);
                 this.hold(&lease);
                 Ok(RedisReservation::lease(lease, Arc::clone(this)))
             }
             0 | 2 => {
-                this.counters.refused.fetch_add(1, Relaxed);
+                this.counters().add(Count::Refused);
                 Err(Error::TenantOverloaded {
                     tenant_id: key.to_owned(),
                     requested: tokens,
@@ -485,15 +395,15 @@ impl Inner {
     /// Gives up ticket `id` of budget `key` in a spawned task; if Redis cannot be told,
     /// the ticket expires with its deadline.
     fn cancel_later(self: &Arc<Self>, key: &Arc<str>, id: &str) {
-        self.fair.lock_tickets().remove(id);
+        self.fair().lock_tickets().remove(id);
         let (this, key, id) = (Arc::clone(self), Arc::clone(key), id.to_owned());
-        self.runtime.spawn(async move {
-            let mut invocation = this.on_queue(&this.fair.scripts().cancel, &key);
+        self.runtime().spawn(async move {
+            let mut invocation = this.on_queue(&scripts().cancel, &key);
             invocation
                 .arg(&id)
                 .arg(this.ttl_ms())
                 .arg(this.channel(&key));
-            let mut conn = this.conn.clone();
+            let mut conn = this.conn().clone();
             let answer: Result<i64, _> = this.timed(invocation.invoke_async(&mut conn)).await;
             if let Err(failure) = answer {
                 tracing::warn!(budget = &*key, ticket = id, %failure,
@@ -505,16 +415,16 @@ impl Inner {
     /// Pushes back the deadlines of the tickets this replica holds, one call per budget.
     pub(super) async fn renew_tickets(self: &Arc<Self>) {
         let mut by_key: HashMap<Arc<str>, Vec<String>> = HashMap::new();
-        for (id, key) in self.fair.lock_tickets().iter() {
+        for (id, key) in self.fair().lock_tickets().iter() {
             by_key.entry(Arc::clone(key)).or_default().push(id.clone());
         }
         for (key, ids) in by_key {
-            let mut invocation = self.on_queue(&self.fair.scripts().renew, &key);
+            let mut invocation = self.on_queue(&scripts().renew, &key);
             invocation.arg(self.ttl_ms());
             for id in &ids {
                 invocation.arg(id);
             }
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn().clone();
             let answer: Result<i64, _> = self.timed(invocation.invoke_async(&mut conn)).await;
             if let Err(failure) = answer {
                 tracing::warn!(budget = &*key, %failure, "could not renew waiting tickets");
@@ -526,14 +436,14 @@ impl Inner {
     /// tracker admits leases through a queue and any wait (in a spawned task; should it
     /// fail, the waiters look again on their own).
     pub(super) fn wake_after_release(&self, lease: &Lease) {
-        if !self.fair.in_use.load(Relaxed) {
+        if !self.fair().in_use() {
             return;
         }
-        let script = self.fair.scripts().wake.clone();
-        let [_, deadlines, ..] = self.queue_keys(&lease.tenant);
-        let channel = self.channel(&lease.tenant);
-        let (mut conn, timeout) = (self.conn.clone(), self.timeout);
-        self.runtime.spawn(async move {
+        let script = scripts().wake.clone();
+        let [_, deadlines, ..] = self.queue_keys(lease.tenant());
+        let channel = self.channel(lease.tenant());
+        let (mut conn, timeout) = (self.conn().clone(), self.timeout());
+        self.runtime().spawn(async move {
             let mut invocation = script.key(deadlines);
             invocation.arg(channel);
             let woken = tokio::time::timeout(timeout, invocation.invoke_async::<i64>(&mut conn));
@@ -546,7 +456,7 @@ impl Inner {
     /// Wakes `queue` on wake-ups from Redis, and starts listening for them if need be.
     fn listen(self: &Arc<Self>, queue: &Arc<Queue>) {
         {
-            let mut queues = self.fair.lock_queues();
+            let mut queues = self.fair().lock_queues();
             let known = queues
                 .iter()
                 .any(|known| std::ptr::eq(known.as_ptr(), Arc::as_ptr(queue)));
@@ -555,16 +465,16 @@ impl Inner {
                 queues.push(Arc::downgrade(queue));
             }
         }
-        if !self.fair.listening.swap(true, Relaxed) {
-            let pattern = format!("{}{{t:*}}:q:wake", escape_glob(&self.prefix));
-            self.runtime
+        if self.fair().start_listening() {
+            let pattern = format!("{}{{t:*}}:q:wake", escape_glob(self.prefix()));
+            self.runtime()
                 .spawn(listen_forever(Arc::downgrade(self), pattern));
         }
     }
 
     fn wake_queues(&self) {
         let queues: Vec<Arc<Queue>> = self
-            .fair
+            .fair()
             .lock_queues()
             .iter()
             .filter_map(Weak::upgrade)
@@ -585,7 +495,7 @@ async fn listen_forever(shared: Weak<Inner>, pattern: String) {
             return;
         };
         let subscribed = async {
-            let mut pubsub = inner.fair.subscribe.connect().await?;
+            let mut pubsub = inner.fair().subscribe().connect().await?;
             pubsub.psubscribe(&pattern).await?;
             Ok::<_, redis::RedisError>(pubsub)
         };
@@ -617,24 +527,6 @@ async fn listen_forever(shared: Weak<Inner>, pattern: String) {
                 Err(_) if shared.strong_count() == 0 => return,
                 Err(_) => {}
             }
-        }
-    }
-}
-
-/// A reservation sent with a ticket and not answered yet; dropped unanswered, the lease is
-/// released by id in case Redis applied it.
-struct Unanswered(Option<(Arc<Inner>, Arc<Lease>)>);
-
-impl Unanswered {
-    fn answered(mut self) -> Arc<Lease> {
-        self.0.take().expect("answered once").1
-    }
-}
-
-impl Drop for Unanswered {
-    fn drop(&mut self) {
-        if let Some((inner, lease)) = self.0.take() {
-            inner.release_later(lease);
         }
     }
 }

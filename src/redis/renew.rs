@@ -1,19 +1,18 @@
 //! Renewal: every live lease's deadline pushed back, one pipelined round trip per period,
-//! and sooner when Redis may have lost leases (see [`watch`](super::watch)): a failed
+//! and sooner when Redis may have lost leases (see [`events`](super::events)): a failed
 //! renewal is retried after a short backoff, and a new connection is renewed on at once,
 //! registering again in that call the leases the server lacks.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering::Relaxed;
+use std::collections::HashSet;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use redis::RedisError;
 use tokio::time::Instant;
 
+use super::events::{Events, BROKEN, CHECK, HELD, RECONNECTED};
 use super::lease::Lease;
-use super::tracker::Inner;
-use super::watch::{Events, BROKEN, CHECK, HELD, RECONNECTED};
+use super::shared::Inner;
 
 /// The first pause before a failed renewal is tried again; it doubles up to
 /// [`RETRY_AT_MOST`].
@@ -22,7 +21,7 @@ const RETRY_AT_MOST: Duration = Duration::from_secs(1);
 /// How often, while leases are held, the connection is checked with a `PING` between
 /// renewals: a server restarted empty, or a master gone, is noticed this soon even when no
 /// request comes.
-pub(super) const CHECK_EVERY: Duration = Duration::from_secs(1);
+const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// How a renewal went.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -36,18 +35,12 @@ enum Renewal {
 impl Inner {
     /// How long a renewal, or a check, may take.
     fn renewal_budget(&self) -> Duration {
-        (self.renew_every / 2).max(self.timeout)
+        (self.renew_every() / 2).max(self.timeout())
     }
 
     /// Renews every live lease: one script call per tenant, all in one pipeline.
     async fn renew_all(self: &Arc<Self>, retrying: bool) -> Renewal {
-        let mut by_tenant: HashMap<Arc<str>, Vec<Arc<Lease>>> = HashMap::new();
-        for lease in self.lock_leases().values() {
-            by_tenant
-                .entry(Arc::clone(&lease.key))
-                .or_default()
-                .push(Arc::clone(lease));
-        }
+        let by_tenant = self.leases().by_key();
         if by_tenant.is_empty() {
             return Renewal::Nothing;
         }
@@ -55,17 +48,17 @@ impl Inner {
         let mut pipe = redis::pipe();
         for (key, leases) in &batches {
             let mut cmd = redis::cmd("EVALSHA");
-            cmd.arg(self.scripts.renew.get_hash())
+            cmd.arg(self.scripts().renew.get_hash())
                 .arg(1)
                 .arg(&**key)
                 .arg(self.ttl_ms());
             for lease in leases {
-                cmd.arg(&lease.id).arg(lease.tokens.load(Relaxed));
+                cmd.arg(lease.id()).arg(lease.tokens());
             }
             pipe.add_command(cmd);
         }
         let budget = self.renewal_budget();
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().clone();
         let sent = std::time::Instant::now();
         // Per tenant: the tokens in flight, then the ids of the leases registered again.
         let mut answer: Result<Vec<(u64, Vec<String>)>, RedisError> =
@@ -81,7 +74,7 @@ impl Inner {
         if matches!(&answer, Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
         {
             let reloaded = self
-                .scripts
+                .scripts()
                 .renew
                 .prepare_invoke()
                 .load_async(&mut conn)
@@ -94,12 +87,12 @@ impl Inner {
         match answer {
             Ok(answers) => {
                 for ((_, leases), (in_flight, again)) in batches.iter().zip(&answers) {
-                    let again: HashSet<&String> = again.iter().collect();
-                    for lease in leases.iter().filter(|lease| again.contains(&lease.id)) {
+                    let again: HashSet<&str> = again.iter().map(String::as_str).collect();
+                    for lease in leases.iter().filter(|lease| again.contains(lease.id())) {
                         self.registered_again(lease, *in_flight);
                     }
                     for lease in leases {
-                        lease.in_flight.store(*in_flight, Relaxed);
+                        lease.set_in_flight(*in_flight);
                     }
                 }
                 let renewed: Vec<&Arc<Lease>> = batches.iter().flat_map(|(_, l)| l).collect();
@@ -107,8 +100,8 @@ impl Inner {
                 // Redis answers as a request's call must: that is what the breaker's
                 // probe would find, so requests need not wait for it. A slower answer
                 // proves nothing of the kind under load.
-                if sent.elapsed() <= self.timeout {
-                    self.breaker.success();
+                if sent.elapsed() <= self.timeout() {
+                    self.breaker().success();
                 }
                 if retrying {
                     tracing::info!(tenants = batches.len(), "renewed leases again");
@@ -131,7 +124,7 @@ impl Inner {
     /// Whether the connection passes its [check](super::conn::Conn::check), given as long
     /// as a renewal.
     async fn answers(&self) -> bool {
-        match tokio::time::timeout(self.renewal_budget(), self.conn.check()).await {
+        match tokio::time::timeout(self.renewal_budget(), self.conn().check()).await {
             Ok(Ok(())) => true,
             Ok(Err(error)) => {
                 tracing::warn!(%error, "redis did not answer a health check; renewing as \

@@ -1,13 +1,16 @@
 //! Reserving in Redis, and what the failure policy answers when Redis cannot be asked.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
-use super::lease::{Lease, RedisReservation};
-use super::tracker::{clamp, FailurePolicy, Inner, MAX_REDIS_TOKENS};
+use super::lease::{clamp, Lease, MAX_REDIS_TOKENS};
+use super::reservation::RedisReservation;
+use super::shared::Inner;
+use super::stats::Count;
 use crate::Error;
 
 impl Inner {
+    /// Reserves `tokens` for `tenant_id` with a lease of its own, under the tenant's cap
+    /// when `checked`, whatever it when not (shadow mode).
     pub(super) async fn reserve(
         this: &Arc<Self>,
         tenant_id: &str,
@@ -26,17 +29,17 @@ impl Inner {
                 cap,
             });
         }
-        if !this.breaker.allow() {
+        if !this.breaker().allow() {
             return this.unavailable(tenant_id, tokens, checked, "circuit open");
         }
-        let pending = Unanswered {
-            shared: this,
-            lease: Some(Arc::new(this.new_lease(tenant_id, cap, tokens))),
-        };
-        let lease = pending.lease.as_ref().expect("just set");
+        let pending = Unanswered::new(this, Arc::new(this.new_lease(tenant_id, cap, tokens)));
+        let lease = pending.lease();
         let mut attempt = 0;
         let answer = loop {
-            match this.timed(this.batches.reserve(lease, tokens, limit)).await {
+            match this
+                .timed(this.batches().reserve(lease, tokens, limit))
+                .await
+            {
                 // A broken connection is retried once, with the same lease id: if the
                 // first attempt did reach Redis, the second admits nothing twice.
                 Err(failure) if attempt == 0 && failure.is_connection() => {
@@ -50,22 +53,22 @@ impl Inner {
             Ok(answer) => answer,
             Err(failure) => {
                 let reason = failure.to_string();
-                this.breaker.failure(&reason);
+                this.breaker().failure(&reason);
                 drop(pending); // it may have landed after all: released by id
                 return this.unavailable(tenant_id, tokens, checked, &reason);
             }
         };
-        this.breaker.success();
+        this.breaker().success();
         let lease = pending.answered();
         match status {
             1 => {
-                this.counters.admitted.fetch_add(1, Relaxed);
-                lease.in_flight.store(in_flight, Relaxed);
+                this.counters().add(Count::Admitted);
+                lease.set_in_flight(in_flight);
                 this.hold(&lease);
                 Ok(RedisReservation::lease(lease, Arc::clone(this)))
             }
             0 => {
-                this.counters.refused.fetch_add(1, Relaxed);
+                this.counters().add(Count::Refused);
                 Err(Error::TenantOverloaded {
                     tenant_id: tenant_id.to_owned(),
                     requested: tokens,
@@ -81,24 +84,6 @@ impl Inner {
         }
     }
 
-    /// A new lease of `tokens` for `tenant_id`, whose cap is `cap`, with this replica's next
-    /// id.
-    pub(super) fn new_lease(&self, tenant_id: &str, cap: u64, tokens: u64) -> Lease {
-        let seq = self.next_lease.fetch_add(1, Relaxed);
-        Lease {
-            id: format!("{}:{seq}", self.replica),
-            seq,
-            tenant: Arc::from(tenant_id),
-            key: self.key(tenant_id).into(),
-            cap,
-            tokens: AtomicU64::new(tokens),
-            in_flight: AtomicU64::new(0),
-            lost: Default::default(),
-            released: Default::default(),
-            write: tokio::sync::Mutex::new(()),
-        }
-    }
-
     /// Answers a request Redis could not decide, as the failure policy says.
     pub(super) fn unavailable(
         &self,
@@ -107,30 +92,12 @@ impl Inner {
         checked: bool,
         reason: &str,
     ) -> Result<RedisReservation, Error> {
-        self.counters.unavailable.fetch_add(1, Relaxed);
-        tracing::debug!(tenant = tenant_id, tokens, reason, policy = ?self.policy,
+        self.counters().add(Count::Unavailable);
+        tracing::debug!(tenant = tenant_id, tokens, reason, policy = ?self.fallback().policy(),
             "redis unavailable: the failure policy answers");
-        match (self.policy, &self.local) {
-            (FailurePolicy::FailOpen, _) => Ok(RedisReservation::uncounted(tenant_id, tokens)),
-            (FailurePolicy::LocalShare { .. }, Some(local)) if !checked => Ok(
-                RedisReservation::local(local.reserve_unchecked(tenant_id, tokens)),
-            ),
-            (FailurePolicy::LocalShare { .. }, Some(local)) => {
-                match local.reserve_id(tenant_id, tokens) {
-                    Ok(reservation) => Ok(RedisReservation::local(reservation)),
-                    // Larger than the share, not than the cap: it fits once Redis is back.
-                    Err(Error::RequestTooLarge { cap, .. }) => Err(Error::TenantOverloaded {
-                        tenant_id: tenant_id.to_owned(),
-                        requested: tokens,
-                        in_flight: local.in_flight(tenant_id),
-                        cap,
-                    }),
-                    Err(error) => Err(error),
-                }
-            }
-            _ => Err(Error::BackendUnavailable {
-                reason: format!("redis: {reason}"),
-            }),
+        match self.fallback().admit(tenant_id, tokens, checked, reason)? {
+            Some(reservation) => Ok(RedisReservation::local(reservation)),
+            None => Ok(RedisReservation::uncounted(tenant_id, tokens)),
         }
     }
 }
@@ -139,13 +106,24 @@ impl Inner {
 /// timed out, or the request waiting for it was cancelled), it is released by id in the
 /// background, in case Redis applied it: a cancelled request leaves nothing behind for the
 /// TTL to clean up.
-struct Unanswered<'a> {
-    shared: &'a Arc<Inner>,
+pub(super) struct Unanswered<'a> {
+    tracker: &'a Arc<Inner>,
     lease: Option<Arc<Lease>>,
 }
 
-impl Unanswered<'_> {
-    fn answered(mut self) -> Arc<Lease> {
+impl<'a> Unanswered<'a> {
+    pub(super) fn new(tracker: &'a Arc<Inner>, lease: Arc<Lease>) -> Self {
+        Self {
+            tracker,
+            lease: Some(lease),
+        }
+    }
+
+    pub(super) fn lease(&self) -> &Arc<Lease> {
+        self.lease.as_ref().expect("not answered yet")
+    }
+
+    pub(super) fn answered(mut self) -> Arc<Lease> {
         self.lease.take().expect("answered once")
     }
 }
@@ -153,7 +131,7 @@ impl Unanswered<'_> {
 impl Drop for Unanswered<'_> {
     fn drop(&mut self) {
         if let Some(lease) = self.lease.take() {
-            self.shared.release_later(lease);
+            self.tracker.release_later(lease);
         }
     }
 }

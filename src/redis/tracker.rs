@@ -1,22 +1,19 @@
-//! The tracker, its settings, and what its clones and leases share.
+//! The tracker, and its builder.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::{IntoConnectionInfo, RedisError};
 
-use super::batch::{self, Batches};
-use super::breaker::Breaker;
 use super::conn::Conn;
-use super::headroom::Headroom;
-use super::lease::{Lease, RedisReservation};
-use super::queue::Subscribe;
+use super::fair::Subscribe;
+use super::policy::FailurePolicy;
+use super::queue::Turn;
 use super::renew;
-use super::scripts::Scripts;
+use super::reservation::RedisReservation;
+use super::shared::{Inner, Settings};
+use super::stats::RedisTrackerStats;
 use crate::tracker::Caps;
 use crate::{Error, TenantTokenTracker};
 
@@ -26,69 +23,6 @@ pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
 pub const DEFAULT_RENEW_EVERY: Duration = Duration::from_secs(10);
 /// How long one call to Redis may take by default before the failure policy answers.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_millis(100);
-
-/// The largest token amount Redis keeps exactly (its Lua numbers are doubles); caps and
-/// estimates above it count as this.
-pub const MAX_REDIS_TOKENS: u64 = (1 << 53) - 1;
-
-pub(crate) fn clamp(tokens: u64) -> u64 {
-    tokens.min(MAX_REDIS_TOKENS)
-}
-
-/// What a [`RedisTokenTracker`] does with a request when Redis cannot be asked (down,
-/// slower than the call timeout, or skipped while the circuit breaker is open).
-///
-/// Every choice is logged: a `warn` when the breaker opens and when Redis answers again,
-/// a `debug` line per request answered by the policy, and the counts in
-/// [`RedisTokenTracker::stats`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum FailurePolicy {
-    /// Refuse: `503 Service Unavailable` with `Retry-After`
-    /// ([`Error::BackendUnavailable`]). Nothing is admitted that the shared cap did not
-    /// see. The default.
-    FailClosed,
-    /// Admit without counting: the caps are off until Redis is back.
-    FailOpen,
-    /// Count against this replica's share of each tenant's cap, `cap / replicas` (at
-    /// least 1 token), in memory: with `replicas` replicas running, the tenant can still
-    /// not exceed its cap in total.
-    LocalShare {
-        /// How many replicas share the cap.
-        replicas: u32,
-    },
-}
-
-/// Counts of what a [`RedisTokenTracker`] did, since it was built.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct RedisTrackerStats {
-    /// Reservations Redis admitted, one lease each.
-    pub admitted: u64,
-    /// Reservations admitted from this replica's
-    /// [headroom](RedisTokenTrackerBuilder::local_headroom), without a round trip.
-    pub admitted_locally: u64,
-    /// Reservations Redis refused (over the cap).
-    pub refused: u64,
-    /// Requests the failure policy answered because Redis could not be asked.
-    pub unavailable: u64,
-    /// Leases Redis had lost while this replica still held them (a restart without the
-    /// data, a flush, a failover, or this replica cut off for longer than the TTL), each
-    /// registered again at the next renewal or resize (at once after a reconnection).
-    pub lost_leases: u64,
-    /// Releases Redis could not be told of; those leases expire after their TTL instead.
-    pub failed_releases: u64,
-}
-
-#[derive(Default)]
-pub(super) struct Counters {
-    pub(super) admitted: AtomicU64,
-    pub(super) admitted_locally: AtomicU64,
-    pub(super) refused: AtomicU64,
-    pub(super) unavailable: AtomicU64,
-    pub(super) lost_leases: AtomicU64,
-    pub(super) failed_releases: AtomicU64,
-}
 
 /// Enforces a per-tenant cap on tokens in flight across every replica, in Redis.
 ///
@@ -127,9 +61,6 @@ pub(super) struct Counters {
 /// so that a tenant's next request finds it: making and deleting it would cost Redis more
 /// than the reservation).
 ///
-/// The first cut kept a sorted set of deadlines beside the hash: replicas of the first cut
-/// and of this version must not share a `key_prefix`, so roll out with a new one.
-///
 /// Reserving is idempotent per lease id, so a reserve that timed out is released by id;
 /// releasing is idempotent; a lease Redis lost while this replica still holds it
 /// (restart, flush, failover, a partition longer than the TTL) is registered again at the
@@ -142,9 +73,8 @@ pub(super) struct Counters {
 /// their `+switch-master`. Holding no lease, it sends nothing between periods. The
 /// [guide](crate::guide::replicas#when-redis-loses-leases) has the window as measured.
 ///
-/// Caps come
-/// from this replica's settings (the default and the cap function) and are checked in
-/// Redis against every replica's leases: configure every replica alike.
+/// Caps come from this replica's settings (the default and the cap function) and are
+/// checked in Redis against every replica's leases: configure every replica alike.
 ///
 /// # When Redis is unreachable
 ///
@@ -160,76 +90,21 @@ pub struct RedisTokenTracker {
     pub(super) inner: Arc<Inner>,
 }
 
-/// Everything a tracker's clones, reservations and renewal task share.
-pub(crate) struct Inner {
-    pub(super) conn: Conn,
-    pub(super) scripts: Scripts,
-    /// Reservations and releases waiting to be sent together.
-    pub(super) batches: Batches,
-    pub(super) prefix: String,
-    pub(super) replica: String,
-    pub(super) next_lease: AtomicU64,
-    pub(super) ttl: Duration,
-    pub(super) renew_every: Duration,
-    pub(super) timeout: Duration,
-    pub(super) policy: FailurePolicy,
-    pub(super) caps: Caps,
-    pub(super) breaker: Breaker,
-    /// This replica's share of the caps, for [`FailurePolicy::LocalShare`].
-    pub(super) local: Option<Arc<TenantTokenTracker>>,
-    /// Live leases, for renewal.
-    pub(super) leases: Mutex<HashMap<u64, Arc<Lease>>>,
-    /// The share of a tenant's cap each headroom keeps unused, in percent; 0: none.
-    pub(super) headroom_share: u8,
-    /// This replica's headroom per tenant it is serving.
-    pub(super) headroom: RwLock<HashMap<Arc<str>, Arc<Headroom>>>,
-    pub(super) runtime: tokio::runtime::Handle,
-    pub(super) counters: Counters,
-    /// The fair queues of the budgets this tracker counts, and where it hears wake-ups.
-    pub(super) fair: super::queue::Fair,
-}
-
-/// Why a call to Redis failed.
-pub(super) enum Failure {
-    TimedOut(Duration),
-    Redis(RedisError),
-}
-
-impl Failure {
-    /// A broken connection, which the connection manager is remaking: worth one retry.
-    pub(super) fn is_connection(&self) -> bool {
-        matches!(self, Failure::Redis(e) if e.is_io_error() || e.is_unrecoverable_error())
-    }
-
-    pub(super) fn unavailable(&self) -> Error {
-        Error::BackendUnavailable {
-            reason: format!("redis: {self}"),
-        }
-    }
-}
-
-impl fmt::Display for Failure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Failure::TimedOut(after) => write!(f, "no answer within {after:?}"),
-            Failure::Redis(error) => error.fmt(f),
-        }
-    }
-}
-
 impl RedisTokenTracker {
     /// Starts a tracker where every tenant's cap is `default_cap`.
     pub fn builder(default_cap: u64) -> RedisTokenTrackerBuilder {
         RedisTokenTrackerBuilder {
-            caps: Caps::new(default_cap),
-            ttl: DEFAULT_LEASE_TTL,
-            renew_every: DEFAULT_RENEW_EVERY,
-            timeout: DEFAULT_CALL_TIMEOUT,
-            policy: FailurePolicy::FailClosed,
-            breaker_threshold: 3,
-            breaker_cooldown: Duration::from_secs(1),
-            prefix: "tenant-tokens:".to_owned(),
-            headroom_share: 0,
+            settings: Settings {
+                caps: Caps::new(default_cap),
+                ttl: DEFAULT_LEASE_TTL,
+                renew_every: DEFAULT_RENEW_EVERY,
+                timeout: DEFAULT_CALL_TIMEOUT,
+                policy: FailurePolicy::FailClosed,
+                breaker_threshold: 3,
+                breaker_cooldown: Duration::from_secs(1),
+                prefix: "tenant-tokens:".to_owned(),
+                headroom_share: 0,
+            },
         }
     }
 
@@ -252,7 +127,8 @@ impl RedisTokenTracker {
 
     /// Admits from this replica's headroom, when it has room: `None` means ask Redis.
     pub(crate) fn reserve_locally(&self, tenant_id: &str, tokens: u64) -> Option<RedisReservation> {
-        self.inner.admit_locally(tenant_id, tokens)
+        let drawn = self.inner.admit_locally(tenant_id, tokens)?;
+        Some(RedisReservation::drawn(drawn, Arc::clone(&self.inner)))
     }
 
     /// Reserves with a lease of its own in Redis.
@@ -267,7 +143,7 @@ impl RedisTokenTracker {
     /// Reserves `tokens` for `tenant_id` in Redis whatever its cap, as
     /// [`TenantTokenTracker::reserve_unchecked`] does in memory: counted like any other
     /// lease, for work that runs regardless (shadow mode). Amounts above
-    /// [`MAX_REDIS_TOKENS`] count as that.
+    /// [`MAX_REDIS_TOKENS`](super::MAX_REDIS_TOKENS) count as that.
     ///
     /// # Errors
     ///
@@ -282,6 +158,18 @@ impl RedisTokenTracker {
         Inner::reserve(&self.inner, tenant_id, tokens, false).await
     }
 
+    /// Reserves `tokens` of the budget `key` in its turn: at once if nobody waits ahead,
+    /// otherwise refused with a ticket that keeps the request's place (see
+    /// [`queue`](super::queue)).
+    pub(crate) async fn reserve_in_turn(
+        &self,
+        key: &str,
+        tokens: u64,
+        turn: &Arc<Turn>,
+    ) -> Result<RedisReservation, Error> {
+        Inner::reserve_in_turn(&self.inner, key, tokens, turn).await
+    }
+
     /// Tokens `tenant_id` has in flight across every replica now, as Redis counts them
     /// (replicas' [headroom](RedisTokenTrackerBuilder::local_headroom) included, used or
     /// not).
@@ -291,8 +179,8 @@ impl RedisTokenTracker {
     /// [`Error::BackendUnavailable`] when Redis could not be asked.
     pub async fn in_flight(&self, tenant_id: &str) -> Result<u64, Error> {
         let inner = &self.inner;
-        let invocation = inner.scripts.state.key(inner.key(tenant_id));
-        let mut conn = inner.conn.clone();
+        let invocation = inner.scripts().state.key(inner.key(tenant_id));
+        let mut conn = inner.conn().clone();
         let tokens: u64 = inner
             .timed(invocation.invoke_async(&mut conn))
             .await
@@ -307,109 +195,36 @@ impl RedisTokenTracker {
 
     /// What the tracker has done so far.
     pub fn stats(&self) -> RedisTrackerStats {
-        let c = &self.inner.counters;
-        RedisTrackerStats {
-            admitted: c.admitted.load(Relaxed),
-            admitted_locally: c.admitted_locally.load(Relaxed),
-            refused: c.refused.load(Relaxed),
-            unavailable: c.unavailable.load(Relaxed),
-            lost_leases: c.lost_leases.load(Relaxed),
-            failed_releases: c.failed_releases.load(Relaxed),
-        }
+        self.inner.counters().stats()
     }
 
     /// Leases this replica holds now (and renews), its headroom's included.
     pub fn live_leases(&self) -> usize {
-        self.inner.lock_leases().len()
+        self.inner.leases().len()
     }
 
     /// Whether the circuit breaker is skipping Redis now.
     pub fn is_circuit_open(&self) -> bool {
-        self.inner.breaker.is_open()
+        self.inner.breaker().is_open()
     }
 
     /// The in-memory tracker counting this replica's share of the caps, with
     /// [`FailurePolicy::LocalShare`].
     pub fn local_share(&self) -> Option<&Arc<TenantTokenTracker>> {
-        self.inner.local.as_ref()
-    }
-}
-
-impl Inner {
-    pub(super) async fn timed<T>(
-        &self,
-        call: impl Future<Output = Result<T, RedisError>>,
-    ) -> Result<T, Failure> {
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(result) => result.map_err(Failure::Redis),
-            Err(_) => Err(Failure::TimedOut(self.timeout)),
-        }
-    }
-
-    pub(super) fn cap(&self, tenant_id: &str) -> u64 {
-        let cap = self.caps.of(tenant_id);
-        clamp(cap)
-    }
-
-    /// The hash of `tenant_id`'s leases (see [`scripts`](super::scripts)).
-    pub(super) fn key(&self, tenant_id: &str) -> String {
-        format!("{}{{t:{tenant_id}}}:tokens", self.prefix)
-    }
-
-    /// Whether each script call must keep to one hash slot's keys (a Redis Cluster).
-    pub(super) fn one_slot_per_call(&self) -> bool {
-        self.conn.is_cluster()
-    }
-
-    pub(super) fn ttl_ms(&self) -> u64 {
-        (self.ttl.as_millis() as u64).max(1)
-    }
-
-    pub(super) fn lock_leases(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Lease>>> {
-        self.leases.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// This replica's headrooms, to look one up (every request that may draw from one).
-    pub(super) fn read_headroom(&self) -> RwLockReadGuard<'_, HashMap<Arc<str>, Arc<Headroom>>> {
-        self.headroom.read().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// This replica's headrooms, to add or remove one.
-    pub(super) fn write_headroom(&self) -> RwLockWriteGuard<'_, HashMap<Arc<str>, Arc<Headroom>>> {
-        self.headroom
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.inner.fallback().local()
     }
 }
 
 impl fmt::Debug for RedisTokenTracker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let inner = &self.inner;
-        f.debug_struct("RedisTokenTracker")
-            .field("replica", &inner.replica)
-            .field("prefix", &inner.prefix)
-            .field("caps", &inner.caps)
-            .field("lease_ttl", &inner.ttl)
-            .field("renew_every", &inner.renew_every)
-            .field("call_timeout", &inner.timeout)
-            .field("policy", &inner.policy)
-            .field("live_leases", &self.live_leases())
-            .finish_non_exhaustive()
+        self.inner.fmt(f)
     }
 }
 
 /// Settings for a [`RedisTokenTracker`]; start one with [`RedisTokenTracker::builder`].
 #[must_use]
 pub struct RedisTokenTrackerBuilder {
-    caps: Caps,
-    ttl: Duration,
-    renew_every: Duration,
-    timeout: Duration,
-    policy: FailurePolicy,
-    breaker_threshold: u32,
-    breaker_cooldown: Duration,
-    prefix: String,
-    headroom_share: u8,
+    settings: Settings,
 }
 
 impl RedisTokenTrackerBuilder {
@@ -419,42 +234,42 @@ impl RedisTokenTrackerBuilder {
     where
         F: Fn(&str) -> Option<u64> + Send + Sync + 'static,
     {
-        self.caps.set_lookup(cap_fn);
+        self.settings.caps.set_lookup(cap_fn);
         self
     }
 
     /// How long a lease lives unless renewed (default [`DEFAULT_LEASE_TTL`]): how soon a
     /// crashed replica's capacity comes back. At least 1 ms.
     pub fn lease_ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = ttl.max(Duration::from_millis(1));
+        self.settings.ttl = ttl.max(Duration::from_millis(1));
         self
     }
 
     /// How often live leases are renewed (default [`DEFAULT_RENEW_EVERY`]). Keep it well
     /// under the TTL (a third of it by default), so one missed renewal loses nothing.
     pub fn renew_every(mut self, every: Duration) -> Self {
-        self.renew_every = every.max(Duration::from_millis(1));
+        self.settings.renew_every = every.max(Duration::from_millis(1));
         self
     }
 
     /// How long one call to Redis may take before the failure policy answers instead
     /// (default [`DEFAULT_CALL_TIMEOUT`]).
     pub fn call_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.settings.timeout = timeout;
         self
     }
 
     /// What to do when Redis cannot be asked (default [`FailurePolicy::FailClosed`]).
     pub fn on_unavailable(mut self, policy: FailurePolicy) -> Self {
-        self.policy = policy;
+        self.settings.policy = policy;
         self
     }
 
     /// After `failures` failed calls in a row, skip Redis for `cooldown`, then let one call
     /// probe it (default: 3 failures, 1 s).
     pub fn circuit_breaker(mut self, failures: u32, cooldown: Duration) -> Self {
-        self.breaker_threshold = failures;
-        self.breaker_cooldown = cooldown;
+        self.settings.breaker_threshold = failures;
+        self.settings.breaker_cooldown = cooldown;
         self
     }
 
@@ -477,7 +292,7 @@ impl RedisTokenTrackerBuilder {
     /// whose budgets have requests waiting in that order keeps no headroom, since every
     /// release must reach Redis to wake them.
     pub fn local_headroom(mut self, percent: u8) -> Self {
-        self.headroom_share = percent.min(50);
+        self.settings.headroom_share = percent.min(50);
         self
     }
 
@@ -485,7 +300,7 @@ impl RedisTokenTrackerBuilder {
     /// sharing a prefix share caps; give other applications on the same Redis another one.
     /// On a Redis Cluster keep braces out of it: each key's hash tag must be the tenant's.
     pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
+        self.settings.prefix = prefix.into();
         self
     }
 
@@ -579,44 +394,17 @@ impl RedisTokenTrackerBuilder {
         runtime: tokio::runtime::Handle,
         wake: Subscribe,
     ) -> RedisTokenTracker {
-        let local = match self.policy {
-            FailurePolicy::LocalShare { replicas } => {
-                let replicas = u64::from(replicas.max(1));
-                let caps = self.caps.clone();
-                let share = move |tenant: &str| Some((clamp(caps.of(tenant)) / replicas).max(1));
-                Some(Arc::new(
-                    TenantTokenTracker::builder(0).cap_fn(share).build(),
-                ))
-            }
-            _ => None,
-        };
-        let (batches, queue) = Batches::new();
-        let inner = Arc::new(Inner {
+        let inner = Inner::new(
+            self.settings,
             conn,
-            scripts: Scripts::new(),
-            batches,
-            prefix: self.prefix,
-            replica: replica_id(),
-            next_lease: AtomicU64::new(0),
-            ttl: self.ttl,
-            renew_every: self.renew_every,
-            timeout: self.timeout,
-            policy: self.policy,
-            caps: self.caps,
-            breaker: Breaker::new(self.breaker_threshold, self.breaker_cooldown),
-            local,
-            leases: Mutex::new(HashMap::new()),
-            headroom_share: self.headroom_share,
-            headroom: RwLock::new(HashMap::new()),
-            runtime: runtime.clone(),
-            counters: Counters::default(),
-            fair: super::queue::Fair::new(wake),
-        });
-        runtime.spawn(batch::send_forever(queue, Arc::downgrade(&inner)));
+            wake,
+            Inner::wake_after_release,
+            runtime.clone(),
+        );
         runtime.spawn(renew::renew_forever(
             Arc::downgrade(&inner),
-            self.renew_every,
-            Arc::clone(&inner.conn.events),
+            inner.renew_every(),
+            Arc::clone(inner.conn().events()),
         ));
         RedisTokenTracker { inner }
     }
@@ -625,13 +413,13 @@ impl RedisTokenTrackerBuilder {
 impl fmt::Debug for RedisTokenTrackerBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisTokenTrackerBuilder")
-            .field("caps", &self.caps)
-            .field("lease_ttl", &self.ttl)
-            .field("renew_every", &self.renew_every)
-            .field("call_timeout", &self.timeout)
-            .field("policy", &self.policy)
-            .field("prefix", &self.prefix)
-            .field("local_headroom", &self.headroom_share)
+            .field("caps", &self.settings.caps)
+            .field("lease_ttl", &self.settings.ttl)
+            .field("renew_every", &self.settings.renew_every)
+            .field("call_timeout", &self.settings.timeout)
+            .field("policy", &self.settings.policy)
+            .field("prefix", &self.settings.prefix)
+            .field("local_headroom", &self.settings.headroom_share)
             .finish_non_exhaustive()
     }
 }
@@ -645,15 +433,4 @@ fn current_runtime(method: &str) -> Result<tokio::runtime::Handle, RedisError> {
             format!("RedisTokenTrackerBuilder::{method} was called outside one"),
         ))
     })
-}
-
-/// A replica id unlikely to repeat: std's random hasher keys, the process id and the time.
-fn replica_id() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u32(std::process::id());
-    if let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
-        hasher.write_u128(now.as_nanos());
-    }
-    format!("{:016x}", hasher.finish())
 }

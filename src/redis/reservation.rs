@@ -1,0 +1,270 @@
+//! The reservation a [`RedisTokenTracker`](super::RedisTokenTracker) hands out, and what
+//! resizing and releasing it does.
+
+use std::fmt;
+use std::sync::Arc;
+
+use super::headroom::Drawn;
+use super::lease::{clamp, Lease};
+use super::shared::Inner;
+use crate::step::Pending;
+use crate::{Error, TokenReservation};
+
+/// Tokens reserved against a tenant's cap through a
+/// [`RedisTokenTracker`](super::RedisTokenTracker); released when dropped.
+///
+/// Usually a lease in Redis, renewed in the background while it lives, released by a
+/// spawned task when dropped (or at once with [`release`](Self::release)); or, with
+/// [`local_headroom`](super::RedisTokenTrackerBuilder::local_headroom), a share of the
+/// lease this replica holds as headroom, given back to it when dropped. When Redis could
+/// not be asked, the tracker's [`FailurePolicy`](super::FailurePolicy) decides what it is
+/// instead: a reservation against this replica's share of the cap, or nothing counted at
+/// all ([`is_shared`](Self::is_shared) tells).
+pub struct RedisReservation {
+    kind: Kind,
+    tenant: Arc<str>,
+}
+
+enum Kind {
+    /// Counted in Redis.
+    Lease {
+        lease: Arc<Lease>,
+        inner: Arc<Inner>,
+    },
+    /// Drawn from this replica's headroom, a lease in Redis it shares with others.
+    Drawn {
+        drawn: Arc<Drawn>,
+        inner: Arc<Inner>,
+    },
+    /// Counted against this replica's share of the cap, Redis being unreachable.
+    Local(TokenReservation),
+    /// Admitted without being counted, Redis being unreachable.
+    Uncounted { tokens: u64 },
+    /// Released with [`release`](RedisReservation::release).
+    Done,
+}
+
+impl RedisReservation {
+    pub(super) fn lease(lease: Arc<Lease>, inner: Arc<Inner>) -> Self {
+        Self {
+            tenant: Arc::clone(lease.tenant()),
+            kind: Kind::Lease { lease, inner },
+        }
+    }
+
+    #[inline]
+    pub(super) fn drawn(drawn: Drawn, inner: Arc<Inner>) -> Self {
+        Self {
+            tenant: Arc::clone(drawn.headroom().lease().tenant()),
+            kind: Kind::Drawn {
+                drawn: Arc::new(drawn),
+                inner,
+            },
+        }
+    }
+
+    pub(super) fn local(reservation: TokenReservation) -> Self {
+        Self {
+            tenant: Arc::from(reservation.tenant_id()),
+            kind: Kind::Local(reservation),
+        }
+    }
+
+    pub(super) fn uncounted(tenant: &str, tokens: u64) -> Self {
+        Self {
+            tenant: Arc::from(tenant),
+            kind: Kind::Uncounted { tokens },
+        }
+    }
+
+    /// The tenant this reservation is charged to.
+    pub fn tenant_id(&self) -> &str {
+        &self.tenant
+    }
+
+    pub(crate) fn tenant(&self) -> Arc<str> {
+        Arc::clone(&self.tenant)
+    }
+
+    /// The lease's id in Redis, when the reservation is counted there. A reservation drawn
+    /// from this replica's [headroom](super::RedisTokenTrackerBuilder::local_headroom)
+    /// shares the headroom's lease with the others drawn from it.
+    pub fn lease_id(&self) -> Option<&str> {
+        match &self.kind {
+            Kind::Lease { lease, .. } => Some(lease.id()),
+            Kind::Drawn { drawn, .. } => Some(drawn.headroom().lease().id()),
+            _ => None,
+        }
+    }
+
+    /// Whether the reservation is counted in Redis, against the cap all replicas share.
+    /// `false` when the failure policy admitted it without Redis.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.kind, Kind::Lease { .. } | Kind::Drawn { .. })
+    }
+
+    /// Whether the reservation was admitted from this replica's
+    /// [headroom](super::RedisTokenTrackerBuilder::local_headroom), without a round trip.
+    pub fn is_drawn_from_headroom(&self) -> bool {
+        matches!(self.kind, Kind::Drawn { .. })
+    }
+
+    /// Whether Redis lost the lease at least once: the server restarted without its data
+    /// or was flushed, a failover promoted a replica that lacked it, or this replica could
+    /// not renew it for a whole TTL. The work is still running, so this replica registered
+    /// it again, whatever the cap, at the next renewal (or resize): at once after a
+    /// reconnection, a failover the replica noticed or a failed renewal that goes through
+    /// again, and within one renewal period of the loss otherwise.
+    pub fn is_lost(&self) -> bool {
+        match &self.kind {
+            Kind::Lease { lease, .. } => lease.is_lost(),
+            Kind::Drawn { drawn, .. } => drawn.headroom().lease().is_lost(),
+            _ => false,
+        }
+    }
+
+    /// The tokens this reservation holds now.
+    pub fn tokens(&self) -> u64 {
+        match &self.kind {
+            Kind::Lease { lease, .. } => lease.tokens(),
+            Kind::Drawn { drawn, .. } => drawn.tokens(),
+            Kind::Local(reservation) => reservation.tokens(),
+            Kind::Uncounted { tokens } => *tokens,
+            Kind::Done => 0,
+        }
+    }
+
+    /// Sets the tokens held, up or down, and returns the amount now held, as
+    /// [`TokenReservation::resize`] does: growth is not checked against the cap.
+    ///
+    /// The new amount counts here at once and is written to Redis by a background task;
+    /// when several resizes race, the last one set is the one Redis ends with. Amounts are
+    /// capped at 2⁵³ − 1, the largest integer Redis's Lua counts exactly.
+    pub fn resize(&mut self, tokens: u64) -> u64 {
+        match &mut self.kind {
+            Kind::Lease { lease, inner } => {
+                let tokens = clamp(tokens);
+                lease.set_tokens(tokens);
+                inner.write_tokens(lease);
+                tokens
+            }
+            Kind::Drawn { drawn, inner } => {
+                let tokens = clamp(tokens);
+                inner.resize_drawn(drawn, tokens);
+                tokens
+            }
+            Kind::Local(reservation) => reservation.resize(tokens),
+            Kind::Uncounted { tokens: held } => {
+                *held = tokens;
+                tokens
+            }
+            Kind::Done => 0,
+        }
+    }
+
+    /// Sets the tokens held, growing only if the growth fits under the tenant's cap next
+    /// to everything every replica has in flight, checked atomically in Redis.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::TenantOverloaded`] when the growth does not fit (nothing changes), and
+    /// [`Error::BackendUnavailable`] when Redis could not be asked.
+    pub async fn try_resize(&mut self, tokens: u64) -> Result<(), Error> {
+        match &mut self.kind {
+            Kind::Lease { lease, inner } => inner.try_resize(lease, tokens).await,
+            Kind::Drawn { drawn, inner } => inner.try_resize_drawn(drawn, tokens).await,
+            Kind::Local(reservation) => reservation.try_resize(tokens),
+            Kind::Uncounted { tokens: held } => {
+                *held = tokens;
+                Ok(())
+            }
+            Kind::Done => Ok(()),
+        }
+    }
+
+    /// Releases the tokens now and waits until Redis has been told. Dropping the
+    /// reservation does the same in a background task. A reservation drawn from headroom
+    /// goes back to it at once, with nothing to tell Redis.
+    pub async fn release(mut self) {
+        match std::mem::replace(&mut self.kind, Kind::Done) {
+            Kind::Lease { lease, inner } => {
+                inner.forget(&lease);
+                inner.release(&lease).await;
+            }
+            Kind::Drawn { drawn, inner } => inner.give_back(&drawn),
+            _ => {}
+        }
+    }
+
+    /// The tenant's cap and what was left of it when Redis last answered, this
+    /// reservation included.
+    pub(crate) fn limits(&self) -> Option<(u64, u64)> {
+        match &self.kind {
+            Kind::Lease { lease, .. } => Some(lease.limits()),
+            Kind::Drawn { drawn, .. } => Some(drawn.headroom().lease().limits()),
+            Kind::Local(reservation) => Some(reservation.limits()),
+            Kind::Uncounted { .. } | Kind::Done => None,
+        }
+    }
+
+    /// Takes a local reservation's growth check without waiting; a lease's needs Redis.
+    pub(crate) fn try_resize_now(&mut self, tokens: u64) -> Option<Result<(), Error>> {
+        match &mut self.kind {
+            Kind::Lease { lease, .. } if tokens > lease.tokens() => None,
+            Kind::Lease { .. } => {
+                self.resize(tokens);
+                Some(Ok(()))
+            }
+            Kind::Drawn { drawn, .. } => {
+                let tokens = clamp(tokens);
+                drawn.try_resize_now(tokens).then_some(Ok(()))
+            }
+            Kind::Local(reservation) => Some(reservation.try_resize(tokens)),
+            Kind::Uncounted { tokens: held } => {
+                *held = tokens;
+                Some(Ok(()))
+            }
+            Kind::Done => Some(Ok(())),
+        }
+    }
+
+    /// The growth of a lease, checked in Redis, as a future that borrows nothing: a
+    /// handle waits for it without holding its lock.
+    pub(crate) fn growth(&self, tokens: u64) -> Pending<()> {
+        match &self.kind {
+            Kind::Lease { lease, inner } => {
+                let (lease, inner) = (Arc::clone(lease), Arc::clone(inner));
+                Box::pin(async move { inner.try_resize(&lease, tokens).await })
+            }
+            Kind::Drawn { drawn, inner } => {
+                let (drawn, inner) = (Arc::clone(drawn), Arc::clone(inner));
+                Box::pin(async move { inner.try_resize_drawn(&drawn, tokens).await })
+            }
+            _ => Box::pin(std::future::ready(Ok(()))),
+        }
+    }
+}
+
+impl Drop for RedisReservation {
+    fn drop(&mut self) {
+        match std::mem::replace(&mut self.kind, Kind::Done) {
+            Kind::Lease { lease, inner } => {
+                inner.forget(&lease);
+                inner.release_later(lease);
+            }
+            Kind::Drawn { drawn, inner } => inner.give_back(&drawn),
+            _ => {}
+        }
+    }
+}
+
+impl fmt::Debug for RedisReservation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisReservation")
+            .field("tenant_id", &self.tenant_id())
+            .field("lease_id", &self.lease_id())
+            .field("tokens", &self.tokens())
+            .field("inner", &self.is_shared())
+            .finish()
+    }
+}
