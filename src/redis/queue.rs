@@ -39,7 +39,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use redis::{Script, ScriptInvocation};
@@ -48,48 +48,11 @@ use super::keys::escape_glob;
 use super::lease::Lease;
 use super::reservation::RedisReservation;
 use super::reserve::Unanswered;
-use super::scripts::CORE;
+use super::scripts::scripts;
 use super::shared::Inner;
 use super::stats::Count;
 use crate::fair::{Priority, Queue};
 use crate::Error;
-
-/// The fair queue's Lua: helpers and entry points (`admit`, `cancel`, `renew`), after the
-/// lease helpers (`KEYS[1]` the budget's leases).
-const QUEUE: &str = include_str!("queue.lua");
-
-/// `KEYS[1]` the tickets' deadlines; `ARGV`: channel. Wakes the waiters, if any.
-const WAKE: &str = r"
-if redis.call('ZCARD', KEYS[1]) > 0 then redis.call('PUBLISH', ARGV[1], '') end
-return 0
-";
-
-/// The fair queue's scripts, hashed once (reloaded on `NOSCRIPT` by `redis::Script`).
-struct Scripts {
-    admit: Script,
-    cancel: Script,
-    renew: Script,
-    wake: Script,
-}
-
-impl Scripts {
-    fn new() -> Self {
-        let entry = |name: &str| Script::new(&format!("{CORE}{QUEUE}\nreturn {name}()\n"));
-        Self {
-            admit: entry("admit"),
-            cancel: entry("cancel"),
-            renew: entry("renew"),
-            wake: Script::new(WAKE),
-        }
-    }
-}
-
-/// The fair queue's scripts, hashed on first use: once a process, as every tracker's are
-/// the same.
-fn scripts() -> &'static Scripts {
-    static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
-    SCRIPTS.get_or_init(Scripts::new)
-}
 
 /// One waiting request's place in the fair order of the Redis budgets it draws from: its
 /// tenant, class and weight, and the ticket it holds (or may hold) in each budget.
@@ -336,7 +299,7 @@ impl Inner {
         // same class (the script keeps it only for a request that holds it).
         let pass = turn.queue.next_class(&turn.tenant) == Some(turn.class);
         let share = tokens as f64 / f64::from(turn.weight);
-        let mut invocation = this.on_queue(&scripts().admit, key);
+        let mut invocation = this.on_queue(&scripts().queue_admit, key);
         invocation
             .arg(lease.id())
             .arg(tokens)
@@ -398,7 +361,7 @@ impl Inner {
         self.fair().lock_tickets().remove(id);
         let (this, key, id) = (Arc::clone(self), Arc::clone(key), id.to_owned());
         self.runtime().spawn(async move {
-            let mut invocation = this.on_queue(&scripts().cancel, &key);
+            let mut invocation = this.on_queue(&scripts().queue_cancel, &key);
             invocation
                 .arg(&id)
                 .arg(this.ttl_ms())
@@ -419,7 +382,7 @@ impl Inner {
             by_key.entry(Arc::clone(key)).or_default().push(id.clone());
         }
         for (key, ids) in by_key {
-            let mut invocation = self.on_queue(&scripts().renew, &key);
+            let mut invocation = self.on_queue(&scripts().queue_renew, &key);
             invocation.arg(self.ttl_ms());
             for id in &ids {
                 invocation.arg(id);
@@ -439,7 +402,7 @@ impl Inner {
         if !self.fair().in_use() {
             return;
         }
-        let script = scripts().wake.clone();
+        let script = scripts().queue_wake.clone();
         let [_, deadlines, ..] = self.queue_keys(lease.tenant());
         let channel = self.channel(lease.tenant());
         let (mut conn, timeout) = (self.conn().clone(), self.timeout());

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 
 use super::events::{Events, BROKEN, CHECK, HELD, RECONNECTED};
 use super::lease::Lease;
+use super::scripts::scripts;
 use super::shared::Inner;
 
 /// The first pause before a failed renewal is tried again; it doubles up to
@@ -48,7 +49,7 @@ impl Inner {
         let mut pipe = redis::pipe();
         for (key, leases) in &batches {
             let mut cmd = redis::cmd("EVALSHA");
-            cmd.arg(self.scripts().renew.get_hash())
+            cmd.arg(scripts().renew.get_hash())
                 .arg(1)
                 .arg(&**key)
                 .arg(self.ttl_ms());
@@ -73,12 +74,7 @@ impl Inner {
             };
         if matches!(&answer, Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
         {
-            let reloaded = self
-                .scripts()
-                .renew
-                .prepare_invoke()
-                .load_async(&mut conn)
-                .await;
+            let reloaded = scripts().renew.prepare_invoke().load_async(&mut conn).await;
             answer = match reloaded {
                 Ok(_) => pipe.query_async(&mut conn).await,
                 Err(error) => Err(error),

@@ -25,6 +25,8 @@
 //! and deleting a tenant's key costs Redis more than the reservation itself, and a tenant
 //! whose requests come one at a time would pay for both on every request.
 
+use std::sync::OnceLock;
+
 use redis::Script;
 
 /// Shared by every script: Redis's clock, reading and writing leases, the sweep, and
@@ -53,23 +55,49 @@ const BATCH: &str = include_str!("batch.lua");
 /// No `ARGV`. Returns the tokens in flight, after the sweep.
 const STATE: &str = "return (look(KEYS[1], nil))";
 
-/// The scripts, hashed once; `redis::Script` loads one again when the server answers
-/// `NOSCRIPT` (after a restart or `SCRIPT FLUSH`).
+/// The fair queue's Lua: helpers and entry points (`admit`, `cancel`, `renew`), after the
+/// lease helpers (`KEYS[1]` the budget's leases). See `queue`.
+const QUEUE: &str = include_str!("queue.lua");
+
+/// `KEYS[1]` the tickets' deadlines; `ARGV`: channel. Wakes the waiters, if any.
+const QUEUE_WAKE: &str = r"
+if redis.call('ZCARD', KEYS[1]) > 0 then redis.call('PUBLISH', ARGV[1], '') end
+return 0
+";
+
+/// Every script, hashed once a process, as every tracker's are the same; `redis::Script`
+/// loads one again when the server answers `NOSCRIPT` (after a restart or `SCRIPT FLUSH`).
 pub(crate) struct Scripts {
     pub(crate) batch: Script,
     pub(crate) resize: Script,
     pub(crate) renew: Script,
     pub(crate) state: Script,
+    /// The fair queue's.
+    pub(crate) queue_admit: Script,
+    pub(crate) queue_cancel: Script,
+    pub(crate) queue_renew: Script,
+    pub(crate) queue_wake: Script,
 }
 
 impl Scripts {
-    pub(crate) fn new() -> Self {
+    fn new() -> Self {
         let script = |body: &str| Script::new(&format!("{CORE}{body}"));
+        let queue = |name: &str| Script::new(&format!("{CORE}{QUEUE}\nreturn {name}()\n"));
         Self {
             batch: script(BATCH),
             resize: script(RESIZE),
             renew: script(RENEW),
             state: script(STATE),
+            queue_admit: queue("admit"),
+            queue_cancel: queue("cancel"),
+            queue_renew: queue("renew"),
+            queue_wake: Script::new(QUEUE_WAKE),
         }
     }
+}
+
+/// The scripts, hashed on first use.
+pub(crate) fn scripts() -> &'static Scripts {
+    static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
+    SCRIPTS.get_or_init(Scripts::new)
 }

@@ -18,7 +18,7 @@ use super::headroom::Headrooms;
 use super::keys::Keys;
 use super::lease::{clamp, Lease, Leases};
 use super::policy::{FailurePolicy, Fallback};
-use super::scripts::Scripts;
+use super::scripts::scripts;
 use super::stats::{Count, Counters};
 use super::watch::watch_sentinels;
 use crate::tracker::Caps;
@@ -41,7 +41,6 @@ pub(super) struct Settings {
 pub(super) struct Inner {
     calls: Calls,
     breaker: Breaker,
-    scripts: Scripts,
     /// Reservations and releases waiting to be sent together.
     batches: Batches,
     keys: Keys,
@@ -73,7 +72,6 @@ impl Inner {
         let inner = Arc::new(Self {
             calls: Calls::new(conn, settings.timeout),
             breaker: Breaker::new(settings.breaker_threshold, settings.breaker_cooldown),
-            scripts: Scripts::new(),
             batches,
             keys: Keys::new(settings.prefix),
             leases: Arc::new(Leases::new()),
@@ -87,7 +85,7 @@ impl Inner {
             runtime,
             wake_waiters,
         });
-        let (calls, script) = (inner.calls.clone(), inner.scripts.batch.clone());
+        let (calls, script) = (inner.calls.clone(), scripts().batch.clone());
         let tracker = Arc::downgrade(&inner);
         let batches = batch::send_forever(queue, tracker, calls, script, inner.ttl_ms());
         inner.runtime.spawn(batches);
@@ -114,10 +112,6 @@ impl Inner {
 
     pub(super) fn breaker(&self) -> &Breaker {
         &self.breaker
-    }
-
-    pub(super) fn scripts(&self) -> &Scripts {
-        &self.scripts
     }
 
     pub(super) fn batches(&self) -> &Batches {
@@ -265,7 +259,7 @@ impl Inner {
         tokens: u64,
         cap: Option<u64>,
     ) -> Result<(i64, u64), Failure> {
-        let mut invocation = self.scripts.resize.key(&**lease.key());
+        let mut invocation = scripts().resize.key(&**lease.key());
         invocation
             .arg(lease.id())
             .arg(tokens)
@@ -358,7 +352,7 @@ impl Drop for Inner {
         if leases.is_empty() {
             return;
         }
-        let (script, mut conn) = (self.scripts.batch.clone(), self.conn().clone());
+        let (script, mut conn) = (scripts().batch.clone(), self.conn().clone());
         let (ttl, timeout) = (self.ttl_ms(), self.timeout());
         self.runtime.spawn(async move {
             for lease in leases {

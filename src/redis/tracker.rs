@@ -12,6 +12,7 @@ use super::policy::FailurePolicy;
 use super::queue::Turn;
 use super::renew;
 use super::reservation::RedisReservation;
+use super::scripts::scripts;
 use super::shared::{Inner, Settings};
 use super::stats::RedisTrackerStats;
 use crate::tracker::Caps;
@@ -179,7 +180,7 @@ impl RedisTokenTracker {
     /// [`Error::BackendUnavailable`] when Redis could not be asked.
     pub async fn in_flight(&self, tenant_id: &str) -> Result<u64, Error> {
         let inner = &self.inner;
-        let invocation = inner.scripts().state.key(inner.key(tenant_id));
+        let invocation = scripts().state.key(inner.key(tenant_id));
         let mut conn = inner.conn().clone();
         let tokens: u64 = inner
             .timed(invocation.invoke_async(&mut conn))
