@@ -108,18 +108,19 @@ pub(crate) struct Queue {
     max_queued: usize,
     /// Requests waiting across tenants: 0 lets admissions skip the lock.
     queued: AtomicUsize,
-    state: Mutex<State>,
+    state: Mutex<Line>,
 }
 
+/// The requests in line, and every tenant's counter.
 #[derive(Debug, Default)]
-struct State {
+struct Line {
     tenants: HashMap<Box<str>, Tenant>,
     next_seq: u64,
     /// The counter of the tenant admitted last, as that admission left it.
     last: f64,
 }
 
-impl State {
+impl Line {
     fn next_seq(&mut self) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -328,12 +329,12 @@ impl Queue {
     }
 
     /// Nothing under this lock can panic half-way, so poisoning is ignored.
-    fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, Line> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-fn wake_heads(state: &State) {
+fn wake_heads(state: &Line) {
     for head in state.tenants.values().filter_map(|t| t.waiting.front()) {
         head.notify.notify_one();
     }
@@ -410,7 +411,7 @@ impl Ticket {
         let mut given_up = Vec::new();
         {
             let mut state = self.queue.lock();
-            let State {
+            let Line {
                 tenants, next_seq, ..
             } = &mut *state;
             let Some(own) = tenants.get_mut(&*self.tenant) else {
@@ -471,7 +472,7 @@ impl Drop for Ticket {
         let mut given_up = Vec::new();
         {
             let mut state = self.queue.lock();
-            let State {
+            let Line {
                 tenants, next_seq, ..
             } = &mut *state;
             if let Some(own) = tenants.get_mut(&*self.tenant) {

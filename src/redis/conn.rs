@@ -21,19 +21,19 @@ use super::events::Events;
 /// How long connecting to one server may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// A connection the tracker clones freely: each kind multiplexes one set of sockets
+/// A connection the tracker clones freely: each topology multiplexes one set of sockets
 /// between its clones and remakes them when they break. Every call that finds the
 /// connection broken, and every new master found through the Sentinels, is told to
 /// [`events`](Self::events), so the renewal task registers lost leases again as soon as
 /// the connection works, not a renewal period later.
 #[derive(Clone)]
 pub(super) struct Conn {
-    kind: Kind,
+    topology: Topology,
     events: Arc<Events>,
 }
 
 #[derive(Clone)]
-enum Kind {
+enum Topology {
     /// One server, reconnected by redis-rs's connection manager.
     Single(ConnectionManager),
     /// A Redis Cluster: each command goes to the master of its key's slot. Beside it, the
@@ -52,7 +52,7 @@ impl Conn {
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
         let manager = ConnectionManager::new_lazy_with_config(client, config)?;
-        Ok(Conn::of(Kind::Single(manager), Arc::default()))
+        Ok(Conn::of(Topology::Single(manager), Arc::default()))
     }
 
     /// A cluster reached first through `nodes` (any of its nodes; the rest are found),
@@ -71,7 +71,7 @@ impl Conn {
         let config = redis::cluster::ClusterConfig::new().set_connection_timeout(CONNECT_TIMEOUT);
         let cluster = client.get_pending_async_connection_with_config(config);
         Ok(Conn::of(
-            Kind::Cluster(cluster, Arc::default()),
+            Topology::Cluster(cluster, Arc::default()),
             Arc::default(),
         ))
     }
@@ -109,11 +109,11 @@ impl Conn {
             watching: AtomicBool::new(false),
             events: Arc::clone(&events),
         };
-        Ok(Conn::of(Kind::Sentinel(Arc::new(master)), events))
+        Ok(Conn::of(Topology::Sentinel(Arc::new(master)), events))
     }
 
-    fn of(kind: Kind, events: Arc<Events>) -> Self {
-        Conn { kind, events }
+    fn of(topology: Topology, events: Arc<Events>) -> Self {
+        Conn { topology, events }
     }
 
     /// What calls through this connection tell the renewal task.
@@ -123,13 +123,13 @@ impl Conn {
 
     /// Whether this is a Redis Cluster.
     pub(super) fn is_cluster(&self) -> bool {
-        matches!(self.kind, Kind::Cluster(..))
+        matches!(self.topology, Topology::Cluster(..))
     }
 
     /// The master the Sentinels name, when they do.
     pub(super) fn sentinel_master(&self) -> Option<&Arc<SentinelMaster>> {
-        match &self.kind {
-            Kind::Sentinel(master) => Some(master),
+        match &self.topology {
+            Topology::Sentinel(master) => Some(master),
             _ => None,
         }
     }
@@ -139,7 +139,7 @@ impl Conn {
     /// moved to another master since the last check (a promoted replica, a resharding)
     /// is told as a new connection: that master may lack leases of this replica.
     pub(super) async fn check(&self) -> RedisResult<()> {
-        let Kind::Cluster(cluster, known) = &self.kind else {
+        let Topology::Cluster(cluster, known) = &self.topology else {
             return redis::cmd("PING").query_async(&mut self.clone()).await;
         };
         let answer = async {
@@ -179,7 +179,7 @@ impl Conn {
     /// The servers a `SCAN` must walk to see every key: each master of a cluster, or
     /// the one server.
     pub(super) async fn masters(&self) -> RedisResult<Vec<Node>> {
-        let Kind::Cluster(cluster, _) = &self.kind else {
+        let Topology::Cluster(cluster, _) = &self.topology else {
             return Ok(vec![Node::Any]);
         };
         // Every master answers, each under its address.
@@ -220,8 +220,8 @@ impl Conn {
         node: &Node,
         cmd: Cmd,
     ) -> RedisResult<T> {
-        match (&self.kind, node) {
-            (Kind::Cluster(cluster, _), Node::At { host, port }) => {
+        match (&self.topology, node) {
+            (Topology::Cluster(cluster, _), Node::At { host, port }) => {
                 let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
                     host: host.clone(),
                     port: *port,
@@ -284,11 +284,11 @@ fn from_value<T: FromRedisValue>(value: Value) -> RedisResult<T> {
 
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        let Conn { kind, events } = self;
-        let call = match kind {
-            Kind::Single(conn) => conn.req_packed_command(cmd),
-            Kind::Cluster(conn, _) => conn.req_packed_command(cmd),
-            Kind::Sentinel(master) => {
+        let Conn { topology, events } = self;
+        let call = match topology {
+            Topology::Single(conn) => conn.req_packed_command(cmd),
+            Topology::Cluster(conn, _) => conn.req_packed_command(cmd),
+            Topology::Sentinel(master) => {
                 let master = Arc::clone(master);
                 Box::pin(async move {
                     master
@@ -306,10 +306,10 @@ impl ConnectionLike for Conn {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
-        let Conn { kind, events } = self;
-        let call = match kind {
-            Kind::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
-            Kind::Cluster(conn, _) => {
+        let Conn { topology, events } = self;
+        let call = match topology {
+            Topology::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Topology::Cluster(conn, _) => {
                 let whole = !pipeline.is_transaction() && offset == 0 && count == pipeline.len();
                 if whole {
                     Box::pin(by_slot(conn.clone(), pipeline))
@@ -317,7 +317,7 @@ impl ConnectionLike for Conn {
                     conn.req_packed_commands(pipeline, offset, count)
                 }
             }
-            Kind::Sentinel(master) => {
+            Topology::Sentinel(master) => {
                 let master = Arc::clone(master);
                 Box::pin(async move {
                     master
@@ -332,10 +332,10 @@ impl ConnectionLike for Conn {
     }
 
     fn get_db(&self) -> i64 {
-        match &self.kind {
-            Kind::Single(conn) => conn.get_db(),
-            Kind::Cluster(conn, _) => conn.get_db(),
-            Kind::Sentinel(_) => 0,
+        match &self.topology {
+            Topology::Single(conn) => conn.get_db(),
+            Topology::Cluster(conn, _) => conn.get_db(),
+            Topology::Sentinel(_) => 0,
         }
     }
 }

@@ -147,7 +147,7 @@ pub(super) struct Headroom {
     lease: Arc<Lease>,
     /// How much it keeps unused: the configured share of the tenant's cap.
     step: u64,
-    state: Mutex<State>,
+    state: Mutex<Amounts>,
 }
 
 /// The call a headroom's task makes next: set the lease to `to` tokens, checked against
@@ -278,7 +278,7 @@ impl Headroom {
     }
 
     /// Whether its task needs starting now (and marks it started).
-    fn wants_adjusting(&self, state: &mut State, now: Instant) -> bool {
+    fn wants_adjusting(&self, state: &mut Amounts, now: Instant) -> bool {
         if state.adjusting || state.target(self.step, now).is_none() {
             return false;
         }
@@ -286,7 +286,7 @@ impl Headroom {
         true
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, Amounts> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -383,8 +383,9 @@ impl Drawn {
     }
 }
 
+/// What a headroom holds in Redis and what is drawn from it.
 #[derive(Default)]
-struct State {
+struct Amounts {
     /// Tokens of the reservations drawn from it that are still held.
     used: u64,
     /// Tokens the lease holds in Redis, as Redis last confirmed (shrinks count here first).
@@ -407,7 +408,7 @@ struct State {
     draining: bool,
 }
 
-impl State {
+impl Amounts {
     fn is_valid(&self, now: Instant) -> bool {
         !self.retired && !self.draining && self.valid_until.is_some_and(|until| now < until)
     }

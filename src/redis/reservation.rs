@@ -21,11 +21,12 @@ use crate::{Error, TokenReservation};
 /// instead: a reservation against this replica's share of the cap, or nothing counted at
 /// all ([`is_shared`](Self::is_shared) tells).
 pub struct RedisReservation {
-    kind: Kind,
+    counted: CountedIn,
     tenant: Arc<str>,
 }
 
-enum Kind {
+/// Where a Redis reservation is counted.
+enum CountedIn {
     /// Counted in Redis.
     Lease {
         lease: Arc<Lease>,
@@ -48,7 +49,7 @@ impl RedisReservation {
     pub(super) fn lease(lease: Arc<Lease>, inner: Arc<Inner>) -> Self {
         Self {
             tenant: Arc::clone(lease.tenant()),
-            kind: Kind::Lease { lease, inner },
+            counted: CountedIn::Lease { lease, inner },
         }
     }
 
@@ -56,7 +57,7 @@ impl RedisReservation {
     pub(super) fn drawn(drawn: Drawn, inner: Arc<Inner>) -> Self {
         Self {
             tenant: Arc::clone(drawn.headroom().lease().tenant()),
-            kind: Kind::Drawn {
+            counted: CountedIn::Drawn {
                 drawn: Arc::new(drawn),
                 inner,
             },
@@ -66,14 +67,14 @@ impl RedisReservation {
     pub(super) fn local(reservation: TokenReservation) -> Self {
         Self {
             tenant: Arc::from(reservation.tenant_id()),
-            kind: Kind::Local(reservation),
+            counted: CountedIn::Local(reservation),
         }
     }
 
     pub(super) fn uncounted(tenant: &str, tokens: u64) -> Self {
         Self {
             tenant: Arc::from(tenant),
-            kind: Kind::Uncounted { tokens },
+            counted: CountedIn::Uncounted { tokens },
         }
     }
 
@@ -90,9 +91,9 @@ impl RedisReservation {
     /// from this replica's [headroom](super::RedisTokenTrackerBuilder::local_headroom)
     /// shares the headroom's lease with the others drawn from it.
     pub fn lease_id(&self) -> Option<&str> {
-        match &self.kind {
-            Kind::Lease { lease, .. } => Some(lease.id()),
-            Kind::Drawn { drawn, .. } => Some(drawn.headroom().lease().id()),
+        match &self.counted {
+            CountedIn::Lease { lease, .. } => Some(lease.id()),
+            CountedIn::Drawn { drawn, .. } => Some(drawn.headroom().lease().id()),
             _ => None,
         }
     }
@@ -100,13 +101,16 @@ impl RedisReservation {
     /// Whether the reservation is counted in Redis, against the cap all replicas share.
     /// `false` when the failure policy admitted it without Redis.
     pub fn is_shared(&self) -> bool {
-        matches!(self.kind, Kind::Lease { .. } | Kind::Drawn { .. })
+        matches!(
+            self.counted,
+            CountedIn::Lease { .. } | CountedIn::Drawn { .. }
+        )
     }
 
     /// Whether the reservation was admitted from this replica's
     /// [headroom](super::RedisTokenTrackerBuilder::local_headroom), without a round trip.
     pub fn is_drawn_from_headroom(&self) -> bool {
-        matches!(self.kind, Kind::Drawn { .. })
+        matches!(self.counted, CountedIn::Drawn { .. })
     }
 
     /// Whether Redis lost the lease at least once: the server restarted without its data
@@ -116,21 +120,21 @@ impl RedisReservation {
     /// reconnection, a failover the replica noticed or a failed renewal that goes through
     /// again, and within one renewal period of the loss otherwise.
     pub fn is_lost(&self) -> bool {
-        match &self.kind {
-            Kind::Lease { lease, .. } => lease.is_lost(),
-            Kind::Drawn { drawn, .. } => drawn.headroom().lease().is_lost(),
+        match &self.counted {
+            CountedIn::Lease { lease, .. } => lease.is_lost(),
+            CountedIn::Drawn { drawn, .. } => drawn.headroom().lease().is_lost(),
             _ => false,
         }
     }
 
     /// The tokens this reservation holds now.
     pub fn tokens(&self) -> u64 {
-        match &self.kind {
-            Kind::Lease { lease, .. } => lease.tokens(),
-            Kind::Drawn { drawn, .. } => drawn.tokens(),
-            Kind::Local(reservation) => reservation.tokens(),
-            Kind::Uncounted { tokens } => *tokens,
-            Kind::Done => 0,
+        match &self.counted {
+            CountedIn::Lease { lease, .. } => lease.tokens(),
+            CountedIn::Drawn { drawn, .. } => drawn.tokens(),
+            CountedIn::Local(reservation) => reservation.tokens(),
+            CountedIn::Uncounted { tokens } => *tokens,
+            CountedIn::Done => 0,
         }
     }
 
@@ -141,24 +145,24 @@ impl RedisReservation {
     /// when several resizes race, the last one set is the one Redis ends with. Amounts are
     /// capped at 2⁵³ − 1, the largest integer Redis's Lua counts exactly.
     pub fn resize(&mut self, tokens: u64) -> u64 {
-        match &mut self.kind {
-            Kind::Lease { lease, inner } => {
+        match &mut self.counted {
+            CountedIn::Lease { lease, inner } => {
                 let tokens = clamp(tokens);
                 lease.set_tokens(tokens);
                 inner.write_tokens(lease);
                 tokens
             }
-            Kind::Drawn { drawn, inner } => {
+            CountedIn::Drawn { drawn, inner } => {
                 let tokens = clamp(tokens);
                 inner.resize_drawn(drawn, tokens);
                 tokens
             }
-            Kind::Local(reservation) => reservation.resize(tokens),
-            Kind::Uncounted { tokens: held } => {
+            CountedIn::Local(reservation) => reservation.resize(tokens),
+            CountedIn::Uncounted { tokens: held } => {
                 *held = tokens;
                 tokens
             }
-            Kind::Done => 0,
+            CountedIn::Done => 0,
         }
     }
 
@@ -170,15 +174,15 @@ impl RedisReservation {
     /// [`Error::TenantOverloaded`] when the growth does not fit (nothing changes), and
     /// [`Error::BackendUnavailable`] when Redis could not be asked.
     pub async fn try_resize(&mut self, tokens: u64) -> Result<(), Error> {
-        match &mut self.kind {
-            Kind::Lease { lease, inner } => inner.try_resize(lease, tokens).await,
-            Kind::Drawn { drawn, inner } => inner.try_resize_drawn(drawn, tokens).await,
-            Kind::Local(reservation) => reservation.try_resize(tokens),
-            Kind::Uncounted { tokens: held } => {
+        match &mut self.counted {
+            CountedIn::Lease { lease, inner } => inner.try_resize(lease, tokens).await,
+            CountedIn::Drawn { drawn, inner } => inner.try_resize_drawn(drawn, tokens).await,
+            CountedIn::Local(reservation) => reservation.try_resize(tokens),
+            CountedIn::Uncounted { tokens: held } => {
                 *held = tokens;
                 Ok(())
             }
-            Kind::Done => Ok(()),
+            CountedIn::Done => Ok(()),
         }
     }
 
@@ -186,12 +190,12 @@ impl RedisReservation {
     /// reservation does the same in a background task. A reservation drawn from headroom
     /// goes back to it at once, with nothing to tell Redis.
     pub async fn release(mut self) {
-        match std::mem::replace(&mut self.kind, Kind::Done) {
-            Kind::Lease { lease, inner } => {
+        match std::mem::replace(&mut self.counted, CountedIn::Done) {
+            CountedIn::Lease { lease, inner } => {
                 inner.forget(&lease);
                 inner.release(&lease).await;
             }
-            Kind::Drawn { drawn, inner } => inner.give_back(&drawn),
+            CountedIn::Drawn { drawn, inner } => inner.give_back(&drawn),
             _ => {}
         }
     }
@@ -199,44 +203,44 @@ impl RedisReservation {
     /// The tenant's cap and what was left of it when Redis last answered, this
     /// reservation included.
     pub(crate) fn limits(&self) -> Option<(u64, u64)> {
-        match &self.kind {
-            Kind::Lease { lease, .. } => Some(lease.limits()),
-            Kind::Drawn { drawn, .. } => Some(drawn.headroom().lease().limits()),
-            Kind::Local(reservation) => Some(reservation.limits()),
-            Kind::Uncounted { .. } | Kind::Done => None,
+        match &self.counted {
+            CountedIn::Lease { lease, .. } => Some(lease.limits()),
+            CountedIn::Drawn { drawn, .. } => Some(drawn.headroom().lease().limits()),
+            CountedIn::Local(reservation) => Some(reservation.limits()),
+            CountedIn::Uncounted { .. } | CountedIn::Done => None,
         }
     }
 
     /// Takes a local reservation's growth check without waiting; a lease's needs Redis.
     pub(crate) fn try_resize_now(&mut self, tokens: u64) -> Option<Result<(), Error>> {
-        match &mut self.kind {
-            Kind::Lease { lease, .. } if tokens > lease.tokens() => None,
-            Kind::Lease { .. } => {
+        match &mut self.counted {
+            CountedIn::Lease { lease, .. } if tokens > lease.tokens() => None,
+            CountedIn::Lease { .. } => {
                 self.resize(tokens);
                 Some(Ok(()))
             }
-            Kind::Drawn { drawn, .. } => {
+            CountedIn::Drawn { drawn, .. } => {
                 let tokens = clamp(tokens);
                 drawn.try_resize_now(tokens).then_some(Ok(()))
             }
-            Kind::Local(reservation) => Some(reservation.try_resize(tokens)),
-            Kind::Uncounted { tokens: held } => {
+            CountedIn::Local(reservation) => Some(reservation.try_resize(tokens)),
+            CountedIn::Uncounted { tokens: held } => {
                 *held = tokens;
                 Some(Ok(()))
             }
-            Kind::Done => Some(Ok(())),
+            CountedIn::Done => Some(Ok(())),
         }
     }
 
     /// The growth of a lease, checked in Redis, as a future that borrows nothing: a
     /// handle waits for it without holding its lock.
     pub(crate) fn growth(&self, tokens: u64) -> Pending<()> {
-        match &self.kind {
-            Kind::Lease { lease, inner } => {
+        match &self.counted {
+            CountedIn::Lease { lease, inner } => {
                 let (lease, inner) = (Arc::clone(lease), Arc::clone(inner));
                 Box::pin(async move { inner.try_resize(&lease, tokens).await })
             }
-            Kind::Drawn { drawn, inner } => {
+            CountedIn::Drawn { drawn, inner } => {
                 let (drawn, inner) = (Arc::clone(drawn), Arc::clone(inner));
                 Box::pin(async move { inner.try_resize_drawn(&drawn, tokens).await })
             }
@@ -247,12 +251,12 @@ impl RedisReservation {
 
 impl Drop for RedisReservation {
     fn drop(&mut self) {
-        match std::mem::replace(&mut self.kind, Kind::Done) {
-            Kind::Lease { lease, inner } => {
+        match std::mem::replace(&mut self.counted, CountedIn::Done) {
+            CountedIn::Lease { lease, inner } => {
                 inner.forget(&lease);
                 inner.release_later(lease);
             }
-            Kind::Drawn { drawn, inner } => inner.give_back(&drawn),
+            CountedIn::Drawn { drawn, inner } => inner.give_back(&drawn),
             _ => {}
         }
     }

@@ -59,7 +59,7 @@ impl Reported {
 /// Looks for usage objects in a byte stream fed in pieces of any size.
 #[derive(Debug, Default)]
 pub(crate) struct Finder {
-    state: State,
+    state: Position,
     /// The usage object being read, when it spans pieces (kept, with its capacity, for
     /// the next one).
     window: Vec<u8>,
@@ -67,8 +67,9 @@ pub(crate) struct Finder {
     pub(crate) reported: Reported,
 }
 
+/// Where the search for the usage object stands.
 #[derive(Debug, Default, Clone, Copy)]
-enum State {
+enum Position {
     /// `n` bytes of [`KEY`] matched.
     #[default]
     Seek,
@@ -91,12 +92,12 @@ impl Finder {
         let mut i = 0;
         while i < bytes.len() {
             match self.state {
-                State::Seek => {
+                Position::Seek => {
                     let rest = &bytes[i..];
                     match key_searcher().find(rest) {
                         Some(at) => {
                             i += at + KEY.len();
-                            self.state = State::Colon;
+                            self.state = Position::Colon;
                         }
                         None => {
                             // The key may begin in this piece's last bytes and end in
@@ -105,52 +106,52 @@ impl Finder {
                             let reach = rest.len().saturating_sub(KEY.len() - 1);
                             self.state = match memchr::memrchr(b'"', &rest[reach..]) {
                                 Some(at) if KEY.starts_with(&rest[reach + at..]) => {
-                                    State::Key(rest.len() - reach - at)
+                                    Position::Key(rest.len() - reach - at)
                                 }
-                                _ => State::Seek,
+                                _ => Position::Seek,
                             };
                             return;
                         }
                     }
                 }
-                State::Key(n) => {
+                Position::Key(n) => {
                     if bytes[i] == KEY[n] {
                         i += 1;
                         self.state = if n + 1 == KEY.len() {
-                            State::Colon
+                            Position::Colon
                         } else {
-                            State::Key(n + 1)
+                            Position::Key(n + 1)
                         };
                     } else {
-                        self.state = State::Seek; // this byte may start the key again
+                        self.state = Position::Seek; // this byte may start the key again
                     }
                 }
-                State::Colon | State::Value => {
+                Position::Colon | Position::Value => {
                     let byte = bytes[i];
                     if matches!(byte, b' ' | b'\n' | b'\t' | b'\r') {
                         i += 1;
-                    } else if matches!(self.state, State::Colon) && byte == b':' {
+                    } else if matches!(self.state, Position::Colon) && byte == b':' {
                         i += 1;
-                        self.state = State::Value;
-                    } else if matches!(self.state, State::Value) && byte == b'{' {
+                        self.state = Position::Value;
+                    } else if matches!(self.state, Position::Value) && byte == b'{' {
                         self.window.clear();
-                        self.state = State::Object {
+                        self.state = Position::Object {
                             depth: 0,
                             string: false,
                             escaped: false,
                         };
                     } else {
-                        self.state = State::Seek; // not a key, or not an object (null)
+                        self.state = Position::Seek; // not a key, or not an object (null)
                     }
                 }
-                State::Object { .. } => i += self.object(&bytes[i..]),
+                Position::Object { .. } => i += self.object(&bytes[i..]),
             }
         }
     }
 
     /// Reads what `bytes` holds of the object being read; returns how many bytes it took.
     fn object(&mut self, bytes: &[u8]) -> usize {
-        let State::Object {
+        let Position::Object {
             mut depth,
             mut string,
             mut escaped,
@@ -186,7 +187,7 @@ impl Finder {
         if self.window.len() + taken > WINDOW {
             // Too long for a usage object: look for the next key from here.
             self.window.clear();
-            self.state = State::Seek;
+            self.state = Position::Seek;
             return taken;
         }
         match end {
@@ -201,11 +202,11 @@ impl Finder {
                     self.reported.merge(found);
                 }
                 self.window.clear();
-                self.state = State::Seek;
+                self.state = Position::Seek;
             }
             None => {
                 self.window.extend_from_slice(bytes);
-                self.state = State::Object {
+                self.state = Position::Object {
                     depth,
                     string,
                     escaped,
