@@ -54,7 +54,7 @@
 //! # Pieces
 //!
 //! - [`TenantTokenTracker`]: the ledger, usable on its own ([`TokenReservation`] is its
-//!   RAII guard).
+//!   RAII guard); a layer or a budget takes it, or a Redis tracker, as a [`TokenLedger`].
 //! - [`TenantSource`] and [`Estimator`] (with [`OpenAiEstimator`] for OpenAI-style JSON
 //!   bodies): where the tenant and the estimate come from.
 //! - [`ReservationHandle`]: in the request extensions when the layer is built with
@@ -70,7 +70,8 @@
 //!   [`ietf_ratelimit_headers`](TenantTokenLayer::ietf_ratelimit_headers) (OpenAI's and
 //!   the IETF draft's headers).
 //! - Modules: `redis` (feature `redis`: one cap across replicas), `metrics` (feature
-//!   `metrics`), [`headers`] (the names of the headers the layer sends).
+//!   `metrics`), [`headers`] (the names of the headers the layer sends), [`body`] and
+//!   [`future`] (the types the layer's service hands on).
 //!
 //! # Feature flags
 //!
@@ -78,8 +79,8 @@
 //! - `metrics`: the layer records counters, a gauge and histograms through the `metrics`
 //!   facade (see the `metrics` module); adds `metrics`.
 //! - `redis`: `redis::RedisTokenTracker`, one cap shared by every replica through Redis with
-//!   expiring leases (`TenantTokenLayer::redis`), on one server, a Redis Cluster or a
-//!   Sentinel-watched master; adds `redis` (and tokio's runtime).
+//!   expiring leases (give it to `TenantTokenLayer::new`), on one server, a Redis Cluster
+//!   or a Sentinel-watched master; adds `redis` (and tokio's runtime).
 //!
 //! # Minimum supported Rust version
 //!

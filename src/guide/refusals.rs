@@ -143,7 +143,7 @@
 //!   requests wait per tenant; the next is refused at once.
 //! - A client that goes away while waiting (the response future is dropped) leaves the
 //!   queue and holds nothing.
-//! - With `TenantTokenLayer::redis`, requests waiting for a budget in Redis are ordered
+//! - With a Redis tracker, requests waiting for a budget in Redis are ordered
 //!   in Redis, one fair order across every replica, and woken by releases on any replica
 //!   (see [one fair order for every replica](super::budgets#one-fair-order-for-every-replica)).
 //!   Requests waiting for their tenant's own cap, or for a budget counted in this process,
