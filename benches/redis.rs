@@ -5,7 +5,7 @@
 //! loopback port (install it first: `apt-get install -y redis-server`) and runs bounded
 //! load rounds of `REDIS_BENCH_SECS` seconds (default 5) each:
 //!
-//! - `layer`: requests through two `TenantTokenLayer::redis` services (one per replica,
+//! - `layer`: requests through two `TenantTokenLayer` services on a Redis tracker (one per replica,
 //!   each its own connection) in front of an instant `service_fn`; a request's time runs
 //!   from `call` to the end of its response body, so it is the latency the layer adds.
 //!   Releases are the layer's own (a spawned task when the body ends).
