@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::headroom::{Drawn, Headroom, Then};
+use super::headroom::{Headroom, HeadroomShare, Then};
 use super::lease::{clamp, Lease};
 use super::shared::Inner;
 use super::stats::Count;
@@ -14,7 +14,11 @@ impl Inner {
     /// Admits `tokens` for `tenant` from this replica's headroom, or `None` when the
     /// request must ask Redis (no headroom, too little of it, or none yet: one is then
     /// made in the background).
-    pub(super) fn admit_locally(self: &Arc<Self>, tenant: &str, tokens: u64) -> Option<Drawn> {
+    pub(super) fn admit_locally(
+        self: &Arc<Self>,
+        tenant: &str,
+        tokens: u64,
+    ) -> Option<HeadroomShare> {
         if !self.headrooms().is_on() || self.fair().in_use() {
             return None;
         }
@@ -27,7 +31,7 @@ impl Inner {
             return None;
         }
         self.counters().add(Count::AdmittedLocally);
-        Some(Drawn::new(headroom, tokens))
+        Some(HeadroomShare::new(headroom, tokens))
     }
 
     /// `tenant`'s headroom, made (empty) if it has none; `None` when a request of `tokens`
@@ -91,7 +95,7 @@ impl Inner {
     }
 
     /// Gives back what `drawn` holds to its headroom.
-    pub(super) fn give_back(self: &Arc<Self>, drawn: &Drawn) {
+    pub(super) fn give_back(self: &Arc<Self>, drawn: &HeadroomShare) {
         if drawn.give_back() {
             self.adjust_later(drawn.headroom());
         }
@@ -99,7 +103,7 @@ impl Inner {
 
     /// Sets what `drawn` holds to `tokens`, unchecked (as any resize): growth past the
     /// headroom is written to Redis in the background.
-    pub(super) fn resize_drawn(self: &Arc<Self>, drawn: &Drawn, tokens: u64) {
+    pub(super) fn resize_drawn(self: &Arc<Self>, drawn: &HeadroomShare, tokens: u64) {
         if drawn.resize(tokens) {
             self.adjust_later(drawn.headroom());
         }
@@ -109,7 +113,7 @@ impl Inner {
     /// headroom has unused, or else by growing its lease in Redis, checked.
     pub(super) async fn try_resize_drawn(
         self: &Arc<Self>,
-        drawn: &Drawn,
+        drawn: &HeadroomShare,
         tokens: u64,
     ) -> Result<(), Error> {
         let tokens = clamp(tokens);

@@ -292,7 +292,7 @@ impl Headroom {
 }
 
 /// A reservation drawn from a headroom.
-pub(super) struct Drawn {
+pub(super) struct HeadroomShare {
     headroom: Arc<Headroom>,
     /// Changed under the headroom's lock only.
     tokens: AtomicU64,
@@ -300,7 +300,7 @@ pub(super) struct Drawn {
     released: AtomicBool,
 }
 
-impl Drawn {
+impl HeadroomShare {
     /// `tokens` drawn from `headroom` (see [`Headroom::draw`]).
     #[inline]
     pub(super) fn new(headroom: Arc<Headroom>, tokens: u64) -> Self {

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use super::headroom::Drawn;
+use super::headroom::HeadroomShare;
 use super::lease::{clamp, Lease};
 use super::shared::Inner;
 use crate::step::Pending;
@@ -32,9 +32,9 @@ enum CountedIn {
         lease: Arc<Lease>,
         inner: Arc<Inner>,
     },
-    /// Drawn from this replica's headroom, a lease in Redis it shares with others.
-    Drawn {
-        drawn: Arc<Drawn>,
+    /// HeadroomShare from this replica's headroom, a lease in Redis it shares with others.
+    HeadroomShare {
+        drawn: Arc<HeadroomShare>,
         inner: Arc<Inner>,
     },
     /// Counted against this replica's share of the cap, Redis being unreachable.
@@ -54,10 +54,10 @@ impl RedisReservation {
     }
 
     #[inline]
-    pub(super) fn drawn(drawn: Drawn, inner: Arc<Inner>) -> Self {
+    pub(super) fn drawn(drawn: HeadroomShare, inner: Arc<Inner>) -> Self {
         Self {
             tenant: Arc::clone(drawn.headroom().lease().tenant()),
-            counted: CountedIn::Drawn {
+            counted: CountedIn::HeadroomShare {
                 drawn: Arc::new(drawn),
                 inner,
             },
@@ -93,7 +93,7 @@ impl RedisReservation {
     pub fn lease_id(&self) -> Option<&str> {
         match &self.counted {
             CountedIn::Lease { lease, .. } => Some(lease.id()),
-            CountedIn::Drawn { drawn, .. } => Some(drawn.headroom().lease().id()),
+            CountedIn::HeadroomShare { drawn, .. } => Some(drawn.headroom().lease().id()),
             _ => None,
         }
     }
@@ -103,14 +103,14 @@ impl RedisReservation {
     pub fn is_shared(&self) -> bool {
         matches!(
             self.counted,
-            CountedIn::Lease { .. } | CountedIn::Drawn { .. }
+            CountedIn::Lease { .. } | CountedIn::HeadroomShare { .. }
         )
     }
 
     /// Whether the reservation was admitted from this replica's
     /// [headroom](super::RedisTokenTrackerBuilder::local_headroom), without a round trip.
     pub fn is_drawn_from_headroom(&self) -> bool {
-        matches!(self.counted, CountedIn::Drawn { .. })
+        matches!(self.counted, CountedIn::HeadroomShare { .. })
     }
 
     /// Whether Redis lost the lease at least once: the server restarted without its data
@@ -122,7 +122,7 @@ impl RedisReservation {
     pub fn is_lost(&self) -> bool {
         match &self.counted {
             CountedIn::Lease { lease, .. } => lease.is_lost(),
-            CountedIn::Drawn { drawn, .. } => drawn.headroom().lease().is_lost(),
+            CountedIn::HeadroomShare { drawn, .. } => drawn.headroom().lease().is_lost(),
             _ => false,
         }
     }
@@ -131,7 +131,7 @@ impl RedisReservation {
     pub fn tokens(&self) -> u64 {
         match &self.counted {
             CountedIn::Lease { lease, .. } => lease.tokens(),
-            CountedIn::Drawn { drawn, .. } => drawn.tokens(),
+            CountedIn::HeadroomShare { drawn, .. } => drawn.tokens(),
             CountedIn::Local(reservation) => reservation.tokens(),
             CountedIn::Uncounted { tokens } => *tokens,
             CountedIn::Done => 0,
@@ -152,7 +152,7 @@ impl RedisReservation {
                 inner.write_tokens(lease);
                 tokens
             }
-            CountedIn::Drawn { drawn, inner } => {
+            CountedIn::HeadroomShare { drawn, inner } => {
                 let tokens = clamp(tokens);
                 inner.resize_drawn(drawn, tokens);
                 tokens
@@ -176,7 +176,9 @@ impl RedisReservation {
     pub async fn try_resize(&mut self, tokens: u64) -> Result<(), Error> {
         match &mut self.counted {
             CountedIn::Lease { lease, inner } => inner.try_resize(lease, tokens).await,
-            CountedIn::Drawn { drawn, inner } => inner.try_resize_drawn(drawn, tokens).await,
+            CountedIn::HeadroomShare { drawn, inner } => {
+                inner.try_resize_drawn(drawn, tokens).await
+            }
             CountedIn::Local(reservation) => reservation.try_resize(tokens),
             CountedIn::Uncounted { tokens: held } => {
                 *held = tokens;
@@ -195,7 +197,7 @@ impl RedisReservation {
                 inner.forget(&lease);
                 inner.release(&lease).await;
             }
-            CountedIn::Drawn { drawn, inner } => inner.give_back(&drawn),
+            CountedIn::HeadroomShare { drawn, inner } => inner.give_back(&drawn),
             _ => {}
         }
     }
@@ -205,7 +207,7 @@ impl RedisReservation {
     pub(crate) fn limits(&self) -> Option<(u64, u64)> {
         match &self.counted {
             CountedIn::Lease { lease, .. } => Some(lease.limits()),
-            CountedIn::Drawn { drawn, .. } => Some(drawn.headroom().lease().limits()),
+            CountedIn::HeadroomShare { drawn, .. } => Some(drawn.headroom().lease().limits()),
             CountedIn::Local(reservation) => Some(reservation.limits()),
             CountedIn::Uncounted { .. } | CountedIn::Done => None,
         }
@@ -219,7 +221,7 @@ impl RedisReservation {
                 self.resize(tokens);
                 Some(Ok(()))
             }
-            CountedIn::Drawn { drawn, .. } => {
+            CountedIn::HeadroomShare { drawn, .. } => {
                 let tokens = clamp(tokens);
                 drawn.try_resize_now(tokens).then_some(Ok(()))
             }
@@ -240,7 +242,7 @@ impl RedisReservation {
                 let (lease, inner) = (Arc::clone(lease), Arc::clone(inner));
                 Box::pin(async move { inner.try_resize(&lease, tokens).await })
             }
-            CountedIn::Drawn { drawn, inner } => {
+            CountedIn::HeadroomShare { drawn, inner } => {
                 let (drawn, inner) = (Arc::clone(drawn), Arc::clone(inner));
                 Box::pin(async move { inner.try_resize_drawn(&drawn, tokens).await })
             }
@@ -256,7 +258,7 @@ impl Drop for RedisReservation {
                 inner.forget(&lease);
                 inner.release_later(lease);
             }
-            CountedIn::Drawn { drawn, inner } => inner.give_back(&drawn),
+            CountedIn::HeadroomShare { drawn, inner } => inner.give_back(&drawn),
             _ => {}
         }
     }
