@@ -33,6 +33,9 @@ pin_project! {
     #[project = ContentsProj]
     enum Contents<B> {
         Inner { #[pin] body: B, guard: Option<Guard> },
+        /// The guard's reader reads the usage as the frames pass; `strips`: it edits the
+        /// stream too.
+        Read { #[pin] body: B, guard: Option<Guard>, strips: bool },
         Rejected { data: Option<Bytes> },
     }
 }
@@ -41,6 +44,17 @@ impl<B> ResponseBody<B> {
     pub(crate) fn inner(body: B, guard: Option<Guard>) -> Self {
         Self {
             contents: Contents::Inner { body, guard },
+        }
+    }
+
+    /// A body the reader attached to `guard` reads (see [`Guard::start_reading`]).
+    pub(crate) fn read(body: B, guard: Guard, strips: bool) -> Self {
+        Self {
+            contents: Contents::Read {
+                body,
+                guard: Some(guard),
+                strips,
+            },
         }
     }
 
@@ -65,76 +79,82 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         match self.project().contents.project() {
-            ContentsProj::Inner { mut body, guard } => match guard {
-                Some(reading) if reading.strips() => loop {
-                    let Some(reading) = guard.as_mut() else {
-                        return Poll::Ready(None); // ended: the rest went with the last frame
-                    };
-                    let (data, ended) = match ready!(body.as_mut().poll_frame(cx)) {
-                        Some(Ok(frame)) => match frame.into_data() {
-                            Ok(mut data) => {
-                                let data = data.copy_to_bytes(data.remaining());
-                                (reading.pass(data), body.is_end_stream())
+            ContentsProj::Read {
+                mut body,
+                guard,
+                strips,
+            } => match guard {
+                None => Poll::Ready(None), // ended, or failed, and released
+                Some(reading) => match *strips {
+                    true => loop {
+                        let Some(reading) = guard.as_mut() else {
+                            return Poll::Ready(None); // ended: the rest went with the last frame
+                        };
+                        let (data, ended) = match ready!(body.as_mut().poll_frame(cx)) {
+                            Some(Ok(frame)) => match frame.into_data() {
+                                Ok(mut data) => {
+                                    let data = data.copy_to_bytes(data.remaining());
+                                    (reading.pass(data), body.is_end_stream())
+                                }
+                                Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                            },
+                            Some(Err(error)) => {
+                                guard.take(); // settled on what is known, and released
+                                return Poll::Ready(Some(Err(error)));
                             }
-                            Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
-                        },
-                        Some(Err(error)) => {
-                            guard.take(); // settled on what is known, and released
-                            return Poll::Ready(Some(Err(error)));
+                            None => (Bytes::new(), true),
+                        };
+                        let data = match ended {
+                            true => {
+                                let rest = reading.rest();
+                                reading.end();
+                                guard.take();
+                                if rest.is_empty() {
+                                    data
+                                } else {
+                                    [data, rest].concat().into()
+                                }
+                            }
+                            false => data,
+                        };
+                        if !data.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(data.into()))));
                         }
-                        None => (Bytes::new(), true),
-                    };
-                    let data = match ended {
-                        true => {
-                            let rest = reading.rest();
-                            reading.end();
-                            guard.take();
-                            if rest.is_empty() {
-                                data
-                            } else {
-                                [data, rest].concat().into()
-                            }
+                        if ended {
+                            return Poll::Ready(None);
                         }
-                        false => data,
-                    };
-                    if !data.is_empty() {
-                        return Poll::Ready(Some(Ok(Frame::data(data.into()))));
-                    }
-                    if ended {
-                        return Poll::Ready(None);
-                    }
-                },
-                Some(reading) if reading.reads() => {
-                    let frame = ready!(body.as_mut().poll_frame(cx));
-                    match &frame {
-                        Some(Ok(frame)) => {
-                            if let Some(data) = frame.data_ref() {
-                                reading.read(data);
+                    },
+                    false => {
+                        let frame = ready!(body.as_mut().poll_frame(cx));
+                        match &frame {
+                            Some(Ok(frame)) => {
+                                if let Some(data) = frame.data_ref() {
+                                    reading.read(data);
+                                }
+                                if body.is_end_stream() {
+                                    reading.end();
+                                    guard.take();
+                                }
                             }
-                            if body.is_end_stream() {
+                            Some(Err(_)) => drop(guard.take()),
+                            None => {
                                 reading.end();
                                 guard.take();
                             }
                         }
-                        Some(Err(_)) => drop(guard.take()),
-                        None => {
-                            reading.end();
-                            guard.take();
-                        }
+                        Poll::Ready(frame)
                     }
-                    Poll::Ready(frame)
-                }
-                _ => {
-                    let frame = ready!(body.as_mut().poll_frame(cx));
-                    // A consumer that knows the length (Content-Length) stops polling
-                    // after the last frame, so "end of stream" is checked after each
-                    // frame too.
-                    if !matches!(frame, Some(Ok(_))) || body.is_end_stream() {
-                        guard.take();
-                    }
-                    Poll::Ready(frame)
-                }
+                },
             },
+            ContentsProj::Inner { mut body, guard } => {
+                let frame = ready!(body.as_mut().poll_frame(cx));
+                // A consumer that knows the length (Content-Length) stops polling after the
+                // last frame, so "end of stream" is checked after each frame too.
+                if !matches!(frame, Some(Ok(_))) || body.is_end_stream() {
+                    guard.take();
+                }
+                Poll::Ready(frame)
+            }
             ContentsProj::Rejected { data } => {
                 Poll::Ready(data.take().map(|d| Ok(Frame::data(d.into()))))
             }
@@ -143,17 +163,18 @@ where
 
     fn is_end_stream(&self) -> bool {
         match &self.contents {
+            Contents::Read { guard: None, .. } => true,
             // An edited stream ends when it says so, once what it held back has gone.
-            Contents::Inner { guard: Some(g), .. } if g.strips() => false,
-            Contents::Inner { body, .. } => body.is_end_stream(),
+            Contents::Read { strips: true, .. } => false,
+            Contents::Inner { body, .. } | Contents::Read { body, .. } => body.is_end_stream(),
             Contents::Rejected { data } => data.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.contents {
-            Contents::Inner { guard: Some(g), .. } if g.strips() => SizeHint::default(),
-            Contents::Inner { body, .. } => body.size_hint(),
+            Contents::Read { strips: true, .. } => SizeHint::default(),
+            Contents::Inner { body, .. } | Contents::Read { body, .. } => body.size_hint(),
             Contents::Rejected { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
@@ -167,7 +188,11 @@ impl<B> std::fmt::Debug for ResponseBody<B> {
             Contents::Inner { guard, .. } => f
                 .debug_struct("ResponseBody::Inner")
                 .field("holds_reservation", &guard.is_some())
-                .field("reads_usage", &guard.as_ref().is_some_and(Guard::reads))
+                .finish(),
+            Contents::Read { guard, .. } => f
+                .debug_struct("ResponseBody::Inner")
+                .field("holds_reservation", &guard.is_some())
+                .field("reads_usage", &true)
                 .finish(),
             Contents::Rejected { .. } => f.write_str("ResponseBody::Rejected"),
         }

@@ -323,10 +323,13 @@ where
 /// `guard`, unless it is one the reader cannot read.
 #[inline(never)]
 fn read<B>(mut response: Response<B>, mut guard: Guard) -> Response<ResponseBody<B>> {
-    if guard.start_reading(response.headers()) {
+    let Some(strips) = guard.start_reading(response.headers()) else {
+        return response.map(|body| ResponseBody::inner(body, Some(guard)));
+    };
+    if strips {
         response.headers_mut().remove(http::header::CONTENT_LENGTH);
     }
-    response.map(|body| ResponseBody::inner(body, Some(guard)))
+    response.map(|body| ResponseBody::read(body, guard, strips))
 }
 
 /// The cap and what is left of it, on an admitted response, where the inner service has

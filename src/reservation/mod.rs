@@ -154,18 +154,6 @@ impl Guard {
         }
     }
 
-    /// Whether the attached reader edits the stream as it passes (see [`Tap::pass`]).
-    #[inline]
-    pub(crate) fn strips(&self) -> bool {
-        match self {
-            Guard::Owned { attached, .. } => attached
-                .as_ref()
-                .and_then(|a| a.reader.as_ref())
-                .is_some_and(Tap::strips),
-            Guard::Shared(handle) => handle.lock().as_ref().is_some_and(Guard::strips),
-        }
-    }
-
     /// Attaches a reader of the response's usage.
     pub(crate) fn attach(&mut self, reader: Tap) {
         match self {
@@ -182,27 +170,24 @@ impl Guard {
 
     /// Starts reading a response with `headers`: the reader stays attached if it reads
     /// such a body, and is detached otherwise, the reservation left as it is. Whether it
-    /// edits the stream.
-    pub(crate) fn start_reading(&mut self, headers: &http::HeaderMap) -> bool {
+    /// edits the stream; `None` once detached (or none was attached).
+    pub(crate) fn start_reading(&mut self, headers: &http::HeaderMap) -> Option<bool> {
         match self {
             Guard::Owned {
                 attached: Some(attached),
                 ..
             } => {
-                let Some(reader) = &mut attached.reader else {
-                    return false;
-                };
+                let reader = attached.reader.as_mut()?;
                 if reader.start(headers) {
-                    return reader.strips();
+                    return Some(reader.strips());
                 }
                 attached.reader = None;
-                false
+                None
             }
-            Guard::Owned { .. } => false,
+            Guard::Owned { .. } => None,
             Guard::Shared(handle) => {
                 let mut slot = handle.lock();
-                slot.as_mut()
-                    .is_some_and(|guard| guard.start_reading(headers))
+                slot.as_mut().and_then(|guard| guard.start_reading(headers))
             }
         }
     }
