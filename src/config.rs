@@ -15,7 +15,7 @@ use crate::fair::Queue;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::retry_after::HoldTimes;
-use crate::{Rejection, ShadowMode, SharedBudget};
+use crate::{Rejection, ShadowMode, SharedBudget, TokenWindow};
 
 pub(crate) type RejectFn = dyn Fn(&Rejection) -> Response<Bytes> + Send + Sync;
 
@@ -120,6 +120,13 @@ impl Config {
         }
     }
 
+    /// The windows requests are charged to; none for most layers.
+    pub(crate) fn windows(&self) -> &[TokenWindow] {
+        self.options
+            .as_deref()
+            .map_or(&[], |options| &options.windows)
+    }
+
     /// Whether a budget is keyed by the model the estimator finds in the body.
     pub(crate) fn wants_model(&self) -> bool {
         let options = self.options.as_deref();
@@ -144,6 +151,8 @@ pub(crate) struct Options {
     pub(crate) priority: Option<PrioritySource>,
     /// Each tenant's weight in the fair share of a budget; 1 without.
     pub(crate) weight: Option<Arc<WeightFn>>,
+    /// Limits over time every request is charged to as well.
+    pub(crate) windows: Vec<TokenWindow>,
 }
 
 pub(crate) type WeightFn = dyn Fn(&str) -> u32 + Send + Sync;

@@ -1,6 +1,7 @@
 //! Why a request was not admitted.
 
 use std::fmt;
+use std::time::Duration;
 
 use http::StatusCode;
 
@@ -53,6 +54,39 @@ pub enum Error {
         tokens: u64,
         /// The budget's cap.
         cap: u64,
+    },
+    /// The request fits the tenant's limit over time ([`TokenWindow`](crate::TokenWindow)),
+    /// but not what is left of it now. Retry after
+    /// [`retry_after`](Self::WindowExceeded::retry_after). HTTP 429.
+    WindowExceeded {
+        /// The tenant.
+        tenant_id: String,
+        /// The window, as its [`name`](crate::TokenWindow::name) says (`"tokens per
+        /// minute"`).
+        window: String,
+        /// Tokens the request asked for.
+        requested: u64,
+        /// Tokens left in the window when the request was refused.
+        remaining: u64,
+        /// The tenant's limit in this window.
+        limit: u64,
+        /// How long until the window holds the request's tokens, from the rate it refills
+        /// at (if nothing else is charged meanwhile).
+        retry_after: Duration,
+        /// How long until the window is full again.
+        reset: Duration,
+    },
+    /// The request alone is larger than the tenant's limit over time: retrying cannot
+    /// help. HTTP 413.
+    WindowTooLarge {
+        /// The tenant.
+        tenant_id: String,
+        /// The window, as its [`name`](crate::TokenWindow::name) says.
+        window: String,
+        /// Tokens the request asked for.
+        tokens: u64,
+        /// The tenant's limit in this window.
+        limit: u64,
     },
     /// No tenant could be found on the request. HTTP 400, or 401 if so configured.
     MissingTenant,
@@ -112,9 +146,11 @@ impl Error {
         match self {
             Error::TenantOverloaded { .. }
             | Error::BudgetOverloaded { .. }
+            | Error::WindowExceeded { .. }
             | Error::Shed { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::RequestTooLarge { .. }
             | Error::BudgetTooLarge { .. }
+            | Error::WindowTooLarge { .. }
             | Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::MissingTenant
             | Error::InvalidTenant { .. }
@@ -134,6 +170,8 @@ impl Error {
             Error::RequestTooLarge { .. } => "request_too_large",
             Error::BudgetOverloaded { .. } => "budget_exceeded",
             Error::BudgetTooLarge { .. } => "request_too_large_for_budget",
+            Error::WindowExceeded { .. } => "window_exceeded",
+            Error::WindowTooLarge { .. } => "request_too_large_for_window",
             Error::MissingTenant => "missing_tenant",
             Error::InvalidTenant { .. } => "invalid_tenant",
             Error::MissingEstimate => "missing_token_estimate",
@@ -162,6 +200,8 @@ impl Error {
         match self {
             Error::TenantOverloaded { tenant_id, .. }
             | Error::RequestTooLarge { tenant_id, .. }
+            | Error::WindowExceeded { tenant_id, .. }
+            | Error::WindowTooLarge { tenant_id, .. }
             | Error::Shed { tenant_id, .. } => Some(tenant_id),
             _ => None,
         }
@@ -209,6 +249,30 @@ impl fmt::Display for Error {
                 "request of {tokens} tokens can never fit budget `{budget}`'s cap of {cap} \
                  tokens in flight"
             ),
+            Error::WindowExceeded {
+                tenant_id,
+                window,
+                requested,
+                remaining,
+                limit,
+                retry_after,
+                ..
+            } => write!(
+                f,
+                "tenant `{tenant_id}` is over its limit of {limit} {window}: {requested} tokens \
+                 requested, {remaining} left; try again in {}s",
+                seconds_up(*retry_after)
+            ),
+            Error::WindowTooLarge {
+                tenant_id,
+                window,
+                tokens,
+                limit,
+            } => write!(
+                f,
+                "request of {tokens} tokens can never fit tenant `{tenant_id}`'s limit of \
+                 {limit} {window}"
+            ),
             Error::MissingTenant => f.write_str("no tenant identified on the request"),
             Error::InvalidTenant { reason } => write!(f, "invalid tenant id: {reason}"),
             Error::MissingEstimate => f.write_str("no token estimate on the request"),
@@ -234,3 +298,8 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
+
+/// `duration` in whole seconds, rounded up: when a retry can be sure to fit.
+pub(crate) fn seconds_up(duration: Duration) -> u64 {
+    duration.as_secs() + u64::from(duration.subsec_nanos() > 0)
+}

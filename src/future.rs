@@ -19,8 +19,8 @@ use crate::config::{Config, LimitHeaders};
 use crate::extract::BodyEstimate;
 use crate::fair::Priority;
 use crate::headers::{
-    limit_field, policy_field, RATELIMIT, RATELIMIT_POLICY, X_RATELIMIT_LIMIT_TOKENS,
-    X_RATELIMIT_REMAINING_TOKENS,
+    limit_field, policy_field, reset_field, RATELIMIT, RATELIMIT_POLICY, X_RATELIMIT_LIMIT_TOKENS,
+    X_RATELIMIT_REMAINING_TOKENS, X_RATELIMIT_RESET_TOKENS,
 };
 use crate::reservation::usage::Tap;
 use crate::reservation::Guard;
@@ -240,8 +240,8 @@ where
                     let guard = guard.take();
                     let mut response = result?; // an inner error releases here
                     if headers.any() {
-                        if let Some(limits) = guard.as_ref().and_then(Guard::limits) {
-                            add_limit_headers(response.headers_mut(), *headers, limits);
+                        if let Some(guard) = &guard {
+                            add_limit_headers(response.headers_mut(), *headers, guard);
                         }
                     }
                     let guard = match guard {
@@ -333,9 +333,25 @@ fn read<B>(mut response: Response<B>, mut guard: Guard) -> Response<ResponseBody
 }
 
 /// The cap and what is left of it, on an admitted response, where the inner service has
-/// not set them itself.
-fn add_limit_headers(map: &mut http::HeaderMap, headers: LimitHeaders, (cap, left): (u64, u64)) {
-    if headers.openai {
+/// not set them itself. OpenAI's headers describe the window with the least left when
+/// the request was charged to windows, as OpenAI's own limits are windows.
+fn add_limit_headers(map: &mut http::HeaderMap, headers: LimitHeaders, guard: &Guard) {
+    let window = match headers.openai {
+        true => guard.tightest_window(),
+        false => None,
+    };
+    if let Some(window) = window {
+        map.entry(X_RATELIMIT_LIMIT_TOKENS)
+            .or_insert(window.limit.into());
+        map.entry(X_RATELIMIT_REMAINING_TOKENS)
+            .or_insert(window.remaining.into());
+        map.entry(X_RATELIMIT_RESET_TOKENS)
+            .or_insert_with(|| reset_field(window.reset));
+    }
+    let Some((cap, left)) = guard.limits() else {
+        return;
+    };
+    if headers.openai && window.is_none() {
         map.entry(X_RATELIMIT_LIMIT_TOKENS).or_insert(cap.into());
         map.entry(X_RATELIMIT_REMAINING_TOKENS)
             .or_insert(left.into());

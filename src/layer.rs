@@ -206,6 +206,19 @@ impl TenantTokenLayer {
         self.with(|config| config.options_mut().budgets.push(budget))
     }
 
+    /// Charges every request to `window` too, a limit on the tokens each tenant uses over
+    /// time (per minute, per day, …), all or nothing with its tenant's cap and the shared
+    /// budgets; see [`TokenWindow`](crate::TokenWindow). Call again to add more windows (a
+    /// minute's and a day's).
+    ///
+    /// With windows, OpenAI's `x-ratelimit-…-tokens` headers
+    /// ([`openai_ratelimit_headers`](Self::openai_ratelimit_headers)) describe the window
+    /// with the least left, as OpenAI's API does, with `x-ratelimit-reset-tokens` (how long
+    /// until it is full); the IETF fields keep describing the in-flight cap.
+    pub fn window(self, window: crate::TokenWindow) -> Self {
+        self.with(|config| config.options_mut().windows.push(window))
+    }
+
     /// Lets a request over its tenant's cap (or a shared budget) wait up to `max_wait` for
     /// capacity instead of being refused at once (default: refused at once).
     ///

@@ -121,6 +121,7 @@ mod shadow;
 mod step;
 mod sync;
 mod tracker;
+mod window;
 
 pub use self::budget::SharedBudget;
 pub use self::error::Error;
@@ -142,6 +143,7 @@ pub use self::shadow::ShadowMode;
 pub use self::tracker::{
     TenantScope, TenantTokenState, TenantTokenTracker, TenantTokenTrackerBuilder, TokenReservation,
 };
+pub use self::window::TokenWindow;
 
 /// The error type bodies are converted into, as across tower and hyper.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -8,8 +8,8 @@ use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
 use crate::headers::{
-    limit_field, policy_field, RATELIMIT, RATELIMIT_POLICY, X_RATELIMIT_LIMIT_TOKENS,
-    X_RATELIMIT_REMAINING_TOKENS,
+    limit_field, policy_field, reset_field, RATELIMIT, RATELIMIT_POLICY, X_RATELIMIT_LIMIT_TOKENS,
+    X_RATELIMIT_REMAINING_TOKENS, X_RATELIMIT_RESET_TOKENS,
 };
 use crate::Error;
 
@@ -57,6 +57,10 @@ impl Rejection {
     /// a tight retry loop.
     pub fn retry_after(&self) -> Option<Duration> {
         match self.error {
+            // When the window will hold the request, from its refill rate.
+            Error::WindowExceeded { retry_after, .. } => {
+                Some(retry_after.max(Duration::from_secs(1)))
+            }
             Error::TenantOverloaded { .. }
             | Error::BudgetOverloaded { .. }
             | Error::Shed { .. }
@@ -70,7 +74,7 @@ impl Rejection {
     /// The default response: the status, `content-type: application/json`, a body
     /// `{"error":{"message","type","param","code"}}`, and for cap refusals
     /// `x-ratelimit-limit-tokens`, `x-ratelimit-remaining-tokens` and (429 only)
-    /// `Retry-After` in whole seconds; with the IETF fields on, `RateLimit-Policy` and
+    /// `Retry-After` in whole seconds (for a window, also `x-ratelimit-reset-tokens`); with the IETF fields on, `RateLimit-Policy` and
     /// (429 only) `RateLimit` too.
     pub fn to_response(&self) -> Response<Bytes> {
         let error_type = match (self.status, &self.error) {
@@ -78,6 +82,7 @@ impl Rejection {
                 _,
                 Error::TenantOverloaded { .. }
                 | Error::BudgetOverloaded { .. }
+                | Error::WindowExceeded { .. }
                 | Error::Shed { .. },
             ) => "tokens",
             (StatusCode::UNAUTHORIZED, _) => "authentication_error",
@@ -97,9 +102,7 @@ impl Rejection {
         *response.status_mut() = self.status;
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        let retry_after = self
-            .retry_after()
-            .map(|after| after.as_secs() + u64::from(after.subsec_nanos() > 0));
+        let retry_after = self.retry_after().map(crate::error::seconds_up);
         match self.error {
             Error::TenantOverloaded { in_flight, cap, .. } => {
                 let remaining = cap.saturating_sub(in_flight);
@@ -126,6 +129,20 @@ impl Rejection {
             }
             Error::BudgetTooLarge { cap, .. } => {
                 headers.insert(X_RATELIMIT_LIMIT_TOKENS, cap.into());
+            }
+            // The window's figures, as OpenAI sends them for its own limits.
+            Error::WindowExceeded {
+                limit,
+                remaining,
+                reset,
+                ..
+            } => {
+                headers.insert(X_RATELIMIT_LIMIT_TOKENS, limit.into());
+                headers.insert(X_RATELIMIT_REMAINING_TOKENS, remaining.into());
+                headers.insert(X_RATELIMIT_RESET_TOKENS, reset_field(reset));
+            }
+            Error::WindowTooLarge { limit, .. } => {
+                headers.insert(X_RATELIMIT_LIMIT_TOKENS, limit.into());
             }
             _ => {}
         }

@@ -9,8 +9,8 @@ type TenantFn = dyn Fn(&str) -> bool + Send + Sync;
 
 /// Whose cap refusals are only counted and logged, the request admitted anyway.
 ///
-/// In shadow, a request over its tenant's cap or a shared budget (what would be a 429) or
-/// larger than one (a 413) is logged at `info` with `shadow = true`, counted
+/// In shadow, a request over its tenant's cap, a shared budget or a window over time (what
+/// would be a 429) or larger than one (a 413) is logged at `info` with `shadow = true`, counted
 /// ([`TenantTokenLayer::shadow_refusals`](crate::TenantTokenLayer::shadow_refusals)), and
 /// admitted: its tokens are reserved and counted like any others, so the in-flight figures
 /// (and the refusals the trial reports) stay those of the real traffic, and an overshoot
@@ -60,6 +60,8 @@ impl ShadowMode {
                 | Error::RequestTooLarge { .. }
                 | Error::BudgetOverloaded { .. }
                 | Error::BudgetTooLarge { .. }
+                | Error::WindowExceeded { .. }
+                | Error::WindowTooLarge { .. }
         );
         cap_refusal
             && match self {

@@ -10,8 +10,9 @@
 //!    override a refusal);
 //! 3. the tenant's reservation is made in the ledger (at once in memory, one round trip
 //!    in Redis; shadow mode likewise);
-//! 4. what rides along is attached (budgets, hold-time clock, wake-up, metrics), and the
-//!    guard takes it all.
+//! 4. the windows over time are charged (all or nothing; a refusal releases 2 and 3), what
+//!    rides along is attached (budgets, window charges, hold-time clock, wake-up,
+//!    metrics), and the guard takes it all.
 //!
 //! A refusal over a cap, with waiting on, queues the request and repeats 2–4 whenever it
 //! is its turn (see [`queue`]) and capacity may have come back.
@@ -37,6 +38,7 @@ use crate::ledger::Turn;
 use crate::reservation::{Attached, Guard};
 use crate::retry_after::HoldClock;
 use crate::step::Step;
+use crate::window::{charge_all, force_all, Charges};
 use crate::{Error, ShadowMode};
 
 /// The outcome of admitting a request: the guard holding its reservation, or why not.
@@ -151,22 +153,26 @@ fn try_admit(
                 let options = config.options.as_deref().expect("checked above");
                 let reserved = reserve_or_shadow(&config, &tenant, tokens, &options.shadow);
                 let config = Arc::clone(&config);
-                reserved.map(move |(reservation, refused)| {
+                reserved.then(move |reserved| {
                     let options = config.options.as_deref().expect("checked above");
-                    hold(&config, options, reservation, budgets, refused.or(shadowed))
+                    Step::Now(reserved.and_then(|(reservation, refused)| {
+                        hold(&config, options, reservation, budgets, refused.or(shadowed))
+                    }))
                 })
             });
         }
     };
     match reserve_or_shadow(config, tenant, tokens, &options.shadow) {
-        Step::Now(reserved) => Step::Now(reserved.map(|(reservation, refused)| {
+        Step::Now(reserved) => Step::Now(reserved.and_then(|(reservation, refused)| {
             hold(config, options, reservation, budgets, refused.or(shadowed))
         })),
         later => {
             let config = Arc::clone(config);
-            later.map(move |(reservation, refused)| {
+            later.then(move |reserved| {
                 let options = config.options.as_deref().expect("checked above");
-                hold(&config, options, reservation, budgets, refused.or(shadowed))
+                Step::Now(reserved.and_then(|(reservation, refused)| {
+                    hold(&config, options, reservation, budgets, refused.or(shadowed))
+                }))
             })
         }
     }
@@ -196,13 +202,7 @@ fn try_admit_in_turn(
         // Refused here, the tenant's reservation is dropped: released at once.
         let drawn = draw(options, &tenant, tokens, &keys, Some(&turn));
         let (budgets, shadowed) = drawn.resolve().await?;
-        Ok(hold(
-            config,
-            options,
-            reservation,
-            budgets,
-            refused.or(shadowed),
-        ))
+        hold(config, options, reservation, budgets, refused.or(shadowed))
     })
 }
 
@@ -235,15 +235,17 @@ fn reserve_or_shadow(
     }
 }
 
-/// A reservation the ledger granted, with what rides along with it; `shadowed` is the
-/// refusal shadow mode overrode, if it did.
+/// A reservation the ledger granted, with what rides along with it, once the windows
+/// took their charge; `shadowed` is the refusal shadow mode overrode, if it did. A
+/// window's refusal drops (releases) the reservation and the budgets.
 fn hold(
     config: &Config,
     options: &Options,
     reservation: Reservation,
     budgets: Vec<Reservation>,
     shadowed: Option<Error>,
-) -> Guard {
+) -> Result<Guard, Error> {
+    let (windows, shadowed) = charge_windows(options, &reservation, shadowed)?;
     let wake = options.queue.as_ref().map(|queue| {
         // What the fair share of the budgets counts.
         let counted = (!budgets.is_empty()).then(|| {
@@ -260,6 +262,7 @@ fn hold(
     });
     let attached = Attached {
         budgets,
+        windows,
         clock: options
             .hold_times
             .as_ref()
@@ -276,12 +279,34 @@ fn hold(
             "shadow: would refuse ({error}); admitted"
         );
     }
-    record(
+    Ok(record(
         config,
         reservation,
         Some(Box::new(attached)),
         shadowed.as_ref(),
-    )
+    ))
+}
+
+/// Charges the reservation's tokens to every window (step 4, last: nothing else can refuse
+/// it after), or regardless when shadow mode covers the refusal. The refusal shadow mode
+/// overrode, if it did, comes back with the charges.
+fn charge_windows(
+    options: &Options,
+    reservation: &Reservation,
+    shadowed: Option<Error>,
+) -> Result<(Charges, Option<Error>), Error> {
+    if options.windows.is_empty() {
+        return Ok((Charges::default(), shadowed));
+    }
+    let (tenant, tokens) = (reservation.tenant_id(), reservation.tokens());
+    match charge_all(&options.windows, tenant, tokens) {
+        Ok(charges) => Ok((charges, shadowed)),
+        Err(error) if options.shadow.covers(tenant, &error) => {
+            let charges = force_all(&options.windows, tenant, tokens);
+            Ok((charges, shadowed.or(Some(error))))
+        }
+        Err(error) => Err(error),
+    }
 }
 
 /// Logs the admission, and tells the metrics recorder.

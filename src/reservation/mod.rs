@@ -17,6 +17,7 @@ use crate::ledger::{Reservation, Resize, TenantName};
 use crate::metrics::Tag;
 use crate::retry_after::HoldClock;
 use crate::step::Pending;
+use crate::window::{Charge, Charges, Standing};
 use crate::Error;
 
 /// Waits for every growth in turn; the first refusal stands.
@@ -51,6 +52,9 @@ pub(crate) enum Guard {
 pub(crate) struct Attached {
     /// The shared budgets' reservations, resized and released with the tenant's.
     pub(crate) budgets: Vec<Reservation>,
+    /// What the windows over time were charged: grown with the reservation, settled on
+    /// the reported usage, kept when released.
+    pub(crate) windows: Charges,
     /// Times the reservation, for a `Retry-After` derived from hold times.
     pub(crate) clock: Option<HoldClock>,
     /// Reads the usage the response reports, and settles the reservation on it before
@@ -66,6 +70,7 @@ pub(crate) struct Attached {
 pub(crate) struct Reserved<'a> {
     reservation: &'a mut Reservation,
     budgets: &'a mut [Reservation],
+    windows: Option<&'a mut Charges>,
     /// What the metrics recorder was told of it.
     pub(crate) tag: &'a mut Tag,
 }
@@ -111,15 +116,19 @@ impl Guard {
                 attached,
                 tag,
             } => {
-                let (budgets, reader) = match attached.as_deref_mut() {
+                let (budgets, windows, reader) = match attached.as_deref_mut() {
                     Some(Attached {
-                        budgets, reader, ..
-                    }) => (&mut budgets[..], reader.as_mut()),
-                    None => (&mut [][..], None),
+                        budgets,
+                        windows,
+                        reader,
+                        ..
+                    }) => (&mut budgets[..], Some(windows), reader.as_mut()),
+                    None => (&mut [][..], None, None),
                 };
                 let mut reserved = Reserved {
                     reservation,
                     budgets,
+                    windows,
                     tag,
                 };
                 Some(f(&mut reserved, reader))
@@ -133,6 +142,22 @@ impl Guard {
         match self {
             Guard::Owned { reservation, .. } => reservation.limits(),
             Guard::Shared(handle) => handle.lock().as_ref()?.limits(),
+        }
+    }
+
+    /// The window with the least left now, if the request was charged to any.
+    pub(crate) fn tightest_window(&self) -> Option<Standing> {
+        match self {
+            Guard::Owned {
+                attached: Some(attached),
+                ..
+            } => attached
+                .windows
+                .iter()
+                .map(Charge::standing)
+                .min_by_key(|standing| standing.remaining),
+            Guard::Owned { .. } => None,
+            Guard::Shared(handle) => handle.lock().as_ref()?.tightest_window(),
         }
     }
 
@@ -246,6 +271,20 @@ impl Reserved<'_> {
         now
     }
 
+    /// Settles the reservation on what the request used, as reported: the windows are
+    /// charged exactly that (what [`resize`](Self::resize) never takes back).
+    pub(crate) fn settle(&mut self, tokens: u64) -> u64 {
+        let now = self.resize(tokens);
+        for window in self
+            .windows
+            .iter_mut()
+            .flat_map(|windows| windows.iter_mut())
+        {
+            window.settle(tokens);
+        }
+        now
+    }
+
     /// Resizes, growing only within the caps: the budgets first, then the tenant's; a
     /// refusal anywhere puts back what had grown. Growth Redis must check is returned to
     /// wait for ([`Resize::Later`]); what grew stays grown until it is
@@ -312,6 +351,13 @@ impl Reserved<'_> {
     fn resized(&mut self, before: u64) {
         let now = self.tokens();
         self.tag.resized(before, now);
+        for window in self
+            .windows
+            .iter_mut()
+            .flat_map(|windows| windows.iter_mut())
+        {
+            window.grow_to(now);
+        }
     }
 }
 
@@ -407,13 +453,17 @@ impl ReservationHandle {
     /// Sets the tokens held, up or down, as [`TokenReservation::resize`](crate::TokenReservation::resize) does (growth past
     /// the cap is allowed and counted). Returns what is held now; 0 once released.
     ///
+    /// This is the request's usage as the handler learned it: the layer's
+    /// [windows](crate::TokenWindow) are charged exactly `tokens`, what was charged beyond
+    /// that going back.
+    ///
     /// With a Redis tracker (feature `redis`) the new amount counts here at once and
     /// reaches Redis in the background (see `RedisReservation::resize`).
     pub fn resize(&self, tokens: u64) -> u64 {
         let mut slot = self.lock();
         let resized = slot
             .as_mut()
-            .and_then(|guard| guard.with(|held, _| held.resize(tokens)));
+            .and_then(|guard| guard.with(|held, _| held.settle(tokens)));
         resized.unwrap_or(0)
     }
 

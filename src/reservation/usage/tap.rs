@@ -239,7 +239,7 @@ impl Tap {
         }
         match self.usage.reported.total() {
             Some(total) => {
-                held.resize(total);
+                held.settle(total);
             }
             None if complete && self.lines.is_some() => {
                 if self.asked {

@@ -1,0 +1,524 @@
+//! Limits over time: how many tokens a tenant may use per minute, per day, per 30 days.
+//!
+//! A window is a bucket per tenant that refills continuously, as OpenAI's own limits do:
+//! it holds at most the tenant's limit, and refills at the limit divided by the period.
+//! A request is charged its estimate when it is admitted, next to its in-flight
+//! reservation and all or nothing with it; a refused request charges nothing. A response
+//! that outgrows its estimate is charged as it grows (never refused mid-stream), and the
+//! usage the upstream reports settles the charge, down or up. A request whose usage is
+//! never reported stays charged at the most it held.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::Error;
+
+type LimitFn = dyn Fn(&str) -> Option<u64> + Send + Sync;
+
+/// A limit on the tokens each tenant uses over time (per minute, per day, per 30 days),
+/// charged in the same admission as the in-flight cap
+/// ([`TenantTokenLayer::window`](crate::TenantTokenLayer::window)).
+///
+/// Each tenant has a bucket that holds at most its limit and refills continuously at
+/// `limit ÷ period` (so in any one period a tenant may use at most its limit plus one
+/// period's refill, when it starts with a full bucket). A request is admitted only if its
+/// estimate fits the bucket now, as well as the tenant's in-flight cap and every shared
+/// budget; one that does not is refused with 429 and a `Retry-After` computed from the
+/// refill rate, and one larger than the limit itself with 413.
+///
+/// Limits: a default for every tenant, a limit function (plans, looked up once per tenant
+/// and again on [`refresh_limits`](Self::refresh_limits)), and limits set at run time
+/// ([`set_limit`](Self::set_limit)), in that order of precedence from last to first.
+///
+/// The window counts in this process: clones share it, and a layer can hold several
+/// (a minute's and a day's). It does not yet count across replicas.
+///
+/// ```
+/// use std::sync::Arc;
+/// use tower_tenant_tokens::{TenantTokenLayer, TenantTokenTracker, TokenWindow};
+///
+/// let per_minute = TokenWindow::per_minute(50_000);
+/// per_minute.set_limit("enterprise", 1_000_000);
+/// let layer = TenantTokenLayer::new(Arc::new(TenantTokenTracker::new(20_000)))
+///     .window(per_minute.clone())
+///     .window(TokenWindow::per_day(2_000_000));
+/// assert_eq!(per_minute.remaining("enterprise"), 1_000_000);
+/// # let _ = layer;
+/// ```
+#[derive(Clone)]
+pub struct TokenWindow {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    period: Duration,
+    name: String,
+    default: std::sync::atomic::AtomicU64,
+    lookup: RwLock<Option<Arc<LimitFn>>>,
+    buckets: RwLock<HashMap<Box<str>, Arc<Bucket>, foldhash::fast::RandomState>>,
+    /// The number of buckets above which idle full ones are dropped.
+    prune_at: std::sync::atomic::AtomicUsize,
+}
+
+/// One tenant's bucket.
+struct Bucket {
+    level: Mutex<Level>,
+    /// The window's period, so that a charge needs only its bucket.
+    period: Duration,
+}
+
+struct Level {
+    /// Tokens left; below zero when responses outgrew their charges.
+    tokens: f64,
+    /// When `tokens` was last brought up to date.
+    at: Instant,
+    limit: u64,
+    /// Whether the limit was set for this tenant ([`TokenWindow::set_limit`]).
+    set: bool,
+}
+
+/// Buckets kept before idle full ones are dropped (a full bucket is a fresh one).
+const PRUNE_AT: usize = 1024;
+
+impl TokenWindow {
+    /// A window of `period` in which each tenant may use `limit` tokens by default.
+    ///
+    /// A period of zero is taken as one nanosecond.
+    pub fn new(limit: u64, period: Duration) -> Self {
+        let period = period.max(Duration::from_nanos(1));
+        Self {
+            inner: Arc::new(Inner {
+                period,
+                name: name_of(period),
+                default: limit.into(),
+                lookup: RwLock::new(None),
+                buckets: RwLock::default(),
+                prune_at: PRUNE_AT.into(),
+            }),
+        }
+    }
+
+    /// `limit` tokens per minute, OpenAI's TPM.
+    pub fn per_minute(limit: u64) -> Self {
+        Self::new(limit, Duration::from_secs(60))
+    }
+
+    /// `limit` tokens per day.
+    pub fn per_day(limit: u64) -> Self {
+        Self::new(limit, Duration::from_secs(24 * 3600))
+    }
+
+    /// `limit` tokens per 30 days.
+    pub fn per_30_days(limit: u64) -> Self {
+        Self::new(limit, Duration::from_secs(30 * 24 * 3600))
+    }
+
+    /// What the window is called in refusals: `"tokens per minute"`, `"tokens per day"`,
+    /// `"tokens per 30 days"`, else `"tokens per N s"`.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The window's period.
+    pub fn period(&self) -> Duration {
+        self.inner.period
+    }
+
+    /// The limit of tenants without one of their own.
+    pub fn default_limit(&self) -> u64 {
+        self.inner.default.load(Relaxed)
+    }
+
+    /// Sets the limit of tenants without one of their own; buckets already made keep
+    /// theirs until [`refresh_limits`](Self::refresh_limits).
+    pub fn set_default_limit(&self, limit: u64) {
+        self.inner.default.store(limit, Relaxed);
+    }
+
+    /// Looks up the limit of each tenant with `f` (`None`: the default), once per
+    /// tenant's bucket and again on [`refresh_limits`](Self::refresh_limits).
+    pub fn set_limit_fn<F>(&self, f: F)
+    where
+        F: Fn(&str) -> Option<u64> + Send + Sync + 'static,
+    {
+        *self
+            .inner
+            .lookup
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(f));
+        self.refresh_limits();
+    }
+
+    /// Sets `tenant_id`'s limit, at once and until [`remove_limit`](Self::remove_limit).
+    /// What it has used stays used: a lower limit may leave it nothing for a while.
+    pub fn set_limit(&self, tenant_id: &str, limit: u64) {
+        let bucket = self.inner.bucket(tenant_id);
+        let mut level = lock(&bucket.level);
+        level.refill(Instant::now(), self.inner.period);
+        level.set_limit(limit);
+        level.set = true;
+    }
+
+    /// Gives `tenant_id` the limit the function or the default says again. Whether it had
+    /// one of its own.
+    pub fn remove_limit(&self, tenant_id: &str) -> bool {
+        let Some(bucket) = self.inner.find(tenant_id) else {
+            return false;
+        };
+        let mut level = lock(&bucket.level);
+        let had = std::mem::replace(&mut level.set, false);
+        level.refill(Instant::now(), self.inner.period);
+        level.set_limit(self.inner.limit_of(tenant_id));
+        had
+    }
+
+    /// Asks the limit function and the default again for every tenant whose limit was not
+    /// set with [`set_limit`](Self::set_limit) (after plans change).
+    pub fn refresh_limits(&self) {
+        let buckets: Vec<_> = read(&self.inner.buckets)
+            .iter()
+            .map(|(id, bucket)| (id.clone(), Arc::clone(bucket)))
+            .collect();
+        let now = Instant::now();
+        for (id, bucket) in buckets {
+            let limit = self.inner.limit_of(&id);
+            let mut level = lock(&bucket.level);
+            if !level.set {
+                level.refill(now, self.inner.period);
+                level.set_limit(limit);
+            }
+        }
+    }
+
+    /// `tenant_id`'s limit in this window.
+    pub fn limit(&self, tenant_id: &str) -> u64 {
+        match self.inner.find(tenant_id) {
+            Some(bucket) => lock(&bucket.level).limit,
+            None => self.inner.limit_of(tenant_id),
+        }
+    }
+
+    /// Tokens `tenant_id` may still use now: its bucket's level, 0 when responses outgrew
+    /// what was charged for them.
+    pub fn remaining(&self, tenant_id: &str) -> u64 {
+        match self.inner.find(tenant_id) {
+            Some(bucket) => {
+                let mut level = lock(&bucket.level);
+                level.refill(Instant::now(), self.inner.period);
+                level.remaining()
+            }
+            None => self.inner.limit_of(tenant_id),
+        }
+    }
+
+    /// Charges `tokens` to `tenant_id` if they fit now, or without checking when `force`.
+    pub(crate) fn charge(
+        &self,
+        tenant_id: &str,
+        tokens: u64,
+        force: bool,
+    ) -> Result<Charge, Error> {
+        let bucket = self.inner.bucket(tenant_id);
+        let mut level = lock(&bucket.level);
+        let now = Instant::now();
+        level.refill(now, self.inner.period);
+        let wanted = tokens as f64;
+        if !force && tokens > level.limit {
+            return Err(Error::WindowTooLarge {
+                tenant_id: tenant_id.to_owned(),
+                window: self.inner.name.clone(),
+                tokens,
+                limit: level.limit,
+            });
+        }
+        if !force && level.tokens < wanted {
+            let rate = level.rate(self.inner.period);
+            return Err(Error::WindowExceeded {
+                tenant_id: tenant_id.to_owned(),
+                window: self.inner.name.clone(),
+                requested: tokens,
+                remaining: level.remaining(),
+                limit: level.limit,
+                retry_after: seconds(wanted - level.tokens, rate),
+                reset: level.reset(rate),
+            });
+        }
+        level.tokens -= wanted;
+        drop(level);
+        Ok(Charge { bucket, tokens })
+    }
+}
+
+impl Inner {
+    /// The limit of a tenant without one of its own.
+    fn limit_of(&self, tenant_id: &str) -> u64 {
+        let lookup = read(&self.lookup).clone();
+        lookup
+            .and_then(|lookup| lookup(tenant_id))
+            .unwrap_or_else(|| self.default.load(Relaxed))
+    }
+
+    fn find(&self, tenant_id: &str) -> Option<Arc<Bucket>> {
+        read(&self.buckets).get(tenant_id).cloned()
+    }
+
+    /// `tenant_id`'s bucket, made full if it has none.
+    fn bucket(&self, tenant_id: &str) -> Arc<Bucket> {
+        if let Some(bucket) = self.find(tenant_id) {
+            return bucket;
+        }
+        let limit = self.limit_of(tenant_id);
+        let mut buckets = self.buckets.write().unwrap_or_else(PoisonError::into_inner);
+        if buckets.len() >= self.prune_at.load(Relaxed) {
+            self.prune(&mut buckets);
+        }
+        let bucket = buckets.entry(Box::from(tenant_id)).or_insert_with(|| {
+            Arc::new(Bucket {
+                level: Mutex::new(Level {
+                    tokens: limit as f64,
+                    at: Instant::now(),
+                    limit,
+                    set: false,
+                }),
+                period: self.period,
+            })
+        });
+        Arc::clone(bucket)
+    }
+
+    /// Drops the buckets that are full, held by no request and have no limit of their
+    /// own: a fresh bucket is the same. The next prune waits until the map has doubled.
+    fn prune(&self, buckets: &mut HashMap<Box<str>, Arc<Bucket>, foldhash::fast::RandomState>) {
+        let now = Instant::now();
+        buckets.retain(|_, bucket| {
+            if Arc::strong_count(bucket) > 1 {
+                return true;
+            }
+            let mut level = lock(&bucket.level);
+            level.refill(now, self.period);
+            level.set || level.tokens < level.limit as f64
+        });
+        self.prune_at
+            .store((buckets.len() * 2).max(PRUNE_AT), Relaxed);
+    }
+}
+
+impl Level {
+    /// Tokens per second.
+    fn rate(&self, period: Duration) -> f64 {
+        self.limit as f64 / period.as_secs_f64()
+    }
+
+    /// Adds what has refilled since the last time, up to the limit.
+    fn refill(&mut self, now: Instant, period: Duration) {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        let limit = self.limit as f64;
+        if self.tokens < limit {
+            self.tokens = (self.tokens + elapsed * self.rate(period)).min(limit);
+        }
+    }
+
+    /// A new limit: what was used stays used.
+    fn set_limit(&mut self, limit: u64) {
+        let used = self.limit as f64 - self.tokens;
+        self.limit = limit;
+        self.tokens = limit as f64 - used;
+    }
+
+    fn remaining(&self) -> u64 {
+        self.tokens.max(0.0) as u64
+    }
+
+    /// How long until the bucket is full.
+    fn reset(&self, rate: f64) -> Duration {
+        seconds(self.limit as f64 - self.tokens, rate)
+    }
+
+    /// Gives back `tokens` that were charged but not used.
+    fn refund(&mut self, tokens: f64) {
+        self.tokens = (self.tokens + tokens).min(self.limit as f64);
+    }
+}
+
+/// How long `tokens` take to refill at `rate` per second.
+fn seconds(tokens: f64, rate: f64) -> Duration {
+    if tokens <= 0.0 {
+        return Duration::ZERO;
+    }
+    if rate <= 0.0 {
+        return Duration::MAX;
+    }
+    Duration::try_from_secs_f64(tokens / rate).unwrap_or(Duration::MAX)
+}
+
+fn name_of(period: Duration) -> String {
+    match period.as_secs() {
+        60 if period.subsec_nanos() == 0 => "tokens per minute".to_owned(),
+        3600 if period.subsec_nanos() == 0 => "tokens per hour".to_owned(),
+        86_400 if period.subsec_nanos() == 0 => "tokens per day".to_owned(),
+        2_592_000 if period.subsec_nanos() == 0 => "tokens per 30 days".to_owned(),
+        _ => format!("tokens per {period:?}"),
+    }
+}
+
+use std::sync::atomic::Ordering::Relaxed;
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A level is never left half-updated, so a poisoned lock is still sound.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl fmt::Debug for TokenWindow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenWindow")
+            .field("name", &self.inner.name)
+            .field("default_limit", &self.default_limit())
+            .field("tenants", &read(&self.inner.buckets).len())
+            .finish()
+    }
+}
+
+/// What one admitted request was charged in one window. It stays charged when dropped
+/// (the tokens were used); only a request that was refused elsewhere is
+/// [cancelled](Self::cancel).
+pub(crate) struct Charge {
+    bucket: Arc<Bucket>,
+    tokens: u64,
+}
+
+/// How a window stood once a request was charged, for the response's headers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Standing {
+    pub(crate) limit: u64,
+    pub(crate) remaining: u64,
+    /// How long until the window is full again.
+    pub(crate) reset: Duration,
+}
+
+impl Charge {
+    /// The request grew to `tokens`: charged more, never refused, never less.
+    pub(crate) fn grow_to(&mut self, tokens: u64) {
+        if tokens > self.tokens {
+            self.settle(tokens);
+        }
+    }
+
+    /// The request used `tokens`, as reported: what was charged beyond that goes back,
+    /// what it used beyond that is charged.
+    pub(crate) fn settle(&mut self, tokens: u64) {
+        let mut level = lock(&self.bucket.level);
+        level.refill(Instant::now(), self.bucket.period);
+        if tokens >= self.tokens {
+            level.tokens -= (tokens - self.tokens) as f64;
+        } else {
+            level.refund((self.tokens - tokens) as f64);
+        }
+        self.tokens = tokens;
+    }
+
+    /// Gives the whole charge back: the request was not admitted.
+    pub(crate) fn cancel(mut self) {
+        self.settle(0);
+    }
+
+    /// How the window stands now.
+    pub(crate) fn standing(&self) -> Standing {
+        let mut level = lock(&self.bucket.level);
+        let period = self.bucket.period;
+        level.refill(Instant::now(), period);
+        Standing {
+            limit: level.limit,
+            remaining: level.remaining(),
+            reset: level.reset(level.rate(period)),
+        }
+    }
+}
+
+/// Charges `tokens` to `tenant_id` in every window, all or nothing: when one refuses, the
+/// others are given back, and the refusal is the one to wait longest for (a request that
+/// can never fit before one that must wait).
+pub(crate) fn charge_all(
+    windows: &[TokenWindow],
+    tenant_id: &str,
+    tokens: u64,
+) -> Result<Charges, Error> {
+    let mut charges = Charges::default();
+    let mut refusal: Option<Error> = None;
+    for window in windows {
+        match window.charge(tenant_id, tokens, false) {
+            Ok(charge) => charges.push(charge),
+            Err(error) if longer(&error, refusal.as_ref()) => refusal = Some(error),
+            Err(_) => {}
+        }
+    }
+    match refusal {
+        Some(error) => {
+            charges.cancel();
+            Err(error)
+        }
+        None => Ok(charges),
+    }
+}
+
+/// Charges `tokens` to `tenant_id` in every window without checking (shadow mode).
+pub(crate) fn force_all(windows: &[TokenWindow], tenant_id: &str, tokens: u64) -> Charges {
+    let mut charges = Charges::default();
+    for window in windows {
+        if let Ok(charge) = window.charge(tenant_id, tokens, true) {
+            charges.push(charge);
+        }
+    }
+    charges
+}
+
+/// One request's charges in every window; the first kept inline, as most layers have
+/// one window.
+#[derive(Default)]
+pub(crate) struct Charges {
+    first: Option<Charge>,
+    rest: Vec<Charge>,
+}
+
+impl Charges {
+    fn push(&mut self, charge: Charge) {
+        match self.first {
+            None => self.first = Some(charge),
+            Some(_) => self.rest.push(charge),
+        }
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Charge> {
+        self.first.iter().chain(&self.rest)
+    }
+
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = &mut Charge> {
+        self.first.iter_mut().chain(&mut self.rest)
+    }
+
+    /// Gives every charge back: the request was not admitted.
+    fn cancel(self) {
+        self.first
+            .into_iter()
+            .chain(self.rest)
+            .for_each(Charge::cancel);
+    }
+}
+
+/// Whether `error` is a refusal to report rather than `than`.
+fn longer(error: &Error, than: Option<&Error>) -> bool {
+    let wait = |error: &Error| match error {
+        Error::WindowTooLarge { .. } => Duration::MAX,
+        Error::WindowExceeded { retry_after, .. } => *retry_after,
+        _ => Duration::ZERO,
+    };
+    than.map_or(true, |than| wait(error) > wait(than))
+}

@@ -1,0 +1,362 @@
+//! Limits over time (`TokenWindow`) over real HTTP: charged in the same admission as the
+//! in-flight cap, all or nothing, grown with a stream, settled on the reported usage, and
+//! refused with OpenAI's headers and a `Retry-After` computed from the refill rate.
+#![cfg(feature = "openai")]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::header::CONTENT_TYPE;
+use axum::response::IntoResponse;
+use axum::routing::post;
+use axum::{Extension, Router};
+use bytes::Bytes;
+use common::*;
+use http::{Request, StatusCode};
+use tower_tenant_tokens::{
+    OpenAiEstimator, ReservationHandle, ShadowMode, SharedBudget, TenantTokenLayer,
+    TenantTokenTracker, TokenWindow,
+};
+
+/// `/ok` answers at once; `/json` answers `body` as JSON; `/stream` answers server-sent
+/// events the test drives; `/used` settles its reservation on `x-used` through the handle.
+async fn app(layer: TenantTokenLayer, body: &'static str) -> (TestServer, Streams) {
+    let (source, streams) = streams();
+    let app = Router::new()
+        .route("/ok", post(|| async { "ok" }))
+        .route(
+            "/json",
+            post(move || async move { ([(CONTENT_TYPE, "application/json")], body) }),
+        )
+        .route(
+            "/stream",
+            post(move || {
+                let body = source.body();
+                async move { ([(CONTENT_TYPE, "text/event-stream")], body).into_response() }
+            }),
+        )
+        .route(
+            "/used",
+            post(
+                |Extension(handle): Extension<ReservationHandle>, headers: http::HeaderMap| async move {
+                    let used = headers["x-used"].to_str().unwrap().parse().unwrap();
+                    handle.resize(used);
+                    "settled"
+                },
+            ),
+        )
+        .layer(layer);
+    (serve(app).await, streams)
+}
+
+fn tracker(cap: u64) -> Arc<TenantTokenTracker> {
+    Arc::new(TenantTokenTracker::new(cap))
+}
+
+fn chunk(content: &str) -> Bytes {
+    let event = serde_json::json!({"choices": [{"index": 0, "delta": {"content": content}}]});
+    Bytes::from(format!("data: {event}\n\n"))
+}
+
+#[tokio::test]
+async fn concurrent_requests_cannot_get_past_the_window() {
+    let window = TokenWindow::per_minute(5_000);
+    let layer = TenantTokenLayer::new(tracker(1_000_000)).window(window.clone());
+    let (server, _streams) = app(layer, "").await;
+    let client = pooled_client();
+
+    let started = Instant::now();
+    let requests = (0..200).map(|_| {
+        let client = client.clone();
+        let request = metered(&server, "/ok", "acme", 100);
+        tokio::spawn(async move { call(&client, request).await })
+    });
+    let replies = futures_util::future::join_all(requests).await;
+    let elapsed = started.elapsed().as_secs_f64();
+
+    let mut admitted = 0;
+    for reply in replies {
+        let reply = reply.unwrap();
+        match reply.status {
+            StatusCode::OK => admitted += 1,
+            _ => assert_eq!(
+                assert_openai_error(&reply, StatusCode::TOO_MANY_REQUESTS),
+                "window_exceeded"
+            ),
+        }
+    }
+    // The bucket held 5,000 and refilled 5,000 a minute while the requests ran.
+    let allowed = (5_000.0 + elapsed * 5_000.0 / 60.0) / 100.0;
+    assert!(admitted >= 50, "{admitted} admitted");
+    assert!(
+        f64::from(admitted) <= allowed.floor(),
+        "{admitted} admitted, {allowed:.2} allowed in {elapsed:.2}s"
+    );
+    assert!(window.remaining("acme") < 100);
+}
+
+#[tokio::test]
+async fn a_refusal_says_when_the_window_holds_the_request_and_it_does_then() {
+    // 100 tokens per 10 s: 10 tokens a second.
+    let window = TokenWindow::new(100, Duration::from_secs(10));
+    let layer = TenantTokenLayer::new(tracker(10_000)).window(window.clone());
+    let (server, _streams) = app(layer, "").await;
+    let client = client();
+
+    let first = call(&client, metered(&server, "/ok", "acme", 100)).await;
+    assert_eq!(first.status, StatusCode::OK);
+    let refused = call(&client, metered(&server, "/ok", "acme", 30)).await;
+    let refused_at = Instant::now();
+    assert_eq!(
+        assert_openai_error(&refused, StatusCode::TOO_MANY_REQUESTS),
+        "window_exceeded"
+    );
+    let json = refused.json();
+    assert_eq!(json["error"]["type"], "tokens");
+    let message = json["error"]["message"].as_str().unwrap();
+    assert!(message.contains("tokens per 10s"), "{message}");
+    // 30 tokens at 10 a second: 3 s.
+    assert_eq!(refused.header("retry-after"), Some("3"));
+    assert_eq!(refused.header("x-ratelimit-limit-tokens"), Some("100"));
+    assert_eq!(refused.header("x-ratelimit-remaining-tokens"), Some("0"));
+    // Full again in 10 s.
+    assert_eq!(refused.header("x-ratelimit-reset-tokens"), Some("10s"));
+
+    // Not before: a second early, it is refused again.
+    tokio::time::sleep_until((refused_at + Duration::from_secs(2)).into()).await;
+    let early = call(&client, metered(&server, "/ok", "acme", 30)).await;
+    assert_eq!(early.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(early.header("retry-after"), Some("1"));
+    // At its Retry-After, it is admitted.
+    tokio::time::sleep_until((refused_at + Duration::from_secs(3)).into()).await;
+    let retried = call(&client, metered(&server, "/ok", "acme", 30)).await;
+    assert_eq!(retried.status, StatusCode::OK, "{}", retried.text());
+}
+
+#[tokio::test]
+async fn a_request_larger_than_the_window_is_413() {
+    let layer = TenantTokenLayer::new(tracker(10_000)).window(TokenWindow::per_minute(500));
+    let (server, _streams) = app(layer, "").await;
+    let client = client();
+
+    let reply = call(&client, metered(&server, "/ok", "acme", 501)).await;
+    assert_eq!(
+        assert_openai_error(&reply, StatusCode::PAYLOAD_TOO_LARGE),
+        "request_too_large_for_window"
+    );
+    assert_eq!(reply.header("x-ratelimit-limit-tokens"), Some("500"));
+    assert_eq!(reply.header("retry-after"), None);
+    let fits = call(&client, metered(&server, "/ok", "acme", 500)).await;
+    assert_eq!(fits.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_refused_request_charges_nothing_anywhere() {
+    let tenants = tracker(1_000);
+    let upstream = tracker(100_000);
+    let window = TokenWindow::per_30_days(10_000);
+    let layer = TenantTokenLayer::new(tenants.clone())
+        .shared_budget(SharedBudget::new("upstream", upstream.clone()))
+        .window(window.clone());
+    let (server, mut streams) = app(layer, "").await;
+    let client = client();
+
+    // Refused by the tenant's cap: the window is not charged.
+    let held = send(&client, metered(&server, "/stream", "acme", 900)).await;
+    let chunks = streams.next().await;
+    assert_eq!(window.remaining("acme"), 9_100);
+    let over_cap = call(&client, metered(&server, "/ok", "acme", 200)).await;
+    assert_eq!(over_cap.error_code(), "rate_limit_exceeded");
+    assert_eq!(window.remaining("acme"), 9_100);
+    drop(chunks);
+    read(held).await;
+    wait_for_in_flight(&tenants, "acme", 0).await;
+
+    // Refused by the window: the tenant's cap and the budget are given back.
+    window.set_limit("acme", 1_000);
+    assert_eq!(window.remaining("acme"), 100);
+    let over_window = call(&client, metered(&server, "/ok", "acme", 200)).await;
+    assert_eq!(over_window.error_code(), "window_exceeded");
+    assert_eq!(tenants.in_flight("acme"), 0);
+    assert_eq!(upstream.in_flight("upstream"), 0);
+    assert_eq!(window.remaining("acme"), 100);
+}
+
+#[tokio::test]
+async fn all_windows_or_none() {
+    let minute = TokenWindow::per_minute(1_000);
+    let day = TokenWindow::per_day(300);
+    let layer = TenantTokenLayer::new(tracker(10_000))
+        .window(minute.clone())
+        .window(day.clone());
+    let (server, _streams) = app(layer, "").await;
+    let client = client();
+
+    assert_eq!(
+        call(&client, metered(&server, "/ok", "acme", 200))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let refused = call(&client, metered(&server, "/ok", "acme", 200)).await;
+    assert_eq!(refused.error_code(), "window_exceeded");
+    assert!(
+        refused.text().contains("tokens per day"),
+        "{}",
+        refused.text()
+    );
+    // The minute's window took nothing for the refused request.
+    assert_eq!(minute.remaining("acme"), 800);
+    assert_eq!(day.remaining("acme"), 100);
+}
+
+#[tokio::test]
+async fn reported_usage_settles_the_charge_and_an_unreported_stream_stays_charged() {
+    const USAGE: &str =
+        r#"{"choices":[],"usage":{"prompt_tokens":40,"completion_tokens":60,"total_tokens":100}}"#;
+    let window = TokenWindow::per_30_days(100_000);
+    let layer = TenantTokenLayer::new(tracker(100_000))
+        .read_usage(true)
+        .window(window.clone());
+    let (server, mut streams) = app(layer, USAGE).await;
+    let client = client();
+
+    // Estimated at 1,000, reported 100: 900 go back each time.
+    for _ in 0..5 {
+        let reply = call(&client, metered(&server, "/json", "acme", 1_000)).await;
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    assert_eq!(window.remaining("acme"), 100_000 - 5 * 100);
+
+    // A complete stream that reports no usage: the reservation settles on the text it
+    // counted, the window stays charged at the estimate, the larger.
+    let response = send(&client, metered(&server, "/stream", "beta", 1_000)).await;
+    let chunks = streams.next().await;
+    chunks.send(chunk(&"a".repeat(40))).unwrap();
+    chunks
+        .send(Bytes::from_static(b"data: [DONE]\n\n"))
+        .unwrap();
+    drop(chunks);
+    read(response).await;
+    assert_eq!(window.remaining("beta"), 100_000 - 1_000);
+
+    // A stream that outgrows its estimate is charged as it grows, never refused.
+    let response = send(&client, metered(&server, "/stream", "gamma", 100)).await;
+    let chunks = streams.next().await;
+    let mut body = response.into_body();
+    let big = chunk(&"x".repeat(2_000)); // 500 tokens counted
+    chunks.send(big.clone()).unwrap();
+    assert_eq!(next_data(&mut body).await, Some(big));
+    assert_eq!(window.remaining("gamma"), 100_000 - 500);
+    drop(chunks);
+    assert_eq!(next_data(&mut body).await, None);
+    assert_eq!(window.remaining("gamma"), 100_000 - 500);
+}
+
+#[tokio::test]
+async fn a_handler_settles_the_charge_through_its_handle() {
+    let window = TokenWindow::per_30_days(10_000);
+    let layer = TenantTokenLayer::new(tracker(10_000))
+        .reservation_handle(true)
+        .window(window.clone());
+    let (server, _streams) = app(layer, "").await;
+    let client = client();
+
+    let mut request = metered(&server, "/used", "acme", 1_000);
+    request.headers_mut().insert("x-used", 250.into());
+    assert_eq!(call(&client, request).await.status, StatusCode::OK);
+    assert_eq!(window.remaining("acme"), 10_000 - 250);
+
+    let mut request = metered(&server, "/used", "acme", 1_000);
+    request.headers_mut().insert("x-used", 3_000.into());
+    assert_eq!(call(&client, request).await.status, StatusCode::OK);
+    assert_eq!(window.remaining("acme"), 10_000 - 250 - 3_000);
+}
+
+#[tokio::test]
+async fn admitted_responses_describe_the_tightest_window() {
+    let layer = TenantTokenLayer::new(tracker(10_000))
+        .openai_ratelimit_headers(true)
+        .window(TokenWindow::per_minute(6_000))
+        .window(TokenWindow::per_day(1_000_000));
+    let (server, _streams) = app(layer, "").await;
+    let client = client();
+
+    let reply = call(&client, metered(&server, "/ok", "acme", 600)).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.header("x-ratelimit-limit-tokens"), Some("6000"));
+    assert_eq!(reply.header("x-ratelimit-remaining-tokens"), Some("5400"));
+    // 600 tokens at 100 a second: full again in 6 s.
+    assert_eq!(reply.header("x-ratelimit-reset-tokens"), Some("6s"));
+}
+
+#[tokio::test]
+async fn limits_come_from_a_function_and_change_at_run_time() {
+    let window = TokenWindow::per_30_days(100);
+    window.set_limit_fn(|tenant| (tenant == "pro").then_some(10_000));
+    let layer = TenantTokenLayer::new(tracker(100_000)).window(window.clone());
+    let (server, _streams) = app(layer, "").await;
+    let client = client();
+
+    let free = call(&client, metered(&server, "/ok", "free", 1_000)).await;
+    assert_eq!(free.error_code(), "request_too_large_for_window");
+    let pro = call(&client, metered(&server, "/ok", "pro", 1_000)).await;
+    assert_eq!(pro.status, StatusCode::OK);
+
+    window.set_limit("free", 5_000);
+    let free = call(&client, metered(&server, "/ok", "free", 1_000)).await;
+    assert_eq!(free.status, StatusCode::OK);
+    assert_eq!(
+        (window.limit("free"), window.remaining("free")),
+        (5_000, 4_000)
+    );
+
+    // Back to the function's limit: what was used stays used.
+    assert!(window.remove_limit("free"));
+    assert_eq!(window.limit("free"), 100);
+    assert_eq!(window.remaining("free"), 0);
+    window.set_default_limit(20_000);
+    window.refresh_limits();
+    assert_eq!(window.remaining("free"), 19_000);
+}
+
+#[tokio::test]
+async fn shadow_mode_admits_over_the_window_and_counts_it() {
+    let window = TokenWindow::per_30_days(100);
+    let layer = TenantTokenLayer::new(tracker(10_000))
+        .shadow(ShadowMode::All)
+        .window(window.clone());
+    let (server, _streams) = app(layer.clone(), "").await;
+    let client = client();
+
+    for _ in 0..2 {
+        let reply = call(&client, metered(&server, "/ok", "acme", 80)).await;
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    assert_eq!(layer.shadow_refusals(), 1);
+    assert_eq!(window.remaining("acme"), 0, "what was admitted is charged");
+}
+
+#[tokio::test]
+async fn a_guessed_output_allowance_is_cut_to_fit_the_window() {
+    // No max_tokens: the estimator guesses the output (1,024 by default), which must not
+    // make the request unadmittable under a smaller window.
+    let window = TokenWindow::per_30_days(600);
+    let layer = TenantTokenLayer::new(tracker(100_000))
+        .estimator(OpenAiEstimator::new())
+        .window(window.clone());
+    let (server, _streams) = app(layer, "").await;
+    let client = client();
+
+    let body = r#"{"model":"m","messages":[{"role":"user","content":"Hi!"}]}"#;
+    let request = Request::post(server.url("/ok"))
+        .header("x-tenant-id", "acme")
+        .header(CONTENT_TYPE, "application/json")
+        .body(full(body))
+        .unwrap();
+    let reply = call(&client, request).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(window.remaining("acme"), 0);
+}
