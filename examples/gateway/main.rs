@@ -134,7 +134,7 @@ use futures_util::{stream, StreamExt};
 use serde_json::{json, Value};
 use tower_tenant_tokens::{
     AdaptiveOutput, OpenAiEstimator, PromptCalibration, ShadowMode, SharedBudget, TenantTokenLayer,
-    TenantTokenTracker, TokenLedger,
+    TenantTokenTracker, TokenLedger, TokenWindow,
 };
 
 mod proxy;
@@ -180,6 +180,9 @@ usage: cargo run --example gateway -- [OPTIONS]
   --weight TENANT=W     TENANT's weight in the fair share of the upstream (default 1);
                         repeatable
   (a request's class comes from header x-priority: critical, standard or sheddable)
+  --tpm N               every tenant may use N tokens per minute (a bucket that refills
+                        continuously; 429 with Retry-After when it is empty)
+  --tpd N               every tenant may use N tokens per day
   --shadow              count and log what the caps would refuse, and admit it anyway
   --no-adaptive         reserve the fixed 1,024 output tokens for requests without
                         max_tokens, instead of what each tenant's requests to the model
@@ -196,6 +199,7 @@ Log levels come from RUST_LOG (default info).";
 #[derive(Clone)]
 struct AppState {
     ledger: Ledger,
+    windows: Vec<TokenWindow>,
     chunks: u32,
     token_delay: Duration,
     learned: Arc<AdaptiveOutput>,
@@ -286,6 +290,18 @@ async fn main() {
             .priority_header(HeaderName::from_static("x-priority"))
             .tenant_weight(move |tenant| weights.get(tenant).copied().unwrap_or(1));
     }
+    // Limits over time, charged in the same admission as the in-flight cap and settled on
+    // the usage the upstream reports.
+    let windows: Vec<TokenWindow> = [
+        options.tpm.map(TokenWindow::per_minute),
+        options.tpd.map(TokenWindow::per_day),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    for window in &windows {
+        limits = limits.window(window.clone());
+    }
     if options.shadow {
         limits = limits.shadow(ShadowMode::All);
     }
@@ -311,6 +327,7 @@ async fn main() {
         limits.metrics_tenant_labels(tower_tenant_tokens::metrics::TenantLabels::Bounded(100));
     let state = AppState {
         ledger,
+        windows,
         chunks: options.chunks,
         token_delay: options.token_delay,
         learned,
@@ -516,7 +533,7 @@ impl std::fmt::Display for RedisAt {
 }
 
 /// `GET /admin/tenants/{tenant}`: what one tenant has in flight (across every replica, with
-/// Redis) and its cap.
+/// Redis) and its cap, and what is left of each window (`--tpm`, `--tpd`).
 async fn tenant(State(state): State<AppState>, Path(tenant): Path<String>) -> Response {
     let (in_flight, cap) = match &state.ledger {
         Ledger::Memory(tracker) => (tracker.in_flight(&tenant), tracker.cap(&tenant)),
@@ -528,7 +545,21 @@ async fn tenant(State(state): State<AppState>, Path(tenant): Path<String>) -> Re
             }
         },
     };
-    Json(json!({ "tenant": tenant, "in_flight": in_flight, "cap": cap })).into_response()
+    let windows: Vec<Value> = state
+        .windows
+        .iter()
+        .map(|window| {
+            json!({
+                "window": window.name(), "limit": window.limit(&tenant),
+                "remaining": window.remaining(&tenant),
+            })
+        })
+        .collect();
+    let mut body = json!({ "tenant": tenant, "in_flight": in_flight, "cap": cap });
+    if !windows.is_empty() {
+        body["windows"] = Value::Array(windows);
+    }
+    Json(body).into_response()
 }
 
 /// `GET /admin/tenants`: every tenant the tracker knows, sorted by id (in memory), or the
@@ -732,6 +763,8 @@ struct Options {
     adaptive: bool,
     calibrate: bool,
     ask_usage: bool,
+    tpm: Option<u64>,
+    tpd: Option<u64>,
 }
 
 impl Options {
@@ -756,6 +789,8 @@ impl Options {
             adaptive: true,
             calibrate: true,
             ask_usage: true,
+            tpm: None,
+            tpd: None,
         };
         let (mut sentinels, mut sentinel_master) = (None, None);
         while let Some(flag) = args.next() {
@@ -800,6 +835,8 @@ impl Options {
                     options.weights.insert(tenant.to_owned(), weight);
                 }
                 "--shadow" => options.shadow = true,
+                "--tpm" => options.tpm = Some(value(&flag, &mut args)?),
+                "--tpd" => options.tpd = Some(value(&flag, &mut args)?),
                 "--no-adaptive" => options.adaptive = false,
                 "--no-calibrate" => options.calibrate = false,
                 "--no-ask-usage" => options.ask_usage = false,
@@ -813,6 +850,15 @@ impl Options {
             (None, None) => {}
             (Some(_), None) => return Err("--redis-sentinel needs --sentinel-master".into()),
             (None, Some(_)) => return Err("--sentinel-master needs --redis-sentinel".into()),
+        }
+        if options.redis.is_some() && (options.tpm.is_some() || options.tpd.is_some()) {
+            // A window counts in one process: with several replicas each would allow the
+            // whole limit.
+            return Err(
+                "--tpm and --tpd count in this process and cannot be shared \
+                        through --redis yet"
+                    .into(),
+            );
         }
         if options.upstream.is_none()
             && (options.upstream_key_env.is_some() || options.upstream_http2)
