@@ -14,6 +14,8 @@
 //!   allowances.
 //! - [`budgets`]: shared budgets, caps that all tenants draw from together (the upstream's
 //!   capacity, one per model).
+//! - [`windows`]: limits over time (tokens per minute, per day, per 30 days), charged
+//!   in the same admission as the in-flight cap and settled on the usage reported.
 //! - [`observing`]: seeing and trialling the caps: the ledger's snapshot, metrics,
 //!   rate-limit headers, shadow mode, logs.
 //! - [`replicas`]: several replicas, one cap in Redis: leases, failure policies, what to
@@ -35,3 +37,4 @@ pub mod integrating;
 pub mod observing;
 pub mod refusals;
 pub mod replicas;
+pub mod windows;

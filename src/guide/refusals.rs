@@ -24,7 +24,9 @@
 //! | 413 | `request_too_large` | the estimate alone exceeds the tenant's cap: retrying cannot help, so no `Retry-After` |
 //! | 413 | `request_too_large_for_budget` | the estimate alone exceeds a [shared budget](super::budgets)'s cap (the message names the budget) |
 //! | 429 | `budget_exceeded` | within the tenant's cap, but over a shared budget now (the message names the budget; `x-ratelimit-*` give the budget's figures); `Retry-After` |
+//! | 413 | `request_too_large_for_window` | the estimate alone exceeds the tenant's limit in a [window](super::windows) (the message names the window) |
 //! | 429 | `rate_limit_exceeded` | over the tenant's cap now; `Retry-After`, `x-ratelimit-limit-tokens`, `x-ratelimit-remaining-tokens` |
+//! | 429 | `window_exceeded` | over what is left of a [window](super::windows) now (the message names it); `Retry-After` from the refill rate, `x-ratelimit-limit-tokens`, `x-ratelimit-remaining-tokens`, `x-ratelimit-reset-tokens` |
 //! | 503 | `backend_unavailable` | Redis ledger only: Redis could not be asked and the policy is `redis::FailurePolicy::FailClosed`; `Retry-After`, `"type":"server_error"`, and no Redis detail in the message (it is logged) |
 //!
 //! The 429 for the tenant's cap says `"type":"tokens"`, `"code":"rate_limit_exceeded"`, as

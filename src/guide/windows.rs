@@ -1,0 +1,122 @@
+//! Limits over time: tokens per minute, per day, per 30 days.
+//!
+//! The in-flight cap answers "how much may this tenant run at once". A
+//! [`TokenWindow`](crate::TokenWindow) answers "how much may it use per minute (or day, or
+//! 30 days)", as OpenAI's TPM limits do. Add one with
+//! [`TenantTokenLayer::window`](crate::TenantTokenLayer::window), once per window:
+//!
+//! ```rust
+//! use std::sync::Arc;
+//! use axum::{routing::post, Router};
+//! use http::StatusCode;
+//! use tower::ServiceExt;
+//! use tower_tenant_tokens::{TenantTokenLayer, TenantTokenTracker, TokenWindow};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let per_minute = TokenWindow::per_minute(1_000);
+//! let app = Router::new()
+//!     .route("/v1/chat/completions", post(|| async { "answer" }))
+//!     .layer(
+//!         TenantTokenLayer::new(Arc::new(TenantTokenTracker::new(4_000)))
+//!             .window(per_minute.clone())
+//!             .window(TokenWindow::per_day(100_000)),
+//!     );
+//! let request = |tokens: u64| {
+//!     http::Request::post("/v1/chat/completions")
+//!         .header("x-tenant-id", "acme")
+//!         .header("x-token-estimate", tokens)
+//!         .body(axum::body::Body::empty())
+//!         .unwrap()
+//! };
+//!
+//! let first = app.clone().oneshot(request(700)).await.unwrap();
+//! assert_eq!(first.status(), StatusCode::OK);
+//! // The first request has ended: nothing is in flight, but 700 of the minute's 1,000
+//! // tokens are used.
+//! let second = app.clone().oneshot(request(700)).await.unwrap();
+//! assert_eq!(second.status(), StatusCode::TOO_MANY_REQUESTS);
+//! // 400 tokens short at 1,000 a minute: 24 s.
+//! assert_eq!(second.headers()["retry-after"], "24");
+//! assert_eq!(per_minute.remaining("acme"), 300);
+//! # }
+//! ```
+//!
+//! # The bucket
+//!
+//! Each tenant has a bucket per window that holds at most its limit and refills
+//! continuously at the limit divided by the period (1,000 a minute refills about 16.7
+//! tokens a second). A new tenant starts with a full bucket. So in the worst case a tenant
+//! uses, in any one period, a full bucket plus one period's refill: twice its limit, and
+//! no more than its limit in any period after a period of idleness. Over a long run it
+//! uses at most its limit per period.
+//!
+//! # What a request is charged
+//!
+//! - **At admission, all or nothing.** A request is admitted only if its estimate fits
+//!   its tenant's in-flight cap, every [shared budget](super::budgets) and every window.
+//!   A request refused by any of them charges nothing anywhere.
+//! - **As it grows.** A stream that outruns its estimate
+//!   ([`read_usage`](crate::TenantTokenLayer::read_usage)) is charged the growth as it
+//!   passes, and is never refused mid-stream: the bucket may go below zero, and the
+//!   tenant's next requests wait for it to refill.
+//! - **Settled on the usage reported.** The usage the upstream reports (read by
+//!   `read_usage`), or what a handler sets with
+//!   [`ReservationHandle::resize`](crate::ReservationHandle::resize), is what the request
+//!   is charged in the end: what was estimated beyond it goes back to the bucket, what it
+//!   used beyond the estimate is charged.
+//! - **Unreported, charged at the most it held.** A request whose usage is never
+//!   reported stays charged at its estimate, or at what its stream was counted to, the
+//!   larger. So is one the client dropped, or one the upstream failed: the window cannot
+//!   tell what the upstream did for it, and takes the side of the limit.
+//! - **A guessed output fits.** An output allowance the estimator guessed (a request
+//!   without `max_tokens`) is cut to what the smallest window holds, as to the in-flight
+//!   cap: a guess never makes a request unadmittable.
+//!
+//! # Refusals
+//!
+//! - **429 `window_exceeded`** when the estimate does not fit what is left now. The body
+//!   names the window (`"tokens per minute"`); `Retry-After` is how long the bucket takes
+//!   to refill enough for this request's estimate, rounded up to whole seconds (if
+//!   nothing else is charged meanwhile, a retry then fits); `x-ratelimit-limit-tokens`,
+//!   `x-ratelimit-remaining-tokens` and `x-ratelimit-reset-tokens` (how long until the
+//!   bucket is full, in OpenAI's format such as `6m0s`) describe the window. When several
+//!   windows refuse, the one to wait longest for is reported.
+//! - **413 `request_too_large_for_window`** for a request larger than the limit itself.
+//! - With [`openai_ratelimit_headers`](crate::TenantTokenLayer::openai_ratelimit_headers),
+//!   admitted responses describe the window with the least left, as OpenAI's API does.
+//! - [Shadow mode](crate::ShadowMode) covers windows as it covers caps: the request is
+//!   admitted and charged, and the refusal counted and logged.
+//!
+//! # Limits per tenant
+//!
+//! A window has a default limit ([`set_default_limit`](crate::TokenWindow::set_default_limit)),
+//! a limit function for plans ([`set_limit_fn`](crate::TokenWindow::set_limit_fn), asked
+//! once per tenant and again on [`refresh_limits`](crate::TokenWindow::refresh_limits)),
+//! and limits set per tenant at run time ([`set_limit`](crate::TokenWindow::set_limit)).
+//! When a limit changes, what the tenant used stays used.
+//!
+//! Buckets of idle tenants whose buckets are full again are dropped once many tenants
+//! have been seen, since a full bucket is the same as a new one: a spray of tenant ids
+//! cannot grow memory without bound for longer than one period.
+//!
+//! # Stacking with caps and rate limiters
+//!
+//! The three limits answer different questions and stack:
+//!
+//! - the **in-flight cap** keeps a tenant from holding the upstream's capacity at once
+//!   (a burst of long streams);
+//! - a **window** keeps it within its share of tokens over time (its plan);
+//! - a **request-rate limiter** such as tower_governor keeps it from flooding the gateway
+//!   with requests, whatever their size.
+//!
+//! Put the request-rate limiter outside this layer (it runs first): a request it refuses
+//! is refused before anything is reserved or charged. The in-flight cap and the windows
+//! are one admission here, so their order does not matter. See
+//! [layer order](super::integrating#layer-order).
+//!
+//! # Where windows count
+//!
+//! A window counts in the process that holds it: clones of the layer and of the window
+//! share it. With several replicas behind a load balancer, each replica's window allows
+//! the whole limit; windows kept in Redis for every replica are not there yet.
