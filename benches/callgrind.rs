@@ -14,12 +14,13 @@ use std::sync::Arc;
 
 use tower::limit::ConcurrencyLimitLayer;
 use tower::{Layer, Service};
-use tower_tenant_tokens::{TenantTokenLayer, TenantTokenTracker};
+use tower_tenant_tokens::{TenantTokenLayer, TenantTokenTracker, TokenWindow};
 
-const VARIANTS: [&str; 6] = [
+const VARIANTS: [&str; 7] = [
     "bare",
     "tower-tenant-tokens",
     "tower-tenant-tokens-handle",
+    "tower-tenant-tokens-window",
     "concurrency-limit",
     "governor",
     "naive",
@@ -95,6 +96,13 @@ fn main() {
         "tower-tenant-tokens-handle" => run(
             TenantTokenLayer::new(tracker)
                 .reservation_handle(true)
+                .layer(tower::service_fn(bare)),
+            requests,
+        ),
+        // One window per minute, large enough never to refuse.
+        "tower-tenant-tokens-window" => run(
+            TenantTokenLayer::new(tracker)
+                .window(TokenWindow::per_minute(u64::MAX / 2))
                 .layer(tower::service_fn(bare)),
             requests,
         ),
