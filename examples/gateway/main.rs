@@ -51,6 +51,11 @@
 //! # What every tenant holds now, its cap and its peak
 //! curl -s 127.0.0.1:3000/admin/tenants
 //!
+//! # Limits over time: started with `-- --tpm 2000`, each tenant may use 2,000 tokens a
+//! # minute; once they are used, 429 `window_exceeded` says when to come back, and
+//! # /admin/tenants/acme shows what is left
+//! curl -s 127.0.0.1:3000/admin/tenants/acme
+//!
 //! # The output allowances learned per tenant and model
 //! curl -s 127.0.0.1:3000/admin/estimates
 //! ```
