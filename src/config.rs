@@ -127,10 +127,14 @@ impl Config {
             .map_or(&[], |options| &options.windows)
     }
 
-    /// Whether a budget is keyed by the model the estimator finds in the body.
+    /// Whether a budget is keyed by the model the estimator finds in the body, or a
+    /// window prices by it.
     pub(crate) fn wants_model(&self) -> bool {
         let options = self.options.as_deref();
-        options.is_some_and(|options| options.budgets.iter().any(SharedBudget::by_model))
+        options.is_some_and(|options| {
+            options.budgets.iter().any(SharedBudget::by_model)
+                || options.windows.iter().any(TokenWindow::wants_model)
+        })
     }
 }
 

@@ -56,7 +56,8 @@ pub enum Error {
         cap: u64,
     },
     /// The request fits the tenant's limit over time ([`TokenWindow`](crate::TokenWindow)),
-    /// but not what is left of it now. Retry after
+    /// but not what is left of it now. Amounts are tokens, or for a spend window
+    /// millionths of its currency unit. Retry after
     /// [`retry_after`](Self::WindowExceeded::retry_after). HTTP 429.
     WindowExceeded {
         /// The tenant.
@@ -87,6 +88,12 @@ pub enum Error {
         tokens: u64,
         /// The tenant's limit in this window.
         limit: u64,
+    },
+    /// A [spend window](crate::TokenWindow::spend) has no price for the request's model,
+    /// and no default price. HTTP 400.
+    UnpricedModel {
+        /// The model the request named ("" for none).
+        model: String,
     },
     /// No tenant could be found on the request. HTTP 400, or 401 if so configured.
     MissingTenant,
@@ -158,6 +165,7 @@ impl Error {
             | Error::InvalidEstimate { .. }
             | Error::MalformedBody { .. }
             | Error::InvalidPriority { .. }
+            | Error::UnpricedModel { .. }
             | Error::BodyRead { .. } => StatusCode::BAD_REQUEST,
             Error::BackendUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -172,6 +180,7 @@ impl Error {
             Error::BudgetTooLarge { .. } => "request_too_large_for_budget",
             Error::WindowExceeded { .. } => "window_exceeded",
             Error::WindowTooLarge { .. } => "request_too_large_for_window",
+            Error::UnpricedModel { .. } => "unpriced_model",
             Error::MissingTenant => "missing_tenant",
             Error::InvalidTenant { .. } => "invalid_tenant",
             Error::MissingEstimate => "missing_token_estimate",
@@ -259,8 +268,11 @@ impl fmt::Display for Error {
                 ..
             } => write!(
                 f,
-                "tenant `{tenant_id}` is over its limit of {limit} {window}: {requested} tokens \
-                 requested, {remaining} left; try again in {}s",
+                "tenant `{tenant_id}` is over its {window} limit of {}: {} requested, {} \
+                 left; try again in {}s",
+                Amount(window, *limit),
+                Amount(window, *requested),
+                Amount(window, *remaining),
                 seconds_up(*retry_after)
             ),
             Error::WindowTooLarge {
@@ -270,9 +282,19 @@ impl fmt::Display for Error {
                 limit,
             } => write!(
                 f,
-                "request of {tokens} tokens can never fit tenant `{tenant_id}`'s limit of \
-                 {limit} {window}"
+                "request of {} can never fit tenant `{tenant_id}`'s {window} limit of {}",
+                Amount(window, *tokens),
+                Amount(window, *limit),
             ),
+            Error::UnpricedModel { model } if model.is_empty() => {
+                f.write_str("the request names no model, and spend is limited by model price")
+            }
+            Error::UnpricedModel { model } => {
+                write!(
+                    f,
+                    "model `{model}` has no price, and spend is limited by model price"
+                )
+            }
             Error::MissingTenant => f.write_str("no tenant identified on the request"),
             Error::InvalidTenant { reason } => write!(f, "invalid tenant id: {reason}"),
             Error::MissingEstimate => f.write_str("no token estimate on the request"),
@@ -298,6 +320,25 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
+
+/// Whether the window named `window` counts tokens, not spend.
+pub(crate) fn counts_tokens(window: &str) -> bool {
+    window.starts_with("tokens ")
+}
+
+/// An amount in a window's units: tokens, or millionths of a currency unit written as
+/// the amount (`0.015000` for 15,000).
+struct Amount<'a>(&'a str, u64);
+
+impl fmt::Display for Amount<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Amount(window, amount) = *self;
+        match counts_tokens(window) {
+            true => write!(f, "{amount}"),
+            false => write!(f, "{}.{:06}", amount / 1_000_000, amount % 1_000_000),
+        }
+    }
+}
 
 /// `duration` in whole seconds, rounded up: when a retry can be sure to fit.
 pub(crate) fn seconds_up(duration: Duration) -> u64 {

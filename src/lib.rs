@@ -143,7 +143,7 @@ pub use self::shadow::ShadowMode;
 pub use self::tracker::{
     TenantScope, TenantTokenState, TenantTokenTracker, TenantTokenTrackerBuilder, TokenReservation,
 };
-pub use self::window::TokenWindow;
+pub use self::window::{Price, Prices, TokenWindow};
 
 /// The error type bodies are converted into, as across tower and hyper.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -11,6 +11,7 @@ use crate::headers::{
     limit_field, policy_field, reset_field, RATELIMIT, RATELIMIT_POLICY, X_RATELIMIT_LIMIT_TOKENS,
     X_RATELIMIT_REMAINING_TOKENS, X_RATELIMIT_RESET_TOKENS,
 };
+use crate::error::counts_tokens;
 use crate::Error;
 
 /// A request the layer refused, on its way to becoming a response.
@@ -130,18 +131,22 @@ impl Rejection {
             Error::BudgetTooLarge { cap, .. } => {
                 headers.insert(X_RATELIMIT_LIMIT_TOKENS, cap.into());
             }
-            // The window's figures, as OpenAI sends them for its own limits.
+            // The window's figures, as OpenAI sends them for its own limits (a spend
+            // window's are not tokens: `Retry-After` alone).
             Error::WindowExceeded {
+                ref window,
                 limit,
                 remaining,
                 reset,
                 ..
-            } => {
+            } if counts_tokens(window) => {
                 headers.insert(X_RATELIMIT_LIMIT_TOKENS, limit.into());
                 headers.insert(X_RATELIMIT_REMAINING_TOKENS, remaining.into());
                 headers.insert(X_RATELIMIT_RESET_TOKENS, reset_field(reset));
             }
-            Error::WindowTooLarge { limit, .. } => {
+            Error::WindowTooLarge {
+                ref window, limit, ..
+            } if counts_tokens(window) => {
                 headers.insert(X_RATELIMIT_LIMIT_TOKENS, limit.into());
             }
             _ => {}

@@ -10,7 +10,7 @@ use http_body::Body;
 use tower_service::Service;
 
 use crate::admit::plan::{plan, plan_in_place, Plan};
-use crate::admit::{admit, reject, Admission};
+use crate::admit::{admit, reject, Admission, Amount};
 use crate::body::{RequestBody, ResponseBody};
 use crate::config::{Config, LimitHeaders};
 use crate::future::{read_usage, Call, ReadingBody, ResponseFuture};
@@ -85,7 +85,13 @@ where
                 }
                 Some(Plan::ReadBody(..)) | None => return self.call_parts(request),
             };
-        let admission = admit(config, &tenant, tokens, Default::default(), class);
+        let admission = admit(
+            config,
+            &tenant,
+            &Amount::tokens(tokens),
+            Default::default(),
+            class,
+        );
         self.admitted(request, admission)
     }
 }
@@ -113,7 +119,7 @@ impl<S> TenantTokenService<S> {
             }
         };
         let keys = config.budget_keys(&parts, None, None);
-        let admission = admit(config, &tenant, tokens, keys, class);
+        let admission = admit(config, &tenant, &Amount::tokens(tokens), keys, class);
         drop(tenant);
         self.admitted(Request::from_parts(parts, body), admission)
     }

@@ -57,6 +57,8 @@ pub struct TokenWindow {
 struct Inner {
     period: Duration,
     name: String,
+    /// What a token of each kind counts for.
+    measure: Measure,
     default: std::sync::atomic::AtomicU64,
     lookup: RwLock<Option<Arc<LimitFn>>>,
     buckets: RwLock<HashMap<Box<str>, Arc<Bucket>, foldhash::fast::RandomState>>,
@@ -69,6 +71,8 @@ struct Bucket {
     level: Mutex<Level>,
     /// The window's period, so that a charge needs only its bucket.
     period: Duration,
+    /// Whether the window counts tokens (not spend).
+    tokens: bool,
 }
 
 struct Level {
@@ -89,11 +93,83 @@ impl TokenWindow {
     ///
     /// A period of zero is taken as one nanosecond.
     pub fn new(limit: u64, period: Duration) -> Self {
+        Self::measuring(limit, period, Measure::Tokens(Weights::ALL))
+    }
+
+    /// A spend window: each tenant may spend `limit` (in the currency unit `prices` are
+    /// in) per `period`, each request priced by its model ([`Prices`]).
+    ///
+    /// It counts in millionths of the currency unit: [`limit`](Self::limit),
+    /// [`remaining`](Self::remaining) and [`set_limit`](Self::set_limit) are in millionths
+    /// (a limit of 1.00 is 1,000,000). A negative or non-finite `limit` is 0.
+    pub fn spend(limit: f64, period: Duration, prices: Prices) -> Self {
+        Self::measuring(millionths(limit), period, Measure::Spend(prices))
+    }
+
+    /// A spend window of `limit` per day; see [`spend`](Self::spend).
+    pub fn spend_per_day(limit: f64, prices: Prices) -> Self {
+        Self::spend(limit, Duration::from_secs(24 * 3600), prices)
+    }
+
+    /// A spend window of `limit` per 30 days; see [`spend`](Self::spend).
+    pub fn spend_per_30_days(limit: f64, prices: Prices) -> Self {
+        Self::spend(limit, Duration::from_secs(30 * 24 * 3600), prices)
+    }
+
+    /// This window counting input (prompt) tokens only. Call it when building the
+    /// window: it starts again with no tenant's usage.
+    pub fn input_only(self) -> Self {
+        self.weighing(|weights| weights.output = 0.0)
+    }
+
+    /// This window counting output tokens only (reasoning included, as upstreams bill
+    /// it). Call it when building the window: it starts again with no tenant's usage.
+    pub fn output_only(self) -> Self {
+        self.weighing(|weights| {
+            weights.input = 0.0;
+            weights.cached_input = 0.0;
+        })
+    }
+
+    /// This window counting each cached input token (OpenAI's
+    /// `prompt_tokens_details.cached_tokens`, Anthropic's `cache_read_input_tokens`) as
+    /// `weight` tokens (default 1; 0 counts them not at all). Cached tokens are known
+    /// only from the usage reported, so a request is charged at full weight until its
+    /// usage settles it. A negative or non-finite `weight` is 1. Call it when building
+    /// the window: it starts again with no tenant's usage.
+    pub fn cached_input_weight(self, weight: f64) -> Self {
+        let weight = if weight.is_finite() && weight >= 0.0 {
+            weight
+        } else {
+            1.0
+        };
+        self.weighing(|weights| weights.cached_input = weight.min(weights.input))
+    }
+
+    /// The window again, its token weights changed by `change` (a spend window's prices
+    /// are its weights: it is left as it is).
+    fn weighing(self, change: impl FnOnce(&mut Weights)) -> Self {
+        let Measure::Tokens(mut weights) = self.inner.measure.clone() else {
+            return self;
+        };
+        change(&mut weights);
+        let limit = self.default_limit();
+        let window = Self::measuring(limit, self.inner.period, Measure::Tokens(weights));
+        *write(&window.inner.lookup) = read(&self.inner.lookup).clone();
+        window
+    }
+
+    fn measuring(limit: u64, period: Duration, measure: Measure) -> Self {
         let period = period.max(Duration::from_nanos(1));
+        let name = match measure {
+            Measure::Tokens(_) => name_of("tokens", period),
+            Measure::Spend(_) => name_of("spend", period),
+        };
         Self {
             inner: Arc::new(Inner {
                 period,
-                name: name_of(period),
+                name,
+                measure,
                 default: limit.into(),
                 lookup: RwLock::new(None),
                 buckets: RwLock::default(),
@@ -215,41 +291,70 @@ impl TokenWindow {
         }
     }
 
-    /// Charges `tokens` to `tenant_id` if they fit now, or without checking when `force`.
+    /// Charges a request of `tokens`, sized so, to `tenant_id` if it fits now, or
+    /// without checking when `force`.
     pub(crate) fn charge(
         &self,
         tenant_id: &str,
         tokens: u64,
+        sizing: &Sizing,
         force: bool,
     ) -> Result<Charge, Error> {
+        let weights = match &self.inner.measure {
+            Measure::Tokens(weights) => *weights,
+            Measure::Spend(prices) => match prices.get(sizing.model.as_deref()) {
+                Some(price) => price.weights(),
+                None => {
+                    return Err(Error::UnpricedModel {
+                        model: sizing.model.as_deref().unwrap_or_default().to_owned(),
+                    })
+                }
+            },
+        };
+        let used = Usage::estimated(tokens, sizing.prompt);
+        let units = used.units(&weights);
         let bucket = self.inner.bucket(tenant_id);
         let mut level = lock(&bucket.level);
-        let now = Instant::now();
-        level.refill(now, self.inner.period);
-        let wanted = tokens as f64;
-        if !force && tokens > level.limit {
+        level.refill(Instant::now(), self.inner.period);
+        let requested = units.ceil() as u64;
+        if !force && units > level.limit as f64 {
             return Err(Error::WindowTooLarge {
                 tenant_id: tenant_id.to_owned(),
                 window: self.inner.name.clone(),
-                tokens,
+                tokens: requested,
                 limit: level.limit,
             });
         }
-        if !force && level.tokens < wanted {
+        if !force && level.tokens < units {
             let rate = level.rate(self.inner.period);
             return Err(Error::WindowExceeded {
                 tenant_id: tenant_id.to_owned(),
                 window: self.inner.name.clone(),
-                requested: tokens,
+                requested,
                 remaining: level.remaining(),
                 limit: level.limit,
-                retry_after: seconds(wanted - level.tokens, rate),
+                retry_after: seconds(units - level.tokens, rate),
                 reset: level.reset(rate),
             });
         }
-        level.tokens -= wanted;
+        level.tokens -= units;
         drop(level);
-        Ok(Charge { bucket, tokens })
+        Ok(Charge {
+            bucket,
+            weights,
+            used,
+            units,
+        })
+    }
+
+    /// Whether the window counts tokens (not spend).
+    pub(crate) fn counts_tokens(&self) -> bool {
+        matches!(self.inner.measure, Measure::Tokens(_))
+    }
+
+    /// Whether the window needs the request's model (a spend window prices by it).
+    pub(crate) fn wants_model(&self) -> bool {
+        matches!(self.inner.measure, Measure::Spend(_))
     }
 }
 
@@ -272,7 +377,7 @@ impl Inner {
             return bucket;
         }
         let limit = self.limit_of(tenant_id);
-        let mut buckets = self.buckets.write().unwrap_or_else(PoisonError::into_inner);
+        let mut buckets = write(&self.buckets);
         if buckets.len() >= self.prune_at.load(Relaxed) {
             self.prune(&mut buckets);
         }
@@ -285,6 +390,7 @@ impl Inner {
                     set: false,
                 }),
                 period: self.period,
+                tokens: matches!(self.measure, Measure::Tokens(_)),
             })
         });
         Arc::clone(bucket)
@@ -356,14 +462,28 @@ fn seconds(tokens: f64, rate: f64) -> Duration {
     Duration::try_from_secs_f64(tokens / rate).unwrap_or(Duration::MAX)
 }
 
-fn name_of(period: Duration) -> String {
-    match period.as_secs() {
-        60 if period.subsec_nanos() == 0 => "tokens per minute".to_owned(),
-        3600 if period.subsec_nanos() == 0 => "tokens per hour".to_owned(),
-        86_400 if period.subsec_nanos() == 0 => "tokens per day".to_owned(),
-        2_592_000 if period.subsec_nanos() == 0 => "tokens per 30 days".to_owned(),
-        _ => format!("tokens per {period:?}"),
+/// `"tokens per minute"`, `"spend per day"`, …
+fn name_of(what: &str, period: Duration) -> String {
+    let per = match (period.as_secs(), period.subsec_nanos()) {
+        (60, 0) => "minute".to_owned(),
+        (3600, 0) => "hour".to_owned(),
+        (86_400, 0) => "day".to_owned(),
+        (2_592_000, 0) => "30 days".to_owned(),
+        _ => format!("{period:?}"),
+    };
+    format!("{what} per {per}")
+}
+
+/// `amount` of a currency unit in millionths; 0 for a negative or non-finite amount.
+fn millionths(amount: f64) -> u64 {
+    match amount.is_finite() && amount > 0.0 {
+        true => (amount * 1e6).round() as u64,
+        false => 0,
     }
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
 }
 
 use std::sync::atomic::Ordering::Relaxed;
@@ -392,7 +512,12 @@ impl fmt::Debug for TokenWindow {
 /// [cancelled](Self::cancel).
 pub(crate) struct Charge {
     bucket: Arc<Bucket>,
-    tokens: u64,
+    /// What a token of each kind counts for in this window, for this request's model.
+    weights: Weights,
+    /// The tokens charged for, by kind.
+    used: Usage,
+    /// What they came to.
+    units: f64,
 }
 
 /// How a window stood once a request was charged, for the response's headers.
@@ -402,32 +527,62 @@ pub(crate) struct Standing {
     pub(crate) remaining: u64,
     /// How long until the window is full again.
     pub(crate) reset: Duration,
+    /// Whether the window counts tokens (not spend).
+    pub(crate) tokens: bool,
 }
 
 impl Charge {
-    /// The request grew to `tokens`: charged more, never refused, never less.
+    /// The request grew to `tokens` in all: the growth is charged as output, never
+    /// refused; a request never shrinks here.
     pub(crate) fn grow_to(&mut self, tokens: u64) {
-        if tokens > self.tokens {
-            self.settle(tokens);
+        let total = self.used.total();
+        if tokens > total {
+            let mut used = self.used;
+            match used.unsplit {
+                0 => used.output += tokens - total,
+                _ => used.unsplit += tokens - total,
+            }
+            self.charge(used);
         }
     }
 
-    /// The request used `tokens`, as reported: what was charged beyond that goes back,
-    /// what it used beyond that is charged.
-    pub(crate) fn settle(&mut self, tokens: u64) {
+    /// The request used `used`, as the upstream reported: what was charged beyond that
+    /// goes back, what it used beyond that is charged.
+    pub(crate) fn settle(&mut self, used: Usage) {
+        self.charge(used);
+    }
+
+    /// The request used `tokens` in all, as a handler said: its input as estimated (no
+    /// more than `tokens`), the rest output.
+    pub(crate) fn settle_total(&mut self, tokens: u64) {
+        let mut used = self.used;
+        if used.unsplit > 0 {
+            used.unsplit = tokens;
+        } else {
+            used.input = used.input.min(tokens);
+            used.cached_input = used.cached_input.min(used.input);
+            used.output = tokens - used.input;
+        }
+        self.charge(used);
+    }
+
+    /// Charges `used` in place of what was charged before.
+    fn charge(&mut self, used: Usage) {
+        let units = used.units(&self.weights);
         let mut level = lock(&self.bucket.level);
         level.refill(Instant::now(), self.bucket.period);
-        if tokens >= self.tokens {
-            level.tokens -= (tokens - self.tokens) as f64;
+        if units >= self.units {
+            level.tokens -= units - self.units;
         } else {
-            level.refund((self.tokens - tokens) as f64);
+            level.refund(self.units - units);
         }
-        self.tokens = tokens;
+        self.used = used;
+        self.units = units;
     }
 
     /// Gives the whole charge back: the request was not admitted.
     pub(crate) fn cancel(mut self) {
-        self.settle(0);
+        self.charge(Usage::default());
     }
 
     /// How the window stands now.
@@ -439,6 +594,7 @@ impl Charge {
             limit: level.limit,
             remaining: level.remaining(),
             reset: level.reset(level.rate(period)),
+            tokens: self.bucket.tokens,
         }
     }
 }
@@ -450,11 +606,12 @@ pub(crate) fn charge_all(
     windows: &[TokenWindow],
     tenant_id: &str,
     tokens: u64,
+    sizing: &Sizing,
 ) -> Result<Charges, Error> {
     let mut charges = Charges::default();
     let mut refusal: Option<Error> = None;
     for window in windows {
-        match window.charge(tenant_id, tokens, false) {
+        match window.charge(tenant_id, tokens, sizing, false) {
             Ok(charge) => charges.push(charge),
             Err(error) if longer(&error, refusal.as_ref()) => refusal = Some(error),
             Err(_) => {}
@@ -470,10 +627,15 @@ pub(crate) fn charge_all(
 }
 
 /// Charges `tokens` to `tenant_id` in every window without checking (shadow mode).
-pub(crate) fn force_all(windows: &[TokenWindow], tenant_id: &str, tokens: u64) -> Charges {
+pub(crate) fn force_all(
+    windows: &[TokenWindow],
+    tenant_id: &str,
+    tokens: u64,
+    sizing: &Sizing,
+) -> Charges {
     let mut charges = Charges::default();
     for window in windows {
-        if let Ok(charge) = window.charge(tenant_id, tokens, true) {
+        if let Ok(charge) = window.charge(tenant_id, tokens, sizing, true) {
             charges.push(charge);
         }
     }
@@ -516,9 +678,169 @@ impl Charges {
 /// Whether `error` is a refusal to report rather than `than`.
 fn longer(error: &Error, than: Option<&Error>) -> bool {
     let wait = |error: &Error| match error {
-        Error::WindowTooLarge { .. } => Duration::MAX,
+        Error::WindowTooLarge { .. } | Error::UnpricedModel { .. } => Duration::MAX,
         Error::WindowExceeded { retry_after, .. } => *retry_after,
         _ => Duration::ZERO,
     };
     than.map_or(true, |than| wait(error) > wait(than))
+}
+
+/// What a window counts.
+#[derive(Clone)]
+enum Measure {
+    /// Tokens, each kind weighed so.
+    Tokens(Weights),
+    /// Spend in millionths: each kind of token weighed by its model's price.
+    Spend(Prices),
+}
+
+/// What one token of each kind counts for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Weights {
+    input: f64,
+    cached_input: f64,
+    output: f64,
+}
+
+impl Weights {
+    const ALL: Weights = Weights {
+        input: 1.0,
+        cached_input: 1.0,
+        output: 1.0,
+    };
+}
+
+/// The tokens a request is charged for, by kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Usage {
+    /// Input tokens, cached ones included.
+    pub(crate) input: u64,
+    /// The input tokens read from a cache.
+    pub(crate) cached_input: u64,
+    pub(crate) output: u64,
+    /// Tokens not told apart (an estimate without a prompt part): each counts as the
+    /// dearer of an input and an output token.
+    pub(crate) unsplit: u64,
+}
+
+impl Usage {
+    /// What an estimate of `tokens` is charged for: its prompt part as input, the rest
+    /// output, when the prompt is known.
+    fn estimated(tokens: u64, prompt: Option<u64>) -> Self {
+        match prompt {
+            Some(prompt) => Usage {
+                input: prompt.min(tokens),
+                output: tokens - prompt.min(tokens),
+                ..Usage::default()
+            },
+            None => Usage {
+                unsplit: tokens,
+                ..Usage::default()
+            },
+        }
+    }
+
+    /// Every token, whatever its kind.
+    pub(crate) fn total(&self) -> u64 {
+        self.input
+            .saturating_add(self.output)
+            .saturating_add(self.unsplit)
+    }
+
+    fn units(&self, weights: &Weights) -> f64 {
+        let cached = self.cached_input.min(self.input);
+        (self.input - cached) as f64 * weights.input
+            + cached as f64 * weights.cached_input
+            + self.output as f64 * weights.output
+            + self.unsplit as f64 * weights.input.max(weights.output)
+    }
+}
+
+/// What a request's estimate is made of, as far as the estimator told: its prompt part
+/// and its model.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Sizing {
+    pub(crate) prompt: Option<u64>,
+    pub(crate) model: Option<Arc<str>>,
+}
+
+/// What a model's tokens cost, per million tokens, in the currency unit of a
+/// [spend window](TokenWindow::spend).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Price {
+    input: f64,
+    cached_input: f64,
+    output: f64,
+}
+
+impl Price {
+    /// The price of a million input, cached input and output tokens; `None` when one is
+    /// negative or not finite.
+    pub fn per_million(input: f64, cached_input: f64, output: f64) -> Option<Self> {
+        let valid = |price: f64| price.is_finite() && price >= 0.0;
+        (valid(input) && valid(cached_input) && valid(output)).then_some(Price {
+            input,
+            cached_input,
+            output,
+        })
+    }
+
+    /// What a token of each kind costs, in millionths of the currency unit: what costs
+    /// `p` a million costs `p` millionths each.
+    fn weights(self) -> Weights {
+        Weights {
+            input: self.input,
+            cached_input: self.cached_input,
+            output: self.output,
+        }
+    }
+}
+
+/// Prices per model, for [spend windows](TokenWindow::spend).
+///
+/// A request is priced by the model its body names (the [`OpenAiEstimator`] finds it).
+/// A model missing from the table takes the default price, when one is set; without
+/// one, the request is refused (400 `unpriced_model`): a spend limit that let unpriced
+/// models through would not limit spend.
+///
+/// ```
+/// use tower_tenant_tokens::{Price, Prices};
+///
+/// let prices = Prices::new()
+///     .with("gpt-4o-mini", Price::per_million(0.15, 0.075, 0.6).unwrap())
+///     .with_default(Price::per_million(5.0, 2.5, 15.0).unwrap());
+/// # let _ = prices;
+/// ```
+///
+/// [`OpenAiEstimator`]: crate::OpenAiEstimator
+#[derive(Clone, Debug, Default)]
+pub struct Prices {
+    models: HashMap<String, Price>,
+    default: Option<Price>,
+}
+
+impl Prices {
+    /// No prices: every model is refused until priced.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// With `model` priced at `price`.
+    pub fn with(mut self, model: impl Into<String>, price: Price) -> Self {
+        self.models.insert(model.into(), price);
+        self
+    }
+
+    /// With `price` for the models missing from the table (and requests naming none).
+    pub fn with_default(mut self, price: Price) -> Self {
+        self.default = Some(price);
+        self
+    }
+
+    /// The price of `model`: its own, else the default.
+    pub fn get(&self, model: Option<&str>) -> Option<Price> {
+        model
+            .and_then(|model| self.models.get(model).copied())
+            .or(self.default)
+    }
 }

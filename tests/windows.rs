@@ -16,7 +16,7 @@ use bytes::Bytes;
 use common::*;
 use http::{Request, StatusCode};
 use tower_tenant_tokens::{
-    OpenAiEstimator, ReservationHandle, ShadowMode, SharedBudget, TenantTokenLayer,
+    OpenAiEstimator, Price, Prices, ReservationHandle, ShadowMode, SharedBudget, TenantTokenLayer,
     TenantTokenTracker, TokenWindow,
 };
 
@@ -359,4 +359,125 @@ async fn a_guessed_output_allowance_is_cut_to_fit_the_window() {
     let reply = call(&client, request).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(window.remaining("acme"), 0);
+}
+
+/// A request to `/json` with an OpenAI body for `model`, `max_tokens` output, and a prompt
+/// of about `prompt_bytes` bytes.
+fn chat(server: &TestServer, tenant: &str, model: &str, max_tokens: u64) -> Request<ReqBody> {
+    let body = serde_json::json!({
+        "model": model,
+        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": "x".repeat(400)}],
+    });
+    Request::post(server.url("/json"))
+        .header("x-tenant-id", tenant)
+        .header(CONTENT_TYPE, "application/json")
+        .body(full(body.to_string()))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn input_and_output_windows_count_their_kind_and_weigh_cached_input() {
+    // Reported: 1,000 input, 600 of them cached, 200 output.
+    const USAGE: &str = r#"{"usage":{"prompt_tokens":1000,"completion_tokens":200,"total_tokens":1200,"prompt_tokens_details":{"cached_tokens":600}}}"#;
+    let input = TokenWindow::per_30_days(100_000).input_only();
+    let output = TokenWindow::per_30_days(100_000).output_only();
+    let weighed = TokenWindow::per_30_days(100_000).cached_input_weight(0.5);
+    let layer = TenantTokenLayer::new(tracker(100_000))
+        .estimator(OpenAiEstimator::new())
+        .read_usage(true)
+        .window(input.clone())
+        .window(output.clone())
+        .window(weighed.clone());
+    let (server, _streams) = app(layer, USAGE).await;
+    let client = client();
+
+    let reply = call(&client, chat(&server, "acme", "m", 300)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(input.remaining("acme"), 100_000 - 1_000);
+    assert_eq!(output.remaining("acme"), 100_000 - 200);
+    // 400 uncached + 600 cached at half + 200 output.
+    assert_eq!(weighed.remaining("acme"), 100_000 - 400 - 300 - 200);
+}
+
+#[tokio::test]
+async fn an_output_window_refuses_on_the_output_allowance_alone() {
+    let output = TokenWindow::per_30_days(500).output_only();
+    let layer = TenantTokenLayer::new(tracker(100_000))
+        .estimator(OpenAiEstimator::new())
+        .window(output.clone());
+    let (server, _streams) = app(layer, "{}").await;
+    let client = client();
+
+    // A prompt of about 100 tokens and 450 output fits 500 output tokens; 600 never does.
+    let fits = call(&client, chat(&server, "acme", "m", 450)).await;
+    assert_eq!(fits.status, StatusCode::OK, "{}", fits.text());
+    assert_eq!(output.remaining("acme"), 50);
+    let never = call(&client, chat(&server, "acme", "m", 600)).await;
+    assert_eq!(never.error_code(), "request_too_large_for_window");
+}
+
+#[tokio::test]
+async fn spend_is_priced_per_model_and_refused_when_used_up() {
+    // 0.01 a request: 1,000 output tokens at 10.0 a million, the prompt free.
+    let prices = Prices::new().with("m", Price::per_million(0.0, 0.0, 10.0).unwrap());
+    let spend = TokenWindow::spend_per_day(1.0, prices);
+    let layer = TenantTokenLayer::new(tracker(1_000_000))
+        .estimator(OpenAiEstimator::new())
+        .window(spend.clone());
+    let (server, _streams) = app(layer, "{}").await;
+    let client = client();
+
+    let mut admitted = 0;
+    let refused = loop {
+        let reply = call(&client, chat(&server, "acme", "m", 1_000)).await;
+        if reply.status != StatusCode::OK {
+            break reply;
+        }
+        admitted += 1;
+        assert!(admitted <= 100, "more than 1.00 spent");
+    };
+    assert_eq!(admitted, 100);
+    assert_eq!(refused.error_code(), "window_exceeded");
+    assert!(
+        refused.text().contains("spend per day"),
+        "{}",
+        refused.text()
+    );
+    // 0.01 at 1.00 a day refills in 864 s; no token headers for a spend window.
+    assert_eq!(refused.header("retry-after"), Some("864"));
+    assert_eq!(refused.header("x-ratelimit-limit-tokens"), None);
+    assert_eq!(spend.limit("acme"), 1_000_000);
+
+    // A model without a price is refused, and charges nothing.
+    let unpriced = call(&client, chat(&server, "beta", "other", 10)).await;
+    assert_eq!(
+        assert_openai_error(&unpriced, StatusCode::BAD_REQUEST),
+        "unpriced_model"
+    );
+    assert_eq!(spend.remaining("beta"), 1_000_000);
+}
+
+#[tokio::test]
+async fn spend_settles_on_the_reported_usage_and_a_default_price_covers_unknown_models() {
+    const USAGE: &str =
+        r#"{"usage":{"prompt_tokens":100,"completion_tokens":50,"total_tokens":150}}"#;
+    let prices = Prices::new()
+        .with("cheap", Price::per_million(1.0, 0.5, 2.0).unwrap())
+        .with_default(Price::per_million(10.0, 5.0, 20.0).unwrap());
+    let spend = TokenWindow::spend_per_30_days(100.0, prices);
+    let layer = TenantTokenLayer::new(tracker(1_000_000))
+        .estimator(OpenAiEstimator::new())
+        .read_usage(true)
+        .window(spend.clone());
+    let (server, _streams) = app(layer, USAGE).await;
+    let client = client();
+
+    let reply = call(&client, chat(&server, "acme", "cheap", 2_000)).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    // 100 × 1.0 + 50 × 2.0 millionths.
+    assert_eq!(spend.remaining("acme"), 100_000_000 - 200);
+    let reply = call(&client, chat(&server, "acme", "unknown", 2_000)).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(spend.remaining("acme"), 100_000_000 - 200 - 2_000);
 }

@@ -138,8 +138,8 @@ use axum::{Json, Router};
 use futures_util::{stream, StreamExt};
 use serde_json::{json, Value};
 use tower_tenant_tokens::{
-    AdaptiveOutput, OpenAiEstimator, PromptCalibration, ShadowMode, SharedBudget, TenantTokenLayer,
-    TenantTokenTracker, TokenLedger, TokenWindow,
+    AdaptiveOutput, OpenAiEstimator, Price, Prices, PromptCalibration, ShadowMode, SharedBudget,
+    TenantTokenLayer, TenantTokenTracker, TokenLedger, TokenWindow,
 };
 
 mod proxy;
@@ -188,6 +188,12 @@ usage: cargo run --example gateway -- [OPTIONS]
   --tpm N               every tenant may use N tokens per minute (a bucket that refills
                         continuously; 429 with Retry-After when it is empty)
   --tpd N               every tenant may use N tokens per day
+  --spend-per-day X --prices FILE
+                        every tenant may spend X per day, each request priced by its
+                        model from FILE, a JSON object of model -> prices per million
+                        tokens: {\"gpt-4o-mini\": {\"input\": 0.15, \"cached_input\": 0.075,
+                        \"output\": 0.6}} (cached_input defaults to input; a \"*\" entry
+                        prices the models not listed, which are refused without one)
   --shadow              count and log what the caps would refuse, and admit it anyway
   --no-adaptive         reserve the fixed 1,024 output tokens for requests without
                         max_tokens, instead of what each tenant's requests to the model
@@ -297,13 +303,22 @@ async fn main() {
     }
     // Limits over time, charged in the same admission as the in-flight cap and settled on
     // the usage the upstream reports.
-    let windows: Vec<TokenWindow> = [
+    let mut windows: Vec<TokenWindow> = [
         options.tpm.map(TokenWindow::per_minute),
         options.tpd.map(TokenWindow::per_day),
     ]
     .into_iter()
     .flatten()
     .collect();
+    if let (Some(limit), Some(file)) = (options.spend_per_day, &options.prices) {
+        match prices(file) {
+            Ok(prices) => windows.push(TokenWindow::spend_per_day(limit, prices)),
+            Err(error) => {
+                eprintln!("error: --prices {file}: {error}");
+                std::process::exit(2);
+            }
+        }
+    }
     for window in &windows {
         limits = limits.window(window.clone());
     }
@@ -538,7 +553,8 @@ impl std::fmt::Display for RedisAt {
 }
 
 /// `GET /admin/tenants/{tenant}`: what one tenant has in flight (across every replica, with
-/// Redis) and its cap, and what is left of each window (`--tpm`, `--tpd`).
+/// Redis) and its cap, and what is left of each window (`--tpm`, `--tpd`,
+/// `--spend-per-day`, the last in millionths).
 async fn tenant(State(state): State<AppState>, Path(tenant): Path<String>) -> Response {
     let (in_flight, cap) = match &state.ledger {
         Ledger::Memory(tracker) => (tracker.in_flight(&tenant), tracker.cap(&tenant)),
@@ -770,6 +786,8 @@ struct Options {
     ask_usage: bool,
     tpm: Option<u64>,
     tpd: Option<u64>,
+    spend_per_day: Option<f64>,
+    prices: Option<String>,
 }
 
 impl Options {
@@ -796,6 +814,8 @@ impl Options {
             ask_usage: true,
             tpm: None,
             tpd: None,
+            spend_per_day: None,
+            prices: None,
         };
         let (mut sentinels, mut sentinel_master) = (None, None);
         while let Some(flag) = args.next() {
@@ -842,6 +862,8 @@ impl Options {
                 "--shadow" => options.shadow = true,
                 "--tpm" => options.tpm = Some(value(&flag, &mut args)?),
                 "--tpd" => options.tpd = Some(value(&flag, &mut args)?),
+                "--spend-per-day" => options.spend_per_day = Some(value(&flag, &mut args)?),
+                "--prices" => options.prices = Some(value(&flag, &mut args)?),
                 "--no-adaptive" => options.adaptive = false,
                 "--no-calibrate" => options.calibrate = false,
                 "--no-ask-usage" => options.ask_usage = false,
@@ -856,14 +878,16 @@ impl Options {
             (Some(_), None) => return Err("--redis-sentinel needs --sentinel-master".into()),
             (None, Some(_)) => return Err("--sentinel-master needs --redis-sentinel".into()),
         }
-        if options.redis.is_some() && (options.tpm.is_some() || options.tpd.is_some()) {
+        let windows = options.tpm.is_some() || options.tpd.is_some();
+        if options.redis.is_some() && (windows || options.spend_per_day.is_some()) {
             // A window counts in one process: with several replicas each would allow the
             // whole limit.
-            return Err(
-                "--tpm and --tpd count in this process and cannot be shared \
-                        through --redis yet"
-                    .into(),
-            );
+            let error = "--tpm, --tpd and --spend-per-day count in this process and cannot \
+                         be shared through --redis yet";
+            return Err(error.into());
+        }
+        if options.spend_per_day.is_some() != options.prices.is_some() {
+            return Err("--spend-per-day and --prices go together".into());
         }
         if options.upstream.is_none()
             && (options.upstream_key_env.is_some() || options.upstream_http2)
@@ -872,6 +896,32 @@ impl Options {
         }
         Ok(Some(options))
     }
+}
+
+/// The prices in `file`: a JSON object of model → `{"input", "cached_input", "output"}`
+/// per million tokens, `"*"` for the models not listed.
+fn prices(file: &str) -> Result<Prices, String> {
+    let text = std::fs::read_to_string(file).map_err(|error| error.to_string())?;
+    let table: HashMap<String, HashMap<String, f64>> =
+        serde_json::from_str(&text).map_err(|error| error.to_string())?;
+    let mut prices = Prices::new();
+    for (model, price) in table {
+        let known = ["input", "cached_input", "output"];
+        if let Some(other) = price.keys().find(|key| !known.contains(&key.as_str())) {
+            return Err(format!("{model}: unknown price `{other}`"));
+        }
+        let (Some(&input), Some(&output)) = (price.get("input"), price.get("output")) else {
+            return Err(format!("{model}: needs \"input\" and \"output\""));
+        };
+        let cached = price.get("cached_input").copied().unwrap_or(input);
+        let price = Price::per_million(input, cached, output)
+            .ok_or_else(|| format!("{model}: prices must be finite and not negative"))?;
+        prices = match model.as_str() {
+            "*" => prices.with_default(price),
+            _ => prices.with(model, price),
+        };
+    }
+    Ok(prices)
 }
 
 /// `URL[,URL...]` as a list.

@@ -10,12 +10,13 @@ use http::request::Parts;
 use http::HeaderValue;
 
 use super::plan::fit_guess;
-use super::{admit, Admission};
+use super::{admit, Admission, Amount};
 use crate::config::Config;
 use crate::extract::BodyEstimate;
 use crate::fair::Priority;
 use crate::reservation::usage::{ask, Learn, Tap};
 use crate::step::Step;
+use crate::window::Sizing;
 use crate::Error;
 
 /// What a request whose body was read becomes.
@@ -62,7 +63,11 @@ pub(crate) fn admit_read(
         true => fit_guess(config, tenant, &keys, estimated.prompt, estimated.tokens),
         false => estimated.tokens,
     };
-    let admission = admit(config, tenant, tokens, keys, class);
+    let sizing = Sizing {
+        prompt: Some(estimated.prompt),
+        model: estimated.model.as_deref().map(Arc::from),
+    };
+    let admission = admit(config, tenant, &Amount { tokens, sizing }, keys, class);
     let (body, asked) = match config.ask_usage {
         true => ask_usage(parts, body),
         false => (body, false),

@@ -38,18 +38,36 @@ use crate::ledger::Turn;
 use crate::reservation::{Attached, Guard};
 use crate::retry_after::HoldClock;
 use crate::step::Step;
-use crate::window::{charge_all, force_all, Charges};
+use crate::window::{charge_all, force_all, Charges, Sizing};
 use crate::{Error, ShadowMode};
 
 /// The outcome of admitting a request: the guard holding its reservation, or why not.
 pub(crate) type Admission = Step<Guard>;
 
-/// Admits `tokens` for `tenant` in `class`, drawing from the budgets under `keys`.
+/// What a request asks to reserve: its estimate, and what the windows weigh it by.
+#[derive(Clone, Default)]
+pub(crate) struct Amount {
+    pub(crate) tokens: u64,
+    pub(crate) sizing: Sizing,
+}
+
+impl Amount {
+    /// An estimate of `tokens`, not told apart.
+    #[inline]
+    pub(crate) fn tokens(tokens: u64) -> Self {
+        Amount {
+            tokens,
+            sizing: Sizing::default(),
+        }
+    }
+}
+
+/// Admits `amount` for `tenant` in `class`, drawing from the budgets under `keys`.
 #[inline]
 pub(crate) fn admit(
     config: &Arc<Config>,
     tenant: &str,
-    tokens: u64,
+    amount: &Amount,
     keys: BudgetKeys,
     class: Priority,
 ) -> Admission {
@@ -58,23 +76,23 @@ pub(crate) fn admit(
         .as_ref()
         .and_then(|options| options.queue.as_ref());
     if let Some(queue) = queue {
-        return admit_or_wait(config, tenant, tokens, keys, class, queue);
+        return admit_or_wait(config, tenant, amount, keys, class, queue);
     }
-    try_admit(config, tenant, tokens, &keys, None)
+    try_admit(config, tenant, amount, &keys, None)
 }
 
 /// [`admit`](Self::admit) in a layer that lets requests wait.
 fn admit_or_wait(
     config: &Arc<Config>,
     tenant: &str,
-    tokens: u64,
+    amount: &Amount,
     keys: BudgetKeys,
     class: Priority,
     queue: &Arc<Queue>,
 ) -> Admission {
     match queue.arrival(tenant, class, &keys) {
         Arrival::Go => {}
-        Arrival::Queue => return wait(config, tenant, tokens, keys, class, None, None),
+        Arrival::Queue => return wait(config, tenant, amount.clone(), keys, class, None, None),
         Arrival::Shed(budget) => {
             return Step::Now(Err(Error::Shed {
                 tenant_id: tenant.to_owned(),
@@ -83,17 +101,23 @@ fn admit_or_wait(
         }
     }
     let turn = turn_for(config, tenant, class, &keys, queue);
-    match try_admit(config, tenant, tokens, &keys, turn.as_ref()) {
-        Step::Now(Err(error)) if may_wait(&error) => {
-            wait(config, tenant, tokens, keys, class, Some(error), turn)
-        }
+    match try_admit(config, tenant, amount, &keys, turn.as_ref()) {
+        Step::Now(Err(error)) if may_wait(&error) => wait(
+            config,
+            tenant,
+            amount.clone(),
+            keys,
+            class,
+            Some(error),
+            turn,
+        ),
         Step::Now(admitted) => Step::Now(admitted),
         // Redis answers later; a refusal there may still turn into a wait.
         later => {
-            let (config, tenant) = (Arc::clone(config), tenant.to_owned());
+            let (config, tenant, amount) = (Arc::clone(config), tenant.to_owned(), amount.clone());
             later.then(move |admitted| match admitted {
                 Err(error) if may_wait(&error) => {
-                    wait(&config, &tenant, tokens, keys, class, Some(error), turn)
+                    wait(&config, &tenant, amount, keys, class, Some(error), turn)
                 }
                 admitted => Step::Now(admitted),
             })
@@ -120,10 +144,11 @@ fn turn_for(
 fn try_admit(
     config: &Arc<Config>,
     tenant: &str,
-    tokens: u64,
+    amount: &Amount,
     keys: &BudgetKeys,
     turn: Option<&Turn>,
 ) -> Step<Guard> {
+    let tokens = amount.tokens;
     let Some(options) = config.options.as_deref() else {
         // A plain layer: the ledger's answer is all there is.
         return match config.ledger.reserve(tenant, tokens) {
@@ -137,7 +162,7 @@ fn try_admit(
         };
     };
     if let Some(turn) = turn {
-        return try_admit_in_turn(config, tenant, tokens, keys, turn);
+        return try_admit_in_turn(config, tenant, amount, keys, turn);
     }
     let (budgets, shadowed) = match draw(options, tenant, tokens, keys, None) {
         Step::Now(Ok(drawn)) => drawn,
@@ -145,6 +170,7 @@ fn try_admit(
         drawing => {
             // A budget in Redis: the tenant's reservation once the budgets are held.
             let (config, tenant) = (Arc::clone(config), tenant.to_owned());
+            let sizing = amount.sizing.clone();
             return drawing.then(move |drawn| {
                 let (budgets, shadowed) = match drawn {
                     Ok(drawn) => drawn,
@@ -156,22 +182,32 @@ fn try_admit(
                 reserved.then(move |reserved| {
                     let options = config.options.as_deref().expect("checked above");
                     Step::Now(reserved.and_then(|(reservation, refused)| {
-                        hold(&config, options, reservation, budgets, refused.or(shadowed))
+                        let shadowed = refused.or(shadowed);
+                        hold(&config, options, &sizing, reservation, budgets, shadowed)
                     }))
                 })
             });
         }
     };
+    let sizing = &amount.sizing;
     match reserve_or_shadow(config, tenant, tokens, &options.shadow) {
         Step::Now(reserved) => Step::Now(reserved.and_then(|(reservation, refused)| {
-            hold(config, options, reservation, budgets, refused.or(shadowed))
+            hold(
+                config,
+                options,
+                sizing,
+                reservation,
+                budgets,
+                refused.or(shadowed),
+            )
         })),
         later => {
-            let config = Arc::clone(config);
+            let (config, sizing) = (Arc::clone(config), sizing.clone());
             later.then(move |reserved| {
                 let options = config.options.as_deref().expect("checked above");
                 Step::Now(reserved.and_then(|(reservation, refused)| {
-                    hold(&config, options, reservation, budgets, refused.or(shadowed))
+                    let shadowed = refused.or(shadowed);
+                    hold(&config, options, &sizing, reservation, budgets, shadowed)
                 }))
             })
         }
@@ -185,12 +221,12 @@ fn try_admit(
 fn try_admit_in_turn(
     config: &Arc<Config>,
     tenant: &str,
-    tokens: u64,
+    amount: &Amount,
     keys: &BudgetKeys,
     turn: &Turn,
 ) -> Step<Guard> {
     let (config, tenant, keys) = (Arc::clone(config), tenant.to_owned(), keys.clone());
-    let turn = turn.clone();
+    let (turn, Amount { tokens, sizing }) = (turn.clone(), amount.clone());
     Step::later(async move {
         let config = &config;
         let options = config
@@ -202,7 +238,14 @@ fn try_admit_in_turn(
         // Refused here, the tenant's reservation is dropped: released at once.
         let drawn = draw(options, &tenant, tokens, &keys, Some(&turn));
         let (budgets, shadowed) = drawn.resolve().await?;
-        hold(config, options, reservation, budgets, refused.or(shadowed))
+        hold(
+            config,
+            options,
+            &sizing,
+            reservation,
+            budgets,
+            refused.or(shadowed),
+        )
     })
 }
 
@@ -241,11 +284,12 @@ fn reserve_or_shadow(
 fn hold(
     config: &Config,
     options: &Options,
+    sizing: &Sizing,
     reservation: Reservation,
     budgets: Vec<Reservation>,
     shadowed: Option<Error>,
 ) -> Result<Guard, Error> {
-    let (windows, shadowed) = charge_windows(options, &reservation, shadowed)?;
+    let (windows, shadowed) = charge_windows(options, sizing, &reservation, shadowed)?;
     let wake = options.queue.as_ref().map(|queue| {
         // What the fair share of the budgets counts.
         let counted = (!budgets.is_empty()).then(|| {
@@ -292,6 +336,7 @@ fn hold(
 /// overrode, if it did, comes back with the charges.
 fn charge_windows(
     options: &Options,
+    sizing: &Sizing,
     reservation: &Reservation,
     shadowed: Option<Error>,
 ) -> Result<(Charges, Option<Error>), Error> {
@@ -299,10 +344,10 @@ fn charge_windows(
         return Ok((Charges::default(), shadowed));
     }
     let (tenant, tokens) = (reservation.tenant_id(), reservation.tokens());
-    match charge_all(&options.windows, tenant, tokens) {
+    match charge_all(&options.windows, tenant, tokens, sizing) {
         Ok(charges) => Ok((charges, shadowed)),
         Err(error) if options.shadow.covers(tenant, &error) => {
-            let charges = force_all(&options.windows, tenant, tokens);
+            let charges = force_all(&options.windows, tenant, tokens, sizing);
             Ok((charges, shadowed.or(Some(error))))
         }
         Err(error) => Err(error),
@@ -331,7 +376,7 @@ fn record(
 fn wait(
     config: &Arc<Config>,
     tenant: &str,
-    tokens: u64,
+    amount: Amount,
     keys: BudgetKeys,
     class: Priority,
     refused: Option<Error>,
@@ -349,7 +394,7 @@ fn wait(
             .filter(|error| !orders(turn.as_ref(), error));
         let Some(ticket) = queue.enqueue(&tenant, class, here) else {
             // The queue is full: refused at once.
-            return Err(refused.unwrap_or_else(|| config.ledger.overloaded(&tenant, tokens)));
+            return Err(refused.unwrap_or_else(|| config.ledger.overloaded(&tenant, amount.tokens)));
         };
         let started = tokio::time::Instant::now();
         let deadline = started + queue.max_wait;
@@ -357,11 +402,11 @@ fn wait(
         let mut refused = refused;
         loop {
             if ticket.may_try(&keys) {
-                let tried = try_admit(config, &tenant, tokens, &keys, turn.as_ref());
+                let tried = try_admit(config, &tenant, &amount, &keys, turn.as_ref());
                 match tried.resolve().await {
                     Ok(held) => {
                         drop(ticket); // the next in line may fit too: it is woken
-                        tracing::debug!(tenant, tokens, "admitted after waiting");
+                        tracing::debug!(tenant, tokens = amount.tokens, "admitted after waiting");
                         return Ok(held);
                     }
                     Err(error) if may_wait(&error) => {
@@ -382,7 +427,9 @@ fn wait(
             }
             let now = tokio::time::Instant::now();
             if now >= deadline {
-                return Err(refused.unwrap_or_else(|| config.ledger.overloaded(&tenant, tokens)));
+                return Err(
+                    refused.unwrap_or_else(|| config.ledger.overloaded(&tenant, amount.tokens))
+                );
             }
             ticket.wait(RECHECK.min(deadline - now)).await;
         }

@@ -94,8 +94,8 @@ pub(crate) fn plan<'a>(config: &'a Config, parts: &'a Parts) -> Plan<'a> {
 /// The estimate of a request whose output allowance is a guess (the estimator's
 /// default, or one learned from earlier answers) rather than a limit the client set:
 /// `tokens`, its output part cut to what the smallest cap it is charged to (the
-/// tenant's, a shared budget's under `keys`, a window's limit) can hold next to its
-/// `prompt`.
+/// tenant's, a shared budget's under `keys`, a token window's limit) can hold next to
+/// its `prompt`.
 ///
 /// So a guess never makes a request unadmittable: at worst it waits for the whole cap.
 /// Only what the client sent can be too large (413): its prompt, or an explicit
@@ -110,7 +110,11 @@ pub(crate) fn fit_guess(
 ) -> u64 {
     let cap = config.ledger.cap(tenant);
     let cap = keys.smallest_cap().map_or(cap, |budget| budget.min(cap));
-    let windows = config.windows().iter().map(|window| window.limit(tenant));
+    let windows = config
+        .windows()
+        .iter()
+        .filter(|window| window.counts_tokens());
+    let windows = windows.map(|window| window.limit(tenant));
     let cap = windows.fold(cap, u64::min);
     tokens.min(cap.max(prompt))
 }

@@ -17,7 +17,7 @@ use crate::ledger::{Reservation, Resize, TenantName};
 use crate::metrics::Tag;
 use crate::retry_after::HoldClock;
 use crate::step::Pending;
-use crate::window::{Charge, Charges, Standing};
+use crate::window::{Charge, Charges, Standing, Usage};
 use crate::Error;
 
 /// Waits for every growth in turn; the first refusal stands.
@@ -145,7 +145,7 @@ impl Guard {
         }
     }
 
-    /// The window with the least left now, if the request was charged to any.
+    /// The token window with the least left now, if the request was charged to any.
     pub(crate) fn tightest_window(&self) -> Option<Standing> {
         match self {
             Guard::Owned {
@@ -155,6 +155,7 @@ impl Guard {
                 .windows
                 .iter()
                 .map(Charge::standing)
+                .filter(|standing| standing.tokens)
                 .min_by_key(|standing| standing.remaining),
             Guard::Owned { .. } => None,
             Guard::Shared(handle) => handle.lock().as_ref()?.tightest_window(),
@@ -271,18 +272,28 @@ impl Reserved<'_> {
         now
     }
 
-    /// Settles the reservation on what the request used, as reported: the windows are
-    /// charged exactly that (what [`resize`](Self::resize) never takes back).
-    pub(crate) fn settle(&mut self, tokens: u64) -> u64 {
-        let now = self.resize(tokens);
-        for window in self
-            .windows
-            .iter_mut()
-            .flat_map(|windows| windows.iter_mut())
-        {
-            window.settle(tokens);
-        }
+    /// Settles the reservation on what the request used, as the upstream reported: the
+    /// windows are charged exactly that (what [`resize`](Self::resize) never takes back).
+    pub(crate) fn settle(&mut self, used: Usage) -> u64 {
+        let now = self.resize(used.total());
+        self.charges().for_each(|charge| charge.settle(used));
         now
+    }
+
+    /// Settles the reservation on `tokens` in all, as a handler said.
+    fn settle_total(&mut self, tokens: u64) -> u64 {
+        let now = self.resize(tokens);
+        self.charges()
+            .for_each(|charge| charge.settle_total(tokens));
+        now
+    }
+
+    /// What the windows were charged.
+    fn charges(&mut self) -> impl Iterator<Item = &mut Charge> + '_ {
+        self.windows
+            .as_deref_mut()
+            .into_iter()
+            .flat_map(Charges::iter_mut)
     }
 
     /// Resizes, growing only within the caps: the budgets first, then the tenant's; a
@@ -351,13 +362,7 @@ impl Reserved<'_> {
     fn resized(&mut self, before: u64) {
         let now = self.tokens();
         self.tag.resized(before, now);
-        for window in self
-            .windows
-            .iter_mut()
-            .flat_map(|windows| windows.iter_mut())
-        {
-            window.grow_to(now);
-        }
+        self.charges().for_each(|charge| charge.grow_to(now));
     }
 }
 
@@ -463,7 +468,7 @@ impl ReservationHandle {
         let mut slot = self.lock();
         let resized = slot
             .as_mut()
-            .and_then(|guard| guard.with(|held, _| held.settle(tokens)));
+            .and_then(|guard| guard.with(|held, _| held.settle_total(tokens)));
         resized.unwrap_or(0)
     }
 

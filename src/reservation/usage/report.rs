@@ -14,6 +14,7 @@ use std::sync::OnceLock;
 use memchr::memmem;
 
 use crate::extract::openai::json_scan::{read_number, Number, Scanner, Str};
+use crate::window::Usage;
 
 /// The longest usage object read, in bytes; a longer one is passed over.
 pub(crate) const WINDOW: usize = 4096;
@@ -38,21 +39,37 @@ pub(crate) struct Reported {
     pub(crate) output: Option<u64>,
     /// `total_tokens`, for a report that gives only that.
     pub(crate) total: Option<u64>,
+    /// The input tokens read from a cache (OpenAI's
+    /// `prompt_tokens_details.cached_tokens`, Anthropic's `cache_read_input_tokens`),
+    /// counted in `input` too.
+    pub(crate) cached: Option<u64>,
 }
 
 impl Reported {
-    /// The total the upstream reported, if it reported anything.
-    pub(crate) fn total(&self) -> Option<u64> {
-        match (self.input, self.output) {
-            (None, None) => self.total,
-            (input, output) => Some(input.unwrap_or(0).saturating_add(output.unwrap_or(0))),
+    /// The tokens used by kind, if the upstream reported anything: a report that gives
+    /// only a total cannot tell input from output.
+    pub(crate) fn used(&self) -> Option<Usage> {
+        if let (None, None) = (self.input, self.output) {
+            let unsplit = self.total?;
+            return Some(Usage {
+                unsplit,
+                ..Usage::default()
+            });
         }
+        let input = self.input.unwrap_or(0);
+        Some(Usage {
+            input,
+            cached_input: self.cached.unwrap_or(0).min(input),
+            output: self.output.unwrap_or(0),
+            unsplit: 0,
+        })
     }
 
     fn merge(&mut self, found: Reported) {
         self.input = found.input.or(self.input);
         self.output = found.output.or(self.output);
         self.total = found.total.or(self.total);
+        self.cached = found.cached.or(self.cached);
     }
 }
 
@@ -230,11 +247,24 @@ fn read_usage(object: &[u8]) -> Option<Reported> {
             b"completion_tokens" | b"output_tokens" => &mut found.output,
             b"total_tokens" => &mut found.total,
             b"cache_creation_input_tokens" | b"cache_read_input_tokens" => {
+                let read = key.raw == b"cache_read_input_tokens";
                 if let Some(tokens) = count(json)? {
                     cached = cached.saturating_add(tokens);
+                    if read {
+                        found.cached = Some(found.cached.unwrap_or(0).saturating_add(tokens));
+                    }
                     any = true;
                 }
                 return Ok(());
+            }
+            b"prompt_tokens_details" | b"input_tokens_details" if json.peek() == Some(b'{') => {
+                return walk_object(json, |json, key| match key.raw {
+                    b"cached_tokens" => {
+                        found.cached = count(json)?.or(found.cached);
+                        Ok(())
+                    }
+                    _ => json.skip_value(),
+                });
             }
             _ => return json.skip_value(),
         };
@@ -326,6 +356,7 @@ mod tests {
                 input: Some(12),
                 output: Some(30),
                 total: Some(42),
+                cached: Some(4),
             },
         );
     }
@@ -340,7 +371,8 @@ mod tests {
         );
         let reported = found(stream.as_bytes(), 7);
         assert_eq!((reported.input, reported.output), (Some(30), Some(15)));
-        assert_eq!(reported.total(), Some(45));
+        assert_eq!(reported.cached, Some(5));
+        assert_eq!(reported.used().map(|used| used.total()), Some(45));
     }
 
     #[test]
@@ -365,8 +397,8 @@ mod tests {
     #[test]
     fn total_only_when_nothing_finer_is_given() {
         let reported = found(br#"{"usage":{"total_tokens":7}}"#, 5);
-        assert_eq!(reported.total(), Some(7));
+        assert_eq!(reported.used().map(|used| used.total()), Some(7));
         let reported = found(br#"{"usage":{"output_tokens":2,"total_tokens":7}}"#, 5);
-        assert_eq!(reported.total(), Some(2));
+        assert_eq!(reported.used().map(|used| used.total()), Some(2));
     }
 }

@@ -237,9 +237,9 @@ impl Tap {
         if let Some(learn) = &learn {
             self.teach(learn, complete, held);
         }
-        match self.usage.reported.total() {
-            Some(total) => {
-                held.settle(total);
+        match self.usage.reported.used() {
+            Some(used) => {
+                held.settle(used);
             }
             None if complete && self.lines.is_some() => {
                 if self.asked {
