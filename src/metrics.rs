@@ -15,6 +15,9 @@
 //! | `tenant_tokens_waiting` | gauge | `class` (`critical`, `standard`, `sheddable`) | requests waiting for capacity now ([`wait_for_capacity`](crate::TenantTokenLayer::wait_for_capacity)) |
 //! | `tenant_tokens_wait_seconds` | histogram | `class` | how long each waiting request waited, until admitted or refused |
 //! | `tenant_tokens_budget_tokens_total` | counter | — | tokens admitted from shared budgets in a layer that waits for capacity: a tenant's rate over the sum of all tenants' is its share of the budgets |
+//! | `tenant_tokens_window_tokens_total` | counter | `window` (its [name](crate::TokenWindow::name)), `kind` (`input`, `cached_input`, `output`, or `unsplit` for an estimate that was never told apart) | tokens each [token window](crate::TokenWindow) was charged in the end, counted when a request's reservation is released (unweighed) |
+//! | `tenant_tokens_spend_total` | counter | `window` | what each [spend window](crate::TokenWindow::spend) was charged in the end, in millionths of its currency unit, counted on release |
+//! | `tenant_tokens_window_remaining` | gauge | `window`, `tenant` | what the tenant had left in the window after its last admission; only with tenant labels |
 //!
 //! Requests shed while others wait are counted in `tenant_tokens_requests_total` with
 //! `reason="shed"`.
@@ -29,6 +32,7 @@ use std::sync::{Mutex, PoisonError};
 
 use metrics::{counter, gauge, histogram, Gauge, Label};
 
+use crate::window::Charge;
 use crate::Priority;
 
 /// The counter of requests by outcome.
@@ -59,6 +63,12 @@ pub const WAITING: &str = "tenant_tokens_waiting";
 pub const WAIT_SECONDS: &str = "tenant_tokens_wait_seconds";
 /// Tokens admitted from shared budgets in a layer that waits for capacity.
 pub const BUDGET_TOKENS: &str = "tenant_tokens_budget_tokens_total";
+/// Tokens token windows were charged, by window and kind.
+pub const WINDOW_TOKENS: &str = "tenant_tokens_window_tokens_total";
+/// Millionths of a currency unit spend windows were charged, by window.
+pub const SPEND: &str = "tenant_tokens_spend_total";
+/// What a tenant had left in a window after its last admission.
+pub const WINDOW_REMAINING: &str = "tenant_tokens_window_remaining";
 
 /// Whether the layer's metrics carry a `tenant` label
 /// ([`TenantTokenLayer::metrics_tenant_labels`](crate::TenantTokenLayer::metrics_tenant_labels)).
@@ -176,6 +186,17 @@ impl Metrics {
         counter!(BUDGET_TOKENS, self.labels(Some(tenant), &[])).increment(tokens);
     }
 
+    /// What `tenant` has left in the window `charge` was made in, where tenants are
+    /// labelled.
+    pub(crate) fn window_remaining(&self, tenant: &str, charge: &Charge) {
+        let Some(tenant) = self.tenant(tenant) else {
+            return;
+        };
+        let window = Label::new("window", charge.window().to_owned());
+        let remaining = charge.standing().remaining as f64;
+        gauge!(WINDOW_REMAINING, vec![window, tenant]).set(remaining);
+    }
+
     pub(crate) fn refused(&self, tenant: Option<&str>, code: &'static str) {
         let labels = self.labels(tenant, &[("outcome", "refused"), ("reason", code)]);
         counter!(REQUESTS_TOTAL, labels).increment(1);
@@ -235,6 +256,23 @@ impl Tag {
                 .map(|route| Label::from_static_parts("route", route)),
         );
         Some(labels)
+    }
+
+    /// A window's charge, as it stands when the reservation ends.
+    pub(crate) fn charged(&self, charge: &Charge) {
+        let mut labels = self.labels.clone();
+        labels.push(Label::new("window", charge.window().to_owned()));
+        if !charge.counts_tokens() {
+            counter!(SPEND, labels).increment(charge.units().round() as u64);
+            return;
+        }
+        for (kind, tokens) in charge.used().kinds() {
+            if tokens > 0 {
+                let mut labels = labels.clone();
+                labels.push(Label::from_static_parts("kind", kind));
+                counter!(WINDOW_TOKENS, labels).increment(tokens);
+            }
+        }
     }
 
     /// The reservation ended holding `tokens`.

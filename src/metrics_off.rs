@@ -31,11 +31,17 @@ impl Metrics {
 
     #[inline(always)]
     pub(crate) fn budget_served(&self, _tenant: &str, _tokens: u64) {}
+
+    #[inline(always)]
+    pub(crate) fn window_remaining(&self, _tenant: &str, _charge: &crate::window::Charge) {}
 }
 
 impl Tag {
     #[inline(always)]
     pub(crate) fn resized(&mut self, _from: u64, _to: u64) {}
+
+    #[inline(always)]
+    pub(crate) fn charged(&self, _charge: &crate::window::Charge) {}
 
     #[inline(always)]
     pub(crate) fn released(&self, _tokens: u64) {}

@@ -73,6 +73,8 @@ struct Bucket {
     period: Duration,
     /// Whether the window counts tokens (not spend).
     tokens: bool,
+    /// The window's name, for the metrics.
+    window: Arc<str>,
 }
 
 struct Level {
@@ -391,6 +393,7 @@ impl Inner {
                 }),
                 period: self.period,
                 tokens: matches!(self.measure, Measure::Tokens(_)),
+                window: Arc::from(self.name.as_str()),
             })
         });
         Arc::clone(bucket)
@@ -520,6 +523,17 @@ pub(crate) struct Charge {
     units: f64,
 }
 
+impl fmt::Debug for Charge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let units = if self.counts_tokens() { "tokens" } else { "millionths" };
+        f.debug_struct("Charge")
+            .field("window", &self.window())
+            .field("used", &self.used())
+            .field(units, &self.units())
+            .finish()
+    }
+}
+
 /// How a window stood once a request was charged, for the response's headers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Standing {
@@ -578,6 +592,26 @@ impl Charge {
         }
         self.used = used;
         self.units = units;
+    }
+
+    /// The window's name.
+    pub(crate) fn window(&self) -> &str {
+        &self.bucket.window
+    }
+
+    /// Whether the window counts tokens (not spend).
+    pub(crate) fn counts_tokens(&self) -> bool {
+        self.bucket.tokens
+    }
+
+    /// The tokens charged for, by kind.
+    pub(crate) fn used(&self) -> Usage {
+        self.used
+    }
+
+    /// What they came to, in the window's units.
+    pub(crate) fn units(&self) -> f64 {
+        self.units
     }
 
     /// Gives the whole charge back: the request was not admitted.
@@ -740,6 +774,17 @@ impl Usage {
         }
     }
 
+    /// The tokens of each kind, named, cached input apart from the rest of the input.
+    pub(crate) fn kinds(&self) -> [(&'static str, u64); 4] {
+        let cached = self.cached_input.min(self.input);
+        [
+            ("input", self.input - cached),
+            ("cached_input", cached),
+            ("output", self.output),
+            ("unsplit", self.unsplit),
+        ]
+    }
+
     /// Every token, whatever its kind.
     pub(crate) fn total(&self) -> u64 {
         self.input
@@ -748,11 +793,10 @@ impl Usage {
     }
 
     fn units(&self, weights: &Weights) -> f64 {
-        let cached = self.cached_input.min(self.input);
-        (self.input - cached) as f64 * weights.input
-            + cached as f64 * weights.cached_input
-            + self.output as f64 * weights.output
-            + self.unsplit as f64 * weights.input.max(weights.output)
+        let unsplit = weights.input.max(weights.output);
+        let each = [weights.input, weights.cached_input, weights.output, unsplit];
+        let kinds = self.kinds().into_iter().map(|(_, tokens)| tokens as f64);
+        kinds.zip(each).map(|(tokens, weight)| tokens * weight).sum()
     }
 }
 

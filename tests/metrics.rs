@@ -13,7 +13,8 @@ use http::StatusCode;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tower_tenant_tokens::metrics::TenantLabels;
 use tower_tenant_tokens::{
-    ReservationHandle, ShadowMode, SharedBudget, TenantTokenLayer, TenantTokenTracker,
+    Price, Prices, ReservationHandle, ShadowMode, SharedBudget, TenantTokenLayer,
+    TenantTokenTracker, TokenWindow,
 };
 
 /// One recorder for the whole test binary (a process has one); tests use distinct tenants.
@@ -309,4 +310,33 @@ async fn a_complete_stream_that_reports_no_usage_settles_on_what_was_counted() {
     assert_eq!(ratio, Some(104.0 / 1_004.0), "settled on 4 + 100 of 1,004");
     let missing = r#"tenant_tokens_stream_usage_missing_total{tenant="m-unreported"}"#;
     assert_eq!(sample(missing), Some(1.0));
+}
+
+#[tokio::test]
+async fn windows_record_what_they_charged_and_what_is_left() {
+    recorder();
+    let tracker = Arc::new(TenantTokenTracker::new(100_000));
+    let tokens = TokenWindow::per_30_days(10_000);
+    let price = Price::per_million(2.0, 1.0, 3.0).unwrap();
+    let spend = TokenWindow::spend_per_30_days(1.0, Prices::new().with_default(price));
+    let layer = TenantTokenLayer::new(tracker)
+        .metrics_tenant_labels(TenantLabels::All)
+        .window(tokens)
+        .window(spend);
+    let (server, _streams) = app(layer).await;
+    let client = client();
+
+    let mut request = metered(&server, "/chat", "w-acme", 1_000);
+    request.headers_mut().insert("x-used", 400.into());
+    assert_eq!(call(&client, request).await.status, StatusCode::OK);
+    let remaining = r#"tenant_tokens_window_remaining{window="tokens per 30 days",tenant="w-acme"}"#;
+    assert_eq!(sample(remaining), Some(9_000.0), "at admission");
+    wait_until("the release to be recorded", || {
+        let charged = r#"tenant_tokens_window_tokens_total{tenant="w-acme",window="tokens per 30 days",kind="unsplit"}"#;
+        sample(charged) == Some(400.0)
+    })
+    .await;
+    // 400 tokens not told apart, at the dearer price, 3.0 a million.
+    let spent = r#"tenant_tokens_spend_total{tenant="w-acme",window="spend per 30 days"}"#;
+    assert_eq!(sample(spent), Some(1_200.0));
 }

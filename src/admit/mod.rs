@@ -289,7 +289,7 @@ fn hold(
     budgets: Vec<Reservation>,
     shadowed: Option<Error>,
 ) -> Result<Guard, Error> {
-    let (windows, shadowed) = charge_windows(options, sizing, &reservation, shadowed)?;
+    let (windows, shadowed) = charge_windows(config, options, sizing, &reservation, shadowed)?;
     let wake = options.queue.as_ref().map(|queue| {
         // What the fair share of the budgets counts.
         let counted = (!budgets.is_empty()).then(|| {
@@ -335,6 +335,7 @@ fn hold(
 /// it after), or regardless when shadow mode covers the refusal. The refusal shadow mode
 /// overrode, if it did, comes back with the charges.
 fn charge_windows(
+    config: &Config,
     options: &Options,
     sizing: &Sizing,
     reservation: &Reservation,
@@ -345,7 +346,12 @@ fn charge_windows(
     }
     let (tenant, tokens) = (reservation.tenant_id(), reservation.tokens());
     match charge_all(&options.windows, tenant, tokens, sizing) {
-        Ok(charges) => Ok((charges, shadowed)),
+        Ok(charges) => {
+            for charge in charges.iter() {
+                config.metrics.window_remaining(tenant, charge);
+            }
+            Ok((charges, shadowed))
+        }
         Err(error) if options.shadow.covers(tenant, &error) => {
             let charges = force_all(&options.windows, tenant, tokens, sizing);
             Ok((charges, shadowed.or(Some(error))))

@@ -392,8 +392,11 @@ impl Drop for Guard {
             tag,
         } = self
         {
-            if let Some(clock) = attached.as_ref().and_then(|a| a.clock.as_ref()) {
-                clock.stop();
+            if let Some(attached) = attached {
+                if let Some(clock) = &attached.clock {
+                    clock.stop();
+                }
+                attached.windows.iter().for_each(|charge| tag.charged(charge));
             }
             tag.released(reservation.tokens());
         }
