@@ -23,7 +23,7 @@ use interleave::{interleave, Variant};
 use peers::{bare, governor_layer, request, run_one, sdk_request, NaiveLayer, NaiveTracker};
 use tower::limit::ConcurrencyLimitLayer;
 use tower::{Layer, Service};
-use tower_tenant_tokens::{TenantTokenLayer, TenantTokenTracker};
+use tower_tenant_tokens::{TenantTokenLayer, TenantTokenTracker, TokenWindow};
 
 const ROUNDS: usize = 41;
 const BATCH: usize = 2_000;
@@ -36,6 +36,7 @@ type Req = Request<Empty<Bytes>>;
 struct Services {
     layer: TenantTokenLayer,
     layer_handle: TenantTokenLayer,
+    layer_window: TenantTokenLayer,
     concurrency: ConcurrencyLimitLayer,
     governor: peers::GovernorLayerType,
     naive: NaiveLayer,
@@ -47,6 +48,8 @@ impl Services {
         let layer = TenantTokenLayer::new(tracker);
         Self {
             layer_handle: layer.clone().reservation_handle(true),
+            // One window per minute, large enough never to refuse.
+            layer_window: layer.clone().window(TokenWindow::per_minute(u64::MAX / 2)),
             layer,
             concurrency: ConcurrencyLimitLayer::new(1 << 20),
             governor: governor_layer(),
@@ -66,6 +69,11 @@ impl Services {
             variant(
                 "tower-tenant-tokens, with handle",
                 self.layer_handle.layer(tower::service_fn(bare)),
+                tenant,
+            ),
+            variant(
+                "tower-tenant-tokens, a window",
+                self.layer_window.layer(tower::service_fn(bare)),
                 tenant,
             ),
             variant(

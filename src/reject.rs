@@ -7,11 +7,11 @@ use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
+use crate::error::counts_tokens;
 use crate::headers::{
     limit_field, policy_field, reset_field, RATELIMIT, RATELIMIT_POLICY, X_RATELIMIT_LIMIT_TOKENS,
     X_RATELIMIT_REMAINING_TOKENS, X_RATELIMIT_RESET_TOKENS,
 };
-use crate::error::counts_tokens;
 use crate::Error;
 
 /// A request the layer refused, on its way to becoming a response.

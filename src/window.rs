@@ -525,7 +525,11 @@ pub(crate) struct Charge {
 
 impl fmt::Debug for Charge {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let units = if self.counts_tokens() { "tokens" } else { "millionths" };
+        let units = if self.counts_tokens() {
+            "tokens"
+        } else {
+            "millionths"
+        };
         f.debug_struct("Charge")
             .field("window", &self.window())
             .field("used", &self.used())
@@ -796,7 +800,10 @@ impl Usage {
         let unsplit = weights.input.max(weights.output);
         let each = [weights.input, weights.cached_input, weights.output, unsplit];
         let kinds = self.kinds().into_iter().map(|(_, tokens)| tokens as f64);
-        kinds.zip(each).map(|(tokens, weight)| tokens * weight).sum()
+        kinds
+            .zip(each)
+            .map(|(tokens, weight)| tokens * weight)
+            .sum()
     }
 }
 

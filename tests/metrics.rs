@@ -329,7 +329,8 @@ async fn windows_record_what_they_charged_and_what_is_left() {
     let mut request = metered(&server, "/chat", "w-acme", 1_000);
     request.headers_mut().insert("x-used", 400.into());
     assert_eq!(call(&client, request).await.status, StatusCode::OK);
-    let remaining = r#"tenant_tokens_window_remaining{window="tokens per 30 days",tenant="w-acme"}"#;
+    let remaining =
+        r#"tenant_tokens_window_remaining{window="tokens per 30 days",tenant="w-acme"}"#;
     assert_eq!(sample(remaining), Some(9_000.0), "at admission");
     wait_until("the release to be recorded", || {
         let charged = r#"tenant_tokens_window_tokens_total{tenant="w-acme",window="tokens per 30 days",kind="unsplit"}"#;

@@ -481,3 +481,68 @@ async fn spend_settles_on_the_reported_usage_and_a_default_price_covers_unknown_
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(spend.remaining("acme"), 100_000_000 - 200 - 2_000);
 }
+
+#[tokio::test]
+async fn busy_traffic_never_gets_more_than_the_bucket_allows_at_any_instant() {
+    // 1,000 tokens per 2 s: 500 a second, after a full bucket of 1,000.
+    let (limit, rate) = (1_000.0, 500.0);
+    let window = TokenWindow::new(1_000, Duration::from_secs(2));
+    let admitted: Arc<std::sync::Mutex<Vec<(Instant, u64)>>> = Arc::default();
+    let seen = admitted.clone();
+    let started = Instant::now();
+    let app = Router::new()
+        .route(
+            "/ok",
+            post(move |headers: http::HeaderMap| {
+                let tokens = headers["x-token-estimate"]
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                seen.lock().unwrap().push((Instant::now(), tokens));
+                async { "ok" }
+            }),
+        )
+        .layer(TenantTokenLayer::new(tracker(1_000_000)).window(window));
+    let server = serve(app).await;
+    let client = pooled_client();
+
+    // Eight clients send requests of 10 to 100 tokens as fast as they are answered, for
+    // three periods.
+    let clients = (0..8u64).map(|n| {
+        let (client, url) = (client.clone(), server.url("/ok"));
+        tokio::spawn(async move {
+            let mut sent = 0u64;
+            while started.elapsed() < Duration::from_secs(6) {
+                let tokens = 10 + (n * 37 + sent * 53) % 91;
+                let request = Request::post(&url)
+                    .header("x-tenant-id", "acme")
+                    .header("x-token-estimate", tokens)
+                    .body(empty())
+                    .unwrap();
+                let status = call(&client, request).await.status;
+                assert!(status == StatusCode::OK || status == StatusCode::TOO_MANY_REQUESTS);
+                sent += 1;
+            }
+        })
+    });
+    for client in clients {
+        client.await.unwrap();
+    }
+
+    // Whatever reached the service by any instant was charged by then: never more than
+    // the full bucket plus what refilled since the test started.
+    let mut admitted = admitted.lock().unwrap().clone();
+    admitted.sort();
+    let mut total = 0.0;
+    for (at, tokens) in &admitted {
+        total += *tokens as f64;
+        let allowed = limit + rate * at.duration_since(started).as_secs_f64();
+        assert!(
+            total <= allowed,
+            "{total} tokens by {at:?}, {allowed:.0} allowed"
+        );
+    }
+    // And the refills were used: more than the first bucket got through.
+    assert!(total > 2.0 * limit, "only {total} tokens admitted");
+}

@@ -396,7 +396,10 @@ impl Drop for Guard {
                 if let Some(clock) = &attached.clock {
                     clock.stop();
                 }
-                attached.windows.iter().for_each(|charge| tag.charged(charge));
+                attached
+                    .windows
+                    .iter()
+                    .for_each(|charge| tag.charged(charge));
             }
             tag.released(reservation.tokens());
         }
