@@ -56,39 +56,12 @@ pub enum Error {
         cap: u64,
     },
     /// The request fits the tenant's limit over time ([`TokenWindow`](crate::TokenWindow)),
-    /// but not what is left of it now. Amounts are tokens, or for a spend window
-    /// millionths of its currency unit. Retry after
-    /// [`retry_after`](Self::WindowExceeded::retry_after). HTTP 429.
-    WindowExceeded {
-        /// The tenant.
-        tenant_id: String,
-        /// The window, as its [`name`](crate::TokenWindow::name) says (`"tokens per
-        /// minute"`).
-        window: String,
-        /// Tokens the request asked for.
-        requested: u64,
-        /// Tokens left in the window when the request was refused.
-        remaining: u64,
-        /// The tenant's limit in this window.
-        limit: u64,
-        /// How long until the window holds the request's tokens, from the rate it refills
-        /// at (if nothing else is charged meanwhile).
-        retry_after: Duration,
-        /// How long until the window is full again.
-        reset: Duration,
-    },
+    /// but not what is left of it now. Retry after
+    /// [`WindowRefusal::retry_after`]. HTTP 429.
+    WindowExceeded(Box<WindowRefusal>),
     /// The request alone is larger than the tenant's limit over time: retrying cannot
     /// help. HTTP 413.
-    WindowTooLarge {
-        /// The tenant.
-        tenant_id: String,
-        /// The window, as its [`name`](crate::TokenWindow::name) says.
-        window: String,
-        /// Tokens the request asked for.
-        tokens: u64,
-        /// The tenant's limit in this window.
-        limit: u64,
-    },
+    WindowTooLarge(Box<WindowRefusal>),
     /// A [spend window](crate::TokenWindow::spend) has no price for the request's model,
     /// and no default price. HTTP 400.
     UnpricedModel {
@@ -153,11 +126,11 @@ impl Error {
         match self {
             Error::TenantOverloaded { .. }
             | Error::BudgetOverloaded { .. }
-            | Error::WindowExceeded { .. }
+            | Error::WindowExceeded(_)
             | Error::Shed { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::RequestTooLarge { .. }
             | Error::BudgetTooLarge { .. }
-            | Error::WindowTooLarge { .. }
+            | Error::WindowTooLarge(_)
             | Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::MissingTenant
             | Error::InvalidTenant { .. }
@@ -178,8 +151,8 @@ impl Error {
             Error::RequestTooLarge { .. } => "request_too_large",
             Error::BudgetOverloaded { .. } => "budget_exceeded",
             Error::BudgetTooLarge { .. } => "request_too_large_for_budget",
-            Error::WindowExceeded { .. } => "window_exceeded",
-            Error::WindowTooLarge { .. } => "request_too_large_for_window",
+            Error::WindowExceeded(_) => "window_exceeded",
+            Error::WindowTooLarge(_) => "request_too_large_for_window",
             Error::UnpricedModel { .. } => "unpriced_model",
             Error::MissingTenant => "missing_tenant",
             Error::InvalidTenant { .. } => "invalid_tenant",
@@ -209,9 +182,10 @@ impl Error {
         match self {
             Error::TenantOverloaded { tenant_id, .. }
             | Error::RequestTooLarge { tenant_id, .. }
-            | Error::WindowExceeded { tenant_id, .. }
-            | Error::WindowTooLarge { tenant_id, .. }
             | Error::Shed { tenant_id, .. } => Some(tenant_id),
+            Error::WindowExceeded(refusal) | Error::WindowTooLarge(refusal) => {
+                Some(&refusal.tenant_id)
+            }
             _ => None,
         }
     }
@@ -258,34 +232,31 @@ impl fmt::Display for Error {
                 "request of {tokens} tokens can never fit budget `{budget}`'s cap of {cap} \
                  tokens in flight"
             ),
-            Error::WindowExceeded {
-                tenant_id,
-                window,
-                requested,
-                remaining,
-                limit,
-                retry_after,
-                ..
-            } => write!(
-                f,
-                "tenant `{tenant_id}` is over its {window} limit of {}: {} requested, {} \
-                 left; try again in {}s",
-                Amount(window, *limit),
-                Amount(window, *requested),
-                Amount(window, *remaining),
-                seconds_up(*retry_after)
-            ),
-            Error::WindowTooLarge {
-                tenant_id,
-                window,
-                tokens,
-                limit,
-            } => write!(
-                f,
-                "request of {} can never fit tenant `{tenant_id}`'s {window} limit of {}",
-                Amount(window, *tokens),
-                Amount(window, *limit),
-            ),
+            Error::WindowExceeded(refusal) => {
+                let WindowRefusal {
+                    tenant_id, window, ..
+                } = &**refusal;
+                write!(
+                    f,
+                    "tenant `{tenant_id}` is over its {window} limit of {}: {} requested, {} \
+                     left; try again in {}s",
+                    Amount(window, refusal.limit),
+                    Amount(window, refusal.requested),
+                    Amount(window, refusal.remaining),
+                    seconds_up(refusal.retry_after)
+                )
+            }
+            Error::WindowTooLarge(refusal) => {
+                let WindowRefusal {
+                    tenant_id, window, ..
+                } = &**refusal;
+                write!(
+                    f,
+                    "request of {} can never fit tenant `{tenant_id}`'s {window} limit of {}",
+                    Amount(window, refusal.requested),
+                    Amount(window, refusal.limit),
+                )
+            }
             Error::UnpricedModel { model } if model.is_empty() => {
                 f.write_str("the request names no model, and spend is limited by model price")
             }
@@ -320,6 +291,38 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
+
+/// How a [window](crate::TokenWindow) refused a request ([`Error::WindowExceeded`],
+/// [`Error::WindowTooLarge`]). Amounts are tokens, or for a spend window millionths of
+/// its currency unit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WindowRefusal {
+    /// The tenant.
+    pub tenant_id: String,
+    /// The window, as its [`name`](crate::TokenWindow::name) says (`"tokens per
+    /// minute"`).
+    pub window: String,
+    /// What the request asked for.
+    pub requested: u64,
+    /// What was left in the window when the request was refused.
+    pub remaining: u64,
+    /// The tenant's limit in this window.
+    pub limit: u64,
+    /// How long until the window holds the request, from the rate it refills at (if
+    /// nothing else is charged meanwhile); zero for a request that can never fit.
+    pub retry_after: Duration,
+    /// How long until the window is full again.
+    pub reset: Duration,
+}
+
+impl WindowRefusal {
+    /// Whether the window counts tokens (its figures go in OpenAI's token headers), not
+    /// spend.
+    pub(crate) fn counts_tokens(&self) -> bool {
+        counts_tokens(&self.window)
+    }
+}
 
 /// Whether the window named `window` counts tokens, not spend.
 pub(crate) fn counts_tokens(window: &str) -> bool {

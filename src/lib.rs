@@ -124,7 +124,7 @@ mod tracker;
 mod window;
 
 pub use self::budget::SharedBudget;
-pub use self::error::Error;
+pub use self::error::{Error, WindowRefusal};
 #[cfg(feature = "openai")]
 pub use self::extract::openai::{
     AdaptiveOutput, CalibratedModel, LearnedOutput, OpenAiEstimate, OpenAiEstimator,

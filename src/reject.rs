@@ -7,7 +7,6 @@ use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
-use crate::error::counts_tokens;
 use crate::headers::{
     limit_field, policy_field, reset_field, RATELIMIT, RATELIMIT_POLICY, X_RATELIMIT_LIMIT_TOKENS,
     X_RATELIMIT_REMAINING_TOKENS, X_RATELIMIT_RESET_TOKENS,
@@ -59,8 +58,8 @@ impl Rejection {
     pub fn retry_after(&self) -> Option<Duration> {
         match self.error {
             // When the window will hold the request, from its refill rate.
-            Error::WindowExceeded { retry_after, .. } => {
-                Some(retry_after.max(Duration::from_secs(1)))
+            Error::WindowExceeded(ref refusal) => {
+                Some(refusal.retry_after.max(Duration::from_secs(1)))
             }
             Error::TenantOverloaded { .. }
             | Error::BudgetOverloaded { .. }
@@ -83,7 +82,7 @@ impl Rejection {
                 _,
                 Error::TenantOverloaded { .. }
                 | Error::BudgetOverloaded { .. }
-                | Error::WindowExceeded { .. }
+                | Error::WindowExceeded(_)
                 | Error::Shed { .. },
             ) => "tokens",
             (StatusCode::UNAUTHORIZED, _) => "authentication_error",
@@ -133,21 +132,13 @@ impl Rejection {
             }
             // The window's figures, as OpenAI sends them for its own limits (a spend
             // window's are not tokens: `Retry-After` alone).
-            Error::WindowExceeded {
-                ref window,
-                limit,
-                remaining,
-                reset,
-                ..
-            } if counts_tokens(window) => {
-                headers.insert(X_RATELIMIT_LIMIT_TOKENS, limit.into());
-                headers.insert(X_RATELIMIT_REMAINING_TOKENS, remaining.into());
-                headers.insert(X_RATELIMIT_RESET_TOKENS, reset_field(reset));
+            Error::WindowExceeded(ref refusal) if refusal.counts_tokens() => {
+                headers.insert(X_RATELIMIT_LIMIT_TOKENS, refusal.limit.into());
+                headers.insert(X_RATELIMIT_REMAINING_TOKENS, refusal.remaining.into());
+                headers.insert(X_RATELIMIT_RESET_TOKENS, reset_field(refusal.reset));
             }
-            Error::WindowTooLarge {
-                ref window, limit, ..
-            } if counts_tokens(window) => {
-                headers.insert(X_RATELIMIT_LIMIT_TOKENS, limit.into());
+            Error::WindowTooLarge(ref refusal) if refusal.counts_tokens() => {
+                headers.insert(X_RATELIMIT_LIMIT_TOKENS, refusal.limit.into());
             }
             _ => {}
         }

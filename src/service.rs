@@ -10,7 +10,7 @@ use http_body::Body;
 use tower_service::Service;
 
 use crate::admit::plan::{plan, plan_in_place, Plan};
-use crate::admit::{admit, reject, Admission, Amount};
+use crate::admit::{admit, reject, Admission};
 use crate::body::{RequestBody, ResponseBody};
 use crate::config::{Config, LimitHeaders};
 use crate::future::{read_usage, Call, ReadingBody, ResponseFuture};
@@ -85,13 +85,7 @@ where
                 }
                 Some(Plan::ReadBody(..)) | None => return self.call_parts(request),
             };
-        let admission = admit(
-            config,
-            &tenant,
-            &Amount::tokens(tokens),
-            Default::default(),
-            class,
-        );
+        let admission = admit(config, &tenant, tokens, None, Default::default(), class);
         self.admitted(request, admission)
     }
 }
@@ -119,7 +113,7 @@ impl<S> TenantTokenService<S> {
             }
         };
         let keys = config.budget_keys(&parts, None, None);
-        let admission = admit(config, &tenant, &Amount::tokens(tokens), keys, class);
+        let admission = admit(config, &tenant, tokens, None, keys, class);
         drop(tenant);
         self.admitted(Request::from_parts(parts, body), admission)
     }

@@ -60,8 +60,8 @@ impl ShadowMode {
                 | Error::RequestTooLarge { .. }
                 | Error::BudgetOverloaded { .. }
                 | Error::BudgetTooLarge { .. }
-                | Error::WindowExceeded { .. }
-                | Error::WindowTooLarge { .. }
+                | Error::WindowExceeded(_)
+                | Error::WindowTooLarge(_)
         );
         cap_refusal
             && match self {

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::error::WindowRefusal;
 use crate::Error;
 
 type LimitFn = dyn Fn(&str) -> Option<u64> + Send + Sync;
@@ -319,24 +320,24 @@ impl TokenWindow {
         let mut level = lock(&bucket.level);
         level.refill(Instant::now(), self.inner.period);
         let requested = units.ceil() as u64;
-        if !force && units > level.limit as f64 {
-            return Err(Error::WindowTooLarge {
-                tenant_id: tenant_id.to_owned(),
-                window: self.inner.name.clone(),
-                tokens: requested,
-                limit: level.limit,
-            });
-        }
-        if !force && level.tokens < units {
+        let too_large = units > level.limit as f64;
+        if !force && (too_large || level.tokens < units) {
             let rate = level.rate(self.inner.period);
-            return Err(Error::WindowExceeded {
+            let refusal = Box::new(WindowRefusal {
                 tenant_id: tenant_id.to_owned(),
                 window: self.inner.name.clone(),
                 requested,
                 remaining: level.remaining(),
                 limit: level.limit,
-                retry_after: seconds(units - level.tokens, rate),
+                retry_after: match too_large {
+                    true => Duration::ZERO,
+                    false => seconds(units - level.tokens, rate),
+                },
                 reset: level.reset(rate),
+            });
+            return Err(match too_large {
+                true => Error::WindowTooLarge(refusal),
+                false => Error::WindowExceeded(refusal),
             });
         }
         level.tokens -= units;
@@ -716,8 +717,8 @@ impl Charges {
 /// Whether `error` is a refusal to report rather than `than`.
 fn longer(error: &Error, than: Option<&Error>) -> bool {
     let wait = |error: &Error| match error {
-        Error::WindowTooLarge { .. } | Error::UnpricedModel { .. } => Duration::MAX,
-        Error::WindowExceeded { retry_after, .. } => *retry_after,
+        Error::WindowTooLarge(_) | Error::UnpricedModel { .. } => Duration::MAX,
+        Error::WindowExceeded(refusal) => refusal.retry_after,
         _ => Duration::ZERO,
     };
     than.map_or(true, |than| wait(error) > wait(than))

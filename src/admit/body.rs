@@ -10,7 +10,7 @@ use http::request::Parts;
 use http::HeaderValue;
 
 use super::plan::fit_guess;
-use super::{admit, Admission, Amount};
+use super::{admit, Admission};
 use crate::config::Config;
 use crate::extract::BodyEstimate;
 use crate::fair::Priority;
@@ -67,7 +67,7 @@ pub(crate) fn admit_read(
         prompt: Some(estimated.prompt),
         model: estimated.model.as_deref().map(Arc::from),
     };
-    let admission = admit(config, tenant, &Amount { tokens, sizing }, keys, class);
+    let admission = admit(config, tenant, tokens, Some(&sizing), keys, class);
     let (body, asked) = match config.ask_usage {
         true => ask_usage(parts, body),
         false => (body, false),

@@ -45,40 +45,46 @@ use crate::{Error, ShadowMode};
 pub(crate) type Admission = Step<Guard>;
 
 /// What a request asks to reserve: its estimate, and what the windows weigh it by.
-#[derive(Clone, Default)]
-pub(crate) struct Amount {
-    pub(crate) tokens: u64,
-    pub(crate) sizing: Sizing,
+#[derive(Clone)]
+struct Amount {
+    tokens: u64,
+    sizing: Sizing,
 }
 
-impl Amount {
-    /// An estimate of `tokens`, not told apart.
-    #[inline]
-    pub(crate) fn tokens(tokens: u64) -> Self {
-        Amount {
-            tokens,
-            sizing: Sizing::default(),
-        }
-    }
-}
-
-/// Admits `amount` for `tenant` in `class`, drawing from the budgets under `keys`.
+/// Admits `tokens` for `tenant` in `class`, drawing from the budgets under `keys`; the
+/// windows weigh them by `sizing` when the estimator told it.
 #[inline]
 pub(crate) fn admit(
     config: &Arc<Config>,
     tenant: &str,
-    amount: &Amount,
+    tokens: u64,
+    sizing: Option<&Sizing>,
     keys: BudgetKeys,
     class: Priority,
 ) -> Admission {
-    let queue = config
-        .options
-        .as_ref()
-        .and_then(|options| options.queue.as_ref());
-    if let Some(queue) = queue {
+    let Some(options) = config.options.as_deref() else {
+        return admit_plain(config, tenant, tokens);
+    };
+    let sizing = sizing.cloned().unwrap_or_default();
+    let amount = &Amount { tokens, sizing };
+    if let Some(queue) = &options.queue {
         return admit_or_wait(config, tenant, amount, keys, class, queue);
     }
     try_admit(config, tenant, amount, &keys, None)
+}
+
+/// [`admit`] in a plain layer: the ledger's answer is all there is.
+#[inline]
+fn admit_plain(config: &Arc<Config>, tenant: &str, tokens: u64) -> Admission {
+    match config.ledger.reserve(tenant, tokens) {
+        Step::Now(reserved) => {
+            Step::Now(reserved.map(|reservation| record(config, reservation, None, None)))
+        }
+        later => {
+            let config = Arc::clone(config);
+            later.map(move |reservation| record(&config, reservation, None, None))
+        }
+    }
 }
 
 /// [`admit`](Self::admit) in a layer that lets requests wait.
@@ -150,16 +156,7 @@ fn try_admit(
 ) -> Step<Guard> {
     let tokens = amount.tokens;
     let Some(options) = config.options.as_deref() else {
-        // A plain layer: the ledger's answer is all there is.
-        return match config.ledger.reserve(tenant, tokens) {
-            Step::Now(reserved) => {
-                Step::Now(reserved.map(|reservation| record(config, reservation, None, None)))
-            }
-            later => {
-                let config = Arc::clone(config);
-                later.map(move |reservation| record(&config, reservation, None, None))
-            }
-        };
+        return admit_plain(config, tenant, tokens);
     };
     if let Some(turn) = turn {
         return try_admit_in_turn(config, tenant, amount, keys, turn);
