@@ -49,6 +49,8 @@ pub(crate) struct Config {
     pub(crate) retry_after: Duration,
     /// Builds refusal responses instead of the default JSON.
     pub(crate) on_rejection: Option<Arc<RejectFn>>,
+    /// Limits over time every request is charged to as well; none for most layers.
+    pub(crate) windows: Vec<TokenWindow>,
     /// Shadow mode, shared budgets, waiting, hold times: `None` until one is set.
     pub(crate) options: Option<Box<Options>>,
     /// What the metrics recorder is told (nothing without the `metrics` feature).
@@ -87,6 +89,7 @@ impl Config {
             calibration: None,
             retry_after: Duration::from_secs(1),
             on_rejection: None,
+            windows: Vec::new(),
             options: None,
             metrics: Arc::default(),
         }
@@ -120,21 +123,12 @@ impl Config {
         }
     }
 
-    /// The windows requests are charged to; none for most layers.
-    pub(crate) fn windows(&self) -> &[TokenWindow] {
-        self.options
-            .as_deref()
-            .map_or(&[], |options| &options.windows)
-    }
-
     /// Whether a budget is keyed by the model the estimator finds in the body, or a
     /// window prices by it.
     pub(crate) fn wants_model(&self) -> bool {
         let options = self.options.as_deref();
-        options.is_some_and(|options| {
-            options.budgets.iter().any(SharedBudget::by_model)
-                || options.windows.iter().any(TokenWindow::wants_model)
-        })
+        let budgets = options.is_some_and(|o| o.budgets.iter().any(SharedBudget::by_model));
+        budgets || self.windows.iter().any(TokenWindow::wants_model)
     }
 }
 
@@ -155,8 +149,6 @@ pub(crate) struct Options {
     pub(crate) priority: Option<PrioritySource>,
     /// Each tenant's weight in the fair share of a budget; 1 without.
     pub(crate) weight: Option<Arc<WeightFn>>,
-    /// Limits over time every request is charged to as well.
-    pub(crate) windows: Vec<TokenWindow>,
 }
 
 pub(crate) type WeightFn = dyn Fn(&str) -> u32 + Send + Sync;

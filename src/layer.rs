@@ -216,7 +216,7 @@ impl TenantTokenLayer {
     /// with the least left, as OpenAI's API does, with `x-ratelimit-reset-tokens` (how long
     /// until it is full); the IETF fields keep describing the in-flight cap.
     pub fn window(self, window: crate::TokenWindow) -> Self {
-        self.with(|config| config.options_mut().windows.push(window))
+        self.with(|config| config.windows.push(window))
     }
 
     /// Lets a request over its tenant's cap (or a shared budget) wait up to `max_wait` for

@@ -317,16 +317,16 @@ impl TokenWindow {
         let used = Usage::estimated(tokens, sizing.prompt);
         let units = used.units(&weights);
         let bucket = self.inner.bucket(tenant_id);
+        let now = Instant::now();
         let mut level = lock(&bucket.level);
-        level.refill(Instant::now(), self.inner.period);
-        let requested = units.ceil() as u64;
+        level.refill(now, self.inner.period);
         let too_large = units > level.limit as f64;
         if !force && (too_large || level.tokens < units) {
             let rate = level.rate(self.inner.period);
             let refusal = Box::new(WindowRefusal {
                 tenant_id: tenant_id.to_owned(),
                 window: self.inner.name.clone(),
-                requested,
+                requested: units.ceil() as u64,
                 remaining: level.remaining(),
                 limit: level.limit,
                 retry_after: match too_large {

@@ -63,6 +63,9 @@ pub(crate) fn admit(
     class: Priority,
 ) -> Admission {
     let Some(options) = config.options.as_deref() else {
+        if !config.windows.is_empty() {
+            return admit_charged(config, tenant, tokens, sizing);
+        }
         return admit_plain(config, tenant, tokens);
     };
     let sizing = sizing.cloned().unwrap_or_default();
@@ -71,6 +74,31 @@ pub(crate) fn admit(
         return admit_or_wait(config, tenant, amount, keys, class, queue);
     }
     try_admit(config, tenant, amount, &keys, None)
+}
+
+/// [`admit`] in a layer with windows and no other option: the ledger's reservation,
+/// charged to the windows.
+fn admit_charged(
+    config: &Arc<Config>,
+    tenant: &str,
+    tokens: u64,
+    sizing: Option<&Sizing>,
+) -> Admission {
+    let hold = |config: &Config, reservation: Reservation, sizing: &Sizing| {
+        let (windows, _) = charge_windows(config, None, sizing, &reservation, None)?;
+        // Made in place: a reader's room makes `Attached` large to move.
+        let mut attached = Box::<Attached>::default();
+        attached.windows = windows;
+        Ok(record(config, reservation, Some(attached), None))
+    };
+    let sizing = sizing.cloned().unwrap_or_default();
+    match config.ledger.reserve(tenant, tokens) {
+        Step::Now(reserved) => Step::Now(reserved.and_then(|r| hold(config, r, &sizing))),
+        later => {
+            let config = Arc::clone(config);
+            later.then(move |reserved| Step::Now(reserved.and_then(|r| hold(&config, r, &sizing))))
+        }
+    }
 }
 
 /// [`admit`] in a plain layer: the ledger's answer is all there is.
@@ -286,7 +314,8 @@ fn hold(
     budgets: Vec<Reservation>,
     shadowed: Option<Error>,
 ) -> Result<Guard, Error> {
-    let (windows, shadowed) = charge_windows(config, options, sizing, &reservation, shadowed)?;
+    let shadow = Some(&options.shadow);
+    let (windows, shadowed) = charge_windows(config, shadow, sizing, &reservation, shadowed)?;
     let wake = options.queue.as_ref().map(|queue| {
         // What the fair share of the budgets counts.
         let counted = (!budgets.is_empty()).then(|| {
@@ -301,16 +330,12 @@ fn hold(
             counted,
         }
     });
-    let attached = Attached {
-        budgets,
-        windows,
-        clock: options
-            .hold_times
-            .as_ref()
-            .map(|(times, _)| HoldClock::start(times)),
-        reader: None,
-        wake,
-    };
+    // Made in place: a reader's room makes `Attached` large to move.
+    let mut attached = Box::<Attached>::default();
+    attached.budgets = budgets;
+    attached.windows = windows;
+    attached.clock = options.hold_times.as_ref().map(|(times, _)| HoldClock::start(times));
+    attached.wake = wake;
     if let Some(error) = &shadowed {
         options.shadowed.fetch_add(1, Relaxed);
         tracing::info!(
@@ -320,37 +345,33 @@ fn hold(
             "shadow: would refuse ({error}); admitted"
         );
     }
-    Ok(record(
-        config,
-        reservation,
-        Some(Box::new(attached)),
-        shadowed.as_ref(),
-    ))
+    Ok(record(config, reservation, Some(attached), shadowed.as_ref()))
 }
 
 /// Charges the reservation's tokens to every window (step 4, last: nothing else can refuse
-/// it after), or regardless when shadow mode covers the refusal. The refusal shadow mode
+/// it after), or regardless when `shadow` covers the refusal. The refusal shadow mode
 /// overrode, if it did, comes back with the charges.
 fn charge_windows(
     config: &Config,
-    options: &Options,
+    shadow: Option<&ShadowMode>,
     sizing: &Sizing,
     reservation: &Reservation,
     shadowed: Option<Error>,
 ) -> Result<(Charges, Option<Error>), Error> {
-    if options.windows.is_empty() {
+    let windows = &config.windows;
+    if windows.is_empty() {
         return Ok((Charges::default(), shadowed));
     }
     let (tenant, tokens) = (reservation.tenant_id(), reservation.tokens());
-    match charge_all(&options.windows, tenant, tokens, sizing) {
+    match charge_all(windows, tenant, tokens, sizing) {
         Ok(charges) => {
             for charge in charges.iter() {
                 config.metrics.window_remaining(tenant, charge);
             }
             Ok((charges, shadowed))
         }
-        Err(error) if options.shadow.covers(tenant, &error) => {
-            let charges = force_all(&options.windows, tenant, tokens, sizing);
+        Err(error) if shadow.is_some_and(|shadow| shadow.covers(tenant, &error)) => {
+            let charges = force_all(windows, tenant, tokens, sizing);
             Ok((charges, shadowed.or(Some(error))))
         }
         Err(error) => Err(error),

@@ -111,7 +111,7 @@ pub(crate) fn fit_guess(
     let cap = config.ledger.cap(tenant);
     let cap = keys.smallest_cap().map_or(cap, |budget| budget.min(cap));
     let windows = config
-        .windows()
+        .windows
         .iter()
         .filter(|window| window.counts_tokens());
     let windows = windows.map(|window| window.limit(tenant));
