@@ -334,7 +334,10 @@ fn hold(
     let mut attached = Box::<Attached>::default();
     attached.budgets = budgets;
     attached.windows = windows;
-    attached.clock = options.hold_times.as_ref().map(|(times, _)| HoldClock::start(times));
+    attached.clock = options
+        .hold_times
+        .as_ref()
+        .map(|(times, _)| HoldClock::start(times));
     attached.wake = wake;
     if let Some(error) = &shadowed {
         options.shadowed.fetch_add(1, Relaxed);
@@ -345,7 +348,12 @@ fn hold(
             "shadow: would refuse ({error}); admitted"
         );
     }
-    Ok(record(config, reservation, Some(attached), shadowed.as_ref()))
+    Ok(record(
+        config,
+        reservation,
+        Some(attached),
+        shadowed.as_ref(),
+    ))
 }
 
 /// Charges the reservation's tokens to every window (step 4, last: nothing else can refuse
