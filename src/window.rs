@@ -561,14 +561,8 @@ impl Charge {
                 0 => used.output += tokens - total,
                 _ => used.unsplit += tokens - total,
             }
-            self.charge(used);
+            self.settle(used);
         }
-    }
-
-    /// The request used `used`, as the upstream reported: what was charged beyond that
-    /// goes back, what it used beyond that is charged.
-    pub(crate) fn settle(&mut self, used: Usage) {
-        self.charge(used);
     }
 
     /// The request used `tokens` in all, as a handler said: its input as estimated (no
@@ -582,11 +576,12 @@ impl Charge {
             used.cached_input = used.cached_input.min(used.input);
             used.output = tokens - used.input;
         }
-        self.charge(used);
+        self.settle(used);
     }
 
-    /// Charges `used` in place of what was charged before.
-    fn charge(&mut self, used: Usage) {
+    /// The request used `used` (as the upstream reported): charged in place of what was
+    /// charged before, what was charged beyond it going back.
+    pub(crate) fn settle(&mut self, used: Usage) {
         let units = used.units(&self.weights);
         let mut level = lock(&self.bucket.level);
         level.refill(Instant::now(), self.bucket.period);
@@ -621,7 +616,7 @@ impl Charge {
 
     /// Gives the whole charge back: the request was not admitted.
     pub(crate) fn cancel(mut self) {
-        self.charge(Usage::default());
+        self.settle(Usage::default());
     }
 
     /// How the window stands now.

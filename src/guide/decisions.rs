@@ -69,6 +69,30 @@
 //! - **With `route_layer`, axum runs the layer for a wrong method too**, so a `GET` to a
 //!   `POST` route is refused by the layer (400) before axum would answer 405.
 //!
+//! # Windows over time
+//!
+//! - **A bucket that refills continuously**, as OpenAI's limits do, not a fixed window
+//!   that resets on the minute: a tenant that used its bucket up gets tokens back a little
+//!   at a time rather than all at once on the boundary (where every refused client would
+//!   retry together), and a `Retry-After` computed from the refill rate is exact. The
+//!   worst case is the same as a fixed window's: twice the limit in one period, starting
+//!   from a full bucket.
+//! - **Charged at admission, kept on release.** A window's charge stays when the request
+//!   ends: the tokens were used. It goes down only on what the upstream reported (or a
+//!   handler said); a request the client dropped, or the upstream failed, stays charged at
+//!   the most it held, since nothing says what the upstream did for it.
+//! - **An estimate not told apart counts at the dearer kind** (input or output): a window
+//!   that counts one kind only, or a price table, never lets a header estimate through
+//!   cheaper than it may turn out.
+//! - **An unpriced model is refused** by a spend window without a default price (400
+//!   `unpriced_model`), rather than let through free.
+//! - **`window_exceeded` is its own code**, not `rate_limit_exceeded`: a client can tell
+//!   "come back in a moment" (the in-flight cap) from "come back when the window has
+//!   refilled". Both are 429 with `"type":"tokens"`, so OpenAI's SDKs raise their usual
+//!   rate-limit error for both.
+//! - **Windows count in this process**: charged next to a Redis lease too, but not yet
+//!   shared by replicas.
+//!
 //! # Memory and hashing
 //!
 //! - **Idle tenants**: at most

@@ -42,6 +42,49 @@
 //! # }
 //! ```
 //!
+//! # What a window counts
+//!
+//! By default every token, input and output alike. A window can count some kinds only,
+//! or weigh them, from what the estimate and the usage the upstream reports tell apart:
+//!
+//! - [`input_only`](crate::TokenWindow::input_only) and
+//!   [`output_only`](crate::TokenWindow::output_only) (reasoning tokens are output, as
+//!   upstreams bill them);
+//! - [`cached_input_weight`](crate::TokenWindow::cached_input_weight): input tokens read
+//!   from a cache (OpenAI's `prompt_tokens_details.cached_tokens`, Anthropic's
+//!   `cache_read_input_tokens`) count at a weight, 0 to count them not at all;
+//! - **spend**: [`TokenWindow::spend_per_day`](crate::TokenWindow::spend_per_day) (and
+//!   `spend_per_30_days`, `spend`) limits what a tenant spends in a currency unit, each
+//!   request priced by its model from a [`Prices`](crate::Prices) table per million input,
+//!   cached input and output tokens. A model missing from the table takes its default
+//!   price, or is refused (400 `unpriced_model`) when there is none: a spend limit that let
+//!   unpriced models through would not limit spend. Spend windows count in millionths of
+//!   the currency unit.
+//!
+//! ```rust
+//! use tower_tenant_tokens::{OpenAiEstimator, Price, Prices, TenantTokenLayer};
+//! use tower_tenant_tokens::{TenantTokenTracker, TokenWindow};
+//! # use std::sync::Arc;
+//!
+//! let prices = Prices::new()
+//!     .with("gpt-4o-mini", Price::per_million(0.15, 0.075, 0.6).unwrap())
+//!     .with("gpt-4o", Price::per_million(2.5, 1.25, 10.0).unwrap());
+//! let spend = TokenWindow::spend_per_day(5.00, prices);
+//! let layer = TenantTokenLayer::new(Arc::new(TenantTokenTracker::new(50_000)))
+//!     .estimator(OpenAiEstimator::new()) // finds the model, tells prompt from output
+//!     .read_usage(true)                  // settles on the usage reported
+//!     .window(TokenWindow::per_minute(100_000).output_only())
+//!     .window(spend.clone());
+//! assert_eq!(spend.remaining("acme"), 5_000_000); // millionths: 5.00
+//! # let _ = layer;
+//! ```
+//!
+//! The estimate is charged as its prompt and output parts when the estimator tells them
+//! apart (the [`OpenAiEstimator`](crate::OpenAiEstimator) does; cached input is unknown
+//! until reported, so it is charged at full weight first). An estimate that is not told
+//! apart (a header's) counts each token as the dearer of an input and an output token,
+//! and the usage reported settles it.
+//!
 //! # The bucket
 //!
 //! Each tenant has a bucket per window that holds at most its limit and refills
@@ -88,6 +131,15 @@
 //! - [Shadow mode](crate::ShadowMode) covers windows as it covers caps: the request is
 //!   admitted and charged, and the refusal counted and logged.
 //!
+//! # Watching them
+//!
+//! [`TokenWindow::remaining`](crate::TokenWindow::remaining) and
+//! [`limit`](crate::TokenWindow::limit) read a tenant's window. With the `metrics`
+//! feature, what each window was charged in the end is counted by kind of token
+//! (`tenant_tokens_window_tokens_total`) and spend (`tenant_tokens_spend_total`), and
+//! with tenant labels, what each tenant has left (`tenant_tokens_window_remaining`); see
+//! the `metrics` module.
+//!
 //! # Limits per tenant
 //!
 //! A window has a default limit ([`set_default_limit`](crate::TokenWindow::set_default_limit)),
@@ -118,5 +170,7 @@
 //! # Where windows count
 //!
 //! A window counts in the process that holds it: clones of the layer and of the window
-//! share it. With several replicas behind a load balancer, each replica's window allows
-//! the whole limit; windows kept in Redis for every replica are not there yet.
+//! share it, whatever the layer's ledger. With several replicas behind a load balancer,
+//! each replica's window allows the whole limit, even when the in-flight cap is shared
+//! through Redis: windows kept in Redis for every replica are not there yet (the gateway
+//! example refuses `--tpm` with `--redis` for this reason).

@@ -17,7 +17,7 @@ use crate::ledger::{Reservation, Resize, TenantName};
 use crate::metrics::Tag;
 use crate::retry_after::HoldClock;
 use crate::step::Pending;
-use crate::window::{Charge, Charges, Standing, Usage};
+use crate::window::{Charge, Charges, Standing};
 use crate::Error;
 
 /// Waits for every growth in turn; the first refusal stands.
@@ -269,14 +269,6 @@ impl Reserved<'_> {
             budget.resize(now);
         }
         self.resized(before);
-        now
-    }
-
-    /// Settles the reservation on what the request used, as the upstream reported: the
-    /// windows are charged exactly that (what [`resize`](Self::resize) never takes back).
-    pub(crate) fn settle(&mut self, used: Usage) -> u64 {
-        let now = self.resize(used.total());
-        self.charges().for_each(|charge| charge.settle(used));
         now
     }
 

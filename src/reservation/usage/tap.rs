@@ -15,6 +15,7 @@ use crate::extract::openai::{AdaptiveOutput, Features, PromptCalibration};
 use crate::extract::Estimated;
 use crate::metrics::Tag;
 use crate::reservation::Reserved;
+use crate::window::Usage;
 
 /// Output text bytes counted as one token while no usage has been reported.
 const BYTES_PER_TOKEN: u64 = 4;
@@ -285,4 +286,14 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack
         .windows(needle.len())
         .any(|window| window.eq_ignore_ascii_case(needle))
+}
+
+impl Reserved<'_> {
+    /// Settles the reservation on what the request used, as the upstream reported: the
+    /// windows are charged exactly that (what [`resize`](Self::resize) never takes back).
+    fn settle(&mut self, used: Usage) -> u64 {
+        let now = self.resize(used.total());
+        self.charges().for_each(|charge| charge.settle(used));
+        now
+    }
 }
