@@ -19,7 +19,8 @@ use crate::fair::Queue;
 use crate::redis::{RedisReservation, RedisTokenTracker};
 use crate::step::{Pending, Step};
 use crate::tracker::entry::Entry;
-use crate::{Error, TenantTokenTracker, TokenReservation};
+use crate::window::{charge_all, force_all, Charge, Charges, Sizing};
+use crate::{Error, TenantTokenTracker, TokenReservation, TokenWindow};
 
 /// Where a layer, or a shared budget, counts tokens: a [`TenantTokenTracker`] in this
 /// process (in an `Arc`), or a Redis tracker shared by every replica (feature `redis`:
@@ -71,6 +72,69 @@ impl Ledger {
             }
             Ledger::Redis(tracker) => tracker.reserve_step(tenant, tokens, Reservation::Redis),
         }
+    }
+
+    /// Reserves `tokens` for `tenant`, under its cap when `checked`, and charges them to
+    /// `windows` (weighed by `sizing`) with it, all or nothing: next to the tracker in
+    /// memory; in Redis in the same call as the lease, for every replica (charged here
+    /// instead when the failure policy answered without Redis). Not `checked` (shadow
+    /// mode), everything is charged whatever it holds.
+    pub(crate) fn reserve_charged(
+        &self,
+        tenant: &str,
+        tokens: u64,
+        sizing: &Sizing,
+        windows: &[TokenWindow],
+        checked: bool,
+    ) -> Step<(Reservation, Charges)> {
+        if windows.is_empty() {
+            // Nothing to charge: a Redis tracker may draw from its headroom.
+            let reserved = match checked {
+                true => self.reserve(tenant, tokens),
+                false => self.reserve_unchecked(tenant, tokens),
+            };
+            return reserved.map(|reservation| (reservation, Charges::default()));
+        }
+        let tracker = match self {
+            Ledger::Local(tracker) => {
+                let reserved = match checked {
+                    true => tracker.reserve_id(tenant, tokens),
+                    false => Ok(tracker.reserve_unchecked(tenant, tokens)),
+                };
+                return Step::Now(reserved.and_then(|reservation| {
+                    let charges = charge_here(windows, tenant, tokens, sizing, checked)?;
+                    Ok((Reservation::Local(reservation), charges))
+                }));
+            }
+            Ledger::Redis(tracker) => tracker,
+        };
+        let priced: Result<Vec<_>, Error> = windows
+            .iter()
+            .map(|window| Ok((window.clone(), window.price(tokens, sizing)?)))
+            .collect();
+        let priced = match priced {
+            Ok(priced) => priced,
+            Err(error) => return Step::Now(Err(error)),
+        };
+        let reserved = tracker.reserve_charged_step(
+            tenant,
+            tokens,
+            checked,
+            priced,
+            Reservation::Redis,
+            Charge::elsewhere,
+        );
+        let (tenant, sizing, windows) = (tenant.to_owned(), sizing.clone(), windows.to_vec());
+        reserved.then(move |reserved| {
+            Step::Now(reserved.and_then(|(reservation, charged)| {
+                let charges = match charged {
+                    Some(charged) => charged.into_iter().collect(),
+                    // Redis was not asked: charged here, as the failure policy counts.
+                    None => charge_here(&windows, &tenant, tokens, &sizing, checked)?,
+                };
+                Ok((reservation, charges))
+            }))
+        })
     }
 
     /// Reserves `tokens` for `tenant` whatever its cap (shadow mode).
@@ -165,6 +229,21 @@ impl fmt::Debug for Ledger {
             Ledger::Local(tracker) => f.debug_tuple("Local").field(tracker).finish(),
             Ledger::Redis(tracker) => f.debug_tuple("Redis").field(tracker).finish(),
         }
+    }
+}
+
+/// Charges `tokens` to `tenant` in `windows` in this process, all or none when
+/// `checked`, whatever they hold when not.
+fn charge_here(
+    windows: &[TokenWindow],
+    tenant: &str,
+    tokens: u64,
+    sizing: &Sizing,
+    checked: bool,
+) -> Result<Charges, Error> {
+    match checked {
+        true => charge_all(windows, tenant, tokens, sizing),
+        false => Ok(force_all(windows, tenant, tokens, sizing)),
     }
 }
 

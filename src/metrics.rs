@@ -192,9 +192,11 @@ impl Metrics {
         let Some(tenant) = self.tenant(tenant) else {
             return;
         };
+        let Some(standing) = charge.standing() else {
+            return; // kept for every replica: not known without asking
+        };
         let window = Label::new("window", charge.window().to_owned());
-        let remaining = charge.standing().remaining as f64;
-        gauge!(WINDOW_REMAINING, vec![window, tenant]).set(remaining);
+        gauge!(WINDOW_REMAINING, vec![window, tenant]).set(standing.remaining as f64);
     }
 
     pub(crate) fn refused(&self, tenant: Option<&str>, code: &'static str) {

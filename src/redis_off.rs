@@ -29,6 +29,21 @@ impl RedisTokenTracker {
         match *self {}
     }
 
+    pub(crate) fn reserve_charged_step<R>(
+        &self,
+        _tenant: &str,
+        _tokens: u64,
+        _checked: bool,
+        _windows: Vec<(crate::TokenWindow, crate::window::Tally)>,
+        _wrap: fn(RedisReservation) -> R,
+        _elsewhere: fn(
+            Box<dyn crate::window::Remote>,
+            crate::window::Tally,
+        ) -> crate::window::Charge,
+    ) -> Step<(R, Option<Vec<crate::window::Charge>>)> {
+        match *self {}
+    }
+
     pub(crate) fn reserve_unchecked_step<R>(
         &self,
         _tenant: &str,

@@ -35,8 +35,12 @@ type LimitFn = dyn Fn(&str) -> Option<u64> + Send + Sync;
 /// and again on [`refresh_limits`](Self::refresh_limits)), and limits set at run time
 /// ([`set_limit`](Self::set_limit)), in that order of precedence from last to first.
 ///
-/// The window counts in this process: clones share it, and a layer can hold several
-/// (a minute's and a day's). It does not yet count across replicas.
+/// Clones share the window, and a layer can hold several (a minute's and a day's). A
+/// layer whose ledger is in this process counts the window here; a layer whose ledger is
+/// a Redis tracker (feature `redis`) keeps each tenant's bucket in Redis beside its
+/// leases, for every replica, and charges it in the same call as the tenant's lease
+/// (read it with `RedisTokenTracker::window_remaining`). Replicas configure a window
+/// alike, as they do caps: its name and what it counts name its buckets there.
 ///
 /// ```
 /// use std::sync::Arc;
@@ -281,8 +285,9 @@ impl TokenWindow {
         }
     }
 
-    /// Tokens `tenant_id` may still use now: its bucket's level, 0 when responses outgrew
-    /// what was charged for them.
+    /// Tokens `tenant_id` may still use now: its bucket's level in this process, 0 when
+    /// responses outgrew what was charged for them. (A window counted in Redis is read
+    /// with `RedisTokenTracker::window_remaining`.)
     pub fn remaining(&self, tenant_id: &str) -> u64 {
         match self.inner.find(tenant_id) {
             Some(bucket) => {
@@ -303,6 +308,27 @@ impl TokenWindow {
         sizing: &Sizing,
         force: bool,
     ) -> Result<Charge, Error> {
+        let tally = self.price(tokens, sizing)?;
+        let units = tally.units;
+        let bucket = self.inner.bucket(tenant_id);
+        let now = Instant::now();
+        let mut level = lock(&bucket.level);
+        level.refill(now, self.inner.period);
+        let too_large = units > level.limit as f64;
+        if !force && (too_large || level.tokens < units) {
+            let (remaining, limit) = (level.tokens.max(0.0), level.limit);
+            return Err(self.refusal(tenant_id, units, remaining, limit, too_large));
+        }
+        level.tokens -= units;
+        drop(level);
+        Ok(Charge {
+            place: Place::Here(bucket),
+            tally,
+        })
+    }
+
+    /// What a request of `tokens`, sized so, comes to in this window.
+    pub(crate) fn price(&self, tokens: u64, sizing: &Sizing) -> Result<Tally, Error> {
         let weights = match &self.inner.measure {
             Measure::Tokens(weights) => *weights,
             Measure::Spend(prices) => match prices.get(sizing.model.as_deref()) {
@@ -316,38 +342,58 @@ impl TokenWindow {
         };
         let used = Usage::estimated(tokens, sizing.prompt);
         let units = used.units(&weights);
-        let bucket = self.inner.bucket(tenant_id);
-        let now = Instant::now();
-        let mut level = lock(&bucket.level);
-        level.refill(now, self.inner.period);
-        let too_large = units > level.limit as f64;
-        if !force && (too_large || level.tokens < units) {
-            let rate = level.rate(self.inner.period);
-            let refusal = Box::new(WindowRefusal {
-                tenant_id: tenant_id.to_owned(),
-                window: self.inner.name.clone(),
-                requested: units.ceil() as u64,
-                remaining: level.remaining(),
-                limit: level.limit,
-                retry_after: match too_large {
-                    true => Duration::ZERO,
-                    false => seconds(units - level.tokens, rate),
-                },
-                reset: level.reset(rate),
-            });
-            return Err(match too_large {
-                true => Error::WindowTooLarge(refusal),
-                false => Error::WindowExceeded(refusal),
-            });
-        }
-        level.tokens -= units;
-        drop(level);
-        Ok(Charge {
-            bucket,
+        Ok(Tally {
             weights,
             used,
             units,
         })
+    }
+
+    /// The refusal of `units` by a bucket holding `remaining` of `limit` (`too_large`:
+    /// `units` is more than the limit).
+    pub(crate) fn refusal(
+        &self,
+        tenant_id: &str,
+        units: f64,
+        remaining: f64,
+        limit: u64,
+        too_large: bool,
+    ) -> Error {
+        let rate = limit as f64 / self.inner.period.as_secs_f64();
+        let refusal = Box::new(WindowRefusal {
+            tenant_id: tenant_id.to_owned(),
+            window: self.inner.name.clone(),
+            requested: units.ceil() as u64,
+            remaining: remaining as u64,
+            limit,
+            retry_after: match too_large {
+                true => Duration::ZERO,
+                false => seconds(units - remaining, rate),
+            },
+            reset: seconds(limit as f64 - remaining, rate),
+        });
+        match too_large {
+            true => Error::WindowTooLarge(refusal),
+            false => Error::WindowExceeded(refusal),
+        }
+    }
+
+    /// What the window's buckets are called where they are kept for every replica: its
+    /// name and what it counts (`tokens-per-minute`; `tokens-per-day-i0-c0-o1` for output
+    /// only; `spend-per-day`). Replicas that configure a window alike share its buckets.
+    pub(crate) fn key_name(&self) -> String {
+        let mut name = self.inner.name.replace(' ', "-");
+        if let Measure::Tokens(weights) = &self.inner.measure {
+            if *weights != Weights::ALL {
+                let Weights {
+                    input,
+                    cached_input,
+                    output,
+                } = weights;
+                name.push_str(&format!("-i{input}-c{cached_input}-o{output}"));
+            }
+        }
+        name
     }
 
     /// Whether the window counts tokens (not spend).
@@ -505,6 +551,7 @@ impl fmt::Debug for TokenWindow {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TokenWindow")
             .field("name", &self.inner.name)
+            .field("key", &self.key_name())
             .field("default_limit", &self.default_limit())
             .field("tenants", &read(&self.inner.buckets).len())
             .finish()
@@ -515,13 +562,54 @@ impl fmt::Debug for TokenWindow {
 /// (the tokens were used); only a request that was refused elsewhere is
 /// [cancelled](Self::cancel).
 pub(crate) struct Charge {
-    bucket: Arc<Bucket>,
+    place: Place,
+    tally: Tally,
+}
+
+/// Where a charge was made.
+enum Place {
+    /// In this process's bucket.
+    Here(Arc<Bucket>),
+    /// In a bucket kept for every replica.
+    Elsewhere(Box<dyn Remote>),
+}
+
+/// A bucket kept for every replica (in Redis), as a charge made there sees it: changed
+/// after the admission (the request's growth, its settlement) without being asked.
+pub(crate) trait Remote: Send + Sync {
+    /// Charges `units` more, or gives back `-units` (up to the limit).
+    fn adjust(&self, units: f64);
+    /// The window's name.
+    fn window(&self) -> &str;
+    /// Whether the window counts tokens (not spend).
+    fn counts_tokens(&self) -> bool;
+}
+
+/// What a request was charged for in a window, and what that came to.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Tally {
     /// What a token of each kind counts for in this window, for this request's model.
     weights: Weights,
     /// The tokens charged for, by kind.
     used: Usage,
     /// What they came to.
     units: f64,
+}
+
+impl Tally {
+    /// What the tokens came to, in the window's units.
+    pub(crate) fn units(&self) -> f64 {
+        self.units
+    }
+
+    /// `used` instead, and how many units more that is (fewer when negative).
+    fn change(&mut self, used: Usage) -> f64 {
+        let units = used.units(&self.weights);
+        let more = units - self.units;
+        self.used = used;
+        self.units = units;
+        more
+    }
 }
 
 impl fmt::Debug for Charge {
@@ -551,12 +639,20 @@ pub(crate) struct Standing {
 }
 
 impl Charge {
+    /// A charge made in a bucket kept for every replica.
+    pub(crate) fn elsewhere(remote: Box<dyn Remote>, tally: Tally) -> Self {
+        Charge {
+            place: Place::Elsewhere(remote),
+            tally,
+        }
+    }
+
     /// The request grew to `tokens` in all: the growth is charged as output, never
     /// refused; a request never shrinks here.
     pub(crate) fn grow_to(&mut self, tokens: u64) {
-        let total = self.used.total();
+        let total = self.tally.used.total();
         if tokens > total {
-            let mut used = self.used;
+            let mut used = self.tally.used;
             match used.unsplit {
                 0 => used.output += tokens - total,
                 _ => used.unsplit += tokens - total,
@@ -568,7 +664,7 @@ impl Charge {
     /// The request used `tokens` in all, as a handler said: its input as estimated (no
     /// more than `tokens`), the rest output.
     pub(crate) fn settle_total(&mut self, tokens: u64) {
-        let mut used = self.used;
+        let mut used = self.tally.used;
         if used.unsplit > 0 {
             used.unsplit = tokens;
         } else {
@@ -582,36 +678,46 @@ impl Charge {
     /// The request used `used` (as the upstream reported): charged in place of what was
     /// charged before, what was charged beyond it going back.
     pub(crate) fn settle(&mut self, used: Usage) {
-        let units = used.units(&self.weights);
-        let mut level = lock(&self.bucket.level);
-        level.refill(Instant::now(), self.bucket.period);
-        if units >= self.units {
-            level.tokens -= units - self.units;
-        } else {
-            level.refund(self.units - units);
+        let more = self.tally.change(used);
+        match &self.place {
+            Place::Here(bucket) => {
+                let mut level = lock(&bucket.level);
+                level.refill(Instant::now(), bucket.period);
+                if more >= 0.0 {
+                    level.tokens -= more;
+                } else {
+                    level.refund(-more);
+                }
+            }
+            Place::Elsewhere(remote) if more != 0.0 => remote.adjust(more),
+            Place::Elsewhere(_) => {}
         }
-        self.used = used;
-        self.units = units;
     }
 
     /// The window's name.
     pub(crate) fn window(&self) -> &str {
-        &self.bucket.window
+        match &self.place {
+            Place::Here(bucket) => &bucket.window,
+            Place::Elsewhere(remote) => remote.window(),
+        }
     }
 
     /// Whether the window counts tokens (not spend).
     pub(crate) fn counts_tokens(&self) -> bool {
-        self.bucket.tokens
+        match &self.place {
+            Place::Here(bucket) => bucket.tokens,
+            Place::Elsewhere(remote) => remote.counts_tokens(),
+        }
     }
 
     /// The tokens charged for, by kind.
     pub(crate) fn used(&self) -> Usage {
-        self.used
+        self.tally.used
     }
 
     /// What they came to, in the window's units.
     pub(crate) fn units(&self) -> f64 {
-        self.units
+        self.tally.units()
     }
 
     /// Gives the whole charge back: the request was not admitted.
@@ -619,17 +725,21 @@ impl Charge {
         self.settle(Usage::default());
     }
 
-    /// How the window stands now.
-    pub(crate) fn standing(&self) -> Standing {
-        let mut level = lock(&self.bucket.level);
-        let period = self.bucket.period;
+    /// How the window stands now; `None` for a bucket kept for every replica, which would
+    /// take a round trip to read.
+    pub(crate) fn standing(&self) -> Option<Standing> {
+        let Place::Here(bucket) = &self.place else {
+            return None;
+        };
+        let mut level = lock(&bucket.level);
+        let period = bucket.period;
         level.refill(Instant::now(), period);
-        Standing {
+        Some(Standing {
             limit: level.limit,
             remaining: level.remaining(),
             reset: level.reset(level.rate(period)),
-            tokens: self.bucket.tokens,
-        }
+            tokens: bucket.tokens,
+        })
     }
 }
 
@@ -685,7 +795,7 @@ pub(crate) struct Charges {
 }
 
 impl Charges {
-    fn push(&mut self, charge: Charge) {
+    pub(crate) fn push(&mut self, charge: Charge) {
         match self.first {
             None => self.first = Some(charge),
             Some(_) => self.rest.push(charge),
@@ -701,11 +811,19 @@ impl Charges {
     }
 
     /// Gives every charge back: the request was not admitted.
-    fn cancel(self) {
+    pub(crate) fn cancel(self) {
         self.first
             .into_iter()
             .chain(self.rest)
             .for_each(Charge::cancel);
+    }
+}
+
+impl FromIterator<Charge> for Charges {
+    fn from_iter<I: IntoIterator<Item = Charge>>(charges: I) -> Self {
+        let mut all = Charges::default();
+        charges.into_iter().for_each(|charge| all.push(charge));
+        all
     }
 }
 

@@ -1367,3 +1367,45 @@ async fn with_default_leases_a_cluster_failover_counts_the_stream_again_within_m
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_are_charged_with_each_tenants_lease_in_its_slot() {
+    if !tools_or_skip("windows_are_charged_with_each_tenants_lease_in_its_slot") {
+        return;
+    }
+    let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+    let tracker = builder(100_000)
+        .connect_cluster(cluster.urls())
+        .expect("urls");
+    let window = tower_tenant_tokens::TokenWindow::per_30_days(1_000);
+    let app = Router::new()
+        .route("/ok", post(|| async { "ok" }))
+        .layer(TenantTokenLayer::new(tracker.clone()).window(window.clone()));
+    let server = serve(app).await;
+    let client = pooled_client();
+
+    // Tenants on every master: each batch call carries only one slot's keys.
+    let tenants: Vec<String> = (0..12).map(|n| format!("tenant-{n}")).collect();
+    let masters: BTreeSet<_> = tenants
+        .iter()
+        .map(|t| cluster.owner(&tenant_key(t)))
+        .collect();
+    assert_eq!(masters.len(), 3, "the tenants span every master");
+    let requests = tenants.iter().flat_map(|tenant| {
+        (0..3).map(|_| {
+            let (client, request) = (client.clone(), metered(&server, "/ok", tenant, 400));
+            tokio::spawn(async move { call(&client, request).await.status })
+        })
+    });
+    let statuses = futures_util::future::join_all(requests).await;
+    let admitted = statuses
+        .iter()
+        .filter(|status| *status.as_ref().unwrap() == StatusCode::OK)
+        .count();
+    // Two of each tenant's three fit its 1,000 tokens.
+    assert_eq!(admitted, 2 * tenants.len());
+    for tenant in &tenants {
+        let left = tracker.window_remaining(&window, tenant).await.unwrap();
+        assert_eq!(left, 200, "{tenant}");
+    }
+}

@@ -67,7 +67,8 @@
 //! `--redis-headroom PCT` lets each gateway admit a busy tenant's requests without a round
 //! trip, from headroom of PCT % of its cap held in Redis. With `--upstream-cap` and
 //! `--wait-ms` too, the requests waiting for the upstream on every
-//! gateway are served in one fair order kept in Redis.
+//! gateway are served in one fair order kept in Redis. `--tpm`, `--tpd` and
+//! `--spend-per-day` keep one bucket per tenant in Redis for every gateway.
 //!
 //! ```text
 //! cargo run --example gateway --features redis -- --redis redis://127.0.0.1:6379
@@ -186,7 +187,8 @@ usage: cargo run --example gateway -- [OPTIONS]
                         repeatable
   (a request's class comes from header x-priority: critical, standard or sheddable)
   --tpm N               every tenant may use N tokens per minute (a bucket that refills
-                        continuously; 429 with Retry-After when it is empty)
+                        continuously; 429 with Retry-After when it is empty; with
+                        --redis, one bucket for every replica)
   --tpd N               every tenant may use N tokens per day
   --spend-per-day X --prices FILE
                         every tenant may spend X per day, each request priced by its
@@ -566,16 +568,23 @@ async fn tenant(State(state): State<AppState>, Path(tenant): Path<String>) -> Re
             }
         },
     };
-    let windows: Vec<Value> = state
-        .windows
-        .iter()
-        .map(|window| {
-            json!({
-                "window": window.name(), "limit": window.limit(&tenant),
-                "remaining": window.remaining(&tenant),
-            })
-        })
-        .collect();
+    let mut windows = Vec::new();
+    for window in &state.windows {
+        // With Redis, the bucket every replica charges; in memory, this process's.
+        let remaining = match &state.ledger {
+            Ledger::Memory(_) => window.remaining(&tenant),
+            #[cfg(feature = "redis")]
+            Ledger::Redis(tracker) => match tracker.window_remaining(window, &tenant).await {
+                Ok(remaining) => remaining,
+                Err(error) => {
+                    return (StatusCode::SERVICE_UNAVAILABLE, error.to_string()).into_response()
+                }
+            },
+        };
+        windows.push(json!({
+            "window": window.name(), "limit": window.limit(&tenant), "remaining": remaining,
+        }));
+    }
     let mut body = json!({ "tenant": tenant, "in_flight": in_flight, "cap": cap });
     if !windows.is_empty() {
         body["windows"] = Value::Array(windows);
@@ -877,14 +886,6 @@ impl Options {
             (None, None) => {}
             (Some(_), None) => return Err("--redis-sentinel needs --sentinel-master".into()),
             (None, Some(_)) => return Err("--sentinel-master needs --redis-sentinel".into()),
-        }
-        let windows = options.tpm.is_some() || options.tpd.is_some();
-        if options.redis.is_some() && (windows || options.spend_per_day.is_some()) {
-            // A window counts in one process: with several replicas each would allow the
-            // whole limit.
-            let error = "--tpm, --tpd and --spend-per-day count in this process and cannot \
-                         be shared through --redis yet";
-            return Err(error.into());
         }
         if options.spend_per_day.is_some() != options.prices.is_some() {
             return Err("--spend-per-day and --prices go together".into());

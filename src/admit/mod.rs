@@ -38,7 +38,7 @@ use crate::ledger::Turn;
 use crate::reservation::{Attached, Guard};
 use crate::retry_after::HoldClock;
 use crate::step::Step;
-use crate::window::{charge_all, force_all, Charges, Sizing};
+use crate::window::{Charges, Sizing};
 use crate::{Error, ShadowMode};
 
 /// The outcome of admitting a request: the guard holding its reservation, or why not.
@@ -77,27 +77,42 @@ pub(crate) fn admit(
 }
 
 /// [`admit`] in a layer with windows and no other option: the ledger's reservation,
-/// charged to the windows.
+/// charged to the windows with it.
 fn admit_charged(
     config: &Arc<Config>,
     tenant: &str,
     tokens: u64,
     sizing: Option<&Sizing>,
 ) -> Admission {
-    let hold = |config: &Config, reservation: Reservation, sizing: &Sizing| {
-        let (windows, _) = charge_windows(config, None, sizing, &reservation, None)?;
-        // Made in place: a reader's room makes `Attached` large to move.
-        let mut attached = Box::<Attached>::default();
-        attached.windows = windows;
-        Ok(record(config, reservation, Some(attached), None))
-    };
     let sizing = sizing.cloned().unwrap_or_default();
-    match config.ledger.reserve(tenant, tokens) {
-        Step::Now(reserved) => Step::Now(reserved.and_then(|r| hold(config, r, &sizing))),
+    let windows = &config.windows;
+    match config
+        .ledger
+        .reserve_charged(tenant, tokens, &sizing, windows, true)
+    {
+        Step::Now(reserved) => {
+            Step::Now(reserved.map(|(r, charges)| hold_charged(config, r, charges)))
+        }
         later => {
             let config = Arc::clone(config);
-            later.then(move |reserved| Step::Now(reserved.and_then(|r| hold(&config, r, &sizing))))
+            later.map(move |(r, charges)| hold_charged(&config, r, charges))
         }
+    }
+}
+
+/// A reservation with the windows' charges, in a layer with no other option.
+fn hold_charged(config: &Config, reservation: Reservation, windows: Charges) -> Guard {
+    tell_windows(config, reservation.tenant_id(), &windows);
+    // Made in place: a reader's room makes `Attached` large to move.
+    let mut attached = Box::<Attached>::default();
+    attached.windows = windows;
+    record(config, reservation, Some(attached), None)
+}
+
+/// Tells the metrics recorder what `tenant` has left in its windows.
+fn tell_windows(config: &Config, tenant: &str, windows: &Charges) {
+    for charge in windows.iter() {
+        config.metrics.window_remaining(tenant, charge);
     }
 }
 
@@ -202,38 +217,34 @@ fn try_admit(
                     Err(error) => return Step::Now(Err(error)),
                 };
                 let options = config.options.as_deref().expect("checked above");
-                let reserved = reserve_or_shadow(&config, &tenant, tokens, &options.shadow);
+                let reserved =
+                    reserve_or_shadow(&config, &tenant, tokens, &sizing, &options.shadow);
                 let config = Arc::clone(&config);
-                reserved.then(move |reserved| {
+                reserved.map(move |(reservation, windows, refused)| {
                     let options = config.options.as_deref().expect("checked above");
-                    Step::Now(reserved.and_then(|(reservation, refused)| {
-                        let shadowed = refused.or(shadowed);
-                        hold(&config, options, &sizing, reservation, budgets, shadowed)
-                    }))
+                    let shadowed = refused.or(shadowed);
+                    hold(&config, options, reservation, windows, budgets, shadowed)
                 })
             });
         }
     };
-    let sizing = &amount.sizing;
-    match reserve_or_shadow(config, tenant, tokens, &options.shadow) {
-        Step::Now(reserved) => Step::Now(reserved.and_then(|(reservation, refused)| {
+    match reserve_or_shadow(config, tenant, tokens, &amount.sizing, &options.shadow) {
+        Step::Now(reserved) => Step::Now(reserved.map(|(reservation, windows, refused)| {
             hold(
                 config,
                 options,
-                sizing,
                 reservation,
+                windows,
                 budgets,
                 refused.or(shadowed),
             )
         })),
         later => {
-            let (config, sizing) = (Arc::clone(config), sizing.clone());
-            later.then(move |reserved| {
+            let config = Arc::clone(config);
+            later.map(move |(reservation, windows, refused)| {
                 let options = config.options.as_deref().expect("checked above");
-                Step::Now(reserved.and_then(|(reservation, refused)| {
-                    let shadowed = refused.or(shadowed);
-                    hold(&config, options, &sizing, reservation, budgets, shadowed)
-                }))
+                let shadowed = refused.or(shadowed);
+                hold(&config, options, reservation, windows, budgets, shadowed)
             })
         }
     }
@@ -258,64 +269,66 @@ fn try_admit_in_turn(
             .options
             .as_deref()
             .expect("a turn comes with options");
-        let reserved = reserve_or_shadow(config, &tenant, tokens, &options.shadow);
-        let (reservation, refused) = reserved.resolve().await?;
+        let reserved = reserve_or_shadow(config, &tenant, tokens, &sizing, &options.shadow);
+        let (reservation, windows, refused) = reserved.resolve().await?;
         // Refused here, the tenant's reservation is dropped: released at once.
         let drawn = draw(options, &tenant, tokens, &keys, Some(&turn));
         let (budgets, shadowed) = drawn.resolve().await?;
-        hold(
+        let shadowed = refused.or(shadowed);
+        Ok(hold(
             config,
             options,
-            &sizing,
             reservation,
+            windows,
             budgets,
-            refused.or(shadowed),
-        )
+            shadowed,
+        ))
     })
 }
 
-/// Reserves `tokens` for `tenant` in the ledger. A refusal that `shadow` covers is
-/// reserved regardless, and handed back beside the reservation.
+/// Reserves `tokens` for `tenant` in the ledger, charged to the windows with it. A
+/// refusal that `shadow` covers is reserved and charged regardless, and handed back
+/// beside the reservation.
 fn reserve_or_shadow(
-    config: &Config,
+    config: &Arc<Config>,
     tenant: &str,
     tokens: u64,
+    sizing: &Sizing,
     shadow: &ShadowMode,
-) -> Step<(Reservation, Option<Error>)> {
-    match config.ledger.reserve(tenant, tokens) {
-        Step::Now(Ok(reservation)) => Step::Now(Ok((reservation, None))),
-        Step::Now(Err(error)) if shadow.covers(tenant, &error) => config
-            .ledger
-            .reserve_unchecked(tenant, tokens)
-            .map(|reservation| (reservation, Some(error))),
+) -> Step<(Reservation, Charges, Option<Error>)> {
+    let (ledger, windows) = (&config.ledger, &config.windows);
+    match ledger.reserve_charged(tenant, tokens, sizing, windows, true) {
+        Step::Now(Ok((reservation, charges))) => Step::Now(Ok((reservation, charges, None))),
+        Step::Now(Err(error)) if shadow.covers(tenant, &error) => ledger
+            .reserve_charged(tenant, tokens, sizing, windows, false)
+            .map(|(reservation, charges)| (reservation, charges, Some(error))),
         Step::Now(Err(error)) => Step::Now(Err(error)),
         later => {
-            let (ledger, tenant, shadow) =
-                (config.ledger.clone(), tenant.to_owned(), shadow.clone());
+            let (config, tenant) = (Arc::clone(config), tenant.to_owned());
+            let (sizing, shadow) = (sizing.clone(), shadow.clone());
             later.then(move |reserved| match reserved {
-                Ok(reservation) => Step::Now(Ok((reservation, None))),
-                Err(error) if shadow.covers(&tenant, &error) => ledger
-                    .reserve_unchecked(&tenant, tokens)
-                    .map(|reservation| (reservation, Some(error))),
+                Ok((reservation, charges)) => Step::Now(Ok((reservation, charges, None))),
+                Err(error) if shadow.covers(&tenant, &error) => config
+                    .ledger
+                    .reserve_charged(&tenant, tokens, &sizing, &config.windows, false)
+                    .map(|(reservation, charges)| (reservation, charges, Some(error))),
                 Err(error) => Step::Now(Err(error)),
             })
         }
     }
 }
 
-/// A reservation the ledger granted, with what rides along with it, once the windows
-/// took their charge; `shadowed` is the refusal shadow mode overrode, if it did. A
-/// window's refusal drops (releases) the reservation and the budgets.
+/// A reservation the ledger granted, with what rides along with it (the windows'
+/// charges among it); `shadowed` is the refusal shadow mode overrode, if it did.
 fn hold(
     config: &Config,
     options: &Options,
-    sizing: &Sizing,
     reservation: Reservation,
+    windows: Charges,
     budgets: Vec<Reservation>,
     shadowed: Option<Error>,
-) -> Result<Guard, Error> {
-    let shadow = Some(&options.shadow);
-    let (windows, shadowed) = charge_windows(config, shadow, sizing, &reservation, shadowed)?;
+) -> Guard {
+    tell_windows(config, reservation.tenant_id(), &windows);
     let wake = options.queue.as_ref().map(|queue| {
         // What the fair share of the budgets counts.
         let counted = (!budgets.is_empty()).then(|| {
@@ -348,42 +361,7 @@ fn hold(
             "shadow: would refuse ({error}); admitted"
         );
     }
-    Ok(record(
-        config,
-        reservation,
-        Some(attached),
-        shadowed.as_ref(),
-    ))
-}
-
-/// Charges the reservation's tokens to every window (step 4, last: nothing else can refuse
-/// it after), or regardless when `shadow` covers the refusal. The refusal shadow mode
-/// overrode, if it did, comes back with the charges.
-fn charge_windows(
-    config: &Config,
-    shadow: Option<&ShadowMode>,
-    sizing: &Sizing,
-    reservation: &Reservation,
-    shadowed: Option<Error>,
-) -> Result<(Charges, Option<Error>), Error> {
-    let windows = &config.windows;
-    if windows.is_empty() {
-        return Ok((Charges::default(), shadowed));
-    }
-    let (tenant, tokens) = (reservation.tenant_id(), reservation.tokens());
-    match charge_all(windows, tenant, tokens, sizing) {
-        Ok(charges) => {
-            for charge in charges.iter() {
-                config.metrics.window_remaining(tenant, charge);
-            }
-            Ok((charges, shadowed))
-        }
-        Err(error) if shadow.is_some_and(|shadow| shadow.covers(tenant, &error)) => {
-            let charges = force_all(windows, tenant, tokens, sizing);
-            Ok((charges, shadowed.or(Some(error))))
-        }
-        Err(error) => Err(error),
-    }
+    record(config, reservation, Some(attached), shadowed.as_ref())
 }
 
 /// Logs the admission, and tells the metrics recorder.

@@ -90,8 +90,10 @@
 //!   "come back in a moment" (the in-flight cap) from "come back when the window has
 //!   refilled". Both are 429 with `"type":"tokens"`, so OpenAI's SDKs raise their usual
 //!   rate-limit error for both.
-//! - **Windows count in this process**: charged next to a Redis lease too, but not yet
-//!   shared by replicas.
+//! - **In Redis, a window is charged in the lease's own script call**, in a bucket under
+//!   the tenant's hash tag: no round trip added, all or nothing with the lease, on Redis's
+//!   clock. Its later changes (growth, settlement) are batched in the background: they
+//!   are never refused, so nobody needs to wait for them.
 //!
 //! # Memory and hashing
 //!

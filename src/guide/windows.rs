@@ -169,8 +169,24 @@
 //!
 //! # Where windows count
 //!
-//! A window counts in the process that holds it: clones of the layer and of the window
-//! share it, whatever the layer's ledger. With several replicas behind a load balancer,
-//! each replica's window allows the whole limit, even when the in-flight cap is shared
-//! through Redis: windows kept in Redis for every replica are not there yet (the gateway
-//! example refuses `--tpm` with `--redis` for this reason).
+//! A window counts where the layer's ledger counts:
+//!
+//! - **In this process**, with a [`TenantTokenTracker`](crate::TenantTokenTracker):
+//!   clones of the layer and of the window share its buckets.
+//! - **In Redis, for every replica**, with a Redis tracker (feature `redis`): each
+//!   tenant's bucket is a small hash beside its leases, under the same hash tag (a Redis
+//!   Cluster keeps them in one slot), charged in the same script call as the tenant's
+//!   lease, all or nothing, on Redis's clock (`TIME`), never a replica's. A window adds
+//!   no round trip. The bucket's key expires once the bucket would be full again. A
+//!   request's growth and its settlement reach Redis in the background, batched with the
+//!   tracker's other calls. A replica that dies leaves what it charged in the buckets
+//!   (the tokens were used). Read a bucket with `RedisTokenTracker::window_remaining`.
+//!
+//! In Redis, a request that draws its tenant's tokens from this replica's
+//! [headroom](crate::guide::replicas) still goes to Redis when the layer has windows:
+//! the window's charge needs it. While Redis cannot be asked and the failure policy
+//! admits requests, their windows are charged in this process instead, each replica
+//! allowing the whole limit until Redis is back. Replicas configure windows alike, as
+//! they configure caps: a window's buckets are named by its name and what it counts.
+//! Admitted responses carry no window headers in Redis (reading the bucket would take a
+//! round trip); refusals do.

@@ -1,13 +1,26 @@
 local ttl = tonumber(ARGV[1])
-local out, a = {}, 2
-for op = 1, #KEYS do
-  local status, held
-  if ARGV[a] == 'r' then
-    status, held = reserve(KEYS[op], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3]), ttl)
-    a = a + 4
+local out, a, k = {}, 2, 1
+while a <= #ARGV do
+  local op, status, held = ARGV[a], 1, 0
+  if op == 'r' then
+    local key, lease, n = KEYS[k], ARGV[a + 1], tonumber(ARGV[a + 4])
+    -- A retry of a lease Redis holds already charged its windows the first time.
+    local again = n > 0 and redis.call('HEXISTS', key, lease) == 1
+    status, held = reserve(key, lease, ARGV[a + 2], tonumber(ARGV[a + 3]), ttl)
+    if status == 1 and n > 0 and not again then
+      local worst, level = charge(k + 1, a + 5, n)
+      if worst > 0 then
+        release(key, lease)
+        status, held = -1 - worst, level
+      end
+    end
+    k, a = k + 1 + n, a + 5 + 4 * n
+  elseif op == 'x' then
+    status, held = release(KEYS[k], ARGV[a + 1])
+    k, a = k + 1, a + 2
   else
-    status, held = release(KEYS[op], ARGV[a + 1])
-    a = a + 2
+    adjust(KEYS[k], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]))
+    k, a = k + 1, a + 4
   end
   out[#out + 1] = status
   out[#out + 1] = held

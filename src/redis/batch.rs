@@ -45,11 +45,76 @@ pub(super) trait Owner: Send + Sync {
 
 /// One operation waiting for its batch.
 pub(super) struct Op {
-    lease: Arc<Lease>,
-    /// `Some((tokens, cap))` to reserve, `None` to release.
-    reserve: Option<(u64, u64)>,
+    asked: Asked,
     /// Where the answer goes.
     reply: Reply,
+}
+
+/// What an operation asks of Redis.
+enum Asked {
+    /// A lease of `tokens` under `cap`, and the windows' charges with it, all or nothing.
+    Reserve {
+        lease: Arc<Lease>,
+        tokens: u64,
+        cap: u64,
+        windows: Vec<WindowAsk>,
+    },
+    Release(Arc<Lease>),
+    /// A change to a window's charge, after the admission: never refused.
+    Adjust(WindowAsk),
+}
+
+/// A window's bucket, and what to charge it (or give back, when negative).
+pub(super) struct WindowAsk {
+    pub(super) key: String,
+    pub(super) units: f64,
+    pub(super) limit: u64,
+    pub(super) period_ms: u64,
+    /// Charged whether it fits or not (shadow mode).
+    pub(super) force: bool,
+    /// The window, to say why it refused.
+    pub(super) window: Option<crate::TokenWindow>,
+}
+
+impl WindowAsk {
+    /// The same ask, for another attempt.
+    pub(super) fn again(&self) -> WindowAsk {
+        WindowAsk {
+            key: self.key.clone(),
+            units: self.units,
+            limit: self.limit,
+            period_ms: self.period_ms,
+            force: self.force,
+            window: None,
+        }
+    }
+
+    /// The refusal of a bucket that held `remaining`, for `tenant_id`.
+    pub(super) fn refused(&self, tenant_id: &str, remaining: u64) -> crate::Error {
+        let too_large = self.units > self.limit as f64;
+        match &self.window {
+            Some(window) => window.refusal(
+                tenant_id,
+                self.units,
+                remaining as f64,
+                self.limit,
+                too_large,
+            ),
+            None => crate::Error::BackendUnavailable {
+                reason: "a window refused without saying which".to_owned(),
+            },
+        }
+    }
+}
+
+impl Asked {
+    /// The key whose hash tag the operation's keys share.
+    fn key(&self) -> &str {
+        match self {
+            Asked::Reserve { lease, .. } | Asked::Release(lease) => lease.key(),
+            Asked::Adjust(window) => &window.key,
+        }
+    }
 }
 
 enum Reply {
@@ -57,6 +122,8 @@ enum Reply {
     Answer(oneshot::Sender<Answer>),
     /// To the tracker, for a release nobody waits for.
     Tell(Arc<dyn Owner>),
+    /// To nobody: a window's adjustment (a failure is logged).
+    Nobody,
 }
 
 /// The queue of a tracker's operations.
@@ -73,12 +140,42 @@ impl Batches {
 
     /// Reserves `tokens` for `lease` under `cap`.
     pub(super) async fn reserve(&self, lease: &Arc<Lease>, tokens: u64, cap: u64) -> Answer {
-        self.send(lease, Some((tokens, cap))).await
+        self.reserve_charged(lease, tokens, cap, Vec::new()).await
+    }
+
+    /// Reserves `tokens` for `lease` under `cap` and charges `windows`, all or nothing.
+    /// A window's refusal answers `-2 - i` for the `i`-th window (from 0) and what its
+    /// bucket held.
+    pub(super) async fn reserve_charged(
+        &self,
+        lease: &Arc<Lease>,
+        tokens: u64,
+        cap: u64,
+        windows: Vec<WindowAsk>,
+    ) -> Answer {
+        let lease = Arc::clone(lease);
+        self.send(Asked::Reserve {
+            lease,
+            tokens,
+            cap,
+            windows,
+        })
+        .await
     }
 
     /// Releases `lease`.
     pub(super) async fn release(&self, lease: &Arc<Lease>) -> Answer {
-        self.send(lease, None).await
+        self.send(Asked::Release(Arc::clone(lease))).await
+    }
+
+    /// Changes a window's charge, without waiting.
+    pub(super) fn adjust(&self, window: WindowAsk) {
+        let op = Op {
+            asked: Asked::Adjust(window),
+            reply: Reply::Nobody,
+        };
+        // The task is gone with its runtime: nothing is left to charge.
+        let _ = self.queue.send(op);
     }
 
     /// Releases `lease` of `tracker` without waiting: `tracker` is told how it ended.
@@ -89,18 +186,19 @@ impl Batches {
         tracker: Arc<impl Owner + 'static>,
     ) -> Result<(), Arc<Lease>> {
         let op = Op {
-            lease,
-            reserve: None,
+            asked: Asked::Release(lease),
             reply: Reply::Tell(tracker),
         };
-        self.queue.send(op).map_err(|gone| gone.0.lease)
+        self.queue.send(op).map_err(|gone| match gone.0.asked {
+            Asked::Release(lease) => lease,
+            _ => unreachable!("sent as a release"),
+        })
     }
 
-    async fn send(&self, lease: &Arc<Lease>, reserve: Option<(u64, u64)>) -> Answer {
+    async fn send(&self, asked: Asked) -> Answer {
         let (answer, answered) = oneshot::channel();
         let op = Op {
-            lease: Arc::clone(lease),
-            reserve,
+            asked,
             reply: Reply::Answer(answer),
         };
         if self.queue.send(op).is_err() {
@@ -196,10 +294,10 @@ pub(super) async fn send_forever(
 fn split(batch: Vec<Op>) -> Vec<Vec<Op>> {
     let mut calls: Vec<Vec<Op>> = Vec::new();
     for op in batch {
-        let tag = hash_tag(op.lease.key());
+        let tag = hash_tag(op.asked.key());
         match calls
             .iter_mut()
-            .find(|call| hash_tag(call[0].lease.key()) == tag)
+            .find(|call| hash_tag(call[0].asked.key()) == tag)
         {
             Some(call) => call.push(op),
             None => calls.push(vec![op]),
@@ -221,7 +319,7 @@ impl Sender {
         let mut invocation = self.script.prepare_invoke();
         invocation.arg(self.ttl_ms);
         for op in batch.iter() {
-            add(&mut invocation, &op.lease, op.reserve);
+            add(&mut invocation, &op.asked);
         }
         let mut conn = self.calls.conn().clone();
         let answers: Result<Vec<i64>, Failure> =
@@ -250,14 +348,34 @@ impl Sender {
     }
 }
 
-/// Adds an operation on `lease` to a call of the batch script: `r`, the lease, its
-/// tokens and the cap to reserve, `x` and the lease to release.
-fn add(invocation: &mut ScriptInvocation<'_>, lease: &Lease, reserve: Option<(u64, u64)>) {
-    invocation.key(&**lease.key());
-    match reserve {
-        Some((tokens, cap)) => invocation.arg("r").arg(lease.id()).arg(tokens).arg(cap),
-        None => invocation.arg("x").arg(lease.id()),
-    };
+/// Adds an operation to a call of the batch script (see `scripts::BATCH`).
+fn add(invocation: &mut ScriptInvocation<'_>, asked: &Asked) {
+    match asked {
+        Asked::Reserve {
+            lease,
+            tokens,
+            cap,
+            windows,
+        } => {
+            invocation.key(&**lease.key());
+            invocation.arg("r").arg(lease.id()).arg(tokens).arg(cap);
+            invocation.arg(windows.len());
+            for window in windows {
+                invocation.key(&window.key);
+                invocation.arg(window.units.to_string()).arg(window.limit);
+                invocation.arg(window.period_ms).arg(u8::from(window.force));
+            }
+        }
+        Asked::Release(lease) => {
+            invocation.key(&**lease.key());
+            invocation.arg("x").arg(lease.id());
+        }
+        Asked::Adjust(window) => {
+            invocation.key(&window.key);
+            invocation.arg("w").arg(window.units.to_string());
+            invocation.arg(window.limit).arg(window.period_ms);
+        }
+    }
 }
 
 /// A call of the batch script that releases `lease` alone, for when the tracker's task
@@ -265,11 +383,11 @@ fn add(invocation: &mut ScriptInvocation<'_>, lease: &Lease, reserve: Option<(u6
 pub(super) fn release_alone<'s>(
     script: &'s Script,
     ttl_ms: u64,
-    lease: &Lease,
+    lease: &Arc<Lease>,
 ) -> ScriptInvocation<'s> {
     let mut invocation = script.prepare_invoke();
     invocation.arg(ttl_ms);
-    add(&mut invocation, lease, None);
+    add(&mut invocation, &Asked::Release(Arc::clone(lease)));
     invocation
 }
 
@@ -290,7 +408,14 @@ fn answer_one(op: Op, answer: Answer) {
                 .as_ref()
                 .map(drop)
                 .map_err(|e| e as &dyn fmt::Display);
-            tracker.released(&op.lease, answer);
+            if let Asked::Release(lease) = &op.asked {
+                tracker.released(lease, answer);
+            }
+        }
+        Reply::Nobody => {
+            if let Err(error) = answer {
+                tracing::debug!(%error, "a window's charge could not be changed in redis");
+            }
         }
     }
 }

@@ -22,6 +22,12 @@ impl Keys {
         format!("{}{{t:{tenant}}}:tokens", self.prefix)
     }
 
+    /// The bucket of `tenant` in the window `window` keeps beside its leases (see
+    /// `window.lua`), under the same hash tag.
+    pub(super) fn window(&self, tenant: &str, window: &str) -> String {
+        format!("{}{{t:{tenant}}}:w:{window}", self.prefix)
+    }
+
     /// A `SCAN` pattern matching every tenant's hash of leases.
     pub(super) fn all_tokens(&self) -> String {
         format!("{}{{t:*}}:tokens", escape_glob(&self.prefix))

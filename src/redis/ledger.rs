@@ -9,6 +9,8 @@ use super::{RedisReservation, RedisTokenTracker, Turn};
 use crate::fair::Priority;
 use crate::fair::Queue;
 use crate::step::Step;
+use crate::window::{Charge, Remote, Tally};
+use crate::TokenWindow;
 
 impl RedisTokenTracker {
     /// Reserves `tokens` for `tenant` against its cap.
@@ -25,6 +27,25 @@ impl RedisTokenTracker {
         Step::later(async move {
             let reservation = tracker.reserve_in_redis(&tenant, tokens).await;
             reservation.map(wrap)
+        })
+    }
+
+    /// Reserves `tokens` for `tenant`, under its cap when `checked`, and charges the
+    /// `windows`, priced so, in the same call (see `windows`); never from the headroom.
+    pub(crate) fn reserve_charged_step<R: Send + 'static>(
+        &self,
+        tenant: &str,
+        tokens: u64,
+        checked: bool,
+        windows: Vec<(TokenWindow, Tally)>,
+        wrap: fn(RedisReservation) -> R,
+        elsewhere: fn(Box<dyn Remote>, Tally) -> Charge,
+    ) -> Step<(R, Option<Vec<Charge>>)> {
+        let (tracker, tenant) = (self.clone(), tenant.to_owned());
+        Step::later(async move {
+            let reserved = tracker.reserve_charged(&tenant, tokens, checked, windows, elsewhere);
+            let (reservation, charges) = reserved.await?;
+            Ok((wrap(reservation), charges))
         })
     }
 

@@ -6,7 +6,7 @@
 // breaker, events, fair, keys, lease, scripts, stats; conn, headroom, policy; call,
 // watch; batch. What a tracker's clones, reservations and tasks share, built of them:
 // shared. What works on that: draw, reservation, reserve, queue, renew. On top: tracker,
-// then list, and ledger, the tracker's side of the crate's ledger boundary.
+// then list and windows, and ledger, the tracker's side of the crate's ledger boundary.
 mod batch;
 mod breaker;
 mod call;
@@ -29,6 +29,7 @@ mod shared;
 mod stats;
 mod tracker;
 mod watch;
+mod windows;
 
 pub use self::lease::MAX_REDIS_TOKENS;
 pub use self::policy::FailurePolicy;

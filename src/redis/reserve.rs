@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use super::batch::WindowAsk;
 use super::lease::{clamp, Lease, MAX_REDIS_TOKENS};
 use super::reservation::RedisReservation;
 use super::shared::Inner;
@@ -16,6 +17,19 @@ impl Inner {
         tenant_id: &str,
         tokens: u64,
         checked: bool,
+    ) -> Result<RedisReservation, Error> {
+        Self::reserve_charged(this, tenant_id, tokens, checked, &mut Vec::new()).await
+    }
+
+    /// [`reserve`](Self::reserve), charging `windows` in the same call, all or nothing.
+    /// The windows' asks are emptied when Redis took them, and left when it was not asked
+    /// (the failure policy answered).
+    pub(super) async fn reserve_charged(
+        this: &Arc<Self>,
+        tenant_id: &str,
+        tokens: u64,
+        checked: bool,
+        windows: &mut Vec<WindowAsk>,
     ) -> Result<RedisReservation, Error> {
         let cap = this.cap(tenant_id);
         let tokens = if checked { tokens } else { clamp(tokens) };
@@ -36,10 +50,9 @@ impl Inner {
         let lease = pending.lease();
         let mut attempt = 0;
         let answer = loop {
-            match this
-                .timed(this.batches().reserve(lease, tokens, limit))
-                .await
-            {
+            let asks = windows.iter().map(WindowAsk::again).collect();
+            let reserving = this.batches().reserve_charged(lease, tokens, limit, asks);
+            match this.timed(reserving).await {
                 // A broken connection is retried once, with the same lease id: if the
                 // first attempt did reach Redis, the second admits nothing twice.
                 Err(failure) if attempt == 0 && failure.is_connection() => {
@@ -60,6 +73,17 @@ impl Inner {
         };
         this.breaker().success();
         let lease = pending.answered();
+        if status <= -2 {
+            // A window refused: the lease was released again in the same call.
+            let at = usize::try_from(-2 - status).unwrap_or(usize::MAX);
+            let refused = windows.get(at).map(|ask| ask.refused(tenant_id, in_flight));
+            return Err(refused.unwrap_or_else(|| Error::BackendUnavailable {
+                reason: format!("redis answered {status} for {} windows", windows.len()),
+            }));
+        }
+        if status == 1 {
+            windows.clear(); // charged in Redis
+        }
         match status {
             1 => {
                 this.counters().add(Count::Admitted);

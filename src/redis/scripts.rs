@@ -44,13 +44,34 @@ const RESIZE: &str = include_str!("resize.lua");
 /// again with its tokens, whatever the cap. Returns `{in_flight, {ids registered again}}`.
 const RENEW: &str = include_str!("renew.lua");
 
-/// Reservations and releases in one call, each on its own tenant's hash: `KEYS` are the
-/// hashes, one an operation, and `ARGV` the ttl, then for each operation `r` (reserve),
-/// the lease, its tokens and the cap, or `x` (release) and the lease. Returns two numbers
-/// an operation, in order: for a reservation its status and the tenant's tokens in flight
-/// (see `reserve`), for a release 1 if the lease was there and the tokens in flight after
-/// it.
+/// The buckets of windows over time, kept beside a tenant's leases: reading, charging
+/// all or none, adjusting (see the file).
+const WINDOW: &str = include_str!("window.lua");
+
+/// Reservations, releases and windows' adjustments in one call, each on its own tenant's
+/// keys: `KEYS` are an operation's keys in order, and `ARGV` the ttl, then for each
+/// operation
+///
+/// - `r` (reserve): the lease, its tokens, the cap and the number `n` of windows to charge
+///   with it, then for each window its units, limit, period in milliseconds and `1` to
+///   charge it whatever it holds (`0` otherwise); keys: the tenant's hash, then each
+///   window's bucket;
+/// - `x` (release): the lease; key: the tenant's hash;
+/// - `w` (adjust a window): the units to charge (negative: given back), the limit and the
+///   period; key: the bucket.
+///
+/// Returns two numbers an operation, in order: for a reservation its status and the
+/// tenant's tokens in flight (see `reserve`), or for a window's refusal `-1 - i` for the
+/// `i`-th window (from 1) and what its bucket held (the lease is released again); for a
+/// release 1 if the lease was there and the tokens in flight after it; for an adjustment
+/// 1 and 0.
 const BATCH: &str = include_str!("batch.lua");
+
+/// `KEYS[1]` a window's bucket; `ARGV`: its limit and period in milliseconds. Returns the
+/// units left, at least 0.
+const WINDOW_STATE: &str = "local level = level_of(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
+if level < 0 then level = 0 end
+return math.floor(level)";
 
 /// No `ARGV`. Returns the tokens in flight, after the sweep.
 const STATE: &str = "return (look(KEYS[1], nil))";
@@ -72,6 +93,7 @@ pub(crate) struct Scripts {
     pub(crate) resize: Script,
     pub(crate) renew: Script,
     pub(crate) state: Script,
+    pub(crate) window_state: Script,
     /// The fair queue's.
     pub(crate) queue_admit: Script,
     pub(crate) queue_cancel: Script,
@@ -84,10 +106,11 @@ impl Scripts {
         let script = |body: &str| Script::new(&format!("{CORE}{body}"));
         let queue = |name: &str| Script::new(&format!("{CORE}{QUEUE}\nreturn {name}()\n"));
         Self {
-            batch: script(BATCH),
+            batch: Script::new(&format!("{CORE}{WINDOW}{BATCH}")),
             resize: script(RESIZE),
             renew: script(RENEW),
             state: script(STATE),
+            window_state: Script::new(&format!("{CORE}{WINDOW}{WINDOW_STATE}")),
             queue_admit: queue("admit"),
             queue_cancel: queue("cancel"),
             queue_renew: queue("renew"),

@@ -154,7 +154,7 @@ impl Guard {
             } => attached
                 .windows
                 .iter()
-                .map(Charge::standing)
+                .filter_map(Charge::standing)
                 .filter(|standing| standing.tokens)
                 .min_by_key(|standing| standing.remaining),
             Guard::Owned { .. } => None,

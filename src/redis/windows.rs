@@ -1,0 +1,124 @@
+//! Windows over time kept in Redis for every replica: each tenant's bucket beside its
+//! leases, under the same hash tag (one cluster slot), charged in the same call as its
+//! lease, all or nothing, on Redis's clock (see `window.lua`).
+
+use std::sync::Arc;
+
+use super::batch::WindowAsk;
+use super::shared::Inner;
+use super::{RedisReservation, RedisTokenTracker};
+use crate::window::{Charge, Remote, Tally};
+use crate::{Error, TokenWindow};
+
+/// A charge's bucket in Redis: what adjusting it needs.
+struct Bucket {
+    inner: Arc<Inner>,
+    key: String,
+    limit: u64,
+    period_ms: u64,
+    window: String,
+    tokens: bool,
+}
+
+impl Remote for Bucket {
+    fn adjust(&self, units: f64) {
+        self.inner.batches().adjust(WindowAsk {
+            key: self.key.clone(),
+            units,
+            limit: self.limit,
+            period_ms: self.period_ms,
+            force: true,
+            window: None,
+        });
+    }
+
+    fn window(&self) -> &str {
+        &self.window
+    }
+
+    fn counts_tokens(&self) -> bool {
+        self.tokens
+    }
+}
+
+/// A window's period in milliseconds, at least one.
+fn period_ms(window: &TokenWindow) -> u64 {
+    u64::try_from(window.period().as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+impl RedisTokenTracker {
+    /// Reserves `tokens` for `tenant_id` (under its cap when `checked`) and charges the
+    /// `windows`, priced so, in the same call: all or nothing, whatever they hold when
+    /// not `checked` (shadow mode). The charges made in Redis come back with it (made
+    /// with `elsewhere`); `None` when the failure policy answered without Redis, and the
+    /// windows are still to be charged.
+    ///
+    /// Never from this replica's headroom: a window's charge needs Redis.
+    pub(crate) async fn reserve_charged(
+        &self,
+        tenant_id: &str,
+        tokens: u64,
+        checked: bool,
+        windows: Vec<(TokenWindow, Tally)>,
+        elsewhere: fn(Box<dyn Remote>, Tally) -> Charge,
+    ) -> Result<(RedisReservation, Option<Vec<Charge>>), Error> {
+        let inner = &self.inner;
+        let mut asks: Vec<WindowAsk> = windows
+            .iter()
+            .map(|(window, tally)| WindowAsk {
+                key: inner.keys().window(tenant_id, &window.key_name()),
+                units: tally.units(),
+                limit: window.limit(tenant_id),
+                period_ms: period_ms(window),
+                force: !checked,
+                window: Some(window.clone()),
+            })
+            .collect();
+        let reservation = Inner::reserve_charged(inner, tenant_id, tokens, checked, &mut asks);
+        let reservation = reservation.await?;
+        if !asks.is_empty() {
+            return Ok((reservation, None));
+        }
+        let charges = windows
+            .into_iter()
+            .map(|(window, tally)| {
+                let bucket = Bucket {
+                    inner: Arc::clone(inner),
+                    key: inner.keys().window(tenant_id, &window.key_name()),
+                    limit: window.limit(tenant_id),
+                    period_ms: period_ms(&window),
+                    window: window.name().to_owned(),
+                    tokens: window.counts_tokens(),
+                };
+                elsewhere(Box::new(bucket), tally)
+            })
+            .collect();
+        Ok((reservation, Some(charges)))
+    }
+
+    /// What `tenant_id` has left in `window`'s bucket in Redis now, across every replica
+    /// (units: tokens, or millionths for a spend window).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BackendUnavailable`] when Redis could not be asked.
+    pub async fn window_remaining(
+        &self,
+        window: &TokenWindow,
+        tenant_id: &str,
+    ) -> Result<u64, Error> {
+        let inner = &self.inner;
+        let mut invocation = super::scripts::scripts().window_state.prepare_invoke();
+        invocation.key(inner.keys().window(tenant_id, &window.key_name()));
+        invocation
+            .arg(window.limit(tenant_id))
+            .arg(period_ms(window));
+        let mut conn = inner.conn().clone();
+        let left: Result<u64, _> = inner.timed(invocation.invoke_async(&mut conn)).await;
+        left.map_err(|failure| Error::BackendUnavailable {
+            reason: failure.to_string(),
+        })
+    }
+}
