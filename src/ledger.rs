@@ -108,9 +108,13 @@ impl Ledger {
             }
             Ledger::Redis(tracker) => tracker,
         };
+        let model = sizing.model.as_deref();
         let priced: Result<Vec<_>, Error> = windows
             .iter()
-            .map(|window| Ok((window.clone(), window.price(tokens, sizing)?)))
+            .map(|window| {
+                let tally = window.price(tokens, sizing)?;
+                Ok((window.clone(), tally, window.bucket_name(model)))
+            })
             .collect();
         let priced = match priced {
             Ok(priced) => priced,

@@ -34,7 +34,7 @@ impl RedisTokenTracker {
         _tenant: &str,
         _tokens: u64,
         _checked: bool,
-        _windows: Vec<(crate::TokenWindow, crate::window::Tally)>,
+        _windows: Vec<(crate::TokenWindow, crate::window::Tally, String)>,
         _wrap: fn(RedisReservation) -> R,
         _elsewhere: fn(
             Box<dyn crate::window::Remote>,

@@ -66,6 +66,11 @@ struct Inner {
     measure: Measure,
     default: std::sync::atomic::AtomicU64,
     lookup: RwLock<Option<Arc<LimitFn>>>,
+    /// The limits set per tenant ([`TokenWindow::set_limit`]).
+    set: RwLock<HashMap<Box<str>, u64, foldhash::fast::RandomState>>,
+    /// Whether each tenant has a bucket per model its requests name.
+    by_model: bool,
+    /// The buckets, by tenant (and model: see [`scope`]).
     buckets: RwLock<HashMap<Box<str>, Arc<Bucket>, foldhash::fast::RandomState>>,
     /// The number of buckets above which idle full ones are dropped.
     prune_at: std::sync::atomic::AtomicUsize,
@@ -88,8 +93,6 @@ struct Level {
     /// When `tokens` was last brought up to date.
     at: Instant,
     limit: u64,
-    /// Whether the limit was set for this tenant ([`TokenWindow::set_limit`]).
-    set: bool,
 }
 
 /// Buckets kept before idle full ones are dropped (a full bucket is a fresh one).
@@ -100,7 +103,7 @@ impl TokenWindow {
     ///
     /// A period of zero is taken as one nanosecond.
     pub fn new(limit: u64, period: Duration) -> Self {
-        Self::measuring(limit, period, Measure::Tokens(Weights::ALL))
+        Self::measuring(limit, period, Measure::Tokens(Weights::ALL), false)
     }
 
     /// A spend window: each tenant may spend `limit` (in the currency unit `prices` are
@@ -110,7 +113,7 @@ impl TokenWindow {
     /// [`remaining`](Self::remaining) and [`set_limit`](Self::set_limit) are in millionths
     /// (a limit of 1.00 is 1,000,000). A negative or non-finite `limit` is 0.
     pub fn spend(limit: f64, period: Duration, prices: Prices) -> Self {
-        Self::measuring(millionths(limit), period, Measure::Spend(prices))
+        Self::measuring(millionths(limit), period, Measure::Spend(prices), false)
     }
 
     /// A spend window of `limit` per day; see [`spend`](Self::spend).
@@ -160,13 +163,32 @@ impl TokenWindow {
             return self;
         };
         change(&mut weights);
+        let by_model = self.inner.by_model;
+        self.rebuilt(Measure::Tokens(weights), by_model)
+    }
+
+    /// A tenant's bucket per model its requests name (OpenAI's own limits are per model):
+    /// each model its own, all with the tenant's limit. A request that names no model
+    /// (an estimate from a header) counts in a bucket of its own. A model name longer than
+    /// [`SharedBudget::MAX_MODEL_KEY_LEN`](crate::SharedBudget::MAX_MODEL_KEY_LEN) bytes
+    /// counts in the bucket of its first that many bytes. Models are what clients send:
+    /// each one a tenant names takes a bucket until it is full again. Call it when
+    /// building the window: it starts again with no tenant's usage.
+    pub fn per_model(self) -> Self {
+        let measure = self.inner.measure.clone();
+        self.rebuilt(measure, true)
+    }
+
+    /// This window's settings, measuring `measure`, no tenant's usage.
+    fn rebuilt(self, measure: Measure, by_model: bool) -> Self {
         let limit = self.default_limit();
-        let window = Self::measuring(limit, self.inner.period, Measure::Tokens(weights));
+        let window = Self::measuring(limit, self.inner.period, measure, by_model);
         *write(&window.inner.lookup) = read(&self.inner.lookup).clone();
+        *write(&window.inner.set) = read(&self.inner.set).clone();
         window
     }
 
-    fn measuring(limit: u64, period: Duration, measure: Measure) -> Self {
+    fn measuring(limit: u64, period: Duration, measure: Measure, by_model: bool) -> Self {
         let period = period.max(Duration::from_nanos(1));
         let name = match measure {
             Measure::Tokens(_) => name_of("tokens", period),
@@ -179,6 +201,8 @@ impl TokenWindow {
                 measure,
                 default: limit.into(),
                 lookup: RwLock::new(None),
+                set: RwLock::default(),
+                by_model,
                 buckets: RwLock::default(),
                 prune_at: PRUNE_AT.into(),
             }),
@@ -239,64 +263,47 @@ impl TokenWindow {
     /// Sets `tenant_id`'s limit, at once and until [`remove_limit`](Self::remove_limit).
     /// What it has used stays used: a lower limit may leave it nothing for a while.
     pub fn set_limit(&self, tenant_id: &str, limit: u64) {
-        let bucket = self.inner.bucket(tenant_id);
-        let mut level = lock(&bucket.level);
-        level.refill(Instant::now(), self.inner.period);
-        level.set_limit(limit);
-        level.set = true;
+        write(&self.inner.set).insert(Box::from(tenant_id), limit);
+        self.inner.relimit(Some(tenant_id));
     }
 
     /// Gives `tenant_id` the limit the function or the default says again. Whether it had
     /// one of its own.
     pub fn remove_limit(&self, tenant_id: &str) -> bool {
-        let Some(bucket) = self.inner.find(tenant_id) else {
-            return false;
-        };
-        let mut level = lock(&bucket.level);
-        let had = std::mem::replace(&mut level.set, false);
-        level.refill(Instant::now(), self.inner.period);
-        level.set_limit(self.inner.limit_of(tenant_id));
+        let had = write(&self.inner.set).remove(tenant_id).is_some();
+        self.inner.relimit(Some(tenant_id));
         had
     }
 
     /// Asks the limit function and the default again for every tenant whose limit was not
     /// set with [`set_limit`](Self::set_limit) (after plans change).
     pub fn refresh_limits(&self) {
-        let buckets: Vec<_> = read(&self.inner.buckets)
-            .iter()
-            .map(|(id, bucket)| (id.clone(), Arc::clone(bucket)))
-            .collect();
-        let now = Instant::now();
-        for (id, bucket) in buckets {
-            let limit = self.inner.limit_of(&id);
-            let mut level = lock(&bucket.level);
-            if !level.set {
-                level.refill(now, self.inner.period);
-                level.set_limit(limit);
-            }
-        }
+        self.inner.relimit(None);
     }
 
     /// `tenant_id`'s limit in this window.
     pub fn limit(&self, tenant_id: &str) -> u64 {
-        match self.inner.find(tenant_id) {
+        match self
+            .inner
+            .find(&scope(tenant_id, None, self.inner.by_model))
+        {
             Some(bucket) => lock(&bucket.level).limit,
             None => self.inner.limit_of(tenant_id),
         }
     }
 
     /// Tokens `tenant_id` may still use now: its bucket's level in this process, 0 when
-    /// responses outgrew what was charged for them. (A window counted in Redis is read
-    /// with `RedisTokenTracker::window_remaining`.)
+    /// responses outgrew what was charged for them. In a window [per
+    /// model](Self::per_model), the bucket of its requests that name no model. (A window
+    /// counted in Redis is read with `RedisTokenTracker::window_remaining`.)
     pub fn remaining(&self, tenant_id: &str) -> u64 {
-        match self.inner.find(tenant_id) {
-            Some(bucket) => {
-                let mut level = lock(&bucket.level);
-                level.refill(Instant::now(), self.inner.period);
-                level.remaining()
-            }
-            None => self.inner.limit_of(tenant_id),
-        }
+        self.inner.remaining(tenant_id, None)
+    }
+
+    /// Tokens `tenant_id` may still use now with `model`, in a window
+    /// [per model](Self::per_model); as [`remaining`](Self::remaining) in any other.
+    pub fn remaining_for_model(&self, tenant_id: &str, model: &str) -> u64 {
+        self.inner.remaining(tenant_id, Some(model))
     }
 
     /// Charges a request of `tokens`, sized so, to `tenant_id` if it fits now, or
@@ -310,7 +317,8 @@ impl TokenWindow {
     ) -> Result<Charge, Error> {
         let tally = self.price(tokens, sizing)?;
         let units = tally.units;
-        let bucket = self.inner.bucket(tenant_id);
+        let model = sizing.model.as_deref();
+        let bucket = self.inner.bucket(tenant_id, model);
         let now = Instant::now();
         let mut level = lock(&bucket.level);
         level.refill(now, self.inner.period);
@@ -383,6 +391,9 @@ impl TokenWindow {
     /// only; `spend-per-day`). Replicas that configure a window alike share its buckets.
     pub(crate) fn key_name(&self) -> String {
         let mut name = self.inner.name.replace(' ', "-");
+        if self.inner.by_model {
+            name.push_str("-per-model");
+        }
         if let Measure::Tokens(weights) = &self.inner.measure {
             if *weights != Weights::ALL {
                 let Weights {
@@ -396,33 +407,60 @@ impl TokenWindow {
         name
     }
 
+    /// The name of the bucket of requests naming `model` where buckets are kept for
+    /// every replica: the window's [`key_name`](Self::key_name), and for a window per
+    /// model the model.
+    pub(crate) fn bucket_name(&self, model: Option<&str>) -> String {
+        match self.inner.by_model {
+            false => self.key_name(),
+            true => format!("{}-m:{}", self.key_name(), model_key(model)),
+        }
+    }
+
     /// Whether the window counts tokens (not spend).
     pub(crate) fn counts_tokens(&self) -> bool {
         matches!(self.inner.measure, Measure::Tokens(_))
     }
 
-    /// Whether the window needs the request's model (a spend window prices by it).
+    /// Whether the window needs the request's model (a spend window prices by it; a
+    /// window per model keys by it).
     pub(crate) fn wants_model(&self) -> bool {
-        matches!(self.inner.measure, Measure::Spend(_))
+        matches!(self.inner.measure, Measure::Spend(_)) || self.inner.by_model
     }
 }
 
 impl Inner {
-    /// The limit of a tenant without one of its own.
+    /// The limit of `tenant_id`: its own, else the function's, else the default.
     fn limit_of(&self, tenant_id: &str) -> u64 {
+        if let Some(limit) = read(&self.set).get(tenant_id) {
+            return *limit;
+        }
         let lookup = read(&self.lookup).clone();
         lookup
             .and_then(|lookup| lookup(tenant_id))
             .unwrap_or_else(|| self.default.load(Relaxed))
     }
 
-    fn find(&self, tenant_id: &str) -> Option<Arc<Bucket>> {
-        read(&self.buckets).get(tenant_id).cloned()
+    fn find(&self, scope: &str) -> Option<Arc<Bucket>> {
+        read(&self.buckets).get(scope).cloned()
     }
 
-    /// `tenant_id`'s bucket, made full if it has none.
-    fn bucket(&self, tenant_id: &str) -> Arc<Bucket> {
-        if let Some(bucket) = self.find(tenant_id) {
+    /// What `tenant_id` has left in its bucket (for `model`, per model) now.
+    fn remaining(&self, tenant_id: &str, model: Option<&str>) -> u64 {
+        match self.find(&scope(tenant_id, model, self.by_model)) {
+            Some(bucket) => {
+                let mut level = lock(&bucket.level);
+                level.refill(Instant::now(), self.period);
+                level.remaining()
+            }
+            None => self.limit_of(tenant_id),
+        }
+    }
+
+    /// `tenant_id`'s bucket (for `model`, per model), made full if it has none.
+    fn bucket(&self, tenant_id: &str, model: Option<&str>) -> Arc<Bucket> {
+        let scope = scope(tenant_id, model, self.by_model);
+        if let Some(bucket) = self.find(&scope) {
             return bucket;
         }
         let limit = self.limit_of(tenant_id);
@@ -430,13 +468,12 @@ impl Inner {
         if buckets.len() >= self.prune_at.load(Relaxed) {
             self.prune(&mut buckets);
         }
-        let bucket = buckets.entry(Box::from(tenant_id)).or_insert_with(|| {
+        let bucket = buckets.entry(Box::from(scope)).or_insert_with(|| {
             Arc::new(Bucket {
                 level: Mutex::new(Level {
                     tokens: limit as f64,
                     at: Instant::now(),
                     limit,
-                    set: false,
                 }),
                 period: self.period,
                 tokens: matches!(self.measure, Measure::Tokens(_)),
@@ -446,8 +483,25 @@ impl Inner {
         Arc::clone(bucket)
     }
 
-    /// Drops the buckets that are full, held by no request and have no limit of their
-    /// own: a fresh bucket is the same. The next prune waits until the map has doubled.
+    /// Gives the buckets of `tenant` (of every tenant: `None`) the limit that is theirs
+    /// now. What they used stays used.
+    fn relimit(&self, tenant: Option<&str>) {
+        let buckets: Vec<_> = read(&self.buckets)
+            .iter()
+            .filter(|(scope, _)| tenant.map_or(true, |t| tenant_of(scope, self.by_model) == t))
+            .map(|(scope, bucket)| (scope.clone(), Arc::clone(bucket)))
+            .collect();
+        let now = Instant::now();
+        for (scope, bucket) in buckets {
+            let limit = self.limit_of(tenant_of(&scope, self.by_model));
+            let mut level = lock(&bucket.level);
+            level.refill(now, self.period);
+            level.set_limit(limit);
+        }
+    }
+
+    /// Drops the buckets that are full and held by no request: a fresh bucket is the same.
+    /// The next prune waits until the map has doubled.
     fn prune(&self, buckets: &mut HashMap<Box<str>, Arc<Bucket>, foldhash::fast::RandomState>) {
         let now = Instant::now();
         buckets.retain(|_, bucket| {
@@ -456,11 +510,47 @@ impl Inner {
             }
             let mut level = lock(&bucket.level);
             level.refill(now, self.period);
-            level.set || level.tokens < level.limit as f64
+            level.tokens < level.limit as f64
         });
         self.prune_at
             .store((buckets.len() * 2).max(PRUNE_AT), Relaxed);
     }
+}
+
+/// What a bucket is kept under: the tenant, or for a window per model the tenant and the
+/// model (its length first, so that no two pairs make the same key).
+fn scope<'a>(tenant_id: &'a str, model: Option<&str>, by_model: bool) -> std::borrow::Cow<'a, str> {
+    match by_model {
+        false => std::borrow::Cow::Borrowed(tenant_id),
+        true => {
+            let model = model_key(model);
+            std::borrow::Cow::Owned(format!("{}:{tenant_id}{model}", tenant_id.len()))
+        }
+    }
+}
+
+/// The tenant a bucket's scope names.
+fn tenant_of(scope: &str, by_model: bool) -> &str {
+    if !by_model {
+        return scope;
+    }
+    let parsed = scope.split_once(':').and_then(|(len, rest)| {
+        let len: usize = len.parse().ok()?;
+        rest.get(..len)
+    });
+    parsed.unwrap_or(scope)
+}
+
+/// The part of a model's name its bucket is kept under: at most
+/// [`SharedBudget::MAX_MODEL_KEY_LEN`](crate::SharedBudget::MAX_MODEL_KEY_LEN) bytes, cut
+/// on a character's boundary; `""` for none.
+fn model_key(model: Option<&str>) -> &str {
+    let model = model.unwrap_or_default();
+    let mut end = model.len().min(crate::SharedBudget::MAX_MODEL_KEY_LEN);
+    while !model.is_char_boundary(end) {
+        end -= 1;
+    }
+    &model[..end]
 }
 
 impl Level {
@@ -551,7 +641,7 @@ impl fmt::Debug for TokenWindow {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TokenWindow")
             .field("name", &self.inner.name)
-            .field("key", &self.key_name())
+            .field("key", &self.bucket_name(None))
             .field("default_limit", &self.default_limit())
             .field("tenants", &read(&self.inner.buckets).len())
             .finish()

@@ -546,3 +546,36 @@ async fn busy_traffic_never_gets_more_than_the_bucket_allows_at_any_instant() {
     // And the refills were used: more than the first bucket got through.
     assert!(total > 2.0 * limit, "only {total} tokens admitted");
 }
+
+#[tokio::test]
+async fn a_window_per_model_keeps_a_bucket_for_each_model_a_tenant_names() {
+    let window = TokenWindow::per_30_days(1_000).per_model();
+    window.set_limit("big", 10_000);
+    let layer = TenantTokenLayer::new(tracker(100_000))
+        .estimator(OpenAiEstimator::new())
+        .window(window.clone());
+    let (server, _streams) = app(layer, "{}").await;
+    let client = client();
+
+    // About 100 tokens of prompt and 500 of output a request: one fits a model's bucket.
+    let first = call(&client, chat(&server, "acme", "model-a", 500)).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text());
+    let again = call(&client, chat(&server, "acme", "model-a", 500)).await;
+    assert_eq!(again.error_code(), "window_exceeded");
+    let other = call(&client, chat(&server, "acme", "model-b", 500)).await;
+    assert_eq!(
+        other.status,
+        StatusCode::OK,
+        "another model, another bucket"
+    );
+    let a = window.remaining_for_model("acme", "model-a");
+    assert!((300..=400).contains(&a), "{a} left for model-a");
+    assert_eq!(window.remaining_for_model("acme", "model-c"), 1_000);
+    // A tenant's own limit holds for each of its models.
+    for model in ["model-a", "model-b"] {
+        let reply = call(&client, chat(&server, "big", model, 500)).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        let left = window.remaining_for_model("big", model);
+        assert!((9_300..=9_400).contains(&left), "{left} left for {model}");
+    }
+}

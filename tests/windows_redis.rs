@@ -287,3 +287,42 @@ async fn a_window_adds_no_call_to_redis() {
         "{with} calls with a window, {without} without"
     );
 }
+
+#[tokio::test]
+async fn a_window_per_model_keeps_each_models_bucket_in_redis() {
+    let redis = redis_or_skip!("a_window_per_model_keeps_each_models_bucket_in_redis");
+    let window = TokenWindow::per_30_days(1_000).per_model();
+    let tracker = RedisTokenTracker::builder(100_000)
+        .connect(redis.url())
+        .expect("a valid redis url");
+    let layer = TenantTokenLayer::new(tracker.clone())
+        .estimator(tower_tenant_tokens::OpenAiEstimator::new())
+        .window(window.clone());
+    let app = Router::new()
+        .route("/ok", post(|| async { "ok" }))
+        .layer(layer);
+    let server = serve(app).await;
+    let client = client();
+    let chat = |model: &str| {
+        let body = serde_json::json!({"model": model, "max_tokens": 600, "messages": []});
+        http::Request::post(server.url("/ok"))
+            .header("x-tenant-id", "acme")
+            .header(CONTENT_TYPE, "application/json")
+            .body(full(body.to_string()))
+            .unwrap()
+    };
+
+    assert_eq!(call(&client, chat("model-a")).await.status, StatusCode::OK);
+    let again = call(&client, chat("model-a")).await;
+    assert_eq!(again.error_code(), "window_exceeded");
+    assert_eq!(call(&client, chat("model-b")).await.status, StatusCode::OK);
+    for model in ["model-a", "model-b"] {
+        let left = tracker
+            .window_remaining_for_model(&window, "acme", model)
+            .await
+            .unwrap();
+        assert!(left <= 400, "{left} left for {model}");
+    }
+    let bucket = "tenant-tokens:{t:acme}:w:tokens-per-30-days-per-model-m:model-a";
+    assert_eq!(redis.command(&format!("EXISTS {bucket}")), ":1");
+}

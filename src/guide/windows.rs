@@ -53,6 +53,8 @@
 //! - [`cached_input_weight`](crate::TokenWindow::cached_input_weight): input tokens read
 //!   from a cache (OpenAI's `prompt_tokens_details.cached_tokens`, Anthropic's
 //!   `cache_read_input_tokens`) count at a weight, 0 to count them not at all;
+//! - [`per_model`](crate::TokenWindow::per_model): a bucket per tenant and model, as
+//!   OpenAI's limits are per model, each with the tenant's limit;
 //! - **spend**: [`TokenWindow::spend_per_day`](crate::TokenWindow::spend_per_day) (and
 //!   `spend_per_30_days`, `spend`) limits what a tenant spends in a currency unit, each
 //!   request priced by its model from a [`Prices`](crate::Prices) table per million input,

@@ -31,13 +31,14 @@ impl RedisTokenTracker {
     }
 
     /// Reserves `tokens` for `tenant`, under its cap when `checked`, and charges the
-    /// `windows`, priced so, in the same call (see `windows`); never from the headroom.
+    /// `windows`, priced so, each in the bucket named last, in the same call (see
+    /// `windows`); never from the headroom.
     pub(crate) fn reserve_charged_step<R: Send + 'static>(
         &self,
         tenant: &str,
         tokens: u64,
         checked: bool,
-        windows: Vec<(TokenWindow, Tally)>,
+        windows: Vec<(TokenWindow, Tally, String)>,
         wrap: fn(RedisReservation) -> R,
         elsewhere: fn(Box<dyn Remote>, Tally) -> Charge,
     ) -> Step<(R, Option<Vec<Charge>>)> {

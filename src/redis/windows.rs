@@ -50,7 +50,7 @@ fn period_ms(window: &TokenWindow) -> u64 {
 
 impl RedisTokenTracker {
     /// Reserves `tokens` for `tenant_id` (under its cap when `checked`) and charges the
-    /// `windows`, priced so, in the same call: all or nothing, whatever they hold when
+    /// `windows`, priced so, each in the bucket named last, in the same call: all or nothing, whatever they hold when
     /// not `checked` (shadow mode). The charges made in Redis come back with it (made
     /// with `elsewhere`); `None` when the failure policy answered without Redis, and the
     /// windows are still to be charged.
@@ -61,14 +61,15 @@ impl RedisTokenTracker {
         tenant_id: &str,
         tokens: u64,
         checked: bool,
-        windows: Vec<(TokenWindow, Tally)>,
+        windows: Vec<(TokenWindow, Tally, String)>,
         elsewhere: fn(Box<dyn Remote>, Tally) -> Charge,
     ) -> Result<(RedisReservation, Option<Vec<Charge>>), Error> {
         let inner = &self.inner;
+        let key = |bucket: &str| inner.keys().window(tenant_id, bucket);
         let mut asks: Vec<WindowAsk> = windows
             .iter()
-            .map(|(window, tally)| WindowAsk {
-                key: inner.keys().window(tenant_id, &window.key_name()),
+            .map(|(window, tally, bucket)| WindowAsk {
+                key: key(bucket),
                 units: tally.units(),
                 limit: window.limit(tenant_id),
                 period_ms: period_ms(window),
@@ -83,10 +84,10 @@ impl RedisTokenTracker {
         }
         let charges = windows
             .into_iter()
-            .map(|(window, tally)| {
+            .map(|(window, tally, bucket)| {
                 let bucket = Bucket {
                     inner: Arc::clone(inner),
-                    key: inner.keys().window(tenant_id, &window.key_name()),
+                    key: key(&bucket),
                     limit: window.limit(tenant_id),
                     period_ms: period_ms(&window),
                     window: window.name().to_owned(),
@@ -99,7 +100,8 @@ impl RedisTokenTracker {
     }
 
     /// What `tenant_id` has left in `window`'s bucket in Redis now, across every replica
-    /// (units: tokens, or millionths for a spend window).
+    /// (units: tokens, or millionths for a spend window). In a window per model, the
+    /// bucket of its requests that name no model.
     ///
     /// # Errors
     ///
@@ -109,9 +111,33 @@ impl RedisTokenTracker {
         window: &TokenWindow,
         tenant_id: &str,
     ) -> Result<u64, Error> {
+        self.bucket_remaining(window, tenant_id, None).await
+    }
+
+    /// [`window_remaining`](Self::window_remaining) of `tenant_id`'s bucket for `model`,
+    /// in a window [per model](TokenWindow::per_model).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BackendUnavailable`] when Redis could not be asked.
+    pub async fn window_remaining_for_model(
+        &self,
+        window: &TokenWindow,
+        tenant_id: &str,
+        model: &str,
+    ) -> Result<u64, Error> {
+        self.bucket_remaining(window, tenant_id, Some(model)).await
+    }
+
+    async fn bucket_remaining(
+        &self,
+        window: &TokenWindow,
+        tenant_id: &str,
+        model: Option<&str>,
+    ) -> Result<u64, Error> {
         let inner = &self.inner;
         let mut invocation = super::scripts::scripts().window_state.prepare_invoke();
-        invocation.key(inner.keys().window(tenant_id, &window.key_name()));
+        invocation.key(inner.keys().window(tenant_id, &window.bucket_name(model)));
         invocation
             .arg(window.limit(tenant_id))
             .arg(period_ms(window));
