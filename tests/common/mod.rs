@@ -358,6 +358,54 @@ impl Calls {
 }
 
 // ---------------------------------------------------------------------------------------
+// Windows over time
+// ---------------------------------------------------------------------------------------
+
+/// Sends 200 requests of `tokens` for `tenant` at once, spread over `servers` in turn,
+/// and checks that a window of `limit` tokens per minute (full at the start) admitted
+/// what it held and what refilled while they ran, no more, every other refused with
+/// `window_exceeded`. Returns how many were admitted.
+pub async fn burst_against_a_window(
+    servers: &[&TestServer],
+    tenant: &str,
+    tokens: u64,
+    limit: u64,
+) -> u64 {
+    let client = pooled_client();
+    let started = Instant::now();
+    let requests = (0..200).map(|n| {
+        let client = client.clone();
+        let request = metered(servers[n % servers.len()], "/ok", tenant, tokens);
+        tokio::spawn(async move { call(&client, request).await })
+    });
+    let replies = futures_util::future::join_all(requests).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut admitted = 0;
+    for reply in replies {
+        let reply = reply.unwrap();
+        match reply.status {
+            StatusCode::OK => admitted += 1,
+            _ => assert_eq!(
+                assert_openai_error(&reply, StatusCode::TOO_MANY_REQUESTS),
+                "window_exceeded"
+            ),
+        }
+    }
+    let (limit, tokens) = (limit as f64, tokens as f64);
+    let allowed = ((limit + elapsed * limit / 60.0) / tokens).floor();
+    assert!(
+        admitted as f64 >= (limit / tokens).floor(),
+        "{admitted} admitted"
+    );
+    assert!(
+        admitted as f64 <= allowed,
+        "{admitted} admitted by {} server(s), {allowed} allowed in {elapsed:.2}s",
+        servers.len()
+    );
+    admitted
+}
+
+// ---------------------------------------------------------------------------------------
 // Bounded waits
 // ---------------------------------------------------------------------------------------
 
