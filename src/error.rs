@@ -345,5 +345,7 @@ impl fmt::Display for Amount<'_> {
 
 /// `duration` in whole seconds, rounded up: when a retry can be sure to fit.
 pub(crate) fn seconds_up(duration: Duration) -> u64 {
-    duration.as_secs() + u64::from(duration.subsec_nanos() > 0)
+    duration
+        .as_secs()
+        .saturating_add(u64::from(duration.subsec_nanos() > 0))
 }

@@ -298,3 +298,31 @@ async fn a_window_per_model_keeps_each_models_bucket_in_redis() {
     let bucket = "tenant-tokens:{t:acme}:w:tokens-per-30-days-per-model-m:model-a";
     assert_eq!(redis.command(&format!("EXISTS {bucket}")), ":1");
 }
+
+#[tokio::test]
+async fn a_limit_of_nothing_refuses_everything_and_breaks_nothing() {
+    const USAGE: &str =
+        r#"{"usage":{"prompt_tokens":40,"completion_tokens":60,"total_tokens":100}}"#;
+    let redis = redis_or_skip!("a_limit_of_nothing_refuses_everything");
+    let window = TokenWindow::per_30_days(1_000);
+    window.set_limit("blocked", 0);
+    let windows = std::slice::from_ref(&window);
+    let (server, tracker) = replica(&redis, 100_000, windows, USAGE).await;
+    let client = client();
+
+    let refused = call(&client, metered(&server, "/ok", "blocked", 1)).await;
+    assert_eq!(refused.error_code(), "request_too_large_for_window");
+    // Nothing estimated fits nothing; the usage it reports then charges a bucket that can
+    // hold nothing, which must not fail the calls batched with it.
+    let free = call(&client, metered(&server, "/json", "blocked", 0)).await;
+    assert_eq!(free.status, StatusCode::OK);
+    for _ in 0..3 {
+        let reply = call(&client, metered(&server, "/ok", "acme", 10)).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    }
+    assert_eq!(tracker.stats().unavailable, 0);
+    assert_eq!(remaining(&tracker, &window, "blocked").await, 0);
+    // No key is left behind for a bucket that holds nothing (nor one without an expiry).
+    let bucket = "tenant-tokens:{t:blocked}:w:tokens-per-30-days";
+    assert_eq!(redis.command(&format!("EXISTS {bucket}")), ":0");
+}

@@ -14,7 +14,8 @@ local function level_of(key, limit, period)
 end
 -- Keeps `level` for bucket `key`.
 local function keep(key, level, limit, period)
-  if level >= limit then
+  -- Full, or a limit of nothing (which refuses everything, whatever is owed).
+  if level >= limit or limit <= 0 then
     redis.call('DEL', key)
     return
   end
