@@ -61,7 +61,7 @@ enum Key {
 
 impl SharedBudget {
     /// The longest model name [`per_model`](Self::per_model) keys a budget by, in bytes.
-    pub const MAX_MODEL_KEY_LEN: usize = 256;
+    pub const MAX_MODEL_KEY_LEN: usize = crate::window::MAX_MODEL_KEY_LEN;
 
     /// One budget, `name`, in `ledger` (a `TenantTokenTracker` in an `Arc`, or a Redis
     /// tracker), that every request draws from.

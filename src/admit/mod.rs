@@ -8,10 +8,10 @@
 //!    refused instead);
 //! 2. the shared budgets it draws from are reserved (all or nothing; shadow mode may
 //!    override a refusal);
-//! 3. the tenant's reservation is made in the ledger (at once in memory, one round trip
-//!    in Redis; shadow mode likewise);
-//! 4. the windows over time are charged (all or nothing; a refusal releases 2 and 3), what
-//!    rides along is attached (budgets, window charges, hold-time clock, wake-up,
+//! 3. the tenant's reservation is made in the ledger, and the windows over time are
+//!    charged with it, all or nothing (at once in memory; in Redis, in one round trip for
+//!    both; shadow mode likewise);
+//! 4. what rides along is attached (budgets, window charges, hold-time clock, wake-up,
 //!    metrics), and the guard takes it all.
 //!
 //! A refusal over a cap, with waiting on, queues the request and repeats 2–4 whenever it
