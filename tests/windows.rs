@@ -552,3 +552,30 @@ async fn a_window_per_model_keeps_a_bucket_for_each_model_a_tenant_names() {
         assert!((9_300..=9_400).contains(&left), "{left} left for {model}");
     }
 }
+
+#[tokio::test]
+async fn buckets_full_again_are_dropped_so_a_spray_of_tenants_holds_no_memory() {
+    use tower::ServiceExt;
+    // Refilled a millisecond after each use: every bucket is full again by the next.
+    let window = TokenWindow::new(1_000, Duration::from_millis(1));
+    let app = Router::new()
+        .route("/ok", post(|| async { "ok" }))
+        .layer(TenantTokenLayer::new(tracker(1_000)).window(window.clone()));
+    for n in 0..5_000 {
+        let request = Request::post("/ok")
+            .header("x-tenant-id", format!("one-off-{n}"))
+            .header("x-token-estimate", "10")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        if n % 1_000 == 999 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    let kept = window.tracked_buckets();
+    assert!(
+        kept < 2_500,
+        "{kept} buckets kept for 5,000 one-off tenants"
+    );
+}

@@ -79,11 +79,22 @@ struct Inner {
     set: RwLock<HashMap<Box<str>, u64, foldhash::fast::RandomState>>,
     /// Whether each tenant has a bucket per model its requests name.
     by_model: bool,
-    /// The buckets, by tenant (and model: see [`scope`]).
+    /// The buckets, by tenant (and model: see [`scope`]), spread over shards so that
+    /// requests of different tenants on different cores seldom share a lock.
+    shards: Box<[Shard]>,
+    /// Picks a bucket's shard.
+    spread: foldhash::fast::RandomState,
+}
+
+/// Some of a window's buckets.
+struct Shard {
     buckets: RwLock<HashMap<Box<str>, Arc<Bucket>, foldhash::fast::RandomState>>,
     /// The number of buckets above which idle full ones are dropped.
     prune_at: std::sync::atomic::AtomicUsize,
 }
+
+/// How many shards a window's buckets are spread over (a power of two).
+const SHARDS: usize = 16;
 
 /// One tenant's bucket.
 struct Bucket {
@@ -109,8 +120,9 @@ struct Level {
 /// can neither escape a limit with a long name nor make a long key.
 pub(crate) const MAX_MODEL_KEY_LEN: usize = 256;
 
-/// Buckets kept before idle full ones are dropped (a full bucket is a fresh one).
-const PRUNE_AT: usize = 1024;
+/// Buckets a shard keeps before idle full ones are dropped (a full bucket is a fresh
+/// one).
+const PRUNE_AT: usize = 64;
 
 impl TokenWindow {
     /// A window of `period` in which each tenant may use `limit` tokens by default.
@@ -217,8 +229,13 @@ impl TokenWindow {
                 lookup: RwLock::new(None),
                 set: RwLock::default(),
                 by_model,
-                buckets: RwLock::default(),
-                prune_at: PRUNE_AT.into(),
+                shards: (0..SHARDS)
+                    .map(|_| Shard {
+                        buckets: RwLock::default(),
+                        prune_at: PRUNE_AT.into(),
+                    })
+                    .collect(),
+                spread: foldhash::fast::RandomState::default(),
             }),
         }
     }
@@ -312,6 +329,13 @@ impl TokenWindow {
     /// counted in Redis is read with `RedisTokenTracker::window_remaining`.)
     pub fn remaining(&self, tenant_id: &str) -> u64 {
         self.inner.remaining(tenant_id, None)
+    }
+
+    /// How many buckets the window keeps in this process now. Buckets full again and held
+    /// by no request are dropped once a window keeps many, so this follows the tenants
+    /// (and models) that used it within about a period.
+    pub fn tracked_buckets(&self) -> usize {
+        self.inner.buckets()
     }
 
     /// Tokens `tenant_id` may still use now with `model`, in a window
@@ -455,8 +479,21 @@ impl Inner {
             .unwrap_or_else(|| self.default.load(Relaxed))
     }
 
+    /// The shard `scope`'s bucket is in.
+    fn shard(&self, scope: &str) -> &Shard {
+        use std::hash::BuildHasher;
+        let hash = self.spread.hash_one(scope) as usize;
+        &self.shards[hash & (SHARDS - 1)]
+    }
+
     fn find(&self, scope: &str) -> Option<Arc<Bucket>> {
-        read(&self.buckets).get(scope).cloned()
+        read(&self.shard(scope).buckets).get(scope).cloned()
+    }
+
+    /// How many buckets there are now.
+    fn buckets(&self) -> usize {
+        let counts = self.shards.iter().map(|shard| read(&shard.buckets).len());
+        counts.sum()
     }
 
     /// What `tenant_id` has left in its bucket (for `model`, per model) now.
@@ -478,9 +515,10 @@ impl Inner {
             return bucket;
         }
         let limit = self.limit_of(tenant_id);
-        let mut buckets = write(&self.buckets);
-        if buckets.len() >= self.prune_at.load(Relaxed) {
-            self.prune(&mut buckets);
+        let shard = self.shard(&scope);
+        let mut buckets = write(&shard.buckets);
+        if buckets.len() >= shard.prune_at.load(Relaxed) {
+            self.prune(shard, &mut buckets);
         }
         let bucket = buckets.entry(Box::from(scope)).or_insert_with(|| {
             Arc::new(Bucket {
@@ -500,11 +538,13 @@ impl Inner {
     /// Gives the buckets of `tenant` (of every tenant: `None`) the limit that is theirs
     /// now. What they used stays used.
     fn relimit(&self, tenant: Option<&str>) {
-        let buckets: Vec<_> = read(&self.buckets)
-            .iter()
-            .filter(|(scope, _)| tenant.map_or(true, |t| tenant_of(scope, self.by_model) == t))
-            .map(|(scope, bucket)| (scope.clone(), Arc::clone(bucket)))
-            .collect();
+        let of_tenant = |scope: &str| tenant.map_or(true, |t| tenant_of(scope, self.by_model) == t);
+        let mut buckets = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = read(&shard.buckets);
+            let found = shard.iter().filter(|(scope, _)| of_tenant(scope));
+            buckets.extend(found.map(|(scope, bucket)| (scope.clone(), Arc::clone(bucket))));
+        }
         let now = Instant::now();
         for (scope, bucket) in buckets {
             let limit = self.limit_of(tenant_of(&scope, self.by_model));
@@ -514,9 +554,14 @@ impl Inner {
         }
     }
 
-    /// Drops the buckets that are full and held by no request: a fresh bucket is the same.
-    /// The next prune waits until the map has doubled.
-    fn prune(&self, buckets: &mut HashMap<Box<str>, Arc<Bucket>, foldhash::fast::RandomState>) {
+    /// Drops the buckets of `shard` (its map, `buckets`) that are full and held by no
+    /// request: a fresh bucket is the same. The next prune waits until the map has
+    /// doubled.
+    fn prune(
+        &self,
+        shard: &Shard,
+        buckets: &mut HashMap<Box<str>, Arc<Bucket>, foldhash::fast::RandomState>,
+    ) {
         let now = Instant::now();
         buckets.retain(|_, bucket| {
             if Arc::strong_count(bucket) > 1 {
@@ -526,7 +571,8 @@ impl Inner {
             level.refill(now, self.period);
             level.tokens < level.limit as f64
         });
-        self.prune_at
+        shard
+            .prune_at
             .store((buckets.len() * 2).max(PRUNE_AT), Relaxed);
     }
 }
@@ -657,7 +703,7 @@ impl fmt::Debug for TokenWindow {
             .field("name", &self.inner.name)
             .field("key", &self.bucket_name(None))
             .field("default_limit", &self.default_limit())
-            .field("tenants", &read(&self.inner.buckets).len())
+            .field("buckets", &self.inner.buckets())
             .finish()
     }
 }
