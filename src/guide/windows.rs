@@ -92,9 +92,9 @@
 //! Each tenant has a bucket per window that holds at most its limit and refills
 //! continuously at the limit divided by the period (1,000 a minute refills about 16.7
 //! tokens a second). A new tenant starts with a full bucket. So in the worst case a tenant
-//! uses, in any one period, a full bucket plus one period's refill: twice its limit, and
-//! no more than its limit in any period after a period of idleness. Over a long run it
-//! uses at most its limit per period.
+//! uses, in any one period, a full bucket plus one period's refill: twice its limit. Over
+//! any `n` periods it uses at most `n + 1` limits, so over a long run its limit per
+//! period.
 //!
 //! # What a request is charged
 //!
@@ -115,8 +115,9 @@
 //!   larger. So is one the client dropped, or one the upstream failed: the window cannot
 //!   tell what the upstream did for it, and takes the side of the limit.
 //! - **A guessed output fits.** An output allowance the estimator guessed (a request
-//!   without `max_tokens`) is cut to what the smallest window holds, as to the in-flight
-//!   cap: a guess never makes a request unadmittable.
+//!   without `max_tokens`) is cut to the smallest token window's limit, as to the
+//!   in-flight cap: a guess never makes a request unadmittable (it may wait for the
+//!   bucket to refill).
 //!
 //! # Refusals
 //!
