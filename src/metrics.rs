@@ -193,7 +193,7 @@ impl Metrics {
             return;
         };
         let Some(standing) = charge.standing() else {
-            return; // kept for every replica: not known without asking
+            return; // not known
         };
         let window = Label::new("window", charge.window().to_owned());
         gauge!(WINDOW_REMAINING, vec![window, tenant]).set(standing.remaining as f64);

@@ -326,3 +326,37 @@ async fn a_limit_of_nothing_refuses_everything_and_breaks_nothing() {
     let bucket = "tenant-tokens:{t:blocked}:w:tokens-per-30-days";
     assert_eq!(redis.command(&format!("EXISTS {bucket}")), ":0");
 }
+
+#[tokio::test]
+async fn admitted_responses_say_what_the_shared_bucket_held_after_their_charge() {
+    let redis = redis_or_skip!("admitted_responses_say_what_the_shared_bucket_held");
+    let window = TokenWindow::per_minute(6_000);
+    let tracker = RedisTokenTracker::builder(100_000)
+        .connect(redis.url())
+        .expect("a valid redis url");
+    let layer = TenantTokenLayer::new(tracker)
+        .openai_ratelimit_headers(true)
+        .window(window);
+    let app = Router::new()
+        .route("/ok", post(|| async { "ok" }))
+        .layer(layer);
+    let server = serve(app).await;
+    let client = client();
+
+    let first = call(&client, metered(&server, "/ok", "acme", 600)).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(first.header("x-ratelimit-limit-tokens"), Some("6000"));
+    assert_eq!(first.header("x-ratelimit-remaining-tokens"), Some("5400"));
+    // 600 tokens at 100 a second: full again in 6 s.
+    assert_eq!(first.header("x-ratelimit-reset-tokens"), Some("6s"));
+    let second = call(&client, metered(&server, "/ok", "acme", 400)).await;
+    let left: u64 = second
+        .header("x-ratelimit-remaining-tokens")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (5_000..=5_010).contains(&left),
+        "{left} left after 1,000 of 6,000"
+    );
+}

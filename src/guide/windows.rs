@@ -191,5 +191,5 @@
 //! admits requests, their windows are charged in this process instead, each replica
 //! allowing the whole limit until Redis is back. Replicas configure windows alike, as
 //! they configure caps: a window's buckets are named by its name and what it counts.
-//! Admitted responses carry no window headers in Redis (reading the bucket would take a
-//! round trip); refusals do.
+//! Admitted responses' headers (and the remaining gauge) say what the shared bucket held
+//! once the request was charged: the same call answers it.

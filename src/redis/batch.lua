@@ -1,9 +1,10 @@
 local ttl = tonumber(ARGV[1])
 local out, a, k = {}, 2, 1
 while a <= #ARGV do
-  local op, status, held = ARGV[a], 1, 0
+  local op, status, held, n = ARGV[a], 1, 0, 0
   if op == 'r' then
-    local key, lease, n = KEYS[k], ARGV[a + 1], tonumber(ARGV[a + 4])
+    local key, lease = KEYS[k], ARGV[a + 1]
+    n = tonumber(ARGV[a + 4])
     -- A retry of a lease Redis holds already charged its windows the first time.
     local again = n > 0 and redis.call('HEXISTS', key, lease) == 1
     status, held = reserve(key, lease, ARGV[a + 2], tonumber(ARGV[a + 3]), ttl)
@@ -24,5 +25,7 @@ while a <= #ARGV do
   end
   out[#out + 1] = status
   out[#out + 1] = held
+  -- A reservation with windows: what each bucket holds now (after its charge).
+  if op == 'r' then levels_to(out, k - n, a - 4 * n, n) end
 end
 return out

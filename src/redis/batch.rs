@@ -16,6 +16,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
 use std::task::Poll;
 
@@ -74,6 +75,9 @@ pub(super) struct WindowAsk {
     pub(super) force: bool,
     /// The window, to say why it refused.
     pub(super) window: Option<crate::TokenWindow>,
+    /// What the bucket held once the reservation's call was answered (set by the batch
+    /// that carried it).
+    pub(super) left: Arc<AtomicU64>,
 }
 
 impl WindowAsk {
@@ -86,6 +90,7 @@ impl WindowAsk {
             period_ms: self.period_ms,
             force: self.force,
             window: None,
+            left: Arc::clone(&self.left),
         }
     }
 
@@ -324,11 +329,25 @@ impl Sender {
         let mut conn = self.calls.conn().clone();
         let answers: Result<Vec<i64>, Failure> =
             self.calls.timed(invocation.invoke_async(&mut conn)).await;
+        // Two numbers an operation, and for a reservation what each of its windows' buckets
+        // holds.
+        let windows = |op: &Op| match &op.asked {
+            Asked::Reserve { windows, .. } => windows.len(),
+            _ => 0,
+        };
+        let expected: usize = batch.iter().map(|op| 2 + windows(op)).sum();
         match answers {
-            Ok(answers) if answers.len() == 2 * batch.len() => {
-                for (op, answer) in batch.drain(..).zip(answers.chunks_exact(2)) {
-                    let in_flight = u64::try_from(answer[1]).unwrap_or(0);
-                    answer_one(op, Ok((answer[0], in_flight)));
+            Ok(answers) if answers.len() == expected => {
+                let mut answers = answers.into_iter();
+                for op in batch.drain(..) {
+                    let status = answers.next().unwrap_or_default();
+                    let in_flight = u64::try_from(answers.next().unwrap_or_default());
+                    if let Asked::Reserve { windows, .. } = &op.asked {
+                        for (window, left) in windows.iter().zip(answers.by_ref()) {
+                            window.left.store(u64::try_from(left).unwrap_or(0), Relaxed);
+                        }
+                    }
+                    answer_one(op, Ok((status, in_flight.unwrap_or(0))));
                 }
             }
             Ok(_) => {

@@ -22,6 +22,16 @@ local function keep(key, level, limit, period)
   redis.call('HSET', key, 'l', string.format('%.17g', level), 't', int(clock()))
   redis.call('PEXPIRE', key, math.ceil((limit - level) * period / limit) + 1)
 end
+-- What the `n` buckets whose keys start at `KEYS[k]` (their figures at `ARGV[a]`, as for
+-- `charge`) hold now, appended to `out`, at least 0 each.
+local function levels_to(out, k, a, n)
+  for w = 0, n - 1 do
+    local at = a + 4 * w
+    local level = level_of(KEYS[k + w], tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2]))
+    if level < 0 then level = 0 end
+    out[#out + 1] = math.floor(level)
+  end
+end
 -- Charges the `n` windows whose keys start at `KEYS[k]` and whose figures (units, limit,
 -- period, forced) start at `ARGV[a]`, all or none. Returns 0, or the window (from 1) to
 -- report (a window the request can never fit first, then the longest wait) and what its

@@ -7,7 +7,10 @@ use std::sync::Arc;
 use super::batch::WindowAsk;
 use super::shared::Inner;
 use super::{RedisReservation, RedisTokenTracker};
-use crate::window::{Charge, Remote, Tally};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use crate::window::{Charge, Remote, Standing, Tally};
 use crate::{Error, TokenWindow};
 
 /// A charge's bucket in Redis: what adjusting it needs.
@@ -18,6 +21,8 @@ struct Bucket {
     period_ms: u64,
     window: String,
     tokens: bool,
+    /// What the bucket held once this request was charged.
+    left: u64,
 }
 
 impl Remote for Bucket {
@@ -29,7 +34,13 @@ impl Remote for Bucket {
             period_ms: self.period_ms,
             force: true,
             window: None,
+            left: Arc::default(),
         });
+    }
+
+    fn standing(&self) -> Option<Standing> {
+        let period = Duration::from_millis(self.period_ms);
+        Some(Standing::of(self.limit, self.left, period, self.tokens))
     }
 
     fn window(&self) -> &str {
@@ -75,8 +86,10 @@ impl RedisTokenTracker {
                 period_ms: period_ms(window),
                 force: !checked,
                 window: Some(window.clone()),
+                left: Arc::default(),
             })
             .collect();
+        let lefts: Vec<_> = asks.iter().map(|ask| Arc::clone(&ask.left)).collect();
         let reservation = Inner::reserve_charged(inner, tenant_id, tokens, checked, &mut asks);
         let reservation = reservation.await?;
         if !asks.is_empty() {
@@ -84,8 +97,10 @@ impl RedisTokenTracker {
         }
         let charges = windows
             .into_iter()
-            .map(|(window, tally, bucket)| {
+            .zip(lefts)
+            .map(|((window, tally, bucket), left)| {
                 let bucket = Bucket {
+                    left: left.load(Relaxed),
                     inner: Arc::clone(inner),
                     key: key(&bucket),
                     limit: window.limit(tenant_id),

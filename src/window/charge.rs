@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::price::{Sizing, Usage, Weights};
-use super::{lock, Bucket, TokenWindow};
+use super::{lock, seconds, Bucket, TokenWindow};
 use crate::Error;
 
 /// What one admitted request was charged in one window. It stays charged when dropped
@@ -36,6 +36,8 @@ pub(crate) trait Remote: Send + Sync {
     fn window(&self) -> &str;
     /// Whether the window counts tokens (not spend).
     fn counts_tokens(&self) -> bool;
+    /// How the bucket stood once the request was charged, if known.
+    fn standing(&self) -> Option<Standing>;
 }
 
 /// What a request was charged for in a window, and what that came to.
@@ -89,6 +91,19 @@ pub(crate) struct Standing {
     pub(crate) reset: Duration,
     /// Whether the window counts tokens (not spend).
     pub(crate) tokens: bool,
+}
+
+impl Standing {
+    /// A bucket of `limit` per `period` holding `remaining`.
+    pub(crate) fn of(limit: u64, remaining: u64, period: Duration, tokens: bool) -> Self {
+        let rate = limit as f64 / period.as_secs_f64();
+        Standing {
+            limit,
+            remaining,
+            reset: seconds(limit.saturating_sub(remaining) as f64, rate),
+            tokens,
+        }
+    }
 }
 
 impl Charge {
@@ -178,21 +193,18 @@ impl Charge {
         self.settle(Usage::default());
     }
 
-    /// How the window stands now; `None` for a bucket kept for every replica, which would
-    /// take a round trip to read.
+    /// How the window stands now; for a bucket kept for every replica, how it stood once
+    /// the request was charged (reading it again would take a round trip).
     pub(crate) fn standing(&self) -> Option<Standing> {
-        let Place::Here(bucket) = &self.place else {
-            return None;
+        let bucket = match &self.place {
+            Place::Here(bucket) => bucket,
+            Place::Elsewhere(remote) => return remote.standing(),
         };
         let mut level = lock(&bucket.level);
         let period = bucket.period;
         level.refill(Instant::now(), period);
-        Some(Standing {
-            limit: level.limit,
-            remaining: level.remaining(),
-            reset: level.reset(level.rate(period)),
-            tokens: bucket.tokens,
-        })
+        let (limit, remaining) = (level.limit, level.remaining());
+        Some(Standing::of(limit, remaining, period, bucket.tokens))
     }
 }
 

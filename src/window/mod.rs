@@ -640,11 +640,6 @@ impl Level {
         self.tokens.max(0.0) as u64
     }
 
-    /// How long until the bucket is full.
-    fn reset(&self, rate: f64) -> Duration {
-        seconds(self.limit as f64 - self.tokens, rate)
-    }
-
     /// Gives back `tokens` that were charged but not used.
     fn refund(&mut self, tokens: f64) {
         self.tokens = (self.tokens + tokens).min(self.limit as f64);
