@@ -377,7 +377,11 @@ fn add(invocation: &mut ScriptInvocation<'_>, asked: &Asked) {
             windows,
         } => {
             invocation.key(&**lease.key());
-            invocation.arg("r").arg(lease.id()).arg(tokens).arg(cap);
+            if windows.is_empty() {
+                invocation.arg("r").arg(lease.id()).arg(tokens).arg(cap);
+                return;
+            }
+            invocation.arg("R").arg(lease.id()).arg(tokens).arg(cap);
             invocation.arg(windows.len());
             for window in windows {
                 invocation.key(&window.key);

@@ -52,8 +52,9 @@ const WINDOW: &str = include_str!("window.lua");
 /// keys: `KEYS` are an operation's keys in order, and `ARGV` the ttl, then for each
 /// operation
 ///
-/// - `r` (reserve): the lease, its tokens, the cap and the number `n` of windows to charge
-///   with it, then for each window its units, limit, period in milliseconds and `1` to
+/// - `r` (reserve): the lease, its tokens and the cap; key: the tenant's hash;
+/// - `R` (reserve and charge windows): the same, then the number `n` of windows to charge
+///   with it, and for each window its units, limit, period in milliseconds and `1` to
 ///   charge it whatever it holds (`0` otherwise); keys: the tenant's hash, then each
 ///   window's bucket;
 /// - `x` (release): the lease; key: the tenant's hash;
@@ -62,9 +63,9 @@ const WINDOW: &str = include_str!("window.lua");
 ///
 /// Returns two numbers an operation, in order: for a reservation its status and the
 /// tenant's tokens in flight (see `reserve`), or for a window's refusal `-1 - i` for the
-/// `i`-th window (from 1) and what its bucket held (the lease is released again); for a
-/// release 1 if the lease was there and the tokens in flight after it; for an adjustment
-/// 1 and 0.
+/// `i`-th window (from 1) and what its bucket held (the lease is released again), then
+/// for `R` what each window's bucket holds after the call; for a release 1 if the lease
+/// was there and the tokens in flight after it; for an adjustment 1 and 0.
 const BATCH: &str = include_str!("batch.lua");
 
 /// `KEYS[1]` a window's bucket; `ARGV`: its limit and period in milliseconds. Returns the
