@@ -61,10 +61,10 @@ fn period_ms(window: &TokenWindow) -> u64 {
 
 impl RedisTokenTracker {
     /// Reserves `tokens` for `tenant_id` (under its cap when `checked`) and charges the
-    /// `windows`, priced so, each in the bucket named last, in the same call: all or nothing, whatever they hold when
-    /// not `checked` (shadow mode). The charges made in Redis come back with it (made
-    /// with `elsewhere`); `None` when the failure policy answered without Redis, and the
-    /// windows are still to be charged.
+    /// `windows`, priced so, each in the bucket named last, in the same call: all or
+    /// nothing, whatever they hold when not `checked` (shadow mode). The charges made in
+    /// Redis come back with it (made with `elsewhere`); `None` when the failure policy
+    /// answered without Redis, and the windows are still to be charged.
     ///
     /// Never from this replica's headroom: a window's charge needs Redis.
     pub(crate) async fn reserve_charged(
@@ -76,11 +76,12 @@ impl RedisTokenTracker {
         elsewhere: fn(Box<dyn Remote>, Tally) -> Charge,
     ) -> Result<(RedisReservation, Option<Vec<Charge>>), Error> {
         let inner = &self.inner;
-        let key = |bucket: &str| inner.keys().window(tenant_id, bucket);
+        // Each window's bucket, asked once; what it holds after the call comes back in
+        // `left`.
         let mut asks: Vec<WindowAsk> = windows
             .iter()
             .map(|(window, tally, bucket)| WindowAsk {
-                key: key(bucket),
+                key: inner.keys().window(tenant_id, bucket),
                 units: tally.units(),
                 limit: window.limit(tenant_id),
                 period_ms: period_ms(window),
@@ -89,7 +90,7 @@ impl RedisTokenTracker {
                 left: Arc::default(),
             })
             .collect();
-        let lefts: Vec<_> = asks.iter().map(|ask| Arc::clone(&ask.left)).collect();
+        let sent: Vec<WindowAsk> = asks.iter().map(WindowAsk::again).collect();
         let reservation = Inner::reserve_charged(inner, tenant_id, tokens, checked, &mut asks);
         let reservation = reservation.await?;
         if !asks.is_empty() {
@@ -97,14 +98,14 @@ impl RedisTokenTracker {
         }
         let charges = windows
             .into_iter()
-            .zip(lefts)
-            .map(|((window, tally, bucket), left)| {
+            .zip(sent)
+            .map(|((window, tally, _), ask)| {
                 let bucket = Bucket {
-                    left: left.load(Relaxed),
+                    left: ask.left.load(Relaxed),
                     inner: Arc::clone(inner),
-                    key: key(&bucket),
-                    limit: window.limit(tenant_id),
-                    period_ms: period_ms(&window),
+                    key: ask.key,
+                    limit: ask.limit,
+                    period_ms: ask.period_ms,
                     window: window.name().to_owned(),
                     tokens: window.counts_tokens(),
                 };
