@@ -99,10 +99,11 @@ fn main() {
                 .layer(tower::service_fn(bare)),
             requests,
         ),
-        // One window per minute, large enough never to refuse.
+        // One window per minute, large enough never to refuse, small enough that every
+        // charge shows in its bucket (and so is refilled, as in use).
         "tower-tenant-tokens-window" => run(
             TenantTokenLayer::new(tracker)
-                .window(TokenWindow::per_minute(u64::MAX / 2))
+                .window(TokenWindow::per_minute(1_000_000_000_000))
                 .layer(tower::service_fn(bare)),
             requests,
         ),

@@ -19,7 +19,7 @@ use crate::fair::Queue;
 use crate::redis::{RedisReservation, RedisTokenTracker};
 use crate::step::{Pending, Step};
 use crate::tracker::entry::Entry;
-use crate::window::{charge_all, force_all, Charge, Charges, Sizing};
+use crate::window::{charge_all, force_all, Charge, Charges, Sizing, TokenCharge};
 use crate::{Error, TenantTokenTracker, TokenReservation, TokenWindow};
 
 /// Where a layer, or a shared budget, counts tokens: a [`TenantTokenTracker`] in this
@@ -72,6 +72,28 @@ impl Ledger {
             }
             Ledger::Redis(tracker) => tracker.reserve_step(tenant, tokens, Reservation::Redis),
         }
+    }
+
+    /// Reserves `tokens` for `tenant` with their charge to `window`, a window that
+    /// [counts every token alike](TokenWindow::counts_every_token), all or nothing, in a
+    /// ledger in this process. `None` for a ledger in Redis: its windows are charged
+    /// there ([`reserve_charged`](Self::reserve_charged)).
+    #[inline]
+    pub(crate) fn reserve_counted(
+        &self,
+        tenant: &str,
+        tokens: u64,
+        window: &TokenWindow,
+    ) -> Option<Result<(Reservation, TokenCharge), Error>> {
+        let Ledger::Local(tracker) = self else {
+            return None;
+        };
+        let reserved = tracker.reserve_id(tenant, tokens).and_then(|reservation| {
+            // Refused here, the reservation is dropped: released.
+            let charge = window.charge_tokens(tenant, tokens, reservation.kept_bucket())?;
+            Ok((Reservation::Local(reservation), charge))
+        });
+        Some(reserved)
     }
 
     /// Reserves `tokens` for `tenant`, under its cap when `checked`, and charges them to

@@ -120,6 +120,7 @@ mod service;
 mod shadow;
 mod step;
 mod sync;
+mod table;
 mod tracker;
 mod window;
 

@@ -32,7 +32,7 @@ use std::sync::{Mutex, PoisonError};
 
 use metrics::{counter, gauge, histogram, Gauge, Label};
 
-use crate::window::Charge;
+use crate::window::Charged;
 use crate::Priority;
 
 /// The counter of requests by outcome.
@@ -188,7 +188,7 @@ impl Metrics {
 
     /// What `tenant` has left in the window `charge` was made in, where tenants are
     /// labelled.
-    pub(crate) fn window_remaining(&self, tenant: &str, charge: &Charge) {
+    pub(crate) fn window_remaining(&self, tenant: &str, charge: &impl Charged) {
         let Some(tenant) = self.tenant(tenant) else {
             return;
         };
@@ -261,7 +261,7 @@ impl Tag {
     }
 
     /// A window's charge, as it stands when the reservation ends.
-    pub(crate) fn charged(&self, charge: &Charge) {
+    pub(crate) fn charged(&self, charge: &impl Charged) {
         let mut labels = self.labels.clone();
         labels.push(Label::new("window", charge.window().to_owned()));
         if !charge.counts_tokens() {

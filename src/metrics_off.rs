@@ -33,7 +33,7 @@ impl Metrics {
     pub(crate) fn budget_served(&self, _tenant: &str, _tokens: u64) {}
 
     #[inline(always)]
-    pub(crate) fn window_remaining(&self, _tenant: &str, _charge: &crate::window::Charge) {}
+    pub(crate) fn window_remaining(&self, _tenant: &str, _charge: &impl crate::window::Charged) {}
 }
 
 impl Tag {
@@ -41,7 +41,7 @@ impl Tag {
     pub(crate) fn resized(&mut self, _from: u64, _to: u64) {}
 
     #[inline(always)]
-    pub(crate) fn charged(&self, _charge: &crate::window::Charge) {}
+    pub(crate) fn charged(&self, _charge: &impl crate::window::Charged) {}
 
     #[inline(always)]
     pub(crate) fn released(&self, _tokens: u64) {}

@@ -614,20 +614,20 @@ impl LiveTenantCost {
 /// The bound the issue sets: a live tenant costs the tracker at most 128 bytes beyond its
 /// id (counted in bytes asked of the allocator, table slack included).
 ///
-/// Where a live tenant's bytes go (x86_64, 15-byte ids, 100,000 tenants over 64 shards):
+/// Where a live tenant's bytes go (x86_64, 15-byte ids, 100,000 tenants over 64 shards),
+/// beyond the id's own 15:
 ///
-/// - its id, `Arc<str>`: 16 bytes of counts + 15 + 1 of padding = 32;
-/// - its entry, `Arc<Entry>`: 16 bytes of counts + 72 (the id's fat pointer 16, five
-///   `AtomicU64` 40, the `Arc<Shard>` 8, two `AtomicBool` 2, padding 6) = 88;
-/// - its share of its shard's table: one bucket plus one control byte, divided by the load
-///   (here 1,562 tenants a shard in 2,048 buckets, 76 %; it swings between 44 % and 88 %
-///   with the number of tenants). With `HashMap<Arc<str>, Arc<Entry>>` (24-byte buckets)
-///   that is 32.8 bytes: 137.8 beyond the id. With `HashMap<u64, Slot>` (`Slot` an enum of
-///   `Arc<Entry>` or `Vec<Arc<Entry>>`: 32-byte buckets) it is 43.3: 148.3 beyond the id.
+/// - its entry, `Arc<Entry>`: 16 bytes of counts + 72 (the id's fat pointer 16, three
+///   `AtomicU64` 24, two `AtomicU32` 8, the `Arc<Shard>` 8, the place for a window's
+///   bucket 16) = 88;
+/// - its share of its shard's table: one 16-byte bucket (the hash and the entry's
+///   pointer) plus one control byte, divided by the load (here 1,562 tenants a shard in
+///   2,048 buckets, 76 %; it swings between 44 % and 88 % with the number of tenants):
+///   22.3 bytes.
 ///
-/// Even at best load, 32 + 88 + 25 / 0.875 - 15 = 133.6 > 128 with the smaller bucket: the
-/// bound needs a smaller entry or fewer blocks, not just a denser table. malloc rounds the
-/// two blocks up to 48 and 96 bytes, so the process pays 24 bytes more again.
+/// That is about 110 bytes. A table whose slots could hold a list of colliding entries
+/// takes 24-byte buckets, and 10 bytes more a tenant. malloc rounds the two blocks up, so
+/// the process pays about 25 bytes more again.
 #[test]
 fn live_tenants_cost_at_most_128_bytes_plus_their_id() {
     let cost = LiveTenantCost::measure();

@@ -579,3 +579,50 @@ async fn buckets_full_again_are_dropped_so_a_spray_of_tenants_holds_no_memory() 
         "{kept} buckets kept for 5,000 one-off tenants"
     );
 }
+
+#[tokio::test]
+async fn layers_sharing_a_tracker_each_charge_their_own_window() {
+    use tower::ServiceExt;
+    // One tracker under two routes, each with its own window: a tenant's requests on one
+    // route must never be charged to the other's window, however often it returns.
+    let tracker = tracker(100_000);
+    let first = TokenWindow::per_day(10_000);
+    let second = TokenWindow::per_day(10_000);
+    let ok = || post(|| async { "ok" });
+    let app = Router::new()
+        .route("/first", ok())
+        .route_layer(TenantTokenLayer::new(tracker.clone()).window(first.clone()))
+        .merge(
+            Router::new()
+                .route("/second", ok())
+                .route_layer(TenantTokenLayer::new(tracker).window(second.clone())),
+        );
+    let send = |path: &'static str, tokens: u64| {
+        let request = Request::post(path)
+            .header("x-tenant-id", "acme")
+            .header("x-token-estimate", tokens.to_string())
+            .body(axum::body::Body::empty())
+            .unwrap();
+        app.clone().oneshot(request)
+    };
+    for _ in 0..3 {
+        assert_eq!(send("/first", 100).await.unwrap().status(), StatusCode::OK);
+    }
+    for _ in 0..2 {
+        assert_eq!(
+            send("/second", 1_000).await.unwrap().status(),
+            StatusCode::OK
+        );
+    }
+    assert_eq!(send("/first", 100).await.unwrap().status(), StatusCode::OK);
+    // A day's window refills about a token every nine seconds: nothing in this test.
+    let (first, second) = (first.remaining("acme"), second.remaining("acme"));
+    assert!(
+        (9_600..=9_601).contains(&first),
+        "{first} left in the first"
+    );
+    assert!(
+        (8_000..=8_001).contains(&second),
+        "{second} left in the second"
+    );
+}

@@ -38,7 +38,7 @@ use crate::ledger::Turn;
 use crate::reservation::{Attached, Guard};
 use crate::retry_after::HoldClock;
 use crate::step::Step;
-use crate::window::{Charges, Sizing};
+use crate::window::{Charges, Sizing, TokenCharge};
 use crate::{Error, ShadowMode};
 
 /// The outcome of admitting a request: the guard holding its reservation, or why not.
@@ -84,6 +84,17 @@ fn admit_charged(
     tokens: u64,
     sizing: Option<&Sizing>,
 ) -> Admission {
+    if let [window] = &config.windows[..] {
+        let unsplit = sizing.map_or(true, |sizing| sizing.prompt.is_none());
+        if unsplit && window.counts_every_token() {
+            if let Some(reserved) = config.ledger.reserve_counted(tenant, tokens, window) {
+                return Step::Now(reserved.map(|(reservation, charge)| {
+                    config.metrics.window_remaining(tenant, &charge);
+                    record(config, reservation, None, Some(charge), None)
+                }));
+            }
+        }
+    }
     let sizing = sizing.cloned().unwrap_or_default();
     let windows = &config.windows;
     match config
@@ -106,7 +117,7 @@ fn hold_charged(config: &Config, reservation: Reservation, windows: Charges) -> 
     // Made in place: a reader's room makes `Attached` large to move.
     let mut attached = Box::<Attached>::default();
     attached.windows = windows;
-    record(config, reservation, Some(attached), None)
+    record(config, reservation, Some(attached), None, None)
 }
 
 /// Tells the metrics recorder what `tenant` has left in its windows.
@@ -121,11 +132,11 @@ fn tell_windows(config: &Config, tenant: &str, windows: &Charges) {
 fn admit_plain(config: &Arc<Config>, tenant: &str, tokens: u64) -> Admission {
     match config.ledger.reserve(tenant, tokens) {
         Step::Now(reserved) => {
-            Step::Now(reserved.map(|reservation| record(config, reservation, None, None)))
+            Step::Now(reserved.map(|reservation| record(config, reservation, None, None, None)))
         }
         later => {
             let config = Arc::clone(config);
-            later.map(move |reservation| record(&config, reservation, None, None))
+            later.map(move |reservation| record(&config, reservation, None, None, None))
         }
     }
 }
@@ -361,7 +372,7 @@ fn hold(
             "shadow: would refuse ({error}); admitted"
         );
     }
-    record(config, reservation, Some(attached), shadowed.as_ref())
+    record(config, reservation, Some(attached), None, shadowed.as_ref())
 }
 
 /// Logs the admission, and tells the metrics recorder.
@@ -370,6 +381,7 @@ fn record(
     config: &Config,
     reservation: Reservation,
     attached: Option<Box<Attached>>,
+    window: Option<TokenCharge>,
     shadowed: Option<&Error>,
 ) -> Guard {
     let (tenant, tokens) = (reservation.tenant_id(), reservation.tokens());
@@ -377,7 +389,13 @@ fn record(
         Some(error) => config.metrics.shadowed(tenant, tokens, error.code()),
         None => config.metrics.admitted(tenant, tokens),
     };
-    Guard::new(reservation, attached, tag, config.reservation_handle)
+    Guard::new(
+        reservation,
+        attached,
+        window,
+        tag,
+        config.reservation_handle,
+    )
 }
 
 /// Waits in the queue until it is the request's turn and it fits, or its time is up

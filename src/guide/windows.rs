@@ -153,7 +153,11 @@
 //!
 //! Buckets of idle tenants whose buckets are full again are dropped once many tenants
 //! have been seen, since a full bucket is the same as a new one: a spray of tenant ids
-//! cannot grow memory without bound for longer than one period.
+//! cannot grow memory without bound for longer than one period. A tenant seen more than
+//! once keeps the bucket of one window that counts every token alike beside its entry in
+//! the tracker, so that its requests find it without a lookup; that bucket stays while
+//! the tracker keeps the entry, which the tracker's idle bound
+//! ([`max_idle_tenants`](crate::TenantTokenTrackerBuilder::max_idle_tenants)) bounds.
 //!
 //! # Stacking with caps and rate limiters
 //!

@@ -17,7 +17,7 @@ use crate::ledger::{Reservation, Resize, TenantName};
 use crate::metrics::Tag;
 use crate::retry_after::HoldClock;
 use crate::step::Pending;
-use crate::window::{Charge, Charges, Standing};
+use crate::window::{Charge, Charged, Charges, Standing, TokenCharge};
 use crate::Error;
 
 /// Waits for every growth in turn; the first refusal stands.
@@ -41,6 +41,10 @@ pub(crate) enum Guard {
         /// What only some layers attach, boxed so that a plain guard stays small (it is
         /// moved from the response future into the body).
         attached: Option<Box<Attached>>,
+        /// The charge of a layer whose one window counts every token alike, for a
+        /// request whose kinds of tokens are not known: kept here, without the
+        /// allocation `attached` takes, until a reader is attached.
+        window: Option<TokenCharge>,
         /// What the metrics recorder was told of it.
         tag: Tag,
     },
@@ -71,6 +75,7 @@ pub(crate) struct Reserved<'a> {
     reservation: &'a mut Reservation,
     budgets: &'a mut [Reservation],
     windows: Option<&'a mut Charges>,
+    window: Option<&'a mut TokenCharge>,
     /// What the metrics recorder was told of it.
     pub(crate) tag: &'a mut Tag,
 }
@@ -80,6 +85,7 @@ impl Guard {
     pub(crate) fn new(
         reservation: Reservation,
         attached: Option<Box<Attached>>,
+        window: Option<TokenCharge>,
         tag: Tag,
         with_handle: bool,
     ) -> Self {
@@ -87,6 +93,7 @@ impl Guard {
             return Guard::Owned {
                 reservation,
                 attached,
+                window,
                 tag,
             };
         }
@@ -94,6 +101,7 @@ impl Guard {
         let owned = Guard::Owned {
             reservation,
             attached,
+            window,
             tag,
         };
         Guard::Shared(ReservationHandle {
@@ -114,6 +122,7 @@ impl Guard {
             Guard::Owned {
                 reservation,
                 attached,
+                window,
                 tag,
             } => {
                 let (budgets, windows, reader) = match attached.as_deref_mut() {
@@ -129,6 +138,7 @@ impl Guard {
                     reservation,
                     budgets,
                     windows,
+                    window: window.as_mut(),
                     tag,
                 };
                 Some(f(&mut reserved, reader))
@@ -149,15 +159,15 @@ impl Guard {
     pub(crate) fn tightest_window(&self) -> Option<Standing> {
         match self {
             Guard::Owned {
-                attached: Some(attached),
-                ..
-            } => attached
-                .windows
-                .iter()
-                .filter_map(Charge::standing)
-                .filter(|standing| standing.tokens)
-                .min_by_key(|standing| standing.remaining),
-            Guard::Owned { .. } => None,
+                attached, window, ..
+            } => {
+                let charges = attached.iter().flat_map(|attached| attached.windows.iter());
+                let standings = charges.filter_map(Charge::standing);
+                let standings = standings.chain(window.as_ref().and_then(Charged::standing));
+                standings
+                    .filter(|standing| standing.tokens)
+                    .min_by_key(|standing| standing.remaining)
+            }
             Guard::Shared(handle) => handle.lock().as_ref()?.tightest_window(),
         }
     }
@@ -183,8 +193,15 @@ impl Guard {
     /// Attaches a reader of the response's usage.
     pub(crate) fn attach(&mut self, reader: Tap) {
         match self {
-            Guard::Owned { attached, .. } => {
-                attached.get_or_insert_with(Box::default).reader = Some(reader);
+            Guard::Owned {
+                attached, window, ..
+            } => {
+                let attached = attached.get_or_insert_with(Box::default);
+                if let Some(window) = window.take() {
+                    // The reader's usage tells kinds of tokens apart.
+                    attached.windows.push(window.into_charge());
+                }
+                attached.reader = Some(reader);
             }
             Guard::Shared(handle) => {
                 if let Some(guard) = handle.lock().as_mut() {
@@ -277,6 +294,9 @@ impl Reserved<'_> {
         let now = self.resize(tokens);
         self.charges()
             .for_each(|charge| charge.settle_total(tokens));
+        if let Some(window) = self.window.as_deref_mut() {
+            window.settle_total(tokens);
+        }
         now
     }
 
@@ -355,6 +375,9 @@ impl Reserved<'_> {
         let now = self.tokens();
         self.tag.resized(before, now);
         self.charges().for_each(|charge| charge.grow_to(now));
+        if let Some(window) = self.window.as_deref_mut() {
+            window.grow_to(now);
+        }
     }
 }
 
@@ -381,6 +404,7 @@ impl Drop for Guard {
         if let Guard::Owned {
             reservation,
             attached,
+            window,
             tag,
         } = self
         {
@@ -392,6 +416,9 @@ impl Drop for Guard {
                     .windows
                     .iter()
                     .for_each(|charge| tag.charged(charge));
+            }
+            if let Some(window) = window {
+                tag.charged(window);
             }
             tag.released(reservation.tokens());
         }

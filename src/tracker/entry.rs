@@ -1,10 +1,11 @@
 //! One tenant's counters, updated without locks.
 
-use crate::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use crate::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use crate::sync::Arc;
 
 use super::shard::Shard;
 use super::state::TenantTokenState;
+use crate::window::KeptBucket;
 
 /// Why an entry refused a reservation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,6 +21,17 @@ pub(crate) enum Refusal {
 /// shard's counter (and its cache line) alone.
 const COUNTED: u32 = 1 << 31;
 
+/// In `marks`: set when a request finds the entry already there. Tenants seen more than
+/// once are evicted last, so a spray of one-off ids evicts itself rather than steady
+/// tenants.
+const REUSED: u32 = 1 << 31;
+
+/// In `marks`: set by `set_cap`. The entry is configuration, not cache, so never evicted.
+const PINNED: u32 = 1 << 30;
+
+/// In `marks`: the overcommits (a count that stops at its largest value).
+const OVERCOMMITS: u32 = PINNED - 1;
+
 /// The ledger entry of one tenant.
 ///
 /// Every counter is its own atomic, so admission and release never take a lock. The map that
@@ -27,26 +39,31 @@ const COUNTED: u32 = 1 << 31;
 /// counts the reservations so that the shard can tell an idle entry (safe to evict) from one
 /// that work still points at.
 ///
-/// Kept small (80 bytes with its `Arc` counts, plus the id) since a tracker may hold
-/// hundreds of thousands. What every reservation reads or changes comes first, right after
-/// the `Arc`'s own counts (48 bytes in all), so that one tenant's traffic from several
-/// cores moves as few cache lines between them as it can.
+/// Kept small (88 bytes with its `Arc` counts, plus the id) since a tracker may hold
+/// hundreds of thousands: the marks and the overcommits share a word for that. What every
+/// reservation reads or changes comes first, right after the `Arc`'s own counts (48 bytes
+/// in all), so that one tenant's traffic from several cores moves as few cache lines
+/// between them as it can.
 #[repr(C)]
 pub(crate) struct Entry {
     in_flight: AtomicU64,
     /// Live reservations (low 31 bits: two billion reservations of one tenant alive at
     /// once would need far more memory than any machine has), and [`COUNTED`].
     live: AtomicU32,
-    /// Set when a request finds the entry already there: tenants seen more than once are
-    /// evicted last, so a spray of one-off ids evicts itself rather than steady tenants.
-    reused: AtomicBool,
-    /// Set by `set_cap`: configuration, not cache, so never evicted.
-    pinned: AtomicBool,
+    /// [`REUSED`], [`PINNED`], and the [`OVERCOMMITS`].
+    marks: AtomicU32,
     cap: AtomicU64,
     high_water: AtomicU64,
-    overcommits: AtomicU64,
     pub(crate) id: Box<str>,
     pub(crate) shard: Arc<Shard>,
+    /// The tenant's bucket of a token window, found here without a lookup.
+    pub(crate) bucket: KeptBucket,
+}
+
+impl crate::table::Keyed for Arc<Entry> {
+    fn key(&self) -> &str {
+        &self.id
+    }
 }
 
 impl Entry {
@@ -57,10 +74,9 @@ impl Entry {
             high_water: AtomicU64::new(0),
             cap: AtomicU64::new(cap),
             live: AtomicU32::new(0),
-            overcommits: AtomicU64::new(0),
-            pinned: AtomicBool::new(pinned),
-            reused: AtomicBool::new(false),
+            marks: AtomicU32::new(if pinned { PINNED } else { 0 }),
             shard,
+            bucket: KeptBucket::default(),
         }
     }
 
@@ -106,16 +122,22 @@ impl Entry {
         self.live.fetch_add(1, Relaxed);
         let (added, _, now) = self.add(tokens);
         if added > 0 && now > self.cap.load(Relaxed) {
-            self.overcommits.fetch_add(1, Relaxed);
+            self.count_overcommit();
         }
         added
     }
 
     /// Marks the entry as seen again after its first request.
     pub(crate) fn mark_reused(&self) {
-        if !self.reused.load(Relaxed) {
-            self.reused.store(true, Relaxed);
+        if self.marks.load(Relaxed) & REUSED == 0 {
+            self.marks.fetch_or(REUSED, Relaxed);
         }
+    }
+
+    /// Counts one more overcommit, unless the count is at its largest.
+    fn count_overcommit(&self) {
+        let more = |marks: u32| (marks & OVERCOMMITS != OVERCOMMITS).then_some(marks + 1);
+        let _ = self.marks.fetch_update(Relaxed, Relaxed, more);
     }
 
     /// Grows `in_flight` by up to `delta` without a cap check and returns how much it grew:
@@ -126,7 +148,7 @@ impl Entry {
         let (added, previous, now) = self.add(delta);
         let cap = self.cap.load(Relaxed);
         if previous <= cap && now > cap {
-            self.overcommits.fetch_add(1, Relaxed);
+            self.count_overcommit();
         }
         added
     }
@@ -213,11 +235,14 @@ impl Entry {
     }
 
     pub(crate) fn is_pinned(&self) -> bool {
-        self.pinned.load(Relaxed)
+        self.marks.load(Relaxed) & PINNED != 0
     }
 
     pub(crate) fn set_pinned(&self, pinned: bool) {
-        self.pinned.store(pinned, Relaxed);
+        match pinned {
+            true => self.marks.fetch_or(PINNED, Relaxed),
+            false => self.marks.fetch_and(!PINNED, Relaxed),
+        };
     }
 
     /// Idle: nothing points at it but the map, and it is not pinned configuration.
@@ -227,7 +252,7 @@ impl Entry {
     }
 
     pub(crate) fn was_reused(&self) -> bool {
-        self.reused.load(Relaxed)
+        self.marks.load(Relaxed) & REUSED != 0
     }
 
     pub(crate) fn state(&self) -> TenantTokenState {
@@ -236,7 +261,7 @@ impl Entry {
             high_water: self.high_water.load(Relaxed),
             cap: self.cap.load(Relaxed),
             reservations: u64::from(self.live.load(Relaxed) & !COUNTED),
-            overcommits: self.overcommits.load(Relaxed),
+            overcommits: u64::from(self.marks.load(Relaxed) & OVERCOMMITS),
         }
     }
 }

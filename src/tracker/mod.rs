@@ -6,7 +6,6 @@ mod reservation;
 mod scope;
 mod shard;
 mod state;
-mod table;
 
 use std::fmt;
 use std::hash::BuildHasher;

@@ -41,6 +41,12 @@ impl TokenReservation {
         &self.entry.id
     }
 
+    /// The tenant's bucket of a token window, kept beside its entry, and whether the
+    /// tenant was seen before this request (only then is a bucket kept there).
+    pub(crate) fn kept_bucket(&self) -> (&crate::window::KeptBucket, bool) {
+        (&self.entry.bucket, self.entry.was_reused())
+    }
+
     /// The ledger entry, for a handle that must name the tenant after the release.
     pub(crate) fn entry(&self) -> Arc<Entry> {
         Arc::clone(&self.entry)

@@ -5,7 +5,9 @@ use std::sync::PoisonError;
 use crate::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use crate::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use super::table::Table;
+use super::entry::Entry;
+use crate::sync::Arc;
+use crate::table::Table;
 
 /// A slice of the tenant map with its own lock.
 ///
@@ -17,7 +19,7 @@ use super::table::Table;
 /// once it passes the limit a sweep under the write lock counts for real and evicts the
 /// excess.
 pub(crate) struct Shard {
-    map: RwLock<Table>,
+    map: RwLock<Table<Arc<Entry>>>,
     idle_hint: AtomicUsize,
     idle_limit: usize,
 }
@@ -34,12 +36,12 @@ impl Shard {
     /// The map for lookups. No code holding this lock can panic in a way that leaves the
     /// map inconsistent (the critical sections only read and bump atomics), so a poisoned
     /// lock is taken as it is rather than turned into an error or a leak.
-    pub(crate) fn read(&self) -> RwLockReadGuard<'_, Table> {
+    pub(crate) fn read(&self) -> RwLockReadGuard<'_, Table<Arc<Entry>>> {
         self.map.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The map for inserts and evictions; see [`read`](Self::read) on poisoning.
-    pub(crate) fn write(&self) -> RwLockWriteGuard<'_, Table> {
+    pub(crate) fn write(&self) -> RwLockWriteGuard<'_, Table<Arc<Entry>>> {
         self.map.write().unwrap_or_else(PoisonError::into_inner)
     }
 

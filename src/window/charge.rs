@@ -5,10 +5,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use super::price::{Sizing, Usage, Weights};
-use super::{lock, seconds, Bucket, TokenWindow};
+use super::{seconds, Bucket, TokenWindow};
 use crate::Error;
 
 /// What one admitted request was charged in one window. It stays charged when dropped
@@ -148,63 +146,137 @@ impl Charge {
     pub(crate) fn settle(&mut self, used: Usage) {
         let more = self.tally.change(used);
         match &self.place {
-            Place::Here(bucket) => {
-                let mut level = lock(&bucket.level);
-                level.refill(Instant::now(), bucket.period);
-                if more >= 0.0 {
-                    level.tokens -= more;
-                } else {
-                    level.refund(-more);
-                }
-            }
+            Place::Here(bucket) => bucket.take(more),
             Place::Elsewhere(remote) if more != 0.0 => remote.adjust(more),
             Place::Elsewhere(_) => {}
         }
-    }
-
-    /// The window's name.
-    pub(crate) fn window(&self) -> &str {
-        match &self.place {
-            Place::Here(bucket) => &bucket.window,
-            Place::Elsewhere(remote) => remote.window(),
-        }
-    }
-
-    /// Whether the window counts tokens (not spend).
-    pub(crate) fn counts_tokens(&self) -> bool {
-        match &self.place {
-            Place::Here(bucket) => bucket.tokens,
-            Place::Elsewhere(remote) => remote.counts_tokens(),
-        }
-    }
-
-    /// The tokens charged for, by kind.
-    pub(crate) fn used(&self) -> Usage {
-        self.tally.used
-    }
-
-    /// What they came to, in the window's units.
-    pub(crate) fn units(&self) -> f64 {
-        self.tally.units()
     }
 
     /// Gives the whole charge back: the request was not admitted.
     pub(crate) fn cancel(mut self) {
         self.settle(Usage::default());
     }
+}
+
+/// What a request was charged in one window, as the metrics and the rate-limit headers
+/// read it.
+pub(crate) trait Charged {
+    /// The window's name.
+    fn window(&self) -> &str;
+
+    /// Whether the window counts tokens (not spend).
+    fn counts_tokens(&self) -> bool;
+
+    /// The tokens charged for, by kind.
+    fn used(&self) -> Usage;
+
+    /// What they came to, in the window's units.
+    fn units(&self) -> f64;
 
     /// How the window stands now; for a bucket kept for every replica, how it stood once
     /// the request was charged (reading it again would take a round trip).
-    pub(crate) fn standing(&self) -> Option<Standing> {
-        let bucket = match &self.place {
-            Place::Here(bucket) => bucket,
-            Place::Elsewhere(remote) => return remote.standing(),
+    fn standing(&self) -> Option<Standing>;
+}
+
+impl Charged for Charge {
+    fn window(&self) -> &str {
+        match &self.place {
+            Place::Here(bucket) => &bucket.window,
+            Place::Elsewhere(remote) => remote.window(),
+        }
+    }
+
+    fn counts_tokens(&self) -> bool {
+        match &self.place {
+            Place::Here(bucket) => bucket.tokens,
+            Place::Elsewhere(remote) => remote.counts_tokens(),
+        }
+    }
+
+    fn used(&self) -> Usage {
+        self.tally.used
+    }
+
+    fn units(&self) -> f64 {
+        self.tally.units()
+    }
+
+    fn standing(&self) -> Option<Standing> {
+        match &self.place {
+            Place::Here(bucket) => Some(bucket.standing()),
+            Place::Elsewhere(remote) => remote.standing(),
+        }
+    }
+}
+
+/// A charge to a window that counts every token alike, in this process's bucket, for a
+/// request whose estimate does not tell its kinds: all it keeps is how many tokens it
+/// was charged, so that a guard holds it in place of a [`Charge`], without an
+/// allocation.
+pub(crate) struct TokenCharge {
+    bucket: Arc<Bucket>,
+    tokens: u64,
+}
+
+impl TokenCharge {
+    pub(super) fn new(bucket: Arc<Bucket>, tokens: u64) -> Self {
+        TokenCharge { bucket, tokens }
+    }
+
+    /// Charges the tokens a response grew to beyond those charged.
+    pub(crate) fn grow_to(&mut self, tokens: u64) {
+        if tokens > self.tokens {
+            self.settle_total(tokens);
+        }
+    }
+
+    /// Charges exactly `tokens`, up or down.
+    pub(crate) fn settle_total(&mut self, tokens: u64) {
+        let more = tokens as f64 - self.tokens as f64;
+        self.tokens = tokens;
+        self.bucket.take(more);
+    }
+
+    /// The same charge, in the form that also weighs kinds of tokens.
+    pub(crate) fn into_charge(self) -> Charge {
+        let used = Usage {
+            unsplit: self.tokens,
+            ..Usage::default()
         };
-        let mut level = lock(&bucket.level);
-        let period = bucket.period;
-        level.refill(Instant::now(), period);
-        let (limit, remaining) = (level.limit, level.remaining());
-        Some(Standing::of(limit, remaining, period, bucket.tokens))
+        let tally = Tally {
+            weights: Weights::ALL,
+            used,
+            units: self.tokens as f64,
+        };
+        Charge {
+            place: Place::Here(self.bucket),
+            tally,
+        }
+    }
+}
+
+impl Charged for TokenCharge {
+    fn window(&self) -> &str {
+        &self.bucket.window
+    }
+
+    fn counts_tokens(&self) -> bool {
+        true
+    }
+
+    fn used(&self) -> Usage {
+        Usage {
+            unsplit: self.tokens,
+            ..Usage::default()
+        }
+    }
+
+    fn units(&self) -> f64 {
+        self.tokens as f64
+    }
+
+    fn standing(&self) -> Option<Standing> {
+        Some(self.bucket.standing())
     }
 }
 

@@ -10,19 +10,23 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::error::WindowRefusal;
+use crate::table::{Keyed, Table};
 use crate::Error;
 
 mod charge;
 mod price;
 
 use self::charge::Place;
-pub(crate) use self::charge::{charge_all, force_all, Charge, Charges, Remote, Standing, Tally};
+pub(crate) use self::charge::{
+    charge_all, force_all, Charge, Charged, Charges, Remote, Standing, Tally, TokenCharge,
+};
 use self::price::{Measure, Weights};
 pub use self::price::{Price, Prices};
 pub(crate) use self::price::{Sizing, Usage};
@@ -69,16 +73,21 @@ pub struct TokenWindow {
 }
 
 struct Inner {
+    /// Tells this window's buckets from others' ([`KeptBucket`]): never reused.
+    id: u64,
     period: Duration,
     name: String,
     /// What a token of each kind counts for.
     measure: Measure,
-    default: std::sync::atomic::AtomicU64,
+    default: AtomicU64,
     lookup: RwLock<Option<Arc<LimitFn>>>,
     /// The limits set per tenant ([`TokenWindow::set_limit`]).
     set: RwLock<HashMap<Box<str>, u64, foldhash::fast::RandomState>>,
     /// Whether each tenant has a bucket per model its requests name.
     by_model: bool,
+    /// Whether every token counts alike, one bucket per tenant
+    /// ([`TokenWindow::counts_every_token`]).
+    every_token: bool,
     /// The buckets, by tenant (and model: see [`scope`]), spread over shards so that
     /// requests of different tenants on different cores seldom share a lock.
     shards: Box<[Shard]>,
@@ -88,7 +97,7 @@ struct Inner {
 
 /// Some of a window's buckets.
 struct Shard {
-    buckets: RwLock<HashMap<Box<str>, Arc<Bucket>, foldhash::fast::RandomState>>,
+    buckets: RwLock<Table<Arc<Bucket>>>,
     /// The number of buckets above which idle full ones are dropped.
     prune_at: std::sync::atomic::AtomicUsize,
 }
@@ -98,6 +107,10 @@ const SHARDS: usize = 16;
 
 /// One tenant's bucket.
 struct Bucket {
+    /// The window's [id](Inner::id).
+    owner: u64,
+    /// What the bucket is kept under ([`scope`]).
+    scope: Box<str>,
     level: Mutex<Level>,
     /// The window's period, so that a charge needs only its bucket.
     period: Duration,
@@ -220,8 +233,11 @@ impl TokenWindow {
             Measure::Tokens(_) => name_of("tokens", period),
             Measure::Spend(_) => name_of("spend", period),
         };
+        static WINDOWS: AtomicU64 = AtomicU64::new(0);
+        let every_token = matches!(measure, Measure::Tokens(weights) if weights == Weights::ALL);
         Self {
             inner: Arc::new(Inner {
+                id: WINDOWS.fetch_add(1, Relaxed),
                 period,
                 name,
                 measure,
@@ -229,6 +245,7 @@ impl TokenWindow {
                 lookup: RwLock::new(None),
                 set: RwLock::default(),
                 by_model,
+                every_token: every_token && !by_model,
                 shards: (0..SHARDS)
                     .map(|_| Shard {
                         buckets: RwLock::default(),
@@ -333,7 +350,8 @@ impl TokenWindow {
 
     /// How many buckets the window keeps in this process now. Buckets full again and held
     /// by no request are dropped once a window keeps many, so this follows the tenants
-    /// (and models) that used it within about a period.
+    /// (and models) that used it within about a period, and the returning tenants whose
+    /// entries the tracker keeps (see [`guide::windows`](crate::guide::windows)).
     pub fn tracked_buckets(&self) -> usize {
         self.inner.buckets()
     }
@@ -344,8 +362,8 @@ impl TokenWindow {
         self.inner.remaining(tenant_id, Some(model))
     }
 
-    /// Charges a request of `tokens`, sized so, to `tenant_id` if it fits now, or
-    /// without checking when `force`.
+    /// Charges `tenant_id`'s bucket `tokens` as the request's `sizing` weighs them, or
+    /// refuses; `force` charges whatever the bucket holds (never refused).
     pub(crate) fn charge(
         &self,
         tenant_id: &str,
@@ -354,23 +372,53 @@ impl TokenWindow {
         force: bool,
     ) -> Result<Charge, Error> {
         let tally = self.price(tokens, sizing)?;
-        let units = tally.units;
-        let model = sizing.model.as_deref();
-        let bucket = self.inner.bucket(tenant_id, model);
+        let bucket = self.inner.bucket(tenant_id, sizing.model.as_deref());
+        self.draw(&bucket, tenant_id, tally.units, force)?;
+        Ok(Charge {
+            place: Place::Here(bucket),
+            tally,
+        })
+    }
+
+    /// Charges `tenant_id`'s bucket `tokens`, for a window that
+    /// [counts every token alike](Self::counts_every_token), or refuses.
+    /// The tenant's bucket is the one kept beside its entry in the tracker (`kept`) when
+    /// it is this window's; else found here, and kept there if the place is free and the
+    /// tenant is `returning` (seen before).
+    #[inline]
+    pub(crate) fn charge_tokens(
+        &self,
+        tenant_id: &str,
+        tokens: u64,
+        (kept, returning): (&KeptBucket, bool),
+    ) -> Result<TokenCharge, Error> {
+        let find = || self.inner.bucket(tenant_id, None);
+        let bucket = kept.get_or(self.inner.id, returning, find);
+        self.draw(&bucket, tenant_id, tokens as f64, false)?;
+        Ok(TokenCharge::new(bucket, tokens))
+    }
+
+    /// Takes `units` from `bucket` as it stands now, or refuses if it does not hold them
+    /// (unless `force`).
+    #[inline]
+    fn draw(&self, bucket: &Bucket, tenant_id: &str, units: f64, force: bool) -> Result<(), Error> {
         let now = Instant::now();
         let mut level = lock(&bucket.level);
         level.refill(now, self.inner.period);
         let too_large = units > level.limit as f64;
         if !force && (too_large || level.tokens < units) {
             let (remaining, limit) = (level.tokens.max(0.0), level.limit);
+            drop(level);
             return Err(self.refusal(tenant_id, units, remaining, limit, too_large));
         }
         level.tokens -= units;
-        drop(level);
-        Ok(Charge {
-            place: Place::Here(bucket),
-            tally,
-        })
+        Ok(())
+    }
+
+    /// Whether this window counts every token alike, one bucket per tenant: a request's
+    /// charge is then its token count alone ([`TokenCharge`]).
+    pub(crate) fn counts_every_token(&self) -> bool {
+        self.inner.every_token
     }
 
     /// What a request of `tokens`, sized so, comes to in this window.
@@ -397,6 +445,7 @@ impl TokenWindow {
 
     /// The refusal of `units` by a bucket holding `remaining` of `limit` (`too_large`:
     /// `units` is more than the limit).
+    #[cold]
     pub(crate) fn refusal(
         &self,
         tenant_id: &str,
@@ -479,15 +528,17 @@ impl Inner {
             .unwrap_or_else(|| self.default.load(Relaxed))
     }
 
-    /// The shard `scope`'s bucket is in.
-    fn shard(&self, scope: &str) -> &Shard {
+    /// The hash of `scope`, and the shard its bucket is in.
+    fn locate(&self, scope: &str) -> (u64, &Shard) {
         use std::hash::BuildHasher;
-        let hash = self.spread.hash_one(scope) as usize;
-        &self.shards[hash & (SHARDS - 1)]
+        let hash = self.spread.hash_one(scope);
+        // The table uses the hash's low and top bits; the middle ones pick the shard.
+        (hash, &self.shards[(hash >> 32) as usize & (SHARDS - 1)])
     }
 
     fn find(&self, scope: &str) -> Option<Arc<Bucket>> {
-        read(&self.shard(scope).buckets).get(scope).cloned()
+        let (hash, shard) = self.locate(scope);
+        read(&shard.buckets).get(hash, scope).cloned()
     }
 
     /// How many buckets there are now.
@@ -499,11 +550,7 @@ impl Inner {
     /// What `tenant_id` has left in its bucket (for `model`, per model) now.
     fn remaining(&self, tenant_id: &str, model: Option<&str>) -> u64 {
         match self.find(&scope(tenant_id, model, self.by_model)) {
-            Some(bucket) => {
-                let mut level = lock(&bucket.level);
-                level.refill(Instant::now(), self.period);
-                level.remaining()
-            }
+            Some(bucket) => bucket.standing().remaining,
             None => self.limit_of(tenant_id),
         }
     }
@@ -511,28 +558,31 @@ impl Inner {
     /// `tenant_id`'s bucket (for `model`, per model), made full if it has none.
     fn bucket(&self, tenant_id: &str, model: Option<&str>) -> Arc<Bucket> {
         let scope = scope(tenant_id, model, self.by_model);
-        if let Some(bucket) = self.find(&scope) {
-            return bucket;
+        let (hash, shard) = self.locate(&scope);
+        if let Some(bucket) = read(&shard.buckets).get(hash, &scope) {
+            return Arc::clone(bucket);
         }
         let limit = self.limit_of(tenant_id);
-        let shard = self.shard(&scope);
         let mut buckets = write(&shard.buckets);
+        if let Some(bucket) = buckets.get(hash, &scope) {
+            return Arc::clone(bucket); // made by a racing request meanwhile
+        }
         if buckets.len() >= shard.prune_at.load(Relaxed) {
             self.prune(shard, &mut buckets);
         }
-        let bucket = buckets.entry(Box::from(scope)).or_insert_with(|| {
-            Arc::new(Bucket {
-                level: Mutex::new(Level {
-                    tokens: limit as f64,
-                    at: Instant::now(),
-                    limit,
-                }),
-                period: self.period,
-                tokens: matches!(self.measure, Measure::Tokens(_)),
-                window: Arc::from(self.name.as_str()),
-            })
+        let bucket = Arc::new(Bucket {
+            owner: self.id,
+            scope: Box::from(scope),
+            level: Mutex::new(Level {
+                tokens: limit as f64,
+                at: Instant::now(),
+                limit,
+            }),
+            period: self.period,
+            tokens: matches!(self.measure, Measure::Tokens(_)),
+            window: Arc::from(self.name.as_str()),
         });
-        Arc::clone(bucket)
+        Arc::clone(buckets.insert(hash, bucket))
     }
 
     /// Gives the buckets of `tenant` (of every tenant: `None`) the limit that is theirs
@@ -542,28 +592,24 @@ impl Inner {
         let mut buckets = Vec::new();
         for shard in self.shards.iter() {
             let shard = read(&shard.buckets);
-            let found = shard.iter().filter(|(scope, _)| of_tenant(scope));
-            buckets.extend(found.map(|(scope, bucket)| (scope.clone(), Arc::clone(bucket))));
+            let found = shard.entries().filter(|bucket| of_tenant(&bucket.scope));
+            buckets.extend(found.cloned());
         }
         let now = Instant::now();
-        for (scope, bucket) in buckets {
-            let limit = self.limit_of(tenant_of(&scope, self.by_model));
+        for bucket in buckets {
+            let limit = self.limit_of(tenant_of(&bucket.scope, self.by_model));
             let mut level = lock(&bucket.level);
             level.refill(now, self.period);
             level.set_limit(limit);
         }
     }
 
-    /// Drops the buckets of `shard` (its map, `buckets`) that are full and held by no
-    /// request: a fresh bucket is the same. The next prune waits until the map has
+    /// Drops the buckets of `shard` (its table, `buckets`) that are full and held by no
+    /// request: a fresh bucket is the same. The next prune waits until the table has
     /// doubled.
-    fn prune(
-        &self,
-        shard: &Shard,
-        buckets: &mut HashMap<Box<str>, Arc<Bucket>, foldhash::fast::RandomState>,
-    ) {
+    fn prune(&self, shard: &Shard, buckets: &mut Table<Arc<Bucket>>) {
         let now = Instant::now();
-        buckets.retain(|_, bucket| {
+        buckets.retain(|bucket| {
             if Arc::strong_count(bucket) > 1 {
                 return true;
             }
@@ -611,6 +657,68 @@ fn model_key(model: Option<&str>) -> &str {
         end -= 1;
     }
     &model[..end]
+}
+
+/// A tenant's bucket of one window, kept beside the tenant's entry in the tracker, so
+/// that a request, which has found the entry, finds the bucket without a lookup of its
+/// own. The first window to ask takes the place, for as long as the entry lives; any
+/// other looks its bucket up.
+///
+/// Only a tenant seen more than once gets one: a kept bucket is never dropped while its
+/// entry lives (the tracker's idle bound bounds them), so a spray of one-off tenant ids
+/// must not keep theirs.
+#[derive(Default)]
+pub(crate) struct KeptBucket(OnceLock<Arc<Bucket>>);
+
+impl KeptBucket {
+    /// The bucket kept here if it is window `owner`'s; else the one `find` returns, kept
+    /// here if the place is free and the tenant is `returning`.
+    #[inline]
+    fn get_or(
+        &self,
+        owner: u64,
+        returning: bool,
+        find: impl FnOnce() -> Arc<Bucket>,
+    ) -> Arc<Bucket> {
+        match self.0.get() {
+            Some(kept) if kept.owner == owner => Arc::clone(kept),
+            Some(_) => find(),
+            None if !returning => find(),
+            None => {
+                let found = find();
+                let _ = self.0.set(Arc::clone(&found));
+                found
+            }
+        }
+    }
+}
+
+impl Keyed for Arc<Bucket> {
+    fn key(&self) -> &str {
+        &self.scope
+    }
+}
+
+impl Bucket {
+    /// Takes `units` more from the bucket as it stands now, or gives back what is
+    /// negative (never beyond full).
+    fn take(&self, units: f64) {
+        let mut level = lock(&self.level);
+        level.refill(Instant::now(), self.period);
+        match units >= 0.0 {
+            true => level.tokens -= units,
+            false => level.refund(-units),
+        }
+    }
+
+    /// The bucket's limit and what it holds now.
+    fn standing(&self) -> Standing {
+        let mut level = lock(&self.level);
+        level.refill(Instant::now(), self.period);
+        let (limit, remaining) = (level.limit, level.remaining());
+        drop(level);
+        Standing::of(limit, remaining, self.period, self.tokens)
+    }
 }
 
 impl Level {
