@@ -94,6 +94,13 @@
 //!   the tenant's hash tag: no round trip added, all or nothing with the lease, on Redis's
 //!   clock. Its later changes (growth, settlement) are batched in the background: they
 //!   are never refused, so nobody needs to wait for them.
+//! - **In memory, a returning tenant's bucket is kept beside its tracker entry**, for the
+//!   first window that counts every token alike: the request has found the entry, so it
+//!   finds the bucket without a lookup, and the charge rides in the guard without an
+//!   allocation. A first-time tenant's bucket is not kept there, so a spray of one-off ids
+//!   still leaves no buckets behind; a kept bucket lasts as long as the entry, which the
+//!   idle bound below bounds. Other windows (several, weighing kinds, spend, per model)
+//!   look their buckets up and box their charges.
 //!
 //! # Memory and hashing
 //!
