@@ -49,7 +49,9 @@ impl Services {
         Self {
             layer_handle: layer.clone().reservation_handle(true),
             // One window per minute, large enough never to refuse.
-            layer_window: layer.clone().window(TokenWindow::per_minute(1_000_000_000_000)),
+            layer_window: layer
+                .clone()
+                .window(TokenWindow::per_minute(1_000_000_000_000)),
             layer,
             concurrency: ConcurrencyLimitLayer::new(1 << 20),
             governor: governor_layer(),

@@ -626,3 +626,30 @@ async fn layers_sharing_a_tracker_each_charge_their_own_window() {
         "{second} left in the second"
     );
 }
+
+#[tokio::test]
+async fn a_lone_window_describes_itself_on_admitted_responses() {
+    let layer = TenantTokenLayer::new(tracker(10_000))
+        .openai_ratelimit_headers(true)
+        .window(TokenWindow::per_minute(6_000));
+    let (server, _streams) = app(layer, "").await;
+    let client = client();
+
+    // The first request finds the tenant's bucket in the window, the next ones beside
+    // the tenant's entry in the tracker: both describe it.
+    for (n, left) in [(1, 5_400), (2, 4_800), (3, 4_200)] {
+        let reply = call(&client, metered(&server, "/ok", "acme", 600)).await;
+        assert_eq!(reply.status, StatusCode::OK, "request {n}");
+        assert_eq!(reply.header("x-ratelimit-limit-tokens"), Some("6000"));
+        let remaining: u64 = reply
+            .header("x-ratelimit-remaining-tokens")
+            .unwrap()
+            .parse()
+            .unwrap();
+        // 100 tokens a second refill while the test runs.
+        assert!(
+            (left..left + 100).contains(&remaining),
+            "request {n}: {remaining} left"
+        );
+    }
+}
