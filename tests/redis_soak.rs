@@ -10,6 +10,7 @@
 //! its requests on that replica are drawn from headroom).
 //!
 //! `TTT_REDIS_SOAK_SECS` sets the length (default 20 s, as in CI).
+#![cfg(feature = "redis")]
 
 mod common;
 
