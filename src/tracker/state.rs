@@ -21,6 +21,6 @@ pub struct TenantTokenState {
     /// admitted over it (shadow mode). Such work is allowed (it is already running) and
     /// counted here so that it is never invisible. Growth while already above the cap does
     /// not count again: a stream that keeps growing past the cap counts once, not once a
-    /// chunk.
+    /// chunk. The count stops at 2^30 - 1 (it shares a word with the entry's marks).
     pub overcommits: u64,
 }
