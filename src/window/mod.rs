@@ -126,6 +126,10 @@ struct Level {
     /// When `tokens` was last brought up to date.
     at: Instant,
     limit: u64,
+    /// The limit as a float, and the tokens it refills a second: worked out when the
+    /// limit is set, not on every charge.
+    full: f64,
+    rate: f64,
 }
 
 /// The longest model name a bucket is kept under, as a shared budget's
@@ -404,8 +408,8 @@ impl TokenWindow {
     fn draw(&self, bucket: &Bucket, tenant_id: &str, units: f64, force: bool) -> Result<(), Error> {
         let now = Instant::now();
         let mut level = lock(&bucket.level);
-        level.refill(now, self.inner.period);
-        let too_large = units > level.limit as f64;
+        level.refill(now);
+        let too_large = units > level.full;
         if !force && (too_large || level.tokens < units) {
             let (remaining, limit) = (level.tokens.max(0.0), level.limit);
             drop(level);
@@ -573,11 +577,7 @@ impl Inner {
         let bucket = Arc::new(Bucket {
             owner: self.id,
             scope: Box::from(scope),
-            level: Mutex::new(Level {
-                tokens: limit as f64,
-                at: Instant::now(),
-                limit,
-            }),
+            level: Mutex::new(Level::full(limit, self.period, Instant::now())),
             period: self.period,
             tokens: matches!(self.measure, Measure::Tokens(_)),
             window: Arc::from(self.name.as_str()),
@@ -599,8 +599,8 @@ impl Inner {
         for bucket in buckets {
             let limit = self.limit_of(tenant_of(&bucket.scope, self.by_model));
             let mut level = lock(&bucket.level);
-            level.refill(now, self.period);
-            level.set_limit(limit);
+            level.refill(now);
+            level.set_limit(limit, self.period);
         }
     }
 
@@ -614,8 +614,8 @@ impl Inner {
                 return true;
             }
             let mut level = lock(&bucket.level);
-            level.refill(now, self.period);
-            level.tokens < level.limit as f64
+            level.refill(now);
+            level.tokens < level.full
         });
         shard
             .prune_at
@@ -704,7 +704,7 @@ impl Bucket {
     /// negative (never beyond full).
     fn take(&self, units: f64) {
         let mut level = lock(&self.level);
-        level.refill(Instant::now(), self.period);
+        level.refill(Instant::now());
         match units >= 0.0 {
             true => level.tokens -= units,
             false => level.refund(-units),
@@ -714,7 +714,7 @@ impl Bucket {
     /// The bucket's limit and what it holds now.
     fn standing(&self) -> Standing {
         let mut level = lock(&self.level);
-        level.refill(Instant::now(), self.period);
+        level.refill(Instant::now());
         let (limit, remaining) = (level.limit, level.remaining());
         drop(level);
         Standing::of(limit, remaining, self.period, self.tokens)
@@ -722,26 +722,34 @@ impl Bucket {
 }
 
 impl Level {
-    /// Tokens per second.
-    fn rate(&self, period: Duration) -> f64 {
-        self.limit as f64 / period.as_secs_f64()
-    }
-
-    /// Adds what has refilled since the last time, up to the limit.
-    fn refill(&mut self, now: Instant, period: Duration) {
-        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.at = now;
-        let limit = self.limit as f64;
-        if self.tokens < limit {
-            self.tokens = (self.tokens + elapsed * self.rate(period)).min(limit);
+    /// A full bucket of `limit`, refilled over `period`, as of `now`.
+    fn full(limit: u64, period: Duration, now: Instant) -> Self {
+        let full = limit as f64;
+        Level {
+            tokens: full,
+            at: now,
+            limit,
+            full,
+            rate: full / period.as_secs_f64(),
         }
     }
 
-    /// A new limit: what was used stays used.
-    fn set_limit(&mut self, limit: u64) {
-        let used = self.limit as f64 - self.tokens;
-        self.limit = limit;
-        self.tokens = limit as f64 - used;
+    /// Adds what has refilled since the last time, up to the limit.
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        if self.tokens < self.full {
+            self.tokens = (self.tokens + elapsed * self.rate).min(self.full);
+        }
+    }
+
+    /// A new limit, refilled over `period`: what was used stays used.
+    fn set_limit(&mut self, limit: u64, period: Duration) {
+        let used = self.full - self.tokens;
+        *self = Level {
+            tokens: limit as f64 - used,
+            ..Level::full(limit, period, self.at)
+        };
     }
 
     fn remaining(&self) -> u64 {
@@ -750,7 +758,7 @@ impl Level {
 
     /// Gives back `tokens` that were charged but not used.
     fn refund(&mut self, tokens: f64) {
-        self.tokens = (self.tokens + tokens).min(self.limit as f64);
+        self.tokens = (self.tokens + tokens).min(self.full);
     }
 }
 
