@@ -52,6 +52,9 @@ async fn replica(
     (serve(app).await, tracker)
 }
 
+/// An upstream's answer reporting 100 tokens used: 40 of prompt, 60 of output.
+const USAGE: &str = r#"{"usage":{"prompt_tokens":40,"completion_tokens":60,"total_tokens":100}}"#;
+
 async fn remaining(tracker: &RedisTokenTracker, window: &TokenWindow, tenant: &str) -> u64 {
     tracker
         .window_remaining(window, tenant)
@@ -101,8 +104,6 @@ async fn a_refusal_on_one_replica_says_when_and_a_retry_then_is_admitted_on_the_
 
 #[tokio::test]
 async fn reported_usage_settles_the_charge_in_redis() {
-    const USAGE: &str =
-        r#"{"usage":{"prompt_tokens":40,"completion_tokens":60,"total_tokens":100}}"#;
     let redis = redis_or_skip!("reported_usage_settles_the_charge_in_redis");
     let window = TokenWindow::per_30_days(100_000);
     let windows = std::slice::from_ref(&window);
@@ -301,8 +302,6 @@ async fn a_window_per_model_keeps_each_models_bucket_in_redis() {
 
 #[tokio::test]
 async fn a_limit_of_nothing_refuses_everything_and_breaks_nothing() {
-    const USAGE: &str =
-        r#"{"usage":{"prompt_tokens":40,"completion_tokens":60,"total_tokens":100}}"#;
     let redis = redis_or_skip!("a_limit_of_nothing_refuses_everything");
     let window = TokenWindow::per_30_days(1_000);
     window.set_limit("blocked", 0);

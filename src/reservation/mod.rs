@@ -294,18 +294,16 @@ impl Reserved<'_> {
         let now = self.resize(tokens);
         self.charges()
             .for_each(|charge| charge.settle_total(tokens));
-        if let Some(window) = self.window.as_deref_mut() {
-            window.settle_total(tokens);
-        }
         now
     }
 
     /// What the windows were charged.
-    fn charges(&mut self) -> impl Iterator<Item = &mut Charge> + '_ {
-        self.windows
-            .as_deref_mut()
-            .into_iter()
-            .flat_map(Charges::iter_mut)
+    fn charges(&mut self) -> impl Iterator<Item = &mut dyn Charged> + '_ {
+        let charges = self.windows.as_deref_mut().into_iter();
+        let charges = charges.flat_map(Charges::iter_mut);
+        let charges = charges.map(|charge| charge as &mut dyn Charged);
+        let inline = self.window.as_deref_mut();
+        charges.chain(inline.map(|charge| charge as &mut dyn Charged))
     }
 
     /// Resizes, growing only within the caps: the budgets first, then the tenant's; a
@@ -375,9 +373,6 @@ impl Reserved<'_> {
         let now = self.tokens();
         self.tag.resized(before, now);
         self.charges().for_each(|charge| charge.grow_to(now));
-        if let Some(window) = self.window.as_deref_mut() {
-            window.grow_to(now);
-        }
     }
 }
 

@@ -113,53 +113,14 @@ impl Charge {
         }
     }
 
-    /// The request grew to `tokens` in all: the growth is charged as output, never
-    /// refused; a request never shrinks here.
-    pub(crate) fn grow_to(&mut self, tokens: u64) {
-        let total = self.tally.used.total();
-        if tokens > total {
-            let mut used = self.tally.used;
-            match used.unsplit {
-                0 => used.output += tokens - total,
-                _ => used.unsplit += tokens - total,
-            }
-            self.settle(used);
-        }
-    }
-
-    /// The request used `tokens` in all, as a handler said: its input as estimated (no
-    /// more than `tokens`), the rest output.
-    pub(crate) fn settle_total(&mut self, tokens: u64) {
-        let mut used = self.tally.used;
-        if used.unsplit > 0 {
-            used.unsplit = tokens;
-        } else {
-            used.input = used.input.min(tokens);
-            used.cached_input = used.cached_input.min(used.input);
-            used.output = tokens - used.input;
-        }
-        self.settle(used);
-    }
-
-    /// The request used `used` (as the upstream reported): charged in place of what was
-    /// charged before, what was charged beyond it going back.
-    pub(crate) fn settle(&mut self, used: Usage) {
-        let more = self.tally.change(used);
-        match &self.place {
-            Place::Here(bucket) => bucket.take(more),
-            Place::Elsewhere(remote) if more != 0.0 => remote.adjust(more),
-            Place::Elsewhere(_) => {}
-        }
-    }
-
     /// Gives the whole charge back: the request was not admitted.
     pub(crate) fn cancel(mut self) {
         self.settle(Usage::default());
     }
 }
 
-/// What a request was charged in one window, as the metrics and the rate-limit headers
-/// read it.
+/// What a request was charged in one window: read by the metrics and the rate-limit
+/// headers, grown and settled with the reservation.
 pub(crate) trait Charged {
     /// The window's name.
     fn window(&self) -> &str;
@@ -176,6 +137,17 @@ pub(crate) trait Charged {
     /// How the window stands now; for a bucket kept for every replica, how it stood once
     /// the request was charged (reading it again would take a round trip).
     fn standing(&self) -> Option<Standing>;
+    /// The request grew to `tokens` in all: the growth is charged, never refused; a
+    /// request never shrinks here.
+    fn grow_to(&mut self, tokens: u64);
+
+    /// The request used `tokens` in all, as a handler said: charged exactly that, up or
+    /// down.
+    fn settle_total(&mut self, tokens: u64);
+
+    /// The request used `used`, as the upstream reported: charged in place of what was
+    /// charged before, what was charged beyond it going back.
+    fn settle(&mut self, used: Usage);
 }
 
 impl Charged for Charge {
@@ -207,6 +179,45 @@ impl Charged for Charge {
             Place::Elsewhere(remote) => remote.standing(),
         }
     }
+
+    /// The request grew to `tokens` in all: the growth is charged as output, never
+    /// refused; a request never shrinks here.
+    fn grow_to(&mut self, tokens: u64) {
+        let total = self.tally.used.total();
+        if tokens > total {
+            let mut used = self.tally.used;
+            match used.unsplit {
+                0 => used.output += tokens - total,
+                _ => used.unsplit += tokens - total,
+            }
+            self.settle(used);
+        }
+    }
+
+    /// The request used `tokens` in all, as a handler said: its input as estimated (no
+    /// more than `tokens`), the rest output.
+    fn settle_total(&mut self, tokens: u64) {
+        let mut used = self.tally.used;
+        if used.unsplit > 0 {
+            used.unsplit = tokens;
+        } else {
+            used.input = used.input.min(tokens);
+            used.cached_input = used.cached_input.min(used.input);
+            used.output = tokens - used.input;
+        }
+        self.settle(used);
+    }
+
+    /// The request used `used` (as the upstream reported): charged in place of what was
+    /// charged before, what was charged beyond it going back.
+    fn settle(&mut self, used: Usage) {
+        let more = self.tally.change(used);
+        match &self.place {
+            Place::Here(bucket) => bucket.take(more),
+            Place::Elsewhere(remote) if more != 0.0 => remote.adjust(more),
+            Place::Elsewhere(_) => {}
+        }
+    }
 }
 
 /// A charge to a window that counts every token alike, in this process's bucket, for a
@@ -223,30 +234,12 @@ impl TokenCharge {
         TokenCharge { bucket, tokens }
     }
 
-    /// Charges the tokens a response grew to beyond those charged.
-    pub(crate) fn grow_to(&mut self, tokens: u64) {
-        if tokens > self.tokens {
-            self.settle_total(tokens);
-        }
-    }
-
-    /// Charges exactly `tokens`, up or down.
-    pub(crate) fn settle_total(&mut self, tokens: u64) {
-        let more = tokens as f64 - self.tokens as f64;
-        self.tokens = tokens;
-        self.bucket.take(more);
-    }
-
     /// The same charge, in the form that also weighs kinds of tokens.
     pub(crate) fn into_charge(self) -> Charge {
-        let used = Usage {
-            unsplit: self.tokens,
-            ..Usage::default()
-        };
         let tally = Tally {
             weights: Weights::ALL,
-            used,
-            units: self.tokens as f64,
+            used: self.used(),
+            units: self.units(),
         };
         Charge {
             place: Place::Here(self.bucket),
@@ -277,6 +270,24 @@ impl Charged for TokenCharge {
 
     fn standing(&self) -> Option<Standing> {
         Some(self.bucket.standing())
+    }
+
+    /// Charges the tokens a response grew to beyond those charged.
+    fn grow_to(&mut self, tokens: u64) {
+        if tokens > self.tokens {
+            self.settle_total(tokens);
+        }
+    }
+
+    /// Charges exactly `tokens`, up or down.
+    fn settle_total(&mut self, tokens: u64) {
+        let more = tokens as f64 - self.tokens as f64;
+        self.tokens = tokens;
+        self.bucket.take(more);
+    }
+
+    fn settle(&mut self, used: Usage) {
+        self.settle_total(used.total());
     }
 }
 

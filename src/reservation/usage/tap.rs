@@ -294,9 +294,6 @@ impl Reserved<'_> {
     fn settle(&mut self, used: Usage) -> u64 {
         let now = self.resize(used.total());
         self.charges().for_each(|charge| charge.settle(used));
-        if let Some(window) = self.window.as_deref_mut() {
-            window.settle_total(used.total());
-        }
         now
     }
 }
