@@ -31,7 +31,8 @@ printf 'instructions per request (callgrind, %s requests%s; bare service_fn: %s)
   "$requests" "${headers:+ with SDK headers}" "$bare"
 printf '%-32s %12s %12s\n' variant "over bare" "÷ governor"
 governor=$(( $(count governor) - bare ))
-for variant in tower-tenant-tokens tower-tenant-tokens-handle tower-tenant-tokens-window concurrency-limit governor naive; do
+for variant in tower-tenant-tokens tower-tenant-tokens-handle tower-tenant-tokens-window \
+  tower-tenant-tokens-fn tower-tenant-tokens-priority concurrency-limit governor naive; do
   total=$(count "$variant")
   over=$((total - bare))
   printf '%-32s %12d %12s\n' "$variant" "$over" "$(awk -v a="$over" -v b="$governor" 'BEGIN { printf "%.2f", a / b }')"

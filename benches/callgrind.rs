@@ -14,13 +14,15 @@ use std::sync::Arc;
 
 use tower::limit::ConcurrencyLimitLayer;
 use tower::{Layer, Service};
-use tower_tenant_tokens::{TenantTokenLayer, TenantTokenTracker, TokenWindow};
+use tower_tenant_tokens::{TenantSource, TenantTokenLayer, TenantTokenTracker, TokenWindow};
 
-const VARIANTS: [&str; 7] = [
+const VARIANTS: [&str; 9] = [
     "bare",
     "tower-tenant-tokens",
     "tower-tenant-tokens-handle",
     "tower-tenant-tokens-window",
+    "tower-tenant-tokens-fn",
+    "tower-tenant-tokens-priority",
     "concurrency-limit",
     "governor",
     "naive",
@@ -104,6 +106,24 @@ fn main() {
         "tower-tenant-tokens-window" => run(
             TenantTokenLayer::new(tracker)
                 .window(TokenWindow::per_minute(1_000_000_000_000))
+                .layer(tower::service_fn(bare)),
+            requests,
+        ),
+        // The tenant found by a function of the request's `Parts`, which takes the request
+        // apart and puts it together again.
+        "tower-tenant-tokens-fn" => run(
+            TenantTokenLayer::new(tracker)
+                .tenant_source(TenantSource::from_fn(|parts| {
+                    let id = parts.headers.get("x-tenant-id")?.to_str().ok()?;
+                    Some(id.to_owned())
+                }))
+                .layer(tower::service_fn(bare)),
+            requests,
+        ),
+        // A priority class read from a header the requests do not carry.
+        "tower-tenant-tokens-priority" => run(
+            TenantTokenLayer::new(tracker)
+                .priority_header(http::HeaderName::from_static("x-priority"))
                 .layer(tower::service_fn(bare)),
             requests,
         ),

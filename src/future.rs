@@ -62,12 +62,15 @@ pin_project! {
     }
 }
 
-/// Attaches to `guard` a reader of the response's usage, for a request whose estimate
-/// came from its head (no prompt part is known, nothing is learned); kept out of the
-/// common path.
+/// Attaches to `guard` a reader of the response's usage for a request whose estimate
+/// came from its head (no prompt part is known, nothing is learned), unless a reader made
+/// with the estimate from the body is attached; kept out of the common path.
 #[cold]
 #[inline(never)]
-pub(crate) fn read_usage(guard: &mut Guard) {
+fn read_usage(guard: &mut Guard) {
+    if guard.reads() {
+        return;
+    }
     if let Some(reader) = Tap::new(0, None, false) {
         guard.attach(reader);
     }
@@ -131,20 +134,30 @@ impl<S> Call<S> {
             config,
             reader,
         } = self;
-        if let Some(handle) = guard.handle() {
-            parts.extensions.insert(handle);
-        }
         let mut guard = guard;
-        match reader {
-            Some(reader) => guard.attach(reader),
-            None if config.read_usage => read_usage(&mut guard),
-            None => {}
+        if let Some(reader) = reader {
+            guard.attach(reader);
         }
+        prepare(&mut parts.extensions, &mut guard, &config);
         Stage::Inner {
             future: service.call(Request::from_parts(parts, body)),
             guard: Some(guard),
             headers: config.limit_headers,
         }
+    }
+}
+
+/// Readies an admitted request for the inner service: hands the handler the
+/// reservation's handle in `extensions` when the layer gives one and, on a layer that
+/// reads usage, attaches a reader to `guard` unless one made with the estimate from the
+/// body is attached. Every admitted request that reaches the inner service passes here.
+#[inline(always)]
+pub(crate) fn prepare(extensions: &mut http::Extensions, guard: &mut Guard, config: &Config) {
+    if let Some(handle) = guard.handle() {
+        extensions.insert(handle);
+    }
+    if config.read_usage {
+        read_usage(guard);
     }
 }
 

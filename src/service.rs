@@ -9,11 +9,13 @@ use http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
-use crate::admit::plan::{plan, plan_in_place, Plan};
+use crate::admit::head::{read_head, Decision, Plan};
 use crate::admit::{admit, reject, Admission};
 use crate::body::{RequestBody, ResponseBody};
+use crate::budget::BudgetKeys;
 use crate::config::{Config, LimitHeaders};
-use crate::future::{read_usage, Call, ReadingBody, ResponseFuture};
+use crate::extract::Head;
+use crate::future::{prepare, Call, ReadingBody, ResponseFuture};
 use crate::reservation::Guard;
 use crate::step::Step;
 use crate::BoxError;
@@ -76,66 +78,79 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let config = &self.config;
-        let (tenant, tokens, class) =
-            match plan_in_place(config, request.headers(), request.extensions()) {
-                Some(Plan::Reserve(tenant, tokens, class)) => (tenant, tokens, class),
-                Some(Plan::Unmetered) => return self.forward(request, None),
-                Some(Plan::Refuse(error)) => {
-                    return ResponseFuture::rejected(reject(&self.config, error))
-                }
-                Some(Plan::ReadBody(..)) | None => return self.call_parts(request),
-            };
-        let admission = admit(config, &tenant, tokens, None, Default::default(), class);
-        self.admitted(request, admission)
+        match read_head(config, Head::in_place(&request)) {
+            // Read in place, the request draws from no budget: a layer with budgets reads
+            // the whole head.
+            Some(Plan::Reserve(tenant, tokens, class)) => {
+                let admission = admit(config, &tenant, tokens, None, BudgetKeys::default(), class);
+                self.admitted(request, admission)
+            }
+            Some(Plan::Decided(decision)) => self.follow(request, decision),
+            None => self.call_parts(request),
+        }
     }
 }
 
 impl<S> TenantTokenService<S> {
-    /// `call` for sources that read the request's `Parts` or its body.
-    fn call_parts<ReqBody, ResBody>(
-        &mut self,
-        request: Request<ReqBody>,
-    ) -> ResponseFuture<S, ReqBody>
+    /// `call` for a request a source needs the `Parts` of, or whose budgets' keys may
+    /// need them: taken apart, read, and put together again.
+    #[inline(never)]
+    fn call_parts<ReqBody>(&mut self, request: Request<ReqBody>) -> ResponseFuture<S, ReqBody>
     where
-        S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Clone,
+        S: Service<Request<RequestBody<ReqBody>>> + Clone,
     {
         let config = &self.config;
         let (parts, body) = request.into_parts();
-        let (tenant, tokens, class) = match plan(config, &parts) {
-            Plan::Reserve(tenant, tokens, class) => (tenant, tokens, class),
-            Plan::Unmetered => return self.forward(Request::from_parts(parts, body), None),
-            Plan::Refuse(error) => return ResponseFuture::rejected(reject(config, error)),
-            Plan::ReadBody(tenant, estimate, class) => {
-                let tenant = tenant.into_owned();
+        match read_head(config, Head::whole(&parts)) {
+            Some(Plan::Reserve(tenant, tokens, class)) => {
+                let keys = config.budget_keys(&parts, None, None);
+                let admission = admit(config, &tenant, tokens, None, keys, class);
+                drop(tenant);
+                self.admitted(Request::from_parts(parts, body), admission)
+            }
+            Some(Plan::Decided(decision)) => {
+                self.follow(Request::from_parts(parts, body), decision)
+            }
+            None => unreachable!("a head taken apart has the `Parts` every source may need"),
+        }
+    }
+
+    /// Goes on with a request that is not reserved for at once: refuses it, forwards it
+    /// unmetered, or reads its body first.
+    #[inline(never)]
+    fn follow<ReqBody>(
+        &mut self,
+        request: Request<ReqBody>,
+        decision: Decision,
+    ) -> ResponseFuture<S, ReqBody>
+    where
+        S: Service<Request<RequestBody<ReqBody>>> + Clone,
+    {
+        match decision {
+            Decision::Refuse(error) => ResponseFuture::rejected(reject(&self.config, error)),
+            Decision::Unmetered => self.forward(request, None),
+            Decision::ReadBody(tenant, estimate, class) => {
+                let (parts, body) = request.into_parts();
                 let call = Call::new(parts, self.take_ready(), Arc::clone(&self.config));
                 let reading = ReadingBody::new(tenant, estimate, class, call);
-                return ResponseFuture::reading(body, reading);
+                ResponseFuture::reading(body, reading)
             }
-        };
-        let keys = config.budget_keys(&parts, None, None);
-        let admission = admit(config, &tenant, tokens, None, keys, class);
-        drop(tenant);
-        self.admitted(Request::from_parts(parts, body), admission)
+        }
     }
 
     /// Calls the inner service with an admitted request, or answers a refused one, or waits
     /// for the ledger to decide.
-    #[inline(always)]
+    #[inline(never)]
     fn admitted<ReqBody>(
         &mut self,
-        mut request: Request<ReqBody>,
+        request: Request<ReqBody>,
         admission: Admission,
     ) -> ResponseFuture<S, ReqBody>
     where
         S: Service<Request<RequestBody<ReqBody>>> + Clone,
     {
         match admission {
-            Step::Now(Ok(guard)) => {
-                if let Some(handle) = guard.handle() {
-                    request.extensions_mut().insert(handle);
-                }
-                self.forward(request, Some(guard))
-            }
+            Step::Now(Ok(guard)) => self.forward(request, Some(guard)),
             Step::Now(Err(error)) => ResponseFuture::rejected(reject(&self.config, error)),
             Step::Later(pending) => {
                 let (parts, body) = request.into_parts();
@@ -148,6 +163,27 @@ impl<S> TenantTokenService<S> {
         }
     }
 
+    /// Calls the inner service with an admitted request, or an unmetered one (no `guard`).
+    #[inline(always)]
+    fn forward<ReqBody>(
+        &mut self,
+        mut request: Request<ReqBody>,
+        mut guard: Option<Guard>,
+    ) -> ResponseFuture<S, ReqBody>
+    where
+        S: Service<Request<RequestBody<ReqBody>>>,
+    {
+        let headers = match &mut guard {
+            Some(guard) => {
+                prepare(request.extensions_mut(), guard, &self.config);
+                self.config.limit_headers
+            }
+            None => LimitHeaders::default(),
+        };
+        let future = self.inner.call(request.map(RequestBody::streaming));
+        ResponseFuture::inner(future, guard, headers)
+    }
+
     /// The service that was polled ready, for a call made later; a clone waits in its
     /// place for the next `poll_ready`, as tower's buffering services do.
     fn take_ready(&mut self) -> S
@@ -156,48 +192,6 @@ impl<S> TenantTokenService<S> {
     {
         let clone = self.inner.clone();
         std::mem::replace(&mut self.inner, clone)
-    }
-
-    #[inline(always)]
-    fn forward<ReqBody>(
-        &mut self,
-        request: Request<ReqBody>,
-        guard: Option<Guard>,
-    ) -> ResponseFuture<S, ReqBody>
-    where
-        S: Service<Request<RequestBody<ReqBody>>>,
-    {
-        if self.config.read_usage {
-            return self.forward_tapped(request, guard);
-        }
-        let headers = match guard {
-            Some(_) => self.config.limit_headers,
-            None => LimitHeaders::default(),
-        };
-        let future = self.inner.call(request.map(RequestBody::streaming));
-        ResponseFuture::inner(future, guard, headers)
-    }
-
-    /// [`forward`](Self::forward) for a layer that reads usage, kept off the common path.
-    #[cold]
-    #[inline(never)]
-    fn forward_tapped<ReqBody>(
-        &mut self,
-        request: Request<ReqBody>,
-        guard: Option<Guard>,
-    ) -> ResponseFuture<S, ReqBody>
-    where
-        S: Service<Request<RequestBody<ReqBody>>>,
-    {
-        let (headers, guard) = match guard {
-            Some(mut guard) => {
-                read_usage(&mut guard);
-                (self.config.limit_headers, Some(guard))
-            }
-            None => (LimitHeaders::default(), None),
-        };
-        let future = self.inner.call(request.map(RequestBody::streaming));
-        ResponseFuture::inner(future, guard, headers)
     }
 }
 

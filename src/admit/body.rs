@@ -9,8 +9,8 @@ use http::header::CONTENT_LENGTH;
 use http::request::Parts;
 use http::HeaderValue;
 
-use super::plan::fit_guess;
 use super::{admit, Admission};
+use crate::budget::BudgetKeys;
 use crate::config::Config;
 use crate::extract::BodyEstimate;
 use crate::fair::Priority;
@@ -98,4 +98,26 @@ fn ask_usage(parts: &mut Parts, body: Bytes) -> (Bytes, bool) {
         parts.headers.insert(CONTENT_LENGTH, length);
     }
     (asked, true)
+}
+
+/// The estimate of a request whose output allowance is a guess (the estimator's
+/// default, or one learned from earlier answers) rather than a limit the client set:
+/// `tokens`, its output part cut to what the smallest cap it is charged to (the
+/// tenant's, a shared budget's under `keys`, a token window's limit) can hold next to
+/// its `prompt`.
+///
+/// So a guess never makes a request unadmittable: at worst it waits for the whole cap.
+/// Only what the client sent can be too large (413): its prompt, or an explicit
+/// `max_tokens`. A response that produces more than its reservation grows it as it
+/// streams, as any other does.
+fn fit_guess(config: &Config, tenant: &str, keys: &BudgetKeys, prompt: u64, tokens: u64) -> u64 {
+    let cap = config.ledger.cap(tenant);
+    let cap = keys.smallest_cap().map_or(cap, |budget| budget.min(cap));
+    let windows = config
+        .windows
+        .iter()
+        .filter(|window| window.counts_tokens());
+    let windows = windows.map(|window| window.limit(tenant));
+    let cap = windows.fold(cap, u64::min);
+    tokens.min(cap.max(prompt))
 }

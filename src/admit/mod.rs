@@ -22,7 +22,7 @@
 //! over its tenant's cap must not take that turn (see `redis::queue`).
 
 pub(crate) mod body;
-pub(crate) mod plan;
+pub(crate) mod head;
 mod refuse;
 
 pub(crate) use self::refuse::reject;

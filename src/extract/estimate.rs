@@ -9,6 +9,7 @@ use http::request::Parts;
 
 use super::headers::Found;
 use super::openai::{Features, Learned, OpenAiEstimator};
+use super::Head;
 use crate::Error;
 
 type EstimateFn = dyn Fn(&Parts) -> Result<Option<u64>, EstimateError> + Send + Sync;
@@ -88,29 +89,29 @@ impl Estimator {
         }
     }
 
-    /// Decides how to estimate this request: now from its head, or after reading its body.
-    pub(crate) fn plan(&self, parts: &Parts) -> Plan {
+    /// How to estimate this request: now from its head, or after reading its body. `None`
+    /// when your function estimates it and `head` has no `Parts` to hand it.
+    #[inline(always)]
+    pub(crate) fn read(&self, head: Head<'_>) -> Option<Plan> {
         let estimate = match &self.from {
-            EstimateFrom::Header(name) => {
-                header_estimate(Found::lookup(&parts.headers, name), name)
-            }
+            EstimateFrom::Header(name) => header_estimate(Found::lookup(head.headers, name), name),
             EstimateFrom::ContentLength { bytes_per_token } => {
-                content_estimate(&parts.headers, *bytes_per_token)
+                content_estimate(head.headers, *bytes_per_token)
             }
             EstimateFrom::Fixed(tokens) => Ok(Some(*tokens)),
-            EstimateFrom::Fn(f) => f(parts).map_err(Error::from),
+            EstimateFrom::Fn(f) => f(head.parts?).map_err(Error::from),
             EstimateFrom::Body(body) => {
-                return match content_length(&parts.headers) {
+                return Some(match content_length(head.headers) {
                     Ok(Some(len)) if len > body.limit as u64 => {
                         Plan::Ready(Err(Error::BodyTooLarge {
                             limit: body.limit as u64,
                         }))
                     }
                     _ => Plan::Body(body.clone()),
-                }
+                })
             }
         };
-        Plan::Ready(estimate)
+        Some(Plan::Ready(estimate))
     }
 
     /// The header the estimate is read from, if that is where it comes from: the layer
@@ -120,20 +121,6 @@ impl Estimator {
         match &self.from {
             EstimateFrom::Header(name) => Some(name),
             _ => None,
-        }
-    }
-
-    /// The estimate, read from the headers alone; `None` when it needs the request's
-    /// `Parts` or its body ([`plan`](Self::plan) then).
-    #[inline]
-    pub(crate) fn in_place(&self, headers: &HeaderMap) -> Option<Result<Option<u64>, Error>> {
-        match &self.from {
-            EstimateFrom::Header(name) => Some(header_estimate(Found::lookup(headers, name), name)),
-            EstimateFrom::ContentLength { bytes_per_token } => {
-                Some(content_estimate(headers, *bytes_per_token))
-            }
-            EstimateFrom::Fixed(tokens) => Some(Ok(Some(*tokens))),
-            EstimateFrom::Fn(_) | EstimateFrom::Body(_) => None,
         }
     }
 }

@@ -25,6 +25,10 @@ pub(crate) enum Found<'a> {
 impl<'a> Found<'a> {
     /// The values of `name` in `headers`, by lookup.
     pub(crate) fn lookup(headers: &'a HeaderMap, name: &HeaderName) -> Self {
+        // A map without a name given twice, as most are, is looked up once.
+        if headers.len() == headers.keys_len() {
+            return headers.get(name).map_or(Found::Missing, Found::One);
+        }
         let mut values = headers.get_all(name).iter();
         match (values.next(), values.next()) {
             (None, _) => Found::Missing,

@@ -1,6 +1,7 @@
 //! Where a request's tenant and token estimate come from.
 
 mod estimate;
+mod head;
 mod headers;
 #[cfg(feature = "openai")]
 pub(crate) mod openai;
@@ -15,5 +16,6 @@ pub use self::priority::PrioritySource;
 pub use self::tenant::{MissingTenant, TenantSource};
 
 pub(crate) use self::estimate::{header_estimate, BodyEstimate, Estimated, Plan};
+pub(crate) use self::head::Head;
 pub(crate) use self::headers::find_pair;
 pub(crate) use self::tenant::header_tenant;

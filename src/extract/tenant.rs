@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use http::header::HeaderName;
 use http::request::Parts;
-use http::{Extensions, HeaderMap};
+use http::Extensions;
 
 use super::headers::Found;
+use super::Head;
 
 use crate::{Error, TenantScope};
 
@@ -66,19 +67,21 @@ impl TenantSource {
         }
     }
 
-    /// The tenant of a request: `Ok(None)` when it has none.
-    pub(crate) fn extract<'a>(
+    /// The tenant of a request: `Ok(None)` when it has none. `None` when your function
+    /// finds it and `head` has no `Parts` to hand it.
+    #[inline(always)]
+    pub(crate) fn read<'a>(
         &self,
-        parts: &'a Parts,
+        head: Head<'a>,
         max_len: usize,
-    ) -> Result<Option<Cow<'a, str>>, Error> {
-        match &self.from {
+    ) -> Option<Result<Option<Cow<'a, str>>, Error>> {
+        Some(match &self.from {
             TenantFrom::Header(name) => {
-                header_tenant(Found::lookup(&parts.headers, name), name, max_len)
+                header_tenant(Found::lookup(head.headers, name), name, max_len)
             }
-            TenantFrom::Extension => Ok(extension_tenant(&parts.extensions)),
-            TenantFrom::Fn(f) => Ok(f(parts).filter(|id| !id.is_empty()).map(Cow::Owned)),
-        }
+            TenantFrom::Extension => Ok(extension_tenant(head.extensions)),
+            TenantFrom::Fn(f) => Ok(f(head.parts?).filter(|id| !id.is_empty()).map(Cow::Owned)),
+        })
     }
 
     /// The header the tenant is read from, if that is where it comes from: the layer
@@ -88,24 +91,6 @@ impl TenantSource {
         match &self.from {
             TenantFrom::Header(name) => Some(name),
             _ => None,
-        }
-    }
-
-    /// The tenant, read from the headers and extensions alone; `None` when a function of
-    /// the request's `Parts` finds it ([`extract`](Self::extract) then).
-    #[inline]
-    pub(crate) fn in_place<'a>(
-        &self,
-        headers: &'a HeaderMap,
-        extensions: &'a Extensions,
-        max_len: usize,
-    ) -> Option<Result<Option<Cow<'a, str>>, Error>> {
-        match &self.from {
-            TenantFrom::Header(name) => {
-                Some(header_tenant(Found::lookup(headers, name), name, max_len))
-            }
-            TenantFrom::Extension => Some(Ok(extension_tenant(extensions))),
-            TenantFrom::Fn(_) => None,
         }
     }
 }
