@@ -4,8 +4,8 @@ use std::borrow::Cow;
 
 use crate::config::Config;
 use crate::extract::{
-    find_pair, header_estimate, header_tenant, BodyEstimate, Head, MissingEstimate, MissingTenant,
-    Plan as Estimate,
+    find_pair, header_estimate, header_tenant, BodyEstimate, Estimate, Head, MissingEstimate,
+    MissingTenant,
 };
 use crate::fair::Priority;
 use crate::Error;

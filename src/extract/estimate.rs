@@ -92,7 +92,7 @@ impl Estimator {
     /// How to estimate this request: now from its head, or after reading its body. `None`
     /// when your function estimates it and `head` has no `Parts` to hand it.
     #[inline(always)]
-    pub(crate) fn read(&self, head: Head<'_>) -> Option<Plan> {
+    pub(crate) fn read(&self, head: Head<'_>) -> Option<Estimate> {
         let estimate = match &self.from {
             EstimateFrom::Header(name) => header_estimate(Found::lookup(head.headers, name), name),
             EstimateFrom::ContentLength { bytes_per_token } => {
@@ -103,15 +103,15 @@ impl Estimator {
             EstimateFrom::Body(body) => {
                 return Some(match content_length(head.headers) {
                     Ok(Some(len)) if len > body.limit as u64 => {
-                        Plan::Ready(Err(Error::BodyTooLarge {
+                        Estimate::Ready(Err(Error::BodyTooLarge {
                             limit: body.limit as u64,
                         }))
                     }
-                    _ => Plan::Body(body.clone()),
+                    _ => Estimate::Body(body.clone()),
                 })
             }
         };
-        Some(Plan::Ready(estimate))
+        Some(Estimate::Ready(estimate))
     }
 
     /// The header the estimate is read from, if that is where it comes from: the layer
@@ -156,7 +156,7 @@ impl From<OpenAiEstimator> for Estimator {
 }
 
 /// How a request is to be estimated.
-pub(crate) enum Plan {
+pub(crate) enum Estimate {
     /// Known from the head: the estimate, `None` when missing, or why it is unusable.
     Ready(Result<Option<u64>, Error>),
     /// Needs the body, read up to a limit.

@@ -15,7 +15,7 @@ pub use self::estimate::{EstimateError, Estimator, MissingEstimate};
 pub use self::priority::PrioritySource;
 pub use self::tenant::{MissingTenant, TenantSource};
 
-pub(crate) use self::estimate::{header_estimate, BodyEstimate, Estimated, Plan};
+pub(crate) use self::estimate::{header_estimate, BodyEstimate, Estimate, Estimated};
 pub(crate) use self::head::Head;
 pub(crate) use self::headers::find_pair;
 pub(crate) use self::tenant::header_tenant;

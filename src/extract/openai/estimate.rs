@@ -691,7 +691,7 @@ mod tests {
     fn layer_estimate(body: &Bytes, want_model: bool) -> Estimated {
         let (parts, ()) = http::Request::new(()).into_parts();
         let estimator = crate::Estimator::from(OpenAiEstimator::new());
-        let Some(crate::extract::Plan::Body(estimate)) =
+        let Some(crate::extract::Estimate::Body(estimate)) =
             estimator.read(crate::extract::Head::whole(&parts))
         else {
             unreachable!("the OpenAI estimator reads the body")
