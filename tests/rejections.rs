@@ -593,6 +593,71 @@ async fn tenant_source_from_fn_charges_what_the_function_returns() {
     assert_eq!(app.tracker.tracked_tenants(), 1);
 }
 
+/// A layer whose estimate is a function of the `Parts` reads the request in place first,
+/// where that function cannot run, then taken apart: the class's function must still run
+/// once per request, and refusals keep their order (tenant, then class, then estimate).
+#[tokio::test]
+async fn each_source_function_runs_once_per_request_and_refusals_keep_their_order() {
+    let (classes, estimates) = (Calls::default(), Calls::default());
+    let app = {
+        let (classes, estimates) = (classes.clone(), estimates.clone());
+        app(1_000, move |layer| {
+            layer
+                .priority_source(tower_tenant_tokens::PrioritySource::from_fn(
+                    move |headers, _| {
+                        classes.hit();
+                        match headers.get("x-class")?.as_bytes() {
+                            b"critical" => Some(tower_tenant_tokens::Priority::Critical),
+                            _ => None,
+                        }
+                    },
+                ))
+                .estimator(tower_tenant_tokens::Estimator::from_fn(move |parts| {
+                    estimates.hit();
+                    let Some(value) = parts.headers.get("x-cost") else {
+                        return Ok(None);
+                    };
+                    let text = value.to_str().unwrap_or_default();
+                    let tokens = text.parse().map_err(|_| {
+                        tower_tenant_tokens::EstimateError::invalid(format!("`{text}`"))
+                    })?;
+                    Ok(Some(tokens))
+                }))
+        })
+        .await
+    };
+    let counts = || (classes.get(), estimates.get());
+    let reply = call(
+        &client(),
+        app.request(&[
+            ("x-tenant-id", b"acme"),
+            ("x-class", b"critical"),
+            ("x-cost", b"30"),
+        ]),
+    )
+    .await;
+    assert_eq!(reply.text(), "ok acme 30");
+    assert_eq!(counts(), (1, 1), "(class, estimate) functions called");
+
+    // A missing tenant is refused before the class or the estimate is read.
+    let reply = call(&client(), app.request(&[("x-cost", b"30")])).await;
+    assert_eq!(
+        assert_openai_error(&reply, StatusCode::BAD_REQUEST),
+        "missing_tenant"
+    );
+    assert_eq!(counts(), (1, 1));
+
+    // An unusable estimate is refused once the class is read.
+    let headers = [("x-tenant-id", &b"acme"[..]), ("x-cost", b"lots")];
+    let reply = call(&client(), app.request(&headers)).await;
+    assert_eq!(
+        assert_openai_error(&reply, StatusCode::BAD_REQUEST),
+        "invalid_token_estimate"
+    );
+    assert_eq!(counts(), (2, 2));
+    assert_eq!(app.calls.get(), 1);
+}
+
 #[tokio::test]
 async fn admitted_responses_carry_the_rate_limit_headers_only_when_asked() {
     let headers = [("x-tenant-id", &b"acme"[..]), ("x-token-estimate", b"300")];
