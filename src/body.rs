@@ -6,7 +6,6 @@ use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::Full;
 use pin_project_lite::pin_project;
 
 use crate::reservation::Guard;
@@ -215,7 +214,10 @@ pin_project! {
     #[project = RequestContentsProj]
     enum RequestContents<B> {
         Streaming { #[pin] body: B },
-        Buffered { #[pin] body: Full<Bytes> },
+        /// What is left to hand on: empty once handed on. (`Bytes` itself rather than an
+        /// `Option`, so that this enum is no larger than `Bytes` or `B`: every request is
+        /// moved in it.)
+        Buffered { data: Bytes },
     }
 }
 
@@ -228,9 +230,7 @@ impl<B> RequestBody<B> {
 
     pub(crate) fn buffered(data: Bytes) -> Self {
         Self {
-            contents: RequestContents::Buffered {
-                body: Full::new(data),
-            },
+            contents: RequestContents::Buffered { data },
         }
     }
 }
@@ -248,9 +248,8 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.project().contents.project() {
             RequestContentsProj::Streaming { body } => body.poll_frame(cx),
-            RequestContentsProj::Buffered { body } => {
-                // `Full` cannot fail.
-                body.poll_frame(cx).map_err(|never| match never {})
+            RequestContentsProj::Buffered { data } => {
+                Poll::Ready((!data.is_empty()).then(|| Ok(Frame::data(std::mem::take(data)))))
             }
         }
     }
@@ -258,14 +257,14 @@ where
     fn is_end_stream(&self) -> bool {
         match &self.contents {
             RequestContents::Streaming { body } => body.is_end_stream(),
-            RequestContents::Buffered { body } => body.is_end_stream(),
+            RequestContents::Buffered { data } => data.is_empty(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.contents {
             RequestContents::Streaming { body } => body.size_hint(),
-            RequestContents::Buffered { body } => body.size_hint(),
+            RequestContents::Buffered { data } => SizeHint::with_exact(data.len() as u64),
         }
     }
 }
@@ -274,9 +273,9 @@ impl<B> std::fmt::Debug for RequestBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.contents {
             RequestContents::Streaming { .. } => f.write_str("RequestBody::Streaming"),
-            RequestContents::Buffered { body } => f
+            RequestContents::Buffered { data } => f
                 .debug_struct("RequestBody::Buffered")
-                .field("len", &body.size_hint().exact())
+                .field("len", &data.len())
                 .finish(),
         }
     }

@@ -550,3 +550,50 @@ async fn refused_body_estimates_give_the_inner_services_readiness_back() {
     assert_eq!(calls.get(), 2);
     assert_eq!(tracker.in_flight("acme"), 0);
 }
+
+#[tokio::test]
+async fn a_body_read_for_its_estimate_reaches_the_inner_service_with_its_exact_length() {
+    // A proxy forwards `Content-Length` from the body's size hint: a body the estimator
+    // read must say exactly how long it is, and an empty one that it has ended.
+    use http_body::Body;
+    use tower::{Layer, Service, ServiceExt};
+    use tower_tenant_tokens::body::RequestBody;
+
+    let tracker = Arc::new(TenantTokenTracker::new(100_000));
+    let estimator = Estimator::from_body_fn(1_024, |_, body| Ok(body.len() as u64 + 1));
+    let mut service = TenantTokenLayer::new(tracker.clone())
+        .estimator(estimator)
+        .layer(tower::service_fn(
+            |request: Request<RequestBody<ReqBody>>| async move {
+                let body = request.into_body();
+                let (hint, ended) = (body.size_hint().exact(), body.is_end_stream());
+                let data = http_body_util::BodyExt::collect(body).await?.to_bytes();
+                let seen = format!("{hint:?} {ended} {data:?}");
+                Ok::<_, std::convert::Infallible>(http::Response::new(seen))
+            },
+        ));
+    let sent: [(&[u8], ReqBody); 3] = [
+        (b"hello, model", full(&b"hello, model"[..])),
+        (b"in three parts", chunked(["in ", "three ", "parts"])),
+        (b"", empty()),
+    ];
+    for (bytes, body) in sent {
+        let request = Request::post("/v1/chat/completions")
+            .header("x-tenant-id", "acme")
+            .body(body)
+            .unwrap();
+        let response = within("the response", service.ready().await.unwrap().call(request))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let expected = format!(
+            "{:?} {} {:?}",
+            Some(bytes.len() as u64),
+            bytes.is_empty(),
+            Bytes::copy_from_slice(bytes)
+        );
+        let seen = http_body_util::BodyExt::collect(response.into_body());
+        assert_eq!(seen.await.unwrap().to_bytes(), expected);
+    }
+    assert_eq!(tracker.in_flight("acme"), 0);
+}
