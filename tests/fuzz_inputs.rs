@@ -543,6 +543,54 @@ fn arbitrary_tenant_and_estimate_headers_get_the_documented_answer() {
     );
 }
 
+#[test]
+fn every_byte_anywhere_in_a_short_tenant_id_gets_the_documented_answer() {
+    // The id is checked eight bytes at a time: a byte that is not visible ASCII must be
+    // refused wherever it falls (inside a word, in the word the last one overlaps, in an id
+    // shorter than a word), among neighbours at either end of the visible range.
+    let runtime = current_thread();
+    let inner = Inner::default();
+    let tracker = Arc::new(TenantTokenTracker::new(1_000));
+    let service = TenantTokenLayer::new(tracker.clone()).layer(inner.service::<Full<Bytes>>());
+    let (mut admitted, mut refused) = (0, 0);
+    for len in 1..=24 {
+        for at in 0..len {
+            for byte in 0..=u8::MAX {
+                let mut id: Vec<u8> = (0..len)
+                    .map(|i| if i % 2 == 0 { b'!' } else { b'~' })
+                    .collect();
+                id[at] = byte;
+                let Ok(value) = HeaderValue::from_bytes(&id) else {
+                    continue; // a control byte: no header can carry it
+                };
+                let request = Request::post("/v1/chat/completions")
+                    .header("x-tenant-id", value)
+                    .header("x-token-estimate", "1")
+                    .body(Full::new(Bytes::from_static(b"payload")))
+                    .unwrap();
+                let tenant = String::from_utf8_lossy(&id);
+                let outcome = call(&runtime, &service, request, &tracker, &tenant);
+                match valid_tenant(&id) {
+                    true => {
+                        assert_eq!(outcome.status, StatusCode::OK, "{id:?}");
+                        assert_eq!(outcome.in_flight_while_open, 1, "{id:?}");
+                        admitted += 1;
+                    }
+                    false => {
+                        assert_eq!(outcome.status, StatusCode::BAD_REQUEST, "{id:?}");
+                        let code = refusal_code(&outcome).unwrap();
+                        assert_eq!(code, "invalid_tenant", "{id:?}");
+                        refused += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert_nothing_reserved(&tracker).unwrap();
+    assert_eq!(inner.calls(), admitted);
+    eprintln!("every byte anywhere in a short tenant id: {admitted} admitted, {refused} refused");
+}
+
 // ---------------------------------------------------------------------------------------
 // OpenAI bodies
 // ---------------------------------------------------------------------------------------

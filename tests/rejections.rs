@@ -270,6 +270,55 @@ async fn the_tenant_and_estimate_headers_are_found_among_few_or_many_others() {
     assert_eq!(app.tracker.in_flight("acme"), 0);
 }
 
+/// Header names are compared a word at a time: a name one byte away from the layer's,
+/// at any place, is another header, whether it comes before or after the real one.
+#[tokio::test]
+async fn a_header_name_one_byte_off_is_not_the_tenant_or_the_estimate() {
+    let app = app(1_000, |layer| layer).await;
+    let near_misses = |name: &str| -> Vec<String> {
+        (0..name.len())
+            .map(|at| {
+                let mut bytes = name.as_bytes().to_vec();
+                bytes[at] = if bytes[at] == b'q' { b'z' } else { b'q' };
+                String::from_utf8(bytes).unwrap()
+            })
+            .collect()
+    };
+    let mut served = 0;
+    for (real, value, other, other_value) in [
+        ("x-tenant-id", &b"acme"[..], "x-token-estimate", &b"7"[..]),
+        ("x-token-estimate", b"7", "x-tenant-id", b"acme"),
+    ] {
+        for miss in near_misses(real) {
+            let evil = match real {
+                "x-tenant-id" => &b"evil"[..],
+                _ => b"999",
+            };
+            // The near miss beside the real header, before it and after it.
+            for headers in [
+                [(miss.as_str(), evil), (real, value), (other, other_value)],
+                [(real, value), (miss.as_str(), evil), (other, other_value)],
+            ] {
+                let reply = call(&client(), app.request(&headers)).await;
+                assert_eq!(reply.text(), "ok acme 7", "{miss}");
+                served += 1;
+            }
+            // The near miss alone.
+            let headers = [(miss.as_str(), evil), (other, other_value)];
+            let reply = call(&client(), app.request(&headers)).await;
+            let expected = match real {
+                "x-tenant-id" => "missing_tenant",
+                _ => "missing_token_estimate",
+            };
+            let code = assert_openai_error(&reply, StatusCode::BAD_REQUEST);
+            assert_eq!(code, expected, "{miss}");
+        }
+    }
+    assert_eq!(app.calls.get(), served);
+    assert_eq!(app.tracker.in_flight("acme"), 0);
+    assert!(app.tracker.tenant_state("evil").is_none());
+}
+
 #[tokio::test]
 async fn over_the_cap_now_is_429_with_retry_after_and_rate_limit_headers() {
     let mut app = app(1_000, |layer| layer).await;

@@ -123,19 +123,48 @@ pub(crate) fn header_tenant<'a>(
     if len > max_len {
         return invalid(format!("`{name}` is longer than {max_len} bytes"));
     }
-    // Visible ASCII only: no spaces, no control bytes. Checked without stopping early, so
-    // that the loop runs many bytes at a time. `to_str` checks again (for visible ASCII
-    // and tabs), which costs less than validating UTF-8.
-    let graphic = value
-        .as_bytes()
-        .iter()
-        .fold(true, |all, &b| all & (b.wrapping_sub(b'!') <= b'~' - b'!'));
+    // Visible ASCII only: no spaces, no control bytes. `to_str` passes whatever `graphic`
+    // passes (and also spaces and tabs); it gives the id as the `&str` it is kept as.
     match value.to_str() {
-        Ok(id) if graphic => Ok(Some(Cow::Borrowed(id))),
+        Ok(id) if graphic(value.as_bytes()) => Ok(Some(Cow::Borrowed(id))),
         _ => invalid(format!(
             "`{name}` may hold only visible ASCII characters (no spaces or control bytes)"
         )),
     }
+}
+
+/// Whether every byte of `bytes` (at least one) is visible ASCII, `!` to `~`: checked eight
+/// bytes at a time, as words, the last word overlapping the one before it.
+#[inline(always)]
+fn graphic(bytes: &[u8]) -> bool {
+    const ONES: u64 = u64::MAX / 255;
+    const HIGH: u64 = ONES * 0x80;
+    // Whether some byte of `word` is below `!` or above `~`: subtracting `!` from a byte
+    // below it sets the byte's high bit, as adding 1 to `~` or more does, and a byte whose
+    // high bit is set already is outside. (A borrow or carry may mark a byte beside the
+    // one outside too, which does not change the answer.)
+    let outside = |word: u64| {
+        let below = word.wrapping_sub(ONES * u64::from(b'!')) & !word;
+        let above = word.wrapping_add(ONES * u64::from(0x7f - b'~')) | word;
+        (below | above) & HIGH != 0
+    };
+    let word = |at: usize| {
+        let eight: [u8; 8] = bytes[at..at + 8].try_into().expect("eight bytes");
+        u64::from_le_bytes(eight)
+    };
+    let len = bytes.len();
+    if len < 8 {
+        let mut padded = [b'!'; 8];
+        padded[..len].copy_from_slice(bytes);
+        return !outside(u64::from_le_bytes(padded));
+    }
+    let mut bad = outside(word(len - 8));
+    let mut at = 0;
+    while at + 8 < len {
+        bad |= outside(word(at));
+        at += 8;
+    }
+    !bad
 }
 
 impl fmt::Debug for TenantSource {
