@@ -2,6 +2,8 @@
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
+use super::words::word;
+
 /// Up to this many header values, [`find_pair`] walks the map once instead of looking each
 /// name up.
 ///
@@ -81,10 +83,6 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     if !(8..=16).contains(&len) {
         return a == b;
     }
-    let word = |name: &[u8], at: usize| {
-        let bytes: [u8; 8] = name[at..at + 8].try_into().expect("eight bytes");
-        u64::from_ne_bytes(bytes)
-    };
     let last = len - 8;
     word(a, 0) == word(b, 0) && word(a, last) == word(b, last)
 }

@@ -10,6 +10,7 @@ pub(crate) mod openai;
 pub(crate) mod openai;
 mod priority;
 mod tenant;
+mod words;
 
 pub use self::estimate::{EstimateError, Estimator, MissingEstimate};
 pub use self::priority::PrioritySource;

@@ -9,6 +9,7 @@ use http::request::Parts;
 use http::Extensions;
 
 use super::headers::Found;
+use super::words::{word, HIGH_BITS, ONES};
 use super::Head;
 
 use crate::{Error, TenantScope};
@@ -137,8 +138,6 @@ pub(crate) fn header_tenant<'a>(
 /// bytes at a time, as words, the last word overlapping the one before it.
 #[inline(always)]
 fn graphic(bytes: &[u8]) -> bool {
-    const ONES: u64 = u64::MAX / 255;
-    const HIGH: u64 = ONES * 0x80;
     // Whether some byte of `word` is below `!` or above `~`: subtracting `!` from a byte
     // below it sets the byte's high bit, as adding 1 to `~` or more does, and a byte whose
     // high bit is set already is outside. (A borrow or carry may mark a byte beside the
@@ -146,11 +145,7 @@ fn graphic(bytes: &[u8]) -> bool {
     let outside = |word: u64| {
         let below = word.wrapping_sub(ONES * u64::from(b'!')) & !word;
         let above = word.wrapping_add(ONES * u64::from(0x7f - b'~')) | word;
-        (below | above) & HIGH != 0
-    };
-    let word = |at: usize| {
-        let eight: [u8; 8] = bytes[at..at + 8].try_into().expect("eight bytes");
-        u64::from_le_bytes(eight)
+        (below | above) & HIGH_BITS != 0
     };
     let len = bytes.len();
     if len < 8 {
@@ -158,10 +153,10 @@ fn graphic(bytes: &[u8]) -> bool {
         padded[..len].copy_from_slice(bytes);
         return !outside(u64::from_le_bytes(padded));
     }
-    let mut bad = outside(word(len - 8));
+    let mut bad = outside(word(bytes, len - 8));
     let mut at = 0;
     while at + 8 < len {
-        bad |= outside(word(at));
+        bad |= outside(word(bytes, at));
         at += 8;
     }
     !bad

@@ -27,6 +27,8 @@
 
 use std::fmt;
 
+use crate::extract::words::{word, HIGH_BITS, ONES};
+
 /// Why a body is not the JSON it should be: what was wrong, and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Malformed {
@@ -688,11 +690,6 @@ fn utf8_char_len(bytes: &[u8], at: usize) -> usize {
     }
 }
 
-/// `0x01` in every byte.
-const ONES: u64 = u64::from_le_bytes([1; 8]);
-/// The high bit of every byte.
-const HIGH_BITS: u64 = ONES << 7;
-
 /// Marks (with the high bit of its byte) the first byte of `word` (little-endian) that a
 /// string scan must stop at: a quote, a backslash, a control character, and if `UTF8`,
 /// any byte of 0x80 or more. Bytes after the first marked one may be marked too (a borrow
@@ -720,9 +717,8 @@ fn specials<const UTF8: bool>(word: u64) -> u64 {
 #[inline(always)]
 fn next_special<const UTF8: bool>(bytes: &[u8], mut pos: usize) -> usize {
     while let Some(chunk) = bytes.get(pos..pos + 16) {
-        let (low, high) = chunk.split_at(8);
-        let low = specials::<UTF8>(u64::from_le_bytes(low.try_into().unwrap_or_default()));
-        let high = specials::<UTF8>(u64::from_le_bytes(high.try_into().unwrap_or_default()));
+        let low = specials::<UTF8>(word(chunk, 0));
+        let high = specials::<UTF8>(word(chunk, 8));
         let found = (u128::from(high) << 64) | u128::from(low);
         if found != 0 {
             return pos + (found.trailing_zeros() / 8) as usize;
