@@ -2,9 +2,9 @@
 //! [`OpenAiEstimator`](super::OpenAiEstimator) needs, without building values or copying
 //! strings.
 //!
-//! The estimator used to walk bodies with `serde_json`'s `Deserializer`, and what it
-//! accepts and refuses is defined by that walk. This scanner reproduces it exactly, on the
-//! three paths the walk took:
+//! What the estimator accepts and refuses is defined as what a walk with `serde_json`'s
+//! `Deserializer` over the same fields accepts. This scanner reproduces that walk exactly,
+//! on its three paths:
 //!
 //! - **read** strings (object keys, and every string under a counted field): valid
 //!   escapes, `\u` surrogates only in proper pairs, no raw control characters, valid UTF-8;
